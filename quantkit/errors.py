@@ -1,0 +1,60 @@
+"""One exception hierarchy. Every message is one line naming the file, the tensor and the fix.
+
+The CLI maps ``exit_code`` to the process exit status: 2 for bad input or usage,
+1 for a validation that ran and failed.
+"""
+from __future__ import annotations
+
+import os
+
+
+class QuantkitError(Exception):
+    """Base class: anything quantkit refuses, with a message a user can act on."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None,
+                 tensor: str | None = None, hint: str | None = None):
+        self.message = message
+        self.path = os.fspath(path) if path is not None else None
+        self.tensor = tensor
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        parts = []
+        if self.path is not None:
+            parts.append(f"{self.path}:")
+        if self.tensor is not None:
+            parts.append(f"tensor '{self.tensor}':")
+        parts.append(self.message)
+        line = " ".join(parts)
+        if self.hint:
+            line += f" ({self.hint})"
+        return line.replace("\n", " ")
+
+
+class HeaderError(QuantkitError):
+    """A safetensors header that is malformed, hostile or inconsistent with the file."""
+
+
+class UnsupportedInputError(QuantkitError):
+    """A well-formed input that quantkit cannot convert (dtype, layout, already FP8)."""
+
+
+class NonFiniteError(QuantkitError):
+    """NaN or Inf in a tensor that is to be quantized."""
+
+
+class PolicyError(QuantkitError):
+    """A policy rule or option that cannot be applied."""
+
+
+class OutputError(QuantkitError):
+    """The destination cannot be written: exists, is the source, disk full, I/O error."""
+
+
+class ValidationFailed(QuantkitError):
+    """Validation ran and the output did not meet the bar (hash mismatch, low SQNR, missing tensors)."""
+
+    exit_code = 1

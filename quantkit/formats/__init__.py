@@ -1,0 +1,101 @@
+"""On-disk output formats, one module each, registered by name.
+
+A format turns the plan into the output file's tensors (``layout``) and metadata, and reads
+its own files back for validation (``stored``). Adding a format means adding one module that
+subclasses ``OutputFormat`` and decorates it with ``@register``.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import PolicyError, UnsupportedInputError
+from ..fp8 import FP8_FORMATS, FP8Format, Granularity
+from ..writer import OutputTensor
+
+
+class Role(enum.Enum):
+    DATA = "data"          # the source tensor's values: FP8 codes, a cast, or the bytes as they are
+    SCALE = "scale"        # the dequantization scale of a quantized tensor (W = q * scale)
+    CONSTANT = "constant"  # bytes fixed by the format (markers, per-layer JSON)
+
+
+@dataclass(frozen=True)
+class Emit:
+    """One output tensor and where its bytes come from."""
+
+    spec: OutputTensor
+    role: Role
+    source: str | None = None     # the source tensor it belongs to (None for file-level constants)
+    payload: bytes = b""          # CONSTANT only
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """How a source tensor is stored in an output file, as a format reads it back."""
+
+    source_key: str
+    data_key: str
+    scale_key: str | None = None          # None: stored in high precision (or passed through)
+    granularity: Granularity | None = None
+    fp8: FP8Format | None = None
+
+
+class OutputFormat:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    granularities: ClassVar[frozenset] = frozenset(Granularity)
+
+    def check(self, options) -> None:
+        """Refuse options this format cannot express, before any work starts."""
+        if options.granularity not in self.granularities:
+            allowed = ", ".join(sorted(g.value for g in self.granularities))
+            raise PolicyError(f"format {self.name!r} does not support --granularity {options.granularity.value}",
+                              hint=f"use one of: {allowed}")
+
+    def layout(self, plan) -> list[Emit]:
+        """Every output tensor, in file order."""
+        raise NotImplementedError
+
+    def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
+        """The safetensors header's ``__metadata__``."""
+        raise NotImplementedError
+
+    def stored(self, file) -> dict[str, StoredTensor]:
+        """Read back: source key -> how it is stored in ``file`` (a SafetensorsFile of this format)."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[OutputFormat]] = {}
+
+
+def register(cls: type[OutputFormat]) -> type[OutputFormat]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_format(name: str) -> OutputFormat:
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        raise PolicyError(f"unknown format {name!r}", hint=f"known formats: {', '.join(sorted(REGISTRY))}") from None
+
+
+def detect_format(file) -> OutputFormat:
+    """The format that wrote ``file``, from its metadata (quantkit outputs record it)."""
+    name = file.metadata.get("quantkit.format")
+    if name in REGISTRY:
+        return REGISTRY[name]()
+    for cls in REGISTRY.values():
+        if cls.recognizes(file):
+            return cls()
+    raise UnsupportedInputError("not a quantized checkpoint in a format quantkit knows", path=file.path,
+                                hint=f"known formats: {', '.join(sorted(REGISTRY))}")
+
+
+def fp8_of(code: str) -> FP8Format | None:
+    return next((f for f in FP8_FORMATS.values() if f.safetensors_dtype == code), None)
+
+
+from . import native  # noqa: E402,F401  (registers itself)

@@ -1,0 +1,80 @@
+"""Format ``native`` (quantkit v1): FP8 weights beside float32 ``weight_scale`` tensors.
+
+For every quantized ``<L>.weight``:
+    <L>.weight        FP8 (E4M3FN or E5M2), the source's shape
+    <L>.weight_scale  float32: []  per tensor | [out, 1] per channel | [ceil(out/128), ceil(in/128)] per block
+    W = q * scale
+Every other tensor keeps its key, in the keep dtype (floats) or untouched (non-floats).
+The header metadata records the quantkit version, format, FP8 dtype, granularity, policy,
+the source's name and SHA256 and the quantized layers, so a file explains itself.
+"""
+from __future__ import annotations
+
+import json
+
+from .. import dtypes
+from .._version import __version__
+from ..fp8 import BLOCK_SIZE, Granularity
+from ..policy import Action
+from ..writer import OutputTensor
+from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, register
+
+SCALE_SUFFIX = "_scale"
+
+
+def layer_name(key: str) -> str:
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def granularity_from_shapes(weight_shape, scale_shape) -> Granularity:
+    """Which granularity a scale of ``scale_shape`` encodes for a weight of ``weight_shape``."""
+    from ..fp8 import scale_shape as expected
+    for g in Granularity:
+        if tuple(expected(tuple(weight_shape), g)) == tuple(scale_shape):
+            return g
+    raise ValueError(f"scale shape {list(scale_shape)} fits no granularity of a {list(weight_shape)} weight")
+
+
+@register
+class NativeFormat(OutputFormat):
+    name = "native"
+    summary = "quantkit v1: <L>.weight FP8 + <L>.weight_scale float32 (tensor, channel or block scales)"
+
+    def layout(self, plan) -> list[Emit]:
+        emits = []
+        for t in plan.tensors:
+            emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
+            if t.action is Action.QUANTIZE:
+                emits.append(Emit(OutputTensor(t.name + SCALE_SUFFIX, dtypes.F32, t.scale_shape), Role.SCALE, t.name))
+        return emits
+
+    def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
+        opts = plan.options
+        return {
+            "quantkit.version": __version__,
+            "quantkit.format": self.name,
+            "quantkit.fp8": opts.fp8.name,
+            "quantkit.granularity": opts.granularity.value,
+            "quantkit.block_size": str(BLOCK_SIZE),
+            "quantkit.keep_dtype": opts.keep_dtype.value,
+            "quantkit.policy": opts.policy.to_json(),
+            "quantkit.quantized": json.dumps([layer_name(t.name) for t in plan.quantized()]),
+            **provenance,
+        }
+
+    @classmethod
+    def recognizes(cls, file) -> bool:
+        return any(k.endswith(".weight" + SCALE_SUFFIX) for k in file.tensors)
+
+    def stored(self, file) -> dict[str, StoredTensor]:
+        out = {}
+        for key, info in file.tensors.items():
+            if key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in file.tensors:
+                continue
+            scale = file.tensors.get(key + SCALE_SUFFIX)
+            fp8 = fp8_of(info.dtype.code)
+            if scale is None or fp8 is None:
+                out[key] = StoredTensor(key, key)
+                continue
+            out[key] = StoredTensor(key, key, scale.name, granularity_from_shapes(info.shape, scale.shape), fp8)
+        return out

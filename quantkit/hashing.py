@@ -1,0 +1,48 @@
+"""SHA256 of whole files, read sequentially on a background thread.
+
+hashlib releases the GIL on large buffers, so a file hashes on the second core while the
+main thread does the math.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+READ_BYTES = 8 << 20
+
+
+def sha256_file(path: str, chunk: int = READ_BYTES) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class BackgroundHash:
+    """``sha256_file`` on a thread: ``start()`` now, ``result()`` when needed (re-raises errors)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="quantkit-hash", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._digest = sha256_file(self.path)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
+            self._error = exc
+
+    def start(self) -> "BackgroundHash":
+        self._thread.start()
+        return self
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest

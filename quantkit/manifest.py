@@ -1,0 +1,54 @@
+"""The manifest beside an output: SHA256 and size of every file written, and its provenance.
+
+``out.safetensors`` gets ``out.quantkit.json``. ``quantkit validate`` checks the output
+against it, so a flipped byte anywhere in the output is caught.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ._version import __version__
+from .errors import ValidationFailed
+from .writer import write_atomic
+
+SUFFIX = ".quantkit.json"
+
+
+def manifest_path(output: str) -> str:
+    base = output[: -len(".safetensors")] if output.endswith(".safetensors") else output
+    return base + SUFFIX
+
+
+def write_manifest(output: str, *, files: dict[str, dict], source: dict | None, conversion: dict) -> str:
+    doc = {
+        "quantkit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,                  # name (relative to the manifest) -> {"sha256", "bytes"}
+        "source": source,                # {"name", "sha256", "bytes"} or None
+        "conversion": conversion,
+    }
+    path = manifest_path(output)
+    write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def read_manifest(output: str) -> dict:
+    path = manifest_path(output)
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise ValidationFailed("no manifest: the output's hash cannot be verified", path=path,
+                               hint="validate outputs written by quantkit convert, or pass --no-hash-check") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValidationFailed(f"manifest unreadable ({exc})", path=path,
+                               hint="re-run quantkit convert to rewrite it") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
+        raise ValidationFailed("manifest has no 'files' table", path=path, hint="re-run quantkit convert")
+    return doc
+
+
+def file_entry(path: str, sha256: str) -> dict:
+    return {"sha256": sha256, "bytes": os.path.getsize(path)}

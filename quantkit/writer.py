@@ -1,0 +1,249 @@
+"""Write stage: a streaming safetensors writer.
+
+Every output dtype and shape is known from the plan before any data is touched, so the
+header is computed and written first, then tensors are streamed in header order. Bytes go to
+a temporary file in the destination folder and the file is renamed into place only when every
+byte was written, flushed and hashed: a run killed at any moment leaves nothing under the
+final name. The SHA256 is computed while writing, not in a second pass.
+
+The writer checks that its phases run in order (like gguf-py's WriterState): each tensor gets
+exactly its byte count, in header order, and ``finish`` refuses an incomplete file.
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import hashlib
+import json
+import math
+import os
+import threading
+import queue
+from dataclasses import dataclass
+
+from .dtypes import DType
+from .errors import OutputError
+
+TEMP_MARK = ".quantkit-partial"
+_ALIGN = 8  # safetensors pads the header with spaces so the data section starts 8-aligned
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    key: str
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def encode_header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length plus the JSON header, space-padded to 8-byte alignment."""
+    doc: dict = {}
+    if metadata:
+        doc["__metadata__"] = dict(metadata)
+    offset = 0
+    for t in tensors:
+        if t.key in doc or t.key == "__metadata__":
+            raise ValueError(f"duplicate output key {t.key!r}")
+        doc[t.key] = {"dtype": t.dtype.code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-len(body) % _ALIGN)
+    return len(body).to_bytes(8, "little") + body
+
+
+def temp_path_for(final_path: str) -> str:
+    head, tail = os.path.split(os.path.abspath(final_path))
+    return os.path.join(head, f".{tail}{TEMP_MARK}.{os.getpid()}")
+
+
+def remove_stale_temps(final_path: str) -> list[str]:
+    """Delete temporary files that earlier runs (killed, crashed) left for ``final_path``.
+
+    A temp file whose writer process is still alive is left alone. Returns what was removed.
+    """
+    head, tail = os.path.split(os.path.abspath(final_path))
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(head), f".{glob.escape(tail)}{TEMP_MARK}.*")):
+        pid = path.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Hasher:
+    """SHA256 on a second thread: hashlib releases the GIL, so hashing overlaps the math.
+
+    Buffers handed to ``update`` must not be modified afterwards (the writer passes copies
+    it owns, ``bytes``).
+    """
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self._q: queue.Queue = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="quantkit-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while (item := self._q.get()) is not None:
+            self._sha.update(item)
+
+    def update(self, data) -> None:
+        self._q.put(data)
+
+    def hexdigest(self) -> str:
+        self._q.put(None)
+        self._thread.join()
+        return self._sha.hexdigest()
+
+    def abandon(self) -> None:
+        self._q.put(None)
+
+
+class SafetensorsWriter:
+    """Streams one safetensors file. Use as a context manager; call ``finish`` to publish.
+
+    >>> with SafetensorsWriter("out.safetensors", specs, {"format": "pt"}) as w:   # doctest: +SKIP
+    ...     w.write(b"...")       # bytes of specs[0], in one or more pieces, then specs[1] ...
+    ...     sha256 = w.finish()
+    """
+
+    def __init__(self, final_path: str, tensors: list[OutputTensor], metadata: dict[str, str],
+                 overwrite: bool = False):
+        self.final_path = os.path.abspath(final_path)
+        self.tensors = list(tensors)
+        if os.path.exists(self.final_path) and not overwrite:
+            raise OutputError("destination exists", path=final_path, hint="pass --overwrite to replace it")
+        self.temp_path = temp_path_for(self.final_path)
+        self._header = encode_header(self.tensors, metadata)
+        self._index = 0                      # tensor being written
+        self._left = self.tensors[0].nbytes if self.tensors else 0
+        self._file = None
+        self._hasher = None
+        self.sha256: str | None = None
+        self.bytes_written = 0
+
+    def __enter__(self) -> "SafetensorsWriter":
+        try:
+            self._file = open(self.temp_path, "xb")
+        except OSError as exc:
+            raise OutputError(f"cannot create a temporary file in the destination folder: {exc.strerror}",
+                              path=self.temp_path, hint="check that the folder exists and is writable") from None
+        self._hasher = _Hasher()
+        self._raw_write(self._header)
+        self._skip_empty()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.sha256 is None:
+            self.abort()
+
+    def _raw_write(self, data) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            what = "disk full" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
+            raise OutputError(f"{what} after {self.bytes_written} bytes", path=self.final_path,
+                              hint="free space or choose another destination; nothing was left behind") from None
+        self._hasher.update(data)
+        self.bytes_written += len(data)
+
+    def _skip_empty(self) -> None:
+        while self._index < len(self.tensors) and self._left == 0:
+            self._index += 1
+            self._left = self.tensors[self._index].nbytes if self._index < len(self.tensors) else 0
+
+    @property
+    def current(self) -> OutputTensor | None:
+        return self.tensors[self._index] if self._index < len(self.tensors) else None
+
+    def write(self, data: bytes) -> None:
+        """Append bytes of the current tensor (a piece may not cross into the next tensor)."""
+        n = len(data)
+        if self.current is None:
+            raise ValueError(f"write of {n} bytes after the last tensor")
+        if n > self._left:
+            raise ValueError(f"{self.current.key}: {n} bytes written where {self._left} remain")
+        self._raw_write(data)
+        self._left -= n
+        self._skip_empty()
+
+    def finish(self) -> str:
+        """Flush, fsync and rename into place; returns the file's SHA256 (hex)."""
+        if self.current is not None:
+            raise ValueError(f"finish() before all tensors were written (at {self.current.key})")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            raise OutputError(f"flush failed: {exc.strerror}", path=self.final_path,
+                              hint="free space or choose another destination") from None
+        digest = self._hasher.hexdigest()
+        os.replace(self.temp_path, self.final_path)
+        _fsync_dir(os.path.dirname(self.final_path))
+        self.sha256 = digest
+        return digest
+
+    def abort(self) -> None:
+        """Remove the temporary file; the final name is never touched."""
+        if self._hasher is not None:
+            self._hasher.abandon()
+        if self._file is not None and not self._file.closed:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes) -> str:
+    """Write a small file (a manifest, a config) through a temp file and rename; returns its SHA256."""
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise OutputError(f"cannot write: {exc.strerror}", path=path, hint="free space or check permissions") from None
+    return hashlib.sha256(data).hexdigest()
