@@ -13,7 +13,7 @@ from . import dtypes
 from .dtypes import DType, Kind
 from .errors import PolicyError, UnsupportedInputError
 from .fp8 import E4M3FN, FP8Format, Granularity, scale_shape
-from .policy import Action, Decision, Policy, Rule
+from .policy import QUANTIZABLE, Action, Decision, Policy, Rule
 from .reader import SafetensorsFile, TensorInfo
 
 
@@ -130,11 +130,13 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
     tensors = [plan_tensor(info, options, source.path) for info in source.tensors.values()]
     plan = Plan(os.path.basename(source.path), options, tensors)
     plan.outputs = fmt.layout(plan)
-    for rule in options.policy.unused_rules(source.tensors):
-        plan.warnings.append(f"rule --{rule.action.value} {rule.pattern!r} matched no tensor")
-    for t in tensors:
-        if t.decision.rule is not None and "ignored" in t.decision.reason:
-            plan.warnings.append(f"{t.name}: {t.decision.reason}")
+    for rule in options.policy.rules:
+        matched = [t for t in tensors if rule.matches(t.name)]
+        if not matched:
+            plan.warnings.append(f"rule --{rule.action.value} {rule.pattern!r} matched no tensor")
+        elif rule.action is Action.QUANTIZE and not any(t.decision.kind in QUANTIZABLE for t in matched):
+            plan.warnings.append(f"rule --quantize {rule.pattern!r} matched only tensors that cannot be quantized"
+                                 " (biases, norms, vectors, non-floats); they stay as they are")
     if not plan.quantized():
         plan.warnings.append("no tensor is quantized: the output only changes precision of kept tensors")
     return plan

@@ -197,19 +197,20 @@ class SafetensorsFile:
                                   hint="the file changed or is truncated")
             done += n
 
-    def iter_rows(self, info: TensorInfo, chunk_bytes: int, align: int = 1):
+    def iter_rows(self, info: TensorInfo, chunk_bytes: int, align: int = 1, rows_per_chunk: int | None = None):
         """Yield ``(row_start, row_end, tensor)`` over a tensor's first dimension, a chunk at a time.
 
         Each chunk holds a multiple of ``align`` rows (the last may be short) and about
         ``chunk_bytes`` bytes; the tensor is a view into a buffer reused for the next chunk.
-        A 0-d tensor is one row of one element.
+        A 0-d tensor is one row of one element. ``rows_per_chunk`` fixes the chunking (to walk
+        two tensors of the same shape in step).
         """
         import torch
         rows = info.shape[0] if info.shape else 1
         if rows == 0 or info.nbytes == 0:
             return
         row_bytes = info.nbytes // rows
-        per_chunk = max(align, (chunk_bytes // max(row_bytes, 1)) // align * align)
+        per_chunk = rows_per_chunk or max(align, (chunk_bytes // max(row_bytes, 1)) // align * align)
         buf = torch.empty(min(rows, per_chunk) * row_bytes, dtype=torch.uint8)
         inner = info.shape[1:] if info.shape else ()
         for r0 in range(0, rows, per_chunk):
@@ -217,6 +218,13 @@ class SafetensorsFile:
             view = buf[: (r1 - r0) * row_bytes]
             self.read_into(info, r0 * row_bytes, view.numpy())
             yield r0, r1, view.view(info.dtype.torch).reshape((r1 - r0, *inner))
+
+    def read_tensor(self, info: TensorInfo):
+        """A small tensor whole (scales, markers). Never used for weights."""
+        import torch
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        self.read_into(info, 0, buf.numpy())
+        return buf.view(info.dtype.torch).reshape(info.shape)
 
     def iter_bytes(self, info: TensorInfo, chunk_bytes: int):
         """Yield a tensor's raw bytes in pieces of at most ``chunk_bytes`` (whole elements)."""

@@ -1,0 +1,308 @@
+"""The ``quantkit`` command: a thin click shell over the library.
+
+Nothing heavy is imported at module level, so ``quantkit --help`` answers without loading torch.
+Exit codes: 0 success, 1 validation failed, 2 bad input or usage.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+GRANULARITIES = ("tensor", "channel", "block")
+KEEP_DTYPES = ("bf16", "fp16", "fp32", "source")
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+
+PATTERN_HELP = """\b
+Policy rules (--quantize / --keep, repeatable) are applied in the order given and the LAST
+rule that matches a tensor wins, so put general rules first and exceptions after them.
+A pattern is a glob matched against the whole key or the layer name (the key without
+'.weight'); '*' also crosses dots. With a 're:' prefix it is a Python regular expression
+that must match the key or layer name in full.
+\b
+  --keep '*.attn.*'                         keep every tensor under an 'attn' module
+  --quantize '*' --keep 'transformer_blocks.0.*'   quantize all matrices except block 0
+  --quantize 're:.*\\.attn\\d\\.to_[qkv]'       quantize attention q/k/v projections
+Only weights with two or more dimensions can be quantized; a --quantize rule that matches
+a bias or norm is ignored with a warning."""
+
+
+class _RuleOrderCommand(click.Command):
+    """Records --quantize/--keep in command-line order (click groups repeated options per name)."""
+
+    def parse_args(self, ctx, args):
+        rules, i = [], 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                break
+            for action in ("quantize", "keep"):
+                flag = f"--{action}"
+                if a == flag and i + 1 < len(args):
+                    rules.append((action, args[i + 1]))
+                    i += 1
+                elif a.startswith(flag + "="):
+                    rules.append((action, a[len(flag) + 1:]))
+            i += 1
+        ctx.meta["quantkit.rules"] = rules
+        return super().parse_args(ctx, args)
+
+
+def _policy_options(f):
+    options = [
+        click.option("--granularity", type=click.Choice(GRANULARITIES), default="tensor", show_default=True,
+                     help="Scale per tensor, per output channel, or per 128x128 block."),
+        click.option("--format", "fmt", default="native", show_default=True, metavar="NAME",
+                     help="Output format (list them with 'quantkit formats')."),
+        click.option("--fp8-dtype", type=click.Choice(FP8_DTYPES), default="float8_e4m3fn", show_default=True,
+                     help="FP8 encoding of quantized weights."),
+        click.option("--quantize", "quantize_rules", multiple=True, metavar="PATTERN",
+                     help="Quantize tensors matching PATTERN (repeatable; see rules below)."),
+        click.option("--keep", "keep_rules", multiple=True, metavar="PATTERN",
+                     help="Keep tensors matching PATTERN in high precision (repeatable)."),
+        click.option("--keep-dtype", type=click.Choice(KEEP_DTYPES), default="bf16", show_default=True,
+                     help="Precision of the floating-point tensors that are not quantized."),
+        click.option("--quantize-conv", is_flag=True, help="Also quantize convolution kernels (kept by default)."),
+        click.option("--allow-nonfinite", is_flag=True,
+                     help="Quantize tensors holding NaN/Inf (NaN stays NaN, Inf saturates) instead of failing."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _options(ctx, granularity, fmt, fp8_dtype, keep_dtype, quantize_conv, allow_nonfinite):
+    from .plan import ConvertOptions
+    return ConvertOptions.from_strings(granularity=granularity, fp8=fp8_dtype, format=fmt, keep_dtype=keep_dtype,
+                                       rules=ctx.meta.get("quantkit.rules", []), quantize_conv=quantize_conv,
+                                       allow_nonfinite=allow_nonfinite)
+
+
+def _fail(exc) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _write_json(path: str, doc: dict) -> None:
+    from .writer import write_atomic
+    write_atomic(path, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+class _Bars:
+    """tqdm bars for the library's Progress callbacks (silent when not a terminal or --quiet)."""
+
+    def __init__(self, quiet: bool):
+        from .progress import Progress
+        from tqdm import tqdm
+
+        class Bars(Progress):
+            bar = None
+
+            def stage(self, name, total_bytes):
+                self.close()
+                self.bar = tqdm(total=total_bytes, desc=f"{name:>9}", unit="B", unit_scale=True,
+                                disable=True if quiet else None, leave=False, file=sys.stderr)
+
+            def advance(self, nbytes):
+                if self.bar is not None:
+                    self.bar.update(nbytes)
+
+            def close(self):
+                if self.bar is not None:
+                    self.bar.close()
+                    self.bar = None
+
+            def warn(self, message):
+                click.echo(f"warning: {message}", err=True)
+
+        self.progress = Bars()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="quantkit")
+def main():
+    """quantkit: FP8 (E4M3) checkpoints that are half the size of BF16 and provably faithful.
+
+    \b
+    Typical use:
+      quantkit plan model.safetensors                      # what would happen, tensor by tensor
+      quantkit convert model.safetensors model-fp8.safetensors
+      quantkit validate model-fp8.safetensors --against model.safetensors --min-sqnr 30
+    """
+
+
+@main.command(cls=_RuleOrderCommand, epilog=PATTERN_HELP)
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@_policy_options
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON to PATH.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def convert(ctx, src, dst, granularity, fmt, fp8_dtype, quantize_rules, keep_rules, keep_dtype, quantize_conv,
+            allow_nonfinite, overwrite, json_path, quiet):
+    """Quantize the safetensors checkpoint SRC into DST.
+
+    Linear-layer weights become FP8 with float32 scales; attention projections, norms,
+    embeddings, biases and other vectors stay in high precision (--keep-dtype); non-float
+    tensors are copied untouched. Check the decisions first with 'quantkit plan'.
+
+    The output is streamed tensor by tensor (memory does not grow with the checkpoint), written
+    under a temporary name and renamed when complete; its SHA256 goes to DST's manifest
+    (DST without '.safetensors' + '.quantkit.json'), which 'quantkit validate' checks.
+
+    \b
+    Example:
+      quantkit convert flux1-dev.safetensors flux1-dev-fp8.safetensors --granularity channel
+    """
+    from .errors import QuantkitError
+    from .quantize import convert as run
+    bars = _Bars(quiet)
+    try:
+        options = _options(ctx, granularity, fmt, fp8_dtype, keep_dtype, quantize_conv, allow_nonfinite)
+        result = run(src, dst, options, overwrite=overwrite, progress=bars.progress)
+    except QuantkitError as exc:
+        bars.progress.close()
+        _fail(exc)
+    c = result.counts
+    click.echo(f"quantkit convert: {src} -> {dst}")
+    click.echo(f"  format {result.format}, {fp8_dtype}, {result.granularity} scales")
+    click.echo(f"  tensors: {c['quantize']} quantized, {c['keep']} kept ({keep_dtype}), {c['pass']} passed through")
+    click.echo(f"  size: {_size(result.bytes_in)} -> {_size(result.bytes_out)} "
+               f"({100 * result.bytes_out / max(result.bytes_in, 1):.0f}%)")
+    click.echo(f"  time: {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s)")
+    click.echo(f"  sha256 {result.output_sha256}  (manifest {result.manifest})")
+    if json_path:
+        _write_json(json_path, result.to_dict())
+
+
+@main.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--against", "against", type=click.Path(dir_okay=False),
+              help="The source checkpoint: measure every tensor against it.")
+@click.option("--min-sqnr", type=float, metavar="DB", help="Fail if any tensor's SQNR is below DB decibels.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON to PATH.")
+@click.option("--no-hash-check", is_flag=True, help="Skip the SHA256 check (for files without a manifest).")
+@click.option("--show", type=int, default=5, show_default=True, help="How many worst tensors to list.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def validate(out, against, min_sqnr, json_path, no_hash_check, show, quiet):
+    """Prove OUT is intact and faithful to its source.
+
+    Recomputes the SHA256 of OUT (and of the source) and compares them with the manifest
+    written by 'quantkit convert'; with --against, dequantizes every tensor (W = q * scale) and
+    reports PSNR, SQNR and cosine per tensor, then min / median and the worst tensors.
+
+    Exit code 0 when everything checks out, 1 when validation fails (hash mismatch, missing
+    tensor, SQNR below --min-sqnr), 2 when the arguments are unusable.
+
+    \b
+    Example:
+      quantkit validate model-fp8.safetensors --against model.safetensors --min-sqnr 30 --json report.json
+    """
+    from .errors import QuantkitError
+    from .validate import validate as run
+    bars = _Bars(quiet)
+    try:
+        report = run(out, against, min_sqnr=min_sqnr, check_hash=not no_hash_check, progress=bars.progress)
+    except QuantkitError as exc:
+        bars.progress.close()
+        _fail(exc)
+    _print_report(report, show)
+    if json_path:
+        _write_json(json_path, report.to_dict())
+    sys.exit(0 if report.ok else 1)
+
+
+def _print_report(report, show: int) -> None:
+    click.echo(f"quantkit validate: {report.output}" + (f" against {report.against}" if report.against else ""))
+    for h in report.hashes:
+        click.echo(f"  sha256 {h['role']}: {'OK' if h['ok'] else 'MISMATCH'}  {h['actual']}")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+    s = report.summary()
+    if report.tensors:
+        click.echo(f"  tensors compared: {s['tensors']} ({s['quantized']} FP8)")
+        if s["sqnr_db"]:
+            click.echo(f"  FP8 tensors: SQNR min {s['sqnr_db']['min']:.2f} dB, median {s['sqnr_db']['median']:.2f} dB;"
+                       f" PSNR min {s['psnr_db']['min']:.2f} dB; cosine min {s['cosine']['min']:.6f}")
+        worst = s["worst"][:show]
+        if worst:
+            click.echo("  lowest SQNR:")
+            for name, v in worst:
+                click.echo(f"    {v:8.2f} dB  {name}")
+    if report.ok:
+        click.echo(f"  PASS ({report.seconds:.2f} s)")
+    else:
+        click.echo(f"  FAIL: {len(report.failures)} problem(s)")
+        for f in report.failures[:20]:
+            click.echo(f"    {f}")
+        if len(report.failures) > 20:
+            click.echo(f"    ... and {len(report.failures) - 20} more (see --json)")
+
+
+@main.command(cls=_RuleOrderCommand, epilog=PATTERN_HELP)
+@click.argument("src", type=click.Path(dir_okay=False))
+@_policy_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the plan as JSON to PATH.")
+@click.option("--only", type=click.Choice(["quantize", "keep", "pass"]), help="List only tensors with this action.")
+@click.pass_context
+def plan(ctx, src, granularity, fmt, fp8_dtype, quantize_rules, keep_rules, keep_dtype, quantize_conv,
+         allow_nonfinite, json_path, only):
+    """Show what 'convert' would do to every tensor of SRC, without writing anything.
+
+    Same options as 'convert'. Reads only the header: instant even for a 24 GB checkpoint.
+
+    \b
+    Example:
+      quantkit plan model.safetensors --keep '*.attn.*' --only quantize
+    """
+    from .errors import QuantkitError
+    from .plan import make_plan
+    from .reader import SafetensorsFile
+    try:
+        options = _options(ctx, granularity, fmt, fp8_dtype, keep_dtype, quantize_conv, allow_nonfinite)
+        with SafetensorsFile(src) as f:
+            p = make_plan(f, options)
+    except QuantkitError as exc:
+        _fail(exc)
+    width = max((len(t.name) for t in p.tensors), default=10)
+    click.echo(f"{'tensor':<{width}}  {'shape':<16} {'dtype':<5} -> {'action':<8} {'out':<8} reason")
+    for t in p.tensors:
+        if only and t.action.value != only:
+            continue
+        shape = "x".join(map(str, t.info.shape)) or "scalar"
+        click.echo(f"{t.name:<{width}}  {shape:<16} {t.info.dtype.code:<5} -> {t.action.value:<8} "
+                   f"{t.out_dtype.code:<8} {t.decision.reason}")
+    click.echo(f"\n{p.count(_action('quantize'))} quantized, {p.count(_action('keep'))} kept, "
+               f"{p.count(_action('pass'))} passed through; size {_size(p.bytes_in)} -> {_size(p.bytes_out)}"
+               f" ({100 * p.bytes_out / max(p.bytes_in, 1):.0f}%)")
+    for w in p.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if json_path:
+        _write_json(json_path, p.to_dict())
+
+
+def _action(name):
+    from .policy import Action
+    return Action(name)
+
+
+@main.command()
+def formats():
+    """List the output formats (--format NAME)."""
+    from .formats import REGISTRY
+    for name, cls in sorted(REGISTRY.items()):
+        click.echo(f"{name:<20} {cls.summary}")
+
+
+if __name__ == "__main__":
+    main()

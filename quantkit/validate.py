@@ -1,0 +1,221 @@
+"""Validate stage: prove an output is intact and faithful to its source.
+
+1. Integrity: the SHA256 of the output (and of the source, when the manifest names it) is
+   recomputed and compared with the manifest written at conversion. One flipped byte fails.
+2. Fidelity: every tensor is dequantized (W = q * scale) or read back and compared with the
+   source, chunk by chunk: PSNR, SQNR, cosine and max abs error per tensor, then a summary.
+3. Structure: every source tensor is present with its shape, and nothing else is.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import fp8 as fp8math
+from .errors import QuantkitError, ValidationFailed
+from .formats import StoredTensor, detect_format
+from .hashing import BackgroundHash
+from .manifest import manifest_path, read_manifest
+from .metrics import ErrorStats
+from .progress import NULL, Progress
+from .reader import SafetensorsFile, TensorInfo
+
+CHUNK_BYTES = 8 << 20
+
+
+@dataclass
+class TensorReport:
+    name: str
+    stored: str                    # "fp8", "float" (kept in high precision) or "bytes" (passed through)
+    granularity: str | None
+    psnr: float
+    sqnr: float
+    cosine: float
+    max_abs_error: float
+    nonfinite: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("psnr", "sqnr", "cosine", "max_abs_error"):
+            if not math.isfinite(d[k]):
+                d[k] = None    # JSON has no Infinity: null means exact (error 0)
+        d["exact"] = self.max_abs_error == 0
+        return d
+
+
+@dataclass
+class ValidationReport:
+    output: str
+    against: str | None
+    format: str | None = None
+    hashes: list[dict] = field(default_factory=list)
+    tensors: list[TensorReport] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    min_sqnr: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def quantized(self) -> list[TensorReport]:
+        return [t for t in self.tensors if t.stored == "fp8"]
+
+    def summary(self) -> dict:
+        q = self.quantized()
+        def stat(attr):
+            vals = [getattr(t, attr) for t in q]
+            return {"min": min(vals), "median": statistics.median(vals)} if vals else None
+        worst = sorted((t for t in self.tensors if t.stored != "bytes"), key=lambda t: t.sqnr)[:5]
+        return {"tensors": len(self.tensors), "quantized": len(q), "sqnr_db": stat("sqnr"),
+                "psnr_db": stat("psnr"), "cosine": stat("cosine"),
+                "worst": [(t.name, t.sqnr) for t in worst]}
+
+    def to_dict(self) -> dict:
+        summary = self.summary()
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            return v
+        return clean({"ok": self.ok, "output": self.output, "against": self.against, "format": self.format,
+                      "min_sqnr": self.min_sqnr, "seconds": self.seconds, "hashes": self.hashes,
+                      "failures": self.failures, "notes": self.notes, "summary": summary,
+                      "tensors": [t.to_dict() for t in self.tensors]})
+
+
+def validate(output: str, against: str | None = None, *, min_sqnr: float | None = None,
+             check_hash: bool = True, progress: Progress = NULL) -> ValidationReport:
+    """Check ``output`` (a quantkit output) against its manifest and, with ``against``, its source.
+
+    Never raises for a bad output: every problem becomes a line in ``report.failures``.
+    Raises ``QuantkitError`` only for unusable arguments (a missing or malformed source).
+    """
+    t0 = time.perf_counter()
+    report = ValidationReport(output, against, min_sqnr=min_sqnr)
+    hashes = _start_hashes(output, against, check_hash, report)
+    src = SafetensorsFile(against) if against else None
+    try:
+        try:
+            out = SafetensorsFile(output)
+        except QuantkitError as exc:
+            report.failures.append(f"cannot read the output: {exc}")
+            out = None
+        if out is not None:
+            with out:
+                _compare(out, src, report, progress)
+    finally:
+        if src is not None:
+            src.close()
+    for label, path, expected, job in hashes:
+        actual = job.result()
+        ok = actual == expected
+        report.hashes.append({"file": path, "role": label, "expected": expected, "actual": actual, "ok": ok})
+        if not ok:
+            report.failures.append(f"{path}: sha256 mismatch with the manifest ({label} was modified or corrupted: "
+                                   f"expected {expected[:16]}..., got {actual[:16]}...)")
+    if min_sqnr is not None:
+        for t in report.tensors:
+            if t.stored != "bytes" and t.sqnr < min_sqnr:
+                report.failures.append(f"{t.name}: SQNR {t.sqnr:.2f} dB is below --min-sqnr {min_sqnr:g}")
+    progress.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _start_hashes(output, against, check_hash, report):
+    jobs = []
+    if not check_hash:
+        report.notes.append("hash check skipped")
+        return jobs
+    try:
+        manifest = read_manifest(output)
+    except ValidationFailed as exc:
+        report.failures.append(str(exc))
+        return jobs
+    name = os.path.basename(output)
+    entry = manifest["files"].get(name)
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        report.failures.append(f"{manifest_path(output)}: the manifest does not list {name}")
+    else:
+        jobs.append(("output", output, entry["sha256"], BackgroundHash(output).start()))
+    source = manifest.get("source")
+    if against and isinstance(source, dict) and source.get("sha256"):
+        jobs.append(("source", against, source["sha256"], BackgroundHash(against).start()))
+    elif isinstance(source, dict) and source.get("sha256"):
+        report.notes.append("source hash recorded but no --against given: source not verified")
+    return jobs
+
+
+def _compare(out: SafetensorsFile, src: SafetensorsFile | None, report: ValidationReport, progress: Progress):
+    try:
+        fmt = detect_format(out)
+    except QuantkitError as exc:
+        report.failures.append(str(exc))
+        return
+    report.format = fmt.name
+    try:
+        stored = fmt.stored(out)
+    except ValueError as exc:
+        report.failures.append(f"{out.path}: {exc}")
+        return
+    if src is None:
+        report.notes.append("no --against source: integrity and structure checked, fidelity not measured")
+        return
+    recorded = out.metadata.get("quantkit.source_sha256")
+    if recorded:
+        report.notes.append(f"output records source sha256 {recorded[:16]}...")
+    progress.stage("validate", src.file_size)
+    for info in src.tensors.values():
+        s = stored.get(info.name)
+        if s is None:
+            report.failures.append(f"{info.name}: in the source but missing from the output")
+            continue
+        data = out.tensors[s.data_key]
+        if tuple(data.shape) != tuple(info.shape):
+            report.failures.append(f"{info.name}: shape {list(data.shape)} in the output, {list(info.shape)} in the source")
+            continue
+        try:
+            report.tensors.append(_compare_tensor(out, src, s, data, info))
+        except QuantkitError as exc:
+            report.failures.append(str(exc))
+        progress.advance(info.nbytes)
+    for key in stored.keys() - src.tensors.keys():
+        report.failures.append(f"{key}: in the output but not in the source")
+
+
+def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor, data: TensorInfo,
+                    info: TensorInfo) -> TensorReport:
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = max(info.nbytes, data.nbytes) // max(rows, 1)
+    align = fp8math.block_rows(s.granularity) if s.scale_key else 1
+    per_chunk = max(align, (CHUNK_BYTES // max(row_bytes, 1)) // align * align)
+    pairs = zip(src.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk),
+                out.iter_rows(data, CHUNK_BYTES, rows_per_chunk=per_chunk))
+    stats = ErrorStats()
+    if s.scale_key is not None:
+        scale = out.read_tensor(out.tensors[s.scale_key]).float()
+        for (r0, r1, x), (_, _, q) in pairs:
+            w = fp8math.dequantize(q, fp8math.scale_rows(scale, s.granularity, r0, r1), s.granularity)
+            stats.update(x.float(), w)
+        return _report(info.name, "fp8", s.granularity.value, stats)
+    if not info.dtype.torch.is_floating_point:
+        for (_, _, x), (_, _, y) in pairs:
+            if x.dtype != y.dtype or not bool((x == y).all()):
+                raise ValidationFailed("bytes differ from the source (non-float tensors must pass untouched)",
+                                       path=out.path, tensor=info.name, hint="re-run quantkit convert")
+        return TensorReport(info.name, "bytes", None, math.inf, math.inf, 1.0, 0.0)
+    for (_, _, x), (_, _, y) in pairs:
+        stats.update(x.float(), y.float())
+    return _report(info.name, "float", None, stats)
+
+
+def _report(name, stored, granularity, stats: ErrorStats) -> TensorReport:
+    return TensorReport(name, stored, granularity, stats.psnr, stats.sqnr, stats.cosine, stats.max_err, stats.nonfinite)
