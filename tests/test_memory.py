@@ -1,0 +1,64 @@
+"""Peak memory of a conversion does not grow with the checkpoint's size (CI-sized; benchmarks/ has 3 and 6 GB)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantkit import dtypes
+from quantkit.writer import OutputTensor, SafetensorsWriter
+
+SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288), (3072,)]
+
+
+def make_checkpoint(path, blocks: int) -> int:
+    """A BF16 checkpoint of ``blocks`` transformer-like blocks, written without holding it in memory."""
+    specs = []
+    for b in range(blocks):
+        for name, shape in zip(("attn.to_q", "ff.net.0.proj", "ff.net.2", "norm.weight"), SHAPES):
+            key = f"blocks.{b}.{name}" + ("" if name.endswith("weight") else ".weight")
+            specs.append(OutputTensor(key, dtypes.BF16, shape))
+    gen = torch.Generator().manual_seed(0)
+    with SafetensorsWriter(str(path), specs, {"format": "pt"}) as w:
+        for spec in specs:
+            rows = spec.shape[0]
+            for r0 in range(0, rows, 1024):
+                n = min(1024, rows - r0)
+                t = torch.randn((n, *spec.shape[1:]), generator=gen).to(torch.bfloat16)
+                w.write(t.view(torch.uint8).numpy().tobytes())
+        w.finish()
+    return sum(s.nbytes for s in specs)
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of a big
+# parent (pytest with torch loaded) would report the parent's peak.
+CHILD = """
+import json, sys
+from quantkit.quantize import convert
+from quantkit.plan import ConvertOptions
+r = convert(sys.argv[1], sys.argv[2], ConvertOptions.from_strings(granularity=sys.argv[3]), overwrite=True)
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_mb": int(hwm.split()[1]) / 1024, "quantized": r.counts["quantize"]}))
+"""
+
+
+def peak_mb(src, dst, granularity) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), granularity],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "block"])
+def test_peak_memory_is_flat_in_checkpoint_size(tmp_path_factory, granularity):
+    folder = tmp_path_factory.getbasetemp() / "memory"
+    folder.mkdir(exist_ok=True)
+    small, big = folder / "small.safetensors", folder / "big.safetensors"
+    if not small.exists():
+        make_checkpoint(small, 2)     # ~0.2 GB
+        make_checkpoint(big, 6)       # ~0.6 GB, three times as large
+    a = peak_mb(small, tmp_path_factory.mktemp("o") / "o.safetensors", granularity)
+    b = peak_mb(big, tmp_path_factory.mktemp("o") / "o.safetensors", granularity)
+    assert b["quantized"] == 3 * a["quantized"]
+    assert a["peak_mb"] < 500 and b["peak_mb"] < 500, (a, b)
+    assert b["peak_mb"] <= a["peak_mb"] * 1.10, (a, b)
