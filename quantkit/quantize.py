@@ -23,10 +23,12 @@ from .manifest import file_entry, write_manifest
 from .plan import ConvertOptions, Plan, PlannedTensor, make_plan
 from .policy import Action
 from .progress import NULL, Progress
-from .reader import SafetensorsFile
+from .reader import SafetensorsFile, chunk_rows
 from .writer import SafetensorsWriter, remove_stale_temps
 
-CHUNK_BYTES = 8 << 20
+# Source bytes per chunk: small enough that the float32 work buffer stays in cache, large
+# enough that per-call overhead vanishes (2 MiB measured fastest on a 2-core EPYC).
+CHUNK_BYTES = 2 << 20
 
 
 @dataclass
@@ -135,9 +137,14 @@ def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: Con
     info = t.info
     if t.action is Action.QUANTIZE:
         g = options.granularity
-        for r0, r1, x in source.iter_rows(info, CHUNK_BYTES, fp8math.block_rows(g)):
-            q = fp8math.quantize(x, fp8math.scale_rows(scale, g, r0, r1), g, options.fp8)
-            writer.write(q.view(torch.uint8).numpy().tobytes())
+        align = fp8math.block_rows(g)
+        rows = chunk_rows(info, CHUNK_BYTES, align)
+        elems = min(info.shape[0], rows) * (info.numel // info.shape[0])
+        work = torch.empty(elems, dtype=torch.float32)        # reused by every chunk
+        out = torch.empty(elems, dtype=options.fp8.torch_dtype)
+        for r0, r1, x in source.iter_rows(info, CHUNK_BYTES, align):
+            q = fp8math.quantize(x, fp8math.scale_rows(scale, g, r0, r1), g, options.fp8, out=out, work=work)
+            writer.write(q.reshape(-1).view(torch.uint8).numpy().tobytes())
     elif t.out_dtype == info.dtype:
         for piece in source.iter_bytes(info, CHUNK_BYTES):
             writer.write(piece)

@@ -130,6 +130,13 @@ def _parse_entry(name: str, entry, path: str, hint: str) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
+def chunk_rows(info: TensorInfo, chunk_bytes: int, align: int = 1) -> int:
+    """Rows of ``info`` per chunk of about ``chunk_bytes``: a multiple of ``align``, at least ``align``."""
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // rows if rows else 0
+    return max(align, (chunk_bytes // max(row_bytes, 1)) // align * align)
+
+
 class SafetensorsFile:
     """A validated safetensors file opened read-only.
 
@@ -210,7 +217,7 @@ class SafetensorsFile:
         if rows == 0 or info.nbytes == 0:
             return
         row_bytes = info.nbytes // rows
-        per_chunk = rows_per_chunk or max(align, (chunk_bytes // max(row_bytes, 1)) // align * align)
+        per_chunk = rows_per_chunk or chunk_rows(info, chunk_bytes, align)
         buf = torch.empty(min(rows, per_chunk) * row_bytes, dtype=torch.uint8)
         inner = info.shape[1:] if info.shape else ()
         for r0 in range(0, rows, per_chunk):

@@ -21,7 +21,7 @@ from .hashing import BackgroundHash
 from .manifest import manifest_path, read_manifest
 from .metrics import ErrorStats
 from .progress import NULL, Progress
-from .reader import SafetensorsFile, TensorInfo
+from .reader import SafetensorsFile, TensorInfo, chunk_rows
 
 CHUNK_BYTES = 8 << 20
 
@@ -193,10 +193,9 @@ def _compare(out: SafetensorsFile, src: SafetensorsFile | None, report: Validati
 
 def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor, data: TensorInfo,
                     info: TensorInfo) -> TensorReport:
-    rows = info.shape[0] if info.shape else 1
-    row_bytes = max(info.nbytes, data.nbytes) // max(rows, 1)
     align = fp8math.block_rows(s.granularity) if s.scale_key else 1
-    per_chunk = max(align, (CHUNK_BYTES // max(row_bytes, 1)) // align * align)
+    widest = info if info.nbytes >= data.nbytes else data
+    per_chunk = chunk_rows(widest, CHUNK_BYTES, align)     # the same rows from both files
     pairs = zip(src.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk),
                 out.iter_rows(data, CHUNK_BYTES, rows_per_chunk=per_chunk))
     stats = ErrorStats()
