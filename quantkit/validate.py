@@ -91,6 +91,29 @@ class ValidationReport:
                       "tensors": [t.to_dict() for t in self.tensors]})
 
 
+def load_dequantized(path: str, dtype=None) -> dict:
+    """Every tensor of a quantized file as its source would hold it: FP8 weights dequantized
+    (W = q * scale, float32 or ``dtype``), kept tensors as stored, scales and markers dropped.
+
+    Loads the whole state dict: meant for checking a model's output, not for big conversions.
+
+    >>> model.load_state_dict(load_dequantized("model-fp8.safetensors"))   # doctest: +SKIP
+    """
+    import torch
+    with SafetensorsFile(path) as f:
+        stored = detect_format(f).stored(f)
+        out = {}
+        for name, s in stored.items():
+            t = f.read_tensor(f.tensors[s.data_key]).clone()
+            if s.scale_key is not None:
+                t = fp8math.dequantize(t, f.read_tensor(f.tensors[s.scale_key]), s.granularity,
+                                       dtype or torch.float32)
+            elif dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            out[name] = t
+    return out
+
+
 def validate(output: str, against: str | None = None, *, min_sqnr: float | None = None,
              check_hash: bool = True, progress: Progress = NULL) -> ValidationReport:
     """Check ``output`` (a quantkit output) against its manifest and, with ``against``, its source.
