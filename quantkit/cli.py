@@ -304,5 +304,14 @@ def formats():
         click.echo(f"{name:<20} {cls.summary}")
 
 
+def run() -> None:
+    """Console entry point: Ctrl-C ends with one line (nothing is left under the output's name)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        click.echo("interrupted: no output was written under its final name", err=True)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -58,7 +58,7 @@ def as_2d(x: torch.Tensor) -> torch.Tensor:
     """View a weight as [out, in]: conv kernels flatten their trailing dims into "in"."""
     if x.dim() == 0:
         return x.reshape(1, 1)
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))   # not -1: torch refuses it for 0 rows
 
 
 def scale_shape(shape: tuple[int, ...], granularity: Granularity) -> tuple[int, ...]:
@@ -101,8 +101,8 @@ def scale_from_absmax(amax: torch.Tensor, fmt: FP8Format = E4M3FN) -> torch.Tens
     """scale = absmax / max_finite in float64, stored as float32.
 
     An all-zero tensor or block gets scale 1 (never a division by zero). A nonzero absmax so
-    small that the scale underflows float32 gets the smallest normal float32 instead: its
-    values then quantize to zero, as they would with any scale.
+    small (below ~1e-43) that the scale underflows float32 gets the smallest normal float32
+    instead: such values are far below anything FP8 can resolve relative to real weights.
     """
     scale = (amax.double() / fmt.max_finite).float()
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)

@@ -12,12 +12,15 @@ import threading
 READ_BYTES = 8 << 20
 
 
-def sha256_file(path: str, chunk: int = READ_BYTES) -> str:
+def sha256_file(path: str, chunk: int = READ_BYTES, cancelled: threading.Event | None = None) -> str | None:
+    """SHA256 (hex) of a file; None if ``cancelled`` was set before the end."""
     h = hashlib.sha256()
     buf = bytearray(chunk)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
+            if cancelled is not None and cancelled.is_set():
+                return None
             h.update(view[:n])
     return h.hexdigest()
 
@@ -29,17 +32,29 @@ class BackgroundHash:
         self.path = path
         self._digest: str | None = None
         self._error: BaseException | None = None
+        self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="quantkit-hash", daemon=True)
 
     def _run(self) -> None:
         try:
-            self._digest = sha256_file(self.path)
+            self._digest = sha256_file(self.path, cancelled=self._cancel)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
             self._error = exc
 
     def start(self) -> "BackgroundHash":
         self._thread.start()
         return self
+
+    def cancel(self) -> None:
+        """Stop early (the work it was for failed); ``result`` is then meaningless."""
+        self._cancel.set()
+
+    def __enter__(self) -> "BackgroundHash":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.cancel()
 
     def result(self) -> str:
         self._thread.join()

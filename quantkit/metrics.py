@@ -6,7 +6,9 @@
     max abs error = max |x - y|
 
 ``ErrorStats`` accumulates them over chunks (sums in float64), so a tensor never has to be in
-memory whole. An exact reconstruction has infinite PSNR/SQNR.
+memory whole. An exact reconstruction has infinite PSNR/SQNR. Where the original is NaN/Inf
+the position is counted and left out; a NaN/Inf reconstruction of a finite value is an
+infinite error (SQNR = PSNR = -inf), never hidden.
 """
 from __future__ import annotations
 
@@ -25,15 +27,17 @@ class ErrorStats:
     sum_e2: float = 0.0
     peak: float = 0.0
     max_err: float = 0.0
-    nonfinite: int = 0      # positions where x or y is NaN/Inf (left out of the sums)
+    nonfinite: int = 0      # positions where the original x is NaN/Inf (left out of the sums)
+    broken: int = 0         # positions where x is finite but y is NaN/Inf: an infinite error
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> "ErrorStats":
         x = x.reshape(-1).double()
         y = y.reshape(-1).double()
-        finite = torch.isfinite(x) & torch.isfinite(y)
-        if not bool(finite.all()):
-            self.nonfinite += int((~finite).sum())
-            x, y = x[finite], y[finite]
+        fx, fy = torch.isfinite(x), torch.isfinite(y)
+        if not bool((fx & fy).all()):
+            self.nonfinite += int((~fx).sum())
+            self.broken += int((fx & ~fy).sum())
+            x, y = x[fx & fy], y[fx & fy]
         if x.numel() == 0:
             return self
         e = x - y
@@ -47,11 +51,17 @@ class ErrorStats:
         return self
 
     @property
+    def max_abs_error(self) -> float:
+        return math.inf if self.broken else self.max_err
+
+    @property
     def mse(self) -> float:
         return self.sum_e2 / self.n if self.n else 0.0
 
     @property
     def psnr(self) -> float:
+        if self.broken:
+            return -math.inf
         if self.sum_e2 == 0:
             return math.inf
         if self.peak == 0:
@@ -60,6 +70,8 @@ class ErrorStats:
 
     @property
     def sqnr(self) -> float:
+        if self.broken:
+            return -math.inf
         if self.sum_e2 == 0:
             return math.inf
         if self.sum_x2 == 0:
@@ -68,6 +80,8 @@ class ErrorStats:
 
     @property
     def cosine(self) -> float:
+        if self.broken:
+            return math.nan
         if self.sum_x2 == 0 or self.sum_y2 == 0:
             return 1.0 if self.sum_x2 == self.sum_y2 else 0.0
         return self.sum_xy / math.sqrt(self.sum_x2 * self.sum_y2)
@@ -88,4 +102,4 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def max_abs_error(x: torch.Tensor, y: torch.Tensor) -> float:
-    return ErrorStats().update(x, y).max_err
+    return ErrorStats().update(x, y).max_abs_error

@@ -78,18 +78,18 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     check_destination(src, dst, overwrite)
     for path in remove_stale_temps(dst):
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")
-    with SafetensorsFile(src) as source:
+    with SafetensorsFile(src) as source, BackgroundHash(src) as source_hash:
         plan = make_plan(source, options)
         for w in plan.warnings:
             progress.warn(w)
-        source_hash = BackgroundHash(source.path).start()
-
         quantized = [t.info for t in plan.quantized()]
         progress.stage("calibrate", sum(i.nbytes for i in quantized))
         stats = collect_weight_stats(source, quantized, options.granularity, options.allow_nonfinite,
                                      progress=progress.advance)
         scales = {name: fp8math.scale_from_absmax(s.absmax, options.fp8) for name, s in stats.items()}
 
+        # The header names the source's SHA256, so it waits for the hash (which ran on the
+        # other core during calibration).
         source_sha = source_hash.result()
         fmt = get_format(options.format)
         metadata = {**{k: v for k, v in source.metadata.items() if not k.startswith("quantkit.")},
@@ -135,6 +135,8 @@ def _scale_bytes(scale: torch.Tensor, dtype) -> bytes:
 
 def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: ConvertOptions, writer) -> None:
     info = t.info
+    if info.nbytes == 0:
+        return
     if t.action is Action.QUANTIZE:
         g = options.granularity
         align = fp8math.block_rows(g)

@@ -35,14 +35,15 @@ class TensorReport:
     sqnr: float
     cosine: float
     max_abs_error: float
-    nonfinite: int = 0
+    nonfinite: int = 0             # NaN/Inf in the source (allowed with --allow-nonfinite)
+    broken: int = 0                # finite in the source, NaN/Inf in the output: always a failure
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for k in ("psnr", "sqnr", "cosine", "max_abs_error"):
             if not math.isfinite(d[k]):
                 d[k] = None    # JSON has no Infinity: null means exact (error 0)
-        d["exact"] = self.max_abs_error == 0
+        d["exact"] = self.max_abs_error == 0 and not self.broken
         return d
 
 
@@ -144,6 +145,9 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         if not ok:
             report.failures.append(f"{path}: sha256 mismatch with the manifest ({label} was modified or corrupted: "
                                    f"expected {expected[:16]}..., got {actual[:16]}...)")
+    for t in report.tensors:
+        if t.broken:
+            report.failures.append(f"{t.name}: {t.broken} finite source value(s) became NaN/Inf in the output")
     if min_sqnr is not None:
         for t in report.tensors:
             if t.stored != "bytes" and t.sqnr < min_sqnr:
@@ -240,4 +244,5 @@ def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor,
 
 
 def _report(name, stored, granularity, stats: ErrorStats) -> TensorReport:
-    return TensorReport(name, stored, granularity, stats.psnr, stats.sqnr, stats.cosine, stats.max_err, stats.nonfinite)
+    return TensorReport(name, stored, granularity, stats.psnr, stats.sqnr, stats.cosine, stats.max_abs_error,
+                        stats.nonfinite, stats.broken)

@@ -219,3 +219,16 @@ def test_usage_errors_exit_2(tmp_path):
     assert result.exit_code == 2 and "bad regular expression" in result.output
     assert run("convert", tmp_path / "missing.safetensors", tmp_path / "o.safetensors").exit_code == 2
     assert os.listdir(tmp_path) == []
+
+
+def test_nan_code_in_output_fails_even_without_hash_check(converted, tmp_path):
+    out, _, _ = converted
+    data = bytearray(out.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8:8 + n])["encoder.layer.1.output.dense.weight"]
+    data[8 + n + entry["data_offsets"][0] + 5] = 0x7F          # the E4M3 NaN code
+    bad = tmp_path / out.name
+    bad.write_bytes(bytes(data))
+    result = run("validate", bad, "--against", SRC, "--no-hash-check")
+    assert result.exit_code == 1 and "encoder.layer.1.output.dense.weight" in result.output
+    assert "became NaN/Inf" in result.output
