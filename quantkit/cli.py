@@ -57,6 +57,8 @@ def _policy_options(f):
                      help="Output format (list them with 'quantkit formats')."),
         click.option("--fp8-dtype", type=click.Choice(FP8_DTYPES), default="float8_e4m3fn", show_default=True,
                      help="FP8 encoding of quantized weights."),
+        click.option("--preset", default="auto", show_default=True, metavar="NAME",
+                     help="Architecture policy; 'auto' detects it from the keys (list with 'quantkit presets')."),
         click.option("--quantize", "quantize_rules", multiple=True, metavar="PATTERN",
                      help="Quantize tensors matching PATTERN (repeatable; see rules below)."),
         click.option("--keep", "keep_rules", multiple=True, metavar="PATTERN",
@@ -66,17 +68,21 @@ def _policy_options(f):
         click.option("--quantize-conv", is_flag=True, help="Also quantize convolution kernels (kept by default)."),
         click.option("--allow-nonfinite", is_flag=True,
                      help="Quantize tensors holding NaN/Inf (NaN stays NaN, Inf saturates) instead of failing."),
+        click.option("--comfy-header-metadata", is_flag=True,
+                     help="Format comfy: also write the _quantization_metadata header entry."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _options(ctx, granularity, fmt, fp8_dtype, keep_dtype, quantize_conv, allow_nonfinite):
+def _options(ctx, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_conv, allow_nonfinite,
+             comfy_header_metadata):
     from .plan import ConvertOptions
     return ConvertOptions.from_strings(granularity=granularity, fp8=fp8_dtype, format=fmt, keep_dtype=keep_dtype,
                                        rules=ctx.meta.get("quantkit.rules", []), quantize_conv=quantize_conv,
-                                       allow_nonfinite=allow_nonfinite)
+                                       allow_nonfinite=allow_nonfinite, preset=preset,
+                                       comfy_header_metadata=comfy_header_metadata)
 
 
 def _fail(exc) -> None:
@@ -148,8 +154,8 @@ def main():
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def convert(ctx, src, dst, granularity, fmt, fp8_dtype, quantize_rules, keep_rules, keep_dtype, quantize_conv,
-            allow_nonfinite, overwrite, json_path, quiet):
+def convert(ctx, src, dst, granularity, fmt, fp8_dtype, preset, quantize_rules, keep_rules, keep_dtype,
+            quantize_conv, allow_nonfinite, comfy_header_metadata, overwrite, json_path, quiet):
     """Quantize the safetensors checkpoint SRC into DST.
 
     Linear-layer weights become FP8 with float32 scales; attention projections, norms,
@@ -168,13 +174,16 @@ def convert(ctx, src, dst, granularity, fmt, fp8_dtype, quantize_rules, keep_rul
     from .quantize import convert as run
     bars = _Bars(quiet)
     try:
-        options = _options(ctx, granularity, fmt, fp8_dtype, keep_dtype, quantize_conv, allow_nonfinite)
+        options = _options(ctx, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_conv, allow_nonfinite,
+                           comfy_header_metadata)
         result = run(src, dst, options, overwrite=overwrite, progress=bars.progress)
     except QuantkitError as exc:
         bars.progress.close()
         _fail(exc)
     c = result.counts
     click.echo(f"quantkit convert: {src} -> {dst}")
+    for note in result.notes:
+        click.echo(f"  {note}")
     click.echo(f"  format {result.format}, {fp8_dtype}, {result.granularity} scales")
     click.echo(f"  tensors: {c['quantize']} quantized, {c['keep']} kept ({keep_dtype}), {c['pass']} passed through")
     click.echo(f"  size: {_size(result.bytes_in)} -> {_size(result.bytes_out)} "
@@ -255,8 +264,8 @@ def _print_report(report, show: int) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the plan as JSON to PATH.")
 @click.option("--only", type=click.Choice(["quantize", "keep", "pass"]), help="List only tensors with this action.")
 @click.pass_context
-def plan(ctx, src, granularity, fmt, fp8_dtype, quantize_rules, keep_rules, keep_dtype, quantize_conv,
-         allow_nonfinite, json_path, only):
+def plan(ctx, src, granularity, fmt, fp8_dtype, preset, quantize_rules, keep_rules, keep_dtype, quantize_conv,
+         allow_nonfinite, comfy_header_metadata, json_path, only):
     """Show what 'convert' would do to every tensor of SRC, without writing anything.
 
     Same options as 'convert'. Reads only the header: instant even for a 24 GB checkpoint.
@@ -269,11 +278,14 @@ def plan(ctx, src, granularity, fmt, fp8_dtype, quantize_rules, keep_rules, keep
     from .plan import make_plan
     from .reader import SafetensorsFile
     try:
-        options = _options(ctx, granularity, fmt, fp8_dtype, keep_dtype, quantize_conv, allow_nonfinite)
+        options = _options(ctx, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_conv, allow_nonfinite,
+                           comfy_header_metadata)
         with SafetensorsFile(src) as f:
             p = make_plan(f, options)
     except QuantkitError as exc:
         _fail(exc)
+    for note in p.notes:
+        click.echo(note)
     width = max((len(t.name) for t in p.tensors), default=10)
     click.echo(f"{'tensor':<{width}}  {'shape':<16} {'dtype':<5} -> {'action':<8} {'out':<8} reason")
     for t in p.tensors:
@@ -294,6 +306,32 @@ def plan(ctx, src, granularity, fmt, fp8_dtype, quantize_rules, keep_rules, keep
 def _action(name):
     from .policy import Action
     return Action(name)
+
+
+@main.command()
+@click.option("--show", "show", metavar="NAME", help="Explain one preset: what it keeps in high precision and why.")
+def presets(show):
+    """List the architecture presets (--preset NAME), or explain one.
+
+    \b
+    Example:
+      quantkit presets --show flux
+    """
+    from .errors import QuantkitError
+    from .presets import REGISTRY
+    if show is None:
+        click.echo(f"{'auto':<22} detect the architecture from the checkpoint's keys (default)")
+        for name, p in REGISTRY.items():
+            click.echo(f"{name:<22} {p.summary}")
+        return
+    if show not in REGISTRY:
+        _fail(QuantkitError(f"unknown preset {show!r}", hint=f"known presets: {', '.join(REGISTRY)}"))
+    p = REGISTRY[show]
+    click.echo(f"{p.name}: {p.summary}\n\nKept in high precision:")
+    for what, why in p.keeps:
+        click.echo(f"  - {what}: {why}")
+    if p.reference:
+        click.echo(f"\nCompared with published FP8 files: {p.reference}")
 
 
 @main.command()

@@ -1,7 +1,7 @@
 """The manifest beside an output: SHA256 and size of every file written, and its provenance.
 
-``out.safetensors`` gets ``out.quantkit.json``. ``quantkit validate`` checks the output
-against it, so a flipped byte anywhere in the output is caught.
+``out.safetensors`` gets ``out.quantkit.json``; a folder output holds ``quantkit.json``.
+``quantkit validate`` checks the output against it, so a flipped byte anywhere is caught.
 """
 from __future__ import annotations
 
@@ -16,7 +16,12 @@ from .writer import write_atomic
 SUFFIX = ".quantkit.json"
 
 
+FOLDER_MANIFEST = "quantkit.json"
+
+
 def manifest_path(output: str) -> str:
+    if os.path.isdir(output):
+        return os.path.join(output, FOLDER_MANIFEST)
     base = output[: -len(".safetensors")] if output.endswith(".safetensors") else output
     return base + SUFFIX
 

@@ -14,6 +14,7 @@ from .dtypes import DType, Kind
 from .errors import PolicyError, UnsupportedInputError
 from .fp8 import E4M3FN, FP8Format, Granularity, scale_shape
 from .policy import QUANTIZABLE, Action, Decision, Policy, Rule
+from .formats import StoredTensor
 from .reader import SafetensorsFile, TensorInfo
 
 
@@ -38,17 +39,21 @@ class ConvertOptions:
     keep_dtype: KeepDtype = KeepDtype.BF16
     policy: Policy = field(default_factory=Policy)
     allow_nonfinite: bool = False
+    preset: str = "auto"
+    comfy_header_metadata: bool = False     # format comfy: also write _quantization_metadata
 
     @classmethod
     def from_strings(cls, *, granularity: str = "tensor", fp8: str = "float8_e4m3fn", format: str = "native",
                      keep_dtype: str = "bf16", rules: list[tuple[str, str]] = (), quantize_conv: bool = False,
-                     allow_nonfinite: bool = False) -> "ConvertOptions":
+                     allow_nonfinite: bool = False, preset: str = "auto",
+                     comfy_header_metadata: bool = False) -> "ConvertOptions":
         """Build options from CLI-style strings; ``rules`` are ``("quantize"|"keep", pattern)`` in order."""
         from .fp8 import FP8_FORMATS
         if fp8 not in FP8_FORMATS:
             raise PolicyError(f"unknown FP8 dtype {fp8!r}", hint=f"choose one of {', '.join(FP8_FORMATS)}")
         policy = Policy(tuple(Rule(Action(a), p) for a, p in rules), quantize_conv=quantize_conv)
-        return cls(Granularity(granularity), FP8_FORMATS[fp8], format, KeepDtype(keep_dtype), policy, allow_nonfinite)
+        return cls(Granularity(granularity), FP8_FORMATS[fp8], format, KeepDtype(keep_dtype), policy, allow_nonfinite,
+                   preset, comfy_header_metadata)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class PlannedTensor:
     decision: Decision
     out_dtype: DType                  # dtype of the tensor under its own key in the output
     scale_shape: tuple[int, ...] | None = None
+    prequantized: StoredTensor | None = None   # already FP8 in the source: bytes and scale carried over
 
     @property
     def name(self) -> str:
@@ -74,6 +80,9 @@ class Plan:
     tensors: list[PlannedTensor]
     outputs: list = field(default_factory=list)   # list[formats.Emit], in file order
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)     # what was detected and chosen
+    policy: Policy | None = None                       # the effective policy (preset + user rules)
+    source_format: str | None = None                   # set when the source is already quantized
 
     def count(self, action: Action) -> int:
         return sum(1 for t in self.tensors if t.action is action)
@@ -96,7 +105,8 @@ class Plan:
             "granularity": self.options.granularity.value,
             "fp8": self.options.fp8.name,
             "keep_dtype": self.options.keep_dtype.value,
-            "policy": self.options.policy.describe(),
+            "policy": (self.policy or self.options.policy).describe(),
+            "notes": self.notes,
             "counts": {a.value: self.count(a) for a in Action},
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -109,8 +119,8 @@ class Plan:
         }
 
 
-def plan_tensor(info: TensorInfo, options: ConvertOptions, path: str) -> PlannedTensor:
-    decision = options.policy.decide(info.name, info.shape, info.dtype)
+def plan_tensor(info: TensorInfo, options: ConvertOptions, policy: Policy, path: str) -> PlannedTensor:
+    decision = policy.decide(info.name, info.shape, info.dtype)
     if info.dtype.kind is Kind.FP8:
         raise UnsupportedInputError(f"already {info.dtype.code}", path=path, tensor=info.name,
                                     hint="this checkpoint is already quantized; convert its BF16/FP16/FP32 original")
@@ -125,13 +135,28 @@ def plan_tensor(info: TensorInfo, options: ConvertOptions, path: str) -> Planned
 def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
     """Plan the conversion of one safetensors file under ``options`` (reads the header only)."""
     from .formats import get_format
+    from .presets import resolve
     fmt = get_format(options.format)
     fmt.check(options)
-    tensors = [plan_tensor(info, options, source.path) for info in source.tensors.values()]
-    plan = Plan(os.path.basename(source.path), options, tensors)
+    preset, why = resolve(options.preset, source.tensors)
+    policy = options.policy.with_preset(preset.name, preset.rules(source.tensors))
+    plan = Plan(os.path.basename(source.path), options, [], notes=[why], policy=policy)
+    stored = _already_quantized(source, options, plan)
+    for info in source.tensors.values():
+        if stored is None:
+            plan.tensors.append(plan_tensor(info, options, policy, source.path))
+        elif info.name in stored:
+            s = stored[info.name]
+            if s.scale_key is None:
+                plan.tensors.append(plan_tensor(info, options, policy, source.path))
+            else:
+                decision = Decision(Action.QUANTIZE, policy.decide(info.name, info.shape, dtypes.F32).kind,
+                                    f"already FP8 ({plan.source_format}): codes and scale carried over")
+                plan.tensors.append(PlannedTensor(info, decision, info.dtype,
+                                                  tuple(source.tensors[s.scale_key].shape), s))
     plan.outputs = fmt.layout(plan)
     for rule in options.policy.rules:
-        matched = [t for t in tensors if rule.matches(t.name)]
+        matched = [t for t in plan.tensors if rule.matches(t.name)]
         if not matched:
             plan.warnings.append(f"rule --{rule.action.value} {rule.pattern!r} matched no tensor")
         elif rule.action is Action.QUANTIZE and not any(t.decision.kind in QUANTIZABLE for t in matched):
@@ -139,4 +164,34 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
                                  " (biases, norms, vectors, non-floats); they stay as they are")
     if not plan.quantized():
         plan.warnings.append("no tensor is quantized: the output only changes precision of kept tensors")
+    plan.warnings.extend(fmt.warnings(plan))
     return plan
+
+
+def _already_quantized(source: SafetensorsFile, options: ConvertOptions, plan: Plan):
+    """For a source that is already an FP8 checkpoint of a known convention: how it is stored.
+
+    Its FP8 codes and scales are carried over unchanged (conversion between conventions, no
+    re-quantization), so granularity and FP8 dtype must match what it holds.
+    """
+    if not any(i.dtype.kind is Kind.FP8 for i in source.tensors.values()):
+        return None
+    from .formats import REGISTRY
+    fmt = next((cls() for cls in REGISTRY.values() if cls.recognizes(source)), None)
+    if fmt is None:
+        first = next(i for i in source.tensors.values() if i.dtype.kind is Kind.FP8)
+        raise UnsupportedInputError(f"already {first.dtype.code}, without scales of a convention quantkit knows",
+                                    path=source.path, tensor=first.name,
+                                    hint="convert its BF16/FP16/FP32 original instead")
+    stored = fmt.stored(source)
+    plan.source_format = fmt.name
+    plan.notes.append(f"source is already quantized ({fmt.name}): FP8 codes and scales are carried over")
+    for s in stored.values():
+        if s.scale_key is None:
+            continue
+        if s.granularity is not options.granularity or s.fp8 is not options.fp8:
+            raise UnsupportedInputError(
+                f"already quantized as {s.fp8.name} with {s.granularity.value} scales; re-quantizing is not supported",
+                path=source.path, tensor=s.source_key,
+                hint=f"pass --granularity {s.granularity.value} --fp8-dtype {s.fp8.name}, or convert the original")
+    return stored

@@ -249,6 +249,10 @@ class Policy:
                 decision = Decision(rule.action, kind, f"{kind.value}: rule --{rule.action.value} {rule.pattern!r}", rule)
         return decision
 
+    def with_preset(self, name: str, rules: tuple[Rule, ...]) -> "Policy":
+        """This policy with a preset's rules placed before the user's (the user's win)."""
+        return Policy(tuple(rules) + self.rules, self.quantize_conv, name)
+
     def describe(self) -> dict:
         """A JSON-able description, recorded in output metadata."""
         return {

@@ -7,6 +7,7 @@ Memory is a few chunk buffers, whatever the checkpoint's size: no tensor is ever
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,15 +17,15 @@ import torch
 from . import fp8 as fp8math
 from ._version import __version__
 from .calibration import collect_weight_stats
-from .errors import NonFiniteError, OutputError
+from .errors import NonFiniteError, OutputError, UnsupportedInputError
 from .formats import Role, get_format
-from .hashing import BackgroundHash
-from .manifest import file_entry, write_manifest
+from .hashing import BackgroundHash, sha256_file
+from .manifest import file_entry, manifest_path, write_manifest
 from .plan import ConvertOptions, Plan, PlannedTensor, make_plan
 from .policy import Action
 from .progress import NULL, Progress
 from .reader import SafetensorsFile, chunk_rows
-from .writer import SafetensorsWriter, remove_stale_temps
+from .writer import SafetensorsWriter, TempFolder, remove_stale_temps
 
 # Source bytes per chunk: small enough that the float32 work buffer stays in cache, large
 # enough that per-call overhead vanishes (2 MiB measured fastest on a 2-core EPYC).
@@ -45,6 +46,7 @@ class ConvertResult:
     source_sha256: str
     output_sha256: str
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def gb_per_s(self) -> float:
@@ -54,13 +56,18 @@ class ConvertResult:
         return {**self.__dict__, "gb_per_s": round(self.gb_per_s, 3)}
 
 
-def check_destination(src: str, dst: str, overwrite: bool) -> None:
+def check_destination(src: str, dst: str, overwrite: bool, folder: bool = False) -> None:
     """The destination may not be the source (also through links or '..'); an existing one needs overwrite."""
     if os.path.realpath(src) == os.path.realpath(dst) or (
             os.path.exists(dst) and os.path.samefile(src, dst)):
         raise OutputError("destination is the source file", path=dst, hint="choose another output path")
-    if os.path.isdir(dst):
+    if folder and os.path.realpath(os.path.dirname(os.path.abspath(src))) == os.path.realpath(dst):
+        raise OutputError("destination is the source's folder", path=dst, hint="choose a new folder")
+    if not folder and os.path.isdir(dst):
         raise OutputError("destination is a folder", path=dst, hint="give a file name ending in .safetensors")
+    if folder and os.path.exists(dst) and not os.path.isdir(dst):
+        raise OutputError("destination is a file but this format writes a folder", path=dst,
+                          hint="give a folder name")
     if os.path.exists(dst) and not overwrite:
         raise OutputError("destination exists", path=dst, hint="pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(dst))
@@ -72,60 +79,96 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
             progress: Progress = NULL) -> ConvertResult:
     """Convert the safetensors file ``src`` into ``dst`` under ``options``; returns a summary.
 
+    ``dst`` is a file, or a folder for folder formats (compressed-tensors).
+
     >>> convert("model.safetensors", "model-fp8.safetensors")     # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    check_destination(src, dst, overwrite)
+    fmt = get_format(options.format)
+    check_destination(src, dst, overwrite, fmt.folder)
     for path in remove_stale_temps(dst):
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")
     with SafetensorsFile(src) as source, BackgroundHash(src) as source_hash:
         plan = make_plan(source, options)
         for w in plan.warnings:
             progress.warn(w)
-        quantized = [t.info for t in plan.quantized()]
-        progress.stage("calibrate", sum(i.nbytes for i in quantized))
-        stats = collect_weight_stats(source, quantized, options.granularity, options.allow_nonfinite,
-                                     progress=progress.advance)
-        scales = {name: fp8math.scale_from_absmax(s.absmax, options.fp8) for name, s in stats.items()}
+        scales = _calibrate(source, plan, progress)
 
         # The header names the source's SHA256, so it waits for the hash (which ran on the
         # other core during calibration).
         source_sha = source_hash.result()
-        fmt = get_format(options.format)
         metadata = {**{k: v for k, v in source.metadata.items() if not k.startswith("quantkit.")},
                     **fmt.metadata(plan, {"quantkit.source": os.path.basename(source.path),
                                           "quantkit.source_sha256": source_sha})}
-        progress.stage("quantize", plan.bytes_in)
-        by_name = {t.name: t for t in plan.tensors}
-        with SafetensorsWriter(dst, [e.spec for e in plan.outputs], metadata, overwrite=overwrite) as writer:
-            for emit in plan.outputs:
-                if emit.role is Role.CONSTANT:
-                    writer.write(emit.payload)
-                elif emit.role is Role.SCALE:
-                    writer.write(_scale_bytes(scales[emit.source], emit.spec.dtype))
-                else:
-                    t = by_name[emit.source]
-                    _write_tensor(source, t, scales.get(t.name), options, writer)
-                    progress.advance(t.info.nbytes)
-            output_sha = writer.finish()
+        with (TempFolder(dst) if fmt.folder else contextlib.nullcontext()) as folder:
+            weights = os.path.join(folder.path, fmt.weights_name) if folder else dst
+            output_sha = _write(source, plan, scales, weights, metadata, overwrite, progress)
+            files = {os.path.basename(weights): file_entry(weights, output_sha)}
+            if folder:
+                for name in fmt.finalize(folder.path, plan, src):
+                    path = os.path.join(folder.path, name)
+                    files[name] = file_entry(path, sha256_file(path))
+            manifest = write_manifest(folder.path if folder else dst, files=files,
+                                      source={"name": os.path.basename(src), "sha256": source_sha,
+                                              "bytes": os.path.getsize(src)},
+                                      conversion=plan_summary(plan))
+            if folder:
+                folder.commit()
+                manifest = manifest_path(dst)
     progress.close()
-
-    manifest = write_manifest(dst, files={os.path.basename(dst): file_entry(dst, output_sha)},
-                              source={"name": os.path.basename(src), "sha256": source_sha,
-                                      "bytes": os.path.getsize(src)},
-                              conversion=plan_summary(plan))
     return ConvertResult(
         source=src, destination=dst, manifest=manifest, format=options.format,
         granularity=options.granularity.value,
         counts={a.value: plan.count(a) for a in Action}, bytes_in=os.path.getsize(src),
-        bytes_out=os.path.getsize(dst), seconds=time.perf_counter() - t0,
-        source_sha256=source_sha, output_sha256=output_sha, warnings=plan.warnings)
+        bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
+        source_sha256=source_sha, output_sha256=output_sha, warnings=plan.warnings, notes=plan.notes)
+
+
+def _calibrate(source: SafetensorsFile, plan: Plan, progress: Progress) -> dict:
+    """Scales of every quantized tensor: from weight absmax, or carried over from an FP8 source,
+    then rounded to the dtype the format stores them in (quantization uses the stored value,
+    so W = q * scale holds exactly for what is on disk)."""
+    options = plan.options
+    fresh = [t.info for t in plan.quantized() if t.prequantized is None]
+    progress.stage("calibrate", sum(i.nbytes for i in fresh))
+    stats = collect_weight_stats(source, fresh, options.granularity, options.allow_nonfinite,
+                                 progress=progress.advance)
+    scales = {name: fp8math.scale_from_absmax(s.absmax, options.fp8) for name, s in stats.items()}
+    for t in plan.quantized():
+        if t.prequantized is not None:
+            scales[t.name] = source.read_tensor(source.tensors[t.prequantized.scale_key]).float()
+    for emit in plan.outputs:
+        if emit.role is Role.SCALE:
+            stored = scales[emit.source].to(emit.spec.dtype.torch)
+            if not bool(torch.isfinite(stored).all()) or bool((stored == 0).any()):
+                raise UnsupportedInputError(f"a scale does not fit in {emit.spec.dtype.code}", path=source.path,
+                                            tensor=emit.source, hint="this format stores scales in the model's dtype;"
+                                                                     " keep this tensor with --keep")
+            scales[emit.source] = stored.float().reshape(scales[emit.source].shape)
+    return scales
+
+
+def _write(source, plan: Plan, scales: dict, path: str, metadata: dict, overwrite: bool, progress) -> str:
+    """Stream every output tensor of ``plan`` into the safetensors file ``path``; returns its SHA256."""
+    progress.stage("quantize", plan.bytes_in)
+    by_name = {t.name: t for t in plan.tensors}
+    with SafetensorsWriter(path, [e.spec for e in plan.outputs], metadata, overwrite=overwrite) as writer:
+        for emit in plan.outputs:
+            if emit.role is Role.CONSTANT:
+                writer.write(emit.payload)
+            elif emit.role is Role.SCALE:
+                writer.write(_scale_bytes(scales[emit.source], emit.spec.dtype))
+            else:
+                t = by_name[emit.source]
+                _write_tensor(source, t, scales.get(t.name), plan.options, writer)
+                progress.advance(t.info.nbytes)
+        return writer.finish()
 
 
 def plan_summary(plan: Plan) -> dict:
     o = plan.options
     return {"format": o.format, "fp8": o.fp8.name, "granularity": o.granularity.value,
-            "keep_dtype": o.keep_dtype.value, "policy": o.policy.describe(),
+            "keep_dtype": o.keep_dtype.value, "policy": (plan.policy or o.policy).describe(), "notes": plan.notes,
             "counts": {a.value: plan.count(a) for a in Action}, "quantkit_version": __version__}
 
 
@@ -137,7 +180,10 @@ def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: Con
     info = t.info
     if info.nbytes == 0:
         return
-    if t.action is Action.QUANTIZE:
+    if t.prequantized is not None:                     # FP8 codes carried over byte for byte
+        for piece in source.iter_bytes(info, CHUNK_BYTES):
+            writer.write(piece)
+    elif t.action is Action.QUANTIZE:
         g = options.granularity
         align = fp8math.block_rows(g)
         rows = chunk_rows(info, CHUNK_BYTES, align)

@@ -128,7 +128,7 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     src = SafetensorsFile(against) if against else None
     try:
         try:
-            out = SafetensorsFile(output)
+            out = SafetensorsFile(weights_file(output))
         except QuantkitError as exc:
             report.failures.append(f"cannot read the output: {exc}")
             out = None
@@ -157,6 +157,17 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     return report
 
 
+def weights_file(output: str) -> str:
+    """The safetensors file of an output: the file itself, or the one inside a folder output."""
+    if not os.path.isdir(output):
+        return output
+    names = sorted(n for n in os.listdir(output) if n.endswith(".safetensors"))
+    if len(names) != 1:
+        raise ValidationFailed(f"expected one .safetensors file in the folder, found {len(names)}", path=output,
+                               hint="validate the folder quantkit convert wrote")
+    return os.path.join(output, names[0])
+
+
 def _start_hashes(output, against, check_hash, report):
     jobs = []
     if not check_hash:
@@ -167,12 +178,16 @@ def _start_hashes(output, against, check_hash, report):
     except ValidationFailed as exc:
         report.failures.append(str(exc))
         return jobs
-    name = os.path.basename(output)
-    entry = manifest["files"].get(name)
-    if not isinstance(entry, dict) or "sha256" not in entry:
-        report.failures.append(f"{manifest_path(output)}: the manifest does not list {name}")
-    else:
-        jobs.append(("output", output, entry["sha256"], BackgroundHash(output).start()))
+    folder = os.path.isdir(output)
+    expected = manifest["files"] if folder else {os.path.basename(output): manifest["files"].get(os.path.basename(output))}
+    for name, entry in expected.items():
+        path = os.path.join(output, name) if folder else output
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            report.failures.append(f"{manifest_path(output)}: the manifest does not list {name}")
+        elif not os.path.isfile(path):
+            report.failures.append(f"{path}: listed in the manifest but missing")
+        else:
+            jobs.append(("output", path, entry["sha256"], BackgroundHash(path).start()))
     source = manifest.get("source")
     if against and isinstance(source, dict) and source.get("sha256"):
         jobs.append(("source", against, source["sha256"], BackgroundHash(against).start()))
@@ -200,47 +215,64 @@ def _compare(out: SafetensorsFile, src: SafetensorsFile | None, report: Validati
     if recorded:
         report.notes.append(f"output records source sha256 {recorded[:16]}...")
     progress.stage("validate", src.file_size)
-    for info in src.tensors.values():
-        s = stored.get(info.name)
+    source_view = _source_view(src)
+    for name, si in source_view.items():
+        info = src.tensors[si.data_key]
+        s = stored.get(name)
         if s is None:
-            report.failures.append(f"{info.name}: in the source but missing from the output")
+            report.failures.append(f"{name}: in the source but missing from the output")
             continue
         data = out.tensors[s.data_key]
         if tuple(data.shape) != tuple(info.shape):
-            report.failures.append(f"{info.name}: shape {list(data.shape)} in the output, {list(info.shape)} in the source")
+            report.failures.append(f"{name}: shape {list(data.shape)} in the output, {list(info.shape)} in the source")
             continue
         try:
-            report.tensors.append(_compare_tensor(out, src, s, data, info))
+            report.tensors.append(_compare_tensor(out, src, s, si))
         except QuantkitError as exc:
             report.failures.append(str(exc))
         progress.advance(info.nbytes)
-    for key in stored.keys() - src.tensors.keys():
+    for key in stored.keys() - source_view.keys():
         report.failures.append(f"{key}: in the output but not in the source")
 
 
-def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor, data: TensorInfo,
-                    info: TensorInfo) -> TensorReport:
-    align = fp8math.block_rows(s.granularity) if s.scale_key else 1
+def _source_view(src: SafetensorsFile) -> dict[str, StoredTensor]:
+    """How to read the source's values: as stored, or dequantized if it is an FP8 checkpoint."""
+    from .dtypes import Kind
+    if any(i.dtype.kind is Kind.FP8 for i in src.tensors.values()):
+        return detect_format(src).stored(src)
+    return {name: StoredTensor(name, name) for name in src.tensors}
+
+
+def _values(file: SafetensorsFile, s: StoredTensor, per_chunk: int):
+    """(row_start, row_end, values) of a stored tensor, dequantized when it has a scale."""
+    info = file.tensors[s.data_key]
+    if s.scale_key is None:
+        yield from file.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk)
+        return
+    scale = file.read_tensor(file.tensors[s.scale_key]).float()
+    for r0, r1, q in file.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk):
+        yield r0, r1, fp8math.dequantize(q, fp8math.scale_rows(scale, s.granularity, r0, r1), s.granularity)
+
+
+def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor, si: StoredTensor) -> TensorReport:
+    info, data = src.tensors[si.data_key], out.tensors[s.data_key]
+    align = max(fp8math.block_rows(s.granularity) if s.scale_key else 1,
+                fp8math.block_rows(si.granularity) if si.scale_key else 1)
     widest = info if info.nbytes >= data.nbytes else data
     per_chunk = chunk_rows(widest, CHUNK_BYTES, align)     # the same rows from both files
-    pairs = zip(src.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk),
-                out.iter_rows(data, CHUNK_BYTES, rows_per_chunk=per_chunk))
-    stats = ErrorStats()
-    if s.scale_key is not None:
-        scale = out.read_tensor(out.tensors[s.scale_key]).float()
-        for (r0, r1, x), (_, _, q) in pairs:
-            w = fp8math.dequantize(q, fp8math.scale_rows(scale, s.granularity, r0, r1), s.granularity)
-            stats.update(x.float(), w)
-        return _report(info.name, "fp8", s.granularity.value, stats)
+    pairs = zip(_values(src, si, per_chunk), _values(out, s, per_chunk))
     if not info.dtype.torch.is_floating_point:
         for (_, _, x), (_, _, y) in pairs:
             if x.dtype != y.dtype or not bool((x == y).all()):
                 raise ValidationFailed("bytes differ from the source (non-float tensors must pass untouched)",
-                                       path=out.path, tensor=info.name, hint="re-run quantkit convert")
-        return TensorReport(info.name, "bytes", None, math.inf, math.inf, 1.0, 0.0)
+                                       path=out.path, tensor=si.source_key, hint="re-run quantkit convert")
+        return TensorReport(si.source_key, "bytes", None, math.inf, math.inf, 1.0, 0.0)
+    stats = ErrorStats()
     for (_, _, x), (_, _, y) in pairs:
         stats.update(x.float(), y.float())
-    return _report(info.name, "float", None, stats)
+    if s.scale_key is not None:
+        return _report(si.source_key, "fp8", s.granularity.value, stats)
+    return _report(si.source_key, "float", None, stats)
 
 
 def _report(name, stored, granularity, stats: ErrorStats) -> TensorReport:

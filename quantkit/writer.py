@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import queue
+import shutil
 from dataclasses import dataclass
 
 from .dtypes import DType
@@ -72,7 +73,10 @@ def remove_stale_temps(final_path: str) -> list[str]:
         if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue
         try:
-            os.unlink(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
             removed.append(path)
         except FileNotFoundError:
             pass
@@ -216,6 +220,43 @@ class SafetensorsWriter:
             os.unlink(self.temp_path)
         except FileNotFoundError:
             pass
+
+
+class TempFolder:
+    """A folder output built under a temporary name and renamed into place by ``commit``.
+
+    Killed or failed before ``commit``, nothing exists under the final name (the temporary
+    folder is removed, or recognised and removed by the next run).
+    """
+
+    def __init__(self, final_path: str):
+        self.final_path = os.path.abspath(final_path)
+        self.path = temp_path_for(self.final_path)
+        self._committed = False
+
+    def __enter__(self) -> "TempFolder":
+        try:
+            os.mkdir(self.path)
+        except OSError as exc:
+            raise OutputError(f"cannot create a temporary folder: {exc.strerror}", path=self.path,
+                              hint="check that the destination's parent exists and is writable") from None
+        return self
+
+    def commit(self) -> None:
+        """Replace the final folder (if any: --overwrite was checked by the caller) with this one."""
+        old = None
+        if os.path.lexists(self.final_path):
+            old = self.path + ".old"
+            os.rename(self.final_path, old)
+        os.rename(self.path, self.final_path)
+        _fsync_dir(os.path.dirname(self.final_path))
+        self._committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._committed:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _fsync_dir(path: str) -> None:

@@ -46,6 +46,9 @@ class OutputFormat:
     name: ClassVar[str]
     summary: ClassVar[str]
     granularities: ClassVar[frozenset] = frozenset(Granularity)
+    # A folder format writes DST/ (weights + config files) instead of the single file DST.
+    folder: ClassVar[bool] = False
+    weights_name: ClassVar[str] = "model.safetensors"
 
     def check(self, options) -> None:
         """Refuse options this format cannot express, before any work starts."""
@@ -65,6 +68,20 @@ class OutputFormat:
     def stored(self, file) -> dict[str, StoredTensor]:
         """Read back: source key -> how it is stored in ``file`` (a SafetensorsFile of this format)."""
         raise NotImplementedError
+
+    def finalize(self, folder: str, plan, source_path: str) -> list[str]:
+        """Folder formats: write the files beside the weights (config, tokenizer...) into
+        ``folder``; returns their names relative to it. Called after the weights are complete."""
+        return []
+
+    def warnings(self, plan) -> list[str]:
+        """Things a user of this format should know about this plan (not errors)."""
+        return []
+
+    @classmethod
+    def recognizes(cls, file) -> bool:
+        """Whether ``file`` (a SafetensorsFile) looks written in this format."""
+        return False
 
 
 REGISTRY: dict[str, type[OutputFormat]] = {}
@@ -98,4 +115,12 @@ def fp8_of(code: str) -> FP8Format | None:
     return next((f for f in FP8_FORMATS.values() if f.safetensors_dtype == code), None)
 
 
-from . import native  # noqa: E402,F401  (registers itself)
+def _import_all() -> None:
+    """Import every module of this package: each registers its format (adding a format = adding a file)."""
+    import importlib
+    import pkgutil
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()
