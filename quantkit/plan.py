@@ -176,8 +176,11 @@ def _already_quantized(source: SafetensorsFile, options: ConvertOptions, plan: P
     """
     if not any(i.dtype.kind is Kind.FP8 for i in source.tensors.values()):
         return None
-    from .formats import REGISTRY
-    fmt = next((cls() for cls in REGISTRY.values() if cls.recognizes(source)), None)
+    from .formats import detect_format
+    try:
+        fmt = detect_format(source)
+    except UnsupportedInputError:
+        fmt = None
     if fmt is None:
         first = next(i for i in source.tensors.values() if i.dtype.kind is Kind.FP8)
         raise UnsupportedInputError(f"already {first.dtype.code}, without scales of a convention quantkit knows",

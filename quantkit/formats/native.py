@@ -57,7 +57,7 @@ class NativeFormat(OutputFormat):
             "quantkit.granularity": opts.granularity.value,
             "quantkit.block_size": str(BLOCK_SIZE),
             "quantkit.keep_dtype": opts.keep_dtype.value,
-            "quantkit.policy": opts.policy.to_json(),
+            "quantkit.policy": (plan.policy or opts.policy).to_json(),
             "quantkit.quantized": json.dumps([layer_name(t.name) for t in plan.quantized()]),
             **provenance,
         }
