@@ -44,7 +44,8 @@ def test_convert_validate_and_model_output(tmp_path, name, granularity):
     src, out = tmp_path / f"{name}.safetensors", tmp_path / f"{name}-fp8.safetensors"
     original = save_state_dict(model, src)                   # a BF16 checkpoint with real key names
 
-    result = run("convert", src, out, "--granularity", granularity)
+    # The generic policy: its decisions are the golden lists of tests/test_policy.py (presets have their own).
+    result = run("convert", src, out, "--granularity", granularity, "--preset", "generic")
     assert result.exit_code == 0, result.output
     report = tmp_path / "report.json"
     result = run("validate", out, "--against", src, "--min-sqnr", 28, "--json", report)
@@ -75,7 +76,7 @@ def test_flux_plan_shows_the_adaln_linears_as_linears(tmp_path):
     src = tmp_path / "flux.safetensors"
     save_state_dict(build("flux"), src)
     plan = tmp_path / "plan.json"
-    assert run("plan", src, "--json", plan).exit_code == 0
+    assert run("plan", src, "--json", plan, "--preset", "generic").exit_code == 0
     decisions = {t["name"]: t for t in json.loads(plan.read_text())["tensors"]}
     assert decisions["transformer_blocks.0.norm1.linear.weight"]["action"] == "quantize"
     assert decisions["transformer_blocks.0.ff.net.0.proj.weight"]["action"] == "quantize"
