@@ -4,14 +4,31 @@ A preset contributes rules that run before the user's ``--quantize`` / ``--keep`
 the user always has the last word) and documents what it keeps in high precision and why.
 ``auto`` picks the first preset whose ``detect`` accepts the checkpoint and falls back to
 ``generic`` (the default policy alone) for unknown models.
+
+Detection works per *root*: the key prefix under which an architecture's signature keys sit
+(``''``, ``model.diffusion_model.``, ``transformer.``, ``text_encoders.t5xxl.transformer.`` ...).
+A signature is a key found in one block plus sibling keys of the same block, with shapes that
+must fit together (FLUX's ``img_mod.lin`` is ``[6h, h]`` where its ``img_attn.qkv`` is
+``[3h, h]``), so a look-alike name alone does not trigger a preset. Rules are then written for
+each root found (globs over the literal prefix, or ``re:`` expressions), so they never touch
+another component of the same file. In an all-in-one checkpoint, the text encoders bundled
+beside the model get their own presets' rules too (see ``ENCODERS``).
+
+    >>> preset, why = resolve("auto", source.tensors)      # doctest: +SKIP
+    >>> policy = Policy().with_preset(preset.name, preset.rules(source.tensors))   # doctest: +SKIP
+
+Full reasoning and sources for every keep: ``docs/presets.md``.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import PolicyError
-from .policy import Rule
+from .policy import Action, Rule
+
+Q, K = Action.QUANTIZE, Action.KEEP
 
 
 @dataclass(frozen=True)
@@ -24,6 +41,12 @@ class Preset:
     reference: str = ""
     detect: Callable[[dict], bool] = field(default=lambda infos: False, repr=False)
     rules: Callable[[dict], tuple[Rule, ...]] = field(default=lambda infos: (), repr=False)
+    # (what becomes FP8 beyond the default policy's linears, why); for docs and `presets --show`.
+    quantizes: tuple[tuple[str, str], ...] = ()
+    # How `auto` recognises the architecture (documentation).
+    detection: str = ""
+    # The key prefixes under which the architecture was found ('' = unprefixed); empty if absent.
+    locate: Callable[[dict], tuple[str, ...]] = field(default=lambda infos: (), repr=False)
 
 
 GENERIC = Preset(
@@ -32,6 +55,7 @@ GENERIC = Preset(
     keeps=(("attention projections", "the default policy is conservative for unknown architectures"),
            ("norms, biases, 1-D vectors", "tiny, and sensitive"),
            ("embeddings, input projections, output heads", "small share of the size, large share of the error")),
+    detection="fallback of 'auto' when no other preset recognises the checkpoint",
 )
 
 REGISTRY: dict[str, Preset] = {}
@@ -45,13 +69,622 @@ def register(preset: Preset) -> Preset:
 register(GENERIC)
 
 
+# ----------------------------------------------------------------------------- detection and rules
+
+# Shape predicates (shapes are tuples; h is a hidden size read off the anchor).
+def _mat(shape, rows=None, cols=None) -> bool:
+    return len(shape) == 2 and (rows is None or shape[0] == rows) and (cols is None or shape[1] == cols)
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """One way to recognise an architecture under a root, and the rules for that naming.
+
+    ``anchor`` is a regex for the key after the root, its block index captured as ``(?P<i>...)``;
+    ``siblings`` are keys after the root (``{i}`` = the anchor's index) that must exist as well;
+    ``fits(anchor_shape, *sibling_shapes)`` checks that their shapes belong together.
+    ``rules`` are ``(action, pattern)`` with patterns relative to the root: a glob, or ``re:``
+    followed by a regex; a leading ``../`` makes a pattern relative to the root's parent (heads
+    such as ``lm_head`` sit beside ``model.``, not under it).
+    """
+
+    anchor: str
+    siblings: tuple[str, ...] = ()
+    fits: Callable[..., bool] = lambda *shapes: True
+    rules: tuple[tuple[Action, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    signatures: tuple[_Signature, ...]
+    # Regexes (after the root) that must match no key under the root: another architecture's markers.
+    absent: tuple[str, ...] = ()
+
+    def find(self, infos: dict, loose: bool = False) -> list[tuple[str, _Signature]]:
+        """(root, signature) for every root where a signature holds; ``loose`` skips the shape checks."""
+        found: dict[str, _Signature] = {}
+        rejected: set[str] = set()
+        for sig in self.signatures:
+            rx = re.compile(r"(?P<root>(?:.*\.)?)" + sig.anchor)
+            head, tail = _literals(sig.anchor)
+            for key, info in infos.items():
+                m = rx.fullmatch(key) if key.endswith(tail) and head in key else None
+                if m is None or m["root"] in found or m["root"] in rejected:
+                    continue
+                root, i = m["root"], m.groupdict().get("i")
+                siblings = [infos.get(root + s.format(i=i)) for s in sig.siblings]
+                if any(s is None for s in siblings):
+                    continue
+                if not loose and not sig.fits(tuple(info.shape), *(tuple(s.shape) for s in siblings)):
+                    continue
+                if self._marked(infos, root):
+                    rejected.add(root)
+                    continue
+                found[root] = sig
+        return list(found.items())
+
+    def _marked(self, infos: dict, root: str) -> bool:
+        if not self.absent:
+            return False
+        rx = re.compile(re.escape(root) + "(?:" + "|".join(self.absent) + ")")
+        return any(rx.fullmatch(k) for k in infos)
+
+    def rules(self, infos: dict) -> tuple[Rule, ...]:
+        where = self.find(infos) or self.find(infos, loose=True)
+        if not where:   # chosen by name, nothing recognised: the rules of every naming, unprefixed
+            where = [("", sig) for sig in self.signatures]
+        out: list[Rule] = []
+        for root, sig in where:
+            out.extend(_rule(action, root, pattern) for action, pattern in sig.rules)
+        return tuple(dict.fromkeys(out))
+
+
+def _literals(anchor: str) -> tuple[str, str]:
+    """The plain text an anchor starts and ends with (``double_blocks.``, ``.img_attn.qkv.weight``): a pre-filter."""
+    def plain(text):
+        return re.sub(r"\\(.)", r"\1", text)
+    return plain(re.split(r"[(\[+*?]", anchor)[0]), plain(re.split(r"[)\]+*?]", anchor)[-1])
+
+
+def _rule(action: Action, root: str, pattern: str) -> Rule:
+    """A Rule for ``pattern`` (glob or 're:' regex, relative to ``root``) anchored at ``root``."""
+    if pattern.startswith("../"):
+        pattern = pattern[3:]
+        root = root[:-1].rpartition(".")[0] + "." if root.count(".") > 1 else ""
+    if pattern.startswith("re:"):
+        return Rule(action, "re:" + re.escape(root) + pattern[3:])
+    return Rule(action, re.sub(r"([*?\[])", r"[\1]", root) + pattern)
+
+
+_ARCHITECTURES: dict[str, _Architecture] = {}
+
+
+def _preset(name: str, summary: str, arch: _Architecture, *, detection: str, quantizes, keeps,
+            reference: str) -> Preset:
+    _ARCHITECTURES[name] = arch
+
+    def locate(infos):
+        return tuple(root for root, _ in arch.find(infos))
+
+    def rules(infos):
+        own_roots = set(locate(infos))   # encoders are "bundled" only beside a recognised model
+        return arch.rules(infos) + (_bundled_rules(name, infos, own_roots) if own_roots else ())
+
+    return register(Preset(name=name, summary=summary, keeps=tuple(keeps), reference=reference,
+                           quantizes=tuple(quantizes),
+                           detect=lambda infos: bool(locate(infos)), rules=rules, detection=detection,
+                           locate=locate))
+
+
+def _bundled(name: str, infos: dict, exclude_roots=()) -> list[tuple[Preset, str]]:
+    """Encoders found in the checkpoint besides preset ``name``'s own roots: (preset, root)."""
+    return [(p, root) for p in ENCODERS if p.name != name
+            for root in p.locate(infos) if root not in exclude_roots]
+
+
+def _bundled_rules(name: str, infos: dict, own_roots: set[str]) -> tuple[Rule, ...]:
+    out: list[Rule] = []
+    for p, root in _bundled(name, infos, own_roots):
+        arch = _ARCHITECTURES[p.name]
+        sig = dict(arch.find(infos))[root]
+        out.extend(_rule(action, root, pattern) for action, pattern in sig.rules)
+    return tuple(out)
+
+
 def resolve(name: str, infos: dict) -> tuple[Preset, str]:
     """The preset for ``name`` ('auto' detects from ``infos``: key -> TensorInfo) and a line saying why."""
     if name == "auto":
         for preset in REGISTRY.values():
             if preset is not GENERIC and preset.detect(infos):
-                return preset, f"preset {preset.name} (detected: {preset.summary})"
+                return preset, f"preset {preset.name} (detected{_where(preset, infos)}: {preset.summary})"
         return GENERIC, "preset generic (no known architecture detected)"
     if name not in REGISTRY:
         raise PolicyError(f"unknown preset {name!r}", hint=f"known presets: auto, {', '.join(REGISTRY)}")
-    return REGISTRY[name], f"preset {name} (chosen)"
+    preset = REGISTRY[name]
+    if preset is GENERIC or preset.detect(infos):
+        return preset, f"preset {name} (chosen{_where(preset, infos)})"
+    return preset, (f"preset {name} (chosen; its architecture was not recognised in this checkpoint, "
+                    "so its rules may match nothing)")
+
+
+def _where(preset: Preset, infos: dict) -> str:
+    roots = preset.locate(infos)
+    text = f" at {', '.join(repr(r) for r in roots)}" if any(roots) else ""
+    extra = _bundled(preset.name, infos, set(roots)) if roots else []
+    if extra:
+        text += "; bundled encoders: " + ", ".join(f"{p.name} at {root!r}" for p, root in extra)
+    return text
+
+
+# ----------------------------------------------------------------------------- shared reasons
+# Sources behind these sentences: docs/presets.md.
+
+_WHY_MODULATION = ("AdaLN modulation: one small matmul per step on the timestep/pooled vector, so FP8 saves "
+                   "memory but no compute; its output shifts, scales and gates every token of the stream, so "
+                   "its error is coherent across the whole image instead of averaging out. Tools keep it for "
+                   "sensitive DiTs (convert-to-quant: FLUX.2 stream_modulation, Z-Image adaLN_modulation; "
+                   "comfy-quants and convert-to-quant: Qwen-Image block 0 img_mod). Its size cost is under "
+                   "'reference'")
+_WHY_EMBED = ("input projections and timestep/guidance/text embedders: run once per step on the raw inputs, "
+              "tiny, and every later layer inherits their error (kept by modelopt, kuantala and the "
+              "convert-to-quant presets)")
+_WHY_FINAL = ("final layer (norm_out modulation and output projection): its error lands directly on the "
+              "predicted noise/velocity; tiny (kept by modelopt's FLUX recipe, kuantala and flux-fp8-api)")
+_WHY_NORMS = "1-D and tiny; no FP8 tool quantizes them (and the policy cannot)"
+_WHY_DIT_ATTN = ("the generic policy keeps attention because it does not know the architecture; here the "
+                 "q/k/v outputs pass through RMS qk-norms that absorb a scale error, they are about a third of "
+                 "the block weights, and every FP8 release of this family quantizes them (Comfy-Org's "
+                 "scaled-FP8 files, flux-fp8-api, modelopt)")
+
+_ATTN_DIFFUSERS = r"(to_q|to_k|to_v|to_qkv|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_added_qkv|to_add_out)"
+
+
+# ----------------------------------------------------------------------------- FLUX.1
+
+_FLUX_BFL_DOUBLE_RULES = (
+    (Q, r"re:double_blocks\.\d+\.(img_attn|txt_attn)\.(qkv|proj)\.weight"),
+    (Q, r"re:double_blocks\.\d+\.(img_mlp|txt_mlp)\.\d+\.weight"),
+    (K, r"re:double_blocks\.\d+\.(img_mod|txt_mod)\.lin"),
+    (K, "img_in"), (K, "txt_in"), (K, "time_in.*"), (K, "vector_in.*"), (K, "guidance_in.*"),
+)
+_FLUX_BFL_RULES = _FLUX_BFL_DOUBLE_RULES + (
+    (Q, r"re:single_blocks\.\d+\.(linear1|linear2)\.weight"),
+    (K, r"re:single_blocks\.\d+\.modulation\.lin"),
+    (K, "final_layer.*"),
+)
+_FLUX_DIFFUSERS_BLOCK_RULES = (
+    (Q, r"re:transformer_blocks\.\d+\.attn\." + _ATTN_DIFFUSERS + r"\.weight"),
+    (Q, r"re:transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)\.weight"),
+    (Q, r"re:single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_qkv)\.weight"),
+    (Q, r"re:single_transformer_blocks\.\d+\.(proj_mlp|proj_out)\.weight"),
+    (K, r"re:transformer_blocks\.\d+\.(norm1|norm1_context)\.linear"),
+    (K, r"re:single_transformer_blocks\.\d+\.norm\.linear"),
+    (K, "x_embedder"), (K, "context_embedder"), (K, "time_text_embed.*"),
+)
+_FLUX_DIFFUSERS_RULES = _FLUX_DIFFUSERS_BLOCK_RULES + ((K, "norm_out.*"), (K, "proj_out"))
+
+
+def _flux_double(qkv, mod):                # BFL: img_attn.qkv [3h, h], img_mod.lin [6h, h]
+    h = qkv[1]
+    return _mat(qkv, 3 * h, h) and _mat(mod, 6 * h, h)
+
+
+def _flux_single(lin1, mod):               # BFL: linear1 [3h + mlp, h], modulation.lin [3h, h]
+    h = lin1[1]
+    return _mat(lin1, None, h) and lin1[0] > 3 * h and _mat(mod, 3 * h, h)
+
+
+def _flux_diffusers_single(mlp, norm, q):  # proj_mlp [mlp, h], norm.linear [3h, h], attn.to_q [h, h]
+    h = mlp[1]
+    return _mat(mlp, None, h) and _mat(norm, 3 * h, h) and _mat(q, h, h)
+
+
+def _flux_diffusers_double(norm1, norm1c, x_emb):   # norm1(_context).linear [6h, h]; x_embedder a matrix
+    h = norm1[1]
+    return _mat(norm1, 6 * h, h) and _mat(norm1c, 6 * h, h) and _mat(x_emb, h)
+
+
+FLUX = _preset(
+    "flux", "FLUX.1 transformer (BFL/ComfyUI or diffusers names): attention and MLP linears of every block in FP8",
+    _Architecture((
+        _Signature(r"double_blocks\.(?P<i>\d+)\.img_attn\.qkv\.weight", ("double_blocks.{i}.img_mod.lin.weight",),
+                   _flux_double, _FLUX_BFL_RULES),
+        _Signature(r"single_blocks\.(?P<i>\d+)\.linear1\.weight", ("single_blocks.{i}.modulation.lin.weight",),
+                   _flux_single, _FLUX_BFL_RULES),
+        _Signature(r"single_transformer_blocks\.(?P<i>\d+)\.proj_mlp\.weight",
+                   ("single_transformer_blocks.{i}.norm.linear.weight",
+                    "single_transformer_blocks.{i}.attn.to_q.weight"),
+                   _flux_diffusers_single, _FLUX_DIFFUSERS_RULES),
+        _Signature(r"transformer_blocks\.(?P<i>\d+)\.norm1\.linear\.weight",
+                   ("transformer_blocks.{i}.norm1_context.linear.weight", "x_embedder.weight"),
+                   _flux_diffusers_double, _FLUX_DIFFUSERS_RULES),
+    ),
+        # ControlNets; HunyuanVideo, whose blocks are FLUX's (its x_embedder is a conv, its text embedder a
+        # token refiner). Chroma and FLUX.2 have no per-block modulation, so no signature matches them.
+        absent=(r"controlnet_.*", r"x_embedder\.proj\..*", r"context_embedder\.token_refiner\..*",
+                r"txt_in\.individual_token_refiner\..*")),
+    detection=("BFL/ComfyUI names: double_blocks.N.img_attn.qkv [3h,h] with img_mod.lin [6h,h], or "
+               "single_blocks.N.linear1 [3h+mlp,h] with modulation.lin [3h,h]; diffusers names: "
+               "single_transformer_blocks.N.proj_mlp [mlp,h] with norm.linear [3h,h] and attn.to_q [h,h], or "
+               "transformer_blocks.N.norm1.linear and norm1_context.linear [6h,h] with a matrix x_embedder. "
+               "Not when controlnet_* keys, HunyuanVideo's token refiner or a conv x_embedder.proj share the prefix"),
+    quantizes=(("attention: img_attn/txt_attn qkv and proj (to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; "
+                "single blocks' to_q/k/v)", _WHY_DIT_ATTN),
+               ("MLPs: img_mlp/txt_mlp (ff, ff_context), single blocks' linear1/linear2 (proj_mlp, proj_out)",
+                "the bulk of the weights; linears the generic policy quantizes as well")),
+    keeps=(("AdaLN modulation: img_mod.lin, txt_mod.lin, modulation.lin (norm1.linear, norm1_context.linear, "
+            "norm.linear)", _WHY_MODULATION),
+           ("img_in, txt_in, time_in, vector_in, guidance_in (x_embedder, context_embedder, time_text_embed)",
+            _WHY_EMBED),
+           ("final_layer.linear, final_layer.adaLN_modulation (proj_out, norm_out.linear)", _WHY_FINAL),
+           ("norms (query_norm/key_norm scales; norm_q/norm_k, norm_added_q/k), biases", _WHY_NORMS)),
+    reference=("Comfy-Org's legacy scaled-FP8 FLUX files quantize every nn.Linear, final_layer.linear included "
+               "(its scale_weight shows in load logs); flux-fp8-api quantizes every block linear, modulation "
+               "included (opt-out flag), but not final_layer and by default not the embedders; modelopt's "
+               "FLUX-dev recipe keeps proj_out, x_embedder, context_embedder, time_text_embed and norm_out and "
+               "quantizes the rest, modulation included. This preset also keeps the per-block modulation: "
+               "about 3.2B of FLUX.1's 11.9B parameters, ~15 GB instead of ~12 GB. To match those files add "
+               r"--quantize 're:.*(img_mod|txt_mod|modulation)\.lin\.weight' (BFL names) or "
+               r"--quantize 're:.*blocks\.\d+\.(norm1|norm1_context|norm)\.linear\.weight' (diffusers names). "
+               "The exact layer list of Comfy-Org's flux1-dev-fp8 file could not be inspected."),
+)
+
+
+# ----------------------------------------------------------------------------- FLUX ControlNet
+
+_CONTROLNET_KEEPS = ((K, "controlnet_blocks.*"), (K, "controlnet_single_blocks.*"), (K, "controlnet_x_embedder"),
+                     (K, "controlnet_mode_embedder"))
+_XLABS_KEEPS = ((K, "controlnet_blocks.*"), (K, "pos_embed_input"))
+
+
+def _controlnet_diffusers(block, x_emb, cx_emb):   # controlnet_blocks.N [h, h]; (controlnet_)x_embedder [h, c]
+    h = block[1]
+    return _mat(block, h, h) and _mat(x_emb, h) and _mat(cx_emb, h)
+
+
+def _controlnet_xlabs(block, qkv):                 # controlnet_blocks.N [h, h]; double_blocks.N.img_attn.qkv [3h, h]
+    h = block[1]
+    return _mat(block, h, h) and _mat(qkv, 3 * h, h)
+
+
+FLUX_CONTROLNET = _preset(
+    "flux_controlnet",
+    "FLUX.1 ControlNet (diffusers/InstantX/Union, XLabs): attention and MLP linears of its blocks in FP8",
+    _Architecture((
+        _Signature(r"controlnet_blocks\.(?P<i>\d+)\.weight", ("x_embedder.weight", "controlnet_x_embedder.weight"),
+                   _controlnet_diffusers, _FLUX_DIFFUSERS_BLOCK_RULES + _CONTROLNET_KEEPS),
+        _Signature(r"controlnet_blocks\.(?P<i>\d+)\.weight", ("double_blocks.{i}.img_attn.qkv.weight",),
+                   _controlnet_xlabs, _FLUX_BFL_DOUBLE_RULES + _XLABS_KEEPS),
+    )),
+    detection=("controlnet_blocks.N [h,h] with FLUX.1 blocks under the same prefix: diffusers names, with "
+               "x_embedder and controlnet_x_embedder [h,c] (InstantX, Shakker-Labs Union, diffusers "
+               "FluxControlNetModel), or BFL names, with double_blocks.N.img_attn.qkv [3h,h] (XLabs)"),
+    quantizes=(("attention and MLP linears of its FLUX blocks", "as in the flux preset: " + _WHY_DIT_ATTN),),
+    keeps=(("controlnet_blocks, controlnet_single_blocks", "the ControlNet's output projections: every residual "
+            "it adds to the base model passes through one of them, unnormalised; trained from zero, so their "
+            "weights are small and unlike the blocks'. The base model's proj_out is kept for the same reason "
+            "(and modelopt disables every *proj_out*)"),
+           ("controlnet_x_embedder, controlnet_mode_embedder (Union); pos_embed_input, input_hint_block (XLabs)",
+            "the control image's input projection and encoder, and the mode embedding: " + _WHY_EMBED),
+           ("AdaLN modulation (norm1.linear, norm1_context.linear, norm.linear; img_mod.lin, txt_mod.lin)",
+            _WHY_MODULATION),
+           ("x_embedder, context_embedder, time_text_embed (img_in, txt_in, time_in, vector_in, guidance_in)",
+            _WHY_EMBED),
+           ("norms, biases", _WHY_NORMS)),
+    reference=("No published FP8 FLUX ControlNet with a checkable layer list was found. The block rules are the "
+               "flux preset's (so the modulation costs the same share, ~27%); the ControlNet's own output "
+               "projections are kept, where a converter quantizing every nn.Linear would take them too. "
+               "SD3 ControlNets (controlnet_blocks beside SD3 blocks) are left to the generic policy."),
+)
+
+
+# ----------------------------------------------------------------------------- SD3 / SD3.5
+
+_SD3_DIFFUSERS_RULES = (
+    (Q, r"re:transformer_blocks\.\d+\.(attn|attn2)\." + _ATTN_DIFFUSERS + r"\.weight"),
+    (Q, r"re:transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)\.weight"),
+    (K, r"re:transformer_blocks\.\d+\.(norm1|norm1_context)\.linear"),
+    (K, "context_embedder"), (K, "time_text_embed.*"), (K, "norm_out.*"), (K, "proj_out"),
+)
+_SD3_MMDIT_RULES = (
+    (Q, r"re:joint_blocks\.\d+\.(x_block|context_block)\.(attn|attn2)\.(qkv|proj)\.weight"),
+    (Q, r"re:joint_blocks\.\d+\.(x_block|context_block)\.mlp\.(fc1|fc2)\.weight"),
+    (K, r"re:joint_blocks\.\d+\.(x_block|context_block)\.adaLN_modulation\.\d+"),
+    (K, "context_embedder"), (K, "t_embedder.*"), (K, "y_embedder.*"), (K, "final_layer.*"),
+)
+
+
+def _sd3_block(norm1c, add_k, conv):   # norm1_context.linear [6h or 2h, h]; add_k_proj [h', c]; pos_embed.proj conv
+    h = norm1c[1]
+    return _mat(norm1c, None, h) and norm1c[0] in (2 * h, 6 * h) and _mat(add_k) and len(conv) == 4
+
+
+def _sd3_dual(q, norm1c):              # SD3.5 dual attention: attn2.to_q [h, h] beside norm1_context.linear [., h]
+    return _mat(q, q[1], q[1]) and _mat(norm1c, None, q[1])
+
+
+def _mmdit_block(qkv, mod):            # x_block.attn.qkv [3h, h], x_block.adaLN_modulation.1 [kh, h]
+    h = qkv[1]
+    return _mat(qkv, 3 * h, h) and _mat(mod, None, h) and mod[0] % h == 0
+
+
+SD3 = _preset(
+    "sd3", "Stable Diffusion 3 / 3.5 MMDiT (diffusers or ComfyUI/SAI names): attention and MLP linears in FP8",
+    _Architecture((
+        _Signature(r"transformer_blocks\.(?P<i>\d+)\.norm1_context\.linear\.weight",
+                   ("transformer_blocks.{i}.attn.add_k_proj.weight", "pos_embed.proj.weight"),
+                   _sd3_block, _SD3_DIFFUSERS_RULES),
+        _Signature(r"transformer_blocks\.(?P<i>\d+)\.attn2\.to_q\.weight",
+                   ("transformer_blocks.{i}.norm1_context.linear.weight",), _sd3_dual, _SD3_DIFFUSERS_RULES),
+        _Signature(r"joint_blocks\.(?P<i>\d+)\.x_block\.attn\.qkv\.weight",
+                   ("joint_blocks.{i}.x_block.adaLN_modulation.1.weight",), _mmdit_block, _SD3_MMDIT_RULES),
+    ), absent=(r"single_transformer_blocks\..*", r"controlnet_.*", r"transformer_blocks\.\d+\.img_mod\..*")),
+    detection=("diffusers names: transformer_blocks.N.norm1_context.linear [6h or 2h (context_pre_only), h] with "
+               "attn.add_k_proj and a conv pos_embed.proj, or transformer_blocks.N.attn2.to_q (SD3.5's dual "
+               "attention); ComfyUI/SAI names: joint_blocks.N.x_block.attn.qkv [3h,h] with "
+               "x_block.adaLN_modulation.1 [kh,h]. Not with single_transformer_blocks (FLUX), img_mod "
+               "(Qwen-Image) or controlnet_* under the same prefix"),
+    quantizes=(("attention of both streams: attn (and SD3.5's attn2) to_q/k/v/out.0, add_q/k/v_proj, "
+                "to_add_out (x_block/context_block attn.qkv, attn.proj, attn2.*); the last block's context "
+                "stream (context_pre_only) has only q/k/v projections, quantized like the others",
+                _WHY_DIT_ATTN.replace("RMS qk-norms", "qk-norms (SD3.5)")),
+               ("MLPs: ff, ff_context (mlp.fc1, mlp.fc2)", "the bulk of the weights")),
+    keeps=(("AdaLN modulation: norm1.linear, norm1_context.linear (x_block/context_block.adaLN_modulation.1)",
+            _WHY_MODULATION),
+           ("pos_embed, context_embedder, time_text_embed (x_embedder, t_embedder, y_embedder)",
+            _WHY_EMBED + "; the patch-embedding convolution is kept by the default policy"),
+           ("norm_out.linear, proj_out (final_layer.adaLN_modulation, final_layer.linear)", _WHY_FINAL),
+           ("norms (SD3.5's qk RMS norms, ln_q/ln_k), biases", _WHY_NORMS)),
+    reference=("Comfy-Org publishes sd3.5_large_fp8_scaled; its layer list could not be inspected (legacy "
+               "scaled-FP8 files quantize every nn.Linear, modulation and final layer included). Keeping the "
+               "modulation costs about a third of the block weights (2.7B of SD3.5 Large's 8.1B); add "
+               r"--quantize 're:.*blocks\.\d+\.(norm1|norm1_context)\.linear\.weight' (diffusers names) or "
+               r"--quantize 're:.*joint_blocks\.\d+\..*adaLN_modulation\.1\.weight' (ComfyUI names) to "
+               "quantize it."),
+)
+
+
+# ----------------------------------------------------------------------------- Qwen-Image
+
+_QWEN_RULES = (   # Comfy-Org/comfy-quants configs/qwen_image_2512_fp8_static.yaml: its include, then its exclude
+    (Q, r"re:transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|to_add_out|add_q_proj|add_k_proj|add_v_proj)"
+        r"\.weight"),
+    (Q, r"re:transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)\.weight"),
+    (Q, r"re:transformer_blocks\.\d+\.(img_mod|txt_mod)\.1\.weight"),
+    (K, "transformer_blocks.0.img_mod.1"),
+    (K, "img_in"), (K, "txt_in"), (K, "txt_norm"), (K, "time_text_embed.*"), (K, "norm_out.*"), (K, "proj_out"),
+)
+
+
+def _qwen_block(img_mod, txt_mod, add_q):   # img_mod.1 and txt_mod.1 [6h, h], attn.add_q_proj [., h]
+    h = img_mod[1]
+    return _mat(img_mod, 6 * h, h) and _mat(txt_mod, 6 * h, h) and _mat(add_q, None, h)
+
+
+QWEN_IMAGE = _preset(
+    "qwen_image", "Qwen-Image transformer (diffusers/ComfyUI names): Comfy-Org comfy-quants' FP8 layer list",
+    _Architecture((
+        _Signature(r"transformer_blocks\.(?P<i>\d+)\.img_mod\.1\.weight",
+                   ("transformer_blocks.{i}.txt_mod.1.weight", "transformer_blocks.{i}.attn.add_q_proj.weight"),
+                   _qwen_block, _QWEN_RULES),
+    ), absent=(r"controlnet_.*",)),
+    detection=("transformer_blocks.N.img_mod.1 and txt_mod.1 [6h,h] with attn.add_q_proj [.,h] under one "
+               "prefix (diffusers and ComfyUI use the same names); not with controlnet_* keys"),
+    quantizes=(("attn.to_q/k/v, to_out.0, to_add_out, add_q/k/v_proj; img_mlp, txt_mlp; img_mod.1 and "
+                "txt_mod.1 of every block but the first's img_mod.1",
+                "exactly the include list of Comfy-Org's own FP8 exporter config, modulation included"),),
+    keeps=(("transformer_blocks.0.img_mod.1", "the first block's image modulation: excluded by comfy-quants' "
+            "config and by convert-to-quant's --qwen preset"),
+           ("img_in, txt_in, time_text_embed", _WHY_EMBED),
+           ("norm_out.linear, proj_out", _WHY_FINAL + "; comfy-quants excludes *norm_out* and *proj_out*"),
+           ("txt_norm, qk norms (norm_q/k, norm_added_q/k), biases",
+            _WHY_NORMS + "; comfy-quants excludes *.norm* and *txt_norm*")),
+    reference=("Follows Comfy-Org/comfy-quants configs/qwen_image_2512_fp8_static.yaml. modelopt's Qwen-Image "
+               "recipe is more conservative (keeps transformer_blocks 0, 1, 58 and 59 whole) and kuantala "
+               "keeps the first and last three blocks: add --keep 'transformer_blocks.0.*' and so on to follow "
+               "them. Unlike the flux and sd3 presets this one quantizes the per-block modulation (about a third "
+               "of the block weights), because the official config does."),
+)
+
+
+# ----------------------------------------------------------------------------- SD1.x / SD2.x / SDXL UNet
+
+_UNET_STAGE = r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+"
+_LDM_STAGE = r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+"
+
+
+def _unet_rules(stage: str, resnet_time: str) -> tuple[tuple[Action, str], ...]:
+    return (
+        (Q, "re:" + stage + r"\.transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)\.weight"),
+        (Q, "re:" + stage + r"\.transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)\.weight"),
+        (K, "re:" + stage + r"\.(proj_in|proj_out)"),
+        (K, "re:" + resnet_time),
+    )
+
+
+_UNET_DIFFUSERS_RULES = _unet_rules(
+    _UNET_STAGE, r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.resnets\.\d+\.time_emb_proj") + (
+    (K, "time_embedding.*"), (K, "add_embedding.*"), (K, "class_embedding.*"))
+_UNET_LDM_RULES = _unet_rules(_LDM_STAGE, _LDM_STAGE + r"\.emb_layers\.\d+") + (
+    (K, "time_embed.*"), (K, "label_emb.*"))
+
+UNET = _preset(
+    "unet", "SD1.x / SD2.x / SDXL UNet (diffusers or LDM names): attention and feed-forward of its transformers",
+    _Architecture((
+        _Signature(_UNET_STAGE + r"\.transformer_blocks\.(?P<i>\d+)\.attn2\.to_k\.weight", (), _mat,
+                   _UNET_DIFFUSERS_RULES),
+        _Signature(_LDM_STAGE + r"\.transformer_blocks\.(?P<i>\d+)\.attn2\.to_k\.weight", (), _mat, _UNET_LDM_RULES),
+    )),
+    detection=("a cross-attention attn2.to_k matrix in a UNet's spatial transformer: "
+               "{down_blocks.N|mid_block|up_blocks.N}.attentions.M.transformer_blocks.K (diffusers) or "
+               "{input_blocks.N|middle_block|output_blocks.N}.M.transformer_blocks.K (LDM/ComfyUI, e.g. under "
+               "model.diffusion_model.). ControlNets built like the UNet's encoder are recognised too"),
+    quantizes=(("attn1 (self) and attn2 (cross) to_q/k/v/out.0 of every transformer block",
+                "the generic policy keeps attention because it does not know the architecture; these are plain "
+                "projections over well-behaved activations, a third of the transformer weights, and ComfyUI's "
+                "legacy scaled-FP8 convention converts every nn.Linear"),
+               ("ff.net.0.proj (GEGLU), ff.net.2", "the bulk of the transformer weights")),
+    keeps=(("convolutions (conv_in/out, resnets, up/downsamplers, SD1.x's 1x1 proj_in/out)",
+            "left to the default policy, which keeps them: ComfyUI's FP8 loaders only quantize nn.Linear; "
+            "--quantize-conv still quantizes them (except SD1.x's 1x1 proj_in/out, which the rule below keeps)"),
+           ("proj_in, proj_out of every spatial transformer", "entry and exit of each transformer into the "
+            "convolutional residual stream (proj_out starts from zero in training); about 1% of the weights "
+            "(modelopt disables *proj_out*, kuantala keeps both)"),
+           ("resnets' time_emb_proj (LDM emb_layers)", "the resnets' timestep conditioning, modulation-like and "
+            "about 1% of the weights; modelopt's diffusers recipe keeps it"),
+           ("time_embedding, add_embedding (SDXL), class_embedding (LDM time_embed, label_emb)", _WHY_EMBED),
+           ("norms (GroupNorm, LayerNorm), biases", _WHY_NORMS)),
+    reference=("No official FP8 SD1.5/SDXL file with a checkable layer list was found; legacy scaled-FP8 files "
+               "quantize every nn.Linear, including proj_in/out and time_emb_proj, which this preset keeps "
+               "(about 2% of an SDXL UNet). Convolutions stay BF16 as in every ComfyUI-loadable file."),
+)
+
+
+# ----------------------------------------------------------------------------- text encoders
+
+_T5_RULES = (
+    (Q, r"re:(encoder|decoder)\.block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)\.weight"),
+    (Q, r"re:(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1)\.weight"),
+    (K, r"re:(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo"),
+    (K, "shared"), (K, "encoder.embed_tokens"), (K, "decoder.embed_tokens"), (K, "lm_head"),
+)
+
+T5 = _preset(
+    "t5_encoder", "T5 / UMT5 / T5-XXL (FLUX, SD3, Wan text encoder): attention and wi in FP8, wo kept",
+    _Architecture((
+        _Signature(r"encoder\.block\.(?P<i>\d+)\.layer\.0\.SelfAttention\.q\.weight",
+                   ("encoder.block.{i}.layer.1.DenseReluDense.wo.weight",),
+                   lambda q, wo: _mat(q) and _mat(wo, q[1]), _T5_RULES),
+    )),
+    detection=("encoder.block.N.layer.0.SelfAttention.q [inner,d] with layer.1.DenseReluDense.wo [d,ff] under one "
+               "prefix (text_encoders.t5xxl.transformer., text_encoder_2. ...); a decoder, if present, gets "
+               "the same rules"),
+    quantizes=(("SelfAttention/EncDecAttention q, k, v, o", "published T5-XXL FP8 files (ComfyUI's "
+                "t5xxl_fp8_e4m3fn, Forge's) and convert-to-quant's --t5xxl preset quantize them"),
+               ("DenseReluDense wi_0, wi_1 (wi)", "the gated FFN's input projections, the largest matrices")),
+    keeps=(("DenseReluDense.wo", "the FFN output projection of T5 v1.1, FLAN and UMT5: its activations overflow "
+            "FP16, and it is the layer whose 8-bit quantization made Flan-T5-XXL produce nonsense "
+            "(huggingface/transformers#20287), which is why transformers keeps it in FP32 "
+            "(_keep_in_fp32_modules = ['wo']). About 21% of T5-XXL's encoder weights"),
+           ("shared / embed_tokens, relative_attention_bias", "lookup tables, not matmuls (convert-to-quant's "
+            "T5-XXL preset keeps 'shared' too)"),
+           ("layer_norm, final_layer_norm", _WHY_NORMS)),
+    reference=("Published t5xxl_fp8_e4m3fn(_scaled) files quantize every block linear, wo included (a dump of "
+               "an all-in-one FLUX FP8 file shows DenseReluDense.wo as F8_E4M3). Keeping wo costs ~1.0B "
+               "parameters in BF16 for T5-XXL (~5.9 GB instead of ~4.9 GB); add "
+               r"--quantize 're:.*DenseReluDense\.wo\.weight' to match those files."),
+)
+
+_CLIP_HF_RULES = (   # relative to the text model (text_model., or '' as transformers 5 saves CLIPTextModel)
+    (Q, r"re:encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight"),
+    (Q, r"re:encoder\.layers\.\d+\.mlp\.(fc1|fc2)\.weight"),
+    (K, "embeddings.*"), (K, "final_layer_norm"), (K, "../text_projection"),
+)
+_CLIP_OPEN_RULES = (
+    (Q, r"re:transformer\.resblocks\.\d+\.attn\.out_proj\.weight"),
+    (Q, r"re:transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)\.weight"),
+    (K, "token_embedding"), (K, "ln_final"),
+)
+
+
+def _open_clip(qkv, tok, fc):          # attn.in_proj_weight [3h, h]; token_embedding [V, h]; mlp.c_fc [., h]
+    h = qkv[1]
+    return _mat(qkv, 3 * h, h) and _mat(tok, None, h) and _mat(fc, None, h)
+
+
+CLIP_TEXT = _preset(
+    "clip_text", "CLIP text encoder (CLIP-L, CLIP-G; transformers or OpenCLIP names): its layers in FP8",
+    _Architecture((
+        _Signature(r"encoder\.layers\.(?P<i>\d+)\.self_attn\.q_proj\.weight",
+                   ("encoder.layers.{i}.mlp.fc1.weight", "embeddings.token_embedding.weight"),
+                   lambda q, fc, tok: _mat(q) and _mat(fc, None, q[1]) and _mat(tok, None, q[1]), _CLIP_HF_RULES),
+        _Signature(r"transformer\.resblocks\.(?P<i>\d+)\.attn\.in_proj_weight",
+                   ("token_embedding.weight", "transformer.resblocks.{i}.mlp.c_fc.weight"), _open_clip,
+                   _CLIP_OPEN_RULES),
+    )),
+    detection=("transformers names: encoder.layers.N.self_attn.q_proj with mlp.fc1 and embeddings.token_embedding "
+               "[V,h] of the same width, under text_model. (or unprefixed, as transformers 5 saves CLIPTextModel); "
+               "OpenCLIP names: transformer.resblocks.N.attn.in_proj_weight [3h,h] with token_embedding [V,h] "
+               "under the same prefix (SDXL's conditioner.embedders.1.model., SD2's cond_stage_model.model.)"),
+    quantizes=(("self_attn q/k/v/out_proj (OpenCLIP attn.out_proj)", "legacy scaled-FP8 text encoders convert "
+                "every nn.Linear; CLIP's projections are ordinary, its outliers live in activations, not weights"),
+               ("mlp fc1/fc2 (c_fc/c_proj)", "the bulk of the weights")),
+    keeps=(("token_embedding, position_embedding (positional_embedding)", "lookup tables, not matmuls"),
+           ("text_projection", "projects the pooled output that SDXL and SD3 use as their global conditioning "
+            "vector: a model output head"),
+           ("final_layer_norm (ln_final), layer norms, biases", _WHY_NORMS),
+           ("OpenCLIP attn.in_proj_weight", "the fused q/k/v is stored as a bare parameter, not a layer weight, "
+            "so the policy cannot quantize it; only attn.out_proj and the MLP become FP8 in OpenCLIP files")),
+    reference=("CLIP-L and CLIP-G are mostly published in FP16 (they are small); FP8 releases follow the legacy "
+               "every-nn.Linear rule, which this matches except for the kept text_projection. Vision towers "
+               "(vision_model.*, visual.*) are not touched."),
+)
+
+_BERT_RULES = (
+    (Q, r"re:encoder\.layer\.\d+\.attention\.self\.(query|key|value)\.weight"),
+    (Q, r"re:encoder\.layer\.\d+\.(attention\.output|intermediate|output)\.dense\.weight"),
+    (K, "embeddings.*"), (K, "pooler.*"),
+    (K, "../cls.*"), (K, "../lm_head.*"), (K, "../classifier*"), (K, "../qa_outputs"),
+)
+
+BERT = _preset(
+    "bert", "BERT-like encoder (BERT, RoBERTa, MiniLM, XLM-R ...): attention and feed-forward dense layers in FP8",
+    _Architecture((
+        _Signature(r"encoder\.layer\.(?P<i>\d+)\.attention\.self\.query\.weight",
+                   ("encoder.layer.{i}.intermediate.dense.weight", "encoder.layer.{i}.output.dense.weight"),
+                   lambda q, i, o: _mat(q, q[1], q[1]) and _mat(i, None, q[1]) and _mat(o, q[1], i[0]),
+                   _BERT_RULES),
+    )),
+    detection=("encoder.layer.N.attention.self.query [h,h] with intermediate.dense [i,h] and output.dense [h,i] "
+               "under one prefix ('', bert., roberta. ...)"),
+    quantizes=(("attention.self query/key/value, attention.output.dense", "llm-compressor's FP8 schemes target "
+                "every Linear of the layers"),
+               ("intermediate.dense, output.dense", "the bulk of the weights")),
+    keeps=(("embeddings (word, position, token type)", "lookup tables; the word table is a large share of a "
+            "small encoder"),
+           ("pooler, task heads (cls.*, lm_head, classifier, qa_outputs)", "model outputs: a small share of the "
+            "size and all of the task's decision (the MLM decoder shares the word embeddings)"),
+           ("LayerNorms, biases", _WHY_NORMS)),
+    reference=("No ecosystem FP8 convention for BERT-like encoders was found; this follows the generic "
+               "llm-compressor recipe (every Linear in the layers, heads ignored)."),
+)
+
+_LLM_RULES = (
+    (Q, r"re:layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)\.weight"),
+    (Q, r"re:layers\.\d+\.mlp\.(.+\.)?(gate_proj|up_proj|down_proj|gate_up_proj)\.weight"),
+    (Q, r"re:layers\.\d+\.block_sparse_moe\.experts\.\d+\.(w1|w2|w3)\.weight"),
+    (K, r"re:layers\.\d+\.(mlp|block_sparse_moe)\.(gate|router|shared_expert_gate)"),
+    (K, "embed_tokens"), (K, "../lm_head"),
+    (K, "*visual.*"), (K, "*vision_tower.*"), (K, "*vision_model.*"), (K, "*multi_modal_projector.*"),
+    (K, "*mm_projector.*"),
+)
+
+LLM = _preset(
+    "llm", "decoder-only LLM (Llama/Mistral/Qwen/Gemma-style, MoE too): attention and MLP/expert linears in FP8",
+    _Architecture((
+        _Signature(r"layers\.(?P<i>\d+)\.self_attn\.q_proj\.weight",
+                   ("layers.{i}.self_attn.o_proj.weight", "layers.{i}.input_layernorm.weight"),
+                   lambda q, o, ln: len(ln) == 1 and _mat(q, None, ln[0]) and _mat(o, ln[0]), _LLM_RULES),
+    )),
+    detection=("layers.N.self_attn.q_proj [q,h] with o_proj [h,.] and input_layernorm [h] under one prefix "
+               "(model., model.language_model., text_encoders.<name>.transformer.model. ...)"),
+    quantizes=(("self_attn q/k/v/o_proj", "llm-compressor's FP8 schemes and modelopt quantize every Linear of "
+                "the decoder layers"),
+               ("mlp gate/up/down_proj, experts and shared experts included (Mixtral w1/w2/w3)",
+                "the bulk of the weights")),
+    keeps=(("embed_tokens, lm_head", "input embedding and output head: kept by every FP8 recipe (llm-compressor "
+            "ignores lm_head and its examples the embeddings, modelopt disables *lm_head*); quantizing "
+            "embed_tokens broke a model_free_ptq model outright (logits cosine 0.22)"),
+           ("MoE routers (mlp.gate, block_sparse_moe.gate, router, shared_expert_gate)", "small matrices whose "
+            "error changes which experts run; modelopt disables *router* and *mlp.gate.*"),
+           ("vision towers and projectors (visual, vision_tower, vision_model, multi_modal_projector, "
+            "mm_projector)", "modelopt leaves them unquantized by default; their activations differ from the "
+            "language model's"),
+           ("norms (input_layernorm, post_attention_layernorm, q_norm/k_norm, model.norm), biases", _WHY_NORMS)),
+    reference=("Matches llm-compressor's FP8 recipes (Linear targets, lm_head ignored) and modelopt's defaults; "
+               "the embeddings are kept explicitly because model_free_ptq would otherwise quantize them."),
+)
+
+
+# Encoder presets whose rules also apply to their part of an all-in-one checkpoint.
+ENCODERS: tuple[Preset, ...] = (T5, CLIP_TEXT, BERT, LLM)

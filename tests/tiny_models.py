@@ -308,3 +308,21 @@ def save_state_dict(model: torch.nn.Module, path: str | os.PathLike, dtype: torc
     tensors = state_dict_tensors(model, dtype)
     save_file(tensors, os.fspath(path), metadata=metadata)
     return tensors
+
+
+# ----------------------------------------------------------------------------- added for tests/test_presets.py
+# Not registered in BUILDERS (tests parametrized over BUILDERS keep their golden files).
+
+QWEN2_MOE_CONFIG = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                        tie_word_embeddings=False)
+
+
+def tiny_qwen2_moe(seed: int = 0) -> torch.nn.Module:
+    """transformers Qwen2MoeForCausalLM (router mlp.gate, shared expert and its gate), QWEN2_MOE_CONFIG.
+
+    transformers >= 5 holds the routed experts as fused 3-D parameters (``mlp.experts.gate_up_proj``,
+    ``mlp.experts.down_proj``); checkpoints on the Hub store them per expert (``mlp.experts.N.gate_proj.weight``).
+    """
+    return _transformers("Qwen2MoeForCausalLM", "Qwen2MoeConfig", QWEN2_MOE_CONFIG, seed)

@@ -1,0 +1,227 @@
+"""Format ``comfy``: ComfyUI's mixed-precision convention (``comfy_quant`` markers).
+
+For every quantized ``<L>.weight`` (a 2-D Linear or Embedding weight):
+    <L>.weight        F8_E4M3 (or F8_E5M2), the source's shape
+    <L>.weight_scale  F32 []                   per tensor only; W = q * scale
+    <L>.comfy_quant   U8 [n]                   UTF-8 bytes of the compact JSON
+                      {"format":"float8_e4m3fn","full_precision_matrix_mult":true}
+    <L>.input_scale   F32 []                   only with a calibrated activation scale (then the
+                                               flag is left out and FP8 matmul may use it)
+Layers without a marker load in high precision: that is how ComfyUI expresses what is kept.
+With ``--comfy-header-metadata`` the header's ``__metadata__`` also holds
+``_quantization_metadata`` = ``{"format_version":"1.0","layers":{<L>: <same JSON>}}``, with
+layer names equal to the file's key stems (ComfyUI uses them verbatim).
+
+ComfyUI (``comfy/utils.py`` ``detect_layer_quantization``) switches a model to its mixed ops
+when any key ends in ``.comfy_quant``; each layer then reads ``json.loads(marker bytes)`` and
+builds a comfy-kitchen ``QuantizedTensor`` from the weight and ``Params(scale=weight_scale)``.
+``full_precision_matrix_mult`` is set because quantkit writes no activation scale: without one
+ComfyUI's FP8 matmul would quantize activations with scale 1 (clamping them to +-448).
+Unknown ``__metadata__`` keys (quantkit's provenance) are ignored by ComfyUI.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from .. import dtypes
+from ..errors import PolicyError, UnsupportedInputError
+from ..fp8 import FP8_FORMATS, Granularity
+from ..policy import Action
+from ..writer import OutputTensor
+from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, register
+
+MARKER = ".comfy_quant"
+WEIGHT_SCALE = ".weight_scale"
+INPUT_SCALE = ".input_scale"
+HEADER_KEY = "_quantization_metadata"
+HEADER_VERSION = "1.0"
+MAX_MARKER_BYTES = 1 << 16     # a layer config is a few dozen bytes; anything huge is not one
+
+
+class ComfyFormatError(UnsupportedInputError, ValueError):
+    """A file that claims a ComfyUI convention but breaks it (a ValueError, so validation reports it)."""
+
+
+@dataclass(frozen=True)
+class ComfyStoredTensor(StoredTensor):
+    """A quantized layer of a ComfyUI file, with what its layer config adds to the scale."""
+
+    input_scale: float | None = None          # calibrated activation scale, when the file has one
+    full_precision_matrix_mult: bool = True   # what the source asked for when it has an input scale
+
+
+def layer_config(fp8_name: str, input_scale: float | None = None, full_precision_matrix_mult: bool = True) -> dict:
+    """The per-layer JSON object ComfyUI reads from ``<L>.comfy_quant`` (and the header)."""
+    conf: dict = {"format": fp8_name}
+    # Without a calibrated activation scale ComfyUI's FP8 matmul would cast activations with
+    # scale 1 (clamping them to +-448), so the layer asks for its weight to be dequantized instead.
+    if input_scale is None or full_precision_matrix_mult:
+        conf["full_precision_matrix_mult"] = True
+    return conf
+
+
+def layer_name(key: str) -> str:
+    """``<L>`` of ``<L>.weight``."""
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def provenance_metadata(fmt: OutputFormat, plan, provenance: dict[str, str]) -> dict[str, str]:
+    """quantkit's header metadata (version, format, policy, source and its SHA256, quantized layers),
+    the same keys as format ``native`` writes; ComfyUI ignores metadata keys it does not know."""
+    # Imported here, not at module level: importing native first would register it before the
+    # comfy formats, and its recognizes() (any '.weight_scale' key) would then claim ComfyUI files.
+    from .native import NativeFormat
+    return NativeFormat.metadata(fmt, plan, provenance)
+
+
+def encode_config(conf: dict) -> bytes:
+    """Compact, key-sorted JSON as UTF-8 (the bytes Comfy-Org's own exporter writes)."""
+    return json.dumps(conf, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def f32_bytes(value: float) -> bytes:
+    return struct.pack("<f", value)
+
+
+def quantized_layer(t, fmt_name: str) -> str:
+    """``<L>`` of a quantized tensor, refusing what ComfyUI's mixed ops cannot load as FP8."""
+    if not t.name.endswith(".weight") or len(t.info.shape) != 2:
+        raise PolicyError(f"format {fmt_name!r} stores FP8 only for 2-D '.weight' tensors (Linear and Embedding"
+                          f" layers); {t.name} {list(t.info.shape)} would not load in ComfyUI",
+                          tensor=t.name, hint="keep it in high precision: drop --quantize-conv or add --keep PATTERN")
+    return layer_name(t.name)
+
+
+def carried(t) -> tuple[float | None, bool]:
+    """(input_scale, full_precision_matrix_mult) carried over from an already-quantized source."""
+    s = t.prequantized
+    return getattr(s, "input_scale", None), getattr(s, "full_precision_matrix_mult", True)
+
+
+def fp8_name_of(t) -> str:
+    return fp8_of(t.out_dtype.code).name
+
+
+@register
+class ComfyFormat(OutputFormat):
+    name = "comfy"
+    summary = ("ComfyUI mixed precision: <L>.weight FP8 + <L>.weight_scale F32 [] + <L>.comfy_quant JSON marker"
+               " (per-tensor scales)")
+    granularities = frozenset({Granularity.TENSOR})
+
+    def layer_configs(self, plan) -> dict[str, dict]:
+        """``<L>`` -> layer config of every quantized layer."""
+        out = {}
+        for t in plan.quantized():
+            input_scale, full_precision = carried(t)
+            out[quantized_layer(t, self.name)] = layer_config(fp8_name_of(t), input_scale, full_precision)
+        return out
+
+    def layout(self, plan) -> list[Emit]:
+        configs = self.layer_configs(plan)
+        emits = []
+        for t in plan.tensors:
+            emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
+            if t.action is not Action.QUANTIZE:
+                continue
+            layer = layer_name(t.name)
+            emits.append(Emit(OutputTensor(layer + WEIGHT_SCALE, dtypes.F32, ()), Role.SCALE, t.name))
+            input_scale, _ = carried(t)
+            if input_scale is not None:
+                emits.append(Emit(OutputTensor(layer + INPUT_SCALE, dtypes.F32, ()), Role.CONSTANT, t.name,
+                                  f32_bytes(input_scale)))
+            marker = encode_config(configs[layer])
+            emits.append(Emit(OutputTensor(layer + MARKER, dtypes.U8, (len(marker),)), Role.CONSTANT, t.name, marker))
+        return emits
+
+    def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
+        meta = provenance_metadata(self, plan, provenance)
+        if plan.options.comfy_header_metadata:
+            meta[HEADER_KEY] = json.dumps({"format_version": HEADER_VERSION, "layers": self.layer_configs(plan)},
+                                          sort_keys=True, separators=(",", ":"))
+        return meta
+
+    @classmethod
+    def recognizes(cls, file) -> bool:
+        return HEADER_KEY in file.metadata or any(k.endswith(MARKER) for k in file.tensors)
+
+    def stored(self, file) -> dict[str, StoredTensor]:
+        configs = read_configs(file)
+        layer_keys = set()
+        out = {}
+        for layer, conf in configs.items():
+            s = read_layer(file, layer, conf)
+            out[s.source_key] = s
+            layer_keys.update(k for k in (layer + MARKER, s.scale_key, layer + INPUT_SCALE) if k in file.tensors)
+        for key in file.tensors:
+            if key not in out and key not in layer_keys:
+                out[key] = StoredTensor(key, key)
+        return out
+
+
+def read_configs(file) -> dict[str, dict]:
+    """Layer -> config from the per-layer markers, then the header (which wins, as in ComfyUI)."""
+    configs = {}
+    for key, info in file.tensors.items():
+        if not key.endswith(MARKER):
+            continue
+        if info.dtype is not dtypes.U8 or len(info.shape) != 1 or info.nbytes > MAX_MARKER_BYTES:
+            raise ComfyFormatError(f"a layer marker must be a 1-D U8 tensor of JSON bytes, not {info.dtype.code}"
+                                   f" {list(info.shape)}", path=file.path, tensor=key)
+        configs[key[: -len(MARKER)]] = _config(file.read_tensor(info).numpy().tobytes(), file, key)
+    raw = file.metadata.get(HEADER_KEY)
+    if raw is not None:
+        doc = _config(raw.encode("utf-8"), file, HEADER_KEY)
+        layers = doc.get("layers")
+        if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+            raise ComfyFormatError(f"header {HEADER_KEY} has no 'layers' object of layer configs", path=file.path)
+        configs.update(layers)
+    return configs
+
+
+def _config(raw: bytes, file, where: str) -> dict:
+    try:
+        conf = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ComfyFormatError("layer config is not UTF-8 JSON", path=file.path, tensor=where) from None
+    if not isinstance(conf, dict):
+        raise ComfyFormatError("layer config is not a JSON object", path=file.path, tensor=where)
+    return conf
+
+
+def read_layer(file, layer: str, conf: dict) -> ComfyStoredTensor:
+    """How one marked layer is stored: FP8 weight, per-tensor F32 scale, optional input scale."""
+    weight, scale = file.tensors.get(layer + ".weight"), file.tensors.get(layer + WEIGHT_SCALE)
+    name = conf.get("format")
+    fmt = FP8_FORMATS.get(name) if isinstance(name, str) else None
+    if fmt is None:
+        raise ComfyFormatError(f"layer format {name!r} is not FP8 (quantkit reads float8_e4m3fn and"
+                               " float8_e5m2)", path=file.path, tensor=layer)
+    if weight is None or scale is None:
+        raise ComfyFormatError(f"a marked layer needs {layer}.weight and {layer}{WEIGHT_SCALE}", path=file.path,
+                               tensor=layer)
+    if fp8_of(weight.dtype.code) is not fmt:
+        # ComfyUI would convert the weight's values to the marked dtype: garbage, not a reinterpretation.
+        raise ComfyFormatError(f"weight is {weight.dtype.code} but its marker says {fmt.name}", path=file.path,
+                               tensor=weight.name)
+    return ComfyStoredTensor(weight.name, weight.name, scale_key(file, scale), Granularity.TENSOR, fmt,
+                             input_scale(file, file.tensors.get(layer + INPUT_SCALE)),
+                             bool(conf.get("full_precision_matrix_mult", False)))
+
+
+def scale_key(file, info) -> str:
+    """A per-tensor scale: one float value (F32 0-dim as written; [1] and 16-bit floats, which ComfyUI
+    casts to float32 on load, are read too)."""
+    if info.dtype.kind is not dtypes.Kind.FLOAT or info.numel != 1 or len(info.shape) > 1:
+        raise ComfyFormatError(f"scale must be one float value (shape []), not {info.dtype.code} {list(info.shape)}",
+                               path=file.path, tensor=info.name, hint="only per-tensor scales are ComfyUI FP8")
+    return info.name
+
+
+def input_scale(file, info) -> float | None:
+    """The value of an activation scale tensor, or None when there is none."""
+    if info is None:
+        return None
+    return float(file.read_tensor(file.tensors[scale_key(file, info)]).reshape(()).item())

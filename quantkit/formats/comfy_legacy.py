@@ -1,0 +1,141 @@
+"""Format ``comfy-legacy``: ComfyUI's older ``scaled_fp8`` convention (2024-10 onwards).
+
+    scaled_fp8          F8_E4M3 [0]   marker: its dtype is the FP8 dtype of the Linear weights
+                                      (``model.diffusion_model.scaled_fp8`` in a full checkpoint)
+    <L>.weight          F8_E4M3       per quantized layer, the source's shape
+    <L>.scale_weight    F32 []        W = q * scale_weight
+    <L>.scale_input     F32 []        only when carried over from a source that has one
+
+Loaders of this convention (ComfyUI before its mixed-precision loader, Forge, stable-diffusion.cpp,
+InvokeAI...) create EVERY ``nn.Linear`` in FP8 once the marker is present, so a Linear kept in
+high precision is cast to FP8 with scale 1 there (``warnings`` says so); current ComfyUI converts
+the file at load (``comfy.utils.convert_old_quants``) into the ``comfy`` convention, and loads
+unscaled layers in high precision. That conversion always assumes float8_e4m3fn, so E5M2 is refused.
+"""
+from __future__ import annotations
+
+import re
+
+from .. import dtypes
+from ..errors import PolicyError
+from ..fp8 import E4M3FN, Granularity
+from ..policy import Action, TensorKind
+from ..writer import OutputTensor
+from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, register
+from .comfy import (ComfyFormatError, ComfyStoredTensor, carried, f32_bytes, input_scale, layer_name,
+                    provenance_metadata, quantized_layer, scale_key)
+
+MARKER = "scaled_fp8"
+SCALE_WEIGHT = ".scale_weight"
+SCALE_INPUT = ".scale_input"
+# A full checkpoint keeps the diffusion model under this prefix; ComfyUI looks for the marker there.
+DIFFUSION_PREFIX = "model.diffusion_model."
+# 2-D weights the old loaders create as nn.Linear: everything but lookup tables (nn.Embedding).
+_LINEAR_KINDS = frozenset({TensorKind.LINEAR, TensorKind.ATTENTION, TensorKind.HEAD, TensorKind.EMBEDDING})
+_LOOKUP_TABLE = re.compile(r"(?i)^(embed_tokens|token_embedding|word_embeddings|position_embeddings?|"
+                           r"token_type_embeddings|wte|wpe|shared|relative_attention_bias)$")
+EXAMPLES = 3
+
+
+def is_marker(key: str) -> bool:
+    return key == MARKER or key.endswith("." + MARKER)
+
+
+def marker_prefix(key: str) -> str:
+    """The model prefix a quantized key sits under, where ComfyUI looks for the marker."""
+    return DIFFUSION_PREFIX if key.startswith(DIFFUSION_PREFIX) else ""
+
+
+def examples(names: list[str]) -> str:
+    return ", ".join(names[:EXAMPLES]) + (", ..." if len(names) > EXAMPLES else "")
+
+
+def linear_like(t) -> bool:
+    """A 2-D layer weight that a scaled_fp8 loader would create as an FP8 nn.Linear."""
+    if not t.name.endswith(".weight") or len(t.info.shape) != 2 or t.decision.kind not in _LINEAR_KINDS:
+        return False
+    module = layer_name(t.name).rsplit(".", 1)[-1]
+    return not _LOOKUP_TABLE.match(module)
+
+
+@register
+class ComfyLegacyFormat(OutputFormat):
+    name = "comfy-legacy"
+    summary = ("ComfyUI scaled_fp8 (older loaders): scaled_fp8 marker + <L>.weight FP8 + <L>.scale_weight F32 []"
+               " (per-tensor scales, E4M3)")
+    granularities = frozenset({Granularity.TENSOR})
+
+    def check(self, options) -> None:
+        super().check(options)
+        if options.fp8 is not E4M3FN:
+            raise PolicyError(f"format {self.name!r} is float8_e4m3fn only: current ComfyUI converts scaled_fp8 files"
+                              " as float8_e4m3fn whatever the marker says, which would corrupt float8_e5m2 weights",
+                              hint="use --format comfy for float8_e5m2")
+
+    def layout(self, plan) -> list[Emit]:
+        fp8 = dtypes.BY_CODE[plan.options.fp8.safetensors_dtype]
+        prefixes = sorted({marker_prefix(t.name) for t in plan.quantized()})
+        emits = [Emit(OutputTensor(p + MARKER, fp8, (0,)), Role.CONSTANT) for p in prefixes]
+        for t in plan.tensors:
+            emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
+            if t.action is not Action.QUANTIZE:
+                continue
+            layer = quantized_layer(t, self.name)
+            emits.append(Emit(OutputTensor(layer + SCALE_WEIGHT, dtypes.F32, ()), Role.SCALE, t.name))
+            scale_in, _ = carried(t)
+            if scale_in is not None:
+                emits.append(Emit(OutputTensor(layer + SCALE_INPUT, dtypes.F32, ()), Role.CONSTANT, t.name,
+                                  f32_bytes(scale_in)))
+        return emits
+
+    def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
+        return provenance_metadata(self, plan, provenance)
+
+    def warnings(self, plan) -> list[str]:
+        quantized = [t.name for t in plan.quantized()]
+        if not quantized:
+            return []
+        out = []
+        kept = [t.name for t in plan.tensors if t.action is not Action.QUANTIZE and linear_like(t)]
+        if kept:
+            out.append(f"format {self.name}: {len(kept)} linear weight(s) stay in high precision ({examples(kept)}),"
+                       " but loaders of the scaled_fp8 convention (ComfyUI before its mixed-precision loader, Forge,"
+                       " sd.cpp) create every nn.Linear in FP8 and would cast them to FP8 with scale 1; the 'comfy'"
+                       " format expresses mixed precision (--format comfy), or quantize them too")
+        outside = [k for k in quantized if not k.startswith(DIFFUSION_PREFIX)]
+        if outside and len(outside) < len(quantized):
+            out.append(f"format {self.name}: {len(outside)} quantized weight(s) lie outside {DIFFUSION_PREFIX}"
+                       f" ({examples(outside)}); ComfyUI looks for a full checkpoint's scaled_fp8 marker under that"
+                       " prefix only, so they may load without their scales; keep them (--keep) or use --format comfy")
+        return out
+
+    @classmethod
+    def recognizes(cls, file) -> bool:
+        return any(is_marker(k) or k.endswith(SCALE_WEIGHT) for k in file.tensors)
+
+    def stored(self, file) -> dict[str, StoredTensor]:
+        markers = {k[: -len(MARKER)]: info for k, info in file.tensors.items() if is_marker(k)}
+        layer_keys = set(k for k in file.tensors if is_marker(k))
+        out = {}
+        for key, info in file.tensors.items():
+            if not key.endswith(SCALE_WEIGHT):
+                continue
+            layer = key[: -len(SCALE_WEIGHT)]
+            weight = file.tensors.get(layer + ".weight")
+            fp8 = fp8_of(weight.dtype.code) if weight is not None else None
+            if fp8 is None:
+                raise ComfyFormatError(f"{key} scales no FP8 weight ({layer}.weight is missing or not FP8)",
+                                       path=file.path, tensor=key)
+            scale_in = input_scale(file, file.tensors.get(layer + SCALE_INPUT))
+            # ComfyUI drops an activation scale of exactly 1 (the value it assumes anyway).
+            scale_in = None if scale_in == 1.0 else scale_in
+            marker = max((p for p in markers if layer.startswith(p)), key=len, default=None)
+            # A 2-element marker turns ComfyUI's FP8 matmul off for the whole file.
+            full_precision = marker is not None and markers[marker].numel == 2
+            out[weight.name] = ComfyStoredTensor(weight.name, weight.name, scale_key(file, info), Granularity.TENSOR,
+                                                 fp8, scale_in, full_precision)
+            layer_keys.update({key, layer + SCALE_INPUT})
+        for key in file.tensors:
+            if key not in out and key not in layer_keys:
+                out[key] = StoredTensor(key, key)
+        return out

@@ -1,0 +1,374 @@
+"""Format ``compressed-tensors``: a transformers / vLLM model folder with FP8 (E4M3) Linear weights.
+
+``quantkit convert model/model.safetensors OUT --format compressed-tensors`` writes the folder OUT:
+
+    OUT/model.safetensors   per quantized Linear <L>:
+                              <L>.weight        F8_E4M3, the source's [out, in]
+                              <L>.weight_scale  scale in the model's dtype D (see below):
+                                                [1] per tensor | [out, 1] per channel |
+                                                [ceil(out/128), ceil(in/128)] per 128x128 block
+                              W = q * scale
+                            every other tensor under its own key, as the plan says (kept floats in D,
+                            non-floats untouched); metadata ``format: pt`` (transformers refuses
+                            a safetensors file without it) plus quantkit's provenance, as ``native``
+    OUT/config.json         the source folder's config.json with ``quantization_config`` (below)
+                            and ``dtype`` / ``torch_dtype`` set to D
+    OUT/...                 every other file of the source folder (tokenizer, vocab, generation
+                            config, sentence-transformers files and subfolders such as 1_Pooling)
+                            except weights (*.safetensors, *.bin, *.pt, *.pth, *.ckpt, *.h5,
+                            *.msgpack, *.onnx, *.gguf, *.ot, *.index.json), hidden folders (.git,
+                            .cache), quantkit manifests and quantkit output folders
+    OUT/quantkit.json       quantkit's manifest: SHA256 of every file above (``quantkit validate``)
+
+``quantization_config`` (compressed-tensors' schema, read by transformers' CompressedTensorsHfQuantizer
+and vLLM's CompressedTensorsConfig)::
+
+    {"quant_method": "compressed-tensors", "format": "naive-quantized", "quantization_status": "compressed",
+     "config_groups": {"group_0": {"targets": ["Linear"], "format": "naive-quantized",
+         "weights": {"num_bits": 8, "type": "float", "symmetric": true, "strategy": "tensor|channel|block",
+                     "group_size": null, "block_structure": null | [128, 128], "dynamic": false,
+                     "actorder": null, "observer": "minmax", "observer_kwargs": {}},
+         "input_activations": null, "output_activations": null}},
+     "ignore": [every Linear kept in high precision], "kv_cache_scheme": null,
+     "global_compression_ratio": null, "sparsity_config": {}, "transform_config": {}}
+
+- ``naive-quantized``: weight-only FP8. compressed-tensors' ``float-quantized`` compressor requires
+  input activations in the scheme; quantkit writes no static input scales yet. When it does, the
+  group gets ``input_activations`` (static per-tensor: ``strategy tensor, dynamic false``) and
+  both ``format`` fields become ``float-quantized`` -- see ``quantization_config(input_scales=True)``.
+- ``ignore`` names the module (key minus ``.weight``) of every 2-D ``.weight`` that is not
+  quantized -- attention projections, embeddings, heads, ``lm_head`` -- plus ``lm_head`` when the
+  file has no ``lm_head.weight`` (a head tied to the embeddings has no key of its own, and an
+  unlisted one would be targeted as a Linear). compressed-tensors matches ignore entries by
+  exact module name, so an entry naming no module is inert. Embeddings are listed although
+  ``targets: ["Linear"]`` does not match ``nn.Embedding``: name-based consumers
+  (``model_free_ptq``, which quantized embeddings into garbage) rely on the list.
+- Only keys ``<module>.weight`` of rank 2 may be quantized (a Linear's weight); anything else is
+  refused before conversion (``--keep`` it). Only E4M3 exists in the schema (``type float``,
+  ``num_bits 8``): ``--fp8-dtype float8_e5m2`` is refused.
+
+Scale dtype: the model's dtype D -- the keep dtype (``--keep-dtype``, BF16 by default; with
+``source``, the float dtype holding most of the source's bytes) -- as compressed-tensors itself
+writes them, and config.json's ``dtype`` is set to D so that transformers runs the model in D.
+Why not float32 (which transformers and vLLM also accept): transformers loads a checkpoint two
+ways, and only scales in the model's dtype make both equal to quantkit's own dequantization
+(``fp8.dequantize``: q * scale formed in float32, then cast to the model's dtype) bit for bit:
+
+- default (``dequantize=False``): compressed-tensors creates ``weight_scale`` in the module's
+  dtype, so a float32 scale would be rounded to BF16 on load, and the weight decompresses as
+  ``q.to(scale.dtype) * scale``.
+- ``CompressedTensorsConfig(dequantize=True)``: the checkpoint's scale is used as stored,
+  ``q.to(scale.dtype) * scale``, then cast to the model's dtype.
+
+With scale and model both in D, both paths compute q * scale as one rounding of the exact product
+(an E4M3 code times a BF16/FP16 scale is exact in float32) to D -- which is what quantkit's
+dequantization computes. quantkit quantizes with the scale already rounded to D (``quantize._calibrate``),
+so ``W = q * scale`` holds for what is on disk, and a scale that does not fit in D (an FP16
+underflow) is an error naming the tensor. vLLM creates float32 scale parameters and upcasts D
+exactly. Exception: FP8 codes carried over from an already-quantized source keep float32 scales
+(the source's scale, unrounded: the conversion stays lossless).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+
+from .. import dtypes
+from .._version import __version__
+from ..dtypes import Kind
+from ..errors import PolicyError, UnsupportedInputError
+from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
+from ..policy import Action, TensorKind
+from ..writer import TEMP_MARK, OutputTensor
+from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, register
+
+SCALE_SUFFIX = "_scale"
+CONFIG_NAME = "config.json"
+MANIFEST_NAME = "quantkit.json"   # quantkit.manifest.FOLDER_MANIFEST (not imported: no cycle)
+# Beside a quantized Linear in files written by other tools (static activations, asymmetric).
+AUX_SUFFIXES = (".input_scale", ".weight_zero_point", ".input_zero_point")
+# Source-folder files that are weights (or point at weights) are not copied into the output.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data",
+                   ".gguf", ".ot", ".index.json")
+# vLLM fuses these sibling projections into one layer and refuses mixed quantization among them.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+def layer_name(key: str) -> str:
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def granularity_from_shapes(weight_shape, scale_shape_) -> Granularity:
+    """The granularity a compressed-tensors scale of ``scale_shape_`` encodes for ``weight_shape``
+    (per tensor: ``[1]``; a 0-dim scale is read as per tensor too)."""
+    if tuple(scale_shape_) in ((), (1,)):
+        return Granularity.TENSOR
+    for g in (Granularity.CHANNEL, Granularity.BLOCK):
+        if tuple(scale_shape(tuple(weight_shape), g)) == tuple(scale_shape_):
+            return g
+    raise ValueError(f"scale shape {list(scale_shape_)} fits no granularity of a {list(weight_shape)} weight"
+                     f" (compressed-tensors: [1], [out, 1] or [ceil(out/{BLOCK_SIZE}), ceil(in/{BLOCK_SIZE})])")
+
+
+def model_dtype(plan) -> dtypes.DType:
+    """D: the dtype the output's kept floats are stored in, in which the model runs and its scales are
+    written. The keep dtype; for ``--keep-dtype source`` the float dtype holding most source bytes."""
+    from ..plan import KeepDtype
+    keep = plan.options.keep_dtype
+    if keep is not KeepDtype.SOURCE:
+        return keep.resolve(dtypes.F32)
+    totals = Counter()
+    for t in plan.tensors:
+        if t.info.dtype.kind is Kind.FLOAT:
+            totals[t.info.dtype.code] += t.info.nbytes
+    return dtypes.BY_CODE[max(totals, key=totals.get)] if totals else dtypes.F32
+
+
+def ignored_modules(plan) -> list[str]:
+    """Every Linear kept in high precision: the module of each 2-D ``.weight`` not quantized, in file
+    order, then ``lm_head`` if the file has no ``lm_head.weight`` (a tied head)."""
+    names = [layer_name(t.name) for t in plan.tensors
+             if t.name.endswith(".weight") and len(t.info.shape) == 2 and t.action is not Action.QUANTIZE]
+    if not any(t.name == "lm_head.weight" for t in plan.tensors):
+        names.append("lm_head")
+    return names
+
+
+def weight_args(granularity: Granularity) -> dict:
+    """compressed-tensors ``QuantizationArgs`` of quantkit's weights: symmetric absmax E4M3, static.
+
+    Only fields every compressed-tensors release that reads FP8 knows (``extra`` is forbidden):
+    no ``scale_dtype`` / ``zp_dtype``, which 0.20 itself omits when unset."""
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": granularity.value,
+            "group_size": None,
+            "block_structure": [BLOCK_SIZE, BLOCK_SIZE] if granularity is Granularity.BLOCK else None,
+            "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+
+
+def quantization_config(granularity: Granularity, ignore: list[str], *, input_scales: bool = False) -> dict:
+    """config.json's ``quantization_config``.
+
+    ``input_scales``: the place for static FP8 activations (``<L>.input_scale`` ``[1]``, which
+    quantkit does not write yet): the scheme gains ``input_activations`` and the format becomes
+    ``float-quantized`` (compressed-tensors' FloatQuantizationCompressor requires activations).
+    """
+    fmt = "float-quantized" if input_scales else "naive-quantized"
+    inputs = None
+    if input_scales:
+        inputs = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "group_size": None,
+                  "dynamic": False, "actorder": None, "observer": "static_minmax", "observer_kwargs": {}}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "format": fmt, "weights": weight_args(granularity),
+                                      "input_activations": inputs, "output_activations": None}},
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+
+
+def read_source_config(source_path: str) -> dict:
+    """The model config in the source's folder; UnsupportedInputError when it is missing or unusable."""
+    folder = os.path.dirname(os.path.abspath(source_path))
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise UnsupportedInputError(
+            "no config.json in the source's folder: format compressed-tensors writes a transformers model "
+            "folder and needs the model's config", path=folder,
+            hint="put the model's config.json (and its tokenizer files) beside the .safetensors file, "
+                 "or use --format native")
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UnsupportedInputError(f"config.json is unreadable ({exc})", path=path,
+                                    hint="fix or replace the model's config.json") from None
+    if not isinstance(config, dict):
+        raise UnsupportedInputError("config.json is not a JSON object", path=path,
+                                    hint="fix or replace the model's config.json")
+    _refuse_shard(folder, os.path.basename(source_path))
+    return config
+
+
+def _refuse_shard(folder: str, name: str) -> None:
+    """One shard of a sharded checkpoint is not a model: the folder's config would describe weights
+    the output does not hold."""
+    for entry in sorted(os.listdir(folder)):
+        if not entry.endswith(".safetensors.index.json"):
+            continue
+        try:
+            with open(os.path.join(folder, entry), "rb") as f:
+                files = set(json.loads(f.read().decode("utf-8")).get("weight_map", {}).values())
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        if name in files and len(files) > 1:
+            raise UnsupportedInputError(
+                f"the source is one of {len(files)} shards listed in {entry}: the output would be an "
+                f"incomplete model", path=os.path.join(folder, name),
+                hint="merge the shards into one .safetensors file first, or use --format native")
+
+
+def _is_output_folder(path: str) -> bool:
+    """A quantkit output (or one being written) inside the source folder: never copied."""
+    return TEMP_MARK in os.path.basename(path) or os.path.isfile(os.path.join(path, MANIFEST_NAME))
+
+
+def extra_files(source_folder: str, source_name: str, skip_folder: str | None = None) -> list[str]:
+    """The source folder's files that go beside the weights, relative paths ('/'-separated), sorted."""
+    skip_real = os.path.realpath(skip_folder) if skip_folder else None
+    found = []
+    for root, dirs, files in os.walk(source_folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_output_folder(os.path.join(root, d))
+                         and os.path.realpath(os.path.join(root, d)) != skip_real)
+        rel_root = os.path.relpath(root, source_folder)
+        for name in sorted(files):
+            rel = name if rel_root == "." else os.path.join(rel_root, name).replace(os.sep, "/")
+            if (name.lower().endswith(WEIGHT_SUFFIXES) or name == MANIFEST_NAME
+                    or name.endswith(".quantkit.json") or rel in (CONFIG_NAME, source_name)):
+                continue
+            if os.path.isfile(os.path.join(root, name)):
+                found.append(rel)
+    return found
+
+
+@register
+class CompressedTensorsFormat(OutputFormat):
+    name = "compressed-tensors"
+    summary = ("folder for transformers / vLLM: <L>.weight F8_E4M3 + <L>.weight_scale (model dtype) "
+               "+ config.json quantization_config (compressed-tensors, weight-only FP8)")
+    folder = True
+    weights_name = "model.safetensors"
+
+    def check(self, options) -> None:
+        super().check(options)
+        if options.fp8 is not E4M3FN:
+            raise PolicyError(f"format {self.name!r} stores float8_e4m3fn only (compressed-tensors' FP8 type)",
+                              hint="drop --fp8-dtype, or use --format native for float8_e5m2")
+
+    def check_source(self, source_path: str) -> None:
+        """Refuse a source this format cannot turn into a model folder (no config.json, one shard).
+        Called by ``finalize``; meant to run before any data is read (a hook in the plan stage)."""
+        read_source_config(source_path)
+
+    def layout(self, plan) -> list[Emit]:
+        bad = [t for t in plan.quantized() if not t.name.endswith(".weight") or len(t.info.shape) != 2]
+        if bad:
+            names = ", ".join(t.name for t in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise PolicyError(f"format {self.name!r} quantizes Linear weights only (2-D '<module>.weight'), "
+                              f"not {names}", hint="keep them with --keep, or use --format native")
+        scale_dtype = model_dtype(plan)
+        g = plan.options.granularity
+        emits = []
+        for t in plan.tensors:
+            emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
+            if t.action is Action.QUANTIZE:
+                shape = (1,) if g is Granularity.TENSOR else scale_shape(t.info.shape, g)
+                dtype = dtypes.F32 if t.prequantized is not None else scale_dtype
+                emits.append(Emit(OutputTensor(t.name + SCALE_SUFFIX, dtype, shape), Role.SCALE, t.name))
+        return emits
+
+    def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
+        opts = plan.options
+        return {
+            "format": "pt",
+            "quantkit.version": __version__,
+            "quantkit.format": self.name,
+            "quantkit.fp8": opts.fp8.name,
+            "quantkit.granularity": opts.granularity.value,
+            "quantkit.block_size": str(BLOCK_SIZE),
+            "quantkit.keep_dtype": opts.keep_dtype.value,
+            "quantkit.scale_dtype": model_dtype(plan).code,
+            "quantkit.policy": (plan.policy or opts.policy).to_json(),
+            "quantkit.quantized": json.dumps([layer_name(t.name) for t in plan.quantized()]),
+            **provenance,
+        }
+
+    def finalize(self, folder: str, plan, source_path: str) -> list[str]:
+        config = read_source_config(source_path)
+        d = model_dtype(plan).torch_name
+        config["dtype"] = d
+        config["torch_dtype"] = d          # the older spelling, still read by older transformers/vLLM
+        config["quantization_config"] = quantization_config(plan.options.granularity, ignored_modules(plan))
+        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        source_folder = os.path.dirname(os.path.abspath(source_path))
+        names = [CONFIG_NAME]
+        for rel in extra_files(source_folder, os.path.basename(source_path), skip_folder=folder):
+            dst = os.path.join(folder, *rel.split("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(os.path.join(source_folder, *rel.split("/")), dst)
+            names.append(rel)
+        return names
+
+    def warnings(self, plan) -> list[str]:
+        out = []
+        q = {t.name for t in plan.quantized()}
+        embeds = [t.name for t in plan.quantized() if t.decision.kind is TensorKind.EMBEDDING]
+        if embeds:
+            out.append(f"compressed-tensors dequantizes nn.Linear layers only: if {', '.join(embeds[:3])}"
+                       f"{' ...' if len(embeds) > 3 else ''} belongs to an nn.Embedding, transformers will load "
+                       "FP8 codes as its weights (keep it with --keep)")
+        weights = {t.name for t in plan.tensors}
+        for group in FUSED_SIBLINGS:
+            parents = {w[: -len(f".{m}.weight")] for w in weights for m in group if w.endswith(f".{m}.weight")}
+            for parent in sorted(parents):
+                keys = [f"{parent}.{m}.weight" for m in group if f"{parent}.{m}.weight" in weights]
+                if 0 < sum(k in q for k in keys) < len(keys):
+                    out.append(f"vLLM fuses {', '.join(group)} into one layer and refuses mixed precision: "
+                               f"under {parent} only some are quantized")
+                    break
+        return out
+
+    @classmethod
+    def recognizes(cls, file) -> bool:
+        """quantkit's metadata, a compressed-tensors config.json beside the file, or ``[1]``-shaped
+        ``.weight_scale`` tensors next to FP8 weights (native writes 0-dim per-tensor scales) and
+        no ComfyUI markers."""
+        if file.metadata.get("quantkit.format") == cls.name:
+            return True
+        if any(k == "scaled_fp8" or k.endswith((".comfy_quant", ".scale_weight")) for k in file.tensors):
+            return False
+        pairs = [(info, file.tensors[k[: -len(SCALE_SUFFIX)]]) for k, info in file.tensors.items()
+                 if k.endswith(".weight" + SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in file.tensors]
+        pairs = [(s, w) for s, w in pairs if fp8_of(w.dtype.code) is not None]
+        if not pairs:
+            return False
+        if _config_says_compressed_tensors(file.path):
+            return True
+        return any(tuple(s.shape) == (1,) for s, _ in pairs)
+
+    def stored(self, file) -> dict[str, StoredTensor]:
+        out = {}
+        for key, info in file.tensors.items():
+            base = key.rsplit(".", 1)[0]
+            if key.endswith(".weight" + SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in file.tensors:
+                continue
+            if key.endswith(AUX_SUFFIXES) and _is_fp8(file, base + ".weight"):
+                continue
+            scale = file.tensors.get(key + SCALE_SUFFIX) if key.endswith(".weight") else None
+            fp8 = fp8_of(info.dtype.code)
+            if scale is None or fp8 is None:
+                out[key] = StoredTensor(key, key)
+                continue
+            out[key] = StoredTensor(key, key, scale.name, granularity_from_shapes(info.shape, scale.shape), fp8)
+        return out
+
+
+def _is_fp8(file, key: str) -> bool:
+    info = file.tensors.get(key)
+    return info is not None and fp8_of(info.dtype.code) is not None
+
+
+def _config_says_compressed_tensors(path: str) -> bool:
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME), "rb") as f:
+            config = json.loads(f.read(4 << 20).decode("utf-8"))
+        return config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
