@@ -147,8 +147,8 @@ def main():
 
 
 @main.command(cls=_RuleOrderCommand, epilog=PATTERN_HELP)
-@click.argument("src", type=click.Path(dir_okay=False))
-@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
 @_policy_options
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON to PATH.")
@@ -195,8 +195,8 @@ def convert(ctx, src, dst, granularity, fmt, fp8_dtype, preset, quantize_rules, 
 
 
 @main.command()
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--against", "against", type=click.Path(dir_okay=False),
+@click.argument("out", type=click.Path())
+@click.option("--against", "against", type=click.Path(),
               help="The source checkpoint: measure every tensor against it.")
 @click.option("--min-sqnr", type=float, metavar="DB", help="Fail if any tensor's SQNR is below DB decibels.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON to PATH.")
@@ -259,7 +259,7 @@ def _print_report(report, show: int) -> None:
 
 
 @main.command(cls=_RuleOrderCommand, epilog=PATTERN_HELP)
-@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path())
 @_policy_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the plan as JSON to PATH.")
 @click.option("--only", type=click.Choice(["quantize", "keep", "pass"]), help="List only tensors with this action.")
@@ -327,7 +327,14 @@ def presets(show):
     if show not in REGISTRY:
         _fail(QuantkitError(f"unknown preset {show!r}", hint=f"known presets: {', '.join(REGISTRY)}"))
     p = REGISTRY[show]
-    click.echo(f"{p.name}: {p.summary}\n\nKept in high precision:")
+    click.echo(f"{p.name}: {p.summary}")
+    if p.detection:
+        click.echo(f"\nRecognised by --preset auto: {p.detection}")
+    if p.quantizes:
+        click.echo("\nQuantized to FP8 beyond the default policy's linear layers:")
+        for what, why in p.quantizes:
+            click.echo(f"  - {what}: {why}")
+    click.echo("\nKept in high precision:")
     for what, why in p.keeps:
         click.echo(f"  - {what}: {why}")
     if p.reference:

@@ -138,6 +138,7 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
     from .presets import resolve
     fmt = get_format(options.format)
     fmt.check(options)
+    fmt.check_source(source)
     preset, why = resolve(options.preset, source.tensors)
     policy = options.policy.with_preset(preset.name, preset.rules(source.tensors))
     plan = Plan(os.path.basename(source.path), options, [], notes=[why], policy=policy)
@@ -153,7 +154,7 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
                 decision = Decision(Action.QUANTIZE, policy.decide(info.name, info.shape, dtypes.F32).kind,
                                     f"already FP8 ({plan.source_format}): codes and scale carried over")
                 plan.tensors.append(PlannedTensor(info, decision, info.dtype,
-                                                  tuple(source.tensors[s.scale_key].shape), s))
+                                                  scale_shape(info.shape, s.granularity), s))
     plan.outputs = fmt.layout(plan)
     for rule in options.policy.rules:
         matched = [t for t in plan.tensors if rule.matches(t.name)]
@@ -179,14 +180,18 @@ def _already_quantized(source: SafetensorsFile, options: ConvertOptions, plan: P
     from .formats import detect_format
     try:
         fmt = detect_format(source)
-    except UnsupportedInputError:
+    except (UnsupportedInputError, ValueError):
         fmt = None
     if fmt is None:
         first = next(i for i in source.tensors.values() if i.dtype.kind is Kind.FP8)
         raise UnsupportedInputError(f"already {first.dtype.code}, without scales of a convention quantkit knows",
                                     path=source.path, tensor=first.name,
                                     hint="convert its BF16/FP16/FP32 original instead")
-    stored = fmt.stored(source)
+    try:
+        stored = fmt.stored(source)
+    except ValueError as exc:
+        raise UnsupportedInputError(f"looks like a {fmt.name} checkpoint but does not follow it: {exc}",
+                                    path=source.path, hint="convert its BF16/FP16/FP32 original instead") from None
     plan.source_format = fmt.name
     plan.notes.append(f"source is already quantized ({fmt.name}): FP8 codes and scales are carried over")
     for s in stored.values():

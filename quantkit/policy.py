@@ -193,25 +193,30 @@ class Rule:
 
     action: Action
     pattern: str
+    origin: str = ""      # who set it: "" for the user's --quantize/--keep, "preset flux" for a preset's
+    _rx: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.action is Action.PASS:
             raise PolicyError("a rule can only quantize or keep")
-        if self.pattern.startswith("re:"):
-            try:
-                re.compile(self.pattern[3:])
-            except re.error as exc:
-                raise PolicyError(f"bad regular expression {self.pattern!r}: {exc}",
-                                  hint="patterns with re: are Python regular expressions") from None
-        elif not self.pattern:
+        if not self.pattern:
             raise PolicyError("empty pattern", hint="give a glob such as '*.attn.*' or 're:...'")
+        source = self.pattern[3:] if self.pattern.startswith("re:") else fnmatch.translate(self.pattern)
+        try:
+            object.__setattr__(self, "_rx", re.compile(source))
+        except re.error as exc:
+            raise PolicyError(f"bad regular expression {self.pattern!r}: {exc}",
+                              hint="patterns with re: are Python regular expressions") from None
 
     def matches(self, name: str) -> bool:
-        layer = name.rsplit(".", 1)[0]
-        if self.pattern.startswith("re:"):
-            rx = re.compile(self.pattern[3:])
-            return bool(rx.fullmatch(name) or rx.fullmatch(layer))
-        return fnmatch.fnmatchcase(name, self.pattern) or fnmatch.fnmatchcase(layer, self.pattern)
+        return bool(self._rx.fullmatch(name) or self._rx.fullmatch(name.rsplit(".", 1)[0]))
+
+    @property
+    def label(self) -> str:
+        """How a decision names this rule: ``rule --keep '*.attn.*'`` or ``preset flux: keep '...'``."""
+        if self.origin:
+            return f"{self.origin}: {self.action.value} {self.pattern!r}"
+        return f"rule --{self.action.value} {self.pattern!r}"
 
 
 @dataclass(frozen=True)
@@ -244,14 +249,15 @@ class Policy:
             if not rule.matches(name):
                 continue
             if rule.action is Action.QUANTIZE and kind not in QUANTIZABLE:
-                decision = Decision(Action.KEEP, kind, f"{kind.value}: cannot quantize, rule {rule.pattern!r} ignored", rule)
+                decision = Decision(Action.KEEP, kind, f"{kind.value}: cannot quantize, {rule.label} ignored", rule)
             else:
-                decision = Decision(rule.action, kind, f"{kind.value}: rule --{rule.action.value} {rule.pattern!r}", rule)
+                decision = Decision(rule.action, kind, f"{kind.value}: {rule.label}", rule)
         return decision
 
     def with_preset(self, name: str, rules: tuple[Rule, ...]) -> "Policy":
         """This policy with a preset's rules placed before the user's (the user's win)."""
-        return Policy(tuple(rules) + self.rules, self.quantize_conv, name)
+        labelled = tuple(Rule(r.action, r.pattern, r.origin or f"preset {name}") for r in rules)
+        return Policy(labelled + self.rules, self.quantize_conv, name)
 
     def describe(self) -> dict:
         """A JSON-able description, recorded in output metadata."""

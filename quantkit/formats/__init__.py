@@ -7,6 +7,7 @@ subclasses ``OutputFormat`` and decorates it with ``@register``.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,6 +43,32 @@ class StoredTensor:
     fp8: FP8Format | None = None
 
 
+def layer_name(key: str) -> str:
+    """``<L>`` of ``<L>.weight``."""
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def quantkit_metadata(fmt: "OutputFormat", plan, provenance: dict[str, str], **extra: str) -> dict[str, str]:
+    """The header metadata every format writes, so a file explains itself: quantkit version,
+    format, FP8 dtype, granularity, keep dtype, the effective policy, the quantized layers and
+    the source's provenance. Loaders ignore metadata keys they do not know."""
+    from .._version import __version__
+    from ..fp8 import BLOCK_SIZE
+    opts = plan.options
+    return {
+        "quantkit.version": __version__,
+        "quantkit.format": fmt.name,
+        "quantkit.fp8": opts.fp8.name,
+        "quantkit.granularity": opts.granularity.value,
+        "quantkit.block_size": str(BLOCK_SIZE),
+        "quantkit.keep_dtype": opts.keep_dtype.value,
+        **extra,
+        "quantkit.policy": (plan.policy or opts.policy).to_json(),
+        "quantkit.quantized": json.dumps([layer_name(t.name) for t in plan.quantized()]),
+        **provenance,
+    }
+
+
 class OutputFormat:
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -49,6 +76,8 @@ class OutputFormat:
     # A folder format writes DST/ (weights + config files) instead of the single file DST.
     folder: ClassVar[bool] = False
     weights_name: ClassVar[str] = "model.safetensors"
+    # Tried after the others by detect_format (its recognizes() is the loosest).
+    recognized_last: ClassVar[bool] = False
 
     def check(self, options) -> None:
         """Refuse options this format cannot express, before any work starts."""
@@ -56,6 +85,10 @@ class OutputFormat:
             allowed = ", ".join(sorted(g.value for g in self.granularities))
             raise PolicyError(f"format {self.name!r} does not support --granularity {options.granularity.value}",
                               hint=f"use one of: {allowed}")
+
+    def check_source(self, source) -> None:
+        """Refuse a source this format cannot convert, from its header and folder alone (before any
+        data is read). ``source`` is the opened checkpoint."""
 
     def layout(self, plan) -> list[Emit]:
         """Every output tensor, in file order."""
@@ -104,7 +137,7 @@ def detect_format(file) -> OutputFormat:
     name = file.metadata.get("quantkit.format")
     if name in REGISTRY:
         return REGISTRY[name]()
-    for cls in REGISTRY.values():
+    for cls in sorted(REGISTRY.values(), key=lambda c: c.recognized_last):
         if cls.recognizes(file):
             return cls()
     raise UnsupportedInputError("not a quantized checkpoint in a format quantkit knows", path=file.path,

@@ -30,7 +30,7 @@ from ..errors import PolicyError, UnsupportedInputError
 from ..fp8 import FP8_FORMATS, Granularity
 from ..policy import Action
 from ..writer import OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, register
+from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
 
 MARKER = ".comfy_quant"
 WEIGHT_SCALE = ".weight_scale"
@@ -60,20 +60,6 @@ def layer_config(fp8_name: str, input_scale: float | None = None, full_precision
     if input_scale is None or full_precision_matrix_mult:
         conf["full_precision_matrix_mult"] = True
     return conf
-
-
-def layer_name(key: str) -> str:
-    """``<L>`` of ``<L>.weight``."""
-    return key[: -len(".weight")] if key.endswith(".weight") else key
-
-
-def provenance_metadata(fmt: OutputFormat, plan, provenance: dict[str, str]) -> dict[str, str]:
-    """quantkit's header metadata (version, format, policy, source and its SHA256, quantized layers),
-    the same keys as format ``native`` writes; ComfyUI ignores metadata keys it does not know."""
-    # Imported here, not at module level: importing native first would register it before the
-    # comfy formats, and its recognizes() (any '.weight_scale' key) would then claim ComfyUI files.
-    from .native import NativeFormat
-    return NativeFormat.metadata(fmt, plan, provenance)
 
 
 def encode_config(conf: dict) -> bytes:
@@ -137,7 +123,7 @@ class ComfyFormat(OutputFormat):
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
-        meta = provenance_metadata(self, plan, provenance)
+        meta = quantkit_metadata(self, plan, provenance)
         if plan.options.comfy_header_metadata:
             meta[HEADER_KEY] = json.dumps({"format_version": HEADER_VERSION, "layers": self.layer_configs(plan)},
                                           sort_keys=True, separators=(",", ":"))

@@ -21,9 +21,8 @@ from ..errors import PolicyError
 from ..fp8 import E4M3FN, Granularity
 from ..policy import Action, TensorKind
 from ..writer import OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, register
-from .comfy import (ComfyFormatError, ComfyStoredTensor, carried, f32_bytes, input_scale, layer_name,
-                    provenance_metadata, quantized_layer, scale_key)
+from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
+from .comfy import ComfyFormatError, ComfyStoredTensor, carried, f32_bytes, input_scale, quantized_layer, scale_key
 
 MARKER = "scaled_fp8"
 SCALE_WEIGHT = ".scale_weight"
@@ -89,7 +88,7 @@ class ComfyLegacyFormat(OutputFormat):
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
-        return provenance_metadata(self, plan, provenance)
+        return quantkit_metadata(self, plan, provenance)
 
     def warnings(self, plan) -> list[str]:
         quantized = [t.name for t in plan.quantized()]

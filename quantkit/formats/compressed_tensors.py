@@ -76,13 +76,12 @@ import shutil
 from collections import Counter
 
 from .. import dtypes
-from .._version import __version__
 from ..dtypes import Kind
 from ..errors import PolicyError, UnsupportedInputError
 from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
 from ..policy import Action, TensorKind
 from ..writer import TEMP_MARK, OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, register
+from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
 
 SCALE_SUFFIX = "_scale"
 CONFIG_NAME = "config.json"
@@ -94,10 +93,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
                    ".gguf", ".ot", ".index.json")
 # vLLM fuses these sibling projections into one layer and refuses mixed quantization among them.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
-
-
-def layer_name(key: str) -> str:
-    return key[: -len(".weight")] if key.endswith(".weight") else key
 
 
 def granularity_from_shapes(weight_shape, scale_shape_) -> Granularity:
@@ -251,10 +246,9 @@ class CompressedTensorsFormat(OutputFormat):
             raise PolicyError(f"format {self.name!r} stores float8_e4m3fn only (compressed-tensors' FP8 type)",
                               hint="drop --fp8-dtype, or use --format native for float8_e5m2")
 
-    def check_source(self, source_path: str) -> None:
-        """Refuse a source this format cannot turn into a model folder (no config.json, one shard).
-        Called by ``finalize``; meant to run before any data is read (a hook in the plan stage)."""
-        read_source_config(source_path)
+    def check_source(self, source) -> None:
+        """Refuse a source this format cannot turn into a model folder (no config.json, one shard)."""
+        read_source_config(source.path)
 
     def layout(self, plan) -> list[Emit]:
         bad = [t for t in plan.quantized() if not t.name.endswith(".weight") or len(t.info.shape) != 2]
@@ -274,20 +268,8 @@ class CompressedTensorsFormat(OutputFormat):
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
-        opts = plan.options
-        return {
-            "format": "pt",
-            "quantkit.version": __version__,
-            "quantkit.format": self.name,
-            "quantkit.fp8": opts.fp8.name,
-            "quantkit.granularity": opts.granularity.value,
-            "quantkit.block_size": str(BLOCK_SIZE),
-            "quantkit.keep_dtype": opts.keep_dtype.value,
-            "quantkit.scale_dtype": model_dtype(plan).code,
-            "quantkit.policy": (plan.policy or opts.policy).to_json(),
-            "quantkit.quantized": json.dumps([layer_name(t.name) for t in plan.quantized()]),
-            **provenance,
-        }
+        return {"format": "pt", **quantkit_metadata(self, plan, provenance,
+                                                   **{"quantkit.scale_dtype": model_dtype(plan).code})}
 
     def finalize(self, folder: str, plan, source_path: str) -> list[str]:
         config = read_source_config(source_path)

@@ -10,20 +10,14 @@ the source's name and SHA256 and the quantized layers, so a file explains itself
 """
 from __future__ import annotations
 
-import json
 
 from .. import dtypes
-from .._version import __version__
-from ..fp8 import BLOCK_SIZE, Granularity
+from ..fp8 import Granularity
 from ..policy import Action
 from ..writer import OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, register
+from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, quantkit_metadata, register
 
 SCALE_SUFFIX = "_scale"
-
-
-def layer_name(key: str) -> str:
-    return key[: -len(".weight")] if key.endswith(".weight") else key
 
 
 def granularity_from_shapes(weight_shape, scale_shape) -> Granularity:
@@ -38,6 +32,7 @@ def granularity_from_shapes(weight_shape, scale_shape) -> Granularity:
 @register
 class NativeFormat(OutputFormat):
     name = "native"
+    recognized_last = True     # any '<L>.weight_scale' key: other formats' files have them too
     summary = "quantkit v1: <L>.weight FP8 + <L>.weight_scale float32 (tensor, channel or block scales)"
 
     def layout(self, plan) -> list[Emit]:
@@ -49,18 +44,7 @@ class NativeFormat(OutputFormat):
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
-        opts = plan.options
-        return {
-            "quantkit.version": __version__,
-            "quantkit.format": self.name,
-            "quantkit.fp8": opts.fp8.name,
-            "quantkit.granularity": opts.granularity.value,
-            "quantkit.block_size": str(BLOCK_SIZE),
-            "quantkit.keep_dtype": opts.keep_dtype.value,
-            "quantkit.policy": (plan.policy or opts.policy).to_json(),
-            "quantkit.quantized": json.dumps([layer_name(t.name) for t in plan.quantized()]),
-            **provenance,
-        }
+        return quantkit_metadata(self, plan, provenance)
 
     @classmethod
     def recognizes(cls, file) -> bool:
