@@ -219,12 +219,34 @@ def _where(preset: Preset, infos: dict) -> str:
 # ----------------------------------------------------------------------------- shared reasons
 # Sources behind these sentences: docs/presets.md.
 
-_WHY_MODULATION = ("AdaLN modulation: one small matmul per step on the timestep/pooled vector, so FP8 saves "
-                   "memory but no compute; its output shifts, scales and gates every token of the stream, so "
-                   "its error is coherent across the whole image instead of averaging out. Tools keep it for "
-                   "sensitive DiTs (convert-to-quant: FLUX.2 stream_modulation, Z-Image adaLN_modulation; "
-                   "comfy-quants and convert-to-quant: Qwen-Image block 0 img_mod). Its size cost is under "
-                   "'reference'")
+# The --keep patterns that undo the modulation rules below, for any prefix; quoted in the presets'
+# texts and docs, and checked against real key lists in tests/test_presets.py.
+KEEP_MODULATION_BFL = r"re:.*\.(img_mod|txt_mod|modulation)\.lin"
+KEEP_MODULATION_DIFFUSERS = r"re:.*blocks\.\d+\.(norm1|norm1_context|norm)\.linear"
+KEEP_MODULATION_MMDIT = r"re:.*joint_blocks\.\d+\.(x_block|context_block)\.adaLN_modulation\.1"
+
+
+def _keep_flag(pattern: str, names: str) -> str:
+    return f"--keep '{pattern}' ({names})"
+
+
+def _why_modulation(releases: str, share: str, *flags: str) -> str:
+    """Why a preset quantizes the per-block AdaLN modulation, the caveat, and the --keep that undoes it."""
+    return (f"{releases}, and it is {share}. Caveat: it is one small matmul per step on the timestep/pooled "
+            "vector, so FP8 saves memory but no compute, and its output shifts, scales and gates every token, so "
+            "its error is coherent across the whole image instead of averaging out; tools that single out "
+            "sensitive layers keep it in some DiTs (convert-to-quant: FLUX.2 stream_modulation, Z-Image "
+            "adaLN_modulation; comfy-quants and convert-to-quant: Qwen-Image block 0 img_mod). If you see colour "
+            "or contrast drift, keep it in BF16 with " + " or ".join(flags))
+
+
+_FLUX_MOD_RELEASES = ("every published FP8 release of FLUX.1 quantizes it (Comfy-Org's scaled-FP8 files, which "
+                      "convert every nn.Linear; flux-fp8-api by default; modelopt's FLUX-dev recipe)")
+_FLUX_MOD_FLAGS = (_keep_flag(KEEP_MODULATION_BFL, "BFL names"),
+                   _keep_flag(KEEP_MODULATION_DIFFUSERS, "diffusers names"))
+_SD3_MOD_FLAGS = (_keep_flag(KEEP_MODULATION_DIFFUSERS, "diffusers names"),
+                  _keep_flag(KEEP_MODULATION_MMDIT, "ComfyUI/SAI names"))
+
 _WHY_EMBED = ("input projections and timestep/guidance/text embedders: run once per step on the raw inputs, "
               "tiny, and every later layer inherits their error (kept by modelopt, kuantala and the "
               "convert-to-quant presets)")
@@ -244,12 +266,12 @@ _ATTN_DIFFUSERS = r"(to_q|to_k|to_v|to_qkv|to_out\.0|add_q_proj|add_k_proj|add_v
 _FLUX_BFL_DOUBLE_RULES = (
     (Q, r"re:double_blocks\.\d+\.(img_attn|txt_attn)\.(qkv|proj)\.weight"),
     (Q, r"re:double_blocks\.\d+\.(img_mlp|txt_mlp)\.\d+\.weight"),
-    (K, r"re:double_blocks\.\d+\.(img_mod|txt_mod)\.lin"),
+    (Q, r"re:double_blocks\.\d+\.(img_mod|txt_mod)\.lin\.weight"),
     (K, "img_in"), (K, "txt_in"), (K, "time_in.*"), (K, "vector_in.*"), (K, "guidance_in.*"),
 )
 _FLUX_BFL_RULES = _FLUX_BFL_DOUBLE_RULES + (
     (Q, r"re:single_blocks\.\d+\.(linear1|linear2)\.weight"),
-    (K, r"re:single_blocks\.\d+\.modulation\.lin"),
+    (Q, r"re:single_blocks\.\d+\.modulation\.lin\.weight"),
     (K, "final_layer.*"),
 )
 _FLUX_DIFFUSERS_BLOCK_RULES = (
@@ -257,8 +279,8 @@ _FLUX_DIFFUSERS_BLOCK_RULES = (
     (Q, r"re:transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)\.weight"),
     (Q, r"re:single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_qkv)\.weight"),
     (Q, r"re:single_transformer_blocks\.\d+\.(proj_mlp|proj_out)\.weight"),
-    (K, r"re:transformer_blocks\.\d+\.(norm1|norm1_context)\.linear"),
-    (K, r"re:single_transformer_blocks\.\d+\.norm\.linear"),
+    (Q, r"re:transformer_blocks\.\d+\.(norm1|norm1_context)\.linear\.weight"),
+    (Q, r"re:single_transformer_blocks\.\d+\.norm\.linear\.weight"),
     (K, "x_embedder"), (K, "context_embedder"), (K, "time_text_embed.*"),
 )
 _FLUX_DIFFUSERS_RULES = _FLUX_DIFFUSERS_BLOCK_RULES + ((K, "norm_out.*"), (K, "proj_out"))
@@ -311,10 +333,12 @@ FLUX = _preset(
     quantizes=(("attention: img_attn/txt_attn qkv and proj (to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; "
                 "single blocks' to_q/k/v)", _WHY_DIT_ATTN),
                ("MLPs: img_mlp/txt_mlp (ff, ff_context), single blocks' linear1/linear2 (proj_mlp, proj_out)",
-                "the bulk of the weights; linears the generic policy quantizes as well")),
-    keeps=(("AdaLN modulation: img_mod.lin, txt_mod.lin, modulation.lin (norm1.linear, norm1_context.linear, "
-            "norm.linear)", _WHY_MODULATION),
-           ("img_in, txt_in, time_in, vector_in, guidance_in (x_embedder, context_embedder, time_text_embed)",
+                "the bulk of the weights; linears the generic policy quantizes as well"),
+               ("AdaLN modulation of every block: img_mod.lin, txt_mod.lin, modulation.lin (norm1.linear, "
+                "norm1_context.linear, norm.linear)",
+                _why_modulation(_FLUX_MOD_RELEASES, "about 27% of the block weights (3.2B of FLUX.1's 11.9B "
+                                "parameters): ~12 GB instead of ~15 GB", *_FLUX_MOD_FLAGS))),
+    keeps=(("img_in, txt_in, time_in, vector_in, guidance_in (x_embedder, context_embedder, time_text_embed)",
             _WHY_EMBED),
            ("final_layer.linear, final_layer.adaLN_modulation (proj_out, norm_out.linear)", _WHY_FINAL),
            ("norms (query_norm/key_norm scales; norm_q/norm_k, norm_added_q/k), biases", _WHY_NORMS)),
@@ -322,11 +346,11 @@ FLUX = _preset(
                "(its scale_weight shows in load logs); flux-fp8-api quantizes every block linear, modulation "
                "included (opt-out flag), but not final_layer and by default not the embedders; modelopt's "
                "FLUX-dev recipe keeps proj_out, x_embedder, context_embedder, time_text_embed and norm_out and "
-               "quantizes the rest, modulation included. This preset also keeps the per-block modulation: "
-               "about 3.2B of FLUX.1's 11.9B parameters, ~15 GB instead of ~12 GB. To match those files add "
-               r"--quantize 're:.*(img_mod|txt_mod|modulation)\.lin\.weight' (BFL names) or "
-               r"--quantize 're:.*blocks\.\d+\.(norm1|norm1_context|norm)\.linear\.weight' (diffusers names). "
-               "The exact layer list of Comfy-Org's flux1-dev-fp8 file could not be inspected."),
+               "quantizes the rest, modulation included. Like all three, this preset quantizes the per-block "
+               "modulation (FLUX.1-dev comes to ~12 GB from 23.8 GB in BF16); like modelopt it keeps the "
+               "embedders and the final layer (under 0.1B parameters). Add " + " or ".join(_FLUX_MOD_FLAGS) +
+               " to keep the modulation in BF16 (+~3 GB for FLUX.1). The exact layer list of Comfy-Org's "
+               "flux1-dev-fp8 file could not be inspected."),
 )
 
 
@@ -359,20 +383,22 @@ FLUX_CONTROLNET = _preset(
     detection=("controlnet_blocks.N [h,h] with FLUX.1 blocks under the same prefix: diffusers names, with "
                "x_embedder and controlnet_x_embedder [h,c] (InstantX, Shakker-Labs Union, diffusers "
                "FluxControlNetModel), or BFL names, with double_blocks.N.img_attn.qkv [3h,h] (XLabs)"),
-    quantizes=(("attention and MLP linears of its FLUX blocks", "as in the flux preset: " + _WHY_DIT_ATTN),),
+    quantizes=(("attention and MLP linears of its FLUX blocks", "as in the flux preset: " + _WHY_DIT_ATTN),
+               ("AdaLN modulation of its blocks (norm1.linear, norm1_context.linear, norm.linear; img_mod.lin, "
+                "txt_mod.lin)", "as in the flux preset: " + _why_modulation(
+                    _FLUX_MOD_RELEASES, "about 27% of the block weights", *_FLUX_MOD_FLAGS))),
     keeps=(("controlnet_blocks, controlnet_single_blocks", "the ControlNet's output projections: every residual "
             "it adds to the base model passes through one of them, unnormalised; trained from zero, so their "
             "weights are small and unlike the blocks'. The base model's proj_out is kept for the same reason "
             "(and modelopt disables every *proj_out*)"),
            ("controlnet_x_embedder, controlnet_mode_embedder (Union); pos_embed_input, input_hint_block (XLabs)",
             "the control image's input projection and encoder, and the mode embedding: " + _WHY_EMBED),
-           ("AdaLN modulation (norm1.linear, norm1_context.linear, norm.linear; img_mod.lin, txt_mod.lin)",
-            _WHY_MODULATION),
            ("x_embedder, context_embedder, time_text_embed (img_in, txt_in, time_in, vector_in, guidance_in)",
             _WHY_EMBED),
            ("norms, biases", _WHY_NORMS)),
     reference=("No published FP8 FLUX ControlNet with a checkable layer list was found. The block rules are the "
-               "flux preset's (so the modulation costs the same share, ~27%); the ControlNet's own output "
+               "flux preset's, per-block modulation quantized (add " + " or ".join(_FLUX_MOD_FLAGS) +
+               " to keep it in BF16, ~27% of the block weights); the ControlNet's own output "
                "projections are kept, where a converter quantizing every nn.Linear would take them too. "
                "SD3 ControlNets (controlnet_blocks beside SD3 blocks) are left to the generic policy."),
 )
@@ -383,13 +409,13 @@ FLUX_CONTROLNET = _preset(
 _SD3_DIFFUSERS_RULES = (
     (Q, r"re:transformer_blocks\.\d+\.(attn|attn2)\." + _ATTN_DIFFUSERS + r"\.weight"),
     (Q, r"re:transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)\.weight"),
-    (K, r"re:transformer_blocks\.\d+\.(norm1|norm1_context)\.linear"),
+    (Q, r"re:transformer_blocks\.\d+\.(norm1|norm1_context)\.linear\.weight"),
     (K, "context_embedder"), (K, "time_text_embed.*"), (K, "norm_out.*"), (K, "proj_out"),
 )
 _SD3_MMDIT_RULES = (
     (Q, r"re:joint_blocks\.\d+\.(x_block|context_block)\.(attn|attn2)\.(qkv|proj)\.weight"),
     (Q, r"re:joint_blocks\.\d+\.(x_block|context_block)\.mlp\.(fc1|fc2)\.weight"),
-    (K, r"re:joint_blocks\.\d+\.(x_block|context_block)\.adaLN_modulation\.\d+"),
+    (Q, r"re:joint_blocks\.\d+\.(x_block|context_block)\.adaLN_modulation\.1\.weight"),
     (K, "context_embedder"), (K, "t_embedder.*"), (K, "y_embedder.*"), (K, "final_layer.*"),
 )
 
@@ -428,19 +454,23 @@ SD3 = _preset(
                 "to_add_out (x_block/context_block attn.qkv, attn.proj, attn2.*); the last block's context "
                 "stream (context_pre_only) has only q/k/v projections, quantized like the others",
                 _WHY_DIT_ATTN.replace("RMS qk-norms", "qk-norms (SD3.5)")),
-               ("MLPs: ff, ff_context (mlp.fc1, mlp.fc2)", "the bulk of the weights")),
-    keeps=(("AdaLN modulation: norm1.linear, norm1_context.linear (x_block/context_block.adaLN_modulation.1)",
-            _WHY_MODULATION),
-           ("pos_embed, context_embedder, time_text_embed (x_embedder, t_embedder, y_embedder)",
+               ("MLPs: ff, ff_context (mlp.fc1, mlp.fc2)", "the bulk of the weights"),
+               ("AdaLN modulation of every block: norm1.linear, norm1_context.linear "
+                "(x_block/context_block.adaLN_modulation.1)",
+                _why_modulation("the published FP8 files follow the every-nn.Linear rule that takes it "
+                                "(Comfy-Org's sd3.5_large_fp8_scaled, whose layer list was not inspected), as "
+                                "does modelopt's default diffusers filter",
+                                "about a third of the block weights (2.7B of SD3.5 Large's 8.1B parameters)",
+                                *_SD3_MOD_FLAGS))),
+    keeps=(("pos_embed, context_embedder, time_text_embed (x_embedder, t_embedder, y_embedder)",
             _WHY_EMBED + "; the patch-embedding convolution is kept by the default policy"),
            ("norm_out.linear, proj_out (final_layer.adaLN_modulation, final_layer.linear)", _WHY_FINAL),
            ("norms (SD3.5's qk RMS norms, ln_q/ln_k), biases", _WHY_NORMS)),
     reference=("Comfy-Org publishes sd3.5_large_fp8_scaled; its layer list could not be inspected (legacy "
-               "scaled-FP8 files quantize every nn.Linear, modulation and final layer included). Keeping the "
-               "modulation costs about a third of the block weights (2.7B of SD3.5 Large's 8.1B); add "
-               r"--quantize 're:.*blocks\.\d+\.(norm1|norm1_context)\.linear\.weight' (diffusers names) or "
-               r"--quantize 're:.*joint_blocks\.\d+\..*adaLN_modulation\.1\.weight' (ComfyUI names) to "
-               "quantize it."),
+               "scaled-FP8 files quantize every nn.Linear, modulation and final layer included). Like them, "
+               "this preset quantizes the per-block modulation; it keeps the embedders and the final layer. "
+               "Add " + " or ".join(_SD3_MOD_FLAGS) + " to keep the modulation in BF16 (+~2.7 GB for SD3.5 "
+               "Large)."),
 )
 
 
@@ -482,8 +512,8 @@ QWEN_IMAGE = _preset(
     reference=("Follows Comfy-Org/comfy-quants configs/qwen_image_2512_fp8_static.yaml. modelopt's Qwen-Image "
                "recipe is more conservative (keeps transformer_blocks 0, 1, 58 and 59 whole) and kuantala "
                "keeps the first and last three blocks: add --keep 'transformer_blocks.0.*' and so on to follow "
-               "them. Unlike the flux and sd3 presets this one quantizes the per-block modulation (about a third "
-               "of the block weights), because the official config does."),
+               "them. Like the flux and sd3 presets it quantizes the per-block modulation (about a third of the "
+               "block weights), block 0's img_mod excepted, as the official config does."),
 )
 
 

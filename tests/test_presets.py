@@ -26,8 +26,9 @@ from quantkit.cli import main
 from quantkit.dtypes import BF16, from_torch
 from quantkit.errors import PolicyError
 from quantkit.plan import ConvertOptions
-from quantkit.policy import Action, Policy, TensorKind
-from quantkit.presets import ENCODERS, GENERIC, REGISTRY, resolve
+from quantkit.policy import Action, Policy, Rule, TensorKind
+from quantkit.presets import (ENCODERS, GENERIC, KEEP_MODULATION_BFL, KEEP_MODULATION_DIFFUSERS,
+                              KEEP_MODULATION_MMDIT, REGISTRY, resolve)
 from quantkit.quantize import convert
 from quantkit.reader import TensorInfo
 from quantkit.validate import load_dequantized
@@ -331,7 +332,8 @@ def test_golden_quantized_keys(model):
 def test_golden_quantized_keys_bfl_flux():
     got = quantized(bfl_flux())
     check_golden("flux_bfl", got)
-    assert len(got) == 19 * 8 + 38 * 2
+    # double block: qkv, proj, mlp.0, mlp.2 and mod.lin of each stream; single block: linear1, linear2, modulation
+    assert len(got) == 19 * 10 + 38 * 3
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -345,16 +347,17 @@ def test_preset_rules_only_target_matrices(model):
 
 # (model, key, action): a handful of keys per preset, each one a documented choice.
 TINY_CASES = [
-    # flux: blocks' attention and MLPs quantized; modulation, embedders, final layer kept
+    # flux: blocks' attention, MLPs and modulation quantized; embedders, final layer kept
     ("flux", "transformer_blocks.0.attn.to_q.weight", Q), ("flux", "transformer_blocks.0.attn.add_k_proj.weight", Q),
     ("flux", "transformer_blocks.0.attn.to_add_out.weight", Q),
     ("flux", "transformer_blocks.1.ff_context.net.2.weight", Q),
     ("flux", "single_transformer_blocks.0.attn.to_k.weight", Q),
     ("flux", "single_transformer_blocks.1.proj_mlp.weight", Q),
     ("flux", "single_transformer_blocks.1.proj_out.weight", Q),
-    ("flux", "transformer_blocks.0.norm1.linear.weight", K),
-    ("flux", "transformer_blocks.1.norm1_context.linear.weight", K),
-    ("flux", "single_transformer_blocks.0.norm.linear.weight", K), ("flux", "norm_out.linear.weight", K),
+    ("flux", "transformer_blocks.0.norm1.linear.weight", Q),
+    ("flux", "transformer_blocks.1.norm1_context.linear.weight", Q),
+    ("flux", "single_transformer_blocks.0.norm.linear.weight", Q), ("flux", "norm_out.linear.weight", K),
+    ("flux", "transformer_blocks.0.norm1.linear.bias", K),
     ("flux", "proj_out.weight", K), ("flux", "x_embedder.weight", K), ("flux", "context_embedder.weight", K),
     ("flux", "time_text_embed.guidance_embedder.linear_2.weight", K),
     ("flux", "transformer_blocks.0.attn.norm_q.weight", K),
@@ -364,13 +367,14 @@ TINY_CASES = [
     ("flux_controlnet", "single_transformer_blocks.0.proj_out.weight", Q),
     ("flux_controlnet", "controlnet_blocks.0.weight", K), ("flux_controlnet", "controlnet_single_blocks.0.weight", K),
     ("flux_controlnet", "controlnet_x_embedder.weight", K), ("flux_controlnet", "controlnet_mode_embedder.weight", K),
-    ("flux_controlnet", "transformer_blocks.0.norm1.linear.weight", K),
-    # sd3: attn and attn2 quantized (block 1 is context_pre_only), modulation and final layer kept
+    ("flux_controlnet", "transformer_blocks.0.norm1.linear.weight", Q),
+    ("flux_controlnet", "single_transformer_blocks.0.norm.linear.weight", Q),
+    # sd3: attn, attn2 (block 1 is context_pre_only) and modulation quantized, final layer kept
     ("sd3", "transformer_blocks.0.attn2.to_q.weight", Q), ("sd3", "transformer_blocks.1.attn.add_q_proj.weight", Q),
     ("sd3", "transformer_blocks.0.attn.to_add_out.weight", Q),
     ("sd3", "transformer_blocks.1.ff.net.0.proj.weight", Q),
-    ("sd3", "transformer_blocks.0.norm1.linear.weight", K),
-    ("sd3", "transformer_blocks.1.norm1_context.linear.weight", K),
+    ("sd3", "transformer_blocks.0.norm1.linear.weight", Q),
+    ("sd3", "transformer_blocks.1.norm1_context.linear.weight", Q),
     ("sd3", "pos_embed.proj.weight", K), ("sd3", "norm_out.linear.weight", K), ("sd3", "proj_out.weight", K),
     # qwen_image: comfy-quants' list
     ("qwen_image", "transformer_blocks.0.img_mod.1.weight", K),
@@ -436,15 +440,16 @@ HAND_CASES = [
     ("bfl", "double_blocks.0.img_attn.qkv.weight", Q), ("bfl", "double_blocks.18.txt_attn.proj.weight", Q),
     ("bfl", "double_blocks.3.img_mlp.0.weight", Q), ("bfl", "double_blocks.3.txt_mlp.2.weight", Q),
     ("bfl", "single_blocks.0.linear1.weight", Q), ("bfl", "single_blocks.37.linear2.weight", Q),
-    ("bfl", "double_blocks.0.img_mod.lin.weight", K), ("bfl", "double_blocks.7.txt_mod.lin.weight", K),
-    ("bfl", "single_blocks.12.modulation.lin.weight", K), ("bfl", "final_layer.linear.weight", K),
+    ("bfl", "double_blocks.0.img_mod.lin.weight", Q), ("bfl", "double_blocks.7.txt_mod.lin.weight", Q),
+    ("bfl", "single_blocks.12.modulation.lin.weight", Q), ("bfl", "final_layer.linear.weight", K),
+    ("bfl", "double_blocks.0.img_mod.lin.bias", K),
     ("bfl", "final_layer.adaLN_modulation.1.weight", K), ("bfl", "double_blocks.0.img_attn.norm.query_norm.scale", K),
     ("bfl", "double_blocks.0.img_attn.qkv.bias", K),
     ("mmdit", "joint_blocks.0.x_block.attn.qkv.weight", Q), ("mmdit", "joint_blocks.0.x_block.attn2.proj.weight", Q),
     ("mmdit", "joint_blocks.1.context_block.mlp.fc2.weight", Q),
     ("mmdit", "joint_blocks.2.context_block.attn.qkv.weight", Q),
-    ("mmdit", "joint_blocks.0.x_block.adaLN_modulation.1.weight", K),
-    ("mmdit", "joint_blocks.2.context_block.adaLN_modulation.1.weight", K),
+    ("mmdit", "joint_blocks.0.x_block.adaLN_modulation.1.weight", Q),
+    ("mmdit", "joint_blocks.2.context_block.adaLN_modulation.1.weight", Q),
     ("mmdit", "final_layer.linear.weight", K), ("mmdit", "final_layer.adaLN_modulation.1.weight", K),
     ("mmdit", "t_embedder.mlp.2.weight", K), ("mmdit", "y_embedder.mlp.0.weight", K),
     ("mmdit", "context_embedder.weight", K),
@@ -461,7 +466,7 @@ HAND_CASES = [
     ("openclip", "text_projection", K),
     ("xlabs", "double_blocks.1.img_attn.qkv.weight", Q), ("xlabs", "double_blocks.0.txt_mlp.0.weight", Q),
     ("xlabs", "controlnet_blocks.0.weight", K), ("xlabs", "pos_embed_input.weight", K),
-    ("xlabs", "double_blocks.0.img_mod.lin.weight", K), ("xlabs", "input_hint_block.0.weight", K),
+    ("xlabs", "double_blocks.0.img_mod.lin.weight", Q), ("xlabs", "input_hint_block.0.weight", K),
     ("moe", "model.layers.0.block_sparse_moe.experts.0.w1.weight", Q),
     ("moe", "model.layers.0.block_sparse_moe.experts.7.w2.weight", Q),
     ("moe", "model.layers.1.mlp.experts.59.up_proj.weight", Q),
@@ -497,6 +502,77 @@ def test_documented_decisions_on_other_key_names(names, key, action, prefix):
     assert d.action is action, d.reason
 
 
+# ----------------------------------------------------------------------------- the modulation opt-out
+
+def _blocks(infos: dict, stack: str) -> set[str]:
+    """The ``<prefix>stack.N.`` heads of the blocks of one stack (``double_blocks`` ...) in ``infos``."""
+    rx = re.compile(r"(.*?(?:^|\.))" + re.escape(stack) + r"\.(\d+)\.")
+    return {m[1] + f"{stack}.{m[2]}." for k in infos if (m := rx.match(k))}
+
+
+def modulation_tensors(infos: dict) -> set[str]:
+    """Every per-block AdaLN modulation tensor (weight and bias) in ``infos``, named layer by layer."""
+    layers = {"double_blocks": ("img_mod.lin", "txt_mod.lin"), "single_blocks": ("modulation.lin",),
+              "transformer_blocks": ("norm1.linear", "norm1_context.linear"),
+              "single_transformer_blocks": ("norm.linear",),
+              "joint_blocks": ("x_block.adaLN_modulation.1", "context_block.adaLN_modulation.1")}
+    return {key for stack, names in layers.items() for head in _blocks(infos, stack) for name in names
+            for key in (f"{head}{name}.weight", f"{head}{name}.bias") if key in infos}
+
+
+def _all_in_one(prefix: str) -> dict[str, TensorInfo]:
+    return {**bfl_flux(prefix + "model.diffusion_model.", double=2, single=2),
+            **model_infos("t5_encoder", prefix + "text_encoders.t5xxl.transformer."),
+            **model_infos("clip_text_projection", prefix + "text_encoders.clip_l.transformer.")}
+
+
+# (key set, preset it must be detected as, the documented --keep pattern for its names)
+OPT_OUT_CASES = [
+    ("bfl", "flux", KEEP_MODULATION_BFL), ("all_in_one", "flux", KEEP_MODULATION_BFL),
+    ("flux", "flux", KEEP_MODULATION_DIFFUSERS), ("xlabs", "flux_controlnet", KEEP_MODULATION_BFL),
+    ("flux_controlnet", "flux_controlnet", KEEP_MODULATION_DIFFUSERS), ("sd3", "sd3", KEEP_MODULATION_DIFFUSERS),
+    ("mmdit", "sd3", KEEP_MODULATION_MMDIT),
+]
+OPT_OUT_KEYS = {**HAND, "all_in_one": _all_in_one, **{m: functools.partial(model_infos, m)
+                                                      for m in ("flux", "flux_controlnet", "sd3")}}
+
+
+@pytest.mark.parametrize("prefix", ["", "transformer."])
+@pytest.mark.parametrize("names,preset,pattern", OPT_OUT_CASES, ids=[f"{n}-{p}" for n, p, _ in OPT_OUT_CASES])
+def test_documented_modulation_opt_out_keeps_exactly_the_modulation(names, preset, pattern, prefix):
+    """The --keep each preset documents for drifting colours matches every per-block modulation tensor and no
+    other key (not the final layer's adaLN_modulation, not norm_out, not a bundled encoder), and turns
+    exactly the modulation weights the preset quantizes back to BF16."""
+    infos = OPT_OUT_KEYS[names](prefix)
+    want = modulation_tensors(infos)
+    weights = {k for k in want if k.endswith(".weight")}
+    assert weights and resolve("auto", infos)[0].name == preset
+    assert {k for k in infos if Rule(K, pattern).matches(k)} == want
+
+    base = {k: d.action for k, d in decisions(infos)[2].items()}
+    opted = {k: d.action for k, d in decisions(infos, policy=Policy(rules=(Rule(K, pattern),)))[2].items()}
+    assert {k for k in infos if base[k] is Q and opted[k] is K} == weights
+    assert all(opted[k] is K for k in want)
+    assert {k: a for k, a in base.items() if k not in want} == {k: a for k, a in opted.items() if k not in want}
+
+
+@pytest.mark.parametrize("preset,patterns", [
+    ("flux", (KEEP_MODULATION_BFL, KEEP_MODULATION_DIFFUSERS)),
+    ("flux_controlnet", (KEEP_MODULATION_BFL, KEEP_MODULATION_DIFFUSERS)),
+    ("sd3", (KEEP_MODULATION_DIFFUSERS, KEEP_MODULATION_MMDIT)),
+])
+def test_the_modulation_opt_out_is_documented_with_the_tested_patterns(preset, patterns):
+    p = REGISTRY[preset]
+    why = " ".join(why for what, why in p.quantizes if "modulation" in what)
+    docs = (ROOT.parent / "docs" / "presets.md").read_text()
+    section = docs.split(f"## `{preset}`", 1)[1].split("\n## ", 1)[0]
+    for pattern in patterns:
+        flag = f"--keep '{pattern}'"
+        assert flag in why and flag in p.reference and f"`{flag}`" in section, (preset, flag)
+    assert "--quantize" not in p.reference
+    assert not any("modulation" in what and "final_layer" not in what for what, _ in p.keeps)
+
+
 def test_moe_with_fused_experts_keeps_its_router():
     """transformers >= 5 saves routed experts as fused 3-D parameters: the policy cannot quantize those."""
     infos = {k: info(k, tuple(t.shape), BF16) for k, t in tiny_qwen2_moe().state_dict().items()}
@@ -528,7 +604,8 @@ def test_all_in_one_checkpoint_gets_each_components_rules():
     assert preset.name == "flux"
     assert f"t5_encoder at '{t5}'" in note and f"clip_text at '{clip}text_model.'" in note
     assert d["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"].action is Q
-    assert d["model.diffusion_model.double_blocks.0.img_mod.lin.weight"].action is K
+    assert d["model.diffusion_model.double_blocks.0.img_mod.lin.weight"].action is Q
+    assert d["model.diffusion_model.final_layer.adaLN_modulation.1.weight"].action is K
     assert d[t5 + "encoder.block.0.layer.1.DenseReluDense.wo.weight"].action is K
     assert d[t5 + "encoder.block.0.layer.0.SelfAttention.q.weight"].action is Q
     assert d[clip + "text_model.encoder.layers.0.self_attn.q_proj.weight"].action is Q
@@ -573,12 +650,13 @@ def test_cli_convert_prints_the_detected_preset(flux_file, tmp_path):
 def test_cli_user_rules_win_over_the_preset(flux_file, tmp_path):
     out = tmp_path / "flux-fp8.safetensors"
     result = run("convert", flux_file, out, "-q", "--keep", "transformer_blocks.0.attn.to_q",
-                 "--quantize", "x_embedder", "--quantize", r"re:.*blocks\.\d+\.norm1\.linear\.weight")
+                 "--quantize", "x_embedder", "--keep", KEEP_MODULATION_DIFFUSERS)
     assert result.exit_code == 0, result.output
     got = fp8_keys(out)
     assert "transformer_blocks.0.attn.to_q.weight" not in got and "transformer_blocks.1.attn.to_q.weight" in got
-    assert {"x_embedder.weight", "transformer_blocks.0.norm1.linear.weight",
-            "transformer_blocks.1.norm1.linear.weight"} <= got
+    assert "x_embedder.weight" in got
+    modulation = {k for k in modulation_tensors(model_infos("flux")) if k.endswith(".weight")}
+    assert modulation and not modulation & got
 
 
 def test_cli_a_preset_of_another_architecture_is_allowed(tmp_path):
