@@ -8,6 +8,9 @@ gap or overlap and ending exactly at the end of the file.
 Tensor data is never read whole and never memory-mapped: ``read_into`` copies a byte range
 into a caller-owned buffer with ``os.preadv``, so resident memory stays at the size of the
 buffers however large the file is (mapped file pages would count towards RSS).
+
+``TensorSource`` is what the pipeline reads from: ``SafetensorsFile`` here, and
+``quantkit.checkpoint.Checkpoint`` for every other layout (shards, folders, pickles).
 """
 from __future__ import annotations
 
@@ -137,7 +140,70 @@ def chunk_rows(info: TensorInfo, chunk_bytes: int, align: int = 1) -> int:
     return max(align, (chunk_bytes // max(row_bytes, 1)) // align * align)
 
 
-class SafetensorsFile:
+class TensorSource:
+    """Anything the pipeline reads tensors from: a name -> TensorInfo table and ``read_into``.
+
+    Subclasses set ``path``, ``tensors`` and ``metadata`` and implement ``read_into``; the
+    chunked readers below are built on it alone.
+    """
+
+    path: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    def read_into(self, info: TensorInfo, byte_offset: int, out) -> None:
+        """Fill the writable buffer ``out`` (memoryview-able) with the tensor's bytes from ``byte_offset``."""
+        raise NotImplementedError
+
+    def iter_rows(self, info: TensorInfo, chunk_bytes: int, align: int = 1, rows_per_chunk: int | None = None):
+        """Yield ``(row_start, row_end, tensor)`` over a tensor's first dimension, a chunk at a time.
+
+        Each chunk holds a multiple of ``align`` rows (the last may be short) and about
+        ``chunk_bytes`` bytes; the tensor is a view into a buffer reused for the next chunk.
+        A 0-d tensor is one row of one element. ``rows_per_chunk`` fixes the chunking (to walk
+        two tensors of the same shape in step).
+        """
+        import torch
+        rows = info.shape[0] if info.shape else 1
+        if rows == 0 or info.nbytes == 0:
+            return
+        row_bytes = info.nbytes // rows
+        per_chunk = rows_per_chunk or chunk_rows(info, chunk_bytes, align)
+        buf = torch.empty(min(rows, per_chunk) * row_bytes, dtype=torch.uint8)
+        inner = info.shape[1:] if info.shape else ()
+        for r0 in range(0, rows, per_chunk):
+            r1 = min(rows, r0 + per_chunk)
+            view = buf[: (r1 - r0) * row_bytes]
+            self.read_into(info, r0 * row_bytes, view.numpy())
+            yield r0, r1, view.view(info.dtype.torch).reshape((r1 - r0, *inner))
+
+    def read_tensor(self, info: TensorInfo):
+        """A small tensor whole (scales, markers). Never used for weights."""
+        import torch
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        self.read_into(info, 0, buf.numpy())
+        return buf.view(info.dtype.torch).reshape(info.shape)
+
+    def iter_bytes(self, info: TensorInfo, chunk_bytes: int):
+        """Yield a tensor's raw bytes in pieces of at most ``chunk_bytes`` (whole elements)."""
+        step = max(info.dtype.itemsize, chunk_bytes // info.dtype.itemsize * info.dtype.itemsize)
+        for b0 in range(0, info.nbytes, step):
+            n = min(step, info.nbytes - b0)
+            out = bytearray(n)
+            self.read_into(info, b0, out)
+            yield bytes(out)
+
+    def close(self) -> None:
+        """Release what the source holds open (nothing by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SafetensorsFile(TensorSource):
     """A validated safetensors file opened read-only.
 
     >>> with SafetensorsFile("model.safetensors") as f:          # doctest: +SKIP
@@ -194,7 +260,7 @@ class SafetensorsFile:
         """Fill the writable buffer ``out`` (memoryview-able) with the tensor's bytes from ``byte_offset``."""
         view = memoryview(out).cast("B")
         pos = info.start + byte_offset
-        if pos + len(view) > info.end:
+        if byte_offset < 0 or pos + len(view) > info.end:
             raise ValueError("read past the end of the tensor")
         done = 0
         while done < len(view):
@@ -204,44 +270,6 @@ class SafetensorsFile:
                                   hint="the file changed or is truncated")
             done += n
 
-    def iter_rows(self, info: TensorInfo, chunk_bytes: int, align: int = 1, rows_per_chunk: int | None = None):
-        """Yield ``(row_start, row_end, tensor)`` over a tensor's first dimension, a chunk at a time.
-
-        Each chunk holds a multiple of ``align`` rows (the last may be short) and about
-        ``chunk_bytes`` bytes; the tensor is a view into a buffer reused for the next chunk.
-        A 0-d tensor is one row of one element. ``rows_per_chunk`` fixes the chunking (to walk
-        two tensors of the same shape in step).
-        """
-        import torch
-        rows = info.shape[0] if info.shape else 1
-        if rows == 0 or info.nbytes == 0:
-            return
-        row_bytes = info.nbytes // rows
-        per_chunk = rows_per_chunk or chunk_rows(info, chunk_bytes, align)
-        buf = torch.empty(min(rows, per_chunk) * row_bytes, dtype=torch.uint8)
-        inner = info.shape[1:] if info.shape else ()
-        for r0 in range(0, rows, per_chunk):
-            r1 = min(rows, r0 + per_chunk)
-            view = buf[: (r1 - r0) * row_bytes]
-            self.read_into(info, r0 * row_bytes, view.numpy())
-            yield r0, r1, view.view(info.dtype.torch).reshape((r1 - r0, *inner))
-
-    def read_tensor(self, info: TensorInfo):
-        """A small tensor whole (scales, markers). Never used for weights."""
-        import torch
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        self.read_into(info, 0, buf.numpy())
-        return buf.view(info.dtype.torch).reshape(info.shape)
-
-    def iter_bytes(self, info: TensorInfo, chunk_bytes: int):
-        """Yield a tensor's raw bytes in pieces of at most ``chunk_bytes`` (whole elements)."""
-        step = max(info.dtype.itemsize, chunk_bytes // info.dtype.itemsize * info.dtype.itemsize)
-        for b0 in range(0, info.nbytes, step):
-            n = min(step, info.nbytes - b0)
-            out = bytearray(n)
-            self.read_into(info, b0, out)
-            yield bytes(out)
-
     def fileno(self) -> int:
         return self._fd
 
@@ -249,9 +277,3 @@ class SafetensorsFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def __enter__(self) -> "SafetensorsFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -1,0 +1,130 @@
+"""Read stage for sharded checkpoints: a ``*.safetensors.index.json`` and the shards it names.
+
+The index is untrusted input like a header: a capped JSON object without duplicate keys whose
+``weight_map`` maps tensor names to shard file names. A shard name must stay inside the index's
+folder (no absolute path, no ``..``, no sub-folder); a shard may still be a symlink (the Hugging
+Face cache links snapshots to blobs), and is then opened where it points. Every shard's own header
+is validated by ``SafetensorsFile`` before anything is read, and the two must agree: each listed
+tensor is in its shard and no tensor is in two shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from .errors import HeaderError, UnsupportedInputError
+from .reader import SafetensorsFile, TensorInfo, _reject_duplicates
+
+MAX_INDEX_BYTES = 100_000_000
+INDEX_SUFFIX = ".safetensors.index.json"
+_HINT = "the index does not match its shards; re-download the checkpoint or re-save it with save_pretrained"
+
+
+def is_index_name(name: str) -> bool:
+    """``model.safetensors.index.json``, also diffusers' variant form ``x.safetensors.index.fp16.json``."""
+    return name.endswith(".json") and ".safetensors.index" in name
+
+
+@dataclass
+class Shards:
+    """The shards of one index, opened: tensor name -> (shard file, its TensorInfo)."""
+
+    index_path: str
+    files: list[str]
+    entries: dict[str, tuple[SafetensorsFile, TensorInfo]]
+    notes: list[str] = field(default_factory=list)
+    opened: list[SafetensorsFile] = field(default_factory=list)
+
+    def close(self) -> None:
+        for f in self.opened:
+            f.close()
+
+
+def read_index(index_path: str) -> dict[str, str]:
+    """The validated ``weight_map`` of an index file (tensor name -> shard file name)."""
+    try:
+        size = os.path.getsize(index_path)
+        if size > MAX_INDEX_BYTES:
+            raise HeaderError(f"index is {size} bytes, past the {MAX_INDEX_BYTES}-byte cap", path=index_path,
+                              hint=_HINT)
+        with open(index_path, "rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as exc:
+        raise UnsupportedInputError(f"cannot read the index: {exc.strerror}", path=index_path,
+                                    hint="check the path and its permissions") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except HeaderError as exc:
+        raise HeaderError(exc.message, path=index_path, hint=_HINT) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise HeaderError(f"index is not UTF-8 JSON ({exc})", path=index_path, hint=_HINT) from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise HeaderError("index must be a JSON object whose 'weight_map' maps tensor names to shard file names",
+                          path=index_path, hint=_HINT)
+    if not weight_map:
+        raise UnsupportedInputError("index lists no tensors", path=index_path, hint=_HINT)
+    for name, shard in weight_map.items():
+        _check_shard_name(shard, name, index_path)
+    return weight_map
+
+
+def _check_shard_name(shard: str, tensor: str, index_path: str) -> None:
+    parts = shard.replace("\\", "/").split("/")
+    if (not shard or "\x00" in shard or os.path.isabs(shard) or len(parts) != 1 or shard in (".", "..")
+            or os.path.splitdrive(shard)[0]):
+        raise HeaderError(f"shard name {shard!r} is not a file name inside the index's folder", path=index_path,
+                          tensor=tensor, hint="an index may only name shards beside it; this one is broken or hostile")
+    if not shard.endswith(".safetensors"):
+        raise UnsupportedInputError(f"shard {shard!r} is not a .safetensors file", path=index_path, tensor=tensor,
+                                    hint="quantkit reads safetensors shards; convert .bin shards to safetensors first")
+
+
+def open_shards(index_path: str) -> Shards:
+    """Open and cross-check every shard of ``index_path``; closes what it opened if anything fails."""
+    weight_map = read_index(index_path)
+    folder = os.path.dirname(index_path)
+    order = list(dict.fromkeys(weight_map.values()))
+    shards = Shards(index_path, [os.path.join(folder, s) for s in order], {})
+    try:
+        _open_all(shards, weight_map, order, folder)
+    except BaseException:
+        shards.close()
+        raise
+    return shards
+
+
+def _open_all(shards: Shards, weight_map: dict[str, str], order: list[str], folder: str) -> None:
+    by_shard: dict[str, SafetensorsFile] = {}
+    for shard, path in zip(order, shards.files):
+        if not os.path.isfile(path):
+            tensor = next(n for n, s in weight_map.items() if s == shard)
+            raise UnsupportedInputError(f"shard {shard!r} named by the index is missing", path=shards.index_path,
+                                        tensor=tensor, hint="download every shard listed in the index")
+        f = SafetensorsFile(path)
+        shards.opened.append(f)
+        by_shard[shard] = f
+    for name, shard in weight_map.items():
+        info = by_shard[shard].tensors.get(name)
+        if info is None:
+            raise HeaderError(f"listed in shard {shard!r}, which does not hold it", path=shards.index_path,
+                              tensor=name, hint=_HINT)
+        shards.entries[name] = (by_shard[shard], info)
+    unlisted = []
+    for shard, f in by_shard.items():
+        for name, info in f.tensors.items():
+            if weight_map.get(name) == shard:
+                continue
+            if name in weight_map or name in shards.entries:
+                other = weight_map.get(name) or os.path.basename(shards.entries[name][0].path)
+                raise HeaderError(f"tensor is in two shards ({other!r} and {shard!r})", path=shards.index_path,
+                                  tensor=name, hint=_HINT)
+            shards.entries[name] = (f, info)
+            unlisted.append(name)
+    shards.notes.append(f"sharded checkpoint: {len(order)} shards ({os.path.basename(shards.index_path)})")
+    if unlisted:
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        shards.notes.append(f"{len(unlisted)} tensors are in shards but not in the index; they are included "
+                            f"(loaders read whole shards): {shown}")
