@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import NonFiniteError
-from quantkit.fp8 import Granularity, absmax, block_rows
+from quantkit.fp8 import Granularity, absmax, block_rows, scale_shape
 from quantkit.reader import SafetensorsFile, TensorInfo
 
 CHUNK_BYTES = 8 << 20
@@ -32,24 +32,33 @@ def weight_stats(file: SafetensorsFile, info: TensorInfo, granularity: Granulari
     in which case they are counted and left out of the absmax (they quantize to NaN / ±max)."""
     parts, nonfinite = [], 0
     for _, _, x in file.iter_rows(info, chunk_bytes, block_rows(granularity)):
-        amax = absmax(x, granularity)
-        if not bool(torch.isfinite(amax).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            if not allow_nonfinite:
-                raise NonFiniteError(f"{bad} NaN/Inf value(s) in a tensor to be quantized", path=file.path,
-                                     tensor=info.name,
-                                     hint="fix the checkpoint, keep the tensor with --keep, or pass --allow-nonfinite")
-            nonfinite += bad
-            amax = absmax(torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype)), granularity)
+        amax, bad = chunk_absmax(x, granularity, allow_nonfinite, file.path, info.name)
         parts.append(amax)
+        nonfinite += bad
+    return WeightStats(info.name, granularity, stack_absmax(parts, info.shape, granularity), nonfinite)
+
+
+def chunk_absmax(x: torch.Tensor, granularity: Granularity, allow_nonfinite: bool, path: str,
+                 name: str) -> tuple[torch.Tensor, int]:
+    """(absmax, NaN/Inf count) of a chunk of whole rows (whole 128-row tile rows per block) of
+    the weight ``name``; see ``weight_stats``."""
+    amax = absmax(x, granularity)
+    if bool(torch.isfinite(amax).all()):
+        return amax, 0
+    bad = int((~torch.isfinite(x)).sum())
+    if not allow_nonfinite:
+        raise NonFiniteError(f"{bad} NaN/Inf value(s) in a tensor to be quantized", path=path, tensor=name,
+                             hint="fix the checkpoint, keep the tensor with --keep, or pass --allow-nonfinite")
+    return absmax(torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype)), granularity), bad
+
+
+def stack_absmax(parts: list[torch.Tensor], shape: tuple[int, ...], granularity: Granularity) -> torch.Tensor:
+    """A weight's absmax from its chunks' absmax, in chunk order."""
     if not parts:
-        from quantkit.fp8 import scale_shape
-        total = torch.zeros(scale_shape(info.shape, granularity), dtype=torch.float32)
-    elif granularity is Granularity.TENSOR:
-        total = torch.stack(parts).amax()
-    else:
-        total = torch.cat(parts, dim=0)
-    return WeightStats(info.name, granularity, total, nonfinite)
+        return torch.zeros(scale_shape(shape, granularity), dtype=torch.float32)
+    if granularity is Granularity.TENSOR:
+        return torch.stack(parts).amax()
+    return torch.cat(parts, dim=0)
 
 
 def collect_weight_stats(file: SafetensorsFile, infos: list[TensorInfo], granularity: Granularity,

@@ -1,7 +1,13 @@
 """Quantize stage: stream a checkpoint through the plan into an output format.
 
-    header -> plan -> calibrate (absmax, while the source hashes on the other core)
-           -> write header -> per tensor: quantize / cast / copy, chunk by chunk -> rename -> manifest
+    header -> plan -> calibrate (per-tensor absmax, while the source hashes on the other core)
+           -> write header -> per tensor: quantize / cast / copy, chunk by chunk -> fsync, rename -> manifest
+
+The output header records the source's SHA256, which is still being computed when writing
+starts: the header gets a placeholder of the same length, rewritten in place when the hash
+is known (then the output's own hash starts, reading back what was written).
+Per-channel and per-block scales need no calibration pass: a chunk holds whole rows (whole
+128-row tile rows), so its scales are computed right before it is quantized.
 
 Memory is a few chunk buffers, whatever the checkpoint's size: no tensor is ever read whole.
 """
@@ -17,9 +23,10 @@ import torch
 from . import fp8 as fp8math
 from ._version import __version__
 from .calibration import collect_weight_stats
+from .calibration.weights import chunk_absmax, stack_absmax
 from .errors import NonFiniteError, OutputError, UnsupportedInputError
 from .formats import Role, get_format
-from .hashing import BackgroundHash, sha256_file
+from .hashing import BackgroundHash, sha256_file, torch_threads
 from .manifest import file_entry, manifest_path, write_manifest
 from .plan import ConvertOptions, Plan, PlannedTensor, make_plan
 from .policy import Action
@@ -30,6 +37,11 @@ from .writer import SafetensorsWriter, TempFolder, remove_stale_temps
 # Source bytes per chunk: small enough that the float32 work buffer stays in cache, large
 # enough that per-call overhead vanishes (2 MiB measured fastest on a 2-core EPYC).
 CHUNK_BYTES = 2 << 20
+
+SOURCE_SHA_KEY = "quantkit.source_sha256"
+# Source metadata not carried into the output: quantkit's own provenance, and ComfyUI's
+# per-layer config of an already-quantized source (a format that wants it writes its own).
+DROPPED_METADATA = ("_quantization_metadata",)
 
 
 @dataclass
@@ -88,21 +100,23 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     check_destination(src, dst, overwrite, fmt.folder)
     for path in remove_stale_temps(dst):
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")
-    with SafetensorsFile(src) as source, BackgroundHash(src) as source_hash:
+    with SafetensorsFile(src) as source, BackgroundHash(src) as source_hash, torch_threads(1):
         plan = make_plan(source, options)
         for w in plan.warnings:
             progress.warn(w)
         scales = _calibrate(source, plan, progress)
 
-        # The header names the source's SHA256, so it waits for the hash (which ran on the
-        # other core during calibration).
-        source_sha = source_hash.result()
-        metadata = {**{k: v for k, v in source.metadata.items() if not k.startswith("quantkit.")},
+        # The header names the source's SHA256, still being hashed on the other core: a
+        # placeholder of the same length (64 hex digits) now, rewritten once it is known.
+        metadata = {**{k: v for k, v in source.metadata.items()
+                       if not k.startswith("quantkit.") and k not in DROPPED_METADATA},
                     **fmt.metadata(plan, {"quantkit.source": os.path.basename(source.path),
-                                          "quantkit.source_sha256": source_sha})}
+                                          SOURCE_SHA_KEY: "0" * 64})}
         with (TempFolder(dst) if fmt.folder else contextlib.nullcontext()) as folder:
             weights = os.path.join(folder.path, fmt.weights_name) if folder else dst
-            output_sha = _write(source, plan, scales, weights, metadata, overwrite, progress)
+            output_sha = _write(source, plan, scales, weights, metadata, overwrite, progress,
+                                pending=lambda: {SOURCE_SHA_KEY: source_hash.result()})
+            source_sha = source_hash.result()
             files = {os.path.basename(weights): file_entry(weights, output_sha)}
             if folder:
                 for name in fmt.finalize(folder.path, plan, src):
@@ -125,11 +139,13 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
 
 
 def _calibrate(source: SafetensorsFile, plan: Plan, progress: Progress) -> dict:
-    """Scales of every quantized tensor: from weight absmax, or carried over from an FP8 source,
-    then rounded to the dtype the format stores them in (quantization uses the stored value,
-    so W = q * scale holds exactly for what is on disk)."""
+    """Scales of the quantized tensors that need them before their data is written: from
+    weight absmax, or carried over from an FP8 source, then rounded to the dtype the format
+    stores them in (quantization uses the stored value, so W = q * scale holds exactly for
+    what is on disk). The others get theirs chunk by chunk while they are quantized."""
     options = plan.options
-    fresh = [t.info for t in plan.quantized() if t.prequantized is None]
+    first = _scaled_first(plan)
+    fresh = [t.info for t in plan.quantized() if t.prequantized is None and t.name in first]
     progress.stage("calibrate", sum(i.nbytes for i in fresh))
     stats = collect_weight_stats(source, fresh, options.granularity, options.allow_nonfinite,
                                  progress=progress.advance)
@@ -137,22 +153,54 @@ def _calibrate(source: SafetensorsFile, plan: Plan, progress: Progress) -> dict:
     for t in plan.quantized():
         if t.prequantized is not None:
             scales[t.name] = source.read_tensor(source.tensors[t.prequantized.scale_key]).float()
+    stored_as = _scale_dtypes(plan)
+    return {name: _stored(scale, stored_as[name], source.path, name) if name in stored_as else scale
+            for name, scale in scales.items()}
+
+
+def _scaled_first(plan: Plan) -> set[str]:
+    """Quantized tensors whose scale must be known before their first chunk is quantized: all
+    of them per tensor (one absmax over the whole weight); per channel / block only those whose
+    scale the format lays out before the weight (chunks hold whole rows or 128-row tile rows,
+    so the others' scales are computed chunk by chunk, in the quantizing pass)."""
+    if plan.options.granularity is fp8math.Granularity.TENSOR:
+        return {t.name for t in plan.quantized()}
+    written, first = set(), set()
     for emit in plan.outputs:
-        if emit.role is Role.SCALE:
-            stored = scales[emit.source].to(emit.spec.dtype.torch)
-            if not bool(torch.isfinite(stored).all()) or bool((stored == 0).any()):
-                raise UnsupportedInputError(f"a scale does not fit in {emit.spec.dtype.code}", path=source.path,
-                                            tensor=emit.source, hint="this format stores scales in the model's dtype;"
-                                                                     " keep this tensor with --keep")
-            scales[emit.source] = stored.float().reshape(scales[emit.source].shape)
-    return scales
+        if emit.role is Role.DATA:
+            written.add(emit.source)
+        elif emit.role is Role.SCALE and emit.source not in written:
+            first.add(emit.source)
+    return first
 
 
-def _write(source, plan: Plan, scales: dict, path: str, metadata: dict, overwrite: bool, progress) -> str:
-    """Stream every output tensor of ``plan`` into the safetensors file ``path``; returns its SHA256."""
+def _scale_dtypes(plan: Plan) -> dict:
+    """Source tensor -> the dtype its scale is stored in."""
+    return {e.source: e.spec.dtype for e in plan.outputs if e.role is Role.SCALE}
+
+
+def _stored(scale: torch.Tensor, dtype, path: str, name: str) -> torch.Tensor:
+    """``scale`` rounded to the dtype it is stored in (as float32); it must stay finite and nonzero."""
+    stored = scale.to(dtype.torch)
+    if not bool(torch.isfinite(stored).all()) or bool((stored == 0).any()):
+        raise UnsupportedInputError(f"a scale does not fit in {dtype.code}", path=path, tensor=name,
+                                    hint="this format stores scales in the model's dtype; keep this tensor with --keep")
+    return stored.float().reshape(scale.shape)
+
+
+def _write(source, plan: Plan, scales: dict, path: str, metadata: dict, overwrite: bool, progress,
+           pending=None) -> str:
+    """Stream every output tensor of ``plan`` into the safetensors file ``path``; returns its SHA256.
+
+    Tensors without an entry in ``scales`` get theirs while they are quantized (added to ``scales``).
+    ``pending``: header metadata still being computed (see ``SafetensorsWriter``).
+    """
     progress.stage("quantize", plan.bytes_in)
     by_name = {t.name: t for t in plan.tensors}
-    with SafetensorsWriter(path, [e.spec for e in plan.outputs], metadata, overwrite=overwrite) as writer:
+    stored_as = _scale_dtypes(plan)
+    buffers = _Buffers(plan)
+    with SafetensorsWriter(path, [e.spec for e in plan.outputs], metadata, overwrite=overwrite,
+                           pending=pending) as writer:
         for emit in plan.outputs:
             if emit.role is Role.CONSTANT:
                 writer.write(emit.payload)
@@ -160,7 +208,10 @@ def _write(source, plan: Plan, scales: dict, path: str, metadata: dict, overwrit
                 writer.write(_scale_bytes(scales[emit.source], emit.spec.dtype))
             else:
                 t = by_name[emit.source]
-                _write_tensor(source, t, scales.get(t.name), plan.options, writer)
+                scale = _write_tensor(source, t, scales.get(t.name), plan.options, writer, buffers,
+                                      stored_as.get(t.name))
+                if scale is not None:
+                    scales[t.name] = scale
                 progress.advance(t.info.nbytes)
         return writer.finish()
 
@@ -176,33 +227,70 @@ def _scale_bytes(scale: torch.Tensor, dtype) -> bytes:
     return scale.to(dtype.torch).reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: ConvertOptions, writer) -> None:
+class _Buffers:
+    """Work buffers reused by every chunk of every tensor (fresh ones would page-fault each time)."""
+
+    def __init__(self, plan: Plan):
+        self.bytes = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
+        elems = max((_chunk_elems(t.info, plan.options) for t in plan.quantized()), default=0)
+        self.work = torch.empty(elems, dtype=torch.float32)
+        self.out = torch.empty(elems, dtype=plan.options.fp8.torch_dtype)
+
+
+def _chunk_elems(info, options: ConvertOptions) -> int:
+    if not info.shape or info.shape[0] == 0:
+        return info.numel
+    rows = chunk_rows(info, CHUNK_BYTES, fp8math.block_rows(options.granularity))
+    return min(info.shape[0], rows) * (info.numel // info.shape[0])
+
+
+def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: ConvertOptions, writer,
+                  buffers: _Buffers, scale_dtype=None):
+    """Write one tensor's output bytes. A quantized tensor without ``scale`` gets its scale chunk
+    by chunk (rounded to ``scale_dtype``), which is returned; otherwise returns None."""
     info = t.info
+    if t.action is Action.QUANTIZE and t.prequantized is None:
+        return _write_quantized(source, info, scale, options, writer, buffers, scale_dtype)
     if info.nbytes == 0:
-        return
-    if t.prequantized is not None:                     # FP8 codes carried over byte for byte
-        for piece in source.iter_bytes(info, CHUNK_BYTES):
+        return None
+    if t.prequantized is not None or t.out_dtype == info.dtype:   # bytes as they are (FP8 codes carried over)
+        for b0 in range(0, info.nbytes, CHUNK_BYTES):
+            piece = buffers.bytes[: min(CHUNK_BYTES, info.nbytes - b0)].numpy()
+            source.read_into(info, b0, piece)
             writer.write(piece)
-    elif t.action is Action.QUANTIZE:
-        g = options.granularity
-        align = fp8math.block_rows(g)
-        rows = chunk_rows(info, CHUNK_BYTES, align)
-        elems = min(info.shape[0], rows) * (info.numel // info.shape[0])
-        work = torch.empty(elems, dtype=torch.float32)        # reused by every chunk
-        out = torch.empty(elems, dtype=options.fp8.torch_dtype)
-        for r0, r1, x in source.iter_rows(info, CHUNK_BYTES, align):
-            q = fp8math.quantize(x, fp8math.scale_rows(scale, g, r0, r1), g, options.fp8, out=out, work=work)
-            writer.write(q.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif t.out_dtype == info.dtype:
-        for piece in source.iter_bytes(info, CHUNK_BYTES):
-            writer.write(piece)
-    else:
-        target = t.out_dtype.torch
-        for _, _, x in source.iter_rows(info, CHUNK_BYTES):
-            y = x.to(target)
-            if not target.is_floating_point or torch.finfo(target).max < torch.finfo(x.dtype).max:
-                _check_cast(x, y, info.name, source.path, t.out_dtype.code)
-            writer.write(y.contiguous().view(torch.uint8).numpy().tobytes())
+        return None
+    target = t.out_dtype.torch
+    for _, _, x in source.iter_rows(info, CHUNK_BYTES):
+        y = x.to(target)
+        if not target.is_floating_point or torch.finfo(target).max < torch.finfo(x.dtype).max:
+            _check_cast(x, y, info.name, source.path, t.out_dtype.code)
+        writer.write(y.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return None
+
+
+def _write_quantized(source: SafetensorsFile, info, scale, options: ConvertOptions, writer, buffers: _Buffers,
+                     scale_dtype):
+    g, fmt = options.granularity, options.fp8
+
+    def scale_of(amax: torch.Tensor) -> torch.Tensor:
+        fresh = fp8math.scale_from_absmax(amax, fmt)
+        return fresh if scale_dtype is None else _stored(fresh, scale_dtype, source.path, info.name)
+
+    parts = []
+    for r0, r1, x in source.iter_rows(info, CHUNK_BYTES, fp8math.block_rows(g)):
+        y = fp8math.widen(x, buffers.work)
+        if scale is None:
+            # The chunk holds whole rows (tile rows): its scales depend on it alone. Absmax of
+            # the float32 copy: the same values as the source's, and faster to reduce.
+            parts.append(scale_of(chunk_absmax(y, g, options.allow_nonfinite, source.path, info.name)[0]))
+            chunk_scale = parts[-1]
+        else:
+            chunk_scale = fp8math.scale_rows(scale, g, r0, r1)
+        q = fp8math.quantize_widened(y, chunk_scale, g, fmt, out=buffers.out)
+        writer.write(q.reshape(-1).view(torch.uint8).numpy())
+    if scale is not None:
+        return None
+    return torch.cat(parts, dim=0) if parts else scale_of(stack_absmax([], info.shape, g))
 
 
 def _check_cast(x: torch.Tensor, y: torch.Tensor, name: str, path: str, code: str) -> None:

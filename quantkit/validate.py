@@ -17,13 +17,15 @@ from dataclasses import asdict, dataclass, field
 from . import fp8 as fp8math
 from .errors import QuantkitError, ValidationFailed
 from .formats import StoredTensor, detect_format
-from .hashing import BackgroundHash
+from .hashing import BackgroundHash, torch_threads
 from .manifest import manifest_path, read_manifest
 from .metrics import ErrorStats
 from .progress import NULL, Progress
 from .reader import SafetensorsFile, TensorInfo, chunk_rows
 
-CHUNK_BYTES = 8 << 20
+# Per chunk of the wider of the two tensors compared: float32 copies and temporaries stay a
+# few MiB (and in cache), whatever the tensor.
+CHUNK_BYTES = 2 << 20
 
 
 @dataclass
@@ -133,7 +135,7 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
             report.failures.append(f"cannot read the output: {exc}")
             out = None
         if out is not None:
-            with out:
+            with out, torch_threads(1):
                 _compare(out, src, report, progress)
     finally:
         if src is not None:
@@ -243,24 +245,43 @@ def _source_view(src: SafetensorsFile) -> dict[str, StoredTensor]:
     return {name: StoredTensor(name, name) for name in src.tensors}
 
 
-def _values(file: SafetensorsFile, s: StoredTensor, per_chunk: int):
-    """(row_start, row_end, values) of a stored tensor, dequantized when it has a scale."""
+def _values(file: SafetensorsFile, s: StoredTensor, per_chunk: int, work):
+    """(row_start, row_end, values) of a stored tensor: dequantized into ``work`` (float32, one
+    chunk) when it has a scale, else as stored (a view of the reader's buffer)."""
     info = file.tensors[s.data_key]
     if s.scale_key is None:
         yield from file.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk)
         return
     scale = file.read_tensor(file.tensors[s.scale_key]).float()
     for r0, r1, q in file.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk):
-        yield r0, r1, fp8math.dequantize(q, fp8math.scale_rows(scale, s.granularity, r0, r1), s.granularity)
+        yield r0, r1, fp8math.dequantize(q, fp8math.scale_rows(scale, s.granularity, r0, r1), s.granularity,
+                                         out=work)
+
+
+def _same_bytes(x, y) -> bool:
+    import numpy as np
+    import torch
+    return np.array_equal(x.reshape(-1).view(torch.uint8).numpy(), y.reshape(-1).view(torch.uint8).numpy())
+
+
+def _float32(v, work):
+    """``v`` as float32 (into ``work`` unless it already is)."""
+    import torch
+    return v if v.dtype is torch.float32 else fp8math.widen(v, work)
 
 
 def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor, si: StoredTensor) -> TensorReport:
+    import torch
     info, data = src.tensors[si.data_key], out.tensors[s.data_key]
     align = max(fp8math.block_rows(s.granularity) if s.scale_key else 1,
                 fp8math.block_rows(si.granularity) if si.scale_key else 1)
     widest = info if info.nbytes >= data.nbytes else data
     per_chunk = chunk_rows(widest, CHUNK_BYTES, align)     # the same rows from both files
-    pairs = zip(_values(src, si, per_chunk), _values(out, s, per_chunk))
+    rows = info.shape[0] if info.shape else 1
+    elems = min(rows, per_chunk) * (info.numel // rows if rows else 0)
+    # float32 values of one chunk per side, reused chunk after chunk (fresh ones page-fault)
+    work_x, work_y = torch.empty(elems, dtype=torch.float32), torch.empty(elems, dtype=torch.float32)
+    pairs = zip(_values(src, si, per_chunk, work_x), _values(out, s, per_chunk, work_y))
     if not info.dtype.torch.is_floating_point:
         for (_, _, x), (_, _, y) in pairs:
             if x.dtype != y.dtype or not bool((x == y).all()):
@@ -268,8 +289,12 @@ def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor,
                                        path=out.path, tensor=si.source_key, hint="re-run quantkit convert")
         return TensorReport(si.source_key, "bytes", None, math.inf, math.inf, 1.0, 0.0)
     stats = ErrorStats()
+    as_stored = s.scale_key is None and si.scale_key is None and data.dtype == info.dtype
     for (_, _, x), (_, _, y) in pairs:
-        stats.update(x.float(), y.float())
+        if as_stored and _same_bytes(x, y):         # a kept tensor, copied bit for bit
+            stats.update_exact(_float32(x, work_x))
+        else:
+            stats.update(_float32(x, work_x), _float32(y, work_y))
     if s.scale_key is not None:
         return _report(si.source_key, "fp8", s.granularity.value, stats)
     return _report(si.source_key, "float", None, stats)

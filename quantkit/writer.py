@@ -4,7 +4,10 @@ Every output dtype and shape is known from the plan before any data is touched, 
 header is computed and written first, then tensors are streamed in header order. Bytes go to
 a temporary file in the destination folder and the file is renamed into place only when every
 byte was written, flushed and hashed: a run killed at any moment leaves nothing under the
-final name. The SHA256 is computed while writing, not in a second pass.
+final name. The SHA256 is computed while writing (a thread reads back what was written, from
+the page cache), not in a pass after it. A header may hold placeholders for values still being
+computed (the source's SHA256): it is rewritten in place when they are known, before the hash
+thread starts, so the data never waits for them.
 
 The writer checks that its phases run in order (like gguf-py's WriterState): each tensor gets
 exactly its byte count, in header order, and ``finish`` refuses an incomplete file.
@@ -18,9 +21,9 @@ import json
 import math
 import os
 import threading
-import queue
 import shutil
 from dataclasses import dataclass
+from typing import Callable
 
 from .dtypes import DType
 from .errors import OutputError
@@ -93,33 +96,103 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _Hasher:
-    """SHA256 on a second thread: hashlib releases the GIL, so hashing overlaps the math.
+class _FollowingHash:
+    """SHA256 of the file being written, on a second thread: hashlib releases the GIL, so the
+    hash overlaps the math.
 
-    Buffers handed to ``update`` must not be modified afterwards (the writer passes copies
-    it owns, ``bytes``).
+    It hashes the final header, then reads back (from the page cache) every byte the writer
+    has written so far, until the writer is done. Reading back rather than being handed the
+    pieces lets the header wait: when ``final_header`` is a callable (the header records
+    something still being computed, like the source's SHA256) the thread calls it, writes the
+    result over the placeholder header at offset 0, and only then starts hashing.
     """
 
-    def __init__(self):
-        self._sha = hashlib.sha256()
-        self._q: queue.Queue = queue.Queue(maxsize=8)
+    READ_BYTES = 4 << 20
+
+    def __init__(self, file, path: str, final_header):
+        self._file = file
+        self._path = path
+        self._final_header = final_header
+        self._cond = threading.Condition()
+        self._written = 0            # bytes the writer has handed to the kernel
+        self._closed = False         # the writer wrote its last byte
+        self._stopped = False        # abandoned: stop, never touch the file again
+        self._header_ready = threading.Event()
+        self._digest: str | None = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="quantkit-sha256", daemon=True)
         self._thread.start()
 
-    def _run(self):
-        while (item := self._q.get()) is not None:
-            self._sha.update(item)
+    def advance(self, written: int) -> None:
+        with self._cond:
+            self._written = written
+            self._cond.notify()
 
-    def update(self, data) -> None:
-        self._q.put(data)
+    def _run(self) -> None:
+        try:
+            header = self._final_header() if callable(self._final_header) else self._final_header
+            with self._cond:
+                if self._stopped:
+                    return
+                if callable(self._final_header):    # under the lock: abandon() closes the file after it
+                    _pwrite_all(self._file.fileno(), header, 0)
+            self._header_ready.set()
+            self._digest = self._hash_following(header)
+        except BaseException as exc:  # noqa: BLE001 - handed to the writer in result()
+            self._error = exc
+        finally:
+            self._header_ready.set()
 
-    def hexdigest(self) -> str:
-        self._q.put(None)
+    def _hash_following(self, header: bytes) -> str | None:
+        sha = hashlib.sha256(header)
+        buf = bytearray(self.READ_BYTES)
+        view = memoryview(buf)
+        pos = len(header)
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            while True:
+                with self._cond:
+                    while self._written <= pos and not self._closed and not self._stopped:
+                        self._cond.wait()
+                    if self._stopped:
+                        return None
+                    end, last = self._written, self._closed
+                while pos < end:
+                    n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
+                    if n <= 0:
+                        raise OSError(errno.EIO, f"read back {pos} of {end} bytes", self._path)
+                    sha.update(view[:n])
+                    pos += n
+                if last:
+                    return sha.hexdigest()
+        finally:
+            os.close(fd)
+
+    def wait_header(self) -> None:
+        """Block until the final header is in the file (or the thread failed)."""
+        self._header_ready.wait()
+
+    def result(self, written: int) -> str:
+        """The file's SHA256 once its last byte (``written`` in all) is written."""
+        with self._cond:
+            self._written, self._closed = written, True
+            self._cond.notify()
         self._thread.join()
-        return self._sha.hexdigest()
+        if self._error is not None:
+            raise self._error
+        return self._digest
 
     def abandon(self) -> None:
-        self._q.put(None)
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 class SafetensorsWriter:
@@ -131,13 +204,17 @@ class SafetensorsWriter:
     """
 
     def __init__(self, final_path: str, tensors: list[OutputTensor], metadata: dict[str, str],
-                 overwrite: bool = False):
+                 overwrite: bool = False, *, pending: Callable[[], dict[str, str]] | None = None):
+        """``pending``: metadata not known yet (it may block until it is, on the hash thread);
+        ``metadata`` then holds a placeholder of the same length for each of its keys, and the
+        header is rewritten in place once it is known. The data streams meanwhile."""
         self.final_path = os.path.abspath(final_path)
         self.tensors = list(tensors)
         if os.path.exists(self.final_path) and not overwrite:
             raise OutputError("destination exists", path=final_path, hint="pass --overwrite to replace it")
         self.temp_path = temp_path_for(self.final_path)
         self._header = encode_header(self.tensors, metadata)
+        self._final_header = self._header if pending is None else lambda: self._patched_header(metadata, pending())
         self._index = 0                      # tensor being written
         self._left = self.tensors[0].nbytes if self.tensors else 0
         self._file = None
@@ -145,14 +222,23 @@ class SafetensorsWriter:
         self.sha256: str | None = None
         self.bytes_written = 0
 
+    def _patched_header(self, metadata: dict[str, str], late: dict[str, str]) -> bytes:
+        header = encode_header(self.tensors, {**metadata, **late})
+        if len(header) != len(self._header):
+            raise ValueError(f"pending metadata {sorted(late)} changed the header's length: "
+                             "its placeholders must have the final values' length")
+        return header
+
     def __enter__(self) -> "SafetensorsWriter":
         try:
-            self._file = open(self.temp_path, "xb")
+            # Unbuffered: pieces are large, and the hash thread reads back what was written.
+            self._file = open(self.temp_path, "xb", buffering=0)
         except OSError as exc:
             raise OutputError(f"cannot create a temporary file in the destination folder: {exc.strerror}",
                               path=self.temp_path, hint="check that the folder exists and is writable") from None
-        self._hasher = _Hasher()
         self._raw_write(self._header)
+        self._hasher = _FollowingHash(self._file, self.temp_path, self._final_header)
+        self._hasher.advance(self.bytes_written)
         self._skip_empty()
         return self
 
@@ -161,14 +247,18 @@ class SafetensorsWriter:
             self.abort()
 
     def _raw_write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        n = len(view)
         try:
-            self._file.write(data)
+            while view:
+                view = view[self._file.write(view):]
         except OSError as exc:
             what = "disk full" if exc.errno == errno.ENOSPC else f"write failed: {exc.strerror}"
             raise OutputError(f"{what} after {self.bytes_written} bytes", path=self.final_path,
                               hint="free space or choose another destination; nothing was left behind") from None
-        self._hasher.update(data)
-        self.bytes_written += len(data)
+        self.bytes_written += n
+        if self._hasher is not None:
+            self._hasher.advance(self.bytes_written)
 
     def _skip_empty(self) -> None:
         while self._index < len(self.tensors) and self._left == 0:
@@ -179,9 +269,12 @@ class SafetensorsWriter:
     def current(self) -> OutputTensor | None:
         return self.tensors[self._index] if self._index < len(self.tensors) else None
 
-    def write(self, data: bytes) -> None:
-        """Append bytes of the current tensor (a piece may not cross into the next tensor)."""
-        n = len(data)
+    def write(self, data) -> None:
+        """Append bytes of the current tensor (a piece may not cross into the next tensor).
+
+        ``data`` is any contiguous buffer (bytes, a numpy array); it is written before this returns.
+        """
+        n = memoryview(data).nbytes
         if self.current is None:
             raise ValueError(f"write of {n} bytes after the last tensor")
         if n > self._left:
@@ -194,14 +287,14 @@ class SafetensorsWriter:
         """Flush, fsync and rename into place; returns the file's SHA256 (hex)."""
         if self.current is not None:
             raise ValueError(f"finish() before all tensors were written (at {self.current.key})")
+        self._hasher.wait_header()       # the final header is written before the fsync
         try:
-            self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
         except OSError as exc:
             raise OutputError(f"flush failed: {exc.strerror}", path=self.final_path,
                               hint="free space or choose another destination") from None
-        digest = self._hasher.hexdigest()
+        digest = self._hasher.result(self.bytes_written)
+        self._file.close()
         os.replace(self.temp_path, self.final_path)
         _fsync_dir(os.path.dirname(self.final_path))
         self.sha256 = digest

@@ -458,9 +458,6 @@ def test_conversion_between_conventions_keeps_fp8_bytes(request, work, source_na
     assert all(t["exact"] and t["sqnr"] is None for t in tensors)       # inf dB: identical values
 
 
-@pytest.mark.xfail(strict=True, reason="quantkit/quantize.py convert() copies the source's header metadata (all but"
-                   " quantkit.*) into the output, so a comfy source's _quantization_metadata reaches a comfy-legacy"
-                   " output: ComfyUI then skips its scaled_fp8 path and looks for weight_scale keys that are not there")
 def test_a_source_header_config_does_not_follow_into_other_conventions(comfy_header, work):
     out = work / "header-to-legacy.safetensors"
     result = run("convert", comfy_header, out, "--format", "comfy-legacy", "--keep", "*", "--overwrite", "-q")
