@@ -130,7 +130,7 @@ def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, em
             kind, weights = _weights_in_folder(path, notes)
             layout = "diffusers-model" if os.path.isfile(os.path.join(path, "config.json")) else _LAYOUT[kind]
             if layout == "diffusers-model":
-                notes.insert(0, f"diffusers model folder: {os.path.basename(weights)}{_class_name(path)}")
+                notes.insert(0, f"model folder: {os.path.basename(weights)}{_class_name(path)}")
     elif os.path.isfile(path):
         _no_component(path, component)
         kind, weights = _kind_of_file(path), path
@@ -249,6 +249,9 @@ def _build(path: str, layout: str, kind: str, weights: str, use_ema: bool, notes
             entries = dict(sorted(shards.entries.items(), key=lambda e: (order[e[1][0].path], e[1][1].start)))
             files = shards.files
             notes.extend(shards.notes)
+            first = shards.opened[0].metadata if shards.opened else {}
+            if all(f.metadata == first for f in shards.opened):     # e.g. quantkit's own sharded outputs
+                metadata = dict(first)
         else:
             p = PickleFile(weights)
             readers.append(p)

@@ -70,19 +70,28 @@ def _policy_options(f):
                      help="Quantize tensors holding NaN/Inf (NaN stays NaN, Inf saturates) instead of failing."),
         click.option("--comfy-header-metadata", is_flag=True,
                      help="Format comfy: also write the _quantization_metadata header entry."),
+        click.option("--component", metavar="NAME",
+                     help="Diffusers pipeline folder: the component to convert (e.g. transformer, text_encoder_2)."),
+        click.option("--ema", is_flag=True,
+                     help="Convert the EMA copy of the weights when the checkpoint holds raw and EMA weights."),
+        click.option("--max-shard-size", metavar="SIZE",
+                     help="Write a sharded output (DST becomes a folder with model.safetensors.index.json), "
+                          "each shard at most SIZE, e.g. 5GB or 500MB."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _options(ctx, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_conv, allow_nonfinite,
-             comfy_header_metadata):
+def _options(ctx, *, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_conv, allow_nonfinite,
+             comfy_header_metadata, component, ema, max_shard_size, quantize_rules=(), keep_rules=()):
+    """ConvertOptions from the shared options (--quantize/--keep come in command-line order from ctx)."""
     from .plan import ConvertOptions
     return ConvertOptions.from_strings(granularity=granularity, fp8=fp8_dtype, format=fmt, keep_dtype=keep_dtype,
                                        rules=ctx.meta.get("quantkit.rules", []), quantize_conv=quantize_conv,
                                        allow_nonfinite=allow_nonfinite, preset=preset,
-                                       comfy_header_metadata=comfy_header_metadata)
+                                       comfy_header_metadata=comfy_header_metadata, component=component, ema=ema,
+                                       max_shard_size=max_shard_size)
 
 
 def _fail(exc) -> None:
@@ -154,9 +163,13 @@ def main():
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def convert(ctx, src, dst, granularity, fmt, fp8_dtype, preset, quantize_rules, keep_rules, keep_dtype,
-            quantize_conv, allow_nonfinite, comfy_header_metadata, overwrite, json_path, quiet):
-    """Quantize the safetensors checkpoint SRC into DST.
+def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
+    """Quantize the checkpoint SRC into DST.
+
+    SRC is a .safetensors file, a sharded checkpoint (its *.safetensors.index.json or its
+    folder), a diffusers model folder, a diffusers pipeline folder with --component, or a
+    PyTorch pickle (.ckpt/.pt/.pth/.bin, loaded with torch.load(weights_only=True) only: a
+    pickle that would run code is refused).
 
     Linear-layer weights become FP8 with float32 scales; attention projections, norms,
     embeddings, biases and other vectors stay in high precision (--keep-dtype); non-float
@@ -174,8 +187,7 @@ def convert(ctx, src, dst, granularity, fmt, fp8_dtype, preset, quantize_rules, 
     from .quantize import convert as run
     bars = _Bars(quiet)
     try:
-        options = _options(ctx, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_conv, allow_nonfinite,
-                           comfy_header_metadata)
+        options = _options(ctx, **policy)
         result = run(src, dst, options, overwrite=overwrite, progress=bars.progress)
     except QuantkitError as exc:
         bars.progress.close()
@@ -184,8 +196,9 @@ def convert(ctx, src, dst, granularity, fmt, fp8_dtype, preset, quantize_rules, 
     click.echo(f"quantkit convert: {src} -> {dst}")
     for note in result.notes:
         click.echo(f"  {note}")
-    click.echo(f"  format {result.format}, {fp8_dtype}, {result.granularity} scales")
-    click.echo(f"  tensors: {c['quantize']} quantized, {c['keep']} kept ({keep_dtype}), {c['pass']} passed through")
+    click.echo(f"  format {result.format}, {options.fp8.name}, {result.granularity} scales")
+    click.echo(f"  tensors: {c['quantize']} quantized, {c['keep']} kept ({options.keep_dtype.value}), "
+               f"{c['pass']} passed through")
     click.echo(f"  size: {_size(result.bytes_in)} -> {_size(result.bytes_out)} "
                f"({100 * result.bytes_out / max(result.bytes_in, 1):.0f}%)")
     click.echo(f"  time: {result.seconds:.2f} s ({result.gb_per_s:.2f} GB/s)")
@@ -202,8 +215,12 @@ def convert(ctx, src, dst, granularity, fmt, fp8_dtype, preset, quantize_rules, 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON to PATH.")
 @click.option("--no-hash-check", is_flag=True, help="Skip the SHA256 check (for files without a manifest).")
 @click.option("--show", type=int, default=5, show_default=True, help="How many worst tensors to list.")
+@click.option("--component", metavar="NAME",
+              help="Pipeline folder source: the component compared (default: the one recorded in the manifest).")
+@click.option("--ema/--no-ema", default=None,
+              help="Compare with the source's EMA / raw weights (default: as recorded in the manifest).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def validate(out, against, min_sqnr, json_path, no_hash_check, show, quiet):
+def validate(out, against, min_sqnr, json_path, no_hash_check, show, component, ema, quiet):
     """Prove OUT is intact and faithful to its source.
 
     Recomputes the SHA256 of OUT (and of the source) and compares them with the manifest
@@ -221,7 +238,8 @@ def validate(out, against, min_sqnr, json_path, no_hash_check, show, quiet):
     from .validate import validate as run
     bars = _Bars(quiet)
     try:
-        report = run(out, against, min_sqnr=min_sqnr, check_hash=not no_hash_check, progress=bars.progress)
+        report = run(out, against, min_sqnr=min_sqnr, check_hash=not no_hash_check, component=component, ema=ema,
+                     progress=bars.progress)
     except QuantkitError as exc:
         bars.progress.close()
         _fail(exc)
@@ -264,8 +282,7 @@ def _print_report(report, show: int) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the plan as JSON to PATH.")
 @click.option("--only", type=click.Choice(["quantize", "keep", "pass"]), help="List only tensors with this action.")
 @click.pass_context
-def plan(ctx, src, granularity, fmt, fp8_dtype, preset, quantize_rules, keep_rules, keep_dtype, quantize_conv,
-         allow_nonfinite, comfy_header_metadata, json_path, only):
+def plan(ctx, src, json_path, only, **policy):
     """Show what 'convert' would do to every tensor of SRC, without writing anything.
 
     Same options as 'convert'. Reads only the header: instant even for a 24 GB checkpoint.
@@ -275,12 +292,11 @@ def plan(ctx, src, granularity, fmt, fp8_dtype, preset, quantize_rules, keep_rul
       quantkit plan model.safetensors --keep '*.attn.*' --only quantize
     """
     from .errors import QuantkitError
+    from .checkpoint import open_checkpoint
     from .plan import make_plan
-    from .reader import SafetensorsFile
     try:
-        options = _options(ctx, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_conv, allow_nonfinite,
-                           comfy_header_metadata)
-        with SafetensorsFile(src) as f:
+        options = _options(ctx, **policy)
+        with open_checkpoint(src, component=options.component, ema=options.ema) as f:
             p = make_plan(f, options)
     except QuantkitError as exc:
         _fail(exc)

@@ -26,19 +26,33 @@ def sha256_file(path: str, chunk: int = READ_BYTES, cancelled: threading.Event |
     return h.hexdigest()
 
 
-class BackgroundHash:
-    """``sha256_file`` on a thread: ``start()`` now, ``result()`` when needed (re-raises errors)."""
+def combined_digest(digests: dict[str, str]) -> str:
+    """One SHA256 for a checkpoint of several files: that of its ``sha256sum``-style listing
+    (``<sha256>  <file name>`` lines, sorted by name). One file: its own SHA256."""
+    if len(digests) == 1:
+        return next(iter(digests.values()))
+    listing = "".join(f"{d}  {os.path.basename(p)}\n" for p, d in sorted(digests.items(), key=lambda e: os.path.basename(e[0])))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
-    def __init__(self, path: str):
-        self.path = path
-        self._digest: str | None = None
+
+class BackgroundHash:
+    """``sha256_file`` of one file or several, in turn, on a thread: ``start()`` now,
+    ``result()`` when needed (re-raises errors); ``digests`` then holds each file's."""
+
+    def __init__(self, paths: str | list[str]):
+        self.paths = [paths] if isinstance(paths, str) else list(paths)
+        self.digests: dict[str, str] = {}
         self._error: BaseException | None = None
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="quantkit-hash", daemon=True)
 
     def _run(self) -> None:
         try:
-            self._digest = sha256_file(self.path, cancelled=self._cancel)
+            for path in self.paths:
+                digest = sha256_file(path, cancelled=self._cancel)
+                if digest is None:
+                    return
+                self.digests[path] = digest
         except BaseException as exc:  # noqa: BLE001 - handed to the caller in result()
             self._error = exc
 
@@ -58,10 +72,11 @@ class BackgroundHash:
             self.cancel()
 
     def result(self) -> str:
+        """The file's SHA256 (several files: ``combined_digest``)."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return self._digest
+        return combined_digest(self.digests)
 
 
 @contextlib.contextmanager

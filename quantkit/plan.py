@@ -41,19 +41,37 @@ class ConvertOptions:
     allow_nonfinite: bool = False
     preset: str = "auto"
     comfy_header_metadata: bool = False     # format comfy: also write _quantization_metadata
+    component: str | None = None            # diffusers pipeline folder: the component to convert
+    ema: bool = False                       # convert the EMA copy of the weights
+    max_shard_bytes: int | None = None      # sharded output: at most this many bytes per shard
 
     @classmethod
     def from_strings(cls, *, granularity: str = "tensor", fp8: str = "float8_e4m3fn", format: str = "native",
                      keep_dtype: str = "bf16", rules: list[tuple[str, str]] = (), quantize_conv: bool = False,
-                     allow_nonfinite: bool = False, preset: str = "auto",
-                     comfy_header_metadata: bool = False) -> "ConvertOptions":
+                     allow_nonfinite: bool = False, preset: str = "auto", comfy_header_metadata: bool = False,
+                     component: str | None = None, ema: bool = False,
+                     max_shard_size: str | None = None) -> "ConvertOptions":
         """Build options from CLI-style strings; ``rules`` are ``("quantize"|"keep", pattern)`` in order."""
         from .fp8 import FP8_FORMATS
         if fp8 not in FP8_FORMATS:
             raise PolicyError(f"unknown FP8 dtype {fp8!r}", hint=f"choose one of {', '.join(FP8_FORMATS)}")
         policy = Policy(tuple(Rule(Action(a), p) for a, p in rules), quantize_conv=quantize_conv)
         return cls(Granularity(granularity), FP8_FORMATS[fp8], format, KeepDtype(keep_dtype), policy, allow_nonfinite,
-                   preset, comfy_header_metadata)
+                   preset, comfy_header_metadata, component, ema,
+                   parse_size(max_shard_size) if max_shard_size is not None else None)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` -> 5_000_000_000, ``500MiB`` -> 524_288_000 (decimal units as Hugging Face uses them)."""
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) * _UNITS[m.group(2)] < 1:
+        raise PolicyError(f"bad size {text!r}", hint="give a size such as 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 @dataclass(frozen=True)
@@ -141,7 +159,8 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
     fmt.check_source(source)
     preset, why = resolve(options.preset, source.tensors)
     policy = options.policy.with_preset(preset.name, preset.rules(source.tensors))
-    plan = Plan(os.path.basename(source.path), options, [], notes=[why], policy=policy)
+    plan = Plan(os.path.basename(os.path.normpath(source.path)), options, [],
+                notes=[*getattr(source, "notes", []), why], policy=policy)
     stored = _already_quantized(source, options, plan)
     for info in source.tensors.values():
         if stored is None:

@@ -13,7 +13,7 @@ Memory is a few chunk buffers, whatever the checkpoint's size: no tensor is ever
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,12 +26,14 @@ from .calibration import collect_weight_stats
 from .calibration.weights import chunk_absmax, stack_absmax
 from .errors import NonFiniteError, OutputError, UnsupportedInputError
 from .formats import Role, get_format
-from .hashing import BackgroundHash, sha256_file, torch_threads
-from .manifest import file_entry, manifest_path, write_manifest
+from .checkpoint import open_checkpoint
+from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
+from .manifest import FOLDER_MANIFEST, file_entry, manifest_path, write_manifest
 from .plan import ConvertOptions, Plan, PlannedTensor, make_plan
 from .policy import Action
 from .progress import NULL, Progress
 from .reader import SafetensorsFile, chunk_rows
+from .shards import INDEX_NAME, index_document, shard_names, split_emits
 from .writer import SafetensorsWriter, TempFolder, remove_stale_temps
 
 # Source bytes per chunk: small enough that the float32 work buffer stays in cache, large
@@ -72,35 +74,55 @@ def check_destination(src: str, dst: str, overwrite: bool, folder: bool = False)
     """The destination may not be the source (also through links or '..'); an existing one needs overwrite."""
     if os.path.realpath(src) == os.path.realpath(dst) or (
             os.path.exists(dst) and os.path.samefile(src, dst)):
-        raise OutputError("destination is the source file", path=dst, hint="choose another output path")
+        raise OutputError("destination is the source", path=dst, hint="choose another output path")
     if folder and os.path.realpath(os.path.dirname(os.path.abspath(src))) == os.path.realpath(dst):
         raise OutputError("destination is the source's folder", path=dst, hint="choose a new folder")
     if not folder and os.path.isdir(dst):
         raise OutputError("destination is a folder", path=dst, hint="give a file name ending in .safetensors")
     if folder and os.path.exists(dst) and not os.path.isdir(dst):
-        raise OutputError("destination is a file but this format writes a folder", path=dst,
+        raise OutputError("destination is a file but this output is a folder", path=dst,
                           hint="give a folder name")
     if os.path.exists(dst) and not overwrite:
         raise OutputError("destination exists", path=dst, hint="pass --overwrite to replace it")
+    if folder and os.path.isdir(dst) and os.listdir(dst) and not os.path.isfile(os.path.join(dst, FOLDER_MANIFEST)):
+        # --overwrite replaces a whole folder: only one quantkit wrote (it holds quantkit.json), or an empty one
+        raise OutputError("destination is a folder quantkit did not write; --overwrite would delete its files",
+                          path=dst, hint="give a new folder name")
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise OutputError("destination folder does not exist", path=parent, hint="create it first")
 
 
+def _check_not_source_files(source, dst: str) -> None:
+    """Replacing ``dst`` may not touch any file the source reads (a shard, a folder holding them)."""
+    real = os.path.realpath(dst)
+    for f in source.files:
+        rf = os.path.realpath(f)
+        if rf == real or rf.startswith(real.rstrip(os.sep) + os.sep):
+            raise OutputError("destination holds the source's weights", path=dst,
+                              hint=f"choose an output path that does not contain {f}")
+
+
 def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, overwrite: bool = False,
             progress: Progress = NULL) -> ConvertResult:
-    """Convert the safetensors file ``src`` into ``dst`` under ``options``; returns a summary.
+    """Convert the checkpoint ``src`` (any layout ``open_checkpoint`` reads) into ``dst``.
 
-    ``dst`` is a file, or a folder for folder formats (compressed-tensors).
+    ``dst`` is a file, or a folder for folder formats (compressed-tensors) and sharded outputs
+    (``options.max_shard_bytes``). Nothing appears under ``dst`` until the output is complete,
+    hashed and its manifest written.
 
     >>> convert("model.safetensors", "model-fp8.safetensors")     # doctest: +SKIP
     """
     t0 = time.perf_counter()
     fmt = get_format(options.format)
-    check_destination(src, dst, overwrite, fmt.folder)
-    for path in remove_stale_temps(dst):
+    as_folder = fmt.folder or options.max_shard_bytes is not None
+    check_destination(src, dst, overwrite, as_folder)
+    stale = remove_stale_temps(dst) + ([] if as_folder else remove_stale_temps(manifest_path(dst)))
+    for path in stale:
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")
-    with SafetensorsFile(src) as source, BackgroundHash(src) as source_hash, torch_threads(1):
+    with open_checkpoint(src, component=options.component, ema=options.ema) as source, \
+            BackgroundHash(source.files) as source_hash, torch_threads(1):
+        _check_not_source_files(source, dst)
         plan = make_plan(source, options)
         for w in plan.warnings:
             progress.warn(w)
@@ -110,32 +132,79 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         # placeholder of the same length (64 hex digits) now, rewritten once it is known.
         metadata = {**{k: v for k, v in source.metadata.items()
                        if not k.startswith("quantkit.") and k not in DROPPED_METADATA},
-                    **fmt.metadata(plan, {"quantkit.source": os.path.basename(source.path),
+                    **fmt.metadata(plan, {"quantkit.source": _display_name(src),
                                           SOURCE_SHA_KEY: "0" * 64})}
-        with (TempFolder(dst) if fmt.folder else contextlib.nullcontext()) as folder:
-            weights = os.path.join(folder.path, fmt.weights_name) if folder else dst
-            output_sha = _write(source, plan, scales, weights, metadata, overwrite, progress,
-                                pending=lambda: {SOURCE_SHA_KEY: source_hash.result()})
-            source_sha = source_hash.result()
-            files = {os.path.basename(weights): file_entry(weights, output_sha)}
-            if folder:
-                for name in fmt.finalize(folder.path, plan, src):
-                    path = os.path.join(folder.path, name)
-                    files[name] = file_entry(path, sha256_file(path))
-            manifest = write_manifest(folder.path if folder else dst, files=files,
-                                      source={"name": os.path.basename(src), "sha256": source_sha,
-                                              "bytes": os.path.getsize(src)},
-                                      conversion=plan_summary(plan))
-            if folder:
+        pending = lambda: {SOURCE_SHA_KEY: source_hash.result()}  # noqa: E731
+        files: dict[str, dict] = {}
+
+        def manifest_of(output: str) -> str:
+            return write_manifest(output, files=files, source=_source_entry(src, source, source_hash, options),
+                                  conversion=plan_summary(plan))
+
+        progress.stage("quantize", plan.bytes_in)
+        if not as_folder:
+            def publish(digest: str, nbytes: int) -> None:      # the manifest lands before the output
+                files[os.path.basename(dst)] = {"sha256": digest, "bytes": nbytes}
+                manifest_of(dst)
+            output_sha = _write(source, plan, plan.outputs, scales, dst, metadata, overwrite, progress,
+                                pending=pending, before_publish=publish)
+            manifest = manifest_path(dst)
+        else:
+            with TempFolder(dst) as folder:
+                output_sha = _write_folder(source, plan, fmt, scales, folder.path, metadata, progress, pending,
+                                           files)
+                manifest_of(folder.path)
                 folder.commit()
-                manifest = manifest_path(dst)
+            manifest = manifest_path(dst)
+        source_sha = source_hash.result()
     progress.close()
     return ConvertResult(
         source=src, destination=dst, manifest=manifest, format=options.format,
         granularity=options.granularity.value,
-        counts={a.value: plan.count(a) for a in Action}, bytes_in=os.path.getsize(src),
+        counts={a.value: plan.count(a) for a in Action}, bytes_in=plan.bytes_in,
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
         source_sha256=source_sha, output_sha256=output_sha, warnings=plan.warnings, notes=plan.notes)
+
+
+def _write_folder(source, plan: Plan, fmt, scales: dict, folder: str, metadata: dict, progress, pending,
+                  files: dict) -> str:
+    """The weights of a folder output, in shards with an index when ``max_shard_bytes`` asks for
+    them, then the format's other files; fills ``files`` and returns the weights' SHA256
+    (several shards: ``combined_digest`` of theirs)."""
+    limit = plan.options.max_shard_bytes
+    groups = split_emits(plan.outputs, limit) if limit is not None else [plan.outputs]
+    names = shard_names(len(groups)) if len(groups) > 1 else [fmt.weights_name]
+    digests = {}
+    for name, group in zip(names, groups):
+        path = os.path.join(folder, name)
+        digests[name] = _write(source, plan, group, scales, path, metadata, False, progress, pending=pending)
+        files[name] = file_entry(path, digests[name])
+    extra = []
+    if len(groups) > 1:
+        doc = index_document(dict(zip(names, groups)))
+        with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+        extra.append(INDEX_NAME)
+    extra.extend(fmt.finalize(folder, plan, source))
+    for name in extra:
+        path = os.path.join(folder, name)
+        files[name] = file_entry(path, sha256_file(path))
+    return combined_digest(digests)
+
+
+def _display_name(src: str) -> str:
+    return os.path.basename(os.path.normpath(src))
+
+
+def _source_entry(src: str, source, source_hash: BackgroundHash, options: ConvertOptions) -> dict:
+    """The manifest's record of the source: its name, combined SHA256, size, layout and the
+    choices that select its tensors (component, EMA), and every file with its own SHA256."""
+    digest = source_hash.result()
+    base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    return {"name": _display_name(src), "sha256": digest, "bytes": source.file_size, "layout": source.layout,
+            "component": options.component, "ema": options.ema,
+            "files": [{"name": os.path.relpath(f, base).replace(os.sep, "/"), "sha256": source_hash.digests[f],
+                       "bytes": os.path.getsize(f)} for f in source.files]}
 
 
 def _calibrate(source: SafetensorsFile, plan: Plan, progress: Progress) -> dict:
@@ -188,20 +257,21 @@ def _stored(scale: torch.Tensor, dtype, path: str, name: str) -> torch.Tensor:
     return stored.float().reshape(scale.shape)
 
 
-def _write(source, plan: Plan, scales: dict, path: str, metadata: dict, overwrite: bool, progress,
-           pending=None) -> str:
-    """Stream every output tensor of ``plan`` into the safetensors file ``path``; returns its SHA256.
+def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: dict, overwrite: bool, progress,
+           pending=None, before_publish=None) -> str:
+    """Stream the output tensors ``emits`` (all of ``plan.outputs``, or one shard's) into the
+    safetensors file ``path``; returns its SHA256.
 
     Tensors without an entry in ``scales`` get theirs while they are quantized (added to ``scales``).
-    ``pending``: header metadata still being computed (see ``SafetensorsWriter``).
+    ``pending``: header metadata still being computed; ``before_publish(sha256, bytes)`` runs
+    before the rename (see ``SafetensorsWriter``).
     """
-    progress.stage("quantize", plan.bytes_in)
     by_name = {t.name: t for t in plan.tensors}
     stored_as = _scale_dtypes(plan)
     buffers = _Buffers(plan)
-    with SafetensorsWriter(path, [e.spec for e in plan.outputs], metadata, overwrite=overwrite,
+    with SafetensorsWriter(path, [e.spec for e in emits], metadata, overwrite=overwrite,
                            pending=pending) as writer:
-        for emit in plan.outputs:
+        for emit in emits:
             if emit.role is Role.CONSTANT:
                 writer.write(emit.payload)
             elif emit.role is Role.SCALE:
@@ -213,7 +283,7 @@ def _write(source, plan: Plan, scales: dict, path: str, metadata: dict, overwrit
                 if scale is not None:
                     scales[t.name] = scale
                 progress.advance(t.info.nbytes)
-        return writer.finish()
+        return writer.finish(before_publish)
 
 
 def plan_summary(plan: Plan) -> dict:

@@ -18,6 +18,7 @@ from .reader import SafetensorsFile, TensorInfo, _reject_duplicates
 
 MAX_INDEX_BYTES = 100_000_000
 INDEX_SUFFIX = ".safetensors.index.json"
+INDEX_NAME = "model" + INDEX_SUFFIX           # the index quantkit writes for a sharded output
 _HINT = "the index does not match its shards; re-download the checkpoint or re-save it with save_pretrained"
 
 
@@ -128,3 +129,40 @@ def _open_all(shards: Shards, weight_map: dict[str, str], order: list[str], fold
         shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
         shards.notes.append(f"{len(unlisted)} tensors are in shards but not in the index; they are included "
                             f"(loaders read whole shards): {shown}")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """Hugging Face's shard names: ``model-00001-of-00003.safetensors`` ..."""
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def split_emits(emits: list, max_bytes: int) -> list[list]:
+    """Cut the output's tensors (``formats.Emit``, in file order) into shards of at most
+    ``max_bytes`` of tensor data. A weight stays in one shard with its scale and markers (the
+    emits of one source tensor are never split); a group larger than ``max_bytes`` gets a shard
+    of its own, as ``save_pretrained`` does."""
+    groups: list[list] = []
+    for e in emits:
+        if groups and e.source is not None and groups[-1][0].source == e.source:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    shards: list[list] = [[]]
+    size = 0
+    for g in groups:
+        n = sum(e.spec.nbytes for e in g)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(g)
+        size += n
+    return shards
+
+
+def index_document(shards: dict[str, list], metadata: dict[str, str] | None = None) -> dict:
+    """The ``model.safetensors.index.json`` of shard file name -> its emits."""
+    weight_map = {e.spec.key: name for name, emits in shards.items() for e in emits}
+    total = sum(e.spec.nbytes for emits in shards.values() for e in emits)
+    return {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}

@@ -21,7 +21,9 @@ from .hashing import BackgroundHash, torch_threads
 from .manifest import manifest_path, read_manifest
 from .metrics import ErrorStats
 from .progress import NULL, Progress
-from .reader import SafetensorsFile, TensorInfo, chunk_rows
+from .checkpoint import open_checkpoint
+from .reader import SafetensorsFile, TensorSource, chunk_rows
+from .shards import is_index_name
 
 # Per chunk of the wider of the two tensors compared: float32 copies and temporaries stay a
 # few MiB (and in cache), whatever the tensor.
@@ -103,7 +105,7 @@ def load_dequantized(path: str, dtype=None) -> dict:
     >>> model.load_state_dict(load_dequantized("model-fp8.safetensors"))   # doctest: +SKIP
     """
     import torch
-    with SafetensorsFile(path) as f:
+    with open_output(path) as f:
         stored = detect_format(f).stored(f)
         out = {}
         for name, s in stored.items():
@@ -118,19 +120,34 @@ def load_dequantized(path: str, dtype=None) -> dict:
 
 
 def validate(output: str, against: str | None = None, *, min_sqnr: float | None = None,
-             check_hash: bool = True, progress: Progress = NULL) -> ValidationReport:
-    """Check ``output`` (a quantkit output) against its manifest and, with ``against``, its source.
+             check_hash: bool = True, component: str | None = None, ema: bool | None = None,
+             progress: Progress = NULL) -> ValidationReport:
+    """Check ``output`` (a quantkit output: a file, a folder, a sharded folder) against its
+    manifest and, with ``against``, its source (any layout ``open_checkpoint`` reads; the
+    component and EMA choice recorded in the manifest apply unless given).
 
     Never raises for a bad output: every problem becomes a line in ``report.failures``.
     Raises ``QuantkitError`` only for unusable arguments (a missing or malformed source).
     """
     t0 = time.perf_counter()
     report = ValidationReport(output, against, min_sqnr=min_sqnr)
-    hashes = _start_hashes(output, against, check_hash, report)
-    src = SafetensorsFile(against) if against else None
-    try:
+    manifest = None
+    if check_hash:
         try:
-            out = SafetensorsFile(weights_file(output))
+            manifest = read_manifest(output)
+        except ValidationFailed as exc:
+            report.failures.append(str(exc))
+    else:
+        report.notes.append("hash check skipped")
+    src = None
+    if against:
+        recorded = _recorded_source(output, manifest)
+        src = open_checkpoint(against, component=component if component is not None else recorded.get("component"),
+                              ema=ema if ema is not None else bool(recorded.get("ema")))
+    try:
+        hashes = _start_hashes(output, manifest, src, report) if manifest is not None else []
+        try:
+            out = open_output(output)
         except QuantkitError as exc:
             report.failures.append(f"cannot read the output: {exc}")
             out = None
@@ -159,27 +176,42 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     return report
 
 
+def open_output(output: str) -> TensorSource:
+    """An output's weights as one source: the file itself, the one .safetensors file of a
+    folder output, or the shards of a sharded output (through its index)."""
+    if not os.path.isdir(output):
+        return SafetensorsFile(output)
+    indexes = sorted(n for n in os.listdir(output) if is_index_name(n))
+    if len(indexes) == 1:
+        return open_checkpoint(os.path.join(output, indexes[0]))
+    return SafetensorsFile(weights_file(output))
+
+
 def weights_file(output: str) -> str:
     """The safetensors file of an output: the file itself, or the one inside a folder output."""
     if not os.path.isdir(output):
         return output
     names = sorted(n for n in os.listdir(output) if n.endswith(".safetensors"))
     if len(names) != 1:
-        raise ValidationFailed(f"expected one .safetensors file in the folder, found {len(names)}", path=output,
-                               hint="validate the folder quantkit convert wrote")
+        raise ValidationFailed(f"expected one .safetensors file (or a shard index) in the folder, found "
+                               f"{len(names)}", path=output, hint="validate the folder quantkit convert wrote")
     return os.path.join(output, names[0])
 
 
-def _start_hashes(output, against, check_hash, report):
+def _recorded_source(output: str, manifest: dict | None) -> dict:
+    """The manifest's source record (also read when hashes are not checked: it says which
+    component / EMA copy the output was made from)."""
+    if manifest is None:
+        try:
+            manifest = read_manifest(output)
+        except ValidationFailed:
+            return {}
+    source = manifest.get("source")
+    return source if isinstance(source, dict) else {}
+
+
+def _start_hashes(output, manifest: dict, src, report):
     jobs = []
-    if not check_hash:
-        report.notes.append("hash check skipped")
-        return jobs
-    try:
-        manifest = read_manifest(output)
-    except ValidationFailed as exc:
-        report.failures.append(str(exc))
-        return jobs
     folder = os.path.isdir(output)
     expected = manifest["files"] if folder else {os.path.basename(output): manifest["files"].get(os.path.basename(output))}
     for name, entry in expected.items():
@@ -191,8 +223,15 @@ def _start_hashes(output, against, check_hash, report):
         else:
             jobs.append(("output", path, entry["sha256"], BackgroundHash(path).start()))
     source = manifest.get("source")
-    if against and isinstance(source, dict) and source.get("sha256"):
-        jobs.append(("source", against, source["sha256"], BackgroundHash(against).start()))
+    if src is not None and isinstance(source, dict) and source.get("sha256"):
+        recorded = {f.get("name"): f.get("sha256") for f in source.get("files") or [] if isinstance(f, dict)}
+        by_name = {os.path.basename(f): f for f in src.files}
+        if len(recorded) == len(src.files) and all(os.path.basename(n or "") in by_name for n in recorded):
+            for name, sha in recorded.items():      # file by file: a mismatch names the file
+                jobs.append(("source", by_name[os.path.basename(name)], sha,
+                             BackgroundHash(by_name[os.path.basename(name)]).start()))
+        else:
+            jobs.append(("source", src.path, source["sha256"], BackgroundHash(src.files).start()))
     elif isinstance(source, dict) and source.get("sha256"):
         report.notes.append("source hash recorded but no --against given: source not verified")
     return jobs

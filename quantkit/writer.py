@@ -283,8 +283,11 @@ class SafetensorsWriter:
         self._left -= n
         self._skip_empty()
 
-    def finish(self) -> str:
-        """Flush, fsync and rename into place; returns the file's SHA256 (hex)."""
+    def finish(self, before_publish: Callable[[str, int], None] | None = None) -> str:
+        """Flush, fsync and rename into place; returns the file's SHA256 (hex).
+
+        ``before_publish(sha256, bytes)`` runs just before the rename (to write a manifest
+        that must exist whenever the file does); if it raises, nothing is published."""
         if self.current is not None:
             raise ValueError(f"finish() before all tensors were written (at {self.current.key})")
         self._hasher.wait_header()       # the final header is written before the fsync
@@ -295,6 +298,8 @@ class SafetensorsWriter:
                               hint="free space or choose another destination") from None
         digest = self._hasher.result(self.bytes_written)
         self._file.close()
+        if before_publish is not None:
+            before_publish(digest, self.bytes_written)
         os.replace(self.temp_path, self.final_path)
         _fsync_dir(os.path.dirname(self.final_path))
         self.sha256 = digest

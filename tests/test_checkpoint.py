@@ -67,7 +67,7 @@ def test_sharded_transformers_save_pretrained(tmp_path):
     assert len(shards) >= 3
     before = {p: sha256(tmp_path / p) for p in shards}
     with open_checkpoint(index) as ckpt:
-        assert ckpt.layout == "sharded" and ckpt.metadata == {}
+        assert ckpt.layout == "sharded" and ckpt.metadata == {"format": "pt"}   # shards agree: kept
         assert sorted(os.path.basename(f) for f in ckpt.files) == shards
         assert f"sharded checkpoint: {len(shards)} shards (model.safetensors.index.json)" in ckpt.notes
         assert_same(read_all(ckpt), want)

@@ -76,6 +76,8 @@ class OutputFormat:
     # A folder format writes DST/ (weights + config files) instead of the single file DST.
     folder: ClassVar[bool] = False
     weights_name: ClassVar[str] = "model.safetensors"
+    # Whether --max-shard-size may split the weights over several files with an index.
+    shardable: ClassVar[bool] = True
     # Tried after the others by detect_format (its recognizes() is the loosest).
     recognized_last: ClassVar[bool] = False
 
@@ -85,6 +87,9 @@ class OutputFormat:
             allowed = ", ".join(sorted(g.value for g in self.granularities))
             raise PolicyError(f"format {self.name!r} does not support --granularity {options.granularity.value}",
                               hint=f"use one of: {allowed}")
+        if options.max_shard_bytes is not None and not self.shardable:
+            raise PolicyError(f"format {self.name!r} is a single file (its loaders read no shard index)",
+                              hint="drop --max-shard-size, or use --format native / compressed-tensors")
 
     def check_source(self, source) -> None:
         """Refuse a source this format cannot convert, from its header and folder alone (before any
@@ -102,9 +107,10 @@ class OutputFormat:
         """Read back: source key -> how it is stored in ``file`` (a SafetensorsFile of this format)."""
         raise NotImplementedError
 
-    def finalize(self, folder: str, plan, source_path: str) -> list[str]:
+    def finalize(self, folder: str, plan, source) -> list[str]:
         """Folder formats: write the files beside the weights (config, tokenizer...) into
-        ``folder``; returns their names relative to it. Called after the weights are complete."""
+        ``folder``; returns their names relative to it. Called after the weights are complete;
+        ``source`` is the opened checkpoint."""
         return []
 
     def warnings(self, plan) -> list[str]:

@@ -93,6 +93,7 @@ def fp8_name_of(t) -> str:
 @register
 class ComfyFormat(OutputFormat):
     name = "comfy"
+    shardable = False      # ComfyUI loads one file
     summary = ("ComfyUI mixed precision: <L>.weight FP8 + <L>.weight_scale F32 [] + <L>.comfy_quant JSON marker"
                " (per-tensor scales)")
     granularities = frozenset({Granularity.TENSOR})

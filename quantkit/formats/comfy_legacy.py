@@ -60,6 +60,7 @@ def linear_like(t) -> bool:
 @register
 class ComfyLegacyFormat(OutputFormat):
     name = "comfy-legacy"
+    shardable = False      # ComfyUI loads one file
     summary = ("ComfyUI scaled_fp8 (older loaders): scaled_fp8 marker + <L>.weight FP8 + <L>.scale_weight F32 []"
                " (per-tensor scales, E4M3)")
     granularities = frozenset({Granularity.TENSOR})

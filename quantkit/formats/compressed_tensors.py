@@ -80,6 +80,7 @@ from ..dtypes import Kind
 from ..errors import PolicyError, UnsupportedInputError
 from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
 from ..policy import Action, TensorKind
+from ..shards import is_index_name
 from ..writer import TEMP_MARK, OutputTensor
 from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
 
@@ -168,15 +169,20 @@ def quantization_config(granularity: Granularity, ignore: list[str], *, input_sc
     }
 
 
-def read_source_config(source_path: str) -> dict:
-    """The model config in the source's folder; UnsupportedInputError when it is missing or unusable."""
-    folder = os.path.dirname(os.path.abspath(source_path))
+def source_folder(source) -> str:
+    """The folder of the source's weights (a model folder, a pipeline's component, a file's folder)."""
+    return os.path.dirname(os.path.abspath(source.files[0]))
+
+
+def read_source_config(source) -> dict:
+    """The model config beside the source's weights; UnsupportedInputError when it is missing or unusable."""
+    folder = source_folder(source)
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         raise UnsupportedInputError(
-            "no config.json in the source's folder: format compressed-tensors writes a transformers model "
+            "no config.json beside the source's weights: format compressed-tensors writes a transformers model "
             "folder and needs the model's config", path=folder,
-            hint="put the model's config.json (and its tokenizer files) beside the .safetensors file, "
+            hint="put the model's config.json (and its tokenizer files) beside the weights, "
                  "or use --format native")
     try:
         with open(path, "rb") as f:
@@ -187,7 +193,8 @@ def read_source_config(source_path: str) -> dict:
     if not isinstance(config, dict):
         raise UnsupportedInputError("config.json is not a JSON object", path=path,
                                     hint="fix or replace the model's config.json")
-    _refuse_shard(folder, os.path.basename(source_path))
+    if len(source.files) == 1:
+        _refuse_shard(folder, os.path.basename(source.files[0]))
     return config
 
 
@@ -214,8 +221,10 @@ def _is_output_folder(path: str) -> bool:
     return TEMP_MARK in os.path.basename(path) or os.path.isfile(os.path.join(path, MANIFEST_NAME))
 
 
-def extra_files(source_folder: str, source_name: str, skip_folder: str | None = None) -> list[str]:
-    """The source folder's files that go beside the weights, relative paths ('/'-separated), sorted."""
+def extra_files(source_folder: str, source_names, skip_folder: str | None = None) -> list[str]:
+    """The source folder's files that go beside the weights, relative paths ('/'-separated), sorted:
+    not the weights (``source_names``, any weight file or shard index), not quantkit's manifests."""
+    source_names = {source_names} if isinstance(source_names, str) else set(source_names)
     skip_real = os.path.realpath(skip_folder) if skip_folder else None
     found = []
     for root, dirs, files in os.walk(source_folder):
@@ -224,8 +233,8 @@ def extra_files(source_folder: str, source_name: str, skip_folder: str | None = 
         rel_root = os.path.relpath(root, source_folder)
         for name in sorted(files):
             rel = name if rel_root == "." else os.path.join(rel_root, name).replace(os.sep, "/")
-            if (name.lower().endswith(WEIGHT_SUFFIXES) or name == MANIFEST_NAME
-                    or name.endswith(".quantkit.json") or rel in (CONFIG_NAME, source_name)):
+            if (name.lower().endswith(WEIGHT_SUFFIXES) or name == MANIFEST_NAME or is_index_name(name)
+                    or name.endswith(".quantkit.json") or rel == CONFIG_NAME or rel in source_names):
                 continue
             if os.path.isfile(os.path.join(root, name)):
                 found.append(rel)
@@ -248,7 +257,7 @@ class CompressedTensorsFormat(OutputFormat):
 
     def check_source(self, source) -> None:
         """Refuse a source this format cannot turn into a model folder (no config.json, one shard)."""
-        read_source_config(source.path)
+        read_source_config(source)
 
     def layout(self, plan) -> list[Emit]:
         bad = [t for t in plan.quantized() if not t.name.endswith(".weight") or len(t.info.shape) != 2]
@@ -271,20 +280,20 @@ class CompressedTensorsFormat(OutputFormat):
         return {"format": "pt", **quantkit_metadata(self, plan, provenance,
                                                    **{"quantkit.scale_dtype": model_dtype(plan).code})}
 
-    def finalize(self, folder: str, plan, source_path: str) -> list[str]:
-        config = read_source_config(source_path)
+    def finalize(self, folder: str, plan, source) -> list[str]:
+        config = read_source_config(source)
         d = model_dtype(plan).torch_name
         config["dtype"] = d
         config["torch_dtype"] = d          # the older spelling, still read by older transformers/vLLM
         config["quantization_config"] = quantization_config(plan.options.granularity, ignored_modules(plan))
         with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        source_folder = os.path.dirname(os.path.abspath(source_path))
+        src_folder = source_folder(source)
         names = [CONFIG_NAME]
-        for rel in extra_files(source_folder, os.path.basename(source_path), skip_folder=folder):
+        for rel in extra_files(src_folder, [os.path.basename(f) for f in source.files], skip_folder=folder):
             dst = os.path.join(folder, *rel.split("/"))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copyfile(os.path.join(source_folder, *rel.split("/")), dst)
+            shutil.copyfile(os.path.join(src_folder, *rel.split("/")), dst)
             names.append(rel)
         return names
 
