@@ -11,7 +11,7 @@ from safetensors import safe_open
 from quantkit.cli import main
 from quantkit.validate import load_dequantized
 
-from tiny_models import build, forward, save_state_dict
+from tiny_models import build, forward, save_state_dict, without_zero_layers
 
 GOLDEN = __import__("pathlib").Path(__file__).parent / "golden"
 
@@ -28,19 +28,9 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def _without_zero_layers(model):
-    """FluxControlNet zero-initialises its output blocks, which would make its output trivially exact."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
-
-
 @pytest.mark.parametrize("name,granularity", CASES)
 def test_convert_validate_and_model_output(tmp_path, name, granularity):
-    model = _without_zero_layers(build(name))
+    model = without_zero_layers(build(name))
     src, out = tmp_path / f"{name}.safetensors", tmp_path / f"{name}-fp8.safetensors"
     original = save_state_dict(model, src)                   # a BF16 checkpoint with real key names
 

@@ -33,7 +33,7 @@ from quantkit.quantize import convert
 from quantkit.reader import TensorInfo
 from quantkit.validate import load_dequantized
 
-from tiny_models import build, forward, save_state_dict, tiny_qwen2_moe
+from tiny_models import build, forward, save_state_dict, tiny_qwen2_moe, without_zero_layers
 
 ROOT = pathlib.Path(__file__).parent
 GOLDEN_DIR = ROOT / "golden"
@@ -714,16 +714,6 @@ MAX_REL_ERROR = 0.05
 MIN_COSINE = 0.998
 
 
-def _without_zero_layers(model):
-    """FluxControlNet zero-initialises its output blocks, which would make its output trivially exact."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
-
-
 def _loaded(model, state):
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
@@ -732,7 +722,7 @@ def _loaded(model, state):
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_model_output_under_its_preset(model, tmp_path):
-    net = _without_zero_layers(build(model))
+    net = without_zero_layers(build(model))
     src, out = tmp_path / "src.safetensors", tmp_path / "fp8.safetensors"
     original = save_state_dict(net, src)
     result = convert(str(src), str(out), ConvertOptions(preset="auto"))

@@ -150,6 +150,25 @@ def detect_format(file) -> OutputFormat:
                                 hint=f"known formats: {', '.join(sorted(REGISTRY))}")
 
 
+def stored_with_scales(file, scale_suffix: str, granularity_of, *, skip=lambda key: False,
+                       weights_only: bool = False) -> dict[str, StoredTensor]:
+    """Read back a layout where each FP8 tensor ``<key>`` has its scale under ``<key><scale_suffix>``
+    (``granularity_of(weight_shape, scale_shape)`` says which granularity it encodes): source key
+    -> StoredTensor. Scale keys, and keys for which ``skip(key)`` holds, are not source tensors.
+    ``weights_only``: only ``*.weight`` keys carry scales."""
+    out = {}
+    for key, info in file.tensors.items():
+        if key.endswith(scale_suffix) and key[: -len(scale_suffix)] in file.tensors or skip(key):
+            continue
+        scale = file.tensors.get(key + scale_suffix) if key.endswith(".weight") or not weights_only else None
+        fp8 = fp8_of(info.dtype.code)
+        if scale is None or fp8 is None:
+            out[key] = StoredTensor(key, key)
+        else:
+            out[key] = StoredTensor(key, key, scale.name, granularity_of(info.shape, scale.shape), fp8)
+    return out
+
+
 def fp8_of(code: str) -> FP8Format | None:
     return next((f for f in FP8_FORMATS.values() if f.safetensors_dtype == code), None)
 

@@ -82,7 +82,7 @@ from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
 from ..policy import Action, TensorKind
 from ..shards import is_index_name
 from ..writer import TEMP_MARK, OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
+from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register, stored_with_scales
 
 SCALE_SUFFIX = "_scale"
 CONFIG_NAME = "config.json"
@@ -335,20 +335,9 @@ class CompressedTensorsFormat(OutputFormat):
         return any(tuple(s.shape) == (1,) for s, _ in pairs)
 
     def stored(self, file) -> dict[str, StoredTensor]:
-        out = {}
-        for key, info in file.tensors.items():
-            base = key.rsplit(".", 1)[0]
-            if key.endswith(".weight" + SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in file.tensors:
-                continue
-            if key.endswith(AUX_SUFFIXES) and _is_fp8(file, base + ".weight"):
-                continue
-            scale = file.tensors.get(key + SCALE_SUFFIX) if key.endswith(".weight") else None
-            fp8 = fp8_of(info.dtype.code)
-            if scale is None or fp8 is None:
-                out[key] = StoredTensor(key, key)
-                continue
-            out[key] = StoredTensor(key, key, scale.name, granularity_from_shapes(info.shape, scale.shape), fp8)
-        return out
+        def auxiliary(key: str) -> bool:      # input scales, zero points of an FP8 weight: not source tensors
+            return key.endswith(AUX_SUFFIXES) and _is_fp8(file, key.rsplit(".", 1)[0] + ".weight")
+        return stored_with_scales(file, SCALE_SUFFIX, granularity_from_shapes, skip=auxiliary, weights_only=True)
 
 
 def _is_fp8(file, key: str) -> bool:

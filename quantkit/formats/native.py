@@ -15,7 +15,7 @@ from .. import dtypes
 from ..fp8 import Granularity
 from ..policy import Action
 from ..writer import OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, quantkit_metadata, register
+from . import Emit, OutputFormat, Role, StoredTensor, quantkit_metadata, register, stored_with_scales
 
 SCALE_SUFFIX = "_scale"
 
@@ -51,14 +51,4 @@ class NativeFormat(OutputFormat):
         return any(k.endswith(".weight" + SCALE_SUFFIX) for k in file.tensors)
 
     def stored(self, file) -> dict[str, StoredTensor]:
-        out = {}
-        for key, info in file.tensors.items():
-            if key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in file.tensors:
-                continue
-            scale = file.tensors.get(key + SCALE_SUFFIX)
-            fp8 = fp8_of(info.dtype.code)
-            if scale is None or fp8 is None:
-                out[key] = StoredTensor(key, key)
-                continue
-            out[key] = StoredTensor(key, key, scale.name, granularity_from_shapes(info.shape, scale.shape), fp8)
-        return out
+        return stored_with_scales(file, SCALE_SUFFIX, granularity_from_shapes)
