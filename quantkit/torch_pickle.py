@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 import warnings
 
 from .dtypes import BY_TORCH_NAME
@@ -46,7 +47,8 @@ class PickleFile(TensorSource):
         self.metadata: dict[str, str] = {}
         self.notes: list[str] = []
         self._contiguous: tuple[str, object] | None = None
-        obj = _safe_load(self.path)
+        obj, mapped = _safe_load(self.path)
+        self._mappings = _file_mappings(self.path) if mapped and sys.platform.startswith("linux") else []
         raw, ema, ema_key = _unwrap(obj, self.path, self.notes)
         raw_tensors = self._tensor_table(raw, "")
         ema_tensors = self._tensor_table(ema, ema_key + ".") if ema is not None else {}
@@ -105,7 +107,8 @@ class PickleFile(TensorSource):
             raise ValueError("read past the end of the tensor")
         if not len(view):
             return
-        if not t.is_contiguous():
+        mapped = t.is_contiguous()
+        if not mapped:
             # A strided view (a saved transpose, a slice): made contiguous once and kept while
             # the caller walks this tensor's chunks, not once per chunk.
             if self._contiguous is None or self._contiguous[0] is not info:
@@ -113,6 +116,8 @@ class PickleFile(TensorSource):
             t = self._contiguous[1]
         flat = t.reshape(-1).view(torch.uint8)
         torch.frombuffer(view, dtype=torch.uint8).copy_(flat[byte_offset: byte_offset + len(view)])
+        if mapped and self._mappings:
+            _page_out(flat.data_ptr() + byte_offset, len(view), self._mappings)
 
     def close(self) -> None:
         self._data.clear()
@@ -120,7 +125,8 @@ class PickleFile(TensorSource):
 
 
 def _safe_load(path: str):
-    """``torch.load`` with ``weights_only=True`` (mapped when the file is a zip); every failure a QuantkitError."""
+    """``torch.load`` with ``weights_only=True`` (mapped when the file is a zip), and whether it is
+    mapped; every failure a QuantkitError."""
     import torch
     try:
         with open(path, "rb") as f:
@@ -136,7 +142,7 @@ def _safe_load(path: str):
             warnings.simplefilter("ignore")   # torch's protocol/legacy-format chatter; the library never prints
             # A private mapping: even a caller that writes into a tensor never reaches the file.
             with torch.serialization.set_default_mmap_options(_map_private()):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip), is_zip
     except pickle.UnpicklingError as exc:
         reason = _refusal_reason(str(exc))
         called = re.search(r"GLOBAL (\S+)", reason)
@@ -158,6 +164,46 @@ def _safe_load(path: str):
         what = "truncated or corrupt zip archive" if is_zip else "not a PyTorch checkpoint"
         raise UnsupportedInputError(f"{what} ({type(exc).__name__}: {first})", path=path,
                                     hint="re-download or re-export the checkpoint") from None
+
+
+_MADV_DONTNEED = 4
+_libc = None
+
+
+def _file_mappings(path: str) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path`` (from /proc/self/maps; [] elsewhere)."""
+    real = os.path.realpath(path)
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].strip() == real:
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def _page_out(address: int, length: int, mappings: list[tuple[int, int]]) -> None:
+    """Drop the mapped pages of a chunk just copied out, so a mapped pickle's resident memory
+    stays at one chunk instead of growing to the file's size (pages read stay mapped, and
+    counted, until the tensor is released). Only whole pages that lie inside a private,
+    never-written mapping of the file itself (``mappings``): there DONTNEED just drops clean
+    pages, which the next access reads again from the file. A no-op anywhere else."""
+    global _libc
+    import mmap
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + length) // page * page
+    if end <= start or not any(lo <= start and end <= hi for lo, hi in mappings):
+        return
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _libc.madvise(start, end - start, _MADV_DONTNEED)
 
 
 def _map_private() -> int:

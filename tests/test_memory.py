@@ -62,3 +62,24 @@ def test_peak_memory_is_flat_in_checkpoint_size(tmp_path_factory, granularity):
     assert b["quantized"] == 3 * a["quantized"]
     assert a["peak_mb"] < 500 and b["peak_mb"] < 500, (a, b)
     assert b["peak_mb"] <= a["peak_mb"] * 1.10, (a, b)
+
+
+def make_pickle(path, blocks: int) -> None:
+    """A BF16 state dict of ``blocks`` blocks saved with torch.save (a zip pickle, as training code writes)."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"blocks.{b}.{name}.weight": torch.randn(shape, generator=gen).to(torch.bfloat16)
+          for b in range(blocks) for name, shape in zip(("attn.to_q", "ff.net.0.proj", "ff.net.2"), SHAPES[:3])}
+    torch.save({"state_dict": sd, "epoch": 1}, path)
+
+
+def test_peak_memory_of_a_pickle_source_is_flat(tmp_path):
+    """Pickles are memory-mapped: the pages of each chunk are given back once copied out, so the
+    peak does not follow the file's size either."""
+    small, big = tmp_path / "small.ckpt", tmp_path / "big.ckpt"
+    make_pickle(small, 2)      # ~0.2 GB
+    make_pickle(big, 6)        # ~0.6 GB
+    a = peak_mb(small, tmp_path / "a.safetensors", "tensor")
+    b = peak_mb(big, tmp_path / "b.safetensors", "tensor")
+    assert b["quantized"] == 3 * a["quantized"]
+    assert a["peak_mb"] < 500 and b["peak_mb"] < 500, (a, b)
+    assert b["peak_mb"] <= a["peak_mb"] * 1.10, (a, b)
