@@ -2,7 +2,7 @@
 
     file.safetensors               -> "safetensors"
     x.safetensors.index.json       -> "sharded"           (also a folder holding one such index)
-    folder with config.json        -> "diffusers-model"   (single file or sharded)
+    folder with config.json        -> "model-folder"      (diffusers or transformers; single file or sharded)
     folder with model_index.json   -> "diffusers-pipeline/<component>"  (component= required)
     file.ckpt .pt .pth .bin        -> "pickle"            (torch.load(weights_only=True) only)
 
@@ -107,11 +107,12 @@ class Checkpoint(TensorSource):
         return f"Checkpoint({self.path!r}, layout={self.layout!r}, {len(self.tensors)} tensors, {len(self.files)} files)"
 
 
-def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, ema: bool = False) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False) -> Checkpoint:
     """Open whatever ``path`` is (file, index, folder, pipeline) as one validated ``Checkpoint``.
 
     ``component`` picks a diffusers pipeline's sub-model; ``ema`` converts the EMA copy of
-    the weights (under the base names) instead of the raw one. Nothing is ever written.
+    the weights (under the base names) instead of the raw one; ``ema=None`` takes every
+    tensor under its stored name (to read quantkit's own outputs). Nothing is ever written.
     """
     path = os.fspath(path)
     if not path:
@@ -128,8 +129,8 @@ def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, em
         else:
             _no_component(path, component)
             kind, weights = _weights_in_folder(path, notes)
-            layout = "diffusers-model" if os.path.isfile(os.path.join(path, "config.json")) else _LAYOUT[kind]
-            if layout == "diffusers-model":
+            layout = "model-folder" if os.path.isfile(os.path.join(path, "config.json")) else _LAYOUT[kind]
+            if layout == "model-folder":
                 notes.insert(0, f"model folder: {os.path.basename(weights)}{_class_name(path)}")
     elif os.path.isfile(path):
         _no_component(path, component)
@@ -164,15 +165,17 @@ def _no_component(path: str, component: str | None) -> None:
 def _weights_in_folder(folder: str, notes: list[str]) -> tuple[str, str]:
     """The one weights entry of a model folder: ("index"|"safetensors"|"pickle", path)."""
     names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
-    indexes = [n for n in names if is_index_name(n)]
+    # Safetensors first: Hub folders often hold the same weights as .bin pickles too.
+    indexes = [n for n in names if is_index_name(n) and ".safetensors.index" in n]
+    bin_indexes = [n for n in names if is_index_name(n) and n not in indexes]
     singles = [n for n in names if n.endswith(".safetensors") and not _SHARD_RE.match(n)]
     pickles = [n for n in names if n.lower().endswith(PICKLE_EXTENSIONS) and not _SHARD_RE.match(n)]
-    for kind, found in (("index", indexes), ("safetensors", singles), ("pickle", pickles)):
+    for kind, found in (("index", indexes), ("safetensors", singles), ("index", bin_indexes), ("pickle", pickles)):
         if len(found) > 1:
             raise UnsupportedInputError(f"{len(found)} candidate weight files: {', '.join(found)}", path=folder,
                                         hint="pass the one to convert as the path (e.g. a variant's file or index)")
         if found:
-            others = [n for n in indexes + singles + pickles if n != found[0]]
+            others = [n for n in indexes + bin_indexes + singles + pickles if n != found[0]]
             if others:
                 notes.append(f"{found[0]} used; also in the folder, not read: {', '.join(others)}")
             return kind, os.path.join(folder, found[0])
@@ -232,7 +235,7 @@ def _pipeline_component(folder: str, component: str | None) -> tuple[str, str]:
     return os.path.join(folder, component), component
 
 
-def _build(path: str, layout: str, kind: str, weights: str, use_ema: bool, notes: list[str]) -> Checkpoint:
+def _build(path: str, layout: str, kind: str, weights: str, use_ema: bool | None, notes: list[str]) -> Checkpoint:
     readers: list[TensorSource] = []
     try:
         ema_entries, ema_label = {}, ""
@@ -262,7 +265,8 @@ def _build(path: str, layout: str, kind: str, weights: str, use_ema: bool, notes
             notes.extend(p.notes)
         if not entries:
             raise UnsupportedInputError("no tensors in this checkpoint", path=weights, hint=ACCEPTED)
-        entries = _choose_ema(entries, ema_entries, ema_label, use_ema, weights, notes)
+        if use_ema is not None:
+            entries = _choose_ema(entries, ema_entries, ema_label, use_ema, weights, notes)
         _note_components(entries, notes)
         return Checkpoint(path, layout, files, entries, metadata=metadata, notes=notes, readers=readers,
                           real_offsets=kind == "safetensors")

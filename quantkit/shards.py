@@ -23,8 +23,12 @@ _HINT = "the index does not match its shards; re-download the checkpoint or re-s
 
 
 def is_index_name(name: str) -> bool:
-    """``model.safetensors.index.json``, also diffusers' variant form ``x.safetensors.index.fp16.json``."""
-    return name.endswith(".json") and ".safetensors.index" in name
+    """``model.safetensors.index.json`` (also diffusers' variant form ``x.safetensors.index.fp16.json``)
+    or an index of pickle shards, ``pytorch_model.bin.index.json``."""
+    return name.endswith(".json") and (".safetensors.index" in name or ".bin.index" in name)
+
+
+SHARD_EXTENSIONS = (".safetensors", ".bin")
 
 
 @dataclass
@@ -78,9 +82,9 @@ def _check_shard_name(shard: str, tensor: str, index_path: str) -> None:
             or os.path.splitdrive(shard)[0]):
         raise HeaderError(f"shard name {shard!r} is not a file name inside the index's folder", path=index_path,
                           tensor=tensor, hint="an index may only name shards beside it; this one is broken or hostile")
-    if not shard.endswith(".safetensors"):
-        raise UnsupportedInputError(f"shard {shard!r} is not a .safetensors file", path=index_path, tensor=tensor,
-                                    hint="quantkit reads safetensors shards; convert .bin shards to safetensors first")
+    if not shard.endswith(SHARD_EXTENSIONS):
+        raise UnsupportedInputError(f"shard {shard!r} is not a .safetensors or .bin file", path=index_path,
+                                    tensor=tensor, hint="an index names safetensors or PyTorch (.bin) shards")
 
 
 def open_shards(index_path: str) -> Shards:
@@ -97,6 +101,15 @@ def open_shards(index_path: str) -> Shards:
     return shards
 
 
+def _open_shard(path: str):
+    """A safetensors shard, or a PyTorch pickle shard (``pytorch_model-00001-of-00002.bin``, a flat
+    state dict, loaded with ``weights_only=True`` like any pickle)."""
+    if path.endswith(".bin"):
+        from .torch_pickle import PickleFile
+        return PickleFile(path)
+    return SafetensorsFile(path)
+
+
 def _open_all(shards: Shards, weight_map: dict[str, str], order: list[str], folder: str) -> None:
     by_shard: dict[str, SafetensorsFile] = {}
     for shard, path in zip(order, shards.files):
@@ -104,7 +117,7 @@ def _open_all(shards: Shards, weight_map: dict[str, str], order: list[str], fold
             tensor = next(n for n, s in weight_map.items() if s == shard)
             raise UnsupportedInputError(f"shard {shard!r} named by the index is missing", path=shards.index_path,
                                         tensor=tensor, hint="download every shard listed in the index")
-        f = SafetensorsFile(path)
+        f = _open_shard(path)
         shards.opened.append(f)
         by_shard[shard] = f
     for name, shard in weight_map.items():

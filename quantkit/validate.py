@@ -183,7 +183,7 @@ def open_output(output: str) -> TensorSource:
         return SafetensorsFile(output)
     indexes = sorted(n for n in os.listdir(output) if is_index_name(n))
     if len(indexes) == 1:
-        return open_checkpoint(os.path.join(output, indexes[0]))
+        return open_checkpoint(os.path.join(output, indexes[0]), ema=None)
     return SafetensorsFile(weights_file(output))
 
 

@@ -74,7 +74,7 @@ def test_sharded_transformers_save_pretrained(tmp_path):
         rows = [x.clone() for _, _, x in ckpt.iter_rows(ckpt.tensors["model.embed_tokens.weight"], 1000)]
         assert torch.equal(torch.cat(rows), want["model.embed_tokens.weight"])
     with open_checkpoint(tmp_path) as ckpt:    # the folder: config.json + index
-        assert ckpt.layout == "diffusers-model" and "LlamaForCausalLM" in ckpt.notes[0]
+        assert ckpt.layout == "model-folder" and "LlamaForCausalLM" in ckpt.notes[0]
         assert_same(read_all(ckpt), want)
     assert before == {p: sha256(tmp_path / p) for p in shards}
 
@@ -83,7 +83,7 @@ def test_diffusers_model_folder_single_and_sharded(tmp_path):
     flux = build("flux")
     flux.save_pretrained(tmp_path / "flux")
     with open_checkpoint(tmp_path / "flux") as ckpt:
-        assert ckpt.layout == "diffusers-model"
+        assert ckpt.layout == "model-folder"
         assert [os.path.basename(f) for f in ckpt.files] == ["diffusion_pytorch_model.safetensors"]
         assert "FluxTransformer2DModel" in ckpt.notes[0]
         assert_same(read_all(ckpt), state_dict_tensors(flux, dtype=None))
@@ -91,7 +91,7 @@ def test_diffusers_model_folder_single_and_sharded(tmp_path):
     vae.save_pretrained(tmp_path / "vae", max_shard_size="100KB")
     assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors.index.json").exists()
     with open_checkpoint(tmp_path / "vae") as ckpt:
-        assert ckpt.layout == "diffusers-model" and len(ckpt.files) >= 2
+        assert ckpt.layout == "model-folder" and len(ckpt.files) >= 2
         assert_same(read_all(ckpt), state_dict_tensors(vae, dtype=None))
 
 
@@ -314,7 +314,7 @@ HOSTILE_INDEXES = {
     "shard_path_absolute": ({"a": "/OUTSIDE/outside.safetensors"}, HeaderError, "not a file name inside"),
     "shard_in_sub_folder": ({"a": "sub/s1.safetensors"}, HeaderError, "not a file name inside"),
     "shard_missing": ({"a": "s1.safetensors", "b": "gone.safetensors"}, UnsupportedInputError, "missing"),
-    "shard_not_safetensors": ({"a": "s1.bin"}, UnsupportedInputError, "not a .safetensors"),
+    "shard_not_safetensors": ({"a": "s1.txt"}, UnsupportedInputError, "not a .safetensors or .bin"),
     "tensor_in_two_shards": ({"a": "s1.safetensors", "b": "s2.safetensors"}, HeaderError, "in two shards"),
     "tensor_not_in_its_shard": ({"a": "s2.safetensors", "c": "s2.safetensors"}, HeaderError, "does not hold it"),
     "weight_map_values_not_strings": ({"a": 1}, HeaderError, "weight_map"),
@@ -383,3 +383,26 @@ def test_every_failure_is_a_quantkit_error_and_closes_files(tmp_path):
         with pytest.raises(QuantkitError):
             open_checkpoint(index)
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_sharded_pytorch_bin_checkpoint_and_safetensors_preferred(tmp_path):
+    """Older Hub models: pytorch_model-0000i-of-0000N.bin with pytorch_model.bin.index.json."""
+    model = build("llama")
+    model.config.save_pretrained(tmp_path)
+    want = state_dict_tensors(model, dtype=None)
+    names = list(want)
+    groups = [names[i::3] for i in range(3)]         # as transformers 4 wrote them (save_pretrained(safe_serialization=False))
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        shard = f"pytorch_model-{i:05d}-of-00003.bin"
+        torch.save({k: want[k] for k in group}, tmp_path / shard)
+        weight_map.update({k: shard for k in group})
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.layout == "model-folder" and len(ckpt.files) == 3 and all(f.endswith(".bin") for f in ckpt.files)
+        assert_same(read_all(ckpt), want)
+    # the same folder with safetensors shards too: those are read, and the note says the .bin index is not
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    with open_checkpoint(tmp_path) as ckpt:
+        assert all(f.endswith(".safetensors") for f in ckpt.files)
+        assert any("pytorch_model.bin.index.json" in n for n in ckpt.notes)
