@@ -110,7 +110,9 @@ class Checkpoint(TensorSource):
 def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False) -> Checkpoint:
     """Open whatever ``path`` is (file, index, folder, pipeline) as one validated ``Checkpoint``.
 
-    ``component`` picks a diffusers pipeline's sub-model; ``ema`` converts the EMA copy of
+    ``component`` picks a diffusers pipeline's sub-model, or one component of an all-in-one
+    checkpoint (``model.diffusion_model``, ``first_stage_model``, ... or ``unet``/``vae``/
+    ``text_encoder``), its prefix removed; ``ema`` converts the EMA copy of
     the weights (under the base names) instead of the raw one; ``ema=None`` takes every
     tensor under its stored name (to read quantkit's own outputs). Nothing is ever written.
     """
@@ -127,18 +129,17 @@ def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, em
             layout = f"diffusers-pipeline/{name}"
             notes.insert(0, f"diffusers pipeline: component '{name}' ({os.path.relpath(weights, path)})")
         else:
-            _no_component(path, component)
             kind, weights = _weights_in_folder(path, notes)
             layout = "model-folder" if os.path.isfile(os.path.join(path, "config.json")) else _LAYOUT[kind]
             if layout == "model-folder":
                 notes.insert(0, f"model folder: {os.path.basename(weights)}{_class_name(path)}")
     elif os.path.isfile(path):
-        _no_component(path, component)
         kind, weights = _kind_of_file(path), path
         layout = _LAYOUT[kind]
     else:
         raise UnsupportedInputError("not a regular file or folder", path=path, hint=ACCEPTED)
-    return _build(path, layout, kind, weights, ema, notes)
+    in_file = component if not layout.startswith("diffusers-pipeline/") else None
+    return _build(path, layout, kind, weights, ema, notes, in_file)
 
 
 _LAYOUT = {"safetensors": "safetensors", "index": "sharded", "pickle": "pickle"}
@@ -156,10 +157,35 @@ def _kind_of_file(path: str) -> str:
                                 hint=ACCEPTED)
 
 
-def _no_component(path: str, component: str | None) -> None:
-    if component is not None:
-        raise UnsupportedInputError(f"component {component!r} given, but this is not a diffusers pipeline folder",
-                                    path=path, hint="--component applies to folders with a model_index.json")
+# --component on an all-in-one file: friendly names of its prefixes.
+COMPONENT_ALIASES = {"unet": "model.diffusion_model", "diffusion_model": "model.diffusion_model",
+                     "transformer": "model.diffusion_model", "vae": "first_stage_model",
+                     "text_encoder": "cond_stage_model"}
+
+
+def _select_component(entries: dict, component: str, path: str, notes: list[str]) -> dict:
+    """The tensors of one component of an all-in-one checkpoint, under their names inside it
+    (``model.diffusion_model.x`` -> ``x``): a standalone model, as ComfyUI's diffusion-model and
+    VAE loaders and diffusers' single-file loaders take it."""
+    wanted = COMPONENT_ALIASES.get(component, component).rstrip(".")
+    found: dict[str, int] = {}
+    selected = {}
+    for name, entry in entries.items():
+        c, inner = component_of(name)
+        found[c] = found.get(c, 0) + 1
+        if c == wanted:
+            selected[inner] = entry
+    if not selected:
+        present = [c for c in found if c]
+        if not present:
+            raise UnsupportedInputError(f"no component {component!r}: this is not a diffusers pipeline folder and "
+                                        "its tensors have no all-in-one prefixes (model.diffusion_model., ...)",
+                                        path=path, hint="leave out --component to convert the whole checkpoint")
+        raise UnsupportedInputError(f"no component {component!r} in this checkpoint; components: {', '.join(present)}",
+                                    path=path, hint="pass one of them to --component, or leave it out to convert "
+                                                    "the whole checkpoint")
+    notes.append(f"component {wanted!r}: {len(selected)} of {len(entries)} tensors, prefix '{wanted}.' removed")
+    return selected
 
 
 def _weights_in_folder(folder: str, notes: list[str]) -> tuple[str, str]:
@@ -235,7 +261,8 @@ def _pipeline_component(folder: str, component: str | None) -> tuple[str, str]:
     return os.path.join(folder, component), component
 
 
-def _build(path: str, layout: str, kind: str, weights: str, use_ema: bool | None, notes: list[str]) -> Checkpoint:
+def _build(path: str, layout: str, kind: str, weights: str, use_ema: bool | None, notes: list[str],
+           component: str | None = None) -> Checkpoint:
     readers: list[TensorSource] = []
     try:
         ema_entries, ema_label = {}, ""
@@ -267,7 +294,10 @@ def _build(path: str, layout: str, kind: str, weights: str, use_ema: bool | None
             raise UnsupportedInputError("no tensors in this checkpoint", path=weights, hint=ACCEPTED)
         if use_ema is not None:
             entries = _choose_ema(entries, ema_entries, ema_label, use_ema, weights, notes)
-        _note_components(entries, notes)
+        if component is not None:
+            entries = _select_component(entries, component, weights, notes)
+        else:
+            _note_components(entries, notes)
         return Checkpoint(path, layout, files, entries, metadata=metadata, notes=notes, readers=readers,
                           real_offsets=kind == "safetensors")
     except BaseException:

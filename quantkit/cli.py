@@ -71,7 +71,9 @@ def _policy_options(f):
         click.option("--comfy-header-metadata", is_flag=True,
                      help="Format comfy: also write the _quantization_metadata header entry."),
         click.option("--component", metavar="NAME",
-                     help="Diffusers pipeline folder: the component to convert (e.g. transformer, text_encoder_2)."),
+                     help="Convert one component: of a diffusers pipeline folder (transformer, text_encoder_2, ...) "
+                          "or of an all-in-one checkpoint (model.diffusion_model or unet, first_stage_model or vae, "
+                          "cond_stage_model or text_encoder, ...; its prefix is removed)."),
         click.option("--ema", is_flag=True,
                      help="Convert the EMA copy of the weights when the checkpoint holds raw and EMA weights."),
         click.option("--max-shard-size", metavar="SIZE",

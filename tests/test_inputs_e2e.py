@@ -91,6 +91,10 @@ def test_pipeline_folder_needs_component(tmp_path):
                          validate_extra=("--component", "transformer"))
 
 
+def parts_names(parts: dict) -> list[str]:
+    return [p.split(".transformer")[0].rstrip(".") for p in parts]
+
+
 def test_all_in_one_checkpoint_with_prefixes(tmp_path):
     """An SD1.x-style single file: UNet, VAE and CLIP under LDM prefixes; the unet preset finds its part."""
     from safetensors.torch import save_file
@@ -106,6 +110,15 @@ def test_all_in_one_checkpoint_with_prefixes(tmp_path):
     convert_and_validate(src, out)
     q = quantized_keys(out)
     assert q and all(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in q)
+    # one component on its own, its prefix removed: the UNet as a standalone model
+    unet = tmp_path / "unet-fp8.safetensors"
+    convert_and_validate(src, unet, "--component", "unet")      # validate reopens the recorded component
+    model = parts["model.diffusion_model."]
+    with safe_open(str(unet), "pt") as f:
+        assert set(f.keys()) - {k + "_scale" for k in quantized_keys(unet)} == set(model.state_dict())
+    assert quantized_keys(unet) == {k[len("model.diffusion_model."):] for k in q if k.startswith("model.")}
+    result = run("plan", src, "--component", "refiner")
+    assert result.exit_code == 2 and all(c in result.output for c in parts_names(parts))
 
 
 def test_pickle_with_ema_converts_either_copy(tmp_path):
