@@ -221,8 +221,14 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
               help="Pipeline folder source: the component compared (default: the one recorded in the manifest).")
 @click.option("--ema/--no-ema", default=None,
               help="Compare with the source's EMA / raw weights (default: as recorded in the manifest).")
+@click.option("--model-output", is_flag=True,
+              help="Also run the source model and the quantized one (transformers models, from the config.json "
+                   "beside the source) on the same random token ids and compare their outputs. Loads the model.")
+@click.option("--min-output-sqnr", type=float, metavar="DB",
+              help="With --model-output: fail if the output's SQNR is below DB decibels (implies --model-output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def validate(out, against, min_sqnr, json_path, no_hash_check, show, component, ema, quiet):
+def validate(out, against, min_sqnr, json_path, no_hash_check, show, component, ema, model_output,
+             min_output_sqnr, quiet):
     """Prove OUT is intact and faithful to its source.
 
     Recomputes the SHA256 of OUT (and of the source) and compares them with the manifest
@@ -240,8 +246,10 @@ def validate(out, against, min_sqnr, json_path, no_hash_check, show, component, 
     from .validate import validate as run
     bars = _Bars(quiet)
     try:
+        if (model_output or min_output_sqnr is not None) and not against:
+            raise QuantkitError("--model-output compares with the source model", hint="pass --against SRC")
         report = run(out, against, min_sqnr=min_sqnr, check_hash=not no_hash_check, component=component, ema=ema,
-                     progress=bars.progress)
+                     model_output=model_output, min_output_sqnr=min_output_sqnr, progress=bars.progress)
     except QuantkitError as exc:
         bars.progress.close()
         _fail(exc)
@@ -268,6 +276,10 @@ def _print_report(report, show: int) -> None:
             click.echo("  lowest SQNR:")
             for name, v in worst:
                 click.echo(f"    {v:8.2f} dB  {name}")
+    m = report.model_output
+    if m:
+        click.echo(f"  model output ({m['architecture']}, {m['inputs']}): SQNR {m['sqnr']:.2f} dB, "
+                   f"cosine {m['cosine']:.6f}, relative L2 error {m['rel_l2']:.4f}")
     if report.ok:
         click.echo(f"  PASS ({report.seconds:.2f} s)")
     else:

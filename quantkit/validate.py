@@ -62,6 +62,7 @@ class ValidationReport:
     notes: list[str] = field(default_factory=list)
     min_sqnr: float | None = None
     seconds: float = 0.0
+    model_output: dict | None = None      # --model-output: the model's output, source vs quantized
 
     @property
     def ok(self) -> bool:
@@ -93,6 +94,7 @@ class ValidationReport:
         return clean({"ok": self.ok, "output": self.output, "against": self.against, "format": self.format,
                       "min_sqnr": self.min_sqnr, "seconds": self.seconds, "hashes": self.hashes,
                       "failures": self.failures, "notes": self.notes, "summary": summary,
+                      "model_output": self.model_output,
                       "tensors": [t.to_dict() for t in self.tensors]})
 
 
@@ -121,10 +123,13 @@ def load_dequantized(path: str, dtype=None) -> dict:
 
 def validate(output: str, against: str | None = None, *, min_sqnr: float | None = None,
              check_hash: bool = True, component: str | None = None, ema: bool | None = None,
+             model_output: bool = False, min_output_sqnr: float | None = None,
              progress: Progress = NULL) -> ValidationReport:
     """Check ``output`` (a quantkit output: a file, a folder, a sharded folder) against its
     manifest and, with ``against``, its source (any layout ``open_checkpoint`` reads; the
-    component and EMA choice recorded in the manifest apply unless given).
+    component and EMA choice recorded in the manifest apply unless given). ``model_output``
+    also runs the source model and the quantized one on the same inputs and compares their
+    outputs (``quantkit.model_output``; transformers models), failing below ``min_output_sqnr``.
 
     Never raises for a bad output: every problem becomes a line in ``report.failures``.
     Raises ``QuantkitError`` only for unusable arguments (a missing or malformed source).
@@ -154,6 +159,13 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         if out is not None:
             with out, torch_threads(1):
                 _compare(out, src, report, progress)
+        if (model_output or min_output_sqnr is not None) and src is not None:
+            from .model_output import compare_model_output
+            report.model_output = compare_model_output(src, output)
+            sqnr = report.model_output["sqnr"]
+            if min_output_sqnr is not None and not sqnr >= min_output_sqnr:
+                report.failures.append(f"model output: SQNR {sqnr:.2f} dB is below --min-output-sqnr "
+                                       f"{min_output_sqnr:g}")
     finally:
         if src is not None:
             src.close()
