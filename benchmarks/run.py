@@ -689,15 +689,20 @@ def report_only(args) -> int:
         raise SystemExit(f"--merge: cannot read {args.merge[0]}")
     results = {**first, "sizes": list(first.get("sizes", [])), "startup": dict(first.get("startup", {}))}
     merge(results, args.merge[1:])
-    print(render_table(results))
+    publish(results, args, print)
+    return 0
+
+
+
+def publish(results: dict, args, say) -> None:
+    """Print the table; write the JSON (--json) and the README's table (--write-readme)."""
+    say("\n" + render_table(results))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(results, f, indent=1)
     if args.write_readme:
         write_readme(results, args.readme)
-        print(f"\nwrote the table to {args.readme}")
-    return 0
-
+        say(f"\nwrote the table to {args.readme}")
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -743,14 +748,7 @@ def main(argv=None) -> int:
                     remove_output(os.path.join(out_dir, name))
     results["harness_peak_rss_bytes"] = self_peak_rss()
     merge(results, args.merge)
-    table = render_table(results)
-    log("\n" + table)
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.write_readme:
-        write_readme(results, args.readme)
-        log(f"\nwrote the table to {args.readme}")
+    publish(results, args, log)
     failed = [c for s in results["sizes"] for c in s["cases"].values() if c.get("failed")]
     return 1 if failed else 0
 
