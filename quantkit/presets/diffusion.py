@@ -98,7 +98,8 @@ def _flux_diffusers_double(norm1, norm1c, x_emb):   # norm1(_context).linear [6h
 
 
 FLUX = _preset(
-    "flux", "FLUX.1 transformer (BFL/ComfyUI or diffusers names): attention and MLP linears of every block in FP8",
+    "flux", "FLUX.1 transformer (BFL/ComfyUI or diffusers names): attention, MLP and modulation linears of "
+            "every block in FP8",
     _Architecture((
         _Signature(r"double_blocks\.(?P<i>\d+)\.img_attn\.qkv\.weight", ("double_blocks.{i}.img_mod.lin.weight",),
                    _flux_double, _FLUX_BFL_RULES),
@@ -164,7 +165,7 @@ def _controlnet_xlabs(block, qkv):                 # controlnet_blocks.N [h, h];
 
 FLUX_CONTROLNET = _preset(
     "flux_controlnet",
-    "FLUX.1 ControlNet (diffusers/InstantX/Union, XLabs): attention and MLP linears of its blocks in FP8",
+    "FLUX.1 ControlNet (diffusers/InstantX/Union, XLabs): attention, MLP and modulation linears of its blocks in FP8",
     _Architecture((
         _Signature(r"controlnet_blocks\.(?P<i>\d+)\.weight", ("x_embedder.weight", "controlnet_x_embedder.weight"),
                    _controlnet_diffusers, _FLUX_DIFFUSERS_BLOCK_RULES + _CONTROLNET_KEEPS),
@@ -226,7 +227,8 @@ def _mmdit_block(qkv, mod):            # x_block.attn.qkv [3h, h], x_block.adaLN
 
 
 SD3 = _preset(
-    "sd3", "Stable Diffusion 3 / 3.5 MMDiT (diffusers or ComfyUI/SAI names): attention and MLP linears in FP8",
+    "sd3", "Stable Diffusion 3 / 3.5 MMDiT (diffusers or ComfyUI/SAI names): attention, MLP and modulation "
+           "linears in FP8",
     _Architecture((
         _Signature(r"transformer_blocks\.(?P<i>\d+)\.norm1_context\.linear\.weight",
                    ("transformer_blocks.{i}.attn.add_k_proj.weight", "pos_embed.proj.weight"),
