@@ -154,34 +154,24 @@ def quantize_widened(y: torch.Tensor, scale: torch.Tensor, granularity: Granular
                      fmt: FP8Format = E4M3FN, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``quantize`` of a float32 [out, in] copy from ``widen``, which it overwrites (divides in place)."""
     scale = scale.float()
-    _scaled_view(y, scale, granularity).div_(_scale_view(scale, y, granularity))
+    tiles, per_tile = _broadcast(y, scale, granularity)
+    tiles.div_(per_tile)
     y.clamp_(-fmt.max_finite, fmt.max_finite)
     n = y.numel()
     q = (out[:n] if out is not None else torch.empty(n, dtype=fmt.torch_dtype)).view(y.shape)
     return q.copy_(y)
 
 
-def _whole_tiles(w: torch.Tensor, scale: torch.Tensor, granularity: Granularity) -> bool:
+def _broadcast(w: torch.Tensor, scale: torch.Tensor, granularity: Granularity):
+    """(w, scale) viewed so that ``w <op>_ scale`` applies each scale to its elements; in-place ops
+    on the first reach ``w``. Whole 128x128 tiles broadcast one value per tile without
+    materialising a [rows, cols] scale (the same products, element for element)."""
     rows, cols = w.shape
-    return (granularity is Granularity.BLOCK and rows % BLOCK_SIZE == 0 and cols % BLOCK_SIZE == 0
-            and scale.numel() == (rows // BLOCK_SIZE) * (cols // BLOCK_SIZE))
-
-
-def _scaled_view(w: torch.Tensor, scale: torch.Tensor, granularity: Granularity) -> torch.Tensor:
-    """``w`` [rows, cols] as the tensor ``_scale_view`` broadcasts against (a view: in-place ops reach w)."""
-    if _whole_tiles(w, scale, granularity):
-        rows, cols = w.shape
-        return w.view(rows // BLOCK_SIZE, BLOCK_SIZE, cols // BLOCK_SIZE, BLOCK_SIZE)
-    return w
-
-
-def _scale_view(scale: torch.Tensor, w: torch.Tensor, granularity: Granularity) -> torch.Tensor:
-    """The scale, broadcastable against ``_scaled_view(w)``. Whole 128x128 tiles broadcast one value
-    per tile without materialising a [rows, cols] scale (the same products, element for element)."""
-    if _whole_tiles(w, scale, granularity):
-        rows, cols = w.shape
-        return scale.reshape(rows // BLOCK_SIZE, 1, cols // BLOCK_SIZE, 1)
-    return expand_scale(scale, w.shape[0], w.shape[1], granularity)
+    if (granularity is Granularity.BLOCK and rows % BLOCK_SIZE == 0 and cols % BLOCK_SIZE == 0
+            and scale.numel() == (rows // BLOCK_SIZE) * (cols // BLOCK_SIZE)):
+        return (w.view(rows // BLOCK_SIZE, BLOCK_SIZE, cols // BLOCK_SIZE, BLOCK_SIZE),
+                scale.reshape(rows // BLOCK_SIZE, 1, cols // BLOCK_SIZE, 1))
+    return w, expand_scale(scale, rows, cols, granularity)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity = Granularity.TENSOR,
@@ -196,7 +186,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity = 
         w = decode(as_2d(q), out, scale=scale.reshape(()))
     else:
         w = decode(as_2d(q), out)
-        _scaled_view(w, scale, granularity).mul_(_scale_view(scale, w, granularity))
+        tiles, per_tile = _broadcast(w, scale, granularity)
+        tiles.mul_(per_tile)
     return w.to(dtype).reshape(q.shape)
 
 

@@ -324,9 +324,7 @@ def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: Con
     if info.nbytes == 0:
         return None
     if t.prequantized is not None or t.out_dtype == info.dtype:   # bytes as they are (FP8 codes carried over)
-        for b0 in range(0, info.nbytes, CHUNK_BYTES):
-            piece = buffers.bytes[: min(CHUNK_BYTES, info.nbytes - b0)].numpy()
-            source.read_into(info, b0, piece)
+        for piece in source.iter_bytes(info, CHUNK_BYTES, buffer=buffers.bytes.numpy()):
             writer.write(piece)
         return None
     target = t.out_dtype.torch

@@ -184,14 +184,22 @@ class TensorSource:
         self.read_into(info, 0, buf.numpy())
         return buf.view(info.dtype.torch).reshape(info.shape)
 
-    def iter_bytes(self, info: TensorInfo, chunk_bytes: int):
-        """Yield a tensor's raw bytes in pieces of at most ``chunk_bytes`` (whole elements)."""
+    def iter_bytes(self, info: TensorInfo, chunk_bytes: int, buffer=None):
+        """Yield a tensor's raw bytes in pieces of at most ``chunk_bytes`` (whole elements).
+
+        With ``buffer`` (a writable uint8 buffer of at least ``chunk_bytes``) the pieces are views
+        of it, overwritten by the next piece; without, each piece is fresh ``bytes``."""
         step = max(info.dtype.itemsize, chunk_bytes // info.dtype.itemsize * info.dtype.itemsize)
         for b0 in range(0, info.nbytes, step):
             n = min(step, info.nbytes - b0)
-            out = bytearray(n)
-            self.read_into(info, b0, out)
-            yield bytes(out)
+            if buffer is None:
+                out = bytearray(n)
+                self.read_into(info, b0, out)
+                yield bytes(out)
+            else:
+                out = memoryview(buffer).cast("B")[:n]
+                self.read_into(info, b0, out)
+                yield out
 
     def close(self) -> None:
         """Release what the source holds open (nothing by default)."""

@@ -169,8 +169,9 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     finally:
         if src is not None:
             src.close()
-    for label, path, expected, job in hashes:
-        actual = job.result()
+    for label, path, expected, job, key in hashes:
+        combined = job.result()
+        actual = combined if key is None else job.digests[key]
         ok = actual == expected
         report.hashes.append({"file": path, "role": label, "expected": expected, "actual": actual, "ok": ok})
         if not ok:
@@ -223,9 +224,13 @@ def _recorded_source(output: str, manifest: dict | None) -> dict:
 
 
 def _start_hashes(output, manifest: dict, src, report):
-    jobs = []
+    """Checks ``(role, path, expected sha256, job, key)``: ``job`` hashes the files of one role in
+    turn on one thread (no more hash threads than roles, whatever the number of files); ``key``
+    is the path whose digest is compared, None for the job's combined digest."""
+    checks = []
     folder = os.path.isdir(output)
     expected = manifest["files"] if folder else {os.path.basename(output): manifest["files"].get(os.path.basename(output))}
+    listed = []
     for name, entry in expected.items():
         path = os.path.join(output, name) if folder else output
         if not isinstance(entry, dict) or "sha256" not in entry:
@@ -233,20 +238,24 @@ def _start_hashes(output, manifest: dict, src, report):
         elif not os.path.isfile(path):
             report.failures.append(f"{path}: listed in the manifest but missing")
         else:
-            jobs.append(("output", path, entry["sha256"], BackgroundHash(path).start()))
+            listed.append((path, entry["sha256"]))
+    if listed:
+        job = BackgroundHash([path for path, _ in listed]).start()
+        checks += [("output", path, sha, job, path) for path, sha in listed]
     source = manifest.get("source")
     if src is not None and isinstance(source, dict) and source.get("sha256"):
         recorded = {f.get("name"): f.get("sha256") for f in source.get("files") or [] if isinstance(f, dict)}
         by_name = {os.path.basename(f): f for f in src.files}
+        job = BackgroundHash(src.files).start()
         if len(recorded) == len(src.files) and all(os.path.basename(n or "") in by_name for n in recorded):
             for name, sha in recorded.items():      # file by file: a mismatch names the file
-                jobs.append(("source", by_name[os.path.basename(name)], sha,
-                             BackgroundHash(by_name[os.path.basename(name)]).start()))
+                path = by_name[os.path.basename(name)]
+                checks.append(("source", path, sha, job, path))
         else:
-            jobs.append(("source", src.path, source["sha256"], BackgroundHash(src.files).start()))
+            checks.append(("source", src.path, source["sha256"], job, None))
     elif isinstance(source, dict) and source.get("sha256"):
         report.notes.append("source hash recorded but no --against given: source not verified")
-    return jobs
+    return checks
 
 
 def _compare(out: SafetensorsFile, src: SafetensorsFile | None, report: ValidationReport, progress: Progress):
