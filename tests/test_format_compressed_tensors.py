@@ -187,6 +187,24 @@ def test_transformers_dequantize_at_load_equals_quantkit_dequantization(converte
     assert float((embed(model, batch) - reference_embeddings(out, batch)).abs().max()) == 0.0
 
 
+def test_sentence_transformers_loads_the_folder(converted, fp32_embeddings):
+    """sentence-transformers reads the output folder (modules.json, 1_Pooling, tokenizer: all copied)
+    when the weights are dequantized at load. Its default path cannot run a compressed-tensors FP8
+    model: it calls ``model.forward`` directly, which skips the forward pre-hook that compressed-tensors
+    decompresses with ("self and mat2 must have the same dtype"); hence the documented
+    ``model_kwargs={"quantization_config": CompressedTensorsConfig(dequantize=True)}``."""
+    st = pytest.importorskip("sentence_transformers")
+    from transformers import CompressedTensorsConfig
+    out, _ = converted
+    model = st.SentenceTransformer(out, device="cpu", local_files_only=True,
+                                   model_kwargs={"quantization_config": CompressedTensorsConfig(dequantize=True),
+                                                 "dtype": torch.float32})    # pooled in float32, as embed()
+    assert model[0].auto_model.encoder.layer[0].intermediate.dense.weight.dtype == torch.float32
+    got = torch.nn.functional.normalize(torch.as_tensor(model.encode(SENTENCES)).float(), dim=-1)
+    cos = (got * fp32_embeddings).sum(-1)
+    assert float(cos.min()) >= 0.998, cos
+
+
 # ----------------------------------------------------------------------------- the folder on disk
 
 def test_config_json_to_the_letter(converted):
