@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+import tiny_models
 from quantkit.cli import main
 from quantkit.formats import detect_format
 from quantkit.reader import SafetensorsFile
@@ -352,6 +353,35 @@ def test_only_2d_weights_become_fp8(work, fmt):
                "blocks.0.ff.weight": torch.randn(16, 8).bfloat16()}, str(path))
     result = run("convert", path, work / "conv-fp8.safetensors", "--format", fmt, "--quantize-conv")
     assert result.exit_code == 2 and "blocks.0.conv.weight" in result.output and "2-D" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["comfy", "comfy-legacy"])
+@pytest.mark.parametrize("model, what", [("flux", "a diffusers FLUX transformer"),
+                                         ("flux2", "a diffusers FLUX transformer"),
+                                         ("flux_controlnet", "a diffusers FLUX ControlNet"),
+                                         ("sd3", "a diffusers SD3 transformer"),
+                                         ("unet_sd15", "a diffusers UNet"), ("unet_sdxl", "a diffusers UNet")])
+def test_diffusers_names_that_comfyui_renames_are_refused(work, fmt, model, what):
+    """ComfyUI renames these on load through maps that carry .weight/.bias only: the scales and
+    markers would be dropped and the FP8 codes loaded as weights. Refused before anything is written."""
+    src, out = work / f"{model}.safetensors", work / f"{model}-{fmt}.safetensors"
+    tiny_models.save_state_dict(tiny_models.build(model), src)
+    for command in (["plan", src, "--format", fmt], ["convert", src, out, "--format", fmt]):
+        result = run(*command)
+        assert result.exit_code == 2, result.output
+        assert what in result.output and "drops the FP8 scales" in result.output and "--format native" in result.output
+    assert not out.exists() and not list(work.glob(f"{model}-{fmt}*"))
+    assert run("convert", src, out, "--format", fmt, "--keep", "*").exit_code == 0     # nothing FP8: nothing lost
+
+
+@pytest.mark.parametrize("model", ["qwen_image", "clip_text", "t5_encoder"])
+def test_models_comfyui_loads_under_diffusers_or_transformers_names_are_converted(work, model):
+    """ComfyUI's own names for these are the diffusers / transformers ones: nothing is renamed."""
+    src, out = work / f"{model}.safetensors", work / f"{model}-comfy.safetensors"
+    tiny_models.save_state_dict(tiny_models.build(model), src)
+    result = run("convert", src, out, "--format", "comfy")
+    assert result.exit_code == 0, result.output
+    assert any(k.endswith(".comfy_quant") for k in load_file(str(out)))
 
 
 @pytest.mark.parametrize("name", ["comfy", "comfy_header", "legacy"])

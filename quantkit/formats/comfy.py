@@ -18,6 +18,10 @@ builds a comfy-kitchen ``QuantizedTensor`` from the weight and ``Params(scale=we
 ``full_precision_matrix_mult`` is set because quantkit writes no activation scale: without one
 ComfyUI's FP8 matmul would quantize activations with scale 1 (clamping them to +-448).
 Unknown ``__metadata__`` keys (quantkit's provenance) are ignored by ComfyUI.
+
+The model must carry the key names ComfyUI loads natively: a diffusers-named FLUX, SD3, AuraFlow,
+UNet or VAE is refused when anything in it is quantized (``RENAMED_ON_LOAD``: ComfyUI renames
+those keys on load and the scales would be lost).
 """
 from __future__ import annotations
 
@@ -80,6 +84,38 @@ def quantized_layer(t, fmt_name: str) -> str:
     return layer_name(t.name)
 
 
+# ComfyUI loads a diffusion model under its own (original-release) key names. A diffusers-named
+# file it does not recognise natively is renamed on load (``model_detection.convert_diffusers_mmdit``
+# or ``utils.unet_to_diffusers``), through maps that carry ``.weight``/``.bias`` keys only (and fuse
+# FLUX's q/k/v by copying raw values): ``.weight_scale``, ``.comfy_quant`` and ``scaled_fp8`` are
+# dropped, and the FP8 codes would load as weights without their scales. Keys that make ComfyUI take
+# that path, as it tests them (Qwen-Image is absent: ComfyUI's own names are diffusers').
+RENAMED_ON_LOAD = (
+    ("a diffusers FLUX ControlNet", ("controlnet_x_embedder.weight", "transformer_blocks.0.attn.to_q.weight")),
+    ("a diffusers FLUX transformer", ("x_embedder.weight", "transformer_blocks.0.attn.to_q.weight")),
+    ("a diffusers SD3 transformer", ("pos_embed.proj.weight", "transformer_blocks.0.attn.add_q_proj.weight")),
+    ("a diffusers AuraFlow transformer", ("joint_transformer_blocks.0.attn.add_k_proj.weight",)),
+    ("a diffusers UNet", ("conv_in.weight", "time_embedding.linear_1.weight")),
+    ("a diffusers VAE", ("decoder.up_blocks.0.resnets.0.norm1.weight",)),
+)
+
+
+def renamed_by_comfyui(names) -> str | None:
+    """What ComfyUI would rename on load (see RENAMED_ON_LOAD), or None."""
+    names = set(names)
+    return next((what for what, keys in RENAMED_ON_LOAD if all(k in names for k in keys)), None)
+
+
+def refuse_renamed(fmt_name: str, plan) -> None:
+    """Refuse to quantize a model whose scales ComfyUI would drop while renaming its keys."""
+    what = renamed_by_comfyui(t.name for t in plan.tensors)
+    if what is not None and plan.quantized():
+        raise PolicyError(f"format {fmt_name!r}: {plan.source} holds {what}; ComfyUI renames such keys on load and"
+                          " drops the FP8 scales, so the weights would load wrong",
+                          hint="for ComfyUI, convert the original release with its own key names, such as BFL's"
+                               " flux1-dev.safetensors; for diffusers, write --format native")
+
+
 def carried(t) -> tuple[float | None, bool]:
     """(input_scale, full_precision_matrix_mult) carried over from an already-quantized source."""
     s = t.prequantized
@@ -107,6 +143,7 @@ class ComfyFormat(OutputFormat):
         return out
 
     def layout(self, plan) -> list[Emit]:
+        refuse_renamed(self.name, plan)
         configs = self.layer_configs(plan)
         emits = []
         for t in plan.tensors:

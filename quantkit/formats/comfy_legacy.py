@@ -22,7 +22,8 @@ from ..fp8 import E4M3FN, Granularity
 from ..policy import Action, TensorKind
 from ..writer import OutputTensor
 from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
-from .comfy import ComfyFormatError, ComfyStoredTensor, carried, f32_bytes, input_scale, quantized_layer, scale_key
+from .comfy import (ComfyFormatError, ComfyStoredTensor, carried, f32_bytes, input_scale, quantized_layer,
+                    refuse_renamed, scale_key)
 
 MARKER = "scaled_fp8"
 SCALE_WEIGHT = ".scale_weight"
@@ -73,6 +74,7 @@ class ComfyLegacyFormat(OutputFormat):
                               hint="use --format comfy for float8_e5m2")
 
     def layout(self, plan) -> list[Emit]:
+        refuse_renamed(self.name, plan)
         fp8 = dtypes.BY_CODE[plan.options.fp8.safetensors_dtype]
         prefixes = sorted({marker_prefix(t.name) for t in plan.quantized()})
         emits = [Emit(OutputTensor(p + MARKER, fp8, (0,)), Role.CONSTANT) for p in prefixes]
