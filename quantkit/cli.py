@@ -144,7 +144,25 @@ class _Bars:
         self.progress = Bars()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, ``kill``), raised where Ctrl-C would be so the same cleanup runs."""
+
+
+class _Group(click.Group):
+    """Ctrl-C and SIGTERM end a command with one line and exit 130 / 143 (click alone prints
+    "Aborted!" and exits 1, which quantkit uses for a failed validation). The exception unwinds
+    through the writer first, which removes its temporary files: nothing half-written remains."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            click.echo(f"{what}: stopped; nothing half-written is left under the output's name", err=True)
+            raise click.exceptions.Exit(code) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="quantkit")
 def main():
     """quantkit: FP8 (E4M3) checkpoints that are half the size of BF16 and provably faithful.
@@ -222,8 +240,9 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
 @click.option("--ema/--no-ema", default=None,
               help="Compare with the source's EMA / raw weights (default: as recorded in the manifest).")
 @click.option("--model-output", is_flag=True,
-              help="Also run the source model and the quantized one (transformers models, from the config.json "
-                   "beside the source) on the same random token ids and compare their outputs. Loads the model.")
+              help="Also run the source model and the quantized one (transformers or diffusers models, built "
+                   "from the config.json beside the source) on the same seeded random inputs (token ids; latents, "
+                   "timesteps and text embeddings) and compare their outputs. Loads the model.")
 @click.option("--min-output-sqnr", type=float, metavar="DB",
               help="With --model-output: fail if the output's SQNR is below DB decibels (implies --model-output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
@@ -379,13 +398,15 @@ def formats():
         click.echo(f"{name:<20} {cls.summary}")
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run() -> None:
-    """Console entry point: Ctrl-C ends with one line (nothing is left under the output's name)."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        click.echo("interrupted: no output was written under its final name", err=True)
-        sys.exit(130)
+    """Console entry point: SIGTERM unwinds like Ctrl-C (see _Group)."""
+    import signal
+    signal.signal(signal.SIGTERM, _terminate)
+    main()
 
 
 if __name__ == "__main__":

@@ -230,16 +230,22 @@ class SafetensorsWriter:
         return header
 
     def __enter__(self) -> "SafetensorsWriter":
+        # __exit__ does not run when __enter__ raises, and a Ctrl-C / SIGTERM can land anywhere in
+        # here, even between open() creating the file and its result being stored: clean up here.
         try:
-            # Unbuffered: pieces are large, and the hash thread reads back what was written.
-            self._file = open(self.temp_path, "xb", buffering=0)
-        except OSError as exc:
-            raise OutputError(f"cannot create a temporary file in the destination folder: {exc.strerror}",
-                              path=self.temp_path, hint="check that the folder exists and is writable") from None
-        self._raw_write(self._header)
-        self._hasher = _FollowingHash(self._file, self.temp_path, self._final_header)
-        self._hasher.advance(self.bytes_written)
-        self._skip_empty()
+            try:
+                # Unbuffered: pieces are large, and the hash thread reads back what was written.
+                self._file = open(self.temp_path, "xb", buffering=0)
+            except OSError as exc:
+                raise OutputError(f"cannot create a temporary file in the destination folder: {exc.strerror}",
+                                  path=self.temp_path, hint="check that the folder exists and is writable") from None
+            self._raw_write(self._header)
+            self._hasher = _FollowingHash(self._file, self.temp_path, self._final_header)
+            self._hasher.advance(self.bytes_written)
+            self._skip_empty()
+        except BaseException:
+            self.abort()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -316,7 +322,7 @@ class SafetensorsWriter:
                 pass
         try:
             os.unlink(self.temp_path)
-        except FileNotFoundError:
+        except OSError:         # never created, or not ours to remove: the error that led here matters
             pass
 
 
@@ -338,6 +344,9 @@ class TempFolder:
         except OSError as exc:
             raise OutputError(f"cannot create a temporary folder: {exc.strerror}", path=self.path,
                               hint="check that the destination's parent exists and is writable") from None
+        except BaseException:       # Ctrl-C / SIGTERM as mkdir returned: __exit__ will not run
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
         return self
 
     def commit(self) -> None:
@@ -379,10 +388,13 @@ def write_atomic(path: str, data: bytes) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:        # an I/O error, or Ctrl-C / SIGTERM: no temporary file stays
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
-        raise OutputError(f"cannot write: {exc.strerror}", path=path, hint="free space or check permissions") from None
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write: {exc.strerror}", path=path,
+                              hint="free space or check permissions") from None
+        raise
     return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,72 @@
+"""Ctrl-C (SIGINT) and SIGTERM in the middle of a real `quantkit convert`: one line, exit 130 / 143,
+the temporary output removed at once (not left for the next run), nothing under the final name,
+the source untouched. For a single file, a sharded folder and a compressed-tensors folder.
+
+Each signal is sent as the temporary output appears (polled, so it lands there however fast or
+slow the machine is: right inside the writer's set-up, between open() creating the file and the
+writer holding it) and again 50 ms later, in the middle of the data.
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from quantkit.writer import TEMP_MARK
+
+SIGNALS = {signal.SIGINT: (130, "interrupted: stopped"), signal.SIGTERM: (143, "terminated: stopped")}
+OUTPUTS = {"file": ("out.safetensors", []),
+           "shards": ("out-sharded", ["--max-shard-size", "8MB"]),
+           "compressed-tensors": ("out-ct", ["--format", "compressed-tensors"])}
+
+
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def partials(folder) -> list[str]:
+    return sorted(os.path.join(r, n) for r, dirs, files in os.walk(folder) for n in dirs + files if TEMP_MARK in n)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A ~64 MB Llama-like model folder (config.json, as compressed-tensors needs)."""
+    folder = tmp_path_factory.mktemp("signals-src")
+    g = torch.Generator().manual_seed(0)
+    save_file({f"model.layers.{i}.mlp.{p}.weight": torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
+               for i in range(16) for p in ("up_proj", "down_proj")}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    return folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+@pytest.mark.parametrize("sig", list(SIGNALS), ids=lambda s: s.name)
+@pytest.mark.parametrize("output", list(OUTPUTS))
+def test_signal_mid_write_cleans_up_at_once(source, tmp_path, sig, output, delay):
+    name, extra = OUTPUTS[output]
+    out = tmp_path / name
+    before = sha256(source)
+    cmd = [sys.executable, "-m", "quantkit.cli", "convert", str(source), str(out), "-q", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not partials(tmp_path):
+        time.sleep(0.001)
+    assert proc.poll() is None, "the conversion ended before its temporary output was seen"
+    time.sleep(delay)
+    proc.send_signal(sig)
+    rc, stderr = proc.wait(), proc.stderr.read()
+
+    code, line = SIGNALS[sig]
+    if rc == 0:                      # finished between the poll and the signal: a complete output
+        pytest.skip("the conversion finished before the signal arrived")
+    assert rc == code, stderr
+    assert line in stderr and "Traceback" not in stderr, stderr
+    assert partials(tmp_path) == [], "the temporary output must be removed by the interrupted run itself"
+    assert not out.exists() and os.listdir(tmp_path) == []
+    assert sha256(source) == before
