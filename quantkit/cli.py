@@ -1,7 +1,7 @@
 """The ``quantkit`` command: a thin click shell over the library.
 
 Nothing heavy is imported at module level, so ``quantkit --help`` answers without loading torch.
-Exit codes: 0 success, 1 validation failed, 2 bad input or usage.
+Exit codes: 0 success, 1 validation failed, 2 bad input or usage, 130 / 143 Ctrl-C / SIGTERM.
 """
 from __future__ import annotations
 
