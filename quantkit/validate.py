@@ -129,7 +129,8 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     manifest and, with ``against``, its source (any layout ``open_checkpoint`` reads; the
     component and EMA choice recorded in the manifest apply unless given). ``model_output``
     also runs the source model and the quantized one on the same inputs and compares their
-    outputs (``quantkit.model_output``; transformers models), failing below ``min_output_sqnr``.
+    outputs (``quantkit.model_output``; transformers and diffusers models), failing below
+    ``min_output_sqnr``.
 
     Never raises for a bad output: every problem becomes a line in ``report.failures``.
     Raises ``QuantkitError`` only for unusable arguments (a missing or malformed source).
