@@ -329,7 +329,9 @@ def plan(ctx, src, json_path, only, **policy):
     from .plan import make_plan
     try:
         options = _options(ctx, **policy)
-        with open_checkpoint(src, component=options.component, ema=options.ema) as f:
+        from .formats import get_format
+        with open_checkpoint(src, component=options.component, ema=options.ema,
+                             names=get_format(options.format).source_names) as f:
             p = make_plan(f, options)
     except QuantkitError as exc:
         _fail(exc)

@@ -69,6 +69,22 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
             "max_abs_error": stats.max_abs_error, "rel_l2": rel}
 
 
+def check_model_output(source) -> None:
+    """Refuse, before any other work, a source whose outputs cannot be compared: no config.json,
+    a diffusers class without inputs, or an output written under other names than the source's
+    (``--format comfy`` of a diffusers FLUX: BFL names, which the diffusers model does not load)."""
+    if getattr(source, "renamed", None):
+        raise UnsupportedInputError(f"--model-output runs the output in the source's architecture, but it was "
+                                    f"written under {source.renamed} names", path=source.path,
+                                    hint="validate it per tensor (without --model-output)")
+    folder = _config_folder(source)
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    if isinstance(raw, dict) and "_class_name" in raw:
+        from .diffusion_inputs import check_supported
+        check_supported(raw["_class_name"], folder)
+
+
 def _config_folder(source) -> str:
     folder = os.path.dirname(os.path.abspath(source.files[0]))
     if not os.path.isfile(os.path.join(folder, "config.json")):

@@ -120,7 +120,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     stale = remove_stale_temps(dst) + ([] if as_folder else remove_stale_temps(manifest_path(dst)))
     for path in stale:
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")
-    with open_checkpoint(src, component=options.component, ema=options.ema) as source, \
+    with open_checkpoint(src, component=options.component, ema=options.ema, names=fmt.source_names) as source, \
             BackgroundHash(source.files) as source_hash, torch_threads(1):
         _check_not_source_files(source, dst)
         plan = make_plan(source, options)
@@ -202,7 +202,7 @@ def _source_entry(src: str, source, source_hash: BackgroundHash, options: Conver
     digest = source_hash.result()
     base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
     return {"name": _display_name(src), "sha256": digest, "bytes": source.file_size, "layout": source.layout,
-            "component": options.component, "ema": options.ema,
+            "component": options.component, "ema": options.ema, "names": source.renamed,
             "files": [{"name": os.path.relpath(f, base).replace(os.sep, "/"), "sha256": source_hash.digests[f],
                        "bytes": os.path.getsize(f)} for f in source.files]}
 

@@ -149,8 +149,12 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     if against:
         recorded = _recorded_source(output, manifest)
         src = open_checkpoint(against, component=component if component is not None else recorded.get("component"),
-                              ema=ema if ema is not None else bool(recorded.get("ema")))
+                              ema=ema if ema is not None else bool(recorded.get("ema")),
+                              names=recorded.get("names"))
     try:
+        if (model_output or min_output_sqnr is not None) and src is not None:
+            from .model_output import check_model_output
+            check_model_output(src)        # before the per-tensor work, not after it
         hashes = _start_hashes(output, manifest, src, report) if manifest is not None else []
         try:
             out = open_output(output)

@@ -80,6 +80,9 @@ class OutputFormat:
     shardable: ClassVar[bool] = True
     # Tried after the others by detect_format (its recognizes() is the loosest).
     recognized_last: ClassVar[bool] = False
+    # The key names this format's clients load, when they differ from the source's
+    # (open_checkpoint(names=...)): "comfyui" for the comfy formats.
+    source_names: ClassVar[str | None] = None
 
     def check(self, options) -> None:
         """Refuse options this format cannot express, before any work starts."""

@@ -19,9 +19,10 @@ builds a comfy-kitchen ``QuantizedTensor`` from the weight and ``Params(scale=we
 ComfyUI's FP8 matmul would quantize activations with scale 1 (clamping them to +-448).
 Unknown ``__metadata__`` keys (quantkit's provenance) are ignored by ComfyUI.
 
-The model must carry the key names ComfyUI loads natively: a diffusers-named FLUX, SD3, AuraFlow,
-UNet or VAE is refused when anything in it is quantized (``RENAMED_ON_LOAD``: ComfyUI renames
-those keys on load and the scales would be lost).
+The model must carry the key names ComfyUI loads natively. A diffusers FLUX.1 transformer is
+read under BFL's names (``quantkit.comfy_names``); a diffusers-named FLUX ControlNet, FLUX.2,
+SD3, AuraFlow, UNet or VAE is refused when anything in it is quantized (``RENAMED_ON_LOAD``:
+ComfyUI renames those keys on load and the scales would be lost).
 """
 from __future__ import annotations
 
@@ -130,6 +131,7 @@ def fp8_name_of(t) -> str:
 class ComfyFormat(OutputFormat):
     name = "comfy"
     shardable = False      # ComfyUI loads one file
+    source_names = "comfyui"   # a diffusers FLUX is written under BFL's names (quantkit.comfy_names)
     summary = ("ComfyUI mixed precision: <L>.weight FP8 + <L>.weight_scale F32 [] + <L>.comfy_quant JSON marker"
                " (per-tensor scales)")
     granularities = frozenset({Granularity.TENSOR})

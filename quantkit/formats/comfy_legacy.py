@@ -62,6 +62,7 @@ def linear_like(t) -> bool:
 class ComfyLegacyFormat(OutputFormat):
     name = "comfy-legacy"
     shardable = False      # ComfyUI loads one file
+    source_names = "comfyui"   # a diffusers FLUX is written under BFL's names (quantkit.comfy_names)
     summary = ("ComfyUI scaled_fp8 (older loaders): scaled_fp8 marker + <L>.weight FP8 + <L>.scale_weight F32 []"
                " (per-tensor scales, E4M3)")
     granularities = frozenset({Granularity.TENSOR})

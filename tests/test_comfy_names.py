@@ -1,0 +1,177 @@
+"""A diffusers FLUX.1 transformer converted for ComfyUI is written under BFL's key names.
+
+The authority on what each BFL key holds is diffusers' own BFL -> diffusers converter
+(``convert_flux_transformer_checkpoint_to_diffusers``, what ``from_single_file`` runs on a
+ComfyUI / BFL file). It hard-codes FLUX.1's width (3072) to split ``single_blocks.N.linear1``;
+``diffusers_from_bfl`` gives it the tiny model's width, and changes nothing else.
+"""
+import json
+import random
+from unittest import mock
+
+import pytest
+import tiny_models
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from test_presets import bfl_flux
+
+from quantkit.checkpoint import open_checkpoint
+from quantkit.cli import main
+from quantkit.comfy_names import flux_to_bfl, is_diffusers_flux
+from quantkit.validate import load_dequantized, validate
+
+sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def diffusers_from_bfl(state: dict) -> dict:
+    real_split = torch.split
+
+    def split(t, sizes, dim=0):
+        if tuple(sizes) == (3072, 3072, 3072, 12288):      # linear1 = q, k, v (h rows each), mlp (4h rows)
+            h = t.shape[0] // 7
+            sizes = (h, h, h, 4 * h)
+        return real_split(t, sizes, dim)
+    with mock.patch.object(sfu.torch, "split", split):
+        return sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(state))
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """A tiny diffusers FLUX.1 model folder (2 double, 2 single blocks, guidance), BF16, and its model."""
+    folder = tmp_path_factory.mktemp("flux-diffusers") / "transformer"
+    model = tiny_models.build("flux")
+    model.save_pretrained(folder, safe_serialization=True)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    save_file(tiny_models.state_dict_tensors(model), str(weights))      # BF16, as releases are
+    return folder, model
+
+
+def view_tensors(folder) -> dict:
+    with open_checkpoint(folder, names="comfyui") as ckpt:
+        return {n: ckpt.read_tensor(i).clone() for n, i in ckpt.tensors.items()}
+
+
+def test_names_are_bfls_flux_names(flux):
+    folder, _ = flux
+    got = view_tensors(folder)
+    expected = bfl_flux(double=2, single=2)          # the hand-written FLUX.1-dev key list
+    assert list(got) == [k for k in got if k in expected] and set(got) == set(expected)
+
+
+def test_diffusers_own_converter_gives_back_the_source_bit_for_bit(flux):
+    folder, _ = flux
+    source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    back = diffusers_from_bfl(view_tensors(folder))
+    assert set(back) == set(source)
+    for k, t in source.items():
+        assert torch.equal(back[k], t), k
+
+
+def test_reads_across_part_boundaries_at_any_offset(flux):
+    """The joined tensors stream in chunks: every byte range reads what the concatenation holds."""
+    folder, _ = flux
+    source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    rng = random.Random(0)
+    with open_checkpoint(folder) as plain:
+        table = flux_to_bfl(plain.tensors)
+    with open_checkpoint(folder, names="comfyui") as ckpt:
+        for name in ("double_blocks.1.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+                     "single_blocks.0.linear1.bias", "final_layer.adaLN_modulation.1.weight"):
+            info = ckpt.tensors[name]
+            whole = ckpt.read_tensor(info).reshape(-1).view(torch.uint8)
+            if name.startswith("final_layer"):
+                w = source["norm_out.linear.weight"]
+                expected = torch.cat([w[w.shape[0] // 2:], w[: w.shape[0] // 2]])
+            else:
+                expected = torch.cat([source[p][r0:r1] for p, r0, r1 in table[name]])
+            assert torch.equal(whole, expected.reshape(-1).view(torch.uint8)), name
+            for _ in range(50):
+                a = rng.randrange(info.nbytes)
+                b = rng.randrange(a, info.nbytes + 1)
+                buf = torch.empty(b - a, dtype=torch.uint8)
+                ckpt.read_into(info, a, buf.numpy())
+                assert torch.equal(buf, whole[a:b]), (name, a, b)
+
+
+def test_convert_for_comfyui_then_back_through_diffusers_runs_the_model(flux, tmp_path):
+    """The comfy file, dequantized and renamed by diffusers, runs the FLUX model within FP8 error; a
+    joined weight (q, k, v) has one scale over all its parts."""
+    folder, _ = flux
+    out = tmp_path / "flux-comfy.safetensors"
+    result = run("convert", folder, out, "--format", "comfy")
+    assert result.exit_code == 0, result.output
+    assert "written as ComfyUI's (BFL)" in result.output
+    stored = load_file(str(out))
+    assert "double_blocks.0.img_attn.qkv.comfy_quant" in stored and "transformer_blocks.0.attn.to_q.weight" not in stored
+
+    source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    absmax = max(float(source[f"transformer_blocks.0.attn.to_{p}.weight"].float().abs().max()) for p in "qkv")
+    assert float(stored["double_blocks.0.img_attn.qkv.weight_scale"]) == pytest.approx(absmax / 448, rel=1e-6)
+
+    back = diffusers_from_bfl({k: v.float() for k, v in load_dequantized(str(out), dtype=torch.float32).items()})
+    quantized = tiny_models.build("flux")
+    quantized.load_state_dict(back, strict=True)
+    reference = tiny_models.build("flux")
+    reference.load_state_dict({k: v.float() for k, v in source.items()}, strict=True)
+    y_ref = tiny_models.forward("flux", reference)
+    y_q = tiny_models.forward("flux", quantized)
+    rel = float((y_q - y_ref).norm() / y_ref.norm())
+    assert rel < 0.02, rel
+
+    report = validate(str(out), str(folder), min_sqnr=30)
+    assert report.ok, report.failures
+    manifest = json.loads(out.with_name("flux-comfy.quantkit.json").read_text())
+    assert manifest["source"]["names"] == "comfyui"
+
+
+def test_legacy_format_renames_too(flux, tmp_path):
+    folder, _ = flux
+    out = tmp_path / "flux-legacy.safetensors"
+    assert run("convert", folder, out, "--format", "comfy-legacy").exit_code == 0
+    stored = load_file(str(out))
+    assert "scaled_fp8" in stored and "single_blocks.1.linear1.scale_weight" in stored
+    assert validate(str(out), str(folder)).ok
+
+
+def test_other_formats_keep_the_diffusers_names(flux, tmp_path):
+    folder, _ = flux
+    out = tmp_path / "flux-native.safetensors"
+    assert run("convert", folder, out).exit_code == 0
+    assert "transformer_blocks.0.attn.to_q.weight" in load_file(str(out))
+
+
+def test_a_key_without_a_bfl_name_is_refused_by_name(flux, tmp_path):
+    folder, _ = flux
+    tensors = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    tensors["transformer_blocks.0.attn.lora_A.weight"] = torch.zeros(4, 32, dtype=torch.bfloat16)
+    src = tmp_path / "flux-extra.safetensors"
+    save_file(tensors, str(src))
+    assert is_diffusers_flux(tensors)
+    result = run("convert", src, tmp_path / "out.safetensors", "--format", "comfy")
+    assert result.exit_code == 2
+    assert "transformer_blocks.0.attn.lora_A.weight" in result.output and "--format native" in result.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_missing_part_is_refused_by_name(flux, tmp_path):
+    folder, _ = flux
+    tensors = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    del tensors["transformer_blocks.1.attn.add_k_proj.weight"]
+    src = tmp_path / "flux-missing.safetensors"
+    save_file(tensors, str(src))
+    result = run("convert", src, tmp_path / "out.safetensors", "--format", "comfy")
+    assert result.exit_code == 2 and "transformer_blocks.1.attn.add_k_proj.weight" in result.output
+
+
+def test_model_output_is_refused_at_once_for_an_output_under_other_names(flux, tmp_path):
+    folder, _ = flux
+    out = tmp_path / "flux-comfy.safetensors"
+    assert run("convert", folder, out, "--format", "comfy").exit_code == 0
+    result = run("validate", out, "--against", folder, "--model-output")
+    assert result.exit_code == 2 and "written under comfyui names" in result.output, result.output
+    assert "FP8 tensors" not in result.output          # refused before the per-tensor comparison ran
