@@ -100,20 +100,15 @@ def flux_to_bfl(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
 
     for new, parts in _TOP.items():
         linear(new, parts)
-    for n in _blocks(rows, "transformer_blocks."):
-        src = f"transformer_blocks.{n}."
-        for new, parts in _DOUBLE.items():
-            linear(f"double_blocks.{n}.{new}", [src + p for p in parts])
-        for new, old in _DOUBLE_NORMS.items():
-            if src + old in rows:
-                out[f"double_blocks.{n}.{new}"] = [(src + old, 0, rows[src + old])]
-    for n in _blocks(rows, "single_transformer_blocks."):
-        src = f"single_transformer_blocks.{n}."
-        for new, parts in _SINGLE.items():
-            linear(f"single_blocks.{n}.{new}", [src + p for p in parts])
-        for new, old in _SINGLE_NORMS.items():
-            if src + old in rows:
-                out[f"single_blocks.{n}.{new}"] = [(src + old, 0, rows[src + old])]
+    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _DOUBLE, _DOUBLE_NORMS),
+                                     ("single_transformer_blocks", "single_blocks", _SINGLE, _SINGLE_NORMS)):
+        for n in _blocks(rows, src + "."):
+            old_block, new_block = f"{src}.{n}.", f"{dst}.{n}."
+            for new, parts in linears.items():
+                linear(new_block + new, [old_block + p for p in parts])
+            for new, old in norms.items():
+                if old_block + old in rows:
+                    out[new_block + new] = [(old_block + old, 0, rows[old_block + old])]
     for new, parts in _FINAL.items():
         linear(new, parts)
     new, old = _SWAPPED
