@@ -24,7 +24,7 @@ from . import fp8 as fp8math
 from ._version import __version__
 from .calibration import collect_weight_stats
 from .calibration.weights import chunk_absmax, stack_absmax
-from .errors import NonFiniteError, OutputError, UnsupportedInputError
+from .errors import NonFiniteError, OutputError, QuantkitError, UnsupportedInputError
 from .formats import Role, get_format
 from .checkpoint import open_checkpoint
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
@@ -151,9 +151,14 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
             manifest = manifest_path(dst)
         else:
             with TempFolder(dst) as folder:
-                output_sha = _write_folder(source, plan, fmt, scales, folder.path, metadata, progress, pending,
-                                           files)
-                manifest_of(folder.path)
+                try:
+                    output_sha = _write_folder(source, plan, fmt, scales, folder.path, metadata, progress, pending,
+                                               files)
+                    manifest_of(folder.path)
+                except QuantkitError as exc:     # name the output's file, not its temporary folder
+                    if exc.path and exc.path.startswith(folder.path + os.sep):
+                        exc.path = os.path.join(dst, exc.path[len(folder.path) + 1:])
+                    raise
                 folder.commit()
             manifest = manifest_path(dst)
         source_sha = source_hash.result()
