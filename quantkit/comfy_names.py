@@ -1,12 +1,13 @@
-"""A diffusers FLUX.1 transformer under the key names ComfyUI loads (BFL's), as a view.
+"""A diffusers FLUX.1 or SD3 transformer under the key names ComfyUI loads (BFL's / SAI's), as a view.
 
-ComfyUI loads a FLUX.1 model under BFL's names. Handed a diffusers-named file, it renames the
-keys itself (``model_detection.convert_diffusers_mmdit``), copying ``.weight``/``.bias`` only: FP8
-scales and markers would be dropped (``formats/comfy.py`` refuses such files). So for the comfy
-formats ``open_checkpoint(..., names="comfyui")`` presents a diffusers FLUX transformer under
-BFL's names, and the file written is one ComfyUI loads natively::
+ComfyUI loads FLUX.1 and SD3 under the original releases' names. Handed a diffusers-named file,
+it renames the keys itself (``model_detection.convert_diffusers_mmdit``), copying ``.weight`` /
+``.bias`` only: FP8 scales and markers would be dropped (``formats/comfy.py`` refuses such
+files). So for the comfy formats ``open_checkpoint(..., names="comfyui")`` presents a diffusers
+FLUX.1 or SD3 transformer under the original names, and the file written is one ComfyUI loads
+natively. FLUX.1 (N: transformer_blocks, M: single_transformer_blocks)::
 
-    diffusers (N: transformer_blocks, M: single_transformer_blocks)  BFL / ComfyUI
+    diffusers                                                        BFL / ComfyUI
     x_embedder, context_embedder                                     img_in, txt_in
     time_text_embed.{timestep,text,guidance}_embedder.linear_{1,2}   {time,vector,guidance}_in.{in,out}_layer
     N.norm1.linear, N.norm1_context.linear                           double_blocks.N.{img,txt}_mod.lin
@@ -21,6 +22,20 @@ BFL's names, and the file written is one ComfyUI loads natively::
     M.attn.norm_{q,k}.weight                                         single_blocks.M.norm.{query,key}_norm.scale
     proj_out                                                         final_layer.linear
     norm_out.linear  (rows: scale, shift)                            final_layer.adaLN_modulation.1 (shift, scale)
+
+SD3 / SD3.5 (N: transformer_blocks; the last one is context_pre_only)::
+
+    diffusers                                                        SAI / ComfyUI
+    pos_embed.pos_embed, pos_embed.proj, context_embedder            pos_embed, x_embedder.proj, context_embedder
+    time_text_embed.{timestep,text}_embedder.linear_{1,2}            {t,y}_embedder.mlp.{0,2}
+    N.norm1.linear, N.norm1_context.linear                           joint_blocks.N.{x,context}_block.adaLN_modulation.1
+                                                                     (the last block's context one: halves swapped)
+    N.attn.to_q + to_k + to_v, N.attn.to_out.0                       joint_blocks.N.x_block.attn.{qkv,proj}
+    N.attn2.to_q + to_k + to_v, N.attn2.to_out.0                     joint_blocks.N.x_block.attn2.{qkv,proj}
+    N.attn.add_q_proj + add_k_proj + add_v_proj, N.attn.to_add_out   joint_blocks.N.context_block.attn.{qkv,proj}
+    N.attn{,2}.norm_{q,k}, N.attn.norm_added_{q,k} (.weight)         ...x_block.attn{,2}.ln_{q,k}, ...context_block.attn.ln_{q,k}
+    N.ff.net.{0.proj,2}, N.ff_context.net.{0.proj,2}                 joint_blocks.N.{x,context}_block.mlp.fc{1,2}
+    proj_out, norm_out.linear (halves swapped)                       final_layer.linear, final_layer.adaLN_modulation.1
 
 ("A + B" concatenates rows.) Every renamed tensor is a list of row ranges of source tensors:
 weights ``[out, in]`` and biases ``[out]`` are row-major, so concatenating rows concatenates
@@ -39,7 +54,56 @@ COMFYUI = "comfyui"
 # A row range of a source tensor: (name, first row, end row).
 Part = tuple[str, int, int]
 
-_TOP = {
+
+class _Table:
+    """Builds new name -> parts over the source's row counts; every source key must be used once."""
+
+    def __init__(self, tensors: dict[str, TensorInfo], what: str):
+        self.rows = {n: (i.shape[0] if i.shape else 1) for n, i in tensors.items()}
+        self.what = what
+        self.out: dict[str, list[Part]] = {}
+
+    def blocks(self, prefix: str) -> list[int]:
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        return sorted({int(m.group(1)) for n in self.rows if (m := pattern.match(n))})
+
+    def linear(self, new: str, parts: list[str], *, swapped: bool = False) -> None:
+        """``new``.weight / .bias <- the rows of ``parts`` (.weight / .bias) in order, when present;
+        ``swapped``: one part whose two halves change places (scale, shift -> shift, scale)."""
+        for suffix in (".weight", ".bias"):
+            found = [p + suffix in self.rows for p in parts]
+            if any(found) and not all(found):
+                missing = next(p + suffix for p, f in zip(parts, found) if not f)
+                raise UnsupportedInputError(f"a diffusers {self.what} tensor is missing: {missing}", tensor=missing,
+                                            hint="the checkpoint is incomplete; re-export it")
+            if all(found):
+                self.out[new + suffix] = [(p + suffix, 0, self.rows[p + suffix]) for p in parts]
+                if swapped:
+                    (old, _, r), = self.out[new + suffix]
+                    if r % 2:
+                        raise UnsupportedInputError(f"{r} rows cannot hold scale and shift halves", tensor=old,
+                                                    hint=f"this is not a {self.what} transformer")
+                    self.out[new + suffix] = [(old, r // 2, r), (old, 0, r // 2)]
+
+    def key(self, new: str, old: str) -> None:
+        """A whole tensor renamed, when present."""
+        if old in self.rows:
+            self.out[new] = [(old, 0, self.rows[old])]
+
+    def done(self, names: str) -> dict[str, list[Part]]:
+        used = {p[0] for parts in self.out.values() for p in parts}
+        unnamed = [n for n in self.rows if n not in used]
+        if unnamed:
+            more = f" and {len(unnamed) - 3} more" if len(unnamed) > 3 else ""
+            raise UnsupportedInputError(f"no ComfyUI ({names}) name for {', '.join(unnamed[:3])}{more} of this "
+                                        f"diffusers {self.what} transformer", tensor=unnamed[0],
+                                        hint=f"write --format native (diffusers names), or convert the {names} release")
+        return self.out
+
+
+# ----------------------------------------------------------------------------- FLUX.1 -> BFL
+
+_FLUX_TOP = {
     "img_in": ["x_embedder"], "txt_in": ["context_embedder"],
     "time_in.in_layer": ["time_text_embed.timestep_embedder.linear_1"],
     "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
@@ -48,7 +112,7 @@ _TOP = {
     "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
     "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
 }
-_DOUBLE = {       # double_blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
+_FLUX_DOUBLE = {       # double_blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
     "img_mod.lin": ["norm1.linear"], "txt_mod.lin": ["norm1_context.linear"],
     "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
     "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
@@ -56,18 +120,16 @@ _DOUBLE = {       # double_blocks.N.<key> <- transformer_blocks.N.<parts>, for .
     "img_mlp.0": ["ff.net.0.proj"], "img_mlp.2": ["ff.net.2"],
     "txt_mlp.0": ["ff_context.net.0.proj"], "txt_mlp.2": ["ff_context.net.2"],
 }
-_DOUBLE_NORMS = {  # whole keys: RMSNorm scales
+_FLUX_DOUBLE_NORMS = {  # whole keys: RMSNorm scales
     "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
 }
-_SINGLE = {
+_FLUX_SINGLE = {
     "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
     "modulation.lin": ["norm.linear"],
 }
-_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
-_FINAL = {"final_layer.linear": ["proj_out"]}
-_SWAPPED = ("final_layer.adaLN_modulation.1", "norm_out.linear")    # halves swapped
+_FLUX_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 
 
 def is_diffusers_flux(names) -> bool:
@@ -78,56 +140,81 @@ def is_diffusers_flux(names) -> bool:
             and not any(n.startswith("controlnet_") for n in names))
 
 
-def _blocks(names, prefix: str) -> list[int]:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return sorted({int(m.group(1)) for n in names if (m := pattern.match(n))})
-
-
 def flux_to_bfl(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     """BFL name -> the row ranges of diffusers tensors it is made of, in BFL's file order."""
-    rows = {n: (i.shape[0] if i.shape else 1) for n, i in tensors.items()}
-    out: dict[str, list[Part]] = {}
+    t = _Table(tensors, "FLUX.1")
+    for new, parts in _FLUX_TOP.items():
+        t.linear(new, parts)
+    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _FLUX_DOUBLE, _FLUX_DOUBLE_NORMS),
+                                     ("single_transformer_blocks", "single_blocks", _FLUX_SINGLE,
+                                      _FLUX_SINGLE_NORMS)):
+        for n in t.blocks(src + "."):
+            old, new = f"{src}.{n}.", f"{dst}.{n}."
+            for name, parts in linears.items():
+                t.linear(new + name, [old + p for p in parts])
+            for name, key in norms.items():
+                t.key(new + name, old + key)
+    t.linear("final_layer.linear", ["proj_out"])
+    t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+    return t.done("BFL")
 
-    def linear(new: str, parts: list[str]) -> None:
-        for suffix in (".weight", ".bias"):
-            found = [p + suffix in rows for p in parts]
-            if any(found) and not all(found):
-                missing = next(p + suffix for p, f in zip(parts, found) if not f)
-                raise UnsupportedInputError(f"a diffusers FLUX tensor is missing: {missing}", tensor=missing,
-                                            hint="the checkpoint is incomplete; re-export it")
-            if all(found):
-                out[new + suffix] = [(p + suffix, 0, rows[p + suffix]) for p in parts]
 
-    for new, parts in _TOP.items():
-        linear(new, parts)
-    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _DOUBLE, _DOUBLE_NORMS),
-                                     ("single_transformer_blocks", "single_blocks", _SINGLE, _SINGLE_NORMS)):
-        for n in _blocks(rows, src + "."):
-            old_block, new_block = f"{src}.{n}.", f"{dst}.{n}."
-            for new, parts in linears.items():
-                linear(new_block + new, [old_block + p for p in parts])
-            for new, old in norms.items():
-                if old_block + old in rows:
-                    out[new_block + new] = [(old_block + old, 0, rows[old_block + old])]
-    for new, parts in _FINAL.items():
-        linear(new, parts)
-    new, old = _SWAPPED
-    for suffix in (".weight", ".bias"):
-        if old + suffix in rows:
-            r = rows[old + suffix]
-            if r % 2:
-                raise UnsupportedInputError(f"{r} rows cannot hold scale and shift halves", tensor=old + suffix,
-                                            hint="this is not a FLUX.1 transformer")
-            out[new + suffix] = [(old + suffix, r // 2, r), (old + suffix, 0, r // 2)]
+# ----------------------------------------------------------------------------- SD3 / SD3.5 -> SAI
 
-    used = {p[0] for parts in out.values() for p in parts}
-    unnamed = [n for n in rows if n not in used]
-    if unnamed:
-        more = f" and {len(unnamed) - 3} more" if len(unnamed) > 3 else ""
-        raise UnsupportedInputError(f"no ComfyUI (BFL) name for {', '.join(unnamed[:3])}{more} of this diffusers "
-                                    "FLUX transformer", tensor=unnamed[0],
-                                    hint="write --format native (diffusers names), or convert the BFL release")
-    return out
+_SD3_TOP = {
+    "x_embedder.proj": ["pos_embed.proj"], "context_embedder": ["context_embedder"],
+    "t_embedder.mlp.0": ["time_text_embed.timestep_embedder.linear_1"],
+    "t_embedder.mlp.2": ["time_text_embed.timestep_embedder.linear_2"],
+    "y_embedder.mlp.0": ["time_text_embed.text_embedder.linear_1"],
+    "y_embedder.mlp.2": ["time_text_embed.text_embedder.linear_2"],
+}
+_SD3_BLOCK = {         # joint_blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
+    "x_block.adaLN_modulation.1": ["norm1.linear"],
+    "x_block.attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"], "x_block.attn.proj": ["attn.to_out.0"],
+    "x_block.attn2.qkv": ["attn2.to_q", "attn2.to_k", "attn2.to_v"], "x_block.attn2.proj": ["attn2.to_out.0"],
+    "x_block.mlp.fc1": ["ff.net.0.proj"], "x_block.mlp.fc2": ["ff.net.2"],
+    "context_block.attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "context_block.attn.proj": ["attn.to_add_out"],
+    "context_block.mlp.fc1": ["ff_context.net.0.proj"], "context_block.mlp.fc2": ["ff_context.net.2"],
+}
+_SD3_BLOCK_NORMS = {
+    "x_block.attn.ln_q.weight": "attn.norm_q.weight", "x_block.attn.ln_k.weight": "attn.norm_k.weight",
+    "x_block.attn2.ln_q.weight": "attn2.norm_q.weight", "x_block.attn2.ln_k.weight": "attn2.norm_k.weight",
+    "context_block.attn.ln_q.weight": "attn.norm_added_q.weight",
+    "context_block.attn.ln_k.weight": "attn.norm_added_k.weight",
+}
+
+
+def is_diffusers_sd3(names) -> bool:
+    """A diffusers SD3Transformer2DModel state dict (not an SD3 ControlNet)."""
+    names = set(names)
+    return ("pos_embed.proj.weight" in names and "transformer_blocks.0.attn.add_q_proj.weight" in names
+            and "time_text_embed.text_embedder.linear_1.weight" in names
+            and not any(n.startswith(("controlnet_", "pos_embed_input.")) for n in names))
+
+
+def sd3_to_sai(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """SAI (ComfyUI MMDiT) name -> the row ranges of diffusers tensors it is made of. The last block
+    is context_pre_only: its context modulation is a scale/shift pair, stored swapped as the final layer's."""
+    t = _Table(tensors, "SD3")
+    t.key("pos_embed", "pos_embed.pos_embed")
+    for new, parts in _SD3_TOP.items():
+        t.linear(new, parts)
+    blocks = t.blocks("transformer_blocks.")
+    for n in blocks:
+        old, new = f"transformer_blocks.{n}.", f"joint_blocks.{n}."
+        for name, parts in _SD3_BLOCK.items():
+            t.linear(new + name, [old + p for p in parts])
+        t.linear(new + "context_block.adaLN_modulation.1", [old + "norm1_context.linear"], swapped=n == blocks[-1])
+        for name, key in _SD3_BLOCK_NORMS.items():
+            t.key(new + name, old + key)
+    t.linear("final_layer.linear", ["proj_out"])
+    t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+    return t.done("SAI")
+
+
+# Diffusers models ComfyUI would rename on load, and what quantkit names them instead.
+_VIEWS = (("FLUX.1", "BFL", is_diffusers_flux, flux_to_bfl), ("SD3", "SAI", is_diffusers_sd3, sd3_to_sai))
 
 
 class _Concatenated(TensorSource):
@@ -174,19 +261,21 @@ class _Concatenated(TensorSource):
 
 
 def comfyui_view(checkpoint):
-    """``checkpoint`` under ComfyUI's names when it is a diffusers FLUX transformer, else itself."""
+    """``checkpoint`` under ComfyUI's names when it is a diffusers FLUX.1 or SD3 transformer, else itself."""
     from .checkpoint import Checkpoint
-    if not is_diffusers_flux(checkpoint.tensors):
+    found = next((v for v in _VIEWS if v[2](checkpoint.tensors)), None)
+    if found is None:
         return checkpoint
+    what, names, _, build = found
     try:
-        table = flux_to_bfl(checkpoint.tensors)
+        table = build(checkpoint.tensors)
         joined = _Concatenated(checkpoint, table)
     except UnsupportedInputError as exc:
         exc.path = exc.path or checkpoint.path
         raise
     fused = sum(len(parts) > 1 for parts in table.values())
-    note = (f"diffusers FLUX names written as ComfyUI's (BFL): {len(checkpoint.tensors)} tensors -> {len(table)}, "
-            f"{fused} of them joined (q/k/v, single-block linear1) or reordered (final_layer.adaLN_modulation.1)")
+    note = (f"diffusers {what} names written as ComfyUI's ({names}): {len(checkpoint.tensors)} tensors -> "
+            f"{len(table)}, {fused} of them joined (q/k/v) or reordered (modulation scale/shift halves)")
     notes = [*checkpoint.notes, note]
     view = Checkpoint(checkpoint.path, checkpoint.layout, checkpoint.files,
                       {n: (joined, i) for n, i in joined.tensors.items()}, metadata=checkpoint.metadata,

@@ -1,8 +1,9 @@
-"""A diffusers FLUX.1 transformer converted for ComfyUI is written under BFL's key names.
+"""A diffusers FLUX.1 / SD3 transformer converted for ComfyUI is written under BFL's / SAI's key names.
 
-The authority on what each BFL key holds is diffusers' own BFL -> diffusers converter
-(``convert_flux_transformer_checkpoint_to_diffusers``, what ``from_single_file`` runs on a
-ComfyUI / BFL file). It hard-codes FLUX.1's width (3072) to split ``single_blocks.N.linear1``;
+The authority on what each original key holds is diffusers' own converters from the original
+releases (``convert_flux_transformer_checkpoint_to_diffusers``, ``convert_sd3_transformer_
+checkpoint_to_diffusers``: what ``from_single_file`` runs on a ComfyUI / BFL / SAI file). The
+FLUX one hard-codes FLUX.1's width (3072) to split ``single_blocks.N.linear1``;
 ``diffusers_from_bfl`` gives it the tiny model's width, and changes nothing else.
 """
 import json
@@ -14,7 +15,7 @@ import tiny_models
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-from test_presets import bfl_flux
+from test_presets import MMDIT, bfl_flux
 
 from quantkit.checkpoint import open_checkpoint
 from quantkit.cli import main
@@ -40,15 +41,37 @@ def diffusers_from_bfl(state: dict) -> dict:
         return sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(state))
 
 
+def diffusers_from_sai(state: dict) -> dict:
+    return sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
+
+
+BACK = {"flux": diffusers_from_bfl, "sd3": diffusers_from_sai}
+
+
+def model_folder(tmp_path_factory, name):
+    """A tiny diffusers model folder of ``name``, BF16 (as releases are), and the model."""
+    folder = tmp_path_factory.mktemp(f"{name}-diffusers") / "transformer"
+    model = tiny_models.build(name)
+    model.save_pretrained(folder, safe_serialization=True)
+    save_file(tiny_models.state_dict_tensors(model), str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder, model
+
+
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    """A tiny diffusers FLUX.1 model folder (2 double, 2 single blocks, guidance), BF16, and its model."""
-    folder = tmp_path_factory.mktemp("flux-diffusers") / "transformer"
-    model = tiny_models.build("flux")
-    model.save_pretrained(folder, safe_serialization=True)
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    save_file(tiny_models.state_dict_tensors(model), str(weights))      # BF16, as releases are
-    return folder, model
+    """FLUX.1: 2 double, 2 single blocks, guidance."""
+    return model_folder(tmp_path_factory, "flux")
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """SD3.5-medium-like: 2 blocks, dual attention in block 0, qk norms, the last block context_pre_only."""
+    return model_folder(tmp_path_factory, "sd3")
+
+
+@pytest.fixture(params=["flux", "sd3"])
+def model(request):
+    return request.param, request.getfixturevalue(request.param)[0]
 
 
 def view_tensors(folder) -> dict:
@@ -59,14 +82,25 @@ def view_tensors(folder) -> dict:
 def test_names_are_bfls_flux_names(flux):
     folder, _ = flux
     got = view_tensors(folder)
-    expected = bfl_flux(double=2, single=2)          # the hand-written FLUX.1-dev key list
-    assert list(got) == [k for k in got if k in expected] and set(got) == set(expected)
+    assert set(got) == set(bfl_flux(double=2, single=2))          # the hand-written FLUX.1-dev key list
 
 
-def test_diffusers_own_converter_gives_back_the_source_bit_for_bit(flux):
-    folder, _ = flux
+def test_names_are_sais_mmdit_names(sd3):
+    """The hand-written SD3.5-medium key list (3 blocks) has the tiny model's two kinds of block:
+    block 0 (dual attention) and the last, context_pre_only one (its block 2, here block 1)."""
+    folder, _ = sd3
+    got = view_tensors(folder)
+    expected = {k.replace("joint_blocks.2.", "joint_blocks.1.") for k in MMDIT if not k.startswith("joint_blocks.1.")}
+    assert expected <= set(got), expected - set(got)
+    assert {k.replace(".bias", ".weight") for k in got} - expected <= {
+        f"joint_blocks.{n}.{b}.{a}.{q}.weight" for n in (0, 1) for b in ("x_block", "context_block")
+        for a in ("attn", "attn2") for q in ("ln_q", "ln_k")}
+
+
+def test_diffusers_own_converter_gives_back_the_source_bit_for_bit(model):
+    name, folder = model
     source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-    back = diffusers_from_bfl(view_tensors(folder))
+    back = BACK[name](view_tensors(folder))
     assert set(back) == set(source)
     for k, t in source.items():
         assert torch.equal(back[k], t), k
@@ -98,34 +132,38 @@ def test_reads_across_part_boundaries_at_any_offset(flux):
                 assert torch.equal(buf, whole[a:b]), (name, a, b)
 
 
-def test_convert_for_comfyui_then_back_through_diffusers_runs_the_model(flux, tmp_path):
-    """The comfy file, dequantized and renamed by diffusers, runs the FLUX model within FP8 error; a
+QKV = {"flux": ("double_blocks.0.img_attn.qkv", "BFL"), "sd3": ("joint_blocks.0.x_block.attn.qkv", "SAI")}
+
+
+def test_convert_for_comfyui_then_back_through_diffusers_runs_the_model(model, tmp_path):
+    """The comfy file, dequantized and renamed by diffusers, runs the model within FP8 error; a
     joined weight (q, k, v) has one scale over all its parts."""
-    folder, _ = flux
-    out = tmp_path / "flux-comfy.safetensors"
+    name, folder = model
+    out = tmp_path / f"{name}-comfy.safetensors"
     result = run("convert", folder, out, "--format", "comfy")
     assert result.exit_code == 0, result.output
-    assert "written as ComfyUI's (BFL)" in result.output
+    qkv, names = QKV[name]
+    assert f"written as ComfyUI's ({names})" in result.output
     stored = load_file(str(out))
-    assert "double_blocks.0.img_attn.qkv.comfy_quant" in stored and "transformer_blocks.0.attn.to_q.weight" not in stored
+    assert qkv + ".comfy_quant" in stored and "transformer_blocks.0.attn.to_q.weight" not in stored
 
     source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     absmax = max(float(source[f"transformer_blocks.0.attn.to_{p}.weight"].float().abs().max()) for p in "qkv")
-    assert float(stored["double_blocks.0.img_attn.qkv.weight_scale"]) == pytest.approx(absmax / 448, rel=1e-6)
+    assert float(stored[qkv + ".weight_scale"]) == pytest.approx(absmax / 448, rel=1e-6)
 
-    back = diffusers_from_bfl({k: v.float() for k, v in load_dequantized(str(out), dtype=torch.float32).items()})
-    quantized = tiny_models.build("flux")
+    back = BACK[name]({k: v.float() for k, v in load_dequantized(str(out), dtype=torch.float32).items()})
+    quantized = tiny_models.build(name)
     quantized.load_state_dict(back, strict=True)
-    reference = tiny_models.build("flux")
+    reference = tiny_models.build(name)
     reference.load_state_dict({k: v.float() for k, v in source.items()}, strict=True)
-    y_ref = tiny_models.forward("flux", reference)
-    y_q = tiny_models.forward("flux", quantized)
+    y_ref = tiny_models.forward(name, reference)
+    y_q = tiny_models.forward(name, quantized)
     rel = float((y_q - y_ref).norm() / y_ref.norm())
     assert rel < 0.02, rel
 
     report = validate(str(out), str(folder), min_sqnr=30)
     assert report.ok, report.failures
-    manifest = json.loads(out.with_name("flux-comfy.quantkit.json").read_text())
+    manifest = json.loads(out.with_name(f"{name}-comfy.quantkit.json").read_text())
     assert manifest["source"]["names"] == "comfyui"
 
 

@@ -19,10 +19,10 @@ builds a comfy-kitchen ``QuantizedTensor`` from the weight and ``Params(scale=we
 ComfyUI's FP8 matmul would quantize activations with scale 1 (clamping them to +-448).
 Unknown ``__metadata__`` keys (quantkit's provenance) are ignored by ComfyUI.
 
-The model must carry the key names ComfyUI loads natively. A diffusers FLUX.1 transformer is
-read under BFL's names (``quantkit.comfy_names``); a diffusers-named FLUX ControlNet, FLUX.2,
-SD3, AuraFlow, UNet or VAE is refused when anything in it is quantized (``RENAMED_ON_LOAD``:
-ComfyUI renames those keys on load and the scales would be lost).
+The model must carry the key names ComfyUI loads natively. A diffusers FLUX.1 or SD3 transformer
+is read under BFL's / SAI's names (``quantkit.comfy_names``); a diffusers-named FLUX ControlNet,
+FLUX.2, SD3 ControlNet, AuraFlow, UNet or VAE is refused when anything in it is quantized
+(``RENAMED_ON_LOAD``: ComfyUI renames those keys on load and the scales would be lost).
 """
 from __future__ import annotations
 
