@@ -118,8 +118,9 @@ class _Bars:
     """tqdm bars for the library's Progress callbacks (silent when not a terminal or --quiet)."""
 
     def __init__(self, quiet: bool):
-        from .progress import Progress
         from tqdm import tqdm
+
+        from .progress import Progress
 
         class Bars(Progress):
             bar = None
@@ -324,15 +325,16 @@ def plan(ctx, src, json_path, only, **policy):
     Example:
       quantkit plan model.safetensors --keep '*.attn.*' --only quantize
     """
-    from .errors import QuantkitError
     from .checkpoint import open_checkpoint
+    from .errors import QuantkitError
+    from .formats import get_format
     from .plan import make_plan
     try:
         options = _options(ctx, **policy)
-        from .formats import get_format
         with open_checkpoint(src, component=options.component, ema=options.ema,
                              names=get_format(options.format).source_names) as f:
             p = make_plan(f, options)
+            joined = dict(f.joined or {})
     except QuantkitError as exc:
         _fail(exc)
     for note in p.notes:
@@ -343,15 +345,16 @@ def plan(ctx, src, json_path, only, **policy):
         if only and t.action.value != only:
             continue
         shape = "x".join(map(str, t.info.shape)) or "scalar"
+        origin = f" [= {' + '.join(joined[t.name])}]" if t.name in joined else ""
         click.echo(f"{t.name:<{width}}  {shape:<16} {t.info.dtype.code:<5} -> {t.action.value:<8} "
-                   f"{t.out_dtype.code:<8} {t.decision.reason}")
+                   f"{t.out_dtype.code:<8} {t.decision.reason}{origin}")
     click.echo(f"\n{p.count(_action('quantize'))} quantized, {p.count(_action('keep'))} kept, "
                f"{p.count(_action('pass'))} passed through; size {_size(p.bytes_in)} -> {_size(p.bytes_out)}"
                f" ({100 * p.bytes_out / max(p.bytes_in, 1):.0f}%)")
     for w in p.warnings:
         click.echo(f"warning: {w}", err=True)
     if json_path:
-        _write_json(json_path, p.to_dict())
+        _write_json(json_path, {**p.to_dict(), **({"joined": joined} if joined else {})})
 
 
 def _action(name):

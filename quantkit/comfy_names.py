@@ -256,8 +256,6 @@ class _Concatenated(TensorSource):
         if done != len(view):
             raise ValueError(f"{info.name}: read past the end of the tensor")
 
-    def source_names(self, name: str) -> list[str]:
-        return [p.name for p, _, _ in self._parts[name]]
 
 
 def comfyui_view(checkpoint):
@@ -281,4 +279,12 @@ def comfyui_view(checkpoint):
                       {n: (joined, i) for n, i in joined.tensors.items()}, metadata=checkpoint.metadata,
                       notes=notes, readers=[checkpoint], real_offsets=False)
     view.renamed = COMFYUI
+    view.joined = {name: [_describe(p, checkpoint.tensors[p[0]]) for p in parts]
+                   for name, parts in table.items() if len(parts) > 1}
     return view
+
+
+def _describe(part: Part, info: TensorInfo) -> str:
+    """``name``, or ``name[r0:r1]`` for some of its rows."""
+    name, r0, r1 = part
+    return name if (r0, r1) == (0, info.shape[0] if info.shape else 1) else f"{name}[{r0}:{r1}]"

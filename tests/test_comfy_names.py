@@ -213,3 +213,17 @@ def test_model_output_is_refused_at_once_for_an_output_under_other_names(flux, t
     result = run("validate", out, "--against", folder, "--model-output")
     assert result.exit_code == 2 and "written under comfyui names" in result.output, result.output
     assert "FP8 tensors" not in result.output          # refused before the per-tensor comparison ran
+
+
+def test_plan_shows_what_each_joined_tensor_is_made_of(flux, tmp_path):
+    folder, _ = flux
+    result = run("plan", folder, "--format", "comfy", "--json", tmp_path / "plan.json")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("single_blocks.0.linear1.weight "))
+    assert line.endswith("[= single_transformer_blocks.0.attn.to_q.weight + single_transformer_blocks.0.attn.to_k"
+                         ".weight + single_transformer_blocks.0.attn.to_v.weight + single_transformer_blocks.0"
+                         ".proj_mlp.weight]"), line
+    joined = json.loads((tmp_path / "plan.json").read_text())["joined"]
+    assert joined["final_layer.adaLN_modulation.1.weight"] == ["norm_out.linear.weight[32:64]",
+                                                              "norm_out.linear.weight[0:32]"]
+    assert "img_in.weight" not in joined            # renamed only, not joined
