@@ -235,7 +235,8 @@ class _Concatenated(TensorSource):
                                             path=source.path, tensor=name, hint="the checkpoint is inconsistent")
             spans, nbytes, total_rows = [], 0, 0
             for info, (_, r0, r1) in zip(infos, parts):
-                row_bytes = info.nbytes // (info.shape[0] if info.shape else 1)
+                rows = info.shape[0] if info.shape else 1
+                row_bytes = info.nbytes // rows if rows else 0
                 spans.append((info, r0 * row_bytes, r1 * row_bytes))
                 nbytes, total_rows = nbytes + (r1 - r0) * row_bytes, total_rows + (r1 - r0)
             shape = (total_rows, *first.shape[1:]) if first.shape else ()

@@ -227,3 +227,28 @@ def test_plan_shows_what_each_joined_tensor_is_made_of(flux, tmp_path):
     assert joined["final_layer.adaLN_modulation.1.weight"] == ["norm_out.linear.weight[32:64]",
                                                               "norm_out.linear.weight[0:32]"]
     assert "img_in.weight" not in joined            # renamed only, not joined
+
+
+def test_odd_shapes_are_refused_or_joined_never_crash(flux, tmp_path):
+    """Hostile or odd diffusers FLUX files: parts of different widths or dtypes are refused by
+    name; empty (zero-row) tensors join like any other."""
+    folder, _ = flux
+    base = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    cases = {
+        "width": {"transformer_blocks.0.attn.to_k.weight": torch.zeros(32, 8, dtype=torch.bfloat16)},
+        "dtype": {"transformer_blocks.0.attn.to_k.weight": torch.zeros(32, 32, dtype=torch.float16)},
+        "odd-halves": {"norm_out.linear.weight": torch.zeros(63, 32, dtype=torch.bfloat16),
+                       "norm_out.linear.bias": torch.zeros(63, dtype=torch.bfloat16)},
+        "empty": {"transformer_blocks.0.attn.to_k.weight": torch.zeros(0, 32, dtype=torch.bfloat16),
+                  "transformer_blocks.0.attn.to_k.bias": torch.zeros(0, dtype=torch.bfloat16)},
+    }
+    for case, changes in cases.items():
+        src = tmp_path / f"{case}.safetensors"
+        save_file({**base, **changes}, str(src))
+        result = run("convert", src, tmp_path / f"{case}-out.safetensors", "--format", "comfy")
+        if case == "empty":
+            assert result.exit_code == 0, result.output
+            assert load_file(str(tmp_path / "empty-out.safetensors"))["double_blocks.0.img_attn.qkv.weight"].shape[0] == 64
+        else:
+            assert result.exit_code == 2 and "Traceback" not in result.output, (case, result.output)
+            assert next(iter(changes)) in result.output or "halves" in result.output, (case, result.output)
