@@ -1,11 +1,13 @@
-"""A diffusers FLUX.1 or SD3 transformer under the key names ComfyUI loads (BFL's / SAI's), as a view.
+"""A diffusers FLUX.1 / SD3 transformer or UNet under the key names ComfyUI loads (BFL's / SAI's / LDM's).
 
-ComfyUI loads FLUX.1 and SD3 under the original releases' names. Handed a diffusers-named file,
-it renames the keys itself (``model_detection.convert_diffusers_mmdit``), copying ``.weight`` /
-``.bias`` only: FP8 scales and markers would be dropped (``formats/comfy.py`` refuses such
-files). So for the comfy formats ``open_checkpoint(..., names="comfyui")`` presents a diffusers
-FLUX.1 or SD3 transformer under the original names, and the file written is one ComfyUI loads
-natively. FLUX.1 (N: transformer_blocks, M: single_transformer_blocks)::
+ComfyUI loads these models under the original releases' names. Handed a diffusers-named file, it
+renames the keys itself (``model_detection.convert_diffusers_mmdit``, ``utils.unet_to_diffusers``)
+through maps that carry ``.weight`` / ``.bias`` only: FP8 scales and markers would be dropped
+(``formats/comfy.py`` refuses such files). So for the comfy formats ``open_checkpoint(...,
+names="comfyui")`` presents a diffusers FLUX.1 or SD3 transformer or SD1.x/SD2.x/SDXL UNet under
+the original names, and the file written is one ComfyUI loads natively.
+
+FLUX.1 (N: transformer_blocks, M: single_transformer_blocks)::
 
     diffusers                                                        BFL / ComfyUI
     x_embedder, context_embedder                                     img_in, txt_in
@@ -36,6 +38,18 @@ SD3 / SD3.5 (N: transformer_blocks; the last one is context_pre_only)::
     N.attn{,2}.norm_{q,k}, N.attn.norm_added_{q,k} (.weight)         ...x_block.attn{,2}.ln_{q,k}, ...context_block.attn.ln_{q,k}
     N.ff.net.{0.proj,2}, N.ff_context.net.{0.proj,2}                 joint_blocks.N.{x,context}_block.mlp.fc{1,2}
     proj_out, norm_out.linear (halves swapped)                       final_layer.linear, final_layer.adaLN_modulation.1
+
+UNet (renames only; L resnets per down level, L+1 per up level, as ``unet_to_ldm`` says)::
+
+    time_embedding.linear_{1,2}, add_embedding.linear_{1,2}          time_embed.{0,2}, label_emb.0.{0,2}
+    conv_in, conv_norm_out, conv_out                                 input_blocks.0.0, out.0, out.2
+    down_blocks.i.resnets.j / .attentions.j                          input_blocks.{i(L+1)+j+1}.0 / .1
+    down_blocks.i.downsamplers.0.conv                                input_blocks.{(i+1)(L+1)}.0.op
+    mid_block.resnets.0, .attentions.0, .resnets.1                   middle_block.0, .1, .2
+    up_blocks.i.resnets.j / .attentions.j                            output_blocks.{i(L+1)+j}.0 / .1
+    up_blocks.i.upsamplers.0.conv                                    output_blocks.{i(L+1)+L}.{1, or 2 after attention}.conv
+    resnet norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut  in_layers.0, in_layers.2, emb_layers.1,
+                                                                     out_layers.0, out_layers.3, skip_connection
 
 ("A + B" concatenates rows.) Every renamed tensor is a list of row ranges of source tensors:
 weights ``[out, in]`` and biases ``[out]`` are row-major, so concatenating rows concatenates
@@ -213,8 +227,63 @@ def sd3_to_sai(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("SAI")
 
 
+# ----------------------------------------------------------------------------- SD1.x / SD2.x / SDXL UNet -> LDM
+
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def is_diffusers_unet(names) -> bool:
+    """A diffusers UNet2DConditionModel state dict (not a ControlNet)."""
+    names = set(names)
+    return ("conv_in.weight" in names and "time_embedding.linear_1.weight" in names
+            and "down_blocks.0.resnets.0.conv1.weight" in names
+            and not any(n.startswith("controlnet_") for n in names))
+
+
+def unet_to_ldm(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """LDM (ComfyUI) name -> the diffusers tensor it renames. Level i of L resnets fills LDM's
+    input_blocks i*(L+1)+1 ... i*(L+1)+L (its downsampler the next one), and up level i (L+1
+    resnets) output_blocks i*(L+1) ... i*(L+1)+L, its upsampler after the resnet (and attention)."""
+    t = _Table(tensors, "UNet")
+    names = list(t.rows)
+
+    def subtree(old: str, new: str, renames: dict[str, str] | None = None) -> None:
+        for k in names:
+            if k.startswith(old):
+                rest = k[len(old):]
+                head, dot, tail = rest.partition(".")
+                t.key(new + (renames or {}).get(head, head) + dot + tail, k)
+
+    for old, new in _UNET_TOP.items():
+        subtree(old + ".", new + ".")
+    per_level = len(t.blocks("down_blocks.0.resnets.")) + 1
+    for i in t.blocks("down_blocks."):
+        for j in t.blocks(f"down_blocks.{i}.resnets."):
+            subtree(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{i * per_level + j + 1}.0.", _RESNET)
+        for j in t.blocks(f"down_blocks.{i}.attentions."):
+            subtree(f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{i * per_level + j + 1}.1.")
+        subtree(f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * per_level}.0.op.")
+    subtree("mid_block.resnets.0.", "middle_block.0.", _RESNET)
+    subtree("mid_block.attentions.0.", "middle_block.1.")
+    subtree("mid_block.resnets.1.", "middle_block.2.", _RESNET)
+    for i in t.blocks("up_blocks."):
+        attentions = t.blocks(f"up_blocks.{i}.attentions.")
+        for j in t.blocks(f"up_blocks.{i}.resnets."):
+            subtree(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * per_level + j}.0.", _RESNET)
+        for j in attentions:
+            subtree(f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * per_level + j}.1.")
+        subtree(f"up_blocks.{i}.upsamplers.0.conv.",
+                f"output_blocks.{i * per_level + per_level - 1}.{2 if attentions else 1}.conv.")
+    return t.done("LDM")
+
+
 # Diffusers models ComfyUI would rename on load, and what quantkit names them instead.
-_VIEWS = (("FLUX.1", "BFL", is_diffusers_flux, flux_to_bfl), ("SD3", "SAI", is_diffusers_sd3, sd3_to_sai))
+_VIEWS = (("FLUX.1", "BFL", is_diffusers_flux, flux_to_bfl), ("SD3", "SAI", is_diffusers_sd3, sd3_to_sai),
+          ("UNet", "LDM", is_diffusers_unet, unet_to_ldm))
 
 
 class _Concatenated(TensorSource):
@@ -260,7 +329,7 @@ class _Concatenated(TensorSource):
 
 
 def comfyui_view(checkpoint):
-    """``checkpoint`` under ComfyUI's names when it is a diffusers FLUX.1 or SD3 transformer, else itself."""
+    """``checkpoint`` under ComfyUI's names when it is a diffusers FLUX.1 / SD3 transformer or UNet, else itself."""
     from .checkpoint import Checkpoint
     found = next((v for v in _VIEWS if v[2](checkpoint.tensors)), None)
     if found is None:

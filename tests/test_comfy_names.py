@@ -1,8 +1,10 @@
-"""A diffusers FLUX.1 / SD3 transformer converted for ComfyUI is written under BFL's / SAI's key names.
+"""A diffusers FLUX.1 / SD3 transformer or UNet converted for ComfyUI is written under BFL's / SAI's /
+LDM's key names.
 
 The authority on what each original key holds is diffusers' own converters from the original
 releases (``convert_flux_transformer_checkpoint_to_diffusers``, ``convert_sd3_transformer_
-checkpoint_to_diffusers``: what ``from_single_file`` runs on a ComfyUI / BFL / SAI file). The
+checkpoint_to_diffusers``, ``convert_ldm_unet_checkpoint``: what ``from_single_file`` runs on a
+ComfyUI / BFL / SAI / LDM file). The
 FLUX one hard-codes FLUX.1's width (3072) to split ``single_blocks.N.linear1``;
 ``diffusers_from_bfl`` gives it the tiny model's width, and changes nothing else.
 """
@@ -45,7 +47,16 @@ def diffusers_from_sai(state: dict) -> dict:
     return sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
 
 
-BACK = {"flux": diffusers_from_bfl, "sd3": diffusers_from_sai}
+def diffusers_from_ldm(name):
+    config = dict(tiny_models.build(name).config)
+
+    def convert(state: dict) -> dict:
+        return sfu.convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in state.items()}, config)
+    return convert
+
+
+BACK = {"flux": diffusers_from_bfl, "sd3": diffusers_from_sai,
+        "unet_sd15": diffusers_from_ldm("unet_sd15"), "unet_sdxl": diffusers_from_ldm("unet_sdxl")}
 
 
 def model_folder(tmp_path_factory, name):
@@ -69,7 +80,19 @@ def sd3(tmp_path_factory):
     return model_folder(tmp_path_factory, "sd3")
 
 
-@pytest.fixture(params=["flux", "sd3"])
+@pytest.fixture(scope="module")
+def unet_sd15(tmp_path_factory):
+    """SD1.5-like: conv proj_in/out, attention in the first level."""
+    return model_folder(tmp_path_factory, "unet_sd15")
+
+
+@pytest.fixture(scope="module")
+def unet_sdxl(tmp_path_factory):
+    """SDXL-like: linear proj_in/out, two transformer layers, text_time add-embedding."""
+    return model_folder(tmp_path_factory, "unet_sdxl")
+
+
+@pytest.fixture(params=list(BACK))
 def model(request):
     return request.param, request.getfixturevalue(request.param)[0]
 
@@ -132,7 +155,8 @@ def test_reads_across_part_boundaries_at_any_offset(flux):
                 assert torch.equal(buf, whole[a:b]), (name, a, b)
 
 
-QKV = {"flux": ("double_blocks.0.img_attn.qkv", "BFL"), "sd3": ("joint_blocks.0.x_block.attn.qkv", "SAI")}
+QKV = {"flux": ("double_blocks.0.img_attn.qkv", "BFL"), "sd3": ("joint_blocks.0.x_block.attn.qkv", "SAI"),
+       "unet_sd15": (None, "LDM"), "unet_sdxl": (None, "LDM")}
 
 
 def test_convert_for_comfyui_then_back_through_diffusers_runs_the_model(model, tmp_path):
@@ -145,11 +169,12 @@ def test_convert_for_comfyui_then_back_through_diffusers_runs_the_model(model, t
     qkv, names = QKV[name]
     assert f"written as ComfyUI's ({names})" in result.output
     stored = load_file(str(out))
-    assert qkv + ".comfy_quant" in stored and "transformer_blocks.0.attn.to_q.weight" not in stored
-
     source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
-    absmax = max(float(source[f"transformer_blocks.0.attn.to_{p}.weight"].float().abs().max()) for p in "qkv")
-    assert float(stored[qkv + ".weight_scale"]) == pytest.approx(absmax / 448, rel=1e-6)
+    assert any(k.endswith(".comfy_quant") for k in stored)
+    assert set(stored) & set(source) <= {"context_embedder.weight", "context_embedder.bias"}   # SAI's names too
+    if qkv is not None:
+        absmax = max(float(source[f"transformer_blocks.0.attn.to_{p}.weight"].float().abs().max()) for p in "qkv")
+        assert float(stored[qkv + ".weight_scale"]) == pytest.approx(absmax / 448, rel=1e-6)
 
     back = BACK[name]({k: v.float() for k, v in load_dequantized(str(out), dtype=torch.float32).items()})
     quantized = tiny_models.build(name)

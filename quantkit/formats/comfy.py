@@ -20,9 +20,10 @@ ComfyUI's FP8 matmul would quantize activations with scale 1 (clamping them to +
 Unknown ``__metadata__`` keys (quantkit's provenance) are ignored by ComfyUI.
 
 The model must carry the key names ComfyUI loads natively. A diffusers FLUX.1 or SD3 transformer
-is read under BFL's / SAI's names (``quantkit.comfy_names``); a diffusers-named FLUX ControlNet,
-FLUX.2, SD3 ControlNet, AuraFlow, UNet or VAE is refused when anything in it is quantized
-(``RENAMED_ON_LOAD``: ComfyUI renames those keys on load and the scales would be lost).
+or SD1.x/SD2.x/SDXL UNet is read under BFL's / SAI's / LDM's names (``quantkit.comfy_names``); a
+diffusers-named ControlNet (FLUX, SD3, SD), FLUX.2, AuraFlow or VAE is refused when anything in
+it is quantized (``RENAMED_ON_LOAD``: ComfyUI renames those keys on load and the scales would be
+lost).
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ RENAMED_ON_LOAD = (
     ("a diffusers FLUX transformer", ("x_embedder.weight", "transformer_blocks.0.attn.to_q.weight")),
     ("a diffusers SD3 transformer", ("pos_embed.proj.weight", "transformer_blocks.0.attn.add_q_proj.weight")),
     ("a diffusers AuraFlow transformer", ("joint_transformer_blocks.0.attn.add_k_proj.weight",)),
+    ("a diffusers SD ControlNet", ("controlnet_cond_embedding.conv_in.weight",)),
     ("a diffusers UNet", ("conv_in.weight", "time_embedding.linear_1.weight")),
     ("a diffusers VAE", ("decoder.up_blocks.0.resnets.0.norm1.weight",)),
 )
