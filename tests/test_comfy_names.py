@@ -59,42 +59,38 @@ BACK = {"flux": diffusers_from_bfl, "sd3": diffusers_from_sai,
         "unet_sd15": diffusers_from_ldm("unet_sd15"), "unet_sdxl": diffusers_from_ldm("unet_sdxl")}
 
 
-def model_folder(tmp_path_factory, name):
-    """A tiny diffusers model folder of ``name``, BF16 (as releases are), and the model."""
-    folder = tmp_path_factory.mktemp(f"{name}-diffusers") / "transformer"
-    model = tiny_models.build(name)
-    model.save_pretrained(folder, safe_serialization=True)
-    save_file(tiny_models.state_dict_tensors(model), str(folder / "diffusion_pytorch_model.safetensors"))
-    return folder, model
+# The tiny models (tests/tiny_models.py): FLUX.1 with 2 double and 2 single blocks and guidance;
+# SD3.5-medium-like (dual attention in block 0, qk norms, the last block context_pre_only);
+# SD1.5-like UNet (conv proj_in/out); SDXL-like UNet (linear proj_in/out, text_time add-embedding).
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """name -> a tiny diffusers model folder of it, BF16 (as releases are), and the model; built once."""
+    made = {}
+
+    def folder(name):
+        if name not in made:
+            path = tmp_path_factory.mktemp(f"{name}-diffusers") / "transformer"
+            model = tiny_models.build(name)
+            model.save_pretrained(path, safe_serialization=True)
+            save_file(tiny_models.state_dict_tensors(model), str(path / "diffusion_pytorch_model.safetensors"))
+            made[name] = path, model
+        return made[name]
+    return folder
 
 
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    """FLUX.1: 2 double, 2 single blocks, guidance."""
-    return model_folder(tmp_path_factory, "flux")
+def flux(folders):
+    return folders("flux")
 
 
 @pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    """SD3.5-medium-like: 2 blocks, dual attention in block 0, qk norms, the last block context_pre_only."""
-    return model_folder(tmp_path_factory, "sd3")
-
-
-@pytest.fixture(scope="module")
-def unet_sd15(tmp_path_factory):
-    """SD1.5-like: conv proj_in/out, attention in the first level."""
-    return model_folder(tmp_path_factory, "unet_sd15")
-
-
-@pytest.fixture(scope="module")
-def unet_sdxl(tmp_path_factory):
-    """SDXL-like: linear proj_in/out, two transformer layers, text_time add-embedding."""
-    return model_folder(tmp_path_factory, "unet_sdxl")
+def sd3(folders):
+    return folders("sd3")
 
 
 @pytest.fixture(params=list(BACK))
-def model(request):
-    return request.param, request.getfixturevalue(request.param)[0]
+def model(request, folders):
+    return request.param, folders(request.param)[0]
 
 
 def view_tensors(folder) -> dict:

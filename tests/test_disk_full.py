@@ -5,46 +5,28 @@ Two real failures, no mock: the kernel's file-size limit (RLIMIT_FSIZE: write() 
 EFBIG once the output reaches it; works unprivileged) and a full filesystem (a 24 MB tmpfs:
 ENOSPC; needs the right to mount, skipped where it is missing).
 """
-import hashlib
-import json
 import os
 import resource
 import shutil
 import signal
 import subprocess
-import sys
 import uuid
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from runs import OUTPUTS, convert_cmd, llama_like_source, sha256
 
 from quantkit.writer import TEMP_MARK
 
 LIMIT = 24 << 20        # bytes: the ~64 MB source's ~32 MB output does not fit
-OUTPUTS = {"file": ("out.safetensors", []),
-           "shards": ("out-sharded", ["--max-shard-size", "8MB"]),
-           "compressed-tensors": ("out-ct", ["--format", "compressed-tensors"])}
-
-
-def sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("full-src")
-    g = torch.Generator().manual_seed(0)
-    save_file({f"model.layers.{i}.mlp.{p}.weight": torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
-               for i in range(16) for p in ("up_proj", "down_proj")}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-    return folder / "model.safetensors"
+    return llama_like_source(tmp_path_factory.mktemp("full-src"))
 
 
 def convert(source, out, extra, **popen):
-    return subprocess.run([sys.executable, "-m", "quantkit.cli", "convert", str(source), str(out), "-q", *extra],
-                          capture_output=True, text=True, check=False, **popen)
+    return subprocess.run(convert_cmd(source, out, extra), capture_output=True, text=True, check=False, **popen)
 
 
 def assert_clean_failure(result, folder, out, source, before, what):

@@ -7,45 +7,22 @@ slow the machine is: right inside the writer's set-up, between open() creating t
 writer holding it) and again 20 ms later, in the middle of the data (or, on a fast machine,
 just after the rename: then the output under the final name must be complete).
 """
-import hashlib
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-import torch
-from safetensors.torch import save_file
+from runs import OUTPUTS, convert_cmd, llama_like_source, partials, sha256
 
 from quantkit.validate import validate
-from quantkit.writer import TEMP_MARK
 
 SIGNALS = {signal.SIGINT: (130, "interrupted: stopped"), signal.SIGTERM: (143, "terminated: stopped")}
-OUTPUTS = {"file": ("out.safetensors", []),
-           "shards": ("out-sharded", ["--max-shard-size", "8MB"]),
-           "compressed-tensors": ("out-ct", ["--format", "compressed-tensors"])}
-
-
-def sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def partials(folder) -> list[str]:
-    return sorted(os.path.join(r, n) for r, dirs, files in os.walk(folder) for n in dirs + files if TEMP_MARK in n)
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """A ~64 MB Llama-like model folder (config.json, as compressed-tensors needs)."""
-    folder = tmp_path_factory.mktemp("signals-src")
-    g = torch.Generator().manual_seed(0)
-    save_file({f"model.layers.{i}.mlp.{p}.weight": torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
-               for i in range(16) for p in ("up_proj", "down_proj")}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-    return folder / "model.safetensors"
+    return llama_like_source(tmp_path_factory.mktemp("signals-src"))
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.02])
@@ -55,8 +32,7 @@ def test_signal_mid_write_cleans_up_at_once(source, tmp_path, sig, output, delay
     name, extra = OUTPUTS[output]
     out = tmp_path / name
     before = sha256(source)
-    cmd = [sys.executable, "-m", "quantkit.cli", "convert", str(source), str(out), "-q", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(convert_cmd(source, out, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None and not partials(tmp_path):
         time.sleep(0.001)
     assert proc.poll() is None, "the conversion ended before its temporary output was seen"

@@ -1,0 +1,39 @@
+"""Shared by the tests that stop or starve a real `quantkit convert` subprocess
+(test_signals.py, test_disk_full.py): its source, its command line, its outputs."""
+import hashlib
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from quantkit.writer import TEMP_MARK
+
+# Output kinds: name under the destination folder, extra convert options.
+OUTPUTS = {"file": ("out.safetensors", []),
+           "shards": ("out-sharded", ["--max-shard-size", "8MB"]),
+           "compressed-tensors": ("out-ct", ["--format", "compressed-tensors"])}
+
+
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def partials(folder) -> list[str]:
+    """Every temporary file or folder under ``folder``."""
+    return sorted(os.path.join(r, n) for r, dirs, files in os.walk(folder) for n in dirs + files if TEMP_MARK in n)
+
+
+def llama_like_source(folder):
+    """A ~64 MB BF16 Llama-like model folder (config.json, as compressed-tensors needs); its weights' path."""
+    g = torch.Generator().manual_seed(0)
+    save_file({f"model.layers.{i}.mlp.{p}.weight": torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
+               for i in range(16) for p in ("up_proj", "down_proj")}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    return folder / "model.safetensors"
+
+
+def convert_cmd(source, out, extra) -> list[str]:
+    return [sys.executable, "-m", "quantkit.cli", "convert", str(source), str(out), "-q", *extra]
