@@ -64,7 +64,9 @@ class Checkpoint(TensorSource):
     """
 
     renamed: str | None = None      # "comfyui": viewed under other names (quantkit.comfy_names)
-    joined: dict[str, list[str]] | None = None   # then: name -> the source rows it joins (two or more)
+    joined: dict[str, list[str]] | None = None   # then: name -> the source rows it joins (two or more),
+    original: Checkpoint | None = None            # the checkpoint under its own names,
+    to_source_names = None                        # and state-dict-under-these-names -> under those
 
     def __init__(self, path: str, layout: str, files: list[str], entries: dict[str, tuple[TensorSource, TensorInfo]],
                  *, metadata: dict[str, str], notes: list[str], readers: list[TensorSource], real_offsets: bool):

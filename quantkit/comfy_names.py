@@ -351,7 +351,28 @@ def comfyui_view(checkpoint):
     view.renamed = COMFYUI
     view.joined = {name: [_describe(p, checkpoint.tensors[p[0]]) for p in parts]
                    for name, parts in table.items() if len(parts) > 1}
+    view.original = checkpoint
+    view.to_source_names = lambda state: to_source_names(state, table, checkpoint.tensors)
     return view
+
+
+def to_source_names(state: dict, table: dict[str, list[Part]], source: dict[str, TensorInfo]) -> dict:
+    """The view undone on whole tensors: ``state`` under the view's names -> under the source's
+    (joined rows split back, swapped halves swapped back). For ``validate --model-output``."""
+    import torch
+    out: dict = {}
+    for name, parts in table.items():
+        t, row = state[name], 0
+        for src, r0, r1 in parts:
+            info = source[src]
+            if not info.shape:
+                out[src] = t.reshape(())
+                continue
+            if src not in out:
+                out[src] = torch.empty(info.shape, dtype=t.dtype)
+            out[src][r0:r1] = t[row:row + r1 - r0]
+            row += r1 - r0
+    return out
 
 
 def _describe(part: Part, info: TensorInfo) -> str:

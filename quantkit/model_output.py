@@ -54,6 +54,10 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
     import torch
 
     from .validate import load_dequantized
+    # An output written under other names (the comfy formats' view of a diffusers model) runs
+    # in the source's architecture once its tensors are renamed back (rows split, halves swapped).
+    renamed = source.to_source_names if getattr(source, "renamed", None) else None
+    source = source.original if renamed else source
     model = _build(source, seed)
     reference = {name: source.read_tensor(info).float() for name, info in source.tensors.items()}
     y_ref = _run(model, reference, source.path)
@@ -61,6 +65,8 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
     _release(model)
     dequantized = {k: v.float() if v.is_floating_point() else v
                    for k, v in load_dequantized(output, dtype=torch.float32).items()}
+    if renamed:
+        dequantized = renamed(dequantized)
     y_q = _run(model, dequantized, output)
     stats = ErrorStats().update(y_ref.float(), y_q.float())
     rel = float((y_q.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30))
@@ -71,12 +77,7 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
 
 def check_model_output(source) -> None:
     """Refuse, before any other work, a source whose outputs cannot be compared: no config.json,
-    a diffusers class without inputs, or an output written under other names than the source's
-    (``--format comfy`` of a diffusers FLUX: BFL names, which the diffusers model does not load)."""
-    if getattr(source, "renamed", None):
-        raise UnsupportedInputError(f"--model-output runs the output in the source's architecture, but it was "
-                                    f"written under {source.renamed} names", path=source.path,
-                                    hint="validate it per tensor (without --model-output)")
+    or a diffusers class without inputs."""
     folder = _config_folder(source)
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)

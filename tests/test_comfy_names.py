@@ -227,13 +227,25 @@ def test_a_missing_part_is_refused_by_name(flux, tmp_path):
     assert result.exit_code == 2 and "transformer_blocks.1.attn.add_k_proj.weight" in result.output
 
 
-def test_model_output_is_refused_at_once_for_an_output_under_other_names(flux, tmp_path):
-    folder, _ = flux
-    out = tmp_path / "flux-comfy.safetensors"
+@pytest.mark.parametrize("name", ["flux", "sd3", "unet_sdxl"])
+def test_model_output_of_a_renamed_output_runs_in_the_source_architecture(folders, tmp_path, name):
+    """validate --model-output renames the comfy file's tensors back (rows split, halves swapped
+    back) and runs them in the diffusers model; a wrong scale on a joined layer fails at the output."""
+    folder, _ = folders(name)
+    out = tmp_path / f"{name}-comfy.safetensors"
     assert run("convert", folder, out, "--format", "comfy").exit_code == 0
-    result = run("validate", out, "--against", folder, "--model-output")
-    assert result.exit_code == 2 and "written under comfyui names" in result.output, result.output
-    assert "FP8 tensors" not in result.output          # refused before the per-tensor comparison ran
+    result = run("validate", out, "--against", folder, "--model-output", "--min-output-sqnr", "30")
+    assert result.exit_code == 0, result.output
+    report = validate(str(out), str(folder), model_output=True)
+    assert report.ok and report.model_output["sqnr"] >= 30, report.model_output
+
+    tensors = load_file(str(out))
+    layer = {"flux": "double_blocks.0.img_attn.qkv", "sd3": "joint_blocks.0.x_block.attn.qkv",
+             "unet_sdxl": next(k[: -len(".comfy_quant")] for k in tensors if k.endswith(".comfy_quant"))}[name]
+    tensors[layer + ".weight_scale"] = tensors[layer + ".weight_scale"] * 8
+    save_file(tensors, str(out), metadata={"quantkit.format": "comfy"})
+    damaged = validate(str(out), str(folder), check_hash=False, model_output=True, min_output_sqnr=30)
+    assert not damaged.ok and damaged.model_output["sqnr"] < 30, damaged.model_output
 
 
 def test_plan_shows_what_each_joined_tensor_is_made_of(flux, tmp_path):
