@@ -192,17 +192,22 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
     PyTorch pickle (.ckpt/.pt/.pth/.bin, loaded with torch.load(weights_only=True) only: a
     pickle that would run code is refused).
 
-    Linear-layer weights become FP8 with float32 scales; attention projections, norms,
+    Linear-layer weights become FP8 with scales, as the architecture's preset decides (for a
+    model no preset knows, attention projections stay in high precision too); norms,
     embeddings, biases and other vectors stay in high precision (--keep-dtype); non-float
     tensors are copied untouched. Check the decisions first with 'quantkit plan'.
+
+    For ComfyUI (--format comfy), a diffusers FLUX.1 / SD3 transformer or SD/SDXL UNet is
+    written under the original releases' names, which ComfyUI loads with its scales.
 
     The output is streamed tensor by tensor (memory does not grow with the checkpoint), written
     under a temporary name and renamed when complete; its SHA256 goes to DST's manifest
     (DST without '.safetensors' + '.quantkit.json'), which 'quantkit validate' checks.
 
     \b
-    Example:
+    Examples:
       quantkit convert flux1-dev.safetensors flux1-dev-fp8.safetensors --granularity channel
+      quantkit convert ./FLUX.1-dev flux1-dev-fp8.safetensors --component transformer --format comfy
     """
     from .errors import QuantkitError
     from .quantize import convert as run
