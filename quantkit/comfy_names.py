@@ -70,7 +70,7 @@ Part = tuple[str, int, int]
 
 
 class _Table:
-    """Builds new name -> parts over the source's row counts; every source key must be used once."""
+    """Builds new name -> parts over the source's row counts; ``done`` refuses a source key left unused."""
 
     def __init__(self, tensors: dict[str, TensorInfo], what: str):
         self.rows = {n: (i.shape[0] if i.shape else 1) for n, i in tensors.items()}
@@ -327,7 +327,6 @@ class _Concatenated(TensorSource):
             raise ValueError(f"{info.name}: read past the end of the tensor")
 
 
-
 def comfyui_view(checkpoint):
     """``checkpoint`` under ComfyUI's names when it is a diffusers FLUX.1 / SD3 transformer or UNet, else itself."""
     from .checkpoint import Checkpoint
@@ -362,6 +361,8 @@ def to_source_names(state: dict, table: dict[str, list[Part]], source: dict[str,
     import torch
     out: dict = {}
     for name, parts in table.items():
+        if name not in state:       # missing from the output: the model load names what is missing
+            continue
         t, row = state[name], 0
         for src, r0, r1 in parts:
             info = source[src]
