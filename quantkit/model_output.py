@@ -29,7 +29,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from .errors import UnsupportedInputError
+from .errors import UnsupportedInputError, ValidationFailed
 from .metrics import ErrorStats
 
 TOKENS = 32
@@ -67,7 +67,11 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
                    for k, v in load_dequantized(output, dtype=torch.float32).items()}
     if renamed:
         dequantized = renamed(dequantized)
-    y_q = _run(model, dequantized, output)
+    try:
+        y_q = _run(model, dequantized, output)
+    except UnsupportedInputError as exc:     # the source ran: the output is what is broken
+        raise ValidationFailed(f"the output does not run: {exc.message}", path=output,
+                               hint="re-run quantkit convert") from None
     stats = ErrorStats().update(y_ref.float(), y_q.float())
     rel = float((y_q.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30))
     return {"architecture": model.architecture, "inputs": model.words,

@@ -166,11 +166,15 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
                 _compare(out, src, report, progress)
         if (model_output or min_output_sqnr is not None) and src is not None:
             from .model_output import compare_model_output
-            report.model_output = compare_model_output(src, output)
-            sqnr = report.model_output["sqnr"]
-            if min_output_sqnr is not None and not sqnr >= min_output_sqnr:
-                report.failures.append(f"model output: SQNR {sqnr:.2f} dB is below --min-output-sqnr "
-                                       f"{min_output_sqnr:g}")
+            try:
+                report.model_output = compare_model_output(src, output)
+            except ValidationFailed as exc:  # the source ran; the output did not (a tensor missing...)
+                report.failures.append(f"model output: {exc}")
+            if report.model_output is not None:
+                sqnr = report.model_output["sqnr"]
+                if min_output_sqnr is not None and not sqnr >= min_output_sqnr:
+                    report.failures.append(f"model output: SQNR {sqnr:.2f} dB is below --min-output-sqnr "
+                                           f"{min_output_sqnr:g}")
     finally:
         if src is not None:
             src.close()

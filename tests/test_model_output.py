@@ -55,6 +55,20 @@ def test_a_wrong_scale_fails_at_the_output(minilm_fp8, tmp_path):
     assert result.exit_code == 1 and "model output: SQNR" in result.output, result.output
 
 
+def test_an_output_missing_a_tensor_fails_with_every_problem_listed(minilm_fp8, tmp_path):
+    """A broken output is a failed validation (exit 1, both lines), not an unusable argument (exit 2)."""
+    with safe_open(str(minilm_fp8), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "pooler.dense.weight"}
+        meta = f.metadata()
+    bad = tmp_path / "missing.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    result = run("validate", bad, "--against", f"{MINILM}/model.safetensors", "--no-hash-check", "--model-output")
+    assert result.exit_code == 1, result.output
+    assert "pooler.dense.weight: in the source but missing from the output" in result.output
+    assert "model output:" in result.output and "the output does not run" in result.output
+    assert "pooler.dense.weight" in result.output.split("model output:")[1]
+
+
 def test_sharded_llama_folder(tmp_path):
     build("llama").save_pretrained(tmp_path / "llama")
     out = tmp_path / "llama-ct"
