@@ -63,10 +63,11 @@ class Checkpoint(TensorSource):
     offsets into a virtual concatenation of their tensors (only ``nbytes`` is meaningful).
     """
 
-    renamed: str | None = None      # "comfyui": viewed under other names (quantkit.comfy_names)
-    joined: dict[str, list[str]] | None = None   # then: name -> the source rows it joins (two or more),
-    original: Checkpoint | None = None            # the checkpoint under its own names,
-    to_source_names = None                        # and state-dict-under-these-names -> under those
+    # A view under other names (quantkit.comfy_names): which ("comfyui"), the checkpoint under its
+    # own names, and each name's row ranges of it.
+    renamed: str | None = None
+    original: Checkpoint | None = None
+    parts: dict[str, list[tuple[str, int, int]]] | None = None
 
     def __init__(self, path: str, layout: str, files: list[str], entries: dict[str, tuple[TensorSource, TensorInfo]],
                  *, metadata: dict[str, str], notes: list[str], readers: list[TensorSource], real_offsets: bool):

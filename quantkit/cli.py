@@ -331,6 +331,7 @@ def plan(ctx, src, json_path, only, **policy):
       quantkit plan model.safetensors --keep '*.attn.*' --only quantize
     """
     from .checkpoint import open_checkpoint
+    from .comfy_names import joined as joined_parts
     from .errors import QuantkitError
     from .formats import get_format
     from .plan import make_plan
@@ -339,7 +340,7 @@ def plan(ctx, src, json_path, only, **policy):
         with open_checkpoint(src, component=options.component, ema=options.ema,
                              names=get_format(options.format).source_names) as f:
             p = make_plan(f, options)
-            joined = dict(f.joined or {})
+            joined = joined_parts(f)
     except QuantkitError as exc:
         _fail(exc)
     for note in p.notes:

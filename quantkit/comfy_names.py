@@ -347,20 +347,24 @@ def comfyui_view(checkpoint):
     view = Checkpoint(checkpoint.path, checkpoint.layout, checkpoint.files,
                       {n: (joined, i) for n, i in joined.tensors.items()}, metadata=checkpoint.metadata,
                       notes=notes, readers=[checkpoint], real_offsets=False)
-    view.renamed = COMFYUI
-    view.joined = {name: [_describe(p, checkpoint.tensors[p[0]]) for p in parts]
-                   for name, parts in table.items() if len(parts) > 1}
-    view.original = checkpoint
-    view.to_source_names = lambda state: to_source_names(state, table, checkpoint.tensors)
+    view.renamed, view.original, view.parts = COMFYUI, checkpoint, table
     return view
 
 
-def to_source_names(state: dict, table: dict[str, list[Part]], source: dict[str, TensorInfo]) -> dict:
+def joined(view) -> dict[str, list[str]]:
+    """Name -> the source rows it joins, for each tensor of ``view`` made of two or more parts."""
+    source = view.original.tensors if view.parts else {}
+    return {name: [_describe(p, source[p[0]]) for p in parts]
+            for name, parts in (view.parts or {}).items() if len(parts) > 1}
+
+
+def to_source_names(state: dict, view) -> dict:
     """The view undone on whole tensors: ``state`` under the view's names -> under the source's
     (joined rows split back, swapped halves swapped back). For ``validate --model-output``."""
     import torch
+    source = view.original.tensors
     out: dict = {}
-    for name, parts in table.items():
+    for name, parts in view.parts.items():
         if name not in state:       # missing from the output: the model load names what is missing
             continue
         t, row = state[name], 0

@@ -56,8 +56,8 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
     from .validate import load_dequantized
     # An output written under other names (the comfy formats' view of a diffusers model) runs
     # in the source's architecture once its tensors are renamed back (rows split, halves swapped).
-    renamed = source.to_source_names if getattr(source, "renamed", None) else None
-    source = source.original if renamed else source
+    view = source if getattr(source, "parts", None) else None
+    source = view.original if view else source
     model = _build(source, seed)
     reference = {name: source.read_tensor(info).float() for name, info in source.tensors.items()}
     y_ref = _run(model, reference, source.path)
@@ -65,8 +65,9 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
     _release(model)
     dequantized = {k: v.float() if v.is_floating_point() else v
                    for k, v in load_dequantized(output, dtype=torch.float32).items()}
-    if renamed:
-        dequantized = renamed(dequantized)
+    if view:
+        from .comfy_names import to_source_names
+        dequantized = to_source_names(dequantized, view)
     try:
         y_q = _run(model, dequantized, output)
     except UnsupportedInputError as exc:     # the source ran: the output is what is broken

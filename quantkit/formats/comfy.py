@@ -129,14 +129,26 @@ def fp8_name_of(t) -> str:
     return fp8_of(t.out_dtype.code).name
 
 
+class ComfyUIFile(OutputFormat):
+    """What the two ComfyUI conventions share: one file, scalar scales, ComfyUI's key names."""
+
+    shardable = False          # ComfyUI loads one file
+    source_names = "comfyui"   # diffusers FLUX.1 / SD3 / UNets under the original names (quantkit.comfy_names)
+    granularities = frozenset({Granularity.TENSOR})
+
+    def layout(self, plan) -> list[Emit]:
+        refuse_renamed(self.name, plan)
+        return self._layout(plan)
+
+    def _layout(self, plan) -> list[Emit]:
+        raise NotImplementedError
+
+
 @register
-class ComfyFormat(OutputFormat):
+class ComfyFormat(ComfyUIFile):
     name = "comfy"
-    shardable = False      # ComfyUI loads one file
-    source_names = "comfyui"   # a diffusers FLUX is written under BFL's names (quantkit.comfy_names)
     summary = ("ComfyUI mixed precision: <L>.weight FP8 + <L>.weight_scale F32 [] + <L>.comfy_quant JSON marker"
                " (per-tensor scales)")
-    granularities = frozenset({Granularity.TENSOR})
 
     def layer_configs(self, plan) -> dict[str, dict]:
         """``<L>`` -> layer config of every quantized layer."""
@@ -146,8 +158,7 @@ class ComfyFormat(OutputFormat):
             out[quantized_layer(t, self.name)] = layer_config(fp8_name_of(t), input_scale, full_precision)
         return out
 
-    def layout(self, plan) -> list[Emit]:
-        refuse_renamed(self.name, plan)
+    def _layout(self, plan) -> list[Emit]:
         configs = self.layer_configs(plan)
         emits = []
         for t in plan.tensors:

@@ -21,9 +21,9 @@ from ..errors import PolicyError
 from ..fp8 import E4M3FN, Granularity
 from ..policy import Action, TensorKind
 from ..writer import OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
-from .comfy import (ComfyFormatError, ComfyStoredTensor, carried, f32_bytes, input_scale, quantized_layer,
-                    refuse_renamed, scale_key)
+from . import Emit, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
+from .comfy import (ComfyFormatError, ComfyStoredTensor, ComfyUIFile, carried, f32_bytes, input_scale,
+                    quantized_layer, scale_key)
 
 MARKER = "scaled_fp8"
 SCALE_WEIGHT = ".scale_weight"
@@ -59,13 +59,10 @@ def linear_like(t) -> bool:
 
 
 @register
-class ComfyLegacyFormat(OutputFormat):
+class ComfyLegacyFormat(ComfyUIFile):
     name = "comfy-legacy"
-    shardable = False      # ComfyUI loads one file
-    source_names = "comfyui"   # a diffusers FLUX is written under BFL's names (quantkit.comfy_names)
     summary = ("ComfyUI scaled_fp8 (older loaders): scaled_fp8 marker + <L>.weight FP8 + <L>.scale_weight F32 []"
                " (per-tensor scales, E4M3)")
-    granularities = frozenset({Granularity.TENSOR})
 
     def check(self, options) -> None:
         super().check(options)
@@ -74,8 +71,7 @@ class ComfyLegacyFormat(OutputFormat):
                               " as float8_e4m3fn whatever the marker says, which would corrupt float8_e5m2 weights",
                               hint="use --format comfy for float8_e5m2")
 
-    def layout(self, plan) -> list[Emit]:
-        refuse_renamed(self.name, plan)
+    def _layout(self, plan) -> list[Emit]:
         fp8 = dtypes.BY_CODE[plan.options.fp8.safetensors_dtype]
         prefixes = sorted({marker_prefix(t.name) for t in plan.quantized()})
         emits = [Emit(OutputTensor(p + MARKER, fp8, (0,)), Role.CONSTANT) for p in prefixes]
