@@ -23,7 +23,7 @@ import os
 import re
 
 from .errors import QuantkitError, UnsupportedInputError
-from .reader import SafetensorsFile, TensorInfo, TensorSource
+from .reader import MAX_HEADER_BYTES, SafetensorsFile, TensorInfo, TensorSource
 from .shards import INDEX_SUFFIX, is_index_name, open_shards
 from .torch_pickle import PICKLE_EXTENSIONS, PickleFile
 
@@ -143,7 +143,7 @@ def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, em
             if layout == "model-folder":
                 notes.insert(0, f"model folder: {os.path.basename(weights)}{_class_name(path)}")
     elif os.path.isfile(path):
-        kind, weights = _kind_of_file(path), path
+        kind, weights = _kind_of_file(path, notes), path
         layout = _LAYOUT[kind]
     else:
         raise UnsupportedInputError("not a regular file or folder", path=path, hint=ACCEPTED)
@@ -165,16 +165,53 @@ def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, em
 _LAYOUT = {"safetensors": "safetensors", "index": "sharded", "pickle": "pickle"}
 
 
-def _kind_of_file(path: str) -> str:
+def _kind_of_file(path: str, notes: list[str]) -> str:
+    """What a file is, by its first bytes (its name only where they say nothing): a file whose
+    extension lies is read as what it holds, with a note; one that holds nothing quantkit reads
+    is refused with what its content looks like."""
     name = os.path.basename(path)
-    if name.endswith(".safetensors"):
-        return "safetensors"
-    if is_index_name(name):
+    named = ("safetensors" if name.endswith(".safetensors") else "index" if is_index_name(name)
+             else "pickle" if name.lower().endswith(PICKLE_EXTENSIONS) else None)
+    held = sniff(path)
+    if held == "json" and named == "index":
         return "index"
-    if name.lower().endswith(PICKLE_EXTENSIONS):
+    if held == "pickle" and named == "safetensors":     # torch.load itself goes by a .safetensors name
+        raise UnsupportedInputError("holds a PyTorch pickle, not a safetensors file", path=path,
+                                    hint="rename it to *.pt: quantkit then loads it with torch.load(weights_only=True)")
+    if held in ("safetensors", "pickle"):
+        if named != held:
+            notes.append(f"{name} holds a {_WORDS[held]}" + (" despite its extension" if named else "")
+                         + f": read as one (rename it to *{_EXTENSIONS[held]})")
+        return held
+    if named in ("safetensors", "pickle"):
+        return named        # its reader names exactly what is wrong with it (truncated, hostile header ...)
+    what = f"unknown checkpoint type {os.path.splitext(name)[1] or name!r}"
+    if held is not None:
+        what += f" (the file holds {_WORDS[held]})"
+    raise UnsupportedInputError(what, path=path, hint=ACCEPTED)
+
+
+_WORDS = {"safetensors": "safetensors file", "pickle": "PyTorch pickle", "json": "JSON text", "gguf": "GGUF file"}
+_EXTENSIONS = {"safetensors": ".safetensors", "pickle": ".pt"}
+
+
+def sniff(path: str) -> str | None:
+    """What a file's first bytes say it is: "safetensors" (an 8-byte header length, then '{'),
+    "pickle" (a zip archive, as torch.save writes, or a raw pickle stream), "json", "gguf", or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_HEADER_BYTES:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "pickle"
-    raise UnsupportedInputError(f"unknown checkpoint type {os.path.splitext(name)[1] or name!r}", path=path,
-                                hint=ACCEPTED)
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    if head.lstrip()[:1] == b"{":
+        return "json"
+    return None
 
 
 # --component on an all-in-one file: friendly names of its prefixes.

@@ -10,9 +10,12 @@ import sys
 
 import click
 
-GRANULARITIES = ("tensor", "channel", "block")
-KEEP_DTYPES = ("bf16", "fp16", "fp32", "source")
-FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+from .dtypes import FP8_FORMATS, Granularity
+from .options import KeepDtype
+
+GRANULARITIES = tuple(g.value for g in Granularity)
+KEEP_DTYPES = tuple(k.value for k in KeepDtype)
+FP8_DTYPES = tuple(FP8_FORMATS)
 
 PATTERN_HELP = """\b
 Policy rules (--quantize / --keep, repeatable) are applied in the order given and the LAST
@@ -26,6 +29,25 @@ that must match the key or layer name in full.
   --quantize 're:.*\\.attn\\d\\.to_[qkv]'       quantize attention q/k/v projections
 Only weights with two or more dimensions can be quantized; a --quantize rule that matches
 a bias or norm is ignored with a warning."""
+
+
+class _Decibels(click.ParamType):
+    """A finite number of decibels (a quality bar of nan or inf would pass or fail everything)."""
+
+    name = "decibels"
+
+    def convert(self, value, param, ctx):
+        import math
+        try:
+            db = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of decibels (e.g. 30)", param, ctx)
+        if not math.isfinite(db):
+            self.fail(f"{value!r} is not a finite number of decibels (e.g. 30)", param, ctx)
+        return db
+
+
+DECIBELS = _Decibels()
 
 
 class _RuleOrderCommand(click.Command):
@@ -51,12 +73,14 @@ class _RuleOrderCommand(click.Command):
 
 def _policy_options(f):
     options = [
-        click.option("--granularity", type=click.Choice(GRANULARITIES), default="tensor", show_default=True,
-                     help="Scale per tensor, per output channel, or per 128x128 block."),
+        click.option("--granularity", type=click.Choice(GRANULARITIES), default=None,
+                     help="Scale per tensor (default), per output channel, or per 128x128 block. "
+                          "An FP8 source keeps its own."),
         click.option("--format", "fmt", default="native", show_default=True, metavar="NAME",
                      help="Output format (list them with 'quantkit formats')."),
-        click.option("--fp8-dtype", type=click.Choice(FP8_DTYPES), default="float8_e4m3fn", show_default=True,
-                     help="FP8 encoding of quantized weights."),
+        click.option("--fp8-dtype", type=click.Choice(FP8_DTYPES), default=None,
+                     help="FP8 encoding of quantized weights: float8_e4m3fn (default) or float8_e5m2. "
+                          "An FP8 source keeps its own."),
         click.option("--preset", default="auto", show_default=True, metavar="NAME",
                      help="Architecture policy; 'auto' detects it from the keys (list with 'quantkit presets')."),
         click.option("--quantize", "quantize_rules", multiple=True, metavar="PATTERN",
@@ -88,12 +112,17 @@ def _policy_options(f):
 def _options(ctx, *, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_conv, allow_nonfinite,
              comfy_header_metadata, component, ema, max_shard_size, quantize_rules=(), keep_rules=()):
     """ConvertOptions from the shared options (--quantize/--keep come in command-line order from ctx)."""
-    from .plan import ConvertOptions
+    from .options import ConvertOptions
     return ConvertOptions.from_strings(granularity=granularity, fp8=fp8_dtype, format=fmt, keep_dtype=keep_dtype,
                                        rules=ctx.meta.get("quantkit.rules", []), quantize_conv=quantize_conv,
                                        allow_nonfinite=allow_nonfinite, preset=preset,
                                        comfy_header_metadata=comfy_header_metadata, component=component, ema=ema,
                                        max_shard_size=max_shard_size)
+
+
+def _reports(json_path: str | None) -> dict[str, str]:
+    """The report files a command writes at its end, by option (checked before any work)."""
+    return {"--json": json_path} if json_path else {}
 
 
 def _fail(exc) -> None:
@@ -157,6 +186,11 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:      # one line, like every other refusal (click prints three)
+            where = f"{ctx.command_path} {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx is not ctx \
+                else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+            raise click.exceptions.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
             what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
             click.echo(f"{what}: stopped; nothing half-written is left under the output's name", err=True)
@@ -214,15 +248,15 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
     bars = _Bars(quiet)
     try:
         options = _options(ctx, **policy)
-        result = run(src, dst, options, overwrite=overwrite, progress=bars.progress)
+        click.echo(f"quantkit convert: {src} -> {dst}")
+        result = run(src, dst, options, overwrite=overwrite, progress=bars.progress, reports=_reports(json_path))
     except QuantkitError as exc:
         bars.progress.close()
         _fail(exc)
     c = result.counts
-    click.echo(f"quantkit convert: {src} -> {dst}")
     for note in result.notes:
         click.echo(f"  {note}")
-    click.echo(f"  format {result.format}, {options.fp8.name}, {result.granularity} scales")
+    click.echo(f"  format {result.format}, {result.fp8}, {result.granularity} scales")
     click.echo(f"  tensors: {c['quantize']} quantized, {c['keep']} kept ({options.keep_dtype.value}), "
                f"{c['pass']} passed through")
     click.echo(f"  size: {_size(result.bytes_in)} -> {_size(result.bytes_out)} "
@@ -237,10 +271,13 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
 @click.argument("out", type=click.Path())
 @click.option("--against", "against", type=click.Path(),
               help="The source checkpoint: measure every tensor against it.")
-@click.option("--min-sqnr", type=float, metavar="DB", help="Fail if any tensor's SQNR is below DB decibels.")
+@click.option("--min-sqnr", type=DECIBELS, metavar="DB",
+              help="Fail if any tensor's SQNR is below DB decibels (needs --against).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON to PATH.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @click.option("--no-hash-check", is_flag=True, help="Skip the SHA256 check (for files without a manifest).")
-@click.option("--show", type=int, default=5, show_default=True, help="How many worst tensors to list.")
+@click.option("--show", type=click.IntRange(min=0), default=5, show_default=True,
+              help="How many worst tensors to list.")
 @click.option("--component", metavar="NAME",
               help="Pipeline folder source: the component compared (default: the one recorded in the manifest).")
 @click.option("--ema/--no-ema", default=None,
@@ -249,10 +286,10 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
               help="Also run the source model and the quantized one (transformers or diffusers models, built "
                    "from the config.json beside the source) on the same seeded random inputs (token ids; latents, "
                    "timesteps and text embeddings) and compare their outputs. Loads the model.")
-@click.option("--min-output-sqnr", type=float, metavar="DB",
+@click.option("--min-output-sqnr", type=DECIBELS, metavar="DB",
               help="With --model-output: fail if the output's SQNR is below DB decibels (implies --model-output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def validate(out, against, min_sqnr, json_path, no_hash_check, show, component, ema, model_output,
+def validate(out, against, min_sqnr, json_path, overwrite, no_hash_check, show, component, ema, model_output,
              min_output_sqnr, quiet):
     """Prove OUT is intact and faithful to its source.
 
@@ -273,8 +310,12 @@ def validate(out, against, min_sqnr, json_path, no_hash_check, show, component, 
     try:
         if (model_output or min_output_sqnr is not None) and not against:
             raise QuantkitError("--model-output compares with the source model", hint="pass --against SRC")
+        if min_sqnr is not None and not against:
+            raise QuantkitError("--min-sqnr measures the output against its source", hint="pass --against SRC")
+        click.echo(f"quantkit validate: {out}" + (f" against {against}" if against else ""))
         report = run(out, against, min_sqnr=min_sqnr, check_hash=not no_hash_check, component=component, ema=ema,
-                     model_output=model_output, min_output_sqnr=min_output_sqnr, progress=bars.progress)
+                     model_output=model_output, min_output_sqnr=min_output_sqnr, progress=bars.progress,
+                     reports=_reports(json_path), overwrite_reports=overwrite)
     except QuantkitError as exc:
         bars.progress.close()
         _fail(exc)
@@ -285,9 +326,8 @@ def validate(out, against, min_sqnr, json_path, no_hash_check, show, component, 
 
 
 def _print_report(report, show: int) -> None:
-    click.echo(f"quantkit validate: {report.output}" + (f" against {report.against}" if report.against else ""))
     for h in report.hashes:
-        click.echo(f"  sha256 {h['role']}: {'OK' if h['ok'] else 'MISMATCH'}  {h['actual']}")
+        click.echo(f"  sha256 {h['role']}: {'OK' if h['ok'] else 'MISMATCH'}  {h['actual']}  {h['file']}")
     for note in report.notes:
         click.echo(f"  note: {note}")
     s = report.summary()
@@ -303,8 +343,8 @@ def _print_report(report, show: int) -> None:
                 click.echo(f"    {v:8.2f} dB  {name}")
     m = report.model_output
     if m:
-        click.echo(f"  model output ({m['architecture']}, {m['inputs']}): SQNR {m['sqnr']:.2f} dB, "
-                   f"cosine {m['cosine']:.6f}, relative L2 error {m['rel_l2']:.4f}")
+        click.echo(f"  model output ({m['architecture']}, {m['inputs']}; output loaded by {m['loaded_by']}): "
+                   f"SQNR {m['sqnr']:.2f} dB, cosine {m['cosine']:.6f}, relative L2 error {m['rel_l2']:.4f}")
     if report.ok:
         click.echo(f"  PASS ({report.seconds:.2f} s)")
     else:
@@ -319,9 +359,10 @@ def _print_report(report, show: int) -> None:
 @click.argument("src", type=click.Path())
 @_policy_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the plan as JSON to PATH.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @click.option("--only", type=click.Choice(["quantize", "keep", "pass"]), help="List only tensors with this action.")
 @click.pass_context
-def plan(ctx, src, json_path, only, **policy):
+def plan(ctx, src, json_path, overwrite, only, **policy):
     """Show what 'convert' would do to every tensor of SRC, without writing anything.
 
     Same options as 'convert'. Reads only the header: instant even for a 24 GB checkpoint.
@@ -332,6 +373,7 @@ def plan(ctx, src, json_path, only, **policy):
     """
     from .checkpoint import open_checkpoint
     from .comfy_names import joined as joined_parts
+    from .destinations import check_report_path, source_reads
     from .errors import QuantkitError
     from .formats import get_format
     from .plan import make_plan
@@ -339,20 +381,24 @@ def plan(ctx, src, json_path, only, **policy):
         options = _options(ctx, **policy)
         with open_checkpoint(src, component=options.component, ema=options.ema,
                              names=get_format(options.format).source_names) as f:
+            for option, path in _reports(json_path).items():
+                check_report_path(path, option, reads=source_reads(f), overwrite=overwrite)
             p = make_plan(f, options)
             joined = joined_parts(f)
     except QuantkitError as exc:
         _fail(exc)
     for note in p.notes:
         click.echo(note)
-    width = max((len(t.name) for t in p.tensors), default=10)
-    click.echo(f"{'tensor':<{width}}  {'shape':<16} {'dtype':<5} -> {'action':<8} {'out':<8} reason")
+    # The name column fits the names (in terminal cells: wide characters take two), up to a cap
+    # past which a longer name only pushes its own line: names are never cut, so they can be pasted.
+    width = min(max((_cells(_printable(t.name)) for t in p.tensors), default=10), NAME_COLUMN_MAX)
+    click.echo(f"{_pad('tensor', width)}  {'shape':<16} {'dtype':<5} -> {'action':<8} {'out':<8} reason")
     for t in p.tensors:
         if only and t.action.value != only:
             continue
         shape = "x".join(map(str, t.info.shape)) or "scalar"
         origin = f" [= {' + '.join(joined[t.name])}]" if t.name in joined else ""
-        click.echo(f"{t.name:<{width}}  {shape:<16} {t.info.dtype.code:<5} -> {t.action.value:<8} "
+        click.echo(f"{_pad(t.name, width)}  {shape:<16} {t.info.dtype.code:<5} -> {t.action.value:<8} "
                    f"{t.out_dtype.code:<8} {t.decision.reason}{origin}")
     click.echo(f"\n{p.count(_action('quantize'))} quantized, {p.count(_action('keep'))} kept, "
                f"{p.count(_action('pass'))} passed through; size {_size(p.bytes_in)} -> {_size(p.bytes_out)}"
@@ -361,6 +407,28 @@ def plan(ctx, src, json_path, only, **policy):
         click.echo(f"warning: {w}", err=True)
     if json_path:
         _write_json(json_path, {**p.to_dict(), **({"joined": joined} if joined else {})})
+
+
+NAME_COLUMN_MAX = 72
+
+
+def _cells(text: str) -> int:
+    """Terminal cells ``text`` takes: East Asian wide and full-width characters take two,
+    combining marks none."""
+    import unicodedata
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    text = _printable(text)
+    return text + " " * max(width - _cells(text), 0)
+
+
+def _printable(text: str) -> str:
+    """A name from a file, safe for a terminal: control characters (newlines, escape sequences)
+    shown as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _action(name):
@@ -414,10 +482,44 @@ def _terminate(signum, frame):
 
 
 def run() -> None:
-    """Console entry point: SIGTERM unwinds like Ctrl-C (see _Group)."""
+    """Console entry point: SIGTERM unwinds like Ctrl-C (see _Group); lines reach a pipe as they
+    are printed (the header before the work, not at the end); a reader that goes away (``| head``)
+    silences the rest of the output without changing the exit status."""
     import signal
     signal.signal(signal.SIGTERM, _terminate)
+    sys.stdout = _PipeSafe(sys.stdout)
     main()
+
+
+class _PipeSafe:
+    """stdout, line-buffered, that turns into /dev/null when its reader closes the pipe."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def _silence(self):
+        import os
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())     # the interpreter's last flush at exit goes nowhere too
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ class PolicyError(QuantkitError):
     """A policy rule or option that cannot be applied."""
 
 
+class OptionsError(QuantkitError):
+    """An option value that means nothing (an unknown FP8 dtype, a size that is not one)."""
+
+
+class FormatError(QuantkitError):
+    """A file that breaks the conventions of the format it is in (a scale without a weight, a
+    marker that does not parse): raised by every format's read-back, and caught alone."""
+
+
 class OutputError(QuantkitError):
     """The destination cannot be written: exists, is the source, disk full, I/O error."""
 

@@ -13,45 +13,14 @@ Granularity decides the shape of absmax and scale for a weight of shape [out, ..
 """
 from __future__ import annotations
 
-import enum
 import math
-from dataclasses import dataclass
 
 import torch
 
+# The encodings' numbers and the granularities live in the torch-free dtype table.
+from .dtypes import E4M3FN, E5M2, FP8_FORMATS, FP8Format, Granularity  # noqa: F401  (re-exported)
+
 BLOCK_SIZE = 128
-
-
-@dataclass(frozen=True)
-class FP8Format:
-    """One FP8 encoding, described once. The numbers are the OCP FP8 spec's."""
-
-    name: str                 # torch / ComfyUI spelling
-    safetensors_dtype: str    # the header's dtype string
-    exponent_bits: int
-    mantissa_bits: int
-    bias: int
-    max_finite: float
-    min_normal: float
-    min_subnormal: float
-    has_inf: bool
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.name)
-
-
-#                  name              header     e  m  bias  max      min normal  min subnormal  inf
-E4M3FN = FP8Format("float8_e4m3fn", "F8_E4M3", 4, 3, 7,    448.0,   2.0 ** -6,  2.0 ** -9,     False)
-E5M2 = FP8Format("float8_e5m2",     "F8_E5M2", 5, 2, 15,   57344.0, 2.0 ** -14, 2.0 ** -16,    True)
-
-FP8_FORMATS = {f.name: f for f in (E4M3FN, E5M2)}
-
-
-class Granularity(enum.Enum):
-    TENSOR = "tensor"
-    CHANNEL = "channel"
-    BLOCK = "block"
 
 
 def as_2d(x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +160,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity = 
     return w.to(dtype).reshape(q.shape)
 
 
-_FP8_DTYPES = (E4M3FN.torch_dtype, E5M2.torch_dtype)
+_FP8_DTYPES = tuple(f.torch_dtype for f in FP8_FORMATS.values())
 _DECODE_TABLES: dict[torch.dtype, torch.Tensor] = {}
 
 

@@ -26,10 +26,10 @@ import json
 import os
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-from .errors import UnsupportedInputError, ValidationFailed
+from .errors import QuantkitError, UnsupportedInputError, ValidationFailed
 from .metrics import ErrorStats
 
 TOKENS = 32
@@ -63,30 +63,82 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
     y_ref = _run(model, reference, source.path)
     del reference
     _release(model)
-    dequantized = {k: v.float() if v.is_floating_point() else v
-                   for k, v in load_dequantized(output, dtype=torch.float32).items()}
-    if view:
-        from .comfy_names import to_source_names
-        dequantized = to_source_names(dequantized, view)
     try:
-        y_q = _run(model, dequantized, output)
+        if not model.assign and _client_format(output) == "compressed-tensors":
+            loader, y_q = "transformers (compressed-tensors)", _run_in_transformers(model, output)
+        else:
+            dequantized = {k: v.float() if v.is_floating_point() else v
+                           for k, v in load_dequantized(output, dtype=torch.float32).items()}
+            if view:
+                from .comfy_names import to_source_names
+                dequantized = to_source_names(dequantized, view)
+            loader, y_q = "quantkit (W = q * scale)", _run(model, dequantized, output)
     except UnsupportedInputError as exc:     # the source ran: the output is what is broken
         raise ValidationFailed(f"the output does not run: {exc.message}", path=output,
                                hint="re-run quantkit convert") from None
     stats = ErrorStats().update(y_ref.float(), y_q.float())
     rel = float((y_q.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30))
-    return {"architecture": model.architecture, "inputs": model.words,
+    return {"architecture": model.architecture, "inputs": model.words, "loaded_by": loader,
             "output_shape": list(y_ref.shape), "sqnr": stats.sqnr, "psnr": stats.psnr, "cosine": stats.cosine,
             "max_abs_error": stats.max_abs_error, "rel_l2": rel}
+
+
+def _client_format(output: str) -> str | None:
+    """The format ``output`` was written in (its metadata), None when it cannot be told."""
+    from .formats import detect_format
+    from .validate import open_output
+    try:
+        with open_output(output) as f:
+            return detect_format(f).name
+    except QuantkitError:
+        return None
+
+
+def _run_in_transformers(model: _Model, output: str):
+    """The quantized model's output as its client computes it: transformers loads the folder
+    itself (``from_pretrained``, compressed-tensors decompressing at the first forward), in
+    float32 like the reference, so a tensor the client misreads (FP8 codes taken as weights)
+    shows at the output."""
+    import torch
+    with _quiet_clients():
+        try:
+            module = type(model.module).from_pretrained(output, dtype=torch.float32, local_files_only=True).eval()
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise UnsupportedInputError(f"transformers cannot load it ({type(exc).__name__}: "
+                                        f"{str(exc).strip()[:200]})", path=output) from exc
+        with torch.no_grad():
+            try:
+                out = module(**model.inputs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise UnsupportedInputError(f"{model.architecture} does not run as transformers loads it "
+                                            f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=output) from exc
+    return model.output(out).detach().clone()
+
+
+@contextmanager
+def _quiet_clients():
+    """transformers' and compressed-tensors' info logs and progress bars off while they load a
+    model for quantkit (not the user's business; their errors still raise)."""
+    from transformers.utils import logging as hf_logging
+    level, bars = hf_logging.get_verbosity(), os.environ.get("TQDM_DISABLE")
+    hf_logging.set_verbosity_error()
+    os.environ["TQDM_DISABLE"] = "1"        # compressed-tensors draws its own tqdm bars
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = bars
 
 
 def check_model_output(source) -> None:
     """Refuse, before any other work, a source whose outputs cannot be compared: no config.json,
     or a diffusers class without inputs."""
     folder = _config_folder(source)
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        raw = json.load(f)
-    if isinstance(raw, dict) and "_class_name" in raw:
+    raw = _read_config(folder)
+    if "_class_name" in raw:
         from .diffusion_inputs import check_supported
         check_supported(raw["_class_name"], folder)
 
@@ -103,23 +155,43 @@ def _build(source, seed: int) -> _Model:
     """The architecture named by the config (a diffusers ``_class_name`` or transformers
     ``architectures``), with weights to be replaced before any use, and its inputs."""
     folder = _config_folder(source)
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = _read_config(folder)
     if "_class_name" in raw:
         return _diffusers_model(folder, raw, seed)
     return _transformers_model(folder, seed)
 
 
+def _read_config(folder: str) -> dict:
+    """The model's config.json as a JSON object; a broken one is bad input, named."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read(10_000_000).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UnsupportedInputError(f"config.json is unreadable ({type(exc).__name__}: {exc})", path=path,
+                                    hint="fix or replace the model's config.json") from None
+    if not isinstance(raw, dict):
+        raise UnsupportedInputError("config.json is not a JSON object", path=path,
+                                    hint="fix or replace the model's config.json")
+    return raw
+
+
 def _transformers_model(folder: str, seed: int) -> _Model:
     import transformers
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls, arch = transformers.AutoModel, f"AutoModel({config.model_type})"
-        model = cls.from_config(config)
-    else:
-        model = cls(config)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        if cls is None:
+            cls, arch = transformers.AutoModel, f"AutoModel({config.model_type})"
+            model = cls.from_config(config)
+        else:
+            model = cls(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UnsupportedInputError(f"transformers cannot build a model from config.json "
+                                    f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=folder,
+                                    hint="fix the config.json beside the weights, or validate per tensor "
+                                         "(without --model-output)") from None
     model.eval()
     return _Model(model, arch, _token_inputs(model, seed), f"{BATCH}x{TOKENS} random token ids (seed {seed})",
                   _first_tensor, assign=False, missing_ok=frozenset(getattr(model, "_tied_weights_keys", None) or ()))

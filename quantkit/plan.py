@@ -5,73 +5,17 @@ instant, and the writer can lay out the output's header before the first byte of
 """
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass, field
 
 from . import dtypes
 from .dtypes import DType, Kind
 from .errors import PolicyError, UnsupportedInputError
-from .fp8 import E4M3FN, FP8Format, Granularity, scale_shape
-from .policy import QUANTIZABLE, Action, Decision, Policy, Rule
+from .fp8 import scale_shape
+from .options import ConvertOptions, KeepDtype, parse_size  # noqa: F401  (re-exported: the plan's inputs)
+from .policy import QUANTIZABLE, Action, Decision, Policy
 from .formats import StoredTensor
 from .reader import SafetensorsFile, TensorInfo
-
-
-class KeepDtype(enum.Enum):
-    """Precision of the floating-point tensors that are not quantized."""
-
-    BF16 = "bf16"
-    FP16 = "fp16"
-    FP32 = "fp32"
-    SOURCE = "source"
-
-    def resolve(self, source: DType) -> DType:
-        return {KeepDtype.BF16: dtypes.BF16, KeepDtype.FP16: dtypes.F16,
-                KeepDtype.FP32: dtypes.F32, KeepDtype.SOURCE: source}[self]
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    granularity: Granularity = Granularity.TENSOR
-    fp8: FP8Format = E4M3FN
-    format: str = "native"
-    keep_dtype: KeepDtype = KeepDtype.BF16
-    policy: Policy = field(default_factory=Policy)
-    allow_nonfinite: bool = False
-    preset: str = "auto"
-    comfy_header_metadata: bool = False     # format comfy: also write _quantization_metadata
-    component: str | None = None            # diffusers pipeline folder: the component to convert
-    ema: bool = False                       # convert the EMA copy of the weights
-    max_shard_bytes: int | None = None      # sharded output: at most this many bytes per shard
-
-    @classmethod
-    def from_strings(cls, *, granularity: str = "tensor", fp8: str = "float8_e4m3fn", format: str = "native",
-                     keep_dtype: str = "bf16", rules: list[tuple[str, str]] = (), quantize_conv: bool = False,
-                     allow_nonfinite: bool = False, preset: str = "auto", comfy_header_metadata: bool = False,
-                     component: str | None = None, ema: bool = False,
-                     max_shard_size: str | None = None) -> "ConvertOptions":
-        """Build options from CLI-style strings; ``rules`` are ``("quantize"|"keep", pattern)`` in order."""
-        from .fp8 import FP8_FORMATS
-        if fp8 not in FP8_FORMATS:
-            raise PolicyError(f"unknown FP8 dtype {fp8!r}", hint=f"choose one of {', '.join(FP8_FORMATS)}")
-        policy = Policy(tuple(Rule(Action(a), p) for a, p in rules), quantize_conv=quantize_conv)
-        return cls(Granularity(granularity), FP8_FORMATS[fp8], format, KeepDtype(keep_dtype), policy, allow_nonfinite,
-                   preset, comfy_header_metadata, component, ema,
-                   parse_size(max_shard_size) if max_shard_size is not None else None)
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``5GB`` -> 5_000_000_000, ``500MiB`` -> 524_288_000 (decimal units as Hugging Face uses them)."""
-    import re
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m or m.group(2) not in _UNITS or float(m.group(1)) * _UNITS[m.group(2)] < 1:
-        raise PolicyError(f"bad size {text!r}", hint="give a size such as 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 @dataclass(frozen=True)
@@ -155,32 +99,33 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
     from .formats import get_format
     from .presets import resolve
     fmt = get_format(options.format)
+    source_format, stored = _already_quantized(source)
+    if stored is not None:
+        options = _follow_source(options, stored, source.path)
     fmt.check(options)
     fmt.check_source(source)
     preset, why = resolve(options.preset, source.tensors)
     policy = options.policy.with_preset(preset.name, preset.rules(source.tensors))
     plan = Plan(os.path.basename(os.path.normpath(source.path)), options, [],
-                notes=[*getattr(source, "notes", []), why], policy=policy)
-    stored = _already_quantized(source, options, plan)
+                notes=[*getattr(source, "notes", []), why], policy=policy, source_format=source_format)
+    if stored is not None:
+        plan.notes.append(f"source is already quantized ({source_format}): FP8 codes and scales are carried over")
     for info in source.tensors.values():
-        if stored is None:
+        s = stored.get(info.name) if stored is not None else None
+        if stored is not None and s is None:
+            continue                                     # a scale or marker of the source's format
+        if s is None or s.scale_key is None:
             plan.tensors.append(plan_tensor(info, options, policy, source.path))
-        elif info.name in stored:
-            s = stored[info.name]
-            if s.scale_key is None:
-                plan.tensors.append(plan_tensor(info, options, policy, source.path))
-            else:
-                decision = Decision(Action.QUANTIZE, policy.decide(info.name, info.shape, dtypes.F32).kind,
-                                    f"already FP8 ({plan.source_format}): codes and scale carried over")
-                plan.tensors.append(PlannedTensor(info, decision, info.dtype,
-                                                  scale_shape(info.shape, s.granularity), s))
+        else:
+            plan.tensors.append(_plan_prequantized(info, s, options, policy, source_format))
+    _keep_unreadable(plan, fmt.unreadable(source, [t for t in plan.quantized() if t.prequantized is None]))
     plan.outputs = fmt.layout(plan)
     for rule in options.policy.rules:
         matched = [t for t in plan.tensors if rule.matches(t.name)]
         if not matched:
-            plan.warnings.append(f"rule --{rule.action.value} {rule.pattern!r} matched no tensor")
+            plan.warnings.append(f"rule --{rule.action.value} {rule.typed} matched no tensor")
         elif rule.action is Action.QUANTIZE and not any(t.decision.kind in QUANTIZABLE for t in matched):
-            plan.warnings.append(f"rule --quantize {rule.pattern!r} matched only tensors that cannot be quantized"
+            plan.warnings.append(f"rule --quantize {rule.typed} matched only tensors that cannot be quantized"
                                  " (biases, norms, vectors, non-floats); they stay as they are")
     if not plan.quantized():
         plan.warnings.append("no tensor is quantized: the output only changes precision of kept tensors")
@@ -188,14 +133,47 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
     return plan
 
 
-def _already_quantized(source: SafetensorsFile, options: ConvertOptions, plan: Plan):
-    """For a source that is already an FP8 checkpoint of a known convention: how it is stored.
+def _keep_unreadable(plan: Plan, unreadable: dict[str, str]) -> None:
+    """Keep in high precision the tensors the format's clients cannot read as FP8 (written as FP8
+    they would load wrong, silently). A user's --quantize rule that asked for nothing but such
+    tensors is refused; a broader one (``'*'``) is obeyed elsewhere, with a warning naming it."""
+    overruled: dict = {}
+    for i, t in enumerate(plan.tensors):
+        why = unreadable.get(t.name)
+        if why is None:
+            continue
+        rule = t.decision.rule
+        if rule is not None and not rule.origin:
+            overruled.setdefault(rule, []).append((t.name, why))
+        decision = Decision(Action.KEEP, t.decision.kind, f"{t.decision.kind.value}: kept, {why}", rule)
+        plan.tensors[i] = PlannedTensor(t.info, decision, plan.options.keep_dtype.resolve(t.info.dtype))
+    for rule, kept in overruled.items():
+        name, why = kept[0]
+        if not any(t.decision.rule is rule and t.action is Action.QUANTIZE for t in plan.tensors):
+            raise PolicyError(f"{rule.label} asks for FP8, but format {plan.options.format!r} cannot hold it: {why}",
+                              path=plan.source, tensor=name, hint="drop that rule, or use --format native")
+        more = f" and {len(kept) - 1} more" if len(kept) > 1 else ""
+        plan.warnings.append(f"{rule.label}: {name}{more} kept in {plan.options.keep_dtype.value}: {why}")
 
-    Its FP8 codes and scales are carried over unchanged (conversion between conventions, no
-    re-quantization), so granularity and FP8 dtype must match what it holds.
-    """
+
+def _plan_prequantized(info: TensorInfo, s: StoredTensor, options: ConvertOptions, policy: Policy,
+                       source_format: str) -> PlannedTensor:
+    """An FP8 tensor of the source: its codes and scale carried over, or, when the user's own
+    --keep rule names it, dequantized (W = q * scale) to the keep dtype (BF16 for ``source``)."""
+    decision = policy.decide(info.name, info.shape, dtypes.F32)
+    if decision.action is Action.KEEP and decision.rule is not None and not decision.rule.origin:
+        kept = Decision(Action.KEEP, decision.kind, f"{decision.kind.value}: {decision.rule.label}: "
+                                                    f"dequantized from FP8 ({source_format})", decision.rule)
+        return PlannedTensor(info, kept, options.keep_dtype.resolve(dtypes.BF16), None, s)
+    carried = Decision(Action.QUANTIZE, decision.kind, f"already FP8 ({source_format}): codes and scale carried over")
+    return PlannedTensor(info, carried, info.dtype, scale_shape(info.shape, s.granularity), s)
+
+
+def _already_quantized(source: SafetensorsFile) -> tuple[str | None, dict[str, StoredTensor] | None]:
+    """For a source that is already an FP8 checkpoint of a known convention: its format's name and
+    how each tensor is stored; ``(None, None)`` for a source without FP8 tensors."""
     if not any(i.dtype.kind is Kind.FP8 for i in source.tensors.values()):
-        return None
+        return None, None
     from .formats import detect_format
     try:
         fmt = detect_format(source)
@@ -211,14 +189,27 @@ def _already_quantized(source: SafetensorsFile, options: ConvertOptions, plan: P
     except ValueError as exc:
         raise UnsupportedInputError(f"looks like a {fmt.name} checkpoint but does not follow it: {exc}",
                                     path=source.path, hint="convert its BF16/FP16/FP32 original instead") from None
-    plan.source_format = fmt.name
-    plan.notes.append(f"source is already quantized ({fmt.name}): FP8 codes and scales are carried over")
-    for s in stored.values():
-        if s.scale_key is None:
-            continue
+    return fmt.name, stored
+
+
+def _follow_source(options: ConvertOptions, stored: dict[str, StoredTensor], path: str) -> ConvertOptions:
+    """Options for an already-FP8 source, whose codes and scales are carried over (no
+    re-quantization): granularity and FP8 dtype are the source's unless the user gave them, and
+    a given one must match what it holds."""
+    import dataclasses
+    scaled = [s for s in stored.values() if s.scale_key is not None]
+    if not scaled:
+        return options
+    held = {(s.granularity, s.fp8) for s in scaled}
+    first = scaled[0]
+    if len(held) == 1:
+        changes = {k: v for k, v in (("granularity", first.granularity), ("fp8", first.fp8)) if k in options.from_source}
+        options = dataclasses.replace(options, **changes)
+    for s in scaled:
         if s.granularity is not options.granularity or s.fp8 is not options.fp8:
             raise UnsupportedInputError(
                 f"already quantized as {s.fp8.name} with {s.granularity.value} scales; re-quantizing is not supported",
-                path=source.path, tensor=s.source_key,
-                hint=f"pass --granularity {s.granularity.value} --fp8-dtype {s.fp8.name}, or convert the original")
-    return stored
+                path=path, tensor=s.source_key,
+                hint=f"pass --granularity {s.granularity.value} --fp8-dtype {s.fp8.name} (or neither), "
+                     "or convert the original")
+    return options

@@ -59,6 +59,7 @@ import enum
 import fnmatch
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 
 from .dtypes import DType, Kind
@@ -205,7 +206,7 @@ class Rule:
         try:
             object.__setattr__(self, "_rx", re.compile(source))
         except re.error as exc:
-            raise PolicyError(f"bad regular expression {self.pattern!r}: {exc}",
+            raise PolicyError(f"bad regular expression {self.typed}: {exc}",
                               hint="patterns with re: are Python regular expressions") from None
 
     def matches(self, name: str) -> bool:
@@ -215,8 +216,13 @@ class Rule:
     def label(self) -> str:
         """How a decision names this rule: ``rule --keep '*.attn.*'`` or ``preset flux: keep '...'``."""
         if self.origin:
-            return f"{self.origin}: {self.action.value} {self.pattern!r}"
-        return f"rule --{self.action.value} {self.pattern!r}"
+            return f"{self.origin}: {self.action.value} {self.typed}"
+        return f"rule --{self.action.value} {self.typed}"
+
+    @property
+    def typed(self) -> str:
+        """The pattern as a shell takes it back (quoted, backslashes as typed: ``'re:.*\\.attn'``)."""
+        return shlex.quote(self.pattern)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .calibration.weights import chunk_absmax, stack_absmax
 from .errors import NonFiniteError, OutputError, QuantkitError, UnsupportedInputError
 from .formats import Role, get_format
 from .checkpoint import open_checkpoint
+from .destinations import check_destination, check_not_source_files, check_report_path, output_paths, source_reads
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
 from .manifest import FOLDER_MANIFEST, file_entry, manifest_path, write_manifest
 from .plan import ConvertOptions, Plan, PlannedTensor, make_plan
@@ -53,6 +54,7 @@ class ConvertResult:
     manifest: str
     format: str
     granularity: str
+    fp8: str
     counts: dict[str, int]
     bytes_in: int
     bytes_out: int
@@ -70,46 +72,14 @@ class ConvertResult:
         return {**self.__dict__, "gb_per_s": round(self.gb_per_s, 3)}
 
 
-def check_destination(src: str, dst: str, overwrite: bool, folder: bool = False) -> None:
-    """The destination may not be the source (also through links or '..'); an existing one needs overwrite."""
-    if os.path.realpath(src) == os.path.realpath(dst) or (
-            os.path.exists(dst) and os.path.samefile(src, dst)):
-        raise OutputError("destination is the source", path=dst, hint="choose another output path")
-    if folder and os.path.realpath(os.path.dirname(os.path.abspath(src))) == os.path.realpath(dst):
-        raise OutputError("destination is the source's folder", path=dst, hint="choose a new folder")
-    if not folder and os.path.isdir(dst):
-        raise OutputError("destination is a folder", path=dst, hint="give a file name ending in .safetensors")
-    if folder and os.path.exists(dst) and not os.path.isdir(dst):
-        raise OutputError("destination is a file but this output is a folder", path=dst,
-                          hint="give a folder name")
-    if os.path.exists(dst) and not overwrite:
-        raise OutputError("destination exists", path=dst, hint="pass --overwrite to replace it")
-    if folder and os.path.isdir(dst) and os.listdir(dst) and not os.path.isfile(os.path.join(dst, FOLDER_MANIFEST)):
-        # --overwrite replaces a whole folder: only one quantkit wrote (it holds quantkit.json), or an empty one
-        raise OutputError("destination is a folder quantkit did not write; --overwrite would delete its files",
-                          path=dst, hint="give a new folder name")
-    parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
-        raise OutputError("destination folder does not exist", path=parent, hint="create it first")
-
-
-def _check_not_source_files(source, dst: str) -> None:
-    """Replacing ``dst`` may not touch any file the source reads (a shard, a folder holding them)."""
-    real = os.path.realpath(dst)
-    for f in source.files:
-        rf = os.path.realpath(f)
-        if rf == real or rf.startswith(real.rstrip(os.sep) + os.sep):
-            raise OutputError("destination holds the source's weights", path=dst,
-                              hint=f"choose an output path that does not contain {f}")
-
-
 def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, overwrite: bool = False,
-            progress: Progress = NULL) -> ConvertResult:
+            progress: Progress = NULL, reports: dict[str, str] | None = None) -> ConvertResult:
     """Convert the checkpoint ``src`` (any layout ``open_checkpoint`` reads) into ``dst``.
 
     ``dst`` is a file, or a folder for folder formats (compressed-tensors) and sharded outputs
     (``options.max_shard_bytes``). Nothing appears under ``dst`` until the output is complete,
-    hashed and its manifest written.
+    hashed and its manifest written. ``reports`` (option -> path, e.g. ``{"--json": "r.json"}``):
+    files the caller writes afterwards, checked with the output's rules before any work.
 
     >>> convert("model.safetensors", "model-fp8.safetensors")     # doctest: +SKIP
     """
@@ -122,8 +92,11 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")
     with open_checkpoint(src, component=options.component, ema=options.ema, names=fmt.source_names) as source, \
             BackgroundHash(source.files) as source_hash, torch_threads(1):
-        _check_not_source_files(source, dst)
+        check_not_source_files(source, dst)
+        for option, path in (reports or {}).items():
+            check_report_path(path, option, reads=source_reads(source), writes=output_paths(dst), overwrite=overwrite)
         plan = make_plan(source, options)
+        options = plan.options            # an FP8 source may have supplied granularity and FP8 dtype
         for w in plan.warnings:
             progress.warn(w)
         scales = _calibrate(source, plan, progress)
@@ -165,7 +138,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     progress.close()
     return ConvertResult(
         source=src, destination=dst, manifest=manifest, format=options.format,
-        granularity=options.granularity.value,
+        granularity=options.granularity.value, fp8=options.fp8.name,
         counts={a.value: plan.count(a) for a in Action}, bytes_in=plan.bytes_in,
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
         source_sha256=source_sha, output_sha256=output_sha, warnings=plan.warnings, notes=plan.notes)
@@ -206,8 +179,10 @@ def _source_entry(src: str, source, source_hash: BackgroundHash, options: Conver
     choices that select its tensors (component, EMA), and every file with its own SHA256."""
     digest = source_hash.result()
     base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    made_from = ({"name": source.metadata.get("quantkit.source"), "sha256": source.metadata[SOURCE_SHA_KEY]}
+                 if source.metadata.get(SOURCE_SHA_KEY) else None)     # the source is itself a quantkit output
     return {"name": _display_name(src), "sha256": digest, "bytes": source.file_size, "layout": source.layout,
-            "component": options.component, "ema": options.ema, "names": source.renamed,
+            "component": options.component, "ema": options.ema, "names": source.renamed, "made_from": made_from,
             "files": [{"name": os.path.relpath(f, base).replace(os.sep, "/"), "sha256": source_hash.digests[f],
                        "bytes": os.path.getsize(f)} for f in source.files]}
 
@@ -327,6 +302,14 @@ def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: Con
     if t.action is Action.QUANTIZE and t.prequantized is None:
         return _write_quantized(source, info, scale, options, writer, buffers, scale_dtype)
     if info.nbytes == 0:
+        return None
+    if t.action is Action.KEEP and t.prequantized is not None:     # an FP8 source tensor the user keeps
+        s = t.prequantized
+        stored_scale = source.read_tensor(source.tensors[s.scale_key]).float()
+        for r0, r1, q in source.iter_rows(info, CHUNK_BYTES, fp8math.block_rows(s.granularity)):
+            w = fp8math.dequantize(q, fp8math.scale_rows(stored_scale, s.granularity, r0, r1), s.granularity,
+                                   t.out_dtype.torch)
+            writer.write(w.contiguous().reshape(-1).view(torch.uint8).numpy())
         return None
     if t.prequantized is not None or t.out_dtype == info.dtype:   # bytes as they are (FP8 codes carried over)
         for piece in source.iter_bytes(info, CHUNK_BYTES, buffer=buffers.bytes.numpy()):

@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import fp8 as fp8math
-from .errors import QuantkitError, ValidationFailed
+from .destinations import check_report_path, output_paths, source_reads
+from .errors import QuantkitError, UnsupportedInputError, ValidationFailed
 from .formats import StoredTensor, detect_format
 from .hashing import BackgroundHash, torch_threads
 from .manifest import manifest_path, read_manifest
@@ -124,7 +125,8 @@ def load_dequantized(path: str, dtype=None) -> dict:
 def validate(output: str, against: str | None = None, *, min_sqnr: float | None = None,
              check_hash: bool = True, component: str | None = None, ema: bool | None = None,
              model_output: bool = False, min_output_sqnr: float | None = None,
-             progress: Progress = NULL) -> ValidationReport:
+             progress: Progress = NULL, reports: dict[str, str] | None = None,
+             overwrite_reports: bool = False) -> ValidationReport:
     """Check ``output`` (a quantkit output: a file, a folder, a sharded folder) against its
     manifest and, with ``against``, its source (any layout ``open_checkpoint`` reads; the
     component and EMA choice recorded in the manifest apply unless given). ``model_output``
@@ -132,10 +134,16 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     outputs (``quantkit.model_output``; transformers and diffusers models), failing below
     ``min_output_sqnr``.
 
+    ``reports`` (option -> path): files the caller writes afterwards, checked before any work
+    (never the output, its manifest or a file the source reads; ``overwrite_reports`` to replace one).
+
     Never raises for a bad output: every problem becomes a line in ``report.failures``.
-    Raises ``QuantkitError`` only for unusable arguments (a missing or malformed source).
+    Raises ``QuantkitError`` only for unusable arguments (a missing output, a missing or malformed source).
     """
     t0 = time.perf_counter()
+    if not os.path.lexists(output):
+        raise UnsupportedInputError("does not exist", path=output,
+                                    hint="pass the file or folder quantkit convert wrote")
     report = ValidationReport(output, against, min_sqnr=min_sqnr)
     manifest = None
     if check_hash:
@@ -152,6 +160,9 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
                               ema=ema if ema is not None else bool(recorded.get("ema")),
                               names=recorded.get("names"))
     try:
+        for option, path in (reports or {}).items():
+            check_report_path(path, option, reads=[*output_paths(output), *(source_reads(src) if src else [])],
+                              overwrite=overwrite_reports)
         if (model_output or min_output_sqnr is not None) and src is not None:
             from .model_output import check_model_output
             check_model_output(src)        # before the per-tensor work, not after it
@@ -178,10 +189,20 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     finally:
         if src is not None:
             src.close()
+    chain = _recorded_source(output, manifest).get("made_from")
+    chain = chain if isinstance(chain, dict) and chain.get("sha256") else None
+    if chain:
+        report.notes.append(f"made from an FP8 conversion ({_recorded_source(output, manifest).get('name')}) of "
+                            f"{chain.get('name')} (sha256 {chain['sha256'][:16]}...)")
     for label, path, expected, job, key in hashes:
         combined = job.result()
         actual = combined if key is None else job.digests[key]
         ok = actual == expected
+        if not ok and label == "source" and chain and combined == chain["sha256"]:
+            # --against names the original of the chain, not the FP8 file converted: check it as such
+            label, path, expected, actual, ok = "original", src.path, chain["sha256"], combined, True
+            if any(h["role"] == "original" for h in report.hashes):
+                continue
         report.hashes.append({"file": path, "role": label, "expected": expected, "actual": actual, "ok": ok})
         if not ok:
             report.failures.append(f"{path}: sha256 mismatch with the manifest ({label} was modified or corrupted: "

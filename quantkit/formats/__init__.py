@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import PolicyError, UnsupportedInputError
-from ..fp8 import FP8_FORMATS, FP8Format, Granularity
+from ..dtypes import FP8Format, Granularity, fp8_of
 from ..writer import OutputTensor
 
 
@@ -98,6 +98,12 @@ class OutputFormat:
         """Refuse a source this format cannot convert, from its header and folder alone (before any
         data is read). ``source`` is the opened checkpoint."""
 
+    def unreadable(self, source, tensors) -> dict[str, str]:
+        """Of ``tensors`` (planned for FP8), those this format's clients cannot read as FP8: name ->
+        why (``an nn.Embedding: ...``). The plan keeps them in high precision with that reason,
+        and refuses a user's own --quantize rule that asks for one."""
+        return {}
+
     def layout(self, plan) -> list[Emit]:
         """Every output tensor, in file order."""
         raise NotImplementedError
@@ -170,10 +176,6 @@ def stored_with_scales(file, scale_suffix: str, granularity_of, *, skip=lambda k
         else:
             out[key] = StoredTensor(key, key, scale.name, granularity_of(info.shape, scale.shape), fp8)
     return out
-
-
-def fp8_of(code: str) -> FP8Format | None:
-    return next((f for f in FP8_FORMATS.values() if f.safetensors_dtype == code), None)
 
 
 def _import_all() -> None:

@@ -77,6 +77,7 @@ from collections import Counter
 
 from .. import dtypes
 from ..dtypes import Kind
+from ..options import KeepDtype
 from ..errors import PolicyError, UnsupportedInputError
 from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
 from ..policy import Action, TensorKind
@@ -111,7 +112,6 @@ def granularity_from_shapes(weight_shape, scale_shape_) -> Granularity:
 def model_dtype(plan) -> dtypes.DType:
     """D: the dtype the output's kept floats are stored in, in which the model runs and its scales are
     written. The keep dtype; for ``--keep-dtype source`` the float dtype holding most source bytes."""
-    from ..plan import KeepDtype
     keep = plan.options.keep_dtype
     if keep is not KeepDtype.SOURCE:
         return keep.resolve(dtypes.F32)
@@ -259,6 +259,22 @@ class CompressedTensorsFormat(OutputFormat):
         """Refuse a source this format cannot turn into a model folder (no config.json, one shard)."""
         read_source_config(source)
 
+    def unreadable(self, source, tensors) -> dict[str, str]:
+        """compressed-tensors decompresses the modules its ``targets: ["Linear"]`` match, by class
+        name: an ``nn.Embedding`` (or GPT-2's ``Conv1D``) written as FP8 is loaded as its raw codes,
+        without the scale. The module classes come from the model the config describes, built on the
+        meta device; where that cannot be built, embeddings are recognised by name."""
+        classes = module_classes(source)
+        out = {}
+        for t in tensors:
+            module = layer_name(t.name)
+            cls = _class_of(module, classes) if classes is not None else None
+            if cls is not None and cls != "Linear":
+                out[t.name] = f"its module is of class {cls}; {_LINEAR_ONLY}"
+            elif cls is None and t.decision.kind is TensorKind.EMBEDDING:
+                out[t.name] = f"an embedding; {_LINEAR_ONLY}"
+        return out
+
     def layout(self, plan) -> list[Emit]:
         bad = [t for t in plan.quantized() if not t.name.endswith(".weight") or len(t.info.shape) != 2]
         if bad:
@@ -300,11 +316,6 @@ class CompressedTensorsFormat(OutputFormat):
     def warnings(self, plan) -> list[str]:
         out = []
         q = {t.name for t in plan.quantized()}
-        embeds = [t.name for t in plan.quantized() if t.decision.kind is TensorKind.EMBEDDING]
-        if embeds:
-            out.append(f"compressed-tensors dequantizes nn.Linear layers only: if {', '.join(embeds[:3])}"
-                       f"{' ...' if len(embeds) > 3 else ''} belongs to an nn.Embedding, transformers will load "
-                       "FP8 codes as its weights (keep it with --keep)")
         weights = {t.name for t in plan.tensors}
         for group in FUSED_SIBLINGS:
             parents = {w[: -len(f".{m}.weight")] for w in weights for m in group if w.endswith(f".{m}.weight")}
@@ -338,6 +349,56 @@ class CompressedTensorsFormat(OutputFormat):
         def auxiliary(key: str) -> bool:      # input scales, zero points of an FP8 weight: not source tensors
             return key.endswith(AUX_SUFFIXES) and _is_fp8(file, key.rsplit(".", 1)[0] + ".weight")
         return stored_with_scales(file, SCALE_SUFFIX, granularity_from_shapes, skip=auxiliary, weights_only=True)
+
+
+_LINEAR_ONLY = ("compressed-tensors loads FP8 weights into nn.Linear only "
+                "(transformers would read the FP8 codes without their scale)")
+
+
+def module_classes(source) -> dict[str, str] | None:
+    """Module name -> class name of the transformers model the config beside ``source``'s weights
+    describes, built on the meta device (no memory, no weights); None when transformers cannot
+    build it (no transformers, an architecture it does not know, a config it refuses)."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    folder = source_folder(source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        with torch.device("meta"), _quiet_transformers():
+            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    except Exception:       # noqa: BLE001 -- any failure of a third-party build means: classes unknown
+        return None
+    classes = {name: type(m).__name__ for name, m in model.named_modules() if name}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix:      # weights saved from the bare model load into a head model, and the reverse
+        classes.update({k[len(prefix) + 1:]: v for k, v in classes.items() if k.startswith(prefix + ".")})
+    return classes
+
+
+def _class_of(module: str, classes: dict[str, str]) -> str | None:
+    return classes.get(module)
+
+
+def _quiet_transformers():
+    """transformers' logger at error level while the meta model is built (its warnings are not the user's business)."""
+    import contextlib
+
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def quiet():
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+    return quiet()
 
 
 def _is_fp8(file, key: str) -> bool:
