@@ -173,8 +173,8 @@ def _kind_of_file(path: str, notes: list[str]) -> str:
     named = ("safetensors" if name.endswith(".safetensors") else "index" if is_index_name(name)
              else "pickle" if name.lower().endswith(PICKLE_EXTENSIONS) else None)
     held = sniff(path)
-    if held == "json" and named == "index":
-        return "index"
+    if named == "index" and held in ("json", None):
+        return "index"      # the index reader names what is wrong with one that is not a JSON object
     if held == "pickle" and named == "safetensors":     # torch.load itself goes by a .safetensors name
         raise UnsupportedInputError("holds a PyTorch pickle, not a safetensors file", path=path,
                                     hint="rename it to *.pt: quantkit then loads it with torch.load(weights_only=True)")

@@ -181,7 +181,7 @@ def test_rule_order_last_wins(tmp_path):
               "encoder.layer.5.attention.self.query.weight", "encoder.layer.5.attention.self.key.weight",
               "encoder.layer.5.attention.self.value.weight", "encoder.layer.5.attention.output.dense.weight"}
     assert q - {"pooler.dense.weight"} == layer5
-    run("plan", SRC, "--quantize", "encoder.layer.5.*", "--keep", "encoder.*", "--json", plan_json)
+    run("plan", SRC, "--quantize", "encoder.layer.5.*", "--keep", "encoder.*", "--json", plan_json, "--overwrite")
     q = {t["name"] for t in json.loads(plan_json.read_text())["tensors"] if t["action"] == "quantize"}
     assert not any(n.startswith("encoder.") for n in q)
 

@@ -462,9 +462,11 @@ def test_conversion_between_conventions_keeps_fp8_bytes(request, work, source_na
     source = request.getfixturevalue(source_name)
     source = source[0] if isinstance(source, tuple) else source
     out = work / f"{source_name}-to-{target}.safetensors"
-    # FP8 layers are carried over whatever the rules say; --keep '*' keeps every other tensor as it is
-    # (without it the policy would quantize the source's high-precision linears afresh).
-    result = run("convert", source, out, "--format", target, "--keep", "*", "--overwrite", "-q")
+    # --keep '*' keeps every tensor in high precision (without it the policy would quantize the
+    # source's high-precision linears afresh); the FP8 layers, named by --quantize after it, are
+    # carried over (a --keep naming an FP8 layer dequantizes it).
+    carry = [arg for layer in sorted(QUANTIZED) for arg in ("--quantize", layer)]
+    result = run("convert", source, out, "--format", target, "--keep", "*", *carry, "--overwrite", "-q")
     assert result.exit_code == 0, result.output
     assert "already quantized" in result.output
     a, b = load_file(str(source)), load_file(str(out))
@@ -548,7 +550,8 @@ def test_hand_made_legacy_with_scale_input(work, marker_elements):
     assert stored[one + ".weight"].input_scale is None and stored[half + ".weight"].input_scale == 0.5
 
     out = work / f"hand-to-comfy-{marker_elements}.safetensors"
-    result = run("convert", path, out, "--format", "comfy", "--keep", "*", "--overwrite", "-q")
+    result = run("convert", path, out, "--format", "comfy", "--keep", "*", "--quantize", one, "--quantize", half,
+                 "--overwrite", "-q")
     assert result.exit_code == 0, result.output
     keys, _ = header(out)
     b = load_file(str(out))

@@ -444,8 +444,9 @@ def test_e5m2_and_non_linear_quantization_are_refused(tmp_path):
 
 
 def test_plan_warns_where_transformers_or_vllm_would_stumble():
+    # An nn.Embedding would load as raw FP8 codes: a rule asking for nothing else is refused (issue 16).
     result = run("plan", SRC, "--format", "compressed-tensors", "--quantize", "embeddings.word_embeddings")
-    assert result.exit_code == 0 and "nn.Embedding" in result.output
+    assert result.exit_code == 2 and "nn.Linear only" in result.output and "Embedding" in result.output
     result = run("plan", SRC, "--format", "compressed-tensors", "--quantize",
                  "encoder.layer.0.attention.self.query.weight", "--keep", "encoder.layer.0.attention.self.key.weight")
     assert result.exit_code == 0 and "vLLM fuses query, key, value" in result.output
