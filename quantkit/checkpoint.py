@@ -63,12 +63,6 @@ class Checkpoint(TensorSource):
     offsets into a virtual concatenation of their tensors (only ``nbytes`` is meaningful).
     """
 
-    # A view under other names (quantkit.comfy_names): which ("comfyui"), the checkpoint under its
-    # own names, and each name's row ranges of it.
-    renamed: str | None = None
-    original: Checkpoint | None = None
-    parts: dict[str, list[tuple[str, int, int]]] | None = None
-
     def __init__(self, path: str, layout: str, files: list[str], entries: dict[str, tuple[TensorSource, TensorInfo]],
                  *, metadata: dict[str, str], notes: list[str], readers: list[TensorSource], real_offsets: bool):
         self.path = path
@@ -113,17 +107,14 @@ class Checkpoint(TensorSource):
         return f"Checkpoint({self.path!r}, layout={self.layout!r}, {len(self.tensors)} tensors, {len(self.files)} files)"
 
 
-def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False,
-                    names: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False) -> Checkpoint:
     """Open whatever ``path`` is (file, index, folder, pipeline) as one validated ``Checkpoint``.
 
     ``component`` picks a diffusers pipeline's sub-model, or one component of an all-in-one
     checkpoint (``model.diffusion_model``, ``first_stage_model``, ... or ``unet``/``vae``/
     ``text_encoder``), its prefix removed; ``ema`` converts the EMA copy of
     the weights (under the base names) instead of the raw one; ``ema=None`` takes every
-    tensor under its stored name (to read quantkit's own outputs). ``names="comfyui"`` presents a
-    diffusers FLUX transformer under the names ComfyUI loads (``quantkit.comfy_names``; other
-    checkpoints are unchanged). Nothing is ever written.
+    tensor under its stored name (to read quantkit's own outputs). Nothing is ever written.
     """
     path = os.fspath(path)
     if not path:
@@ -148,18 +139,7 @@ def open_checkpoint(path: str | os.PathLike, *, component: str | None = None, em
     else:
         raise UnsupportedInputError("not a regular file or folder", path=path, hint=ACCEPTED)
     in_file = component if not layout.startswith("diffusers-pipeline/") else None
-    checkpoint = _build(path, layout, kind, weights, ema, notes, in_file)
-    if names is None:
-        return checkpoint
-    from .comfy_names import COMFYUI, comfyui_view
-    if names != COMFYUI:
-        checkpoint.close()
-        raise ValueError(f"unknown names {names!r}")
-    try:
-        return comfyui_view(checkpoint)
-    except BaseException:
-        checkpoint.close()
-        raise
+    return _build(path, layout, kind, weights, ema, notes, in_file)
 
 
 _LAYOUT = {"safetensors": "safetensors", "index": "sharded", "pickle": "pickle"}

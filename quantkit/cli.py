@@ -371,16 +371,16 @@ def plan(ctx, src, json_path, overwrite, only, **policy):
     Example:
       quantkit plan model.safetensors --keep '*.attn.*' --only quantize
     """
-    from .checkpoint import open_checkpoint
     from .comfy_names import joined as joined_parts
     from .destinations import check_report_path, source_reads
     from .errors import QuantkitError
     from .formats import get_format
     from .plan import make_plan
+    from .sources import open_source
     try:
         options = _options(ctx, **policy)
-        with open_checkpoint(src, component=options.component, ema=options.ema,
-                             names=get_format(options.format).source_names) as f:
+        with open_source(src, component=options.component, ema=options.ema,
+                         names=get_format(options.format).source_names) as f:
             for option, path in _reports(json_path).items():
                 check_report_path(path, option, reads=source_reads(f), overwrite=overwrite)
             p = make_plan(f, options)

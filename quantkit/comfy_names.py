@@ -3,7 +3,7 @@
 ComfyUI loads these models under the original releases' names. Handed a diffusers-named file, it
 renames the keys itself (``model_detection.convert_diffusers_mmdit``, ``utils.unet_to_diffusers``)
 through maps that carry ``.weight`` / ``.bias`` only: FP8 scales and markers would be dropped
-(``formats/comfy.py`` refuses such files). So for the comfy formats ``open_checkpoint(...,
+(``formats/comfy.py`` refuses such files). So for the comfy formats ``sources.open_source(...,
 names="comfyui")`` presents a diffusers FLUX.1 or SD3 transformer or SD1.x/SD2.x/SDXL UNet under
 the original names, and the file written is one ComfyUI loads natively.
 
@@ -295,6 +295,7 @@ class _Concatenated(TensorSource):
         self._source = source
         self._parts: dict[str, list[tuple[TensorInfo, int, int]]] = {}   # name -> (info, first byte, end byte)
         self.tensors: dict[str, TensorInfo] = {}
+        offset = 0
         for name, parts in table.items():
             infos = [source.tensors[p[0]] for p in parts]
             first = infos[0]
@@ -310,7 +311,9 @@ class _Concatenated(TensorSource):
                 nbytes, total_rows = nbytes + (r1 - r0) * row_bytes, total_rows + (r1 - r0)
             shape = (total_rows, *first.shape[1:]) if first.shape else ()
             self._parts[name] = spans
-            self.tensors[name] = TensorInfo(name, first.dtype, shape, 0, nbytes)
+            # offsets into a virtual concatenation of the renamed tensors (only nbytes is meaningful)
+            self.tensors[name] = TensorInfo(name, first.dtype, shape, offset, offset + nbytes)
+            offset += nbytes
 
     def read_into(self, info: TensorInfo, byte_offset: int, out) -> None:
         view = memoryview(out).cast("B")
@@ -327,38 +330,60 @@ class _Concatenated(TensorSource):
             raise ValueError(f"{info.name}: read past the end of the tensor")
 
 
+class RenamedView(TensorSource):
+    """A checkpoint under other names: each tensor read from row ranges of ``original``'s
+    (``parts``: name -> its (source name, first row, end row) list). It stands for the checkpoint
+    everywhere (its files, layout and size are the original's); ``renamed`` says under whose names."""
+
+    def __init__(self, original, parts: dict[str, list[Part]], renamed: str, note: str):
+        self.original, self.parts, self.renamed = original, parts, renamed
+        self.path, self.layout, self.files = original.path, original.layout, original.files
+        self.file_size, self.metadata = original.file_size, original.metadata
+        self.notes = [*original.notes, note]
+        self._joined = _Concatenated(original, parts)
+        self.tensors = self._joined.tensors
+
+    def read_into(self, info: TensorInfo, byte_offset: int, out) -> None:
+        self._joined.read_into(info, byte_offset, out)
+
+    def source_of(self, name: str) -> str:
+        """The file that holds tensor ``name`` (its first part's)."""
+        return self.original.source_of(self.parts[name][0][0])
+
+    def close(self) -> None:
+        self.original.close()
+
+    def __repr__(self) -> str:
+        return f"RenamedView({self.original!r}, as {self.renamed})"
+
+
 def comfyui_view(checkpoint):
     """``checkpoint`` under ComfyUI's names when it is a diffusers FLUX.1 / SD3 transformer or UNet, else itself."""
-    from .checkpoint import Checkpoint
     found = next((v for v in _VIEWS if v[2](checkpoint.tensors)), None)
     if found is None:
         return checkpoint
     what, names, _, build = found
     try:
         table = build(checkpoint.tensors)
-        joined = _Concatenated(checkpoint, table)
+        fused = sum(len(parts) > 1 for parts in table.values())
+        note = (f"diffusers {what} names written as ComfyUI's ({names}): {len(checkpoint.tensors)} tensors -> "
+                f"{len(table)}, {fused} of them joined (q/k/v) or reordered (modulation scale/shift halves)")
+        return RenamedView(checkpoint, table, COMFYUI, note)
     except UnsupportedInputError as exc:
         exc.path = exc.path or checkpoint.path
         raise
-    fused = sum(len(parts) > 1 for parts in table.values())
-    note = (f"diffusers {what} names written as ComfyUI's ({names}): {len(checkpoint.tensors)} tensors -> "
-            f"{len(table)}, {fused} of them joined (q/k/v) or reordered (modulation scale/shift halves)")
-    notes = [*checkpoint.notes, note]
-    view = Checkpoint(checkpoint.path, checkpoint.layout, checkpoint.files,
-                      {n: (joined, i) for n, i in joined.tensors.items()}, metadata=checkpoint.metadata,
-                      notes=notes, readers=[checkpoint], real_offsets=False)
-    view.renamed, view.original, view.parts = COMFYUI, checkpoint, table
-    return view
 
 
-def joined(view) -> dict[str, list[str]]:
-    """Name -> the source rows it joins, for each tensor of ``view`` made of two or more parts."""
-    source = view.original.tensors if view.parts else {}
-    return {name: [_describe(p, source[p[0]]) for p in parts]
-            for name, parts in (view.parts or {}).items() if len(parts) > 1}
+def joined(source: TensorSource) -> dict[str, list[str]]:
+    """Name -> the source rows it joins, for each tensor of a ``RenamedView`` made of two or more
+    parts ({} for any other source)."""
+    if not isinstance(source, RenamedView):
+        return {}
+    return {name: [_describe(p, source.original.tensors[p[0]]) for p in parts]
+            for name, parts in source.parts.items() if len(parts) > 1}
 
 
-def to_source_names(state: dict, view) -> dict:
+def to_source_names(state: dict, view: RenamedView) -> dict:
     """The view undone on whole tensors: ``state`` under the view's names -> under the source's
     (joined rows split back, swapped halves swapped back). For ``validate --model-output``."""
     import torch

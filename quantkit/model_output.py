@@ -53,10 +53,11 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
     seeded inputs: {"architecture", "inputs", "sqnr", "psnr", "cosine", "max_abs_error", "rel_l2"}."""
     import torch
 
-    from .validate import load_dequantized
+    from .readback import load_dequantized
     # An output written under other names (the comfy formats' view of a diffusers model) runs
     # in the source's architecture once its tensors are renamed back (rows split, halves swapped).
-    view = source if getattr(source, "parts", None) else None
+    from .comfy_names import RenamedView
+    view = source if isinstance(source, RenamedView) else None
     source = view.original if view else source
     model = _build(source, seed)
     reference = {name: source.read_tensor(info).float() for name, info in source.tensors.items()}
@@ -86,7 +87,7 @@ def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
 def _client_format(output: str) -> str | None:
     """The format ``output`` was written in (its metadata), None when it cannot be told."""
     from .formats import detect_format
-    from .validate import open_output
+    from .readback import open_output
     try:
         with open_output(output) as f:
             return detect_format(f).name

@@ -67,7 +67,11 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def parse_size(text: str) -> int:
-    """``5GB`` -> 5_000_000_000, ``500MiB`` -> 524_288_000 (decimal units as Hugging Face uses them)."""
+    """A size in bytes, in decimal units as Hugging Face uses them (binary ones with ``i``).
+
+    >>> parse_size("5GB"), parse_size("500MiB")
+    (5000000000, 524288000)
+    """
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or m.group(2) not in _UNITS or float(m.group(1)) * _UNITS[m.group(2)] < 1:
         raise OptionsError(f"bad size {text!r}", hint="give a size such as 5GB, 500MB or 2GiB")

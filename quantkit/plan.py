@@ -5,80 +5,17 @@ instant, and the writer can lay out the output's header before the first byte of
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field
 
 from . import dtypes
-from .dtypes import DType, Kind
-from .errors import PolicyError, UnsupportedInputError
+from .dtypes import Kind
+from .errors import FormatError, PolicyError, UnsupportedInputError
 from .fp8 import scale_shape
 from .options import ConvertOptions, KeepDtype, parse_size  # noqa: F401  (re-exported: the plan's inputs)
+from .planned import Plan, PlannedTensor, StoredTensor
 from .policy import QUANTIZABLE, Action, Decision, Policy
-from .formats import StoredTensor
 from .reader import SafetensorsFile, TensorInfo
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    info: TensorInfo
-    decision: Decision
-    out_dtype: DType                  # dtype of the tensor under its own key in the output
-    scale_shape: tuple[int, ...] | None = None
-    prequantized: StoredTensor | None = None   # already FP8 in the source: bytes and scale carried over
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def action(self) -> Action:
-        return self.decision.action
-
-
-@dataclass
-class Plan:
-    source: str
-    options: ConvertOptions
-    tensors: list[PlannedTensor]
-    outputs: list = field(default_factory=list)   # list[formats.Emit], in file order
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)     # what was detected and chosen
-    policy: Policy | None = None                       # the effective policy (preset + user rules)
-    source_format: str | None = None                   # set when the source is already quantized
-
-    def count(self, action: Action) -> int:
-        return sum(1 for t in self.tensors if t.action is action)
-
-    @property
-    def bytes_in(self) -> int:
-        return sum(t.info.nbytes for t in self.tensors)
-
-    @property
-    def bytes_out(self) -> int:
-        return sum(e.spec.nbytes for e in self.outputs)
-
-    def quantized(self) -> list[PlannedTensor]:
-        return [t for t in self.tensors if t.action is Action.QUANTIZE]
-
-    def to_dict(self) -> dict:
-        return {
-            "source": self.source,
-            "format": self.options.format,
-            "granularity": self.options.granularity.value,
-            "fp8": self.options.fp8.name,
-            "keep_dtype": self.options.keep_dtype.value,
-            "policy": (self.policy or self.options.policy).describe(),
-            "notes": self.notes,
-            "counts": {a.value: self.count(a) for a in Action},
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "warnings": self.warnings,
-            "tensors": [{"name": t.name, "shape": list(t.info.shape), "dtype": t.info.dtype.code,
-                         "action": t.action.value, "kind": t.decision.kind.value, "reason": t.decision.reason,
-                         "out_dtype": t.out_dtype.code,
-                         "scale_shape": list(t.scale_shape) if t.scale_shape is not None else None}
-                        for t in self.tensors],
-        }
 
 
 def plan_tensor(info: TensorInfo, options: ConvertOptions, policy: Policy, path: str) -> PlannedTensor:
@@ -119,6 +56,7 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
         else:
             plan.tensors.append(_plan_prequantized(info, s, options, policy, source_format))
     _keep_unreadable(plan, fmt.unreadable(source, [t for t in plan.quantized() if t.prequantized is None]))
+    fmt.check_plan(plan)
     plan.outputs = fmt.layout(plan)
     for rule in options.policy.rules:
         matched = [t for t in plan.tensors if rule.matches(t.name)]
@@ -177,7 +115,7 @@ def _already_quantized(source: SafetensorsFile) -> tuple[str | None, dict[str, S
     from .formats import detect_format
     try:
         fmt = detect_format(source)
-    except (UnsupportedInputError, ValueError):
+    except UnsupportedInputError:
         fmt = None
     if fmt is None:
         first = next(i for i in source.tensors.values() if i.dtype.kind is Kind.FP8)
@@ -186,9 +124,10 @@ def _already_quantized(source: SafetensorsFile) -> tuple[str | None, dict[str, S
                                     hint="convert its BF16/FP16/FP32 original instead")
     try:
         stored = fmt.stored(source)
-    except ValueError as exc:
-        raise UnsupportedInputError(f"looks like a {fmt.name} checkpoint but does not follow it: {exc}",
-                                    path=source.path, hint="convert its BF16/FP16/FP32 original instead") from None
+    except FormatError as exc:
+        raise UnsupportedInputError(f"looks like a {fmt.name} checkpoint but does not follow it: {exc.message}",
+                                    path=source.path, tensor=exc.tensor,
+                                    hint="convert its BF16/FP16/FP32 original instead") from None
     return fmt.name, stored
 
 
@@ -196,7 +135,6 @@ def _follow_source(options: ConvertOptions, stored: dict[str, StoredTensor], pat
     """Options for an already-FP8 source, whose codes and scales are carried over (no
     re-quantization): granularity and FP8 dtype are the source's unless the user gave them, and
     a given one must match what it holds."""
-    import dataclasses
     scaled = [s for s in stored.values() if s.scale_key is not None]
     if not scaled:
         return options

@@ -24,12 +24,12 @@ from . import fp8 as fp8math
 from ._version import __version__
 from .calibration import collect_weight_stats
 from .calibration.weights import chunk_absmax, stack_absmax
-from .errors import NonFiniteError, OutputError, QuantkitError, UnsupportedInputError
+from .errors import NonFiniteError, QuantkitError, UnsupportedInputError
 from .formats import Role, get_format
-from .checkpoint import open_checkpoint
+from .sources import open_source
 from .destinations import check_destination, check_not_source_files, check_report_path, output_paths, source_reads
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
-from .manifest import FOLDER_MANIFEST, file_entry, manifest_path, write_manifest
+from .manifest import file_entry, manifest_path, write_manifest
 from .plan import ConvertOptions, Plan, PlannedTensor, make_plan
 from .policy import Action
 from .progress import NULL, Progress
@@ -74,7 +74,7 @@ class ConvertResult:
 
 def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, overwrite: bool = False,
             progress: Progress = NULL, reports: dict[str, str] | None = None) -> ConvertResult:
-    """Convert the checkpoint ``src`` (any layout ``open_checkpoint`` reads) into ``dst``.
+    """Convert the checkpoint ``src`` (any layout ``open_source`` reads) into ``dst``.
 
     ``dst`` is a file, or a folder for folder formats (compressed-tensors) and sharded outputs
     (``options.max_shard_bytes``). Nothing appears under ``dst`` until the output is complete,
@@ -90,7 +90,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     stale = remove_stale_temps(dst) + ([] if as_folder else remove_stale_temps(manifest_path(dst)))
     for path in stale:
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")
-    with open_checkpoint(src, component=options.component, ema=options.ema, names=fmt.source_names) as source, \
+    with open_source(src, component=options.component, ema=options.ema, names=fmt.source_names) as source, \
             BackgroundHash(source.files) as source_hash, torch_threads(1):
         check_not_source_files(source, dst)
         for option, path in (reports or {}).items():
@@ -136,10 +136,10 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
             manifest = manifest_path(dst)
         source_sha = source_hash.result()
     progress.close()
+    summary = plan.summary()
     return ConvertResult(
-        source=src, destination=dst, manifest=manifest, format=options.format,
-        granularity=options.granularity.value, fp8=options.fp8.name,
-        counts={a.value: plan.count(a) for a in Action}, bytes_in=plan.bytes_in,
+        source=src, destination=dst, manifest=manifest, format=summary["format"],
+        granularity=summary["granularity"], fp8=summary["fp8"], counts=summary["counts"], bytes_in=plan.bytes_in,
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
         source_sha256=source_sha, output_sha256=output_sha, warnings=plan.warnings, notes=plan.notes)
 
@@ -267,10 +267,8 @@ def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: d
 
 
 def plan_summary(plan: Plan) -> dict:
-    o = plan.options
-    return {"format": o.format, "fp8": o.fp8.name, "granularity": o.granularity.value,
-            "keep_dtype": o.keep_dtype.value, "policy": (plan.policy or o.policy).describe(), "notes": plan.notes,
-            "counts": {a.value: plan.count(a) for a in Action}, "quantkit_version": __version__}
+    """The manifest's record of the conversion: the plan's summary and quantkit's version."""
+    return {**plan.summary(), "quantkit_version": __version__}
 
 
 def _scale_bytes(scale: torch.Tensor, dtype) -> bytes:

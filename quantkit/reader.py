@@ -150,6 +150,7 @@ class TensorSource:
     path: str
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    renamed: str | None = None      # whose names the tensors are presented under (None: the file's own)
 
     def read_into(self, info: TensorInfo, byte_offset: int, out) -> None:
         """Fill the writable buffer ``out`` (memoryview-able) with the tensor's bytes from ``byte_offset``."""

@@ -11,24 +11,23 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 
 from . import fp8 as fp8math
 from .destinations import check_report_path, output_paths, source_reads
-from .errors import QuantkitError, UnsupportedInputError, ValidationFailed
+from .errors import FormatError, QuantkitError, UnsupportedInputError, ValidationFailed
 from .formats import StoredTensor, detect_format
 from .hashing import BackgroundHash, torch_threads
 from .manifest import manifest_path, read_manifest
 from .metrics import ErrorStats
 from .progress import NULL, Progress
-from .checkpoint import open_checkpoint
-from .reader import SafetensorsFile, TensorSource, chunk_rows
-from .shards import is_index_name
+from .readback import CHUNK_BYTES, load_dequantized, open_output, stored_values, stored_view  # noqa: F401
+from .reader import SafetensorsFile, chunk_rows
+from .sources import open_source
 
-# Per chunk of the wider of the two tensors compared: float32 copies and temporaries stay a
-# few MiB (and in cache), whatever the tensor.
-CHUNK_BYTES = 2 << 20
 
 
 @dataclass
@@ -99,36 +98,13 @@ class ValidationReport:
                       "tensors": [t.to_dict() for t in self.tensors]})
 
 
-def load_dequantized(path: str, dtype=None) -> dict:
-    """Every tensor of a quantized file as its source would hold it: FP8 weights dequantized
-    (W = q * scale, float32 or ``dtype``), kept tensors as stored, scales and markers dropped.
-
-    Loads the whole state dict: meant for checking a model's output, not for big conversions.
-
-    >>> model.load_state_dict(load_dequantized("model-fp8.safetensors"))   # doctest: +SKIP
-    """
-    import torch
-    with open_output(path) as f:
-        stored = detect_format(f).stored(f)
-        out = {}
-        for name, s in stored.items():
-            t = f.read_tensor(f.tensors[s.data_key]).clone()
-            if s.scale_key is not None:
-                t = fp8math.dequantize(t, f.read_tensor(f.tensors[s.scale_key]), s.granularity,
-                                       dtype or torch.float32)
-            elif dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            out[name] = t
-    return out
-
-
 def validate(output: str, against: str | None = None, *, min_sqnr: float | None = None,
              check_hash: bool = True, component: str | None = None, ema: bool | None = None,
              model_output: bool = False, min_output_sqnr: float | None = None,
              progress: Progress = NULL, reports: dict[str, str] | None = None,
              overwrite_reports: bool = False) -> ValidationReport:
     """Check ``output`` (a quantkit output: a file, a folder, a sharded folder) against its
-    manifest and, with ``against``, its source (any layout ``open_checkpoint`` reads; the
+    manifest and, with ``against``, its source (any layout ``open_source`` reads; the
     component and EMA choice recorded in the manifest apply unless given). ``model_output``
     also runs the source model and the quantized one on the same inputs and compares their
     outputs (``quantkit.model_output``; transformers and diffusers models), failing below
@@ -145,55 +121,82 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         raise UnsupportedInputError("does not exist", path=output,
                                     hint="pass the file or folder quantkit convert wrote")
     report = ValidationReport(output, against, min_sqnr=min_sqnr)
-    manifest = None
-    if check_hash:
-        try:
-            manifest = read_manifest(output)
-        except ValidationFailed as exc:
-            report.failures.append(str(exc))
-    else:
-        report.notes.append("hash check skipped")
-    src = None
-    if against:
-        recorded = _recorded_source(output, manifest)
-        src = open_checkpoint(against, component=component if component is not None else recorded.get("component"),
-                              ema=ema if ema is not None else bool(recorded.get("ema")),
-                              names=recorded.get("names"))
+    manifest = _manifest(output, check_hash, report)
+    src = _open_against(against, _recorded_source(output, manifest), component, ema) if against else None
+    run_model = (model_output or min_output_sqnr is not None) and src is not None
     try:
         for option, path in (reports or {}).items():
             check_report_path(path, option, reads=[*output_paths(output), *(source_reads(src) if src else [])],
                               overwrite=overwrite_reports)
-        if (model_output or min_output_sqnr is not None) and src is not None:
+        if run_model:
             from .model_output import check_model_output
             check_model_output(src)        # before the per-tensor work, not after it
         hashes = _start_hashes(output, manifest, src, report) if manifest is not None else []
-        try:
-            out = open_output(output)
-        except QuantkitError as exc:
-            report.failures.append(f"cannot read the output: {exc}")
-            out = None
-        if out is not None:
-            with out, torch_threads(1):
-                _compare(out, src, report, progress)
-        if (model_output or min_output_sqnr is not None) and src is not None:
-            from .model_output import compare_model_output
-            try:
-                report.model_output = compare_model_output(src, output)
-            except ValidationFailed as exc:  # the source ran; the output did not (a tensor missing...)
-                report.failures.append(f"model output: {exc}")
-            if report.model_output is not None:
-                sqnr = report.model_output["sqnr"]
-                if min_output_sqnr is not None and not sqnr >= min_output_sqnr:
-                    report.failures.append(f"model output: SQNR {sqnr:.2f} dB is below --min-output-sqnr "
-                                           f"{min_output_sqnr:g}")
+        _compare_output(output, src, report, progress)
+        if run_model:
+            _compare_model_output(src, output, report, min_output_sqnr)
     finally:
         if src is not None:
             src.close()
-    chain = _recorded_source(output, manifest).get("made_from")
-    chain = chain if isinstance(chain, dict) and chain.get("sha256") else None
-    if chain:
-        report.notes.append(f"made from an FP8 conversion ({_recorded_source(output, manifest).get('name')}) of "
-                            f"{chain.get('name')} (sha256 {chain['sha256'][:16]}...)")
+    _check_hashes(hashes, _chain(output, manifest, report), src, report)
+    _quality_failures(report, min_sqnr)
+    progress.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _manifest(output: str, check_hash: bool, report: ValidationReport) -> dict | None:
+    """The output's manifest, or None (hash check skipped, or the manifest is missing: a failure)."""
+    if not check_hash:
+        report.notes.append("hash check skipped")
+        return None
+    try:
+        return read_manifest(output)
+    except ValidationFailed as exc:
+        report.failures.append(str(exc))
+        return None
+
+
+def _open_against(against: str, recorded: dict, component: str | None, ema: bool | None):
+    """The source, opened as the manifest says the output was made (component, EMA, naming) unless given."""
+    return open_source(against, component=component if component is not None else recorded.get("component"),
+                       ema=ema if ema is not None else bool(recorded.get("ema")), names=recorded.get("names"))
+
+
+def _compare_output(output: str, src, report: ValidationReport, progress: Progress) -> None:
+    try:
+        out = open_output(output)
+    except QuantkitError as exc:
+        report.failures.append(f"cannot read the output: {exc}")
+        return
+    with out, torch_threads(1):
+        _compare(out, src, report, progress)
+
+
+def _compare_model_output(src, output: str, report: ValidationReport, min_output_sqnr: float | None) -> None:
+    from .model_output import compare_model_output
+    try:
+        report.model_output = compare_model_output(src, output)
+    except ValidationFailed as exc:  # the source ran; the output did not (a tensor missing...)
+        report.failures.append(f"model output: {exc}")
+        return
+    sqnr = report.model_output["sqnr"]
+    if min_output_sqnr is not None and not sqnr >= min_output_sqnr:
+        report.failures.append(f"model output: SQNR {sqnr:.2f} dB is below --min-output-sqnr {min_output_sqnr:g}")
+
+
+def _chain(output: str, manifest: dict | None, report: ValidationReport) -> dict | None:
+    """What the output's FP8 source was itself made from (a conversion of a conversion), noted."""
+    recorded = _recorded_source(output, manifest)
+    chain = recorded.get("made_from")
+    if not (isinstance(chain, dict) and chain.get("sha256")):
+        return None
+    report.notes.append(f"made from an FP8 conversion ({recorded.get('name')}) of {chain.get('name')} "
+                        f"(sha256 {chain['sha256'][:16]}...)")
+    return chain
+
+
+def _check_hashes(hashes: list, chain: dict | None, src, report: ValidationReport) -> None:
     for label, path, expected, job, key in hashes:
         combined = job.result()
         actual = combined if key is None else job.digests[key]
@@ -207,6 +210,9 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         if not ok:
             report.failures.append(f"{path}: sha256 mismatch with the manifest ({label} was modified or corrupted: "
                                    f"expected {expected[:16]}..., got {actual[:16]}...)")
+
+
+def _quality_failures(report: ValidationReport, min_sqnr: float | None) -> None:
     for t in report.tensors:
         if t.broken:
             report.failures.append(f"{t.name}: {t.broken} finite source value(s) became NaN/Inf in the output")
@@ -214,31 +220,6 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         for t in report.tensors:
             if t.stored != "bytes" and t.sqnr < min_sqnr:
                 report.failures.append(f"{t.name}: SQNR {t.sqnr:.2f} dB is below --min-sqnr {min_sqnr:g}")
-    progress.close()
-    report.seconds = time.perf_counter() - t0
-    return report
-
-
-def open_output(output: str) -> TensorSource:
-    """An output's weights as one source: the file itself, the one .safetensors file of a
-    folder output, or the shards of a sharded output (through its index)."""
-    if not os.path.isdir(output):
-        return SafetensorsFile(output)
-    indexes = sorted(n for n in os.listdir(output) if is_index_name(n))
-    if len(indexes) == 1:
-        return open_checkpoint(os.path.join(output, indexes[0]), ema=None)
-    return SafetensorsFile(weights_file(output))
-
-
-def weights_file(output: str) -> str:
-    """The safetensors file of an output: the file itself, or the one inside a folder output."""
-    if not os.path.isdir(output):
-        return output
-    names = sorted(n for n in os.listdir(output) if n.endswith(".safetensors"))
-    if len(names) != 1:
-        raise ValidationFailed(f"expected one .safetensors file (or a shard index) in the folder, found "
-                               f"{len(names)}", path=output, hint="validate the folder quantkit convert wrote")
-    return os.path.join(output, names[0])
 
 
 def _recorded_source(output: str, manifest: dict | None) -> dict:
@@ -297,8 +278,8 @@ def _compare(out: SafetensorsFile, src: SafetensorsFile | None, report: Validati
     report.format = fmt.name
     try:
         stored = fmt.stored(out)
-    except ValueError as exc:
-        report.failures.append(f"{out.path}: {exc}")
+    except FormatError as exc:
+        report.failures.append(str(exc))
         return
     if src is None:
         report.notes.append("no --against source: integrity and structure checked, fidelity not measured")
@@ -307,7 +288,7 @@ def _compare(out: SafetensorsFile, src: SafetensorsFile | None, report: Validati
     if recorded:
         report.notes.append(f"output records source sha256 {recorded[:16]}...")
     progress.stage("validate", src.file_size)
-    source_view = _source_view(src)
+    source_view = stored_view(src)
     for name, si in source_view.items():
         info = src.tensors[si.data_key]
         s = stored.get(name)
@@ -325,27 +306,6 @@ def _compare(out: SafetensorsFile, src: SafetensorsFile | None, report: Validati
         progress.advance(info.nbytes)
     for key in stored.keys() - source_view.keys():
         report.failures.append(f"{key}: in the output but not in the source")
-
-
-def _source_view(src: SafetensorsFile) -> dict[str, StoredTensor]:
-    """How to read the source's values: as stored, or dequantized if it is an FP8 checkpoint."""
-    from .dtypes import Kind
-    if any(i.dtype.kind is Kind.FP8 for i in src.tensors.values()):
-        return detect_format(src).stored(src)
-    return {name: StoredTensor(name, name) for name in src.tensors}
-
-
-def _values(file: SafetensorsFile, s: StoredTensor, per_chunk: int, work):
-    """(row_start, row_end, values) of a stored tensor: dequantized into ``work`` (float32, one
-    chunk) when it has a scale, else as stored (a view of the reader's buffer)."""
-    info = file.tensors[s.data_key]
-    if s.scale_key is None:
-        yield from file.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk)
-        return
-    scale = file.read_tensor(file.tensors[s.scale_key]).float()
-    for r0, r1, q in file.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk):
-        yield r0, r1, fp8math.dequantize(q, fp8math.scale_rows(scale, s.granularity, r0, r1), s.granularity,
-                                         out=work)
 
 
 def _same_bytes(x, y) -> bool:
@@ -371,7 +331,7 @@ def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor,
     elems = min(rows, per_chunk) * (info.numel // rows if rows else 0)
     # float32 values of one chunk per side, reused chunk after chunk (fresh ones page-fault)
     work_x, work_y = torch.empty(elems, dtype=torch.float32), torch.empty(elems, dtype=torch.float32)
-    pairs = zip(_values(src, si, per_chunk, work_x), _values(out, s, per_chunk, work_y))
+    pairs = zip(stored_values(src, si, per_chunk, work_x), stored_values(out, s, per_chunk, work_y))
     if not info.dtype.torch.is_floating_point:
         for (_, _, x), (_, _, y) in pairs:
             if x.dtype != y.dtype or not bool((x == y).all()):
@@ -393,3 +353,15 @@ def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor,
 def _report(name, stored, granularity, stats: ErrorStats) -> TensorReport:
     return TensorReport(name, stored, granularity, stats.psnr, stats.sqnr, stats.cosine, stats.max_abs_error,
                         stats.nonfinite, stats.broken)
+
+
+class _CallableModule(types.ModuleType):
+    """``quantkit.validate`` is this module (Python binds a package's submodule to its name on
+    import), so the module itself calls ``validate()``: ``quantkit.validate(out, src)`` works
+    whether or not anything imported the module first."""
+
+    def __call__(self, *args, **kwargs) -> ValidationReport:
+        return validate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,5 +1,6 @@
-"""Shared by the tests that stop or starve a real `quantkit convert` subprocess
-(test_signals.py, test_disk_full.py): its source, its command line, its outputs."""
+"""Shared by the tests: the CLI in-process (``run``), file hashes (``sha256``), and, for the tests that
+stop or starve a real `quantkit convert` subprocess (test_signals.py, test_disk_full.py, test_kill.py),
+its source, its command line and its outputs."""
 import hashlib
 import json
 import os
@@ -8,12 +9,20 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from click.testing import CliRunner
+
+from quantkit.cli import main
 from quantkit.writer import TEMP_MARK
 
 # Output kinds: name under the destination folder, extra convert options.
 OUTPUTS = {"file": ("out.safetensors", []),
            "shards": ("out-sharded", ["--max-shard-size", "8MB"]),
            "compressed-tensors": ("out-ct", ["--format", "compressed-tensors"])}
+
+
+def run(*args):
+    """``quantkit ARGS`` in-process (click's runner); an exception that is not an exit propagates."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def sha256(path) -> str:

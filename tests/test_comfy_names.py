@@ -15,20 +15,18 @@ from unittest import mock
 import pytest
 import tiny_models
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_presets import MMDIT, bfl_flux
 
 from quantkit.checkpoint import open_checkpoint
-from quantkit.cli import main
+from quantkit.sources import open_source
 from quantkit.comfy_names import flux_to_bfl, is_diffusers_flux
-from quantkit.validate import load_dequantized, validate
+from quantkit.readback import load_dequantized
+from quantkit.validate import validate
+from runs import run
 
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def diffusers_from_bfl(state: dict) -> dict:
@@ -94,7 +92,7 @@ def model(request, folders):
 
 
 def view_tensors(folder) -> dict:
-    with open_checkpoint(folder, names="comfyui") as ckpt:
+    with open_source(folder, names="comfyui") as ckpt:
         return {n: ckpt.read_tensor(i).clone() for n, i in ckpt.tensors.items()}
 
 
@@ -132,7 +130,7 @@ def test_reads_across_part_boundaries_at_any_offset(flux):
     rng = random.Random(0)
     with open_checkpoint(folder) as plain:
         table = flux_to_bfl(plain.tensors)
-    with open_checkpoint(folder, names="comfyui") as ckpt:
+    with open_source(folder, names="comfyui") as ckpt:
         for name in ("double_blocks.1.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
                      "single_blocks.0.linear1.bias", "final_layer.adaLN_modulation.1.weight"):
             info = ckpt.tensors[name]

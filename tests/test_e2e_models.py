@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 
-from quantkit.cli import main
-from quantkit.validate import load_dequantized
+from quantkit.readback import load_dequantized
+from runs import run
 
 from tiny_models import build, forward, save_state_dict, without_zero_layers
 
@@ -23,9 +22,6 @@ CASES = [("flux", "tensor"), ("flux", "channel"), ("flux", "block"), ("sd3", "te
          ("llama", "channel")]
 MAX_REL_ERROR = 0.05
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.mark.parametrize("name,granularity", CASES)

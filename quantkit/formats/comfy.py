@@ -32,11 +32,11 @@ import struct
 from dataclasses import dataclass
 
 from .. import dtypes
-from ..errors import PolicyError, UnsupportedInputError
+from ..errors import FormatError, PolicyError
 from ..fp8 import FP8_FORMATS, Granularity
 from ..policy import Action
 from ..writer import OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
+from .base import Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
 
 MARKER = ".comfy_quant"
 WEIGHT_SCALE = ".weight_scale"
@@ -44,10 +44,6 @@ INPUT_SCALE = ".input_scale"
 HEADER_KEY = "_quantization_metadata"
 HEADER_VERSION = "1.0"
 MAX_MARKER_BYTES = 1 << 16     # a layer config is a few dozen bytes; anything huge is not one
-
-
-class ComfyFormatError(UnsupportedInputError, ValueError):
-    """A file that claims a ComfyUI convention but breaks it (a ValueError, so validation reports it)."""
 
 
 @dataclass(frozen=True)
@@ -136,12 +132,10 @@ class ComfyUIFile(OutputFormat):
     source_names = "comfyui"   # diffusers FLUX.1 / SD3 / UNets under the original names (quantkit.comfy_names)
     granularities = frozenset({Granularity.TENSOR})
 
-    def layout(self, plan) -> list[Emit]:
+    def check_plan(self, plan: Plan) -> None:
         refuse_renamed(self.name, plan)
-        return self._layout(plan)
-
-    def _layout(self, plan) -> list[Emit]:
-        raise NotImplementedError
+        for t in plan.quantized():
+            quantized_layer(t, self.name)
 
 
 @register
@@ -158,7 +152,7 @@ class ComfyFormat(ComfyUIFile):
             out[quantized_layer(t, self.name)] = layer_config(fp8_name_of(t), input_scale, full_precision)
         return out
 
-    def _layout(self, plan) -> list[Emit]:
+    def layout(self, plan: Plan) -> list[Emit]:
         configs = self.layer_configs(plan)
         emits = []
         for t in plan.tensors:
@@ -207,7 +201,7 @@ def read_configs(file) -> dict[str, dict]:
         if not key.endswith(MARKER):
             continue
         if info.dtype is not dtypes.U8 or len(info.shape) != 1 or info.nbytes > MAX_MARKER_BYTES:
-            raise ComfyFormatError(f"a layer marker must be a 1-D U8 tensor of JSON bytes, not {info.dtype.code}"
+            raise FormatError(f"a layer marker must be a 1-D U8 tensor of JSON bytes, not {info.dtype.code}"
                                    f" {list(info.shape)}", path=file.path, tensor=key)
         configs[key[: -len(MARKER)]] = _config(file.read_tensor(info).numpy().tobytes(), file, key)
     raw = file.metadata.get(HEADER_KEY)
@@ -215,7 +209,7 @@ def read_configs(file) -> dict[str, dict]:
         doc = _config(raw.encode("utf-8"), file, HEADER_KEY)
         layers = doc.get("layers")
         if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
-            raise ComfyFormatError(f"header {HEADER_KEY} has no 'layers' object of layer configs", path=file.path)
+            raise FormatError(f"header {HEADER_KEY} has no 'layers' object of layer configs", path=file.path)
         configs.update(layers)
     return configs
 
@@ -224,9 +218,9 @@ def _config(raw: bytes, file, where: str) -> dict:
     try:
         conf = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise ComfyFormatError("layer config is not UTF-8 JSON", path=file.path, tensor=where) from None
+        raise FormatError("layer config is not UTF-8 JSON", path=file.path, tensor=where) from None
     if not isinstance(conf, dict):
-        raise ComfyFormatError("layer config is not a JSON object", path=file.path, tensor=where)
+        raise FormatError("layer config is not a JSON object", path=file.path, tensor=where)
     return conf
 
 
@@ -236,14 +230,14 @@ def read_layer(file, layer: str, conf: dict) -> ComfyStoredTensor:
     name = conf.get("format")
     fmt = FP8_FORMATS.get(name) if isinstance(name, str) else None
     if fmt is None:
-        raise ComfyFormatError(f"layer format {name!r} is not FP8 (quantkit reads float8_e4m3fn and"
+        raise FormatError(f"layer format {name!r} is not FP8 (quantkit reads float8_e4m3fn and"
                                " float8_e5m2)", path=file.path, tensor=layer)
     if weight is None or scale is None:
-        raise ComfyFormatError(f"a marked layer needs {layer}.weight and {layer}{WEIGHT_SCALE}", path=file.path,
+        raise FormatError(f"a marked layer needs {layer}.weight and {layer}{WEIGHT_SCALE}", path=file.path,
                                tensor=layer)
     if fp8_of(weight.dtype.code) is not fmt:
         # ComfyUI would convert the weight's values to the marked dtype: garbage, not a reinterpretation.
-        raise ComfyFormatError(f"weight is {weight.dtype.code} but its marker says {fmt.name}", path=file.path,
+        raise FormatError(f"weight is {weight.dtype.code} but its marker says {fmt.name}", path=file.path,
                                tensor=weight.name)
     return ComfyStoredTensor(weight.name, weight.name, scale_key(file, scale), Granularity.TENSOR, fmt,
                              input_scale(file, file.tensors.get(layer + INPUT_SCALE)),
@@ -254,7 +248,7 @@ def scale_key(file, info) -> str:
     """A per-tensor scale: one float value (F32 0-dim as written; [1] and 16-bit floats, which ComfyUI
     casts to float32 on load, are read too)."""
     if info.dtype.kind is not dtypes.Kind.FLOAT or info.numel != 1 or len(info.shape) > 1:
-        raise ComfyFormatError(f"scale must be one float value (shape []), not {info.dtype.code} {list(info.shape)}",
+        raise FormatError(f"scale must be one float value (shape []), not {info.dtype.code} {list(info.shape)}",
                                path=file.path, tensor=info.name, hint="only per-tensor scales are ComfyUI FP8")
     return info.name
 

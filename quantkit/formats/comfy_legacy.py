@@ -17,12 +17,12 @@ from __future__ import annotations
 import re
 
 from .. import dtypes
-from ..errors import PolicyError
+from ..errors import FormatError, PolicyError
 from ..fp8 import E4M3FN, Granularity
 from ..policy import Action, TensorKind
 from ..writer import OutputTensor
-from . import Emit, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
-from .comfy import (ComfyFormatError, ComfyStoredTensor, ComfyUIFile, carried, f32_bytes, input_scale,
+from .base import Emit, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
+from .comfy import (ComfyStoredTensor, ComfyUIFile, carried, f32_bytes, input_scale,
                     quantized_layer, scale_key)
 
 MARKER = "scaled_fp8"
@@ -71,7 +71,7 @@ class ComfyLegacyFormat(ComfyUIFile):
                               " as float8_e4m3fn whatever the marker says, which would corrupt float8_e5m2 weights",
                               hint="use --format comfy for float8_e5m2")
 
-    def _layout(self, plan) -> list[Emit]:
+    def layout(self, plan: Plan) -> list[Emit]:
         fp8 = dtypes.BY_CODE[plan.options.fp8.safetensors_dtype]
         prefixes = sorted({marker_prefix(t.name) for t in plan.quantized()})
         emits = [Emit(OutputTensor(p + MARKER, fp8, (0,)), Role.CONSTANT) for p in prefixes]
@@ -123,7 +123,7 @@ class ComfyLegacyFormat(ComfyUIFile):
             weight = file.tensors.get(layer + ".weight")
             fp8 = fp8_of(weight.dtype.code) if weight is not None else None
             if fp8 is None:
-                raise ComfyFormatError(f"{key} scales no FP8 weight ({layer}.weight is missing or not FP8)",
+                raise FormatError(f"{key} scales no FP8 weight ({layer}.weight is missing or not FP8)",
                                        path=file.path, tensor=key)
             scale_in = input_scale(file, file.tensors.get(layer + SCALE_INPUT))
             # ComfyUI drops an activation scale of exactly 1 (the value it assumes anyway).

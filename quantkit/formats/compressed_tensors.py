@@ -78,12 +78,12 @@ from collections import Counter
 from .. import dtypes
 from ..dtypes import Kind
 from ..options import KeepDtype
-from ..errors import PolicyError, UnsupportedInputError
+from ..errors import FormatError, PolicyError, UnsupportedInputError
 from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
 from ..policy import Action, TensorKind
 from ..shards import is_index_name
 from ..writer import TEMP_MARK, OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register, stored_with_scales
+from .base import Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register, stored_with_scales
 
 SCALE_SUFFIX = "_scale"
 CONFIG_NAME = "config.json"
@@ -105,7 +105,7 @@ def granularity_from_shapes(weight_shape, scale_shape_) -> Granularity:
     for g in (Granularity.CHANNEL, Granularity.BLOCK):
         if tuple(scale_shape(tuple(weight_shape), g)) == tuple(scale_shape_):
             return g
-    raise ValueError(f"scale shape {list(scale_shape_)} fits no granularity of a {list(weight_shape)} weight"
+    raise FormatError(f"scale shape {list(scale_shape_)} fits no granularity of a {list(weight_shape)} weight"
                      f" (compressed-tensors: [1], [out, 1] or [ceil(out/{BLOCK_SIZE}), ceil(in/{BLOCK_SIZE})])")
 
 
@@ -275,12 +275,14 @@ class CompressedTensorsFormat(OutputFormat):
                 out[t.name] = f"an embedding; {_LINEAR_ONLY}"
         return out
 
-    def layout(self, plan) -> list[Emit]:
+    def check_plan(self, plan: Plan) -> None:
         bad = [t for t in plan.quantized() if not t.name.endswith(".weight") or len(t.info.shape) != 2]
         if bad:
             names = ", ".join(t.name for t in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise PolicyError(f"format {self.name!r} quantizes Linear weights only (2-D '<module>.weight'), "
                               f"not {names}", hint="keep them with --keep, or use --format native")
+
+    def layout(self, plan: Plan) -> list[Emit]:
         scale_dtype = model_dtype(plan)
         g = plan.options.granularity
         emits = []

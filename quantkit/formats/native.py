@@ -12,10 +12,11 @@ from __future__ import annotations
 
 
 from .. import dtypes
+from ..errors import FormatError
 from ..fp8 import Granularity
 from ..policy import Action
 from ..writer import OutputTensor
-from . import Emit, OutputFormat, Role, StoredTensor, quantkit_metadata, register, stored_with_scales
+from .base import Emit, OutputFormat, Role, StoredTensor, quantkit_metadata, register, stored_with_scales
 
 SCALE_SUFFIX = "_scale"
 
@@ -26,7 +27,7 @@ def granularity_from_shapes(weight_shape, scale_shape) -> Granularity:
     for g in Granularity:
         if tuple(expected(tuple(weight_shape), g)) == tuple(scale_shape):
             return g
-    raise ValueError(f"scale shape {list(scale_shape)} fits no granularity of a {list(weight_shape)} weight")
+    raise FormatError(f"scale shape {list(scale_shape)} fits no granularity of a {list(weight_shape)} weight")
 
 
 @register

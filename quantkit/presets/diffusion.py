@@ -5,7 +5,7 @@ Each registers itself (in this order) through ``_preset``; the machinery is in `
 from __future__ import annotations
 
 from ..policy import Action
-from . import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
+from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
 
 
 # ----------------------------------------------------------------------------- shared reasons (diffusion)

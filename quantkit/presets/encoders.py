@@ -5,7 +5,7 @@ their rules to the encoders bundled in an all-in-one checkpoint.
 """
 from __future__ import annotations
 
-from . import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
+from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
 
 
 # ----------------------------------------------------------------------------- text encoders
@@ -41,6 +41,7 @@ T5 = _preset(
                "an all-in-one FLUX FP8 file shows DenseReluDense.wo as F8_E4M3). Keeping wo costs ~1.0B "
                "parameters in BF16 for T5-XXL (~5.9 GB instead of ~4.9 GB); add "
                r"--quantize 're:.*DenseReluDense\.wo\.weight' to match those files."),
+    bundled=True,
 )
 
 _CLIP_HF_RULES = (   # relative to the text model (text_model., or '' as transformers 5 saves CLIPTextModel)
@@ -86,6 +87,7 @@ CLIP_TEXT = _preset(
     reference=("CLIP-L and CLIP-G are mostly published in FP16 (they are small); FP8 releases follow the legacy "
                "every-nn.Linear rule, which this matches except for the kept text_projection. Vision towers "
                "(vision_model.*, visual.*) are not touched."),
+    bundled=True,
 )
 
 _BERT_RULES = (
@@ -115,6 +117,7 @@ BERT = _preset(
            ("LayerNorms, biases", _WHY_NORMS)),
     reference=("No ecosystem FP8 convention for BERT-like encoders was found; this follows the generic "
                "llm-compressor recipe (every Linear in the layers, heads ignored)."),
+    bundled=True,
 )
 
 _LLM_RULES = (
@@ -151,4 +154,5 @@ LLM = _preset(
            ("norms (input_layernorm, post_attention_layernorm, q_norm/k_norm, model.norm), biases", _WHY_NORMS)),
     reference=("Matches llm-compressor's FP8 recipes (Linear targets, lm_head ignored) and modelopt's defaults; "
                "the embeddings are kept explicitly because model_free_ptq would otherwise quantize them."),
+    bundled=True,
 )

@@ -1,0 +1,163 @@
+"""What every output format shares: the ``OutputFormat`` hooks, the registry, and the helpers
+that read a layout of weights with scales back (``stored_with_scales``).
+
+A format module subclasses ``OutputFormat`` and decorates it with ``@register``; the package's
+``__init__`` imports every module (adding a format = adding a file).
+"""
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from ..dtypes import Granularity, fp8_of
+from ..errors import FormatError, PolicyError, UnsupportedInputError
+from ..options import ConvertOptions
+from ..planned import Emit, Plan, PlannedTensor, Role, StoredTensor  # noqa: F401  (a format's vocabulary)
+from ..reader import TensorSource
+
+
+def layer_name(key: str) -> str:
+    """``<L>`` of ``<L>.weight``."""
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def quantkit_metadata(fmt: "OutputFormat", plan: Plan, provenance: dict[str, str], **extra: str) -> dict[str, str]:
+    """The header metadata every format writes, so a file explains itself: quantkit version,
+    format, FP8 dtype, granularity, keep dtype, the effective policy, the quantized layers and
+    the source's provenance. Loaders ignore metadata keys they do not know."""
+    from .._version import __version__
+    from ..fp8 import BLOCK_SIZE
+    summary = plan.summary()
+    return {
+        "quantkit.version": __version__,
+        "quantkit.format": fmt.name,
+        "quantkit.fp8": summary["fp8"],
+        "quantkit.granularity": summary["granularity"],
+        "quantkit.block_size": str(BLOCK_SIZE),
+        "quantkit.keep_dtype": summary["keep_dtype"],
+        **extra,
+        "quantkit.policy": json.dumps(summary["policy"], sort_keys=True, separators=(",", ":")),
+        "quantkit.quantized": json.dumps([layer_name(t.name) for t in plan.quantized()]),
+        **provenance,
+    }
+
+
+class OutputFormat:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    granularities: ClassVar[frozenset] = frozenset(Granularity)
+    # A folder format writes DST/ (weights + config files) instead of the single file DST.
+    folder: ClassVar[bool] = False
+    weights_name: ClassVar[str] = "model.safetensors"
+    # Whether --max-shard-size may split the weights over several files with an index.
+    shardable: ClassVar[bool] = True
+    # Tried after the others by detect_format (its recognizes() is the loosest).
+    recognized_last: ClassVar[bool] = False
+    # The key names this format's clients load, when they differ from the source's
+    # (sources.open_source(names=...)): "comfyui" for the comfy formats.
+    source_names: ClassVar[str | None] = None
+
+    def check(self, options: ConvertOptions) -> None:
+        """Refuse options this format cannot express, before any work starts."""
+        if options.granularity not in self.granularities:
+            allowed = ", ".join(sorted(g.value for g in self.granularities))
+            raise PolicyError(f"format {self.name!r} does not support --granularity {options.granularity.value}",
+                              hint=f"use one of: {allowed}")
+        if options.max_shard_bytes is not None and not self.shardable:
+            raise PolicyError(f"format {self.name!r} is a single file (its loaders read no shard index)",
+                              hint="drop --max-shard-size, or use --format native / compressed-tensors")
+
+    def check_source(self, source: TensorSource) -> None:
+        """Refuse a source this format cannot convert, from its header and folder alone (before any
+        data is read). ``source`` is the opened checkpoint."""
+
+    def unreadable(self, source: TensorSource, tensors: list[PlannedTensor]) -> dict[str, str]:
+        """Of ``tensors`` (planned for FP8), those this format's clients cannot read as FP8: name ->
+        why (``an nn.Embedding: ...``). The plan keeps them in high precision with that reason,
+        and refuses a user's own --quantize rule that asks for one."""
+        return {}
+
+    def check_plan(self, plan: Plan) -> None:
+        """Refuse a plan this format cannot write (a tensor its clients cannot load as planned),
+        before any layout is built."""
+
+    def layout(self, plan: Plan) -> list[Emit]:
+        """Every output tensor, in file order (of a plan ``check_plan`` accepted)."""
+        raise NotImplementedError
+
+    def metadata(self, plan: Plan, provenance: dict[str, str]) -> dict[str, str]:
+        """The safetensors header's ``__metadata__``."""
+        raise NotImplementedError
+
+    def stored(self, file: TensorSource) -> dict[str, StoredTensor]:
+        """Read back: source key -> how it is stored in ``file`` (a file of this format); a file
+        that breaks the format's conventions raises ``FormatError``."""
+        raise NotImplementedError
+
+    def finalize(self, folder: str, plan: Plan, source: TensorSource) -> list[str]:
+        """Folder formats: write the files beside the weights (config, tokenizer...) into
+        ``folder``; returns their names relative to it. Called after the weights are complete;
+        ``source`` is the opened checkpoint."""
+        return []
+
+    def warnings(self, plan: Plan) -> list[str]:
+        """Things a user of this format should know about this plan (not errors)."""
+        return []
+
+    @classmethod
+    def recognizes(cls, file: TensorSource) -> bool:
+        """Whether ``file`` looks written in this format."""
+        return False
+
+
+REGISTRY: dict[str, type[OutputFormat]] = {}
+
+
+def register(cls: type[OutputFormat]) -> type[OutputFormat]:
+    """Add a format to the table under its name; a second format of the same name is an error."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"format {cls.name!r} is registered twice ({REGISTRY[cls.name].__module__}, {cls.__module__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_format(name: str) -> OutputFormat:
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        raise PolicyError(f"unknown format {name!r}", hint=f"known formats: {', '.join(sorted(REGISTRY))}") from None
+
+
+def detect_format(file: TensorSource) -> OutputFormat:
+    """The format that wrote ``file``, from its metadata (quantkit outputs record it)."""
+    name = file.metadata.get("quantkit.format")
+    if name in REGISTRY:
+        return REGISTRY[name]()
+    for cls in sorted(REGISTRY.values(), key=lambda c: c.recognized_last):
+        if cls.recognizes(file):
+            return cls()
+    raise UnsupportedInputError("not a quantized checkpoint in a format quantkit knows", path=file.path,
+                                hint=f"known formats: {', '.join(sorted(REGISTRY))}")
+
+
+def stored_with_scales(file: TensorSource, scale_suffix: str, granularity_of, *, skip=lambda key: False,
+                       weights_only: bool = False) -> dict[str, StoredTensor]:
+    """Read back a layout where each FP8 tensor ``<key>`` has its scale under ``<key><scale_suffix>``
+    (``granularity_of(weight_shape, scale_shape)`` says which granularity it encodes): source key
+    -> StoredTensor. Scale keys, and keys for which ``skip(key)`` holds, are not source tensors.
+    ``weights_only``: only ``*.weight`` keys carry scales."""
+    out = {}
+    for key, info in file.tensors.items():
+        if key.endswith(scale_suffix) and key[: -len(scale_suffix)] in file.tensors or skip(key):
+            continue
+        scale = file.tensors.get(key + scale_suffix) if key.endswith(".weight") or not weights_only else None
+        fp8 = fp8_of(info.dtype.code)
+        if scale is None or fp8 is None:
+            out[key] = StoredTensor(key, key)
+            continue
+        try:
+            out[key] = StoredTensor(key, key, scale.name, granularity_of(info.shape, scale.shape), fp8)
+        except FormatError as exc:
+            exc.path, exc.tensor = file.path, key
+            raise
+    return out

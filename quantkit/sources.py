@@ -1,0 +1,36 @@
+"""Sources: what convert, plan and validate read, composed from a checkpoint and a naming.
+
+``open_checkpoint`` reads every layout under its own names; ``comfy_names`` presents a diffusers
+model under the names ComfyUI loads. This module, above both, is the one place that combines them.
+"""
+from __future__ import annotations
+
+import os
+
+from .checkpoint import open_checkpoint
+from .comfy_names import COMFYUI, comfyui_view
+from .errors import OptionsError
+from .reader import TensorSource
+
+NAMINGS = (COMFYUI,)
+
+
+def open_source(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False,
+                names: str | None = None) -> TensorSource:
+    """The checkpoint at ``path`` (``open_checkpoint``'s layouts, ``component`` and ``ema``), under
+    ``names``: None for its own, ``"comfyui"`` for the names ComfyUI loads (a diffusers FLUX.1 / SD3
+    transformer or UNet renamed; any other checkpoint as it is).
+
+    >>> with open_source("model.safetensors") as src:       # doctest: +SKIP
+    ...     print(len(src.tensors))
+    """
+    if names is not None and names not in NAMINGS:
+        raise OptionsError(f"unknown naming {names!r}", hint=f"known: {', '.join(NAMINGS)}")
+    checkpoint = open_checkpoint(path, component=component, ema=ema)
+    if names is None:
+        return checkpoint
+    try:
+        return comfyui_view(checkpoint)
+    except BaseException:
+        checkpoint.close()
+        raise
