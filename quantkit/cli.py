@@ -1,7 +1,8 @@
 """The ``quantkit`` command: a thin click shell over the library.
 
 Nothing heavy is imported at module level, so ``quantkit --help`` answers without loading torch.
-Exit codes: 0 success, 1 validation failed, 2 bad input or usage, 130 / 143 Ctrl-C / SIGTERM.
+Exit codes: 0 success, 1 validation failed, 2 bad input or usage (out of memory included), 3 an
+internal error (a bug: its traceback is printed), 130 / 143 Ctrl-C / SIGTERM.
 """
 from __future__ import annotations
 
@@ -174,6 +175,9 @@ class _Bars:
         self.progress = Bars()
 
 
+INTERNAL_ERROR = 3      # a bug: neither 1 (validation failed) nor 2 (bad input)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a job scheduler, ``kill``), raised where Ctrl-C would be so the same cleanup runs."""
 
@@ -195,6 +199,23 @@ class _Group(click.Group):
             what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
             click.echo(f"{what}: stopped; nothing half-written is left under the output's name", err=True)
             raise click.exceptions.Exit(code) from None
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except MemoryError:
+            click.echo("error: out of memory (convert streams in any case; for validate --model-output, the model "
+                       "must fit: validate per tensor, without --model-output, or on a machine with more memory)",
+                       err=True)
+            raise click.exceptions.Exit(2) from None
+        except Exception as exc:      # noqa: BLE001 -- a bug, not bad input: the traceback is for the report
+            if "not enough memory" in str(exc):          # torch's allocator: "you tried to allocate N bytes"
+                click.echo(f"error: out of memory: {str(exc).strip().splitlines()[0][:300]} (validate per tensor, "
+                           "without --model-output, or use a machine with more memory)", err=True)
+                raise click.exceptions.Exit(2) from None
+            import traceback
+            traceback.print_exc()
+            click.echo(f"internal error (a bug in quantkit, not in your files): {type(exc).__name__}: {exc}; "
+                       "please report it with the traceback above", err=True)
+            raise click.exceptions.Exit(INTERNAL_ERROR) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -16,6 +16,9 @@ from .manifest import FOLDER_MANIFEST, manifest_path
 
 def check_destination(src: str, dst: str, overwrite: bool, folder: bool = False) -> None:
     """The destination may not be the source (also through links or '..'); an existing one needs overwrite."""
+    if not dst:
+        raise OutputError("no output path given", hint="give a file name such as model-fp8.safetensors")
+    _refuse_special(dst, "destination")
     if os.path.realpath(src) == os.path.realpath(dst) or (
             os.path.exists(dst) and os.path.samefile(src, dst)):
         raise OutputError("destination is the source", path=dst, hint="choose another output path")
@@ -67,6 +70,9 @@ def check_report_path(path: str, option: str, *, reads: Iterable[str] = (), writ
 
     >>> check_report_path("report.json", "--json", reads=["model.safetensors"])   # doctest: +SKIP
     """
+    if not path:
+        raise OutputError(f"{option} needs a file name", hint=f"give {option} a file name such as report.json")
+    _refuse_special(path, option)
     real = os.path.realpath(path)
     for protected, what in [(p, "a file this command reads") for p in reads] + [(p, "the output") for p in writes]:
         if _inside(real, os.path.realpath(protected)) or _same_file(path, protected):
@@ -81,6 +87,19 @@ def check_report_path(path: str, option: str, *, reads: Iterable[str] = (), writ
         raise OutputError(f"{option}: the folder is not writable", path=parent, hint="choose another folder")
     if os.path.lexists(path) and not overwrite:
         raise OutputError(f"{option} file exists", path=path, hint="pass --overwrite to replace it")
+
+
+def _refuse_special(path: str, what: str) -> None:
+    """A device, FIFO or socket (``/dev/null``, ``/dev/stdout``) is never replaced: writing
+    through a temporary file and renaming it would put a regular file in its place."""
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OutputError(f"{what} is not a regular file (a device, FIFO or socket)", path=path,
+                          hint="give a file name on disk")
 
 
 def _inside(path: str, root: str) -> bool:

@@ -3,8 +3,11 @@
 Per-tensor SQNR says how well each weight survived; what a user cares about is what the model
 computes. This builds the architecture named by the ``config.json`` beside the source's
 weights, offline, loads the source's weights and runs seeded random inputs through it; then
-loads the quantized output dequantized (W = q * scale) and runs the same inputs again. The two
-outputs (float32) are compared with the same metrics as the tensors.
+runs the same inputs through the quantized output, loaded the way its client loads it: a
+compressed-tensors folder by transformers itself (``from_pretrained``, so a tensor the client
+misreads shows at the output), the other formats dequantized by quantkit (W = q * scale, the
+convention ComfyUI's loader applies). The two outputs (float32) are compared with the same
+metrics as the tensors.
 
 - transformers models (the class in ``architectures``): random token ids; the output is the
   logits or last hidden states.

@@ -55,6 +55,9 @@ class ConvertOptions:
         ``granularity`` / ``fp8`` None: per tensor / E4M3, or what an already-FP8 source holds."""
         if fp8 is not None and fp8 not in FP8_FORMATS:
             raise OptionsError(f"unknown FP8 dtype {fp8!r}", hint=f"choose one of {', '.join(FP8_FORMATS)}")
+        if component is not None and not component.strip():
+            raise OptionsError("--component is empty", hint="name a component (transformer, unet, vae, ...) or leave "
+                                                             "the option out")
         policy = Policy(tuple(Rule(Action(a), p) for a, p in rules), quantize_conv=quantize_conv)
         unset = frozenset(k for k, v in (("granularity", granularity), ("fp8", fp8)) if v is None)
         return cls(Granularity(granularity or "tensor"), FP8_FORMATS[fp8 or "float8_e4m3fn"], format,

@@ -304,3 +304,38 @@ def test_validate_names_each_file_it_hashes(workspace):
     hashed = [line for line in result.output.splitlines() if "sha256 output" in line]
     assert any(line.endswith("model.safetensors") for line in hashed)
     assert any(line.endswith("config.json") for line in hashed)
+
+
+# --- more of the same, found walking the options ------------------------------------------------
+
+def test_special_files_and_empty_names_are_never_written(workspace, tmp_path):
+    root, src, out, ct = workspace
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for args in (["convert", src, fifo, "--overwrite", "-q"], ["plan", src, "--json", fifo, "--overwrite"],
+                 ["convert", src, "/dev/null", "--overwrite", "-q"], ["plan", src, "--json", "/dev/null", "--overwrite"],
+                 ["convert", src, "", "-q"], ["convert", src, tmp_path / "x.safetensors", "--component", "", "-q"]):
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        one_error_line(result)
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    import stat
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_bug_in_a_format_read_back_is_an_internal_error_not_a_broken_file(workspace, monkeypatch):
+    """A programming error inside a reader is not reported as "the file does not follow the format":
+    the library lets it propagate, and the CLI prints its traceback and exits 3."""
+    root, src, out, ct = workspace
+    from quantkit.formats.native import NativeFormat
+    from quantkit.validate import validate
+
+    def broken(self, file):
+        raise RuntimeError("a deliberate bug in the middle of reading")
+    monkeypatch.setattr(NativeFormat, "stored", broken)
+    with pytest.raises(RuntimeError, match="deliberate bug"):
+        validate(str(out), str(src))
+    result = run("validate", out, "--against", src)
+    assert result.exit_code == 3
+    assert "Traceback" in result.stderr and "internal error" in result.stderr
+    assert "does not follow" not in result.output
