@@ -12,11 +12,12 @@ import sys
 import click
 
 from .dtypes import FP8_FORMATS, Granularity
-from .options import KeepDtype
+from .options import KeepDtype, Recipe
 
 GRANULARITIES = tuple(g.value for g in Granularity)
 KEEP_DTYPES = tuple(k.value for k in KeepDtype)
 FP8_DTYPES = tuple(FP8_FORMATS)
+RECIPES = tuple(r.value for r in Recipe)
 
 PATTERN_HELP = """\b
 Policy rules (--quantize / --keep, repeatable) are applied in the order given and the LAST
@@ -84,6 +85,9 @@ def _policy_options(f):
                           "An FP8 source keeps its own."),
         click.option("--preset", default="auto", show_default=True, metavar="NAME",
                      help="Architecture policy; 'auto' detects it from the keys (list with 'quantkit presets')."),
+        click.option("--recipe", type=click.Choice(RECIPES), default="mixed", show_default=True,
+                     help="mixed: attention projections and norms stay BF16, feed-forward and modulation "
+                          "linears become FP8; compact: attention FP8 too (about 10% smaller, less faithful)."),
         click.option("--quantize", "quantize_rules", multiple=True, metavar="PATTERN",
                      help="Quantize tensors matching PATTERN (repeatable; see rules below)."),
         click.option("--keep", "keep_rules", multiple=True, metavar="PATTERN",
@@ -110,7 +114,7 @@ def _policy_options(f):
     return f
 
 
-def _options(ctx, *, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_conv, allow_nonfinite,
+def _options(ctx, *, granularity, fmt, fp8_dtype, preset, recipe, keep_dtype, quantize_conv, allow_nonfinite,
              comfy_header_metadata, component, ema, max_shard_size, quantize_rules=(), keep_rules=()):
     """ConvertOptions from the shared options (--quantize/--keep come in command-line order from ctx)."""
     from .options import ConvertOptions
@@ -118,7 +122,7 @@ def _options(ctx, *, granularity, fmt, fp8_dtype, preset, keep_dtype, quantize_c
                                        rules=ctx.meta.get("quantkit.rules", []), quantize_conv=quantize_conv,
                                        allow_nonfinite=allow_nonfinite, preset=preset,
                                        comfy_header_metadata=comfy_header_metadata, component=component, ema=ema,
-                                       max_shard_size=max_shard_size)
+                                       max_shard_size=max_shard_size, recipe=recipe)
 
 
 def _reports(json_path: str | None) -> dict[str, str]:
@@ -277,7 +281,7 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
     c = result.counts
     for note in result.notes:
         click.echo(f"  {note}")
-    click.echo(f"  format {result.format}, {result.fp8}, {result.granularity} scales")
+    click.echo(f"  format {result.format}, recipe {result.recipe}, {result.fp8}, {result.granularity} scales")
     click.echo(f"  tensors: {c['quantize']} quantized, {c['keep']} kept ({options.keep_dtype.value}), "
                f"{c['pass']} passed through")
     click.echo(f"  size: {_size(result.bytes_in)} -> {_size(result.bytes_out)} "
@@ -396,7 +400,7 @@ def plan(ctx, src, json_path, overwrite, only, **policy):
     from .destinations import check_report_path, source_reads
     from .errors import QuantkitError
     from .formats import get_format
-    from .plan import make_plan
+    from .plan import make_plan, recipe_sizes
     from .sources import open_source
     try:
         options = _options(ctx, **policy)
@@ -405,6 +409,7 @@ def plan(ctx, src, json_path, overwrite, only, **policy):
             for option, path in _reports(json_path).items():
                 check_report_path(path, option, reads=source_reads(f), overwrite=overwrite)
             p = make_plan(f, options)
+            sizes = recipe_sizes(f, options)
             joined = joined_parts(f)
     except QuantkitError as exc:
         _fail(exc)
@@ -423,11 +428,13 @@ def plan(ctx, src, json_path, overwrite, only, **policy):
                    f"{t.out_dtype.code:<8} {t.decision.reason}{origin}")
     click.echo(f"\n{p.count(_action('quantize'))} quantized, {p.count(_action('keep'))} kept, "
                f"{p.count(_action('pass'))} passed through; size {_size(p.bytes_in)} -> {_size(p.bytes_out)}"
-               f" ({100 * p.bytes_out / max(p.bytes_in, 1):.0f}%)")
+               f" ({100 * p.bytes_out / max(p.bytes_in, 1):.0f}%), recipe {options.recipe.value}")
+    click.echo("by recipe: " + ", ".join(f"{name} {_size(n)} ({100 * n / max(p.bytes_in, 1):.0f}%)"
+                                         if n is not None else f"{name} not possible" for name, n in sizes.items()))
     for w in p.warnings:
         click.echo(f"warning: {w}", err=True)
     if json_path:
-        _write_json(json_path, {**p.to_dict(), **({"joined": joined} if joined else {})})
+        _write_json(json_path, {**p.to_dict(), "bytes_out_by_recipe": sizes, **({"joined": joined} if joined else {})})
 
 
 NAME_COLUMN_MAX = 72
@@ -472,6 +479,8 @@ def presets(show):
         click.echo(f"{'auto':<22} detect the architecture from the checkpoint's keys (default)")
         for name, p in REGISTRY.items():
             click.echo(f"{name:<22} {p.summary}")
+        click.echo("\nThe summaries say what --recipe compact quantizes; --recipe mixed (the default) keeps the "
+                   "attention projections in BF16 (docs/presets.md).")
         return
     if show not in REGISTRY:
         _fail(QuantkitError(f"unknown preset {show!r}", hint=f"known presets: {', '.join(REGISTRY)}"))
@@ -486,6 +495,9 @@ def presets(show):
     click.echo("\nKept in high precision:")
     for what, why in p.keeps:
         click.echo(f"  - {what}: {why}")
+    if p.attention:
+        click.echo("\nAttention projections it recognises (kept in BF16 by --recipe mixed, the default; FP8 with "
+                   f"--recipe compact):\n  {p.attention}")
     if p.reference:
         click.echo(f"\nCompared with published FP8 files: {p.reference}")
 

@@ -28,6 +28,16 @@ class KeepDtype(enum.Enum):
                 KeepDtype.FP32: dtypes.F32, KeepDtype.SOURCE: source}[self]
 
 
+class Recipe(enum.Enum):
+    """Which layers a preset's FP8 checkpoint keeps: ``mixed`` keeps attention projections (and,
+    as always, norms, embeddings and heads) in high precision and quantizes feed-forward and
+    modulation linears, as Stability AI's SD3.5 FP8 release does; ``compact`` quantizes the
+    attention too (the published ComfyUI-style FP8 files, about 10% smaller)."""
+
+    MIXED = "mixed"
+    COMPACT = "compact"
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
     granularity: Granularity = Granularity.TENSOR
@@ -43,6 +53,7 @@ class ConvertOptions:
     max_shard_bytes: int | None = None      # sharded output: at most this many bytes per shard
     # Fields the user left unset ("granularity", "fp8"): an already-FP8 source supplies them.
     from_source: frozenset = frozenset()
+    recipe: Recipe = Recipe.MIXED
 
     @classmethod
     def from_strings(cls, *, granularity: str | None = "tensor", fp8: str | None = "float8_e4m3fn",
@@ -50,7 +61,7 @@ class ConvertOptions:
                      keep_dtype: str = "bf16", rules: list[tuple[str, str]] = (), quantize_conv: bool = False,
                      allow_nonfinite: bool = False, preset: str = "auto", comfy_header_metadata: bool = False,
                      component: str | None = None, ema: bool = False,
-                     max_shard_size: str | None = None) -> "ConvertOptions":
+                     max_shard_size: str | None = None, recipe: str = "mixed") -> "ConvertOptions":
         """Build options from CLI-style strings; ``rules`` are ``("quantize"|"keep", pattern)`` in order.
         ``granularity`` / ``fp8`` None: per tensor / E4M3, or what an already-FP8 source holds."""
         if fp8 is not None and fp8 not in FP8_FORMATS:
@@ -58,11 +69,12 @@ class ConvertOptions:
         if component is not None and not component.strip():
             raise OptionsError("--component is empty", hint="name a component (transformer, unet, vae, ...) or leave "
                                                              "the option out")
+        recipe = Recipe(recipe)
         policy = Policy(tuple(Rule(Action(a), p) for a, p in rules), quantize_conv=quantize_conv)
         unset = frozenset(k for k, v in (("granularity", granularity), ("fp8", fp8)) if v is None)
         return cls(Granularity(granularity or "tensor"), FP8_FORMATS[fp8 or "float8_e4m3fn"], format,
                    KeepDtype(keep_dtype), policy, allow_nonfinite, preset, comfy_header_metadata, component, ema,
-                   parse_size(max_shard_size) if max_shard_size is not None else None, unset)
+                   parse_size(max_shard_size) if max_shard_size is not None else None, unset, recipe)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -12,9 +12,9 @@ from . import dtypes
 from .dtypes import Kind
 from .errors import FormatError, PolicyError, UnsupportedInputError
 from .fp8 import scale_shape
-from .options import ConvertOptions, KeepDtype, parse_size  # noqa: F401  (re-exported: the plan's inputs)
+from .options import ConvertOptions, KeepDtype, Recipe, parse_size  # noqa: F401  (re-exported: the plan's inputs)
 from .planned import Plan, PlannedTensor, StoredTensor
-from .policy import QUANTIZABLE, Action, Decision, Policy
+from .policy import QUANTIZABLE, RECIPE_KEEPS_ATTENTION, Action, Decision, Policy
 from .reader import SafetensorsFile, TensorInfo
 
 
@@ -42,7 +42,8 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
     fmt.check(options)
     fmt.check_source(source)
     preset, why = resolve(options.preset, source.tensors)
-    policy = options.policy.with_preset(preset.name, preset.rules(source.tensors))
+    recipe = dataclasses.replace(options.policy, keep_attention=options.recipe is Recipe.MIXED)
+    policy = recipe.with_preset(preset.name, preset.rules(source.tensors))
     plan = Plan(os.path.basename(os.path.normpath(source.path)), options, [],
                 notes=[*getattr(source, "notes", []), why], policy=policy, source_format=source_format)
     if stored is not None:
@@ -55,6 +56,10 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
             plan.tensors.append(plan_tensor(info, options, policy, source.path))
         else:
             plan.tensors.append(_plan_prequantized(info, s, options, policy, source_format))
+    kept_attention = sum(t.decision.reason == RECIPE_KEEPS_ATTENTION for t in plan.tensors)
+    if kept_attention:
+        plan.notes.append(f"recipe mixed: {kept_attention} attention projections the preset quantizes stay in "
+                          f"{options.keep_dtype.value} (--recipe compact quantizes them)")
     _keep_unreadable(plan, fmt.unreadable(source, [t for t in plan.quantized() if t.prequantized is None]))
     fmt.check_plan(plan)
     plan.outputs = fmt.layout(plan)
@@ -69,6 +74,19 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
         plan.warnings.append("no tensor is quantized: the output only changes precision of kept tensors")
     plan.warnings.extend(fmt.warnings(plan))
     return plan
+
+
+def recipe_sizes(source: SafetensorsFile, options: ConvertOptions) -> dict[str, int | None]:
+    """The output's size under each recipe, for the same source and options (plans from the header
+    only; None where a recipe cannot be planned)."""
+    from .errors import QuantkitError
+    sizes: dict[str, int | None] = {}
+    for recipe in Recipe:
+        try:
+            sizes[recipe.value] = make_plan(source, dataclasses.replace(options, recipe=recipe)).bytes_out
+        except QuantkitError:
+            sizes[recipe.value] = None
+    return sizes
 
 
 def _keep_unreadable(plan: Plan, unreadable: dict[str, str]) -> None:

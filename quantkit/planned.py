@@ -89,7 +89,7 @@ class Plan:
         """What was decided, in one place: the output's header metadata, its manifest, ``--json``
         reports and ``ConvertResult`` are all rendered from this."""
         o = self.options
-        return {"format": o.format, "fp8": o.fp8.name, "granularity": o.granularity.value,
+        return {"format": o.format, "recipe": o.recipe.value, "fp8": o.fp8.name, "granularity": o.granularity.value,
                 "keep_dtype": o.keep_dtype.value, "policy": (self.policy or o.policy).describe(),
                 "notes": self.notes, "counts": {a.value: self.count(a) for a in Action}}
 

@@ -109,6 +109,8 @@ _HEAD = frozenset({"lm_head", "classifier", "score", "pooler", "text_projection"
 _FEED_FORWARD = re.compile(r"(?i)(^|_)(mlp|ffn?)(_|\d|$)")
 _NORM = re.compile(r"(?i)(norm|^ln(_\w+)?$|^ln\d*$|layernorm|rms)")
 
+RECIPE_KEEPS_ATTENTION = "attention projection: recipe mixed keeps attention (--recipe compact quantizes it)"
+
 DEFAULT_ACTIONS = {
     TensorKind.LINEAR: Action.QUANTIZE,
     TensorKind.CONV: Action.KEEP,
@@ -195,6 +197,8 @@ class Rule:
     action: Action
     pattern: str
     origin: str = ""      # who set it: "" for the user's --quantize/--keep, "preset flux" for a preset's
+    # A preset's rule that holds in every recipe (attention fused with the MLP in one tensor elsewhere).
+    every_recipe: bool = False
     _rx: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -216,7 +220,7 @@ class Rule:
     def label(self) -> str:
         """How a decision names this rule: ``rule --keep '*.attn.*'`` or ``preset flux: keep '...'``."""
         if self.origin:
-            return f"{self.origin}: {self.action.value} {self.typed}"
+            return f"{self.origin}: {self.action.value} {self.typed}" + (" (every recipe)" if self.every_recipe else "")
         return f"rule --{self.action.value} {self.typed}"
 
     @property
@@ -240,6 +244,9 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     quantize_conv: bool = False
     name: str = "default"
+    # Recipe "mixed": attention projections stay in high precision whatever a preset says (the
+    # user's own rules, applied after, still win).
+    keep_attention: bool = False
 
     def decide(self, name: str, shape: tuple[int, ...], dtype: DType) -> Decision:
         kind = classify(name, shape, dtype)
@@ -251,26 +258,37 @@ class Policy:
         if kind is TensorKind.CONV and self.quantize_conv:
             action = Action.QUANTIZE
         decision = Decision(action, kind, f"{kind.value}: default {action.value}")
+        recipe_applied = False
         for rule in self.rules:
+            if not rule.origin and not recipe_applied:       # the preset's rules are done, the user's begin
+                decision, recipe_applied = self._recipe(decision), True
             if not rule.matches(name):
                 continue
             if rule.action is Action.QUANTIZE and kind not in QUANTIZABLE:
                 decision = Decision(Action.KEEP, kind, f"{kind.value}: cannot quantize, {rule.label} ignored", rule)
             else:
                 decision = Decision(rule.action, kind, f"{kind.value}: {rule.label}", rule)
+        return decision if recipe_applied else self._recipe(decision)
+
+    def _recipe(self, decision: Decision) -> Decision:
+        """Recipe mixed: an attention projection the preset quantized is kept."""
+        if (self.keep_attention and decision.kind is TensorKind.ATTENTION and decision.action is Action.QUANTIZE
+                and not (decision.rule is not None and decision.rule.every_recipe)):
+            return Decision(Action.KEEP, decision.kind, RECIPE_KEEPS_ATTENTION)
         return decision
 
     def with_preset(self, name: str, rules: tuple[Rule, ...]) -> "Policy":
         """This policy with a preset's rules placed before the user's (the user's win)."""
-        labelled = tuple(Rule(r.action, r.pattern, r.origin or f"preset {name}") for r in rules)
-        return Policy(labelled + self.rules, self.quantize_conv, name)
+        labelled = tuple(Rule(r.action, r.pattern, r.origin or f"preset {name}", r.every_recipe) for r in rules)
+        return Policy(labelled + self.rules, self.quantize_conv, name, self.keep_attention)
 
     def describe(self) -> dict:
         """A JSON-able description, recorded in output metadata."""
         return {
             "name": self.name,
             "defaults": {"linear": "quantize", "convolution": "quantize" if self.quantize_conv else "keep",
-                         "other floating point": "keep", "non-float": "pass"},
+                         "other floating point": "keep", "non-float": "pass",
+                         **({"attention": "keep (recipe mixed, over the preset)"} if self.keep_attention else {})},
             "rules": [[r.action.value, r.pattern] for r in self.rules],
         }
 

@@ -53,6 +53,7 @@ class ConvertResult:
     destination: str
     manifest: str
     format: str
+    recipe: str
     granularity: str
     fp8: str
     counts: dict[str, int]
@@ -138,7 +139,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     progress.close()
     summary = plan.summary()
     return ConvertResult(
-        source=src, destination=dst, manifest=manifest, format=summary["format"],
+        source=src, destination=dst, manifest=manifest, format=summary["format"], recipe=summary["recipe"],
         granularity=summary["granularity"], fp8=summary["fp8"], counts=summary["counts"], bytes_in=plan.bytes_in,
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
         source_sha256=source_sha, output_sha256=output_sha, warnings=plan.warnings, notes=plan.notes)

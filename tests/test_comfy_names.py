@@ -158,7 +158,7 @@ def test_convert_for_comfyui_then_back_through_diffusers_runs_the_model(model, t
     joined weight (q, k, v) has one scale over all its parts."""
     name, folder = model
     out = tmp_path / f"{name}-comfy.safetensors"
-    result = run("convert", folder, out, "--format", "comfy")
+    result = run("convert", folder, out, "--format", "comfy", "--recipe", "compact")   # q/k/v joined
     assert result.exit_code == 0, result.output
     qkv, names = QKV[name]
     assert f"written as ComfyUI's ({names})" in result.output
@@ -231,7 +231,7 @@ def test_model_output_of_a_renamed_output_runs_in_the_source_architecture(folder
     back) and runs them in the diffusers model; a wrong scale on a joined layer fails at the output."""
     folder, _ = folders(name)
     out = tmp_path / f"{name}-comfy.safetensors"
-    assert run("convert", folder, out, "--format", "comfy").exit_code == 0
+    assert run("convert", folder, out, "--format", "comfy", "--recipe", "compact").exit_code == 0
     result = run("validate", out, "--against", folder, "--model-output", "--min-output-sqnr", "30")
     assert result.exit_code == 0, result.output
     report = validate(str(out), str(folder), model_output=True)
@@ -283,3 +283,49 @@ def test_odd_shapes_are_refused_or_joined_never_crash(flux, tmp_path):
         else:
             assert result.exit_code == 2 and "Traceback" not in result.output, (case, result.output)
             assert next(iter(changes)) in result.output or "halves" in result.output, (case, result.output)
+
+
+def test_default_recipe_keeps_attention_and_runs_through_comfyuis_loader(flux, tmp_path):
+    """Issue 11's bar: the tiny FLUX with defaults, read by ComfyUI's mixed-precision ops (comfy-kitchen's
+    QuantizedTensor), renamed back by diffusers' converter: attention BF16, feed-forward FP8, the model's
+    output within cosine 0.99 of the original."""
+    from test_format_comfy import QuantizedTensor, comfy_mixed_ops_load
+    folder, _ = flux
+    out = tmp_path / "flux-mixed.safetensors"
+    result = run("convert", folder, out, "--format", "comfy")
+    assert result.exit_code == 0 and "recipe mixed" in result.output, result.output
+    stored = load_file(str(out))
+    weights, configs, _, rest = comfy_mixed_ops_load(stored, torch.float32)
+    attention = [k[: -len(".weight")] for k in stored if k.endswith(".weight") and "_attn." in k]
+    assert attention and not set(attention) & set(configs)
+    assert all(stored[layer + ".weight"].dtype == torch.bfloat16 for layer in attention)
+    assert {"double_blocks.0.img_mlp.0", "double_blocks.0.txt_mlp.2", "double_blocks.0.img_mod.lin"} <= set(configs)
+
+    state = {k: (w.dequantize() if isinstance(w, QuantizedTensor) else w).float() for k, w in weights.items()}
+    state.update({k: v.float() for k, v in rest.items()})
+    quantized = tiny_models.build("flux")
+    quantized.load_state_dict(BACK["flux"](state), strict=True)
+    source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    reference = tiny_models.build("flux")
+    reference.load_state_dict({k: v.float() for k, v in source.items()}, strict=True)
+    y_ref, y_q = tiny_models.forward("flux", reference), tiny_models.forward("flux", quantized)
+    cos = float(torch.nn.functional.cosine_similarity(y_ref.flatten().double(), y_q.flatten().double(), dim=0))
+    assert cos >= 0.99, cos
+
+
+@pytest.mark.parametrize("recipe", ["mixed", "compact"])
+def test_flux_decisions_are_the_same_under_both_namings(flux, recipe):
+    """One model, one set of decisions: FLUX's single-block q/k/v are joined with proj_mlp into BFL's
+    linear1, so they are quantized in every recipe under diffusers' names too."""
+    from quantkit.options import ConvertOptions
+    from quantkit.plan import make_plan
+    folder, _ = flux
+    with open_source(folder) as own:
+        native = {t.name for t in make_plan(own, ConvertOptions.from_strings(recipe=recipe)).quantized()}
+    with open_source(folder, names="comfyui") as view:
+        plan = make_plan(view, ConvertOptions.from_strings(format="comfy", recipe=recipe))
+        comfy = {part[0] for t in plan.quantized() for part in view.parts[t.name]}
+    assert native == comfy
+    attention = {n for n in native if ".attn.to_" in n or ".attn.add_" in n}
+    if recipe == "mixed":
+        assert attention and all(n.startswith("single_transformer_blocks.") for n in attention)

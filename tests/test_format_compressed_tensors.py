@@ -445,3 +445,22 @@ def test_plan_warns_where_transformers_or_vllm_would_stumble():
                  "encoder.layer.0.attention.self.query.weight", "--keep", "encoder.layer.0.attention.self.key.weight")
     assert result.exit_code == 0 and "vLLM fuses query, key, value" in result.output
     assert "encoder.layer.0.attention.self" in result.output
+
+
+def test_default_recipe_keeps_attention_and_norms_and_stays_close(tmp_path, batch, fp32_embeddings):
+    """Issue 11's bar on the real MiniLM: defaults (recipe mixed) keep all 24 attention projections and
+    every LayerNorm in BF16; transformers loads the folder with embedding cosine >= 0.9988 to FP32."""
+    out = tmp_path / "minilm-mixed"
+    result = run("convert", SRC, out, "--format", "compressed-tensors")
+    assert result.exit_code == 0 and "recipe mixed" in result.output, result.output
+    with SafetensorsFile(str(out / "model.safetensors")) as f:
+        dtypes_ = {k: i.dtype.code for k, i in f.tensors.items()}
+    attention = [k for k in dtypes_ if k.endswith(".weight") and ".attention." in k and "LayerNorm" not in k]
+    norms = [k for k in dtypes_ if "LayerNorm" in k]
+    assert len(attention) == 24 and all(dtypes_[k] == "BF16" for k in attention)
+    assert norms and all(dtypes_[k] == "BF16" for k in norms)
+    assert all(dtypes_[f"{m}.weight"] == "F8_E4M3" for m in MLP)
+    from transformers import BertModel
+    model = BertModel.from_pretrained(str(out), dtype=torch.float32).eval()
+    cos = (embed(model, batch) * fp32_embeddings).sum(-1)
+    assert float(cos.min()) >= 0.9988, cos

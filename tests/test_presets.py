@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from quantkit.dtypes import BF16, from_torch
 from quantkit.errors import PolicyError
-from quantkit.plan import ConvertOptions
+from quantkit.plan import ConvertOptions, Recipe
 from quantkit.policy import Action, Policy, Rule, TensorKind
 from quantkit.presets import (ENCODERS, GENERIC, KEEP_MODULATION_BFL, KEEP_MODULATION_DIFFUSERS,
                               KEEP_MODULATION_MMDIT, REGISTRY, resolve)
@@ -634,7 +634,7 @@ def fp8_keys(path) -> set[str]:
 
 def test_cli_convert_prints_the_detected_preset(flux_file, tmp_path):
     out = tmp_path / "flux-fp8.safetensors"
-    result = run("convert", flux_file, out, "--preset", "auto", "-q")
+    result = run("convert", flux_file, out, "--preset", "auto", "--recipe", "compact", "-q")
     assert result.exit_code == 0, result.output
     assert "preset flux (detected" in result.output
     assert fp8_keys(out) == set((GOLDEN_DIR / "preset_flux.txt").read_text().split())
@@ -645,7 +645,7 @@ def test_cli_convert_prints_the_detected_preset(flux_file, tmp_path):
 
 def test_cli_user_rules_win_over_the_preset(flux_file, tmp_path):
     out = tmp_path / "flux-fp8.safetensors"
-    result = run("convert", flux_file, out, "-q", "--keep", "transformer_blocks.0.attn.to_q",
+    result = run("convert", flux_file, out, "-q", "--recipe", "compact", "--keep", "transformer_blocks.0.attn.to_q",
                  "--quantize", "x_embedder", "--keep", KEEP_MODULATION_DIFFUSERS)
     assert result.exit_code == 0, result.output
     got = fp8_keys(out)
@@ -658,7 +658,7 @@ def test_cli_user_rules_win_over_the_preset(flux_file, tmp_path):
 def test_cli_a_preset_of_another_architecture_is_allowed(tmp_path):
     src, out = tmp_path / "bert.safetensors", tmp_path / "bert-fp8.safetensors"
     save_state_dict(build("bert"), src)
-    result = run("convert", src, out, "--preset", "flux", "-q")
+    result = run("convert", src, out, "--preset", "flux", "--recipe", "compact", "-q")
     assert result.exit_code == 0, result.output
     assert "preset flux (chosen; its architecture was not recognised" in result.output
     assert fp8_keys(out) == set((GOLDEN_DIR / "policy_bert.txt").read_text().split())
@@ -675,7 +675,7 @@ def test_cli_unknown_preset_exits_2_listing_the_known_ones(flux_file, tmp_path):
 
 def test_cli_plan_shows_the_preset_rules(flux_file, tmp_path):
     report = tmp_path / "plan.json"
-    result = run("plan", flux_file, "--json", report)
+    result = run("plan", flux_file, "--recipe", "compact", "--json", report)
     assert result.exit_code == 0 and "preset flux (detected" in result.output
     plan = json.loads(report.read_text())
     assert plan["policy"]["name"] == "flux" and ["keep", "proj_out"] in plan["policy"]["rules"]
@@ -721,7 +721,7 @@ def test_model_output_under_its_preset(model, tmp_path):
     net = without_zero_layers(build(model))
     src, out = tmp_path / "src.safetensors", tmp_path / "fp8.safetensors"
     original = save_state_dict(net, src)
-    result = convert(str(src), str(out), ConvertOptions(preset="auto"))
+    result = convert(str(src), str(out), ConvertOptions(preset="auto", recipe=Recipe.COMPACT))
     assert result.notes[0].startswith(f"preset {MODELS[model]} (detected")
     assert fp8_keys(out) == set((GOLDEN_DIR / f"preset_{model}.txt").read_text().split())
 
@@ -732,3 +732,26 @@ def test_model_output_under_its_preset(model, tmp_path):
     cos = float(torch.nn.functional.cosine_similarity(reference.flatten().double(), restored.flatten().double(),
                                                       dim=0))
     assert reference.abs().max() > 0 and rel <= MAX_REL_ERROR and cos >= MIN_COSINE, (rel, cos)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_recipe_mixed_is_compact_without_the_attention(model, tmp_path):
+    """--recipe mixed (the default) quantizes what compact (the golden files) quantizes, less the
+    attention projections (but FLUX's single-block q/k/v, joined with the MLP under BFL's names)."""
+    from quantkit.plan import make_plan
+    from quantkit.policy import TensorKind
+    from quantkit.sources import open_source
+    src = tmp_path / "src.safetensors"
+    save_state_dict(build(model), src)
+    with open_source(src) as f:
+        compact = make_plan(f, ConvertOptions(preset="auto", recipe=Recipe.COMPACT))
+        mixed = make_plan(f, ConvertOptions(preset="auto"))
+    assert {t.name for t in compact.quantized()} == set((GOLDEN_DIR / f"preset_{model}.txt").read_text().split())
+    attention = {t.name for t in compact.quantized() if t.decision.kind is TensorKind.ATTENTION
+                 and not (t.decision.rule is not None and t.decision.rule.every_recipe)}
+    assert {t.name for t in mixed.quantized()} == {t.name for t in compact.quantized()} - attention
+    assert attention or MODELS[model] == "generic"
+    kept = [t for t in mixed.tensors if t.name in attention]
+    assert all(t.action is K and "recipe mixed" in t.decision.reason for t in kept)

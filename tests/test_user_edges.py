@@ -241,9 +241,9 @@ def test_fp8_source_granularity_keep_and_chain(workspace, tmp_path):
     assert "channel scales" in result.output
     from quantkit.reader import SafetensorsFile
     with SafetensorsFile(str(again)) as f:
-        assert f.tensors["encoder.layer.0.attention.self.query.weight"].dtype.code == "BF16"
-        assert "encoder.layer.0.attention.self.query.weight_scale" not in f.tensors
-        assert f.tensors["encoder.layer.1.attention.self.query.weight"].dtype.code == "F8_E4M3"
+        assert f.tensors["encoder.layer.0.intermediate.dense.weight"].dtype.code == "BF16"
+        assert "encoder.layer.0.intermediate.dense.weight_scale" not in f.tensors
+        assert f.tensors["encoder.layer.1.intermediate.dense.weight"].dtype.code == "F8_E4M3"
     # validated against the FP8 file it was made from, and against the original of the chain
     direct = run("validate", again, "--against", channel, "--min-sqnr", "40")
     assert direct.exit_code == 0, direct.output

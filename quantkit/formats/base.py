@@ -31,6 +31,7 @@ def quantkit_metadata(fmt: "OutputFormat", plan: Plan, provenance: dict[str, str
     return {
         "quantkit.version": __version__,
         "quantkit.format": fmt.name,
+        "quantkit.recipe": summary["recipe"],
         "quantkit.fp8": summary["fp8"],
         "quantkit.granularity": summary["granularity"],
         "quantkit.block_size": str(BLOCK_SIZE),

@@ -14,6 +14,10 @@ from ..errors import PolicyError
 from ..policy import Action, Rule
 
 Q, K = Action.QUANTIZE, Action.KEEP
+# Quantize in every recipe: attention that another naming of the same model fuses with the MLP in
+# one tensor (FLUX's single blocks: BFL's linear1 = q, k, v and the MLP input), so that both namings
+# of one model get the same decisions.
+Q_EVERY_RECIPE = "quantize in every recipe"
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class Preset:
     detection: str = ""
     # The key prefixes under which the architecture was found ('' = unprefixed); empty if absent.
     locate: Callable[[dict], tuple[str, ...]] = field(default=lambda infos: (), repr=False)
+    # The attention projections it recognises (kept by --recipe mixed, FP8 with --recipe compact).
+    attention: str = ""
 
 
 GENERIC = Preset(
@@ -41,6 +47,8 @@ GENERIC = Preset(
            ("norms, biases, 1-D vectors", "tiny, and sensitive"),
            ("embeddings, input projections, output heads", "small share of the size, large share of the error")),
     detection="fallback of 'auto' when no other preset recognises the checkpoint",
+    attention="every projection the policy recognises as attention (to_q/k/v, q_proj, query ..., and layers "
+              "inside an attn/attention module): kept by the default policy in both recipes",
 )
 
 REGISTRY: dict[str, Preset] = {}
@@ -134,14 +142,17 @@ def _literals(anchor: str) -> tuple[str, str]:
     return plain(re.split(r"[(\[+*?]", anchor)[0]), plain(re.split(r"[)\]+*?]", anchor)[-1])
 
 
-def _rule(action: Action, root: str, pattern: str) -> Rule:
-    """A Rule for ``pattern`` (glob or 're:' regex, relative to ``root``) anchored at ``root``."""
+def _rule(action, root: str, pattern: str) -> Rule:
+    """A Rule for ``pattern`` (glob or 're:' regex, relative to ``root``) anchored at ``root``;
+    ``action`` an Action or ``Q_EVERY_RECIPE``."""
+    every_recipe = action == Q_EVERY_RECIPE
+    action = Action.QUANTIZE if every_recipe else action
     if pattern.startswith("../"):
         pattern = pattern[3:]
         root = root[:-1].rpartition(".")[0] + "." if root.count(".") > 1 else ""
     if pattern.startswith("re:"):
-        return Rule(action, "re:" + re.escape(root) + pattern[3:])
-    return Rule(action, re.sub(r"([*?\[])", r"[\1]", root) + pattern)
+        return Rule(action, "re:" + re.escape(root) + pattern[3:], every_recipe=every_recipe)
+    return Rule(action, re.sub(r"([*?\[])", r"[\1]", root) + pattern, every_recipe=every_recipe)
 
 
 _ARCHITECTURES: dict[str, _Architecture] = {}
@@ -153,7 +164,7 @@ BUNDLED: list[Preset] = []
 
 
 def _preset(name: str, summary: str, arch: _Architecture, *, detection: str, quantizes, keeps,
-            reference: str, bundled: bool = False) -> Preset:
+            reference: str, attention: str = "", bundled: bool = False) -> Preset:
     """Register the preset of an architecture; ``bundled``: its rules also apply where it sits
     beside another recognised model in one checkpoint (a text encoder in an all-in-one file)."""
     _ARCHITECTURES[name] = arch
@@ -168,7 +179,7 @@ def _preset(name: str, summary: str, arch: _Architecture, *, detection: str, qua
     preset = register(Preset(name=name, summary=summary, keeps=tuple(keeps), reference=reference,
                              quantizes=tuple(quantizes),
                              detect=lambda infos: bool(locate(infos)), rules=rules, detection=detection,
-                             locate=locate))
+                             locate=locate, attention=attention))
     if bundled:
         BUNDLED.append(preset)
     return preset

@@ -5,7 +5,7 @@ Each registers itself (in this order) through ``_preset``; the machinery is in `
 from __future__ import annotations
 
 from ..policy import Action
-from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
+from .base import Q_EVERY_RECIPE, _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
 
 
 # ----------------------------------------------------------------------------- shared reasons (diffusion)
@@ -68,7 +68,8 @@ _FLUX_BFL_RULES = _FLUX_BFL_DOUBLE_RULES + (
 _FLUX_DIFFUSERS_BLOCK_RULES = (
     (Q, r"re:transformer_blocks\.\d+\.attn\." + _ATTN_DIFFUSERS + r"\.weight"),
     (Q, r"re:transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)\.weight"),
-    (Q, r"re:single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_qkv)\.weight"),
+    # Quantized in every recipe: BFL's names join these with proj_mlp into linear1 (see docs/presets.md).
+    (Q_EVERY_RECIPE, r"re:single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_qkv)\.weight"),
     (Q, r"re:single_transformer_blocks\.\d+\.(proj_mlp|proj_out)\.weight"),
     (Q, r"re:transformer_blocks\.\d+\.(norm1|norm1_context)\.linear\.weight"),
     (Q, r"re:single_transformer_blocks\.\d+\.norm\.linear\.weight"),
@@ -143,6 +144,7 @@ FLUX = _preset(
                "embedders and the final layer (under 0.1B parameters). Add " + " or ".join(_FLUX_MOD_FLAGS) +
                " to keep the modulation in BF16 (+~3 GB for FLUX.1). The exact layer list of Comfy-Org's "
                "flux1-dev-fp8 file could not be inspected."),
+    attention="double blocks: img_attn.qkv, img_attn.proj, txt_attn.qkv, txt_attn.proj (diffusers: attn.to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out); single blocks: attn.to_q/k/v under diffusers names only -- BFL's linear1/linear2 join them with the MLP and stay FP8 in both recipes (docs/presets.md)",
 )
 
 
@@ -193,6 +195,7 @@ FLUX_CONTROLNET = _preset(
                " to keep it in BF16, ~27% of the block weights); the ControlNet's own output "
                "projections are kept, where a converter quantizing every nn.Linear would take them too. "
                "SD3 ControlNets (controlnet_blocks beside SD3 blocks) are left to the generic policy."),
+    attention='as flux: the attention projections of its double and single blocks',
 )
 
 
@@ -264,6 +267,7 @@ SD3 = _preset(
                "this preset quantizes the per-block modulation; it keeps the embedders and the final layer. "
                "Add " + " or ".join(_SD3_MOD_FLAGS) + " to keep the modulation in BF16 (+~2.7 GB for SD3.5 "
                "Large)."),
+    attention="attn (and SD3.5's attn2) to_q/k/v, to_out.0; the context stream's add_q/k/v_proj, to_add_out (SAI: x_block/context_block attn.qkv, attn.proj, attn2.qkv, attn2.proj)",
 )
 
 
@@ -307,6 +311,7 @@ QWEN_IMAGE = _preset(
                "keeps the first and last three blocks: add --keep 'transformer_blocks.0.*' and so on to follow "
                "them. Like the flux and sd3 presets it quantizes the per-block modulation (about a third of the "
                "block weights), block 0's img_mod excepted, as the official config does."),
+    attention='attn.to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out of every block',
 )
 
 
@@ -360,4 +365,5 @@ UNET = _preset(
     reference=("No official FP8 SD1.5/SDXL file with a checkable layer list was found; legacy scaled-FP8 files "
                "quantize every nn.Linear, including proj_in/out and time_emb_proj, which this preset keeps "
                "(about 2% of an SDXL UNet). Convolutions stay BF16 as in every ComfyUI-loadable file."),
+    attention='attn1 (self) and attn2 (cross) to_q/k/v, to_out.0 of every transformer block',
 )

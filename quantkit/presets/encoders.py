@@ -42,6 +42,7 @@ T5 = _preset(
                "parameters in BF16 for T5-XXL (~5.9 GB instead of ~4.9 GB); add "
                r"--quantize 're:.*DenseReluDense\.wo\.weight' to match those files."),
     bundled=True,
+    attention='SelfAttention.q/k/v/o (and EncDecAttention in encoder-decoder checkpoints)',
 )
 
 _CLIP_HF_RULES = (   # relative to the text model (text_model., or '' as transformers 5 saves CLIPTextModel)
@@ -88,6 +89,7 @@ CLIP_TEXT = _preset(
                "every-nn.Linear rule, which this matches except for the kept text_projection. Vision towers "
                "(vision_model.*, visual.*) are not touched."),
     bundled=True,
+    attention='self_attn.q_proj/k_proj/v_proj/out_proj',
 )
 
 _BERT_RULES = (
@@ -118,6 +120,7 @@ BERT = _preset(
     reference=("No ecosystem FP8 convention for BERT-like encoders was found; this follows the generic "
                "llm-compressor recipe (every Linear in the layers, heads ignored)."),
     bundled=True,
+    attention='attention.self.query/key/value, attention.output.dense',
 )
 
 _LLM_RULES = (
@@ -155,4 +158,5 @@ LLM = _preset(
     reference=("Matches llm-compressor's FP8 recipes (Linear targets, lm_head ignored) and modelopt's defaults; "
                "the embeddings are kept explicitly because model_free_ptq would otherwise quantize them."),
     bundled=True,
+    attention='self_attn.q_proj/k_proj/v_proj/o_proj (fused qkv_proj where the model has one)',
 )
