@@ -1,4 +1,4 @@
-"""quantkit.fp8 checked bit for bit against an independent reference (tests/fp8_reference.py).
+"""quantkit.fp8 checked bit for bit against an independent reference (quantkit/testing/reference.py).
 
 The reference is itself checked against ml_dtypes and against a brute-force nearest-value search,
 so a pass here means three implementations agree: the spec written out in numpy, ml_dtypes, and
@@ -22,7 +22,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import fp8_reference as R
+from quantkit.testing import reference as R
 from quantkit import fp8 as F
 from quantkit.fp8 import Granularity as G
 
