@@ -10,9 +10,9 @@
 
 docs/testing.md has the guide.
 """
-from .check import Report, check_case, check_quantizer
+from .check import Report, check_case, check_quantizer, load_quantizer
 from .conventions import Convention, Precision
 from .rules import Failure, QuantizerCheckFailed, QuantizerSpecError, Rule
 
 __all__ = ["Convention", "Failure", "Precision", "QuantizerCheckFailed", "QuantizerSpecError", "Report", "Rule",
-           "check_case", "check_quantizer"]
+           "check_case", "check_quantizer", "load_quantizer"]

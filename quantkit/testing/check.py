@@ -18,6 +18,7 @@ The codes compare by value: +0 and -0 are equal, any NaN code equals any other.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,7 +29,7 @@ import torch
 from . import reference as R
 from .battery import DTYPES, Case, cases
 from .conventions import BLOCK, Granularity, Precision, absmax, as_2d, expand, round_to, scale_shape
-from .rules import Failure, QuantizerCheckFailed, Rule
+from .rules import Failure, QuantizerCheckFailed, QuantizerSpecError, Rule
 
 Quantizer = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 E4M3_MAX = R.E4M3FN.max_finite
@@ -53,6 +54,28 @@ class Report:
         if self.failure is not None:
             return f"FAIL after {head}: {self.failure}"
         return f"ok: {head} passed; lowest SQNR on Gaussian weights {self.min_sqnr_db:.1f} dB"
+
+
+def load_quantizer(spec: str) -> Quantizer:
+    """The callable named by ``"module:function"`` (``"module:Class.method"`` works too).
+
+    >>> load_quantizer("math:sqrt")(4.0)
+    2.0
+    """
+    module_name, colon, attr = spec.partition(":")
+    if not (colon and module_name and attr):
+        raise QuantizerSpecError(f"{spec!r} is not MODULE:FUNCTION (e.g. mypkg.fp8:quantize_weight)")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as exc:   # noqa: BLE001  a module that fails to import is bad input, whatever it raises
+        raise QuantizerSpecError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise QuantizerSpecError(f"{module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise QuantizerSpecError(f"{spec} is not a function (it is of type {type(obj).__name__})")
+    return obj
 
 
 def check_quantizer(fn: Quantizer, granularity: Granularity | str = Granularity.TENSOR, *,
@@ -128,8 +151,8 @@ def _check(fn: Quantizer, case: Case, granularity: Granularity, scale_rule: str,
     problem = _contract(out, rows, cols, granularity)
     if problem:
         return Failure(Rule.CONTRACT, case.label, problem)
-    codes = out[0].contiguous().view(torch.uint8).numpy().reshape(rows, cols)
-    scale = out[1].detach().reshape(scale_shape(rows, cols, granularity)).numpy().astype(np.float32)
+    codes = out[0].detach().cpu().contiguous().view(torch.uint8).numpy().reshape(rows, cols)
+    scale = out[1].detach().cpu().reshape(scale_shape(rows, cols, granularity)).numpy()
     x2 = as_2d(x.float().numpy())
     amax = absmax(x2, granularity)
     return (_check_scale_values(case, granularity, x2, codes, scale, amax)

@@ -62,7 +62,8 @@ class Failure:
     actual: int | float | None = None
 
     def __str__(self) -> str:
-        return f"{self.rule.title}: {self.case}: {self.detail}. Fix: {self.rule.fix}."
+        line = f"{self.rule.title}: {self.case}: {self.detail}. Fix: {self.rule.fix}."
+        return " ".join(line.split())   # one line, whatever the quantizer's exception said
 
 
 class QuantizerCheckFailed(AssertionError):
