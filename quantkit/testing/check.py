@@ -28,7 +28,8 @@ import torch
 
 from . import reference as R
 from .battery import DTYPES, Case, cases
-from .conventions import BLOCK, Granularity, Precision, absmax, as_2d, expand, round_to, scale_shape
+from .conventions import (BLOCK, Convention, Granularity, Precision, absmax, as_2d, expand, quotient, round_to,
+                          scale_shape)
 from .rules import Failure, QuantizerCheckFailed, QuantizerSpecError, Rule
 
 Quantizer = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -239,11 +240,12 @@ def _check_codes(case, granularity, x2, codes, scale) -> Failure | None:
     r, c = _first(bad)
     seen = (f"element [{r}, {c}]: x = {float(x2[r, c])!r}, x / scale = {float(q[r, c])!r}, "
             f"code {_code(codes[r, c])}, want {_code(want[r, c])}; {int(bad.sum())} of {bad.size} codes differ")
-    rule = _explain_codes(granularity, q, codes, bad, rows, cols)
+    rule = _explain_codes(granularity, x2, full, q, codes, bad)
     return Failure(rule, case.label, seen, (r, c), float(x2[r, c]), int(want[r, c]), int(codes[r, c]))
 
 
-def _explain_codes(granularity, q, codes, bad, rows, cols) -> Rule:
+def _explain_codes(granularity, x2, full, q, codes, bad) -> Rule:
+    rows, cols = x2.shape
     got = codes[bad]
     if (R.is_nan_code(got) & (np.abs(q[bad]) > E4M3_MAX)).any():
         return Rule.MISSING_CLAMP
@@ -251,7 +253,9 @@ def _explain_codes(granularity, q, codes, bad, rows, cols) -> Rule:
             (Rule.ROUND_TOWARD_ZERO, lambda: R.encode(q, rounding=R.Rounding.TOWARD_ZERO)),
             (Rule.ROUND_TIES_AWAY, lambda: R.encode(q, rounding=R.Rounding.NEAREST_AWAY)),
             (Rule.LOW_PRECISION_QUOTIENT, lambda: R.encode(round_to(q, Precision.BFLOAT16))),
-            (Rule.LOW_PRECISION_QUOTIENT, lambda: R.encode(round_to(q, Precision.FLOAT16)))):
+            (Rule.LOW_PRECISION_QUOTIENT, lambda: R.encode(round_to(q, Precision.FLOAT16))),
+            (Rule.LOW_PRECISION_QUOTIENT, lambda: R.encode(quotient(x2, full, Convention.COMFYUI, Precision.BFLOAT16))),
+            (Rule.LOW_PRECISION_QUOTIENT, lambda: R.encode(quotient(x2, full, Convention.COMFYUI, Precision.FLOAT16)))):
         if _same_value(got, alternative()[bad]).all():
             return rule
     if granularity is Granularity.BLOCK:

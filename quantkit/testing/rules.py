@@ -28,8 +28,9 @@ class Rule(enum.Enum):
                          "(torch's cast to float8_e4m3fn does it; do not truncate)")
     ROUND_TIES_AWAY = ("rounding mode: ties away from zero", "round to nearest, ties to even "
                        "(torch's cast does it; floor(v + 0.5) does not)")
-    LOW_PRECISION_QUOTIENT = ("x / scale rounded before the cast", "widen x to float32 before dividing: a bf16 or "
-                              "fp16 quotient is rounded twice (a 0-dim float32 scale does not promote a bf16 tensor)")
+    LOW_PRECISION_QUOTIENT = ("x / scale rounded to bf16 or fp16 before the cast", "widen x and the scale to "
+                              "float32 before dividing (a 0-dim float32 scale does not promote a bf16 tensor): a bf16 "
+                              "quotient, or x times a bf16 1 / scale, is rounded twice")
     EDGE_TILES = ("edge tiles ignored", "when out or in is not a multiple of 128, the last row/column of tiles is "
                   "smaller; each needs its own absmax and scale, and its elements their codes")
     WRONG_MAX = ("wrong max", "scale = absmax / 448, the largest E4M3 value (127 is INT8's maximum, 240 "
