@@ -8,6 +8,7 @@ from ``quantkit check-math`` (exit 1; 0 when correct; 2 for bad input).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -324,3 +325,18 @@ def test_ml_dtypes_cast_is_the_nan_on_overflow_the_kit_expects():
     y = np.array([464.0, 465.0], np.float32)
     assert list(y.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)) == [0x7E, 0x7F]
     assert list(torch.from_numpy(y).to(torch.float8_e4m3fn).view(torch.uint8).tolist()) == [0x7E, 0x7E]
+
+
+def test_the_docs_examples_run(capsys):
+    """docs/testing.md's Python blocks run as written, in order, in one namespace (the torchao
+    block where torchao is installed)."""
+    blocks = re.findall(r"```python\n(.*?)```", (TESTS.parent / "docs" / "testing.md").read_text(), re.S)
+    assert len(blocks) == 5
+    namespace: dict = {}
+    for block in blocks:
+        if block.startswith("# Needs torchao") and importlib.util.find_spec("torchao") is None:
+            continue
+        exec(compile(block, "docs/testing.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert "ok: 42 cases per channel passed; lowest SQNR on Gaussian weights 31.5 dB" in printed
+    assert "x / scale rounded to bf16 or fp16 before the cast: case 'gaussian' (bfloat16" in printed
