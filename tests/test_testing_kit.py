@@ -8,6 +8,7 @@ from ``quantkit check-math`` (exit 1; 0 when correct; 2 for bad input).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import pathlib
@@ -142,10 +143,20 @@ def test_drawn_examples_shrink_to_a_small_failing_weight():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="scale_rule must be 'absmax' or 'any'"):
+    with pytest.raises(ValueError, match=r"scale_rule must be one of \['absmax', 'any'\], not 'clip'"):
         check_quantizer(B.correct_tensor, "tensor", scale_rule="clip")
     with pytest.raises(ValueError):
         check_quantizer(B.correct_tensor, "row")
+    with pytest.raises(ValueError, match=r"2-D weight \[out, in\], not \[4, 3, 3\]"):
+        check_case(B.correct_tensor, torch.ones(4, 3, 3))
+
+
+def test_a_zero_scale_with_zero_codes_is_still_named():
+    def zero_scale_zero_codes(x):
+        codes, scale = B.zero_scale_nan(x)
+        return torch.where(scale == 0, 0.0, codes.float()).to(torch.float8_e4m3fn), scale
+    failure = check_case(zero_scale_zero_codes, torch.zeros(3, 5), "channel")
+    assert failure.rule is Rule.ZERO_SCALE and "codes are 0, but whoever divides" in str(failure)
 
 
 @pytest.mark.parametrize("spec,words", [
@@ -340,3 +351,11 @@ def test_the_docs_examples_run(capsys):
     printed = capsys.readouterr().out
     assert "ok: 42 cases per channel passed; lowest SQNR on Gaussian weights 31.5 dB" in printed
     assert "x / scale rounded to bf16 or fp16 before the cast: case 'gaussian' (bfloat16" in printed
+
+
+@pytest.mark.parametrize("module", ["reference", "conventions", "check"])
+def test_docstring_examples(module):
+    import doctest
+    mod = importlib.import_module(f"quantkit.testing.{module}")
+    result = doctest.testmod(mod)
+    assert result.attempted and not result.failed

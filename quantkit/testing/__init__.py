@@ -12,7 +12,7 @@ docs/testing.md has the guide.
 """
 from .check import Report, check_case, check_quantizer, load_quantizer
 from .conventions import Convention, Precision
-from .rules import Failure, QuantizerCheckFailed, QuantizerSpecError, Rule
+from .rules import Failure, QuantizerCheckFailed, QuantizerSpecError, Rule, ScaleRule
 
 __all__ = ["Convention", "Failure", "Precision", "QuantizerCheckFailed", "QuantizerSpecError", "Report", "Rule",
-           "check_case", "check_quantizer", "load_quantizer"]
+           "ScaleRule", "check_case", "check_quantizer", "load_quantizer"]

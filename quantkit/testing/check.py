@@ -30,7 +30,7 @@ from . import reference as R
 from .battery import DTYPES, Case, cases
 from .conventions import (BLOCK, Convention, Granularity, Precision, absmax, as_2d, expand, quotient, round_to,
                           scale_shape)
-from .rules import Failure, QuantizerCheckFailed, QuantizerSpecError, Rule
+from .rules import Failure, QuantizerCheckFailed, QuantizerSpecError, Rule, ScaleRule
 
 Quantizer = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 E4M3_MAX = R.E4M3FN.max_finite
@@ -80,8 +80,8 @@ def load_quantizer(spec: str) -> Quantizer:
 
 
 def check_quantizer(fn: Quantizer, granularity: Granularity | str = Granularity.TENSOR, *,
-                    dtypes=DTYPES, scale_rule: str = "absmax", scale_rtol: float = DEFAULT_SCALE_RTOL,
-                    examples: int = 0) -> Report:
+                    dtypes=DTYPES, scale_rule: ScaleRule | str = ScaleRule.ABSMAX,
+                    scale_rtol: float = DEFAULT_SCALE_RTOL, examples: int = 0) -> Report:
     """Check ``fn(x) -> (codes, scale)`` on the battery; raise ``QuantizerCheckFailed`` naming
     the first broken rule, or return the report.
 
@@ -96,9 +96,7 @@ def check_quantizer(fn: Quantizer, granularity: Granularity | str = Granularity.
     >>> check_quantizer(mine, "channel").passed
     True
     """
-    granularity = Granularity(granularity)
-    if scale_rule not in ("absmax", "any"):
-        raise ValueError(f"scale_rule must be 'absmax' or 'any', not {scale_rule!r}")
+    granularity, scale_rule = Granularity(granularity), ScaleRule.parse(scale_rule)
     report = Report(granularity)
     for case in cases(dtypes):
         failure = _check(fn, case, granularity, scale_rule, scale_rtol, report)
@@ -117,28 +115,33 @@ def _check_drawn(fn, granularity, report, examples, scale_rule, scale_rtol):
 
     from .strategies import weights
 
-    def broken(x):
-        return _check(fn, Case("drawn by hypothesis", x, None), granularity, scale_rule, scale_rtol, None) is not None
+    def failure(x):
+        return _check(fn, Case("drawn by hypothesis", x, None), granularity, scale_rule, scale_rtol, None)
     try:
-        x = find(weights(), broken, settings=settings(
+        # Derandomized: the same weights on every run, so a report can be reproduced.
+        x = find(weights(), lambda x: failure(x) is not None, settings=settings(
             max_examples=examples, derandomize=True, database=None, deadline=None,
             phases=[Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck)))
     except NoSuchExample:
         report.cases.append(f"{examples} weights drawn by hypothesis")
         return
-    report.failure = _check(fn, Case("drawn by hypothesis", x, None), granularity, scale_rule, scale_rtol, None)
+    report.failure = failure(x)
     raise QuantizerCheckFailed(report.failure)
 
 
 def check_case(fn: Quantizer, x: torch.Tensor, granularity: Granularity | str = Granularity.TENSOR, *,
-               name: str = "given input", sqnr_floor: float | None = None, scale_rule: str = "absmax",
-               scale_rtol: float = DEFAULT_SCALE_RTOL) -> Failure | None:
+               name: str = "given input", sqnr_floor: float | None = None,
+               scale_rule: ScaleRule | str = ScaleRule.ABSMAX, scale_rtol: float = DEFAULT_SCALE_RTOL) -> Failure | None:
     """The first rule ``fn`` breaks on one finite 2-D input ``x``, or None: the building block of
     ``check_quantizer``, for your own property tests (see ``strategies``)."""
-    return _check(fn, Case(name, x, sqnr_floor), Granularity(granularity), scale_rule, scale_rtol, None)
+    if x.dim() != 2:
+        raise ValueError(f"check_case takes a 2-D weight [out, in], not {list(x.shape)}: "
+                         "view conv kernels as [out, -1]")
+    return _check(fn, Case(name, x.detach(), sqnr_floor), Granularity(granularity), ScaleRule.parse(scale_rule),
+                  scale_rtol, None)
 
 
-def _check(fn: Quantizer, case: Case, granularity: Granularity, scale_rule: str, scale_rtol: float,
+def _check(fn: Quantizer, case: Case, granularity: Granularity, scale_rule: ScaleRule, scale_rtol: float,
            report: Report | None) -> Failure | None:
     x = case.x
     before = x.clone()
@@ -152,6 +155,8 @@ def _check(fn: Quantizer, case: Case, granularity: Granularity, scale_rule: str,
     problem = _contract(out, rows, cols, granularity)
     if problem:
         return Failure(Rule.CONTRACT, case.label, problem)
+    if x.numel() == 0:
+        return None    # no values: a scale for nothing can be anything
     codes = out[0].detach().cpu().contiguous().view(torch.uint8).numpy().reshape(rows, cols)
     scale = out[1].detach().cpu().reshape(scale_shape(rows, cols, granularity)).numpy()
     x2 = as_2d(x.float().numpy())
@@ -159,7 +164,7 @@ def _check(fn: Quantizer, case: Case, granularity: Granularity, scale_rule: str,
     return (_check_scale_values(case, granularity, x2, codes, scale, amax)
             or _check_codes(case, granularity, x2, codes, scale)
             or (_check_scale_rule(case, granularity, x2.shape, scale, amax, scale_rtol)
-                if scale_rule == "absmax" else None)
+                if scale_rule is ScaleRule.ABSMAX else None)
             or _check_sqnr(case, granularity, x2, codes, scale, report))
 
 
@@ -211,8 +216,10 @@ def _check_scale_values(case, granularity, x2, codes, scale, amax) -> Failure | 
     s, a = float(scale[idx]), float(amax[idx])
     nan_codes = int(R.is_nan_code(codes).sum())
     if a == 0:
-        return Failure(Rule.ZERO_SCALE, case.label, f"{where} is all zeros and got scale {s!r}; "
-                       f"{nan_codes} codes are NaN", idx, a, None, s)
+        seen = (f"{nan_codes} codes are NaN" if nan_codes else
+                "its codes are 0, but whoever divides by this scale gets NaN or inf")
+        return Failure(Rule.ZERO_SCALE, case.label, f"{where} is all zeros and got scale {s!r}; {seen}",
+                       idx, a, None, s)
     if s == 0:
         with np.errstate(under="ignore"):
             in_fp16 = float(np.float16(a) / np.float16(E4M3_MAX))

@@ -5,6 +5,20 @@ import enum
 from dataclasses import dataclass
 
 
+class ScaleRule(enum.Enum):
+    """What a scale must be: ABSMAX, absmax / 448 per group; ANY, any positive finite value (a
+    calibrated or clipping quantizer: only the codes for its scale and the round trip are checked)."""
+    ABSMAX = "absmax"
+    ANY = "any"
+
+    @classmethod
+    def parse(cls, value: "ScaleRule | str") -> "ScaleRule":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"scale_rule must be one of {[r.value for r in cls]}, not {value!r}") from None
+
+
 class Rule(enum.Enum):
     """A rule of FP8 (E4M3) weight quantization; ``value`` is (name, how to fix it)."""
 
