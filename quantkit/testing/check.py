@@ -131,7 +131,8 @@ def _check_drawn(fn, granularity, report, examples, scale_rule, scale_rtol):
 
 def check_case(fn: Quantizer, x: torch.Tensor, granularity: Granularity | str = Granularity.TENSOR, *,
                name: str = "given input", sqnr_floor: float | None = None,
-               scale_rule: ScaleRule | str = ScaleRule.ABSMAX, scale_rtol: float = DEFAULT_SCALE_RTOL) -> Failure | None:
+               scale_rule: ScaleRule | str = ScaleRule.ABSMAX,
+               scale_rtol: float = DEFAULT_SCALE_RTOL) -> Failure | None:
     """The first rule ``fn`` breaks on one finite 2-D input ``x``, or None: the building block of
     ``check_quantizer``, for your own property tests (see ``strategies``)."""
     if x.dim() != 2:
@@ -223,7 +224,8 @@ def _check_scale_values(case, granularity, x2, codes, scale, amax) -> Failure | 
     if s == 0:
         with np.errstate(under="ignore"):
             in_fp16 = float(np.float16(a) / np.float16(E4M3_MAX))
-        rule, note = (Rule.SCALE_FLOAT16, ": absmax / 448 is 0 in float16") if in_fp16 == 0 else (Rule.SCALE_UNDERFLOW, "")
+        rule, note = ((Rule.SCALE_FLOAT16, ": absmax / 448 is 0 in float16") if in_fp16 == 0
+                      else (Rule.SCALE_UNDERFLOW, ""))
         return Failure(rule, case.label, f"{where} has absmax {a:.4g} and scale 0{note}",
                        idx, a, float(np.float32(a / E4M3_MAX)), s)
     return Failure(Rule.BAD_SCALE, case.label, f"{where} has absmax {a:.4g} and scale {s!r}", idx, a, None, s)
