@@ -92,6 +92,16 @@ def rounds_toward_zero(x):
     return torch.where(over, bits - 1, bits).view(FP8), scale     # one step down in magnitude
 
 
+def rounds_ties_away(x):
+    """Rounds half away from zero (floor(v + 0.5) thinking): 1.0625 -> 1.125, not 1.0."""
+    codes, scale = rounds_toward_zero(x)                 # the FP8 value at or below |x / scale|
+    y = (x.float() / scale).clamp(-MAX, MAX).abs()
+    bits = codes.view(torch.uint8)
+    up = torch.where(y >= MAX, bits, bits + 1)           # the next value up in magnitude
+    low, high = bits.view(FP8).float().abs(), up.view(FP8).float().abs()
+    return torch.where(y >= (low + high) / 2, up, bits).view(FP8), scale
+
+
 def float16_scale(x):
     """absmax / 448 computed in float16: 0 for absmax below ~1.4e-5, coarse below 0.027."""
     amax = _absmax(x, "tensor").half()

@@ -41,6 +41,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 BUGS = [
     ("divides_by_127", "tensor", {}, Rule.WRONG_MAX, "divides absmax by 127, not 448"),
     ("rounds_toward_zero", "tensor", {}, Rule.ROUND_TOWARD_ZERO, "round-toward-zero"),
+    ("rounds_ties_away", "tensor", {}, Rule.ROUND_TIES_AWAY, "x / scale = -0.65625, code 0xb3 (-0.6875), want 0xb2"),
     ("float16_scale", "tensor", {}, Rule.SCALE_FLOAT16, "computed in float16"),
     ("block_ignores_edge_tiles", "block", {}, Rule.EDGE_TILES, "an edge tile"),
     ("zero_scale_nan", "channel", {}, Rule.ZERO_SCALE, "is all zeros and got scale 0.0"),

@@ -17,7 +17,7 @@ COMFYUI             x's dtype, stored f32   0: NaN codes           x * (1 / scal
                                                                    both in x's dtype
 =================== ======================= ====================== =================== ===========
 
-Sources (read and run against the installed packages; tests/test_testing_conventions.py
+Sources (read and run against the installed packages; tests/test_testing_kit.py
 compares each row with the real library): compressed-tensors 0.20 ``calculate_qparams`` and
 ``forward_helpers._quantize`` (memoryless min-max observer on the weight, as llm-compressor
 does by default); torchao 0.18 ``_choose_scale_float8`` / ``_quantize_affine_float8`` (what
