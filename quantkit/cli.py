@@ -429,7 +429,7 @@ def check_math(quantizer, granularity, scale_rule, examples):
     FUNCTION(x) takes a 2-D bf16/fp16/fp32 tensor and returns (codes, scale): codes
     float8_e4m3fn of x's shape, scale float32, with x ~ codes * scale. A battery of weights
     (Gaussian, outliers, every bit pattern, ties, subnormals, tiny, all-zero rows and tiles,
-    edge tiles, 0 rows) finds the usual bugs by name: /127, no clamp, round-toward-zero,
+    edge tiles, 0 rows) finds the usual bugs by name: absmax over 127, no clamp, round-toward-zero,
     float16 scales, NaN for zero scale, ignored edge tiles. Exit 0: correct; 1: a bug,
     named in one line; 2: MODULE:FUNCTION cannot be loaded.
 

@@ -10,7 +10,7 @@ Each case is checked in this order, and the first broken rule is reported:
    a mismatch is explained as missing clamp, round-toward-zero, ties away, a bf16/fp16
    quotient or an ignored edge tile where the codes fit that pattern;
 5. the scale rule (unless ``scale_rule="any"``): ``float32(absmax / 448)`` per group within
-   ``scale_rtol``; a mismatch is explained as /127 (or another wrong max), a float16 or
+   ``scale_rtol``; a mismatch is explained as absmax over 127 (or another wrong max), a float16 or
    bfloat16 scale, or an ignored edge tile;
 6. the round trip ``codes * scale`` against x: SQNR at least the case's floor.
 

@@ -3,7 +3,7 @@
 Independent of torch's casts and of ``quantkit.fp8``: absmax by numpy reductions, arithmetic
 in a given precision emulated by rounding float32 results (what torch's CPU kernels do for
 bf16/fp16), codes by ``reference.encode``. All four agree on the rule ``scale = absmax / 448``
-(E4M3; never /127, the INT8 maximum) and ``code = RNE(clamp(x / scale, -448, 448))``; they
+(E4M3; never over 127, the INT8 maximum) and ``code = RNE(clamp(x / scale, -448, 448))``; they
 differ in the precision of each step and in what an all-zero group gets:
 
 =================== ======================= ====================== =================== ===========
