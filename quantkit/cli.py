@@ -421,9 +421,12 @@ def _terminate(signum, frame):
 @click.option("--scale", "scale_rule", type=click.Choice(["absmax", "any"]), default="absmax", show_default=True,
               help="absmax: each scale must be absmax / 448. any: a calibrated or clipping scale; only the "
                    "codes for it and the round trip are checked.")
+@click.option("--scale-rtol", type=click.FloatRange(min=0), metavar="R",
+              help="Relative tolerance of a scale against absmax / 448 [default: 2^-20, float32 rounding]; "
+                   "0.004 accepts bf16-rounded scales.")
 @click.option("--examples", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
               help="Also try N weights drawn by hypothesis; a failing one is shrunk to the simplest.")
-def check_math(quantizer, granularity, scale_rule, examples):
+def check_math(quantizer, granularity, scale_rule, scale_rtol, examples):
     """Check someone's FP8 (E4M3) weight quantizer against an independent reference.
 
     FUNCTION(x) takes a 2-D bf16/fp16/fp32 tensor and returns (codes, scale): codes
@@ -447,7 +450,8 @@ def check_math(quantizer, granularity, scale_rule, examples):
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     try:
-        report = check_quantizer(fn, granularity, scale_rule=scale_rule, examples=examples)
+        tolerance = {} if scale_rtol is None else {"scale_rtol": scale_rtol}
+        report = check_quantizer(fn, granularity, scale_rule=scale_rule, examples=examples, **tolerance)
     except QuantizerCheckFailed as exc:
         click.echo(f"FAIL {quantizer} --granularity {granularity}: {exc}")
         sys.exit(1)

@@ -109,6 +109,12 @@ def float16_scale(x):
     return _quantize(x, scale, "tensor")
 
 
+def bfloat16_scale(x):
+    """absmax / 448 rounded to bf16 (torchao's default for bf16 weights), codes right for it."""
+    amax = _absmax(x, "channel")
+    return _quantize(x, torch.where(amax == 0, 1.0, amax / MAX).bfloat16().float(), "channel")
+
+
 def block_ignores_edge_tiles(x):
     """Scales only for the whole 128x128 tiles; the partial tiles at the bottom and right keep 1."""
     rows, cols = x.shape

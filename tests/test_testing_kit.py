@@ -43,6 +43,7 @@ BUGS = [
     ("rounds_toward_zero", "tensor", {}, Rule.ROUND_TOWARD_ZERO, "round-toward-zero"),
     ("rounds_ties_away", "tensor", {}, Rule.ROUND_TIES_AWAY, "x / scale = -0.65625, code 0xb3 (-0.6875), want 0xb2"),
     ("float16_scale", "tensor", {}, Rule.SCALE_FLOAT16, "computed in float16"),
+    ("bfloat16_scale", "channel", {}, Rule.SCALE_BFLOAT16, "it equals absmax / 448 rounded to bfloat16"),
     ("block_ignores_edge_tiles", "block", {}, Rule.EDGE_TILES, "an edge tile"),
     ("zero_scale_nan", "channel", {}, Rule.ZERO_SCALE, "is all zeros and got scale 0.0"),
     ("clipping_without_clamp", "channel", {"scale_rule": "any"}, Rule.MISSING_CLAMP, "code 0x7f (nan), want 0x7e"),
@@ -195,9 +196,15 @@ def test_cli_exits_0_on_correct_quantizers(name, gran, kwargs):
     assert "ok: 42 cases per" in result.output and len(result.output.splitlines()) == 1
 
 
+def test_cli_scale_tolerance_accepts_a_bf16_scale_convention():
+    result = check_math("buggy_quantizers:bfloat16_scale", "--granularity", "channel", "--scale-rtol", "0.004")
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("args", [["no_such_module_xyz:f"], ["buggy_quantizers:not_callable"], ["buggy_quantizers"],
                                   ["buggy_quantizers:correct_tensor", "--granularity", "row"],
-                                  ["buggy_quantizers:correct_tensor", "--examples", "-1"]])
+                                  ["buggy_quantizers:correct_tensor", "--examples", "-1"],
+                                  ["buggy_quantizers:correct_tensor", "--scale-rtol", "-1"]])
 def test_cli_exits_2_on_bad_input(args):
     result = check_math(*args)
     assert result.exit_code == 2 and "Traceback" not in result.output

@@ -86,7 +86,8 @@ def check_quantizer(fn: Quantizer, granularity: Granularity | str = Granularity.
     the first broken rule, or return the report.
 
     ``scale_rule="any"`` accepts any positive scale (a calibrated or clipping quantizer) and
-    checks only the codes for it and the round trip. ``examples`` > 0 adds that many weights
+    checks only the codes for it and the round trip. ``scale_rtol`` is how far a scale may be from
+    float32(absmax / 448), relatively (2**-8 accepts bf16-rounded scales). ``examples`` > 0 adds that many weights
     drawn by hypothesis (``strategies.weights``), a failing one shrunk to the simplest.
 
     >>> from quantkit import fp8
@@ -277,8 +278,9 @@ def _explain_codes(granularity, x2, full, q, codes, bad) -> Rule:
 def _check_scale_rule(case, granularity, shape, scale, amax, rtol) -> Failure | None:
     want = (amax / E4M3_MAX).astype(np.float32)      # the reference: float64 quotient, float32 result
     nonzero = amax > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.abs(scale.astype(np.float64) - want) / want
+    # Relative to the smallest normal float32 at least: below it a float32 (let alone a bf16) has
+    # fewer significant bits, so a subnormal scale's rounding is measured against 2^-126.
+    rel = np.abs(scale.astype(np.float64) - want) / np.maximum(want, np.finfo(np.float32).tiny)
     bad = nonzero & ~(rel <= rtol)
     if not bad.any():
         return None
@@ -291,16 +293,17 @@ def _check_scale_rule(case, granularity, shape, scale, amax, rtol) -> Failure | 
 
 
 def _explain_scale(granularity, shape, want, bad, idx, a, s) -> tuple[Rule, str]:
-    ratio = a / s
-    for m in (127.0, 127.5, 255.0, 240.0, 57344.0, 1.0):
-        if abs(ratio / m - 1) < 0.01:
-            return Rule.WRONG_MAX, f"; the scale divides absmax by {m:g}, not 448"
+    # Exact signatures first (a narrow type's rounding), then the approximate one (a ratio).
     with np.errstate(over="ignore", under="ignore"):
         as_fp16 = np.float16(np.float16(a) / np.float16(E4M3_MAX))
     if s in (float(as_fp16), float(np.float16(want[idx]))):
         return Rule.SCALE_FLOAT16, "; it equals absmax / 448 computed in float16"
     if s == float(round_to(want[idx], Precision.BFLOAT16)):
         return Rule.SCALE_BFLOAT16, "; it equals absmax / 448 rounded to bfloat16"
+    ratio = a / s
+    for m in (127.0, 127.5, 255.0, 240.0, 57344.0, 1.0):
+        if abs(ratio / m - 1) < 0.01:
+            return Rule.WRONG_MAX, f"; the scale divides absmax by {m:g}, not 448"
     if granularity is Granularity.BLOCK and all(_is_edge_group(granularity, tuple(t), *shape)
                                                 for t in np.argwhere(bad)):
         return Rule.EDGE_TILES, "; only edge tiles are wrong"

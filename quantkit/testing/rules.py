@@ -34,7 +34,7 @@ class Rule(enum.Enum):
                      "below absmax 0.027 and underflows to 0 below 1.4e-5 (tiny tensors get 448 or NaN codes)")
     SCALE_BFLOAT16 = ("scale rounded to bfloat16", "compute and store the scale in float32; if this convention "
                       "(torchao's and compressed-tensors' default for bf16 weights) is intended, pass "
-                      "scale_rtol=2**-8")
+                      "scale_rtol=2**-8 (check-math --scale-rtol 0.004)")
     BAD_SCALE = ("scale not a positive finite number", "scale = absmax / 448 per group, positive and finite")
     MISSING_CLAMP = ("missing clamp", "clamp x / scale to [-448, 448] before the cast: torch >= 2.12 saturates, "
                      "but ml_dtypes and older torch give NaN past 464")
