@@ -1,8 +1,9 @@
-"""quantkit.fp8 checked bit for bit against an independent reference (tests/fp8_reference.py).
+"""quantkit.fp8 checked bit for bit against an independent reference (quantkit/testing/reference.py).
 
 The reference is itself checked against ml_dtypes and against a brute-force nearest-value search,
 so a pass here means three implementations agree: the spec written out in numpy, ml_dtypes, and
-quantkit (torch).
+quantkit (torch). The reference, its absmax / scale / broadcast helpers and the battery of the
+last section are quantkit.testing's, the kit other projects use on their own quantizers.
 
 Defined semantics under test (quantkit/fp8.py):
     scale = float32(absmax / max_finite)  computed in float64;  absmax == 0 -> scale 1
@@ -22,7 +23,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import fp8_reference as R
+from quantkit.testing import check_quantizer
+from quantkit.testing import conventions as C
+from quantkit.testing import reference as R
 from quantkit import fp8 as F
 from quantkit.fp8 import Granularity as G
 
@@ -67,39 +70,15 @@ def assert_same_codes(actual: np.ndarray, expected: np.ndarray, spec: R.Spec, in
         pytest.fail(f"{(~ok).sum()} of {ok.size} codes differ (input, got, want): {detail}")
 
 
-def as_2d_np(x: np.ndarray) -> np.ndarray:
-    return x.reshape(1, 1) if x.ndim == 0 else x.reshape(x.shape[0], -1)
+# The reference's absmax, scale rule and broadcast (numpy, independent of quantkit.fp8).
+as_2d_np = C.as_2d
+naive_absmax = C.absmax
+naive_expand = C.expand
 
 
-def naive_absmax(x2: np.ndarray, gran: G) -> np.ndarray:
-    """max |x| per tensor / row / 128x128 tile, by explicit loops over tiles."""
-    rows, cols = x2.shape
-    a = np.abs(x2.astype(np.float64))
-    if gran is G.TENSOR:
-        return np.array(a.max() if a.size else 0.0)
-    if gran is G.CHANNEL:
-        return np.array([[a[r].max() if cols else 0.0] for r in range(rows)])
-    out = np.zeros((math.ceil(rows / BLOCK), math.ceil(cols / BLOCK)))
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            out[i, j] = a[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].max()
-    return out
-
-
-def spec_scale(amax: np.ndarray, max_finite: float) -> np.ndarray:
+def spec_scale(amax: np.ndarray, spec: R.Spec) -> np.ndarray:
     """The documented scale rule: float32(absmax / max) in float64, zero -> 1, underflow -> tiny."""
-    s = (np.asarray(amax, dtype=np.float64) / max_finite).astype(np.float32)
-    s = np.where(np.asarray(amax) == 0, np.float32(1.0), s)
-    return np.where(s == 0, TINY, s).astype(np.float32)
-
-
-def naive_expand(scale: np.ndarray, rows: int, cols: int, gran: G) -> np.ndarray:
-    scale = np.asarray(scale, dtype=np.float32)
-    if gran is G.TENSOR:
-        return np.full((rows, cols), scale.reshape(()), dtype=np.float32)
-    if gran is G.CHANNEL:
-        return np.repeat(scale.reshape(rows, 1), cols, axis=1)
-    return np.repeat(np.repeat(scale, BLOCK, axis=0), BLOCK, axis=1)[:rows, :cols]
+    return C.scale_from_absmax(amax, C.Convention.QUANTKIT, spec=spec)
 
 
 def round_to_float32(q: Fraction) -> np.float32:
@@ -268,7 +247,7 @@ def _tensor_scale(spec, ref, scale):
     amax = F.absmax(t32(finite), G.TENSOR)
     assert amax.item() == np.abs(finite).max()
     s = F.scale_from_absmax(amax, FORMAT_OF[spec])
-    assert s.dtype == torch.float32 and s.item() == spec_scale(np.abs(finite).max(), spec.max_finite)
+    assert s.dtype == torch.float32 and s.item() == spec_scale(np.abs(finite).max(), spec)
     return np.float32(s.item())
 
 
@@ -312,7 +291,7 @@ def test_all_patterns_per_channel_and_block(spec, source, gran, layout):
     assert tuple(amax.shape) == want_amax.shape == F.scale_shape((rows, cols), gran)
     assert np.array_equal(amax.numpy(), want_amax)
     scale = F.scale_from_absmax(amax, FORMAT_OF[spec])
-    assert np.array_equal(scale.numpy(), spec_scale(want_amax, spec.max_finite))
+    assert np.array_equal(scale.numpy(), spec_scale(want_amax, spec))
     # ... and quantize everything, NaN and inf included.
     q = F.quantize(native2, scale, gran, FORMAT_OF[spec])
     want = R.quantize(ref2, naive_expand(scale.numpy(), rows, cols, gran), spec)
@@ -446,7 +425,7 @@ def test_granularity_shapes_absmax_scale_quantize(shape, gran, dtype, seed, zero
     assert scale.dtype == torch.float32 and tuple(scale.shape) == want_shape
     sn = scale.numpy()
     assert np.all(sn[want_amax == 0] == 1.0)                              # all-zero tensor/row/tile
-    assert np.array_equal(sn, spec_scale(want_amax, spec.max_finite))
+    assert np.array_equal(sn, spec_scale(want_amax, spec))
 
     expanded = naive_expand(sn, rows, cols, gran)
     assert np.array_equal(np.broadcast_to(F.expand_scale(scale, rows, cols, gran).numpy(), (rows, cols)), expanded)
@@ -650,3 +629,17 @@ def test_quantize_into_preallocated_buffers(shape, gran, dtype, seed, spec, spar
     assert_same_codes(as_2d_np(codes(q)), want, spec)
     assert np.array_equal(codes(q), codes(F.quantize(xt, scale, gran, fmt)))
     assert np.all(out.view(torch.uint8).numpy()[xt.numel():] == 0x7F)     # nothing written past n
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. the whole quantizer through quantkit.testing's battery (what any third party can run)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gran", list(G), ids=lambda g: g.value)
+def test_quantkit_passes_the_kit(gran):
+    def quantkit_fp8(x):
+        scale = F.scale_from_absmax(F.absmax(x, gran))
+        return F.quantize(x, scale, gran), scale
+    report = check_quantizer(quantkit_fp8, gran, examples=20)
+    assert report.passed and len(report.cases) == 43
+    assert report.min_sqnr_db >= 30.0

@@ -16,6 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [
     ("core", ["quantkit._version", "quantkit.errors", "quantkit.dtypes", "quantkit.progress", "quantkit.hashing"]),
     ("math", ["quantkit.fp8", "quantkit.metrics"]),
+    ("testing kit (independent of the math it checks)", ["quantkit.testing", "quantkit.testing.reference",
+                                                          "quantkit.testing.conventions", "quantkit.testing.rules",
+                                                          "quantkit.testing.battery", "quantkit.testing.check",
+                                                          "quantkit.testing.strategies"]),
     ("read and write", ["quantkit.reader", "quantkit.writer", "quantkit.manifest", "quantkit.torch_pickle",
                         "quantkit.shards", "quantkit.destinations"]),
     ("sources", ["quantkit.checkpoint", "quantkit.comfy_names", "quantkit.sources"]),

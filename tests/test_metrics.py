@@ -20,7 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import fp8_reference as R
+from quantkit.testing import reference as R
 from quantkit import fp8 as F
 from quantkit.fp8 import Granularity as G
 from quantkit.metrics import ErrorStats, cosine, max_abs_error, psnr, sqnr

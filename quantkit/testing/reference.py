@@ -1,7 +1,14 @@
 """A bit-level reference for the two OCP FP8 encodings, written from the spec, not from quantkit.
 
-Nothing here imports quantkit or torch: the tests compare ``quantkit.fp8`` against this module,
-and this module against ml_dtypes, so two independent implementations have to agree.
+Nothing here imports quantkit or torch (numpy only): quantkit's tests compare ``quantkit.fp8``
+against this module, and this module against ml_dtypes and a brute-force nearest-value search,
+so independent implementations have to agree. Use it to check any FP8 encoder:
+
+    >>> from quantkit.testing import reference as R
+    >>> [hex(c) for c in R.encode(np.array([1.0625, 1.1875, 500.0], np.float32))]
+    ['0x38', '0x3a', '0x7e']
+    >>> R.decode([0x7e, 0x01]).tolist()
+    [448.0, 0.001953125]
 
 An FP8 code is one byte ``S EEEE MMM`` (E4M3FN) or ``S EEEEE MM`` (E5M2):
 
@@ -27,9 +34,13 @@ Two overflow behaviours:
                     max_finite becomes inf (E5M2) or NaN (E4M3FN, which has no inf).
 
 NaN encodes as 0x7F with the input's sign bit (0x7F or 0xFF); compare NaNs with ``is_nan_code``.
+
+Two wrong rounding modes are available too (``Rounding``), so that a checker can recognise them
+in someone else's codes: truncation toward zero, and ties away from zero.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,12 +94,19 @@ class Spec:
         return ((1 << self.exponent_bits) - 1) << self.mantissa_bits
 
 
+class Rounding(enum.Enum):
+    NEAREST_EVEN = "round to nearest, ties to even"     # the only correct one (IEEE default, torch's cast)
+    TOWARD_ZERO = "round toward zero (truncation)"
+    NEAREST_AWAY = "round to nearest, ties away from zero"
+
+
 E4M3FN = Spec("float8_e4m3fn", exponent_bits=4, mantissa_bits=3, bias=7, ieee_specials=False)
 E5M2 = Spec("float8_e5m2", exponent_bits=5, mantissa_bits=2, bias=15, ieee_specials=True)
 SPECS = {s.name: s for s in (E4M3FN, E5M2)}
 
 
-def encode(x, spec: Spec = E4M3FN, saturate: bool = True) -> np.ndarray:
+def encode(x, spec: Spec = E4M3FN, saturate: bool = True,
+           rounding: Rounding = Rounding.NEAREST_EVEN) -> np.ndarray:
     """FP8 codes (uint8) of float32 values ``x``, rounded to nearest, ties to even.
 
     >>> [hex(c) for c in encode(np.array([1.0, 1.0625, 1.1875, -0.0, 1e4], np.float32))]
@@ -113,7 +131,7 @@ def encode(x, spec: Spec = E4M3FN, saturate: bool = True) -> np.ndarray:
     # 2. Spacing of representable values in that binade, and a rounded to a whole number of them.
     #    a / quantum is exact (power of two); np.rint rounds half to even, i.e. to an even mantissa.
     quantum = np.ldexp(1.0, exponent - m)
-    value = np.rint(a / quantum) * quantum      # exact; may carry into the next binade (1.96875 -> 2)
+    value = _ROUND[rounding](a / quantum) * quantum   # exact; may carry into the next binade (1.96875 -> 2)
 
     # 3. Split the rounded value into exponent field and mantissa field.
     _, e = np.frexp(value)
@@ -132,6 +150,11 @@ def encode(x, spec: Spec = E4M3FN, saturate: bool = True) -> np.ndarray:
         code = np.where(overflow, spec.nan_code, code)
     code = np.where(nan, spec.nan_code, code)
     return (code | sign).astype(np.uint8)
+
+
+# Applied to a / quantum >= 0, so floor is truncation and floor(v + 0.5) rounds ties upward (away).
+_ROUND = {Rounding.NEAREST_EVEN: np.rint, Rounding.TOWARD_ZERO: np.floor,
+          Rounding.NEAREST_AWAY: lambda v: np.floor(v + 0.5)}
 
 
 def decode(codes, spec: Spec = E4M3FN) -> np.ndarray:
@@ -210,7 +233,8 @@ def encode_by_search(x, spec: Spec = E4M3FN) -> np.ndarray:
     (saturating): of all finite codes pick the one whose value is nearest to clamp(x); on a tie,
     the even code (the code's last bit is the mantissa's last bit). Slow; a check on ``encode``."""
     x = np.asarray(x, dtype=np.float32).astype(np.float64).ravel()
-    assert np.isfinite(x).all()
+    if not np.isfinite(x).all():
+        raise ValueError("encode_by_search takes finite values only (NaN and inf have no nearest code)")
     codes = np.arange(0x80, dtype=np.int64)
     codes = codes[np.isfinite(decode(codes, spec))]          # the finite non-negative codes
     values = decode(codes, spec)
