@@ -1,0 +1,264 @@
+"""``load``: put a checkpoint's tensors into a module the user built, FP8 weights kept as FP8."""
+from __future__ import annotations
+
+import enum
+import os
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ModelMismatchError
+from .sources import Layout, Placement, open_layout, read_data, read_scale
+from .streaming import Streamer, stream_units
+from .weights import CODES, KERNELS, KernelLog, make_quantized
+
+EXAMPLES = 3
+
+
+class Mode(enum.Enum):
+    RESIDENT = "resident"   # every tensor in memory (FP8 codes as stored)
+    STREAMED = "streamed"   # each unit's tensors read from disk when it runs, dropped after
+
+
+@dataclass
+class RuntimeInfo:
+    """What ``load`` did, attached to the module as ``module.quantkit_runtime``.
+
+    ``resident_bytes``: tensors held between calls (the module's non-meta parameters and buffers);
+    ``materialised_bytes`` / ``peak_bytes``: streamed units' tensors in memory now / at most, plus
+    the resident ones for the peak; ``kernels``: how many weights each kernel path made so far."""
+
+    path: str
+    mode: Mode
+    format: str                       # "native", "comfy", "comfy-legacy", "compressed-tensors" or "plain"
+    renamed: str | None               # "BFL" / "SAI" / "LDM": stored under ComfyUI's names, mapped back
+    compute_dtype: torch.dtype
+    file_bytes: int
+    quantized: int                    # module tensors held as FP8 codes
+    kept: int                         # module tensors loaded in high precision
+    units: list[str] = field(default_factory=list)
+    resident_bytes: int = 0
+    materialised_bytes: int = 0
+    peak_bytes: int = 0
+    log: KernelLog = field(default_factory=KernelLog, repr=False)
+    _streamer: Streamer | None = field(default=None, repr=False)
+    _layout: Layout | None = field(default=None, repr=False)
+
+    @property
+    def kernels(self) -> dict[str, int]:
+        """Kernel path -> weights it produced so far (``weights.KERNELS`` describes each)."""
+        return dict(self.log.counts)
+
+    def summary(self) -> dict:
+        return {"path": self.path, "mode": self.mode.value, "format": self.format, "renamed": self.renamed,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "file_bytes": self.file_bytes,
+                "quantized": self.quantized, "kept": self.kept, "units": len(self.units),
+                "resident_bytes": self.resident_bytes, "peak_bytes": self.peak_bytes,
+                "kernels": {KERNELS[k]: n for k, n in self.kernels.items()}}
+
+    def close(self) -> None:
+        """Streamed mode: remove the hooks and close the checkpoint (the module can no longer run)."""
+        if self._streamer is not None:
+            self._streamer.close()
+            self._streamer = None
+        if self._layout is not None:
+            self._layout.close()
+            self._layout = None
+
+
+def load(module: torch.nn.Module, path: str | os.PathLike, mode: str | Mode = "resident",
+         compute_dtype: torch.dtype | None = None, *, prefetch: bool = True) -> torch.nn.Module:
+    """Load the checkpoint at ``path`` into ``module`` and return it, FP8 weights kept as FP8.
+
+    ``path``: any quantkit output (native, comfy, comfy-legacy, compressed-tensors; a file, a
+    folder or a sharded folder) or a plain BF16/FP16/FP32 checkpoint, in any layout quantkit reads.
+    ``module``: the architecture the checkpoint was converted from (a diffusers model, a
+    transformers model...), built on the meta device (``empty_weights()``) or holding weights,
+    which are replaced and freed. ComfyUI files of a diffusers FLUX.1 / SD3 transformer or UNet
+    (BFL / SAI / LDM names) are mapped back to the diffusers module's names.
+    ``compute_dtype``: the dtype layers compute in (default: the module's own); FP8 weights are
+    dequantized into it on every call, kept tensors are cast to it once.
+    ``mode``: "resident" keeps everything in memory; "streamed" reads each block's tensors when it
+    runs and drops them after (``quantkit.runtime.streaming``), ``prefetch`` reading the next block
+    meanwhile. ``module.quantkit_runtime`` (``RuntimeInfo``) says what was loaded and which kernel ran.
+
+    >>> with empty_weights():                                         # doctest: +SKIP
+    ...     model = FluxTransformer2DModel.from_config(config)
+    >>> load(model, "flux1-dev-fp8.safetensors", mode="streamed", compute_dtype=torch.bfloat16)  # doctest: +SKIP
+    """
+    mode = _mode(mode)
+    if getattr(module, "quantkit_runtime", None) is not None:
+        raise ValueError("this module was already loaded by quantkit.runtime.load; build a fresh one")
+    dtype = compute_dtype or own_dtype(module)
+    tensors = _tensors(module)
+    layout = open_layout(path, {n: (tuple(t.shape), t.dtype) for n, (t, _) in tensors.items()}, type(module).__name__)
+    try:
+        return _load(module, os.fspath(path), mode, dtype, prefetch, tensors, layout)
+    except BaseException:
+        layout.close()
+        raise
+
+
+def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout) -> torch.nn.Module:
+    placements = layout.placements
+    aliases = _aliases(tensors)
+    _check_complete(module, tensors, aliases, placements, layout.source.path)
+    info = RuntimeInfo(path, mode, layout.format, layout.renamed, dtype, layout.file_bytes,
+                       sum(p.quantized for p in placements.values()),
+                       sum(not p.quantized for p in placements.values()))
+    scales = {t: read_scale(layout.source, p) for t, p in placements.items() if p.quantized}
+    assign = _assigner(module, tensors, aliases, placements, scales, dtype, info.log)
+    streamed = _streamed(module, placements, aliases) if mode is Mode.STREAMED else {}
+    in_units = {p.target for ps in streamed.values() for p in ps}
+    for target, p in placements.items():
+        if target not in in_units:
+            value = read_data(layout.source, p)
+            assign(target, value if p.quantized or not value.is_floating_point() else value.to(dtype))
+    if streamed:
+        info.units = list(streamed)
+        info._streamer = Streamer(module, layout, streamed, assign, dtype, prefetch, info)
+        info._layout = layout
+        weakref.finalize(module, info.close)
+    else:
+        layout.close()
+    _check_nothing_meta(module, in_units | {a for t in in_units for a in aliases.get(t, ())}, path)
+    info.resident_bytes = tensor_bytes(module)
+    info.peak_bytes = info.resident_bytes
+    module.quantkit_runtime = info
+    return module
+
+
+def _mode(mode) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise ValueError(f"mode {mode!r}: use one of {', '.join(m.value for m in Mode)}") from None
+
+
+def own_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point parameter (or buffer); float32 if none."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point() and t.element_size() > 1:
+            return t.dtype
+    return torch.float32
+
+
+def _tensors(module) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Every parameter and buffer under each of its names (tied ones under all): name -> (tensor, is_param)."""
+    out = {n: (t, True) for n, t in module.named_parameters(remove_duplicate=False)}
+    out.update({n: (t, False) for n, t in module.named_buffers(remove_duplicate=False) if n not in out})
+    return out
+
+
+def _aliases(tensors) -> dict[str, tuple[str, ...]]:
+    """Name -> the other names of the same tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, (t, _) in tensors.items():
+        groups.setdefault(id(t), []).append(name)
+    return {n: tuple(o for o in names if o != n) for names in groups.values() for n in names if len(names) > 1}
+
+
+def _check_complete(module, tensors, aliases, placements, path) -> None:
+    """Every parameter comes from the checkpoint (a tied one through any of its names); a buffer the
+    checkpoint lacks is kept from the module, unless it has no values (the meta device)."""
+    missing = []
+    for name, (t, is_param) in tensors.items():
+        if name in placements or any(a in placements for a in aliases.get(name, ())):
+            continue
+        if is_param or t.is_meta:
+            missing.append(name)
+    if missing:
+        more = f" and {len(missing) - EXAMPLES} more" if len(missing) > EXAMPLES else ""
+        buffers_only = all(not tensors[n][1] for n in missing)
+        hint = ("build the module with empty_weights() (parameters on the meta device, buffers real), not "
+                "under torch.device('meta')" if buffers_only else
+                "load the checkpoint into the model it was converted from")
+        raise ModelMismatchError(f"{type(module).__name__} needs {', '.join(missing[:EXAMPLES])}{more}, which the "
+                                 "checkpoint does not hold", path=path, tensor=missing[0], hint=hint)
+
+
+def _assigner(module, tensors, aliases, placements: dict[str, Placement], scales, dtype, log):
+    """``assign(target, value)``: put ``value`` (FP8 codes or a kept tensor; None for a meta placeholder)
+    in place of module tensor ``target`` and each of its aliases."""
+    def assign(target: str, value) -> None:
+        p = placements[target]
+        if value is None:
+            held = p.fp8.torch_dtype if p.quantized else dtype if p.dtype.torch.is_floating_point else p.dtype.torch
+            value = torch.empty(p.shape, dtype=held, device="meta")
+        for name in (target, *aliases.get(target, ())):
+            owner, _, attr = name.rpartition(".")
+            sub = module.get_submodule(owner)
+            if p.quantized:
+                if attr + CODES in sub._buffers:
+                    sub._buffers[attr + CODES] = value
+                else:
+                    make_quantized(sub, attr, value, scales[target], p.granularity, dtype, log)
+            elif tensors[name][1]:
+                sub._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+            else:
+                sub._buffers[attr] = value
+    return assign
+
+
+def _streamed(module, placements: dict[str, Placement], aliases) -> dict[str, list[Placement]]:
+    """Unit name -> the placements streamed with it; tensors outside every unit, and tied tensors
+    (two names, maybe two units), stay resident."""
+    units = {u: [] for u in stream_units(module)}
+    owners = sorted(units, key=len, reverse=True)
+    for target, p in placements.items():
+        if target in aliases:
+            continue
+        unit = next((u for u in owners if target.startswith(u + ".")), None)
+        if unit is not None:
+            units[unit].append(p)
+    return {u: ps for u, ps in units.items() if ps}
+
+
+def _check_nothing_meta(module, streamed: set[str], path) -> None:
+    left = [n for n, (t, _) in _tensors(module).items() if t.is_meta and n not in streamed
+            and not n.endswith(CODES)]
+    left += [n[: -len(CODES)] for n, t in module.named_buffers() if n.endswith(CODES) and t.is_meta
+             and n[: -len(CODES)] not in streamed]
+    if left:
+        raise ModelMismatchError(f"{type(module).__name__} still has tensors without values after loading: "
+                                 f"{', '.join(left[:EXAMPLES])}", path=path, tensor=left[0],
+                                 hint="build the module with empty_weights(), or load the checkpoint it was "
+                                      "converted from")
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers that hold values (meta tensors excluded; shared
+    storage counted once)."""
+    seen, total = set(), 0
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_meta:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+@contextmanager
+def empty_weights():
+    """Build a module with its parameters on the meta device (no memory, no init) and its buffers
+    real (position ids, RoPE tables: values a checkpoint does not hold), ready for ``load``.
+
+    >>> with empty_weights():                                        # doctest: +SKIP
+    ...     model = transformers.BertModel(config)
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register_parameter(self, name, param):
+        original(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
