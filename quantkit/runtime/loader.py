@@ -187,6 +187,8 @@ def _assigner(module, tensors, aliases, placements: dict[str, Placement], scales
         if value is None:
             held = p.fp8.torch_dtype if p.quantized else dtype if p.dtype.torch.is_floating_point else p.dtype.torch
             value = torch.empty(p.shape, dtype=held, device="meta")
+        if not p.quantized and tensors[target][1]:
+            value = torch.nn.Parameter(value, requires_grad=False)    # one object for every tied name
         for name in (target, *aliases.get(target, ())):
             owner, _, attr = name.rpartition(".")
             sub = module.get_submodule(owner)
@@ -196,7 +198,7 @@ def _assigner(module, tensors, aliases, placements: dict[str, Placement], scales
                 else:
                     make_quantized(sub, attr, value, scales[target], p.granularity, dtype, log)
             elif tensors[name][1]:
-                sub._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+                sub._parameters[attr] = value
             else:
                 sub._buffers[attr] = value
     return assign

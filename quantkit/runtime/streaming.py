@@ -27,7 +27,8 @@ from .sources import Layout, Placement, read_data
 
 
 def stream_units(module: torch.nn.Module) -> list[str]:
-    """The dotted names of the modules streamed as one unit each, in registration order.
+    """The dotted names of the modules streamed as one unit each, in registration order (modules
+    without parameters or buffers are no unit).
 
     >>> stream_units(flux)[:3]                  # doctest: +SKIP
     ['time_text_embed', 'context_embedder', 'x_embedder']
@@ -38,14 +39,18 @@ def stream_units(module: torch.nn.Module) -> list[str]:
         for name, child in m.named_children():
             full = prefix + name
             if isinstance(child, torch.nn.ModuleList):
-                units.extend(f"{full}.{i}" for i, _ in child.named_children())
+                units.extend(f"{full}.{i}" for i, item in child.named_children() if _holds_tensors(item))
             elif _holds_module_list(child):
                 walk(full + ".", child)
-            else:
+            elif _holds_tensors(child):
                 units.append(full)
 
     walk("", module)
     return units
+
+
+def _holds_tensors(m: torch.nn.Module) -> bool:
+    return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
 
 
 def _holds_module_list(m: torch.nn.Module) -> bool:
