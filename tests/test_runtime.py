@@ -384,3 +384,14 @@ def test_usage_errors(flux_src):
     with pytest.raises(ValueError, match="already loaded"):
         qr.load(model, out)
     assert issubclass(ModelMismatchError, QuantkitError)
+
+
+def test_a_streamed_module_is_freed_and_its_files_closed(flux_src):
+    out = _output(flux_src, flux_src / "src", "native")
+    model = qr.load(_empty_flux(), out, mode="streamed")
+    forward("flux", model)
+    layout = model.quantkit_runtime._layout
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None and layout.source._readers == []     # the finalizer closed the checkpoint

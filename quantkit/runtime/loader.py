@@ -181,7 +181,10 @@ def _check_complete(module, tensors, aliases, placements, path) -> None:
 
 def _assigner(module, tensors, aliases, placements: dict[str, Placement], scales, dtype, log):
     """``assign(target, value)``: put ``value`` (FP8 codes or a kept tensor; None for a meta placeholder)
-    in place of module tensor ``target`` and each of its aliases."""
+    in place of module tensor ``target`` and each of its aliases. Holds the module weakly: the
+    streamed mode's hooks and finalizer reach it through this, and must not keep it alive."""
+    module = weakref.proxy(module)
+
     def assign(target: str, value) -> None:
         p = placements[target]
         if value is None:
