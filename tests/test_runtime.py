@@ -228,6 +228,17 @@ def test_plain_checkpoint_loads_as_it_is(flux_src, tmp_path):
     assert torch.equal(forward("flux", model), forward("flux", reference))
 
 
+def test_a_plain_checkpoint_under_bfl_names_is_mapped_back(flux_src, tmp_path):
+    """Nothing quantized, BFL's names (as the original release): the same renaming, undone."""
+    out = tmp_path / "flux-bfl-bf16.safetensors"
+    convert(str(flux_src / "src"), str(out), ConvertOptions.from_strings(format="comfy", rules=[("keep", "*")]))
+    reference = _dequantize_then_run(out, flux_src / "src", lambda: build("flux"), lambda m: forward("flux", m))
+    model = qr.load(_empty_flux(), out)
+    info = model.quantkit_runtime
+    assert (info.format, info.renamed, info.quantized) == ("plain", "BFL", 0)
+    assert torch.equal(forward("flux", model), reference)
+
+
 def test_weights_already_held_are_replaced_and_freed(flux_src):
     out = _output(flux_src, flux_src / "src", "native")
     model = build("flux")
@@ -380,6 +391,8 @@ def test_usage_errors(flux_src):
     out = _output(flux_src, flux_src / "src", "native")
     with pytest.raises(ValueError, match="resident, streamed"):
         qr.load(_empty_flux(), out, mode="lazy")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        qr.load(_empty_flux(), out, compute_dtype=torch.float8_e4m3fn)
     model = qr.load(_empty_flux(), out)
     with pytest.raises(ValueError, match="already loaded"):
         qr.load(model, out)

@@ -92,6 +92,9 @@ def load(module: torch.nn.Module, path: str | os.PathLike, mode: str | Mode = "r
     if getattr(module, "quantkit_runtime", None) is not None:
         raise ValueError("this module was already loaded by quantkit.runtime.load; build a fresh one")
     dtype = compute_dtype or own_dtype(module)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"compute_dtype {dtype!r}: use a floating-point dtype of 16 bits or more "
+                         "(torch.bfloat16, torch.float16, torch.float32)")
     tensors = _tensors(module)
     layout = open_layout(path, {n: (tuple(t.shape), t.dtype) for n, (t, _) in tensors.items()}, type(module).__name__)
     try:
