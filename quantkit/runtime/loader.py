@@ -126,7 +126,6 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout) -> torch
         weakref.finalize(module, info.close)
     else:
         layout.close()
-    _check_nothing_meta(module, in_units | {a for t in in_units for a in aliases.get(t, ())}, path)
     info.resident_bytes = tensor_bytes(module)
     info.peak_bytes = info.resident_bytes
     module.quantkit_runtime = info
@@ -222,18 +221,6 @@ def _streamed(module, placements: dict[str, Placement], aliases) -> dict[str, li
         if unit is not None:
             units[unit].append(p)
     return {u: ps for u, ps in units.items() if ps}
-
-
-def _check_nothing_meta(module, streamed: set[str], path) -> None:
-    left = [n for n, (t, _) in _tensors(module).items() if t.is_meta and n not in streamed
-            and not n.endswith(CODES)]
-    left += [n[: -len(CODES)] for n, t in module.named_buffers() if n.endswith(CODES) and t.is_meta
-             and n[: -len(CODES)] not in streamed]
-    if left:
-        raise ModelMismatchError(f"{type(module).__name__} still has tensors without values after loading: "
-                                 f"{', '.join(left[:EXAMPLES])}", path=path, tensor=left[0],
-                                 hint="build the module with empty_weights(), or load the checkpoint it was "
-                                      "converted from")
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
