@@ -408,3 +408,22 @@ def test_a_streamed_module_is_freed_and_its_files_closed(flux_src):
     del model
     gc.collect()
     assert gone() is None and layout.source._readers == []     # the finalizer closed the checkpoint
+
+
+def test_the_runtime_imports_only_floors_below_it_through_one_adapter():
+    """STYLE 11: the runtime sits below read-back, validation and model output, above formats and
+    readers; of quantkit's other modules only sources.py (the adapter) reaches the read and format
+    stages, so their restructuring touches one file."""
+    import ast
+    import pathlib
+    above = {"validate", "model_output", "diffusion_inputs", "cli", "quantize", "writer", "manifest", "plan"}
+    for path in pathlib.Path(qr.__file__).parent.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:        # from ..x import y
+                imported.add((node.module or "").split(".")[0] or node.names[0].name)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("quantkit"):
+                imported.add(node.module.split(".")[1])
+        assert not imported & above, (path.name, imported & above)
+        allowed = {"fp8", "errors"} if path.name != "sources.py" else imported
+        assert imported <= allowed, (path.name, imported - allowed)
