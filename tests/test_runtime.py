@@ -239,6 +239,22 @@ def test_a_plain_checkpoint_under_bfl_names_is_mapped_back(flux_src, tmp_path):
     assert torch.equal(forward("flux", model), reference)
 
 
+def test_an_open_checkpoint_is_read_and_left_open(flux_src, tmp_path):
+    """A pipeline's component, opened by the caller (as validate opens its source): read, not closed."""
+    import json
+    (tmp_path / "transformer").symlink_to(flux_src / "src", target_is_directory=True)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                           "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    reference = build("flux")
+    from safetensors.torch import load_file
+    reference.load_state_dict(load_file(str(flux_src / "src" / "diffusion_pytorch_model.safetensors")))
+    with open_checkpoint(str(tmp_path), component="transformer") as source:
+        model = qr.load(_empty_flux(), source, mode="streamed")
+        assert torch.equal(forward("flux", model), forward("flux", reference))
+        model.quantkit_runtime.close()
+        assert source.read_tensor(source.tensors["proj_out.bias"]).numel() == 16   # still open
+
+
 def test_weights_already_held_are_replaced_and_freed(flux_src):
     out = _output(flux_src, flux_src / "src", "native")
     model = build("flux")

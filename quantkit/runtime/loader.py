@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelMismatchError
-from .sources import Layout, Placement, open_layout, read_data, read_scale
+from .sources import Layout, Placement, TensorSource, open_layout, read_data, read_scale
 from .streaming import Streamer, stream_units
 from .weights import CODES, KERNELS, KernelLog, make_quantized
 
@@ -68,12 +68,14 @@ class RuntimeInfo:
             self._layout = None
 
 
-def load(module: torch.nn.Module, path: str | os.PathLike, mode: str | Mode = "resident",
+def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: str | Mode = "resident",
          compute_dtype: torch.dtype | None = None, *, prefetch: bool = True) -> torch.nn.Module:
     """Load the checkpoint at ``path`` into ``module`` and return it, FP8 weights kept as FP8.
 
     ``path``: any quantkit output (native, comfy, comfy-legacy, compressed-tensors; a file, a
-    folder or a sharded folder) or a plain BF16/FP16/FP32 checkpoint, in any layout quantkit reads.
+    folder or a sharded folder) or a plain BF16/FP16/FP32 checkpoint, in any layout quantkit reads;
+    or a checkpoint already open (``open_checkpoint(..., component=..., ema=...)``), which stays the
+    caller's to close.
     ``module``: the architecture the checkpoint was converted from (a diffusers model, a
     transformers model...), built on the meta device (``empty_weights()``) or holding weights,
     which are replaced and freed. ComfyUI files of a diffusers FLUX.1 / SD3 transformer or UNet
@@ -98,7 +100,7 @@ def load(module: torch.nn.Module, path: str | os.PathLike, mode: str | Mode = "r
     tensors = _tensors(module)
     layout = open_layout(path, {n: (tuple(t.shape), t.dtype) for n, (t, _) in tensors.items()}, type(module).__name__)
     try:
-        return _load(module, os.fspath(path), mode, dtype, prefetch, tensors, layout)
+        return _load(module, layout.source.path, mode, dtype, prefetch, tensors, layout)
     except BaseException:
         layout.close()
         raise

@@ -72,25 +72,30 @@ class Layout:
     renamed: str | None               # "BFL" / "SAI" / "LDM" when stored under ComfyUI's names
     placements: dict[str, Placement]  # module tensor name -> placement
     file_bytes: int
+    owned: bool = True                # opened here (closed here) or handed in by the caller
 
     def close(self) -> None:
-        self.source.close()
+        if self.owned:
+            self.source.close()
 
 
 def open_layout(path, targets: dict[str, tuple[tuple[int, ...], object]], module_name: str) -> Layout:
-    """Open ``path`` (any layout ``open_checkpoint`` reads: a file, a folder, a shard index) and place
-    every stored tensor on one of ``targets`` (module tensor name -> (shape, torch dtype)).
+    """Open ``path`` (any layout ``open_checkpoint`` reads: a file, a folder, a shard index; or a
+    ``TensorSource`` already open, such as a pipeline's component, which the caller keeps and closes)
+    and place every stored tensor on one of ``targets`` (module tensor name -> (shape, torch dtype)).
 
     Raises ``ModelMismatchError`` naming the key and ``module_name`` for a stored tensor the module
     has no place for, or whose shape differs; the caller checks what the module lacks."""
-    source = open_checkpoint(path, ema=None)
+    owned = not isinstance(path, TensorSource)
+    source = open_checkpoint(path, ema=None) if owned else path
     try:
         fmt, stored = _stored(source)
         table, renamed = _renaming(stored, targets)
         placements = _place(source, stored, table, targets, module_name)
-        return Layout(source, fmt, renamed, placements, getattr(source, "file_size", 0))
+        return Layout(source, fmt, renamed, placements, getattr(source, "file_size", 0), owned)
     except BaseException:
-        source.close()
+        if owned:
+            source.close()
         raise
 
 
