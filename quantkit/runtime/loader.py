@@ -12,7 +12,7 @@ import torch
 from ..errors import ModelMismatchError
 from .sources import Layout, Placement, TensorSource, open_layout, read_data, read_scale
 from .streaming import Streamer, stream_units
-from .weights import CODES, KERNELS, KernelLog, make_quantized
+from .weights import KERNELS, KernelLog, held_buffer, make_cast, make_quantized
 
 EXAMPLES = 3
 
@@ -38,6 +38,7 @@ class RuntimeInfo:
     file_bytes: int
     quantized: int                    # module tensors held as FP8 codes
     kept: int                         # module tensors loaded in high precision
+    kept_as_stored: int               # of those, weights held in the file's dtype and cast on each use
     units: list[str] = field(default_factory=list)
     resident_bytes: int = 0
     materialised_bytes: int = 0
@@ -54,7 +55,8 @@ class RuntimeInfo:
     def summary(self) -> dict:
         return {"path": self.path, "mode": self.mode.value, "format": self.format, "renamed": self.renamed,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "file_bytes": self.file_bytes,
-                "quantized": self.quantized, "kept": self.kept, "units": len(self.units),
+                "quantized": self.quantized, "kept": self.kept, "kept_as_stored": self.kept_as_stored,
+                "units": len(self.units),
                 "resident_bytes": self.resident_bytes, "peak_bytes": self.peak_bytes,
                 "kernels": {KERNELS[k]: n for k, n in self.kernels.items()}}
 
@@ -81,7 +83,8 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     which are replaced and freed. ComfyUI files of a diffusers FLUX.1 / SD3 transformer or UNet
     (BFL / SAI / LDM names) are mapped back to the diffusers module's names.
     ``compute_dtype``: the dtype layers compute in (default: the module's own); FP8 weights are
-    dequantized into it on every call, kept tensors are cast to it once.
+    dequantized into it on every use, kept weights stored in another dtype cast on every use (memory
+    at rest stays the file's size), other kept tensors (biases, norms) cast once.
     ``mode``: "resident" keeps everything in memory; "streamed" reads each block's tensors when it
     runs and drops them after (``quantkit.runtime.streaming``), ``prefetch`` reading the next block
     meanwhile. ``module.quantkit_runtime`` (``RuntimeInfo``) says what was loaded and which kernel ran.
@@ -110,20 +113,24 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout) -> torch
     placements = layout.placements
     aliases = _aliases(tensors)
     _check_complete(module, tensors, aliases, placements, layout.source.path)
+    holding = _Holding(placements, tensors, dtype)
     info = RuntimeInfo(path, mode, layout.format, layout.renamed, dtype, layout.file_bytes,
                        sum(p.quantized for p in placements.values()),
-                       sum(not p.quantized for p in placements.values()))
+                       sum(not p.quantized for p in placements.values()), len(holding.stored))
     scales = {t: read_scale(layout.source, p) for t, p in placements.items() if p.quantized}
-    assign = _assigner(module, tensors, aliases, placements, scales, dtype, info.log)
+    assign = _assigner(module, tensors, aliases, holding, scales, info.log)
     streamed = _streamed(module, placements, aliases) if mode is Mode.STREAMED else {}
     in_units = {p.target for ps in streamed.values() for p in ps}
+
+    def read(p: Placement):
+        return holding.ready(p, read_data(layout.source, p))
+
     for target, p in placements.items():
         if target not in in_units:
-            value = read_data(layout.source, p)
-            assign(target, value if p.quantized or not value.is_floating_point() else value.to(dtype))
+            assign(target, read(p))
     if streamed:
         info.units = list(streamed)
-        info._streamer = Streamer(module, layout, streamed, assign, dtype, prefetch, info)
+        info._streamer = Streamer(module, streamed, read, assign, holding.nbytes, prefetch, info)
         info._layout = layout
         weakref.finalize(module, info.close)
     else:
@@ -132,6 +139,35 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout) -> torch
     info.peak_bytes = info.resident_bytes
     module.quantkit_runtime = info
     return module
+
+
+class _Holding:
+    """In which dtype each tensor is held between calls: FP8 codes as stored; a kept weight (a
+    parameter of 2 or more dimensions: Linear, Embedding, Conv) in its stored dtype, cast on each
+    use, so that memory at rest stays the file's size in any compute dtype; every other kept float
+    (biases, norms: small, and what ``model.dtype`` reads) cast once to the compute dtype."""
+
+    def __init__(self, placements: dict[str, Placement], tensors, dtype: torch.dtype):
+        self.placements = placements
+        self.dtype = dtype
+        self.stored = {t for t, p in placements.items()
+                       if not p.quantized and tensors[t][1] and len(p.shape) >= 2
+                       and p.dtype.torch.is_floating_point and p.dtype.torch != dtype}
+
+    def held_dtype(self, p: Placement) -> torch.dtype:
+        if p.quantized:
+            return p.fp8.torch_dtype
+        if p.target in self.stored or not p.dtype.torch.is_floating_point:
+            return p.dtype.torch
+        return self.dtype
+
+    def ready(self, p: Placement, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as read from the file -> the tensor held."""
+        held = self.held_dtype(p)
+        return t if t.dtype == held else t.to(held)
+
+    def nbytes(self, p: Placement) -> int:
+        return p.nbytes // p.dtype.itemsize * self.held_dtype(p).itemsize
 
 
 def _mode(mode) -> Mode:
@@ -183,28 +219,30 @@ def _check_complete(module, tensors, aliases, placements, path) -> None:
                                  "checkpoint does not hold", path=path, tensor=missing[0], hint=hint)
 
 
-def _assigner(module, tensors, aliases, placements: dict[str, Placement], scales, dtype, log):
-    """``assign(target, value)``: put ``value`` (FP8 codes or a kept tensor; None for a meta placeholder)
+def _assigner(module, tensors, aliases, holding: _Holding, scales, log):
+    """``assign(target, value)``: put ``value`` (what ``holding`` holds; None for a meta placeholder)
     in place of module tensor ``target`` and each of its aliases. Holds the module weakly: the
     streamed mode's hooks and finalizer reach it through this, and must not keep it alive."""
     module = weakref.proxy(module)
-
     def assign(target: str, value) -> None:
-        p = placements[target]
+        p = holding.placements[target]
         if value is None:
-            held = p.fp8.torch_dtype if p.quantized else dtype if p.dtype.torch.is_floating_point else p.dtype.torch
-            value = torch.empty(p.shape, dtype=held, device="meta")
-        if not p.quantized and tensors[target][1]:
+            value = torch.empty(p.shape, dtype=holding.held_dtype(p), device="meta")
+        kind = "fp8" if p.quantized else "stored" if target in holding.stored else "param" if tensors[target][1] \
+            else "buffer"
+        if kind == "param":
             value = torch.nn.Parameter(value, requires_grad=False)    # one object for every tied name
         for name in (target, *aliases.get(target, ())):
             owner, _, attr = name.rpartition(".")
             sub = module.get_submodule(owner)
-            if p.quantized:
-                if attr + CODES in sub._buffers:
-                    sub._buffers[attr + CODES] = value
-                else:
-                    make_quantized(sub, attr, value, scales[target], p.granularity, dtype, log)
-            elif tensors[name][1]:
+            buffer = held_buffer(sub, attr)
+            if buffer is not None:
+                sub._buffers[buffer] = value
+            elif kind == "fp8":
+                make_quantized(sub, attr, value, scales[target], p.granularity, holding.dtype, log)
+            elif kind == "stored":
+                make_cast(sub, attr, value, holding.dtype)
+            elif kind == "param":
                 sub._parameters[attr] = value
             else:
                 sub._buffers[attr] = value

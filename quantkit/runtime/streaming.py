@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .sources import Layout, Placement, read_data
+from .sources import Placement
 
 
 def stream_units(module: torch.nn.Module) -> list[str]:
@@ -68,15 +68,14 @@ def _holds_module_list(m: torch.nn.Module) -> bool:
 class Streamer:
     """Reads each unit's tensors before it runs and drops them after (the hooks of streamed mode)."""
 
-    def __init__(self, module: torch.nn.Module, layout: Layout, units: dict[str, list[Placement]],
-                 assign, dtype: torch.dtype, prefetch: bool, info):
-        self.layout = layout
+    def __init__(self, module: torch.nn.Module, units: dict[str, list[Placement]], read, assign, held_bytes,
+                 prefetch: bool, info):
         self.units = units                 # unit name -> its placements (targets relative to the root)
         self.order = list(units)
+        self.read_one = read               # read(placement) -> the tensor to hold, from disk
         self.assign = assign               # assign(target, value): put a value (or a meta placeholder) in place
-        self.dtype = dtype
         self.info = info                   # RuntimeInfo: materialised / peak bytes are counted there
-        self.bytes = {u: sum(_held_bytes(p, dtype) for p in ps) for u, ps in units.items()}
+        self.bytes = {u: sum(held_bytes(p) for p in ps) for u, ps in units.items()}
         self.next_of: dict[str, str] = {}
         self.last: str | None = None
         self.pending: tuple[str, Future] | None = None
@@ -89,12 +88,8 @@ class Streamer:
             self.release(name)
 
     def read(self, unit: str) -> dict:
-        """The unit's tensors, read from disk: FP8 codes as stored, kept floats in the compute dtype."""
-        out = {}
-        for p in self.units[unit]:
-            t = read_data(self.layout.source, p)
-            out[p.target] = t if p.quantized or not t.is_floating_point() else t.to(self.dtype)
-        return out
+        """The unit's tensors, read from disk and made ready to hold (``read_one``)."""
+        return {p.target: self.read_one(p) for p in self.units[unit]}
 
     def _pre(self, unit: str):
         def hook(module, args):
@@ -159,13 +154,6 @@ class Streamer:
             self.pending = None
         if self.pool is not None:
             self.pool.shutdown(wait=True)
-
-
-def _held_bytes(p: Placement, dtype: torch.dtype) -> int:
-    """Bytes a placement takes once materialised: FP8 codes as stored, kept floats in ``dtype``."""
-    if p.quantized or not p.dtype.torch.is_floating_point:
-        return p.nbytes
-    return p.nbytes // p.dtype.itemsize * dtype.itemsize
 
 
 def _malloc_trim():

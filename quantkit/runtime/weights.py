@@ -1,12 +1,15 @@
-"""FP8 weights at rest: a module keeps the stored codes and scale, and its weight is dequantized on use.
+"""Weights at rest as stored: FP8 codes and scale, or a kept weight in its stored dtype, made on use.
 
 A quantized ``weight`` (of an ``nn.Linear``, a convolution, anything) leaves the module's parameters;
 the module keeps two buffers instead, ``weight_fp8`` (the stored FP8 codes) and ``weight_scale``
 (the stored scale), and its class becomes a subclass (``FP8Linear`` for ``nn.Linear``) in which
 ``weight`` is a property: every read dequantizes (W = q * scale) into the compute dtype, on the
-codes' device. The module's own ``forward`` runs unchanged, so any layer type works, and code
-that reads ``layer.weight`` outside ``forward`` still gets the right values. Moving the model
-(``.to(device)``) moves the codes and scales; the weight is made where they are.
+codes' device. A kept weight stored in another dtype than the compute dtype (a BF16 embedding of
+a model run in float32) is held the same way, as ``weight_stored``, and cast on every read
+(``CastEmbedding``): memory at rest stays the file's size. The module's own ``forward`` runs
+unchanged, so any layer type works, and code that reads ``layer.weight`` outside ``forward``
+still gets the right values. Moving the model (``.to(device)``) moves the buffers; the weight is
+made where they are.
 
     >>> layer.weight_fp8.dtype, layer.weight.dtype              # doctest: +SKIP
     (torch.float8_e4m3fn, torch.float32)
@@ -15,7 +18,7 @@ Kernel paths (``KERNELS``): on CPU the product is ``quantkit.fp8.dequantize`` it
 table lookup, the very function ``load_dequantized`` uses, hence bit-identical results); on any
 other device ``q.float() * scale`` (the same products, exact in float32). An FP8 matmul path
 (torch._scaled_mm / torchao Float8Tensor on CUDA SM >= 8.9) would go in ``dequantized``'s place:
-see ``KERNELS`` and the package docstring for why it is not there yet.
+see the package docstring for why it is not there yet.
 """
 from __future__ import annotations
 
@@ -28,18 +31,20 @@ from .. import fp8 as fp8math
 from ..fp8 import Granularity
 
 CODES, SCALE = "_fp8", "_scale"      # buffer suffixes: weight -> weight_fp8, weight_scale
+STORED = "_stored"                   # a kept weight in its stored dtype: weight -> weight_stored
 KERNELS = {
     "cpu": "dequantize per call (quantkit.fp8.dequantize, table lookup) + the layer's own op",
     "device": "dequantize per call (q.float() * scale on the codes' device) + the layer's own op",
 }
 
 
-@dataclass
-class QuantizedTensor:
-    """What a module needs to make one quantized tensor: its granularity and the compute dtype."""
+@dataclass(frozen=True)
+class Held:
+    """How a module makes one tensor it holds as stored: dequantized (``granularity`` set) or cast,
+    into ``dtype``."""
 
-    granularity: Granularity
     dtype: torch.dtype
+    granularity: Granularity | None = None
 
 
 @dataclass
@@ -65,24 +70,28 @@ def dequantized(codes: torch.Tensor, scale: torch.Tensor, granularity: Granulari
     return w
 
 
-_CLASSES: dict[tuple[type, frozenset], type] = {}
+_CLASSES: dict[tuple[type, frozenset, bool], type] = {}
 
 
-def _fp8_class(cls: type, names: frozenset) -> type:
-    """``cls`` with each of ``names`` a property that dequantizes (one class per (cls, names))."""
-    key = (cls, names)
+def _held_class(cls: type, names: frozenset, fp8: bool) -> type:
+    """``cls`` with each of ``names`` a property made from what is held (one class per key)."""
+    key = (cls, names, fp8)
     if key not in _CLASSES:
-        props = {name: property(_getter(name), doc=f"{name}, dequantized from {name}{CODES} * {name}{SCALE}")
+        props = {name: property(_getter(name), doc=f"{name}, made on each read from what the module holds")
                  for name in names}
-        _CLASSES[key] = type(f"FP8{cls.__name__}", (cls,), {**props, "__module__": __name__,
-                                                            "__doc__": f"{cls.__name__} with FP8 {', '.join(sorted(names))} at rest"})
+        prefix = "FP8" if fp8 else "Cast"
+        _CLASSES[key] = type(prefix + cls.__name__, (cls,), {
+            **props, "__module__": __name__,
+            "__doc__": f"{cls.__name__} holding {', '.join(sorted(names))} as stored, made on each read"})
     return _CLASSES[key]
 
 
 def _getter(name: str):
     def get(self):
-        spec = self.__dict__["_quantkit_fp8"][name]
-        return dequantized(self._buffers[name + CODES], self._buffers[name + SCALE], spec.granularity, spec.dtype,
+        held = self.__dict__["_quantkit_held"][name]
+        if held.granularity is None:
+            return self._buffers[name + STORED].to(held.dtype)
+        return dequantized(self._buffers[name + CODES], self._buffers[name + SCALE], held.granularity, held.dtype,
                            self.__dict__.get("_quantkit_log"))
     return get
 
@@ -91,18 +100,32 @@ def make_quantized(module: torch.nn.Module, name: str, codes: torch.Tensor, scal
                    granularity: Granularity, dtype: torch.dtype, log: KernelLog | None = None) -> None:
     """Replace ``module.<name>`` (a parameter) by FP8 ``codes`` and ``scale`` buffers, read back as a
     property in ``dtype``. The old parameter is dropped (freed if nothing else holds it)."""
-    module._parameters.pop(name, None)
-    module._buffers.pop(name, None)
-    specs = module.__dict__.setdefault("_quantkit_fp8", {})
-    specs[name] = QuantizedTensor(granularity, dtype)
     if log is not None:
         module.__dict__["_quantkit_log"] = log
-    module.register_buffer(name + CODES, codes)
-    module.register_buffer(name + SCALE, scale)
+    _hold(module, name, Held(dtype, granularity), {CODES: codes, SCALE: scale})
+
+
+def make_cast(module: torch.nn.Module, name: str, stored: torch.Tensor, dtype: torch.dtype) -> None:
+    """Replace ``module.<name>`` by a ``<name>_stored`` buffer (``stored`` as it is), read back as a
+    property cast to ``dtype``."""
+    _hold(module, name, Held(dtype), {STORED: stored})
+
+
+def _hold(module, name: str, held: Held, buffers: dict) -> None:
+    module._parameters.pop(name, None)
+    module._buffers.pop(name, None)
+    specs = module.__dict__.setdefault("_quantkit_held", {})
+    specs[name] = held
+    for suffix, t in buffers.items():
+        module.register_buffer(name + suffix, t)
     base = type(module).__bases__[0] if type(module) in _CLASSES.values() else type(module)
-    module.__class__ = _fp8_class(base, frozenset(specs))
+    fp8 = any(h.granularity is not None for h in specs.values())
+    module.__class__ = _held_class(base, frozenset(specs), fp8)
 
 
-def quantized_names(module: torch.nn.Module) -> tuple[str, ...]:
-    """The tensors of ``module`` held as FP8 codes (empty for any other module)."""
-    return tuple(module.__dict__.get("_quantkit_fp8", ()))
+def held_buffer(module: torch.nn.Module, name: str) -> str | None:
+    """The buffer holding the stored data of ``module.<name>`` (codes or stored weight), or None."""
+    held = module.__dict__.get("_quantkit_held", {}).get(name)
+    if held is None:
+        return None
+    return name + (STORED if held.granularity is None else CODES)
