@@ -224,25 +224,25 @@ def _assigner(module, tensors, aliases, holding: _Holding, scales, log):
     in place of module tensor ``target`` and each of its aliases. Holds the module weakly: the
     streamed mode's hooks and finalizer reach it through this, and must not keep it alive."""
     module = weakref.proxy(module)
+
     def assign(target: str, value) -> None:
         p = holding.placements[target]
         if value is None:
             value = torch.empty(p.shape, dtype=holding.held_dtype(p), device="meta")
-        kind = "fp8" if p.quantized else "stored" if target in holding.stored else "param" if tensors[target][1] \
-            else "buffer"
-        if kind == "param":
+        is_param = tensors[target][1]
+        if is_param and not p.quantized and target not in holding.stored:
             value = torch.nn.Parameter(value, requires_grad=False)    # one object for every tied name
         for name in (target, *aliases.get(target, ())):
             owner, _, attr = name.rpartition(".")
             sub = module.get_submodule(owner)
             buffer = held_buffer(sub, attr)
-            if buffer is not None:
+            if buffer is not None:                  # held as stored already: new values in place
                 sub._buffers[buffer] = value
-            elif kind == "fp8":
+            elif p.quantized:
                 make_quantized(sub, attr, value, scales[target], p.granularity, holding.dtype, log)
-            elif kind == "stored":
+            elif target in holding.stored:
                 make_cast(sub, attr, value, holding.dtype)
-            elif kind == "param":
+            elif is_param:
                 sub._parameters[attr] = value
             else:
                 sub._buffers[attr] = value
@@ -280,7 +280,9 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 @contextmanager
 def empty_weights():
     """Build a module with its parameters on the meta device (no memory, no init) and its buffers
-    real (position ids, RoPE tables: values a checkpoint does not hold), ready for ``load``.
+    real (position ids, RoPE tables: values a checkpoint does not hold), ready for ``load``. While
+    active it patches ``torch.nn.Module.register_parameter`` (as accelerate's ``init_empty_weights``
+    does): build in one thread at a time.
 
     >>> with empty_weights():                                        # doctest: +SKIP
     ...     model = transformers.BertModel(config)
