@@ -22,7 +22,7 @@ from tiny_models import BUILDERS, build, example_inputs, forward, save_state_dic
 
 import quantkit.runtime as qr
 from quantkit.checkpoint import open_checkpoint
-from quantkit.comfy_names import to_source_names
+from quantkit.comfy_names import comfyui_view, to_source_names
 from quantkit.errors import ModelMismatchError, QuantkitError, UnsupportedInputError
 from quantkit.fp8 import Granularity
 from quantkit.plan import ConvertOptions
@@ -101,8 +101,8 @@ def _dequantize_then_run(out, src, make, run, dtype=torch.float32):
     """The reference: the file dequantized by validate's read-back, renamed back if written under
     ComfyUI's names, loaded into a fresh module with load_state_dict, run."""
     state = load_dequantized(str(out), dtype=dtype)
-    with open_checkpoint(str(src), names="comfyui") as view:
-        if view.parts and _format(out).startswith("comfy"):     # written under ComfyUI's names
+    with comfyui_view(open_checkpoint(str(src))) as view:
+        if getattr(view, "parts", None) and _format(out).startswith("comfy"):     # written under ComfyUI's names
             state = to_source_names(state, view)
     model = make()
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
