@@ -1,10 +1,10 @@
 """Run what you convert: load an FP8 checkpoint into a model and run it, FP8 at rest.
 
     >>> import torch, quantkit.runtime as qr                                     # doctest: +SKIP
-    >>> with qr.empty_weights():
+    >>> with qr.empty_weights():                                                 # doctest: +SKIP
     ...     model = FluxTransformer2DModel.from_config(config)
-    >>> qr.load(model, "flux1-dev-fp8.safetensors", mode="streamed", compute_dtype=torch.bfloat16)
-    >>> model.quantkit_runtime.summary()
+    >>> qr.load(model, "flux1-dev-fp8.safetensors", mode="streamed", compute_dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> model.quantkit_runtime.summary()                                         # doctest: +SKIP
 
 - ``loader``: ``load`` and ``empty_weights``; what was loaded is ``module.quantkit_runtime``.
 - ``weights``: a quantized weight is its FP8 codes and scale (buffers), dequantized on each use.

@@ -38,8 +38,14 @@ def stream_units(module: torch.nn.Module) -> list[str]:
     """The dotted names of the modules streamed as one unit each, in registration order (modules
     without parameters or buffers are no unit).
 
-    >>> stream_units(flux)[:3]                  # doctest: +SKIP
-    ['time_text_embed', 'context_embedder', 'x_embedder']
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.embed, self.act = torch.nn.Embedding(10, 4), torch.nn.GELU()
+    ...         self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    ...         self.head = torch.nn.Linear(4, 2)
+    >>> stream_units(Net())
+    ['embed', 'blocks.0', 'blocks.1', 'head']
     """
     units: list[str] = []
 
