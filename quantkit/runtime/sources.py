@@ -135,7 +135,7 @@ def _place(source, stored, table, targets, module_name: str) -> dict[str, Placem
     unplaced = [k for k in stored if k not in table]
     if unplaced:
         more = f" and {len(unplaced) - EXAMPLES} more" if len(unplaced) > EXAMPLES else ""
-        raise ModelMismatchError(f"{', '.join(unplaced[:EXAMPLES])}{more} fit(s) no tensor of {module_name}",
+        raise ModelMismatchError(f"{', '.join(unplaced[:EXAMPLES])}{more}: no such tensor in {module_name}",
                                  path=source.path, tensor=unplaced[0],
                                  hint="load the checkpoint into the model it was converted from")
     pieces: dict[str, list[Piece]] = {}
