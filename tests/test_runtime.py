@@ -456,7 +456,7 @@ def test_a_streamed_module_is_freed_and_its_files_closed(flux_src):
 
 def test_the_runtime_imports_only_floors_below_it_through_one_adapter():
     """STYLE 11: the runtime sits below read-back, validation and model output, above formats and
-    readers; of quantkit's other modules only sources.py (the adapter) reaches the read and format
+    readers; of quantkit's other modules only placements.py (the adapter) reaches the read and format
     stages, so their restructuring touches one file."""
     import ast
     import pathlib
@@ -469,5 +469,5 @@ def test_the_runtime_imports_only_floors_below_it_through_one_adapter():
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("quantkit"):
                 imported.add(node.module.split(".")[1])
         assert not imported & above, (path.name, imported & above)
-        allowed = {"fp8", "errors"} if path.name != "sources.py" else imported
+        allowed = {"fp8", "errors"} if path.name != "placements.py" else imported
         assert imported <= allowed, (path.name, imported - allowed)

@@ -9,7 +9,7 @@
 - ``loader``: ``load`` and ``empty_weights``; what was loaded is ``module.quantkit_runtime``.
 - ``weights``: a quantized weight is its FP8 codes and scale (buffers), dequantized on each use.
 - ``streaming``: streamed mode, block by block from disk, the next block read meanwhile.
-- ``sources``: where each module tensor lies in the checkpoint (the one adapter to the read and
+- ``placements``: where each module tensor lies in the checkpoint (the one adapter to the read and
   format stages, ComfyUI names mapped back).
 
 Layer: below read-back, validation and model output; above formats and readers. Nothing here

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelMismatchError
-from .sources import Layout, Placement, TensorSource, open_layout, read_data, read_scale
+from .placements import Layout, Placement, TensorSource, open_layout, read_data, read_scale
 from .streaming import Streamer, stream_units
 from .weights import KERNELS, KernelLog, held_buffer, make_cast, make_quantized
 

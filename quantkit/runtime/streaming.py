@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .sources import Placement
+from .placements import Placement
 
 
 def stream_units(module: torch.nn.Module) -> list[str]:
