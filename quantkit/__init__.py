@@ -13,7 +13,7 @@ True
 checks an output's hashes and fidelity (``quantkit.validate.validate``); ``open_checkpoint`` reads
 any checkpoint layout; ``open_source`` does so under the names a format writes; ``make_plan``
 decides every tensor's fate from the header; ``load_dequantized`` reads an output back as its
-source's values.
+source's values; ``runtime`` loads an FP8 checkpoint into a model (``quantkit.runtime.load``).
 """
 from ._version import __version__
 
@@ -26,6 +26,7 @@ _API = {
     "open_checkpoint": ("checkpoint", "open_checkpoint"),
     "open_source": ("sources", "open_source"),
     "load_dequantized": ("readback", "load_dequantized"),
+    "runtime": ("runtime", None),
 }
 
 __all__ = ["__version__", *_API]

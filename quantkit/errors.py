@@ -46,6 +46,10 @@ class NonFiniteError(QuantkitError):
     """NaN or Inf in a tensor that is to be quantized."""
 
 
+class ModelMismatchError(QuantkitError):
+    """A checkpoint whose tensors do not fit the module it is loaded into (names or shapes)."""
+
+
 class PolicyError(QuantkitError):
     """A policy rule or option that cannot be applied."""
 

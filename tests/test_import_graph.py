@@ -31,6 +31,8 @@ STAGES = [
                  "quantkit.formats.comfy_legacy", "quantkit.formats.compressed_tensors"]),
     ("plan", ["quantkit.plan"]),
     ("quantize", ["quantkit.quantize"]),
+    ("runtime", ["quantkit.runtime.placements", "quantkit.runtime.weights", "quantkit.runtime.streaming",
+                 "quantkit.runtime.loader", "quantkit.runtime"]),
     ("read-back", ["quantkit.readback"]),
     ("model output", ["quantkit.diffusion_inputs", "quantkit.model_output"]),
     ("validate", ["quantkit.validate"]),

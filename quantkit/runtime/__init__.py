@@ -1,0 +1,26 @@
+"""Run what you convert: load an FP8 checkpoint into a model and run it, FP8 at rest.
+
+    >>> import torch, quantkit.runtime as qr                                     # doctest: +SKIP
+    >>> with qr.empty_weights():                                                 # doctest: +SKIP
+    ...     model = FluxTransformer2DModel.from_config(config)
+    >>> qr.load(model, "flux1-dev-fp8.safetensors", mode="streamed", compute_dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> model.quantkit_runtime.summary()                                         # doctest: +SKIP
+
+- ``loader``: ``load`` and ``empty_weights``; what was loaded is ``module.quantkit_runtime``.
+- ``weights``: a quantized weight is its FP8 codes and scale (buffers), dequantized on each use.
+- ``streaming``: streamed mode, block by block from disk, the next block read meanwhile.
+- ``placements``: where each module tensor lies in the checkpoint (the one adapter to the read and
+  format stages, ComfyUI names mapped back).
+
+Layer: below read-back, validation and model output; above formats and readers. Nothing here
+prints or needs a GPU. FP8 matmul kernels (torch._scaled_mm, torchao's Float8Tensor built from
+the stored codes and scales) are not implemented: every device dequantizes into the compute dtype
+and runs the layer's own op (``weights.dequantized`` is the seam; ``RuntimeInfo.kernels`` says
+which path ran).
+"""
+from __future__ import annotations
+
+from .loader import Mode, RuntimeInfo, empty_weights, load, tensor_bytes
+from .streaming import stream_units
+
+__all__ = ["Mode", "RuntimeInfo", "empty_weights", "load", "stream_units", "tensor_bytes"]

@@ -1,0 +1,301 @@
+"""``load``: put a checkpoint's tensors into a module the user built, FP8 weights kept as FP8."""
+from __future__ import annotations
+
+import enum
+import os
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ModelMismatchError
+from .placements import Layout, Placement, TensorSource, open_layout, read_data, read_scale
+from .streaming import Streamer, stream_units
+from .weights import KERNELS, KernelLog, held_buffer, make_cast, make_quantized
+
+EXAMPLES = 3
+
+
+class Mode(enum.Enum):
+    RESIDENT = "resident"   # every tensor in memory (FP8 codes as stored)
+    STREAMED = "streamed"   # each unit's tensors read from disk when it runs, dropped after
+
+
+@dataclass
+class RuntimeInfo:
+    """What ``load`` did, attached to the module as ``module.quantkit_runtime``.
+
+    ``resident_bytes``: tensors held between calls (the module's non-meta parameters and buffers);
+    ``materialised_bytes`` / ``peak_bytes``: streamed units' tensors in memory now / at most, plus
+    the resident ones for the peak; ``kernels``: how many weights each kernel path made so far."""
+
+    path: str
+    mode: Mode
+    format: str                       # "native", "comfy", "comfy-legacy", "compressed-tensors" or "plain"
+    renamed: str | None               # "BFL" / "SAI" / "LDM": stored under ComfyUI's names, mapped back
+    compute_dtype: torch.dtype
+    file_bytes: int
+    quantized: int                    # module tensors held as FP8 codes
+    kept: int                         # module tensors loaded in high precision
+    kept_as_stored: int               # of those, weights held in the file's dtype and cast on each use
+    units: list[str] = field(default_factory=list)
+    resident_bytes: int = 0
+    materialised_bytes: int = 0
+    peak_bytes: int = 0
+    log: KernelLog = field(default_factory=KernelLog, repr=False)
+    _streamer: Streamer | None = field(default=None, repr=False)
+    _layout: Layout | None = field(default=None, repr=False)
+
+    @property
+    def kernels(self) -> dict[str, int]:
+        """Kernel path -> weights it produced so far (``weights.KERNELS`` describes each)."""
+        return dict(self.log.counts)
+
+    def summary(self) -> dict:
+        return {"path": self.path, "mode": self.mode.value, "format": self.format, "renamed": self.renamed,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "file_bytes": self.file_bytes,
+                "quantized": self.quantized, "kept": self.kept, "kept_as_stored": self.kept_as_stored,
+                "units": len(self.units),
+                "resident_bytes": self.resident_bytes, "peak_bytes": self.peak_bytes,
+                "kernels": {KERNELS[k]: n for k, n in self.kernels.items()}}
+
+    def close(self) -> None:
+        """Streamed mode: remove the hooks and close the checkpoint (the module can no longer run)."""
+        if self._streamer is not None:
+            self._streamer.close()
+            self._streamer = None
+        if self._layout is not None:
+            self._layout.close()
+            self._layout = None
+
+
+def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: str | Mode = "resident",
+         compute_dtype: torch.dtype | None = None, *, prefetch: bool = True) -> torch.nn.Module:
+    """Load the checkpoint at ``path`` into ``module`` and return it, FP8 weights kept as FP8.
+
+    ``path``: any quantkit output (native, comfy, comfy-legacy, compressed-tensors; a file, a
+    folder or a sharded folder) or a plain BF16/FP16/FP32 checkpoint, in any layout quantkit reads;
+    or a checkpoint already open (``open_checkpoint(..., component=..., ema=...)``), which stays the
+    caller's to close.
+    ``module``: the architecture the checkpoint was converted from (a diffusers model, a
+    transformers model...), built on the meta device (``empty_weights()``) or holding weights,
+    which are replaced and freed. ComfyUI files of a diffusers FLUX.1 / SD3 transformer or UNet
+    (BFL / SAI / LDM names) are mapped back to the diffusers module's names.
+    ``compute_dtype``: the dtype layers compute in (default: the module's own); FP8 weights are
+    dequantized into it on every use, kept weights stored in another dtype cast on every use (memory
+    at rest stays the file's size), other kept tensors (biases, norms) cast once.
+    ``mode``: "resident" keeps everything in memory; "streamed" reads each block's tensors when it
+    runs and drops them after (``quantkit.runtime.streaming``), ``prefetch`` reading the next block
+    meanwhile. ``module.quantkit_runtime`` (``RuntimeInfo``) says what was loaded and which kernel ran.
+
+    >>> with empty_weights():                                         # doctest: +SKIP
+    ...     model = FluxTransformer2DModel.from_config(config)
+    >>> load(model, "flux1-dev-fp8.safetensors", mode="streamed", compute_dtype=torch.bfloat16)  # doctest: +SKIP
+    """
+    mode = _mode(mode)
+    if getattr(module, "quantkit_runtime", None) is not None:
+        raise ValueError("this module was already loaded by quantkit.runtime.load; build a fresh one")
+    dtype = compute_dtype or own_dtype(module)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"compute_dtype {dtype!r}: use a floating-point dtype of 16 bits or more "
+                         "(torch.bfloat16, torch.float16, torch.float32)")
+    tensors = _tensors(module)
+    layout = open_layout(path, {n: (tuple(t.shape), t.dtype) for n, (t, _) in tensors.items()}, type(module).__name__)
+    try:
+        return _load(module, layout.source.path, mode, dtype, prefetch, tensors, layout)
+    except BaseException:
+        layout.close()
+        raise
+
+
+def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout) -> torch.nn.Module:
+    placements = layout.placements
+    aliases = _aliases(tensors)
+    _check_complete(module, tensors, aliases, placements, layout.source.path)
+    holding = _Holding(placements, tensors, dtype)
+    info = RuntimeInfo(path, mode, layout.format, layout.renamed, dtype, layout.file_bytes,
+                       sum(p.quantized for p in placements.values()),
+                       sum(not p.quantized for p in placements.values()), len(holding.stored))
+    scales = {t: read_scale(layout.source, p) for t, p in placements.items() if p.quantized}
+    assign = _assigner(module, tensors, aliases, holding, scales, info.log)
+    streamed = _streamed(module, placements, aliases) if mode is Mode.STREAMED else {}
+    in_units = {p.target for ps in streamed.values() for p in ps}
+
+    def read(p: Placement):
+        return holding.ready(p, read_data(layout.source, p))
+
+    for target, p in placements.items():
+        if target not in in_units:
+            assign(target, read(p))
+    if streamed:
+        info.units = list(streamed)
+        info._streamer = Streamer(module, streamed, read, assign, holding.nbytes, prefetch, info)
+        info._layout = layout
+        weakref.finalize(module, info.close)
+    else:
+        layout.close()
+    info.resident_bytes = tensor_bytes(module)
+    info.peak_bytes = info.resident_bytes
+    module.quantkit_runtime = info
+    return module
+
+
+class _Holding:
+    """In which dtype each tensor is held between calls: FP8 codes as stored; a kept weight (a
+    parameter of 2 or more dimensions: Linear, Embedding, Conv) in its stored dtype, cast on each
+    use, so that memory at rest stays the file's size in any compute dtype; every other kept float
+    (biases, norms: small, and what ``model.dtype`` reads) cast once to the compute dtype."""
+
+    def __init__(self, placements: dict[str, Placement], tensors, dtype: torch.dtype):
+        self.placements = placements
+        self.dtype = dtype
+        self.stored = {t for t, p in placements.items()
+                       if not p.quantized and tensors[t][1] and len(p.shape) >= 2
+                       and p.dtype.torch.is_floating_point and p.dtype.torch != dtype}
+
+    def held_dtype(self, p: Placement) -> torch.dtype:
+        if p.quantized:
+            return p.fp8.torch_dtype
+        if p.target in self.stored or not p.dtype.torch.is_floating_point:
+            return p.dtype.torch
+        return self.dtype
+
+    def ready(self, p: Placement, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as read from the file -> the tensor held."""
+        held = self.held_dtype(p)
+        return t if t.dtype == held else t.to(held)
+
+    def nbytes(self, p: Placement) -> int:
+        return p.nbytes // p.dtype.itemsize * self.held_dtype(p).itemsize
+
+
+def _mode(mode) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise ValueError(f"mode {mode!r}: use one of {', '.join(m.value for m in Mode)}") from None
+
+
+def own_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point parameter (or buffer); float32 if none."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point() and t.element_size() > 1:
+            return t.dtype
+    return torch.float32
+
+
+def _tensors(module) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Every parameter and buffer under each of its names (tied ones under all): name -> (tensor, is_param)."""
+    out = {n: (t, True) for n, t in module.named_parameters(remove_duplicate=False)}
+    out.update({n: (t, False) for n, t in module.named_buffers(remove_duplicate=False) if n not in out})
+    return out
+
+
+def _aliases(tensors) -> dict[str, tuple[str, ...]]:
+    """Name -> the other names of the same tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, (t, _) in tensors.items():
+        groups.setdefault(id(t), []).append(name)
+    return {n: tuple(o for o in names if o != n) for names in groups.values() for n in names if len(names) > 1}
+
+
+def _check_complete(module, tensors, aliases, placements, path) -> None:
+    """Every parameter comes from the checkpoint (a tied one through any of its names); a buffer the
+    checkpoint lacks is kept from the module, unless it has no values (the meta device)."""
+    missing = []
+    for name, (t, is_param) in tensors.items():
+        if name in placements or any(a in placements for a in aliases.get(name, ())):
+            continue
+        if is_param or t.is_meta:
+            missing.append(name)
+    if missing:
+        more = f" and {len(missing) - EXAMPLES} more" if len(missing) > EXAMPLES else ""
+        buffers_only = all(not tensors[n][1] for n in missing)
+        hint = ("build the module with empty_weights() (parameters on the meta device, buffers real), not "
+                "under torch.device('meta')" if buffers_only else
+                "load the checkpoint into the model it was converted from")
+        raise ModelMismatchError(f"{type(module).__name__} needs {', '.join(missing[:EXAMPLES])}{more}, which the "
+                                 "checkpoint does not hold", path=path, tensor=missing[0], hint=hint)
+
+
+def _assigner(module, tensors, aliases, holding: _Holding, scales, log):
+    """``assign(target, value)``: put ``value`` (what ``holding`` holds; None for a meta placeholder)
+    in place of module tensor ``target`` and each of its aliases. Holds the module weakly: the
+    streamed mode's hooks and finalizer reach it through this, and must not keep it alive."""
+    module = weakref.proxy(module)
+
+    def assign(target: str, value) -> None:
+        p = holding.placements[target]
+        if value is None:
+            value = torch.empty(p.shape, dtype=holding.held_dtype(p), device="meta")
+        is_param = tensors[target][1]
+        if is_param and not p.quantized and target not in holding.stored:
+            value = torch.nn.Parameter(value, requires_grad=False)    # one object for every tied name
+        for name in (target, *aliases.get(target, ())):
+            owner, _, attr = name.rpartition(".")
+            sub = module.get_submodule(owner)
+            buffer = held_buffer(sub, attr)
+            if buffer is not None:                  # held as stored already: new values in place
+                sub._buffers[buffer] = value
+            elif p.quantized:
+                make_quantized(sub, attr, value, scales[target], p.granularity, holding.dtype, log)
+            elif target in holding.stored:
+                make_cast(sub, attr, value, holding.dtype)
+            elif is_param:
+                sub._parameters[attr] = value
+            else:
+                sub._buffers[attr] = value
+    return assign
+
+
+def _streamed(module, placements: dict[str, Placement], aliases) -> dict[str, list[Placement]]:
+    """Unit name -> the placements streamed with it; tensors outside every unit, and tied tensors
+    (two names, maybe two units), stay resident."""
+    units = {u: [] for u in stream_units(module)}
+    owners = sorted(units, key=len, reverse=True)
+    for target, p in placements.items():
+        if target in aliases:
+            continue
+        unit = next((u for u in owners if target.startswith(u + ".")), None)
+        if unit is not None:
+            units[unit].append(p)
+    return {u: ps for u, ps in units.items() if ps}
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers that hold values (meta tensors excluded; shared
+    storage counted once)."""
+    seen, total = set(), 0
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_meta:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+@contextmanager
+def empty_weights():
+    """Build a module with its parameters on the meta device (no memory, no init) and its buffers
+    real (position ids, RoPE tables: values a checkpoint does not hold), ready for ``load``. While
+    active it patches ``torch.nn.Module.register_parameter`` (as accelerate's ``init_empty_weights``
+    does): build in one thread at a time.
+
+    >>> with empty_weights():                                        # doctest: +SKIP
+    ...     model = transformers.BertModel(config)
+    """
+    original = torch.nn.Module.register_parameter
+
+    def register_parameter(self, name, param):
+        original(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original

@@ -1,0 +1,178 @@
+"""Streamed mode: each block's weights are read from disk when the block runs, and dropped after.
+
+A *unit* is a module whose tensors are read together (``stream_units``): every item of a
+``ModuleList`` (FLUX ``transformer_blocks.N`` / ``single_transformer_blocks.N``, SD3
+``transformer_blocks.N``, BERT ``encoder.layer.N``, Llama ``model.layers.N``, UNet
+``down_blocks.N`` / ``up_blocks.N`` / ``mid_block.resnets.N``...) and every other child that
+holds no ``ModuleList`` (embedders, final norms and projections). The rule is generic: the
+block lists of every architecture quantkit knows are ``ModuleList``s, and a model without one
+streams per top-level child. Tensors directly on a module that holds a ``ModuleList``, and
+tensors shared by two units (tied weights), stay resident.
+
+Between calls a unit's tensors are meta tensors of the right shape and dtype: ``model.dtype``
+and shapes stay readable, and code that touched a weight outside its block's ``forward`` would
+fail loudly instead of computing with stale values. A forward pre-hook reads the unit's FP8
+codes and kept tensors (scales are tiny and stay resident), and starts reading the unit that ran
+after it last time (registration order until a pass has been seen) on a background thread, so
+disk reads overlap compute (``os.preadv`` releases the GIL). A forward hook (``always_call``)
+drops them again. At most two units are materialised at once: the one running and the next.
+
+glibc keeps freed blocks of a few MiB in the heap rather than returning them (its mmap threshold
+grows after each large free), so without help a process's RSS creeps up by several blocks'
+worth; after dropping a unit the hook calls ``malloc_trim(0)`` where libc has it. Measured on a
+293 MB FP8 FLUX-like model (4 + 8 blocks, hidden 1024), 5 passes, prefetch off, bf16: RSS after
+each pass 712 -> 834 MB without, flat at 458 MB with (426 MB before loading).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .placements import Placement
+
+
+def stream_units(module: torch.nn.Module) -> list[str]:
+    """The dotted names of the modules streamed as one unit each, in registration order (modules
+    without parameters or buffers are no unit).
+
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.embed, self.act = torch.nn.Embedding(10, 4), torch.nn.GELU()
+    ...         self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    ...         self.head = torch.nn.Linear(4, 2)
+    >>> stream_units(Net())
+    ['embed', 'blocks.0', 'blocks.1', 'head']
+    """
+    units: list[str] = []
+
+    def walk(prefix: str, m: torch.nn.Module) -> None:
+        for name, child in m.named_children():
+            full = prefix + name
+            if isinstance(child, torch.nn.ModuleList):
+                units.extend(f"{full}.{i}" for i, item in child.named_children() if _holds_tensors(item))
+            elif _holds_module_list(child):
+                walk(full + ".", child)
+            elif _holds_tensors(child):
+                units.append(full)
+
+    walk("", module)
+    return units
+
+
+def _holds_tensors(m: torch.nn.Module) -> bool:
+    return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
+
+
+def _holds_module_list(m: torch.nn.Module) -> bool:
+    return any(isinstance(c, torch.nn.ModuleList) for c in m.modules())
+
+
+class Streamer:
+    """Reads each unit's tensors before it runs and drops them after (the hooks of streamed mode)."""
+
+    def __init__(self, module: torch.nn.Module, units: dict[str, list[Placement]], read, assign, held_bytes,
+                 prefetch: bool, info):
+        self.units = units                 # unit name -> its placements (targets relative to the root)
+        self.order = list(units)
+        self.read_one = read               # read(placement) -> the tensor to hold, from disk
+        self.assign = assign               # assign(target, value): put a value (or a meta placeholder) in place
+        self.info = info                   # RuntimeInfo: materialised / peak bytes are counted there
+        self.bytes = {u: sum(held_bytes(p) for p in ps) for u, ps in units.items()}
+        self.next_of: dict[str, str] = {}
+        self.last: str | None = None
+        self.pending: tuple[str, Future] | None = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="quantkit-prefetch") if prefetch else None
+        self.handles = []
+        for name in self.order:
+            sub = module.get_submodule(name)
+            self.handles.append(sub.register_forward_pre_hook(self._pre(name)))
+            self.handles.append(sub.register_forward_hook(self._post(name), always_call=True))
+            self.release(name)
+
+    def read(self, unit: str) -> dict:
+        """The unit's tensors, read from disk and made ready to hold (``read_one``)."""
+        return {p.target: self.read_one(p) for p in self.units[unit]}
+
+    def _pre(self, unit: str):
+        def hook(module, args):
+            values = self._take(unit)
+            for target, value in values.items():
+                self.assign(target, value)
+            self._count(unit, +1)
+            if self.last is not None and self.last != unit:
+                self.next_of[self.last] = unit
+            self.last = unit
+            self._prefetch(self.next_of.get(unit) or self._after(unit))
+        return hook
+
+    def _post(self, unit: str):
+        def hook(module, args, output):
+            self.release(unit)
+            self._count(unit, -1)
+            _return_freed_memory()
+        return hook
+
+    def release(self, unit: str) -> None:
+        for p in self.units[unit]:
+            self.assign(p.target, None)
+
+    def _take(self, unit: str) -> dict:
+        if self.pending is not None:
+            name, future = self.pending
+            self.pending = None
+            if name == unit:
+                self._count(name, -1)        # counted while in flight; counted again as materialised
+                return future.result()
+            future.cancel()
+            self._discard(name, future)
+        return self.read(unit)
+
+    def _prefetch(self, unit: str | None) -> None:
+        if self.pool is None or unit is None:
+            return
+        self.pending = (unit, self.pool.submit(self.read, unit))
+        self._count(unit, +1)
+
+    def _discard(self, name: str, future: Future) -> None:
+        if not future.cancelled():
+            future.result()                  # surface a read error, then drop the tensors
+        self._count(name, -1)
+
+    def _after(self, unit: str) -> str | None:
+        i = self.order.index(unit) + 1
+        return self.order[i] if i < len(self.order) else None
+
+    def _count(self, unit: str, sign: int) -> None:
+        info = self.info
+        info.materialised_bytes += sign * self.bytes[unit]
+        info.peak_bytes = max(info.peak_bytes, info.materialised_bytes + info.resident_bytes)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if self.pending is not None:
+            self.pending[1].cancel()
+            self.pending = None
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _malloc_trim():
+    """libc's ``malloc_trim`` (glibc), or None where there is none."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    if _TRIM is not None:
+        _TRIM(0)
