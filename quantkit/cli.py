@@ -310,12 +310,15 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
 @click.option("--model-output", is_flag=True,
               help="Also run the source model and the quantized one (transformers or diffusers models, built "
                    "from the config.json beside the source) on the same seeded random inputs (token ids; latents, "
-                   "timesteps and text embeddings) and compare their outputs. Loads the model.")
+                   "timesteps and text embeddings) and compare their outputs. Each model runs streamed, one block "
+                   "in memory at a time, so models larger than the machine's memory validate too.")
+@click.option("--compute-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="With --model-output: the dtype both models compute in (bf16 halves what a block holds).")
 @click.option("--min-output-sqnr", type=DECIBELS, metavar="DB",
               help="With --model-output: fail if the output's SQNR is below DB decibels (implies --model-output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def validate(out, against, min_sqnr, json_path, overwrite, no_hash_check, show, component, ema, model_output,
-             min_output_sqnr, quiet):
+             compute_dtype, min_output_sqnr, quiet):
     """Prove OUT is intact and faithful to its source.
 
     Recomputes the SHA256 of OUT (and of the source) and compares them with the manifest
@@ -339,7 +342,8 @@ def validate(out, against, min_sqnr, json_path, overwrite, no_hash_check, show, 
             raise QuantkitError("--min-sqnr measures the output against its source", hint="pass --against SRC")
         click.echo(f"quantkit validate: {out}" + (f" against {against}" if against else ""))
         report = run(out, against, min_sqnr=min_sqnr, check_hash=not no_hash_check, component=component, ema=ema,
-                     model_output=model_output, min_output_sqnr=min_output_sqnr, progress=bars.progress,
+                     model_output=model_output, min_output_sqnr=min_output_sqnr, compute_dtype=compute_dtype,
+                     progress=bars.progress,
                      reports=_reports(json_path), overwrite_reports=overwrite)
     except QuantkitError as exc:
         bars.progress.close()

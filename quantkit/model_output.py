@@ -2,12 +2,15 @@
 
 Per-tensor SQNR says how well each weight survived; what a user cares about is what the model
 computes. This builds the architecture named by the ``config.json`` beside the source's
-weights, offline, loads the source's weights and runs seeded random inputs through it; then
-runs the same inputs through the quantized output, loaded the way its client loads it: a
-compressed-tensors folder by transformers itself (``from_pretrained``, so a tensor the client
-misreads shows at the output), the other formats dequantized by quantkit (W = q * scale, the
-convention ComfyUI's loader applies). The two outputs (float32) are compared with the same
-metrics as the tensors.
+weights, offline and without memory (parameters on the meta device), loads the source into it
+with ``quantkit.runtime`` in streamed mode (each block read from disk when it runs, dropped after)
+and runs seeded random inputs through it; then drops it, builds it again and runs the same inputs
+through the quantized output, loaded the way its client loads it: a compressed-tensors folder by
+transformers itself (``from_pretrained``, so a tensor the client misreads shows at the output),
+the other formats by the runtime (FP8 codes at rest, W = q * scale per block, the convention
+ComfyUI's loader applies; ComfyUI's names mapped back onto the diffusers model). The two outputs
+are compared with the same metrics as the tensors, in the compute dtype chosen (``fp32``
+default, or ``bf16``).
 
 - transformers models (the class in ``architectures``): random token ids; the output is the
   logits or last hidden states.
@@ -17,11 +20,9 @@ metrics as the tensors.
   model predicts (every ControlNet residual, concatenated; the VAE's decoded image). Other
   classes are refused with the list of those covered.
 
-Unlike the rest of quantkit this holds the whole model in memory: it is a check for models that
-fit, run on request (``quantkit validate --model-output``). A transformers model peaks at twice
-its float32 weights (the model's own parameters and the weights copied in); a diffusers model at
-about once (weights assigned into an uninitialised model and freed between the two runs:
-1.65 GB peak RSS for a 1.13 GB float32 FLUX-like model, 2.85 GB without the freeing).
+Memory: never both models, and of each about one block of weights plus the activations (the
+runtime's streamed mode), so a checkpoint larger than the machine's memory can be validated at
+its output. The compressed-tensors client path is the exception: transformers holds that model whole.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import json
 import os
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from .errors import QuantkitError, UnsupportedInputError, ValidationFailed
 from .metrics import ErrorStats
@@ -41,50 +42,52 @@ BATCH = 2
 
 @dataclass(frozen=True)
 class _Model:
-    """A model ready to run on its inputs."""
-    module: object
+    """An architecture ready to be built (without memory) and run on its inputs."""
+    make: Callable              # () -> a fresh module, parameters on the meta device (runtime.empty_weights)
+    module_class: type
     architecture: str
+    transformers: bool          # a transformers model (its client can load a compressed-tensors folder)
     inputs: dict
     words: str                  # the inputs, described
     output: Callable            # the model's return value -> the tensor compared
-    assign: bool                # diffusers: weights replace the uninitialised parameters, not copied into them
-    missing_ok: frozenset       # parameters the weights may lack (tied to others)
+    peak: list = field(default_factory=lambda: [0])   # the last run's peak of weights in memory (bytes)
 
 
-def compare_model_output(source, output: str, *, seed: int = 0) -> dict:
+def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: str = "fp32") -> dict:
     """Outputs of ``source`` (an opened checkpoint) and of the quantized ``output`` on the same
-    seeded inputs: {"architecture", "inputs", "sqnr", "psnr", "cosine", "max_abs_error", "rel_l2"}."""
+    seeded inputs: {"architecture", "inputs", "loaded_by", "sqnr", "psnr", "cosine", "max_abs_error",
+    "rel_l2", ...}.
+
+    Each model is built without memory and loaded by ``quantkit.runtime`` in streamed mode (one block
+    in memory at a time; FP8 weights stay FP8 and are dequantized into ``compute_dtype``, ``fp32`` or
+    ``bf16``), run, and dropped before the other is built: peak memory is about a block and the
+    activations, whatever the model's size. Only the two outputs are kept. A compressed-tensors
+    output is loaded by transformers itself instead (its client), whole."""
     import torch
 
-    from .readback import load_dequantized
-    # An output written under other names (the comfy formats' view of a diffusers model) runs
-    # in the source's architecture once its tensors are renamed back (rows split, halves swapped).
     from .comfy_names import RenamedView
-    view = source if isinstance(source, RenamedView) else None
-    source = view.original if view else source
-    model = _build(source, seed)
-    reference = {name: source.read_tensor(info).float() for name, info in source.tensors.items()}
-    y_ref = _run(model, reference, source.path)
-    del reference
-    _release(model)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute_dtype]
+    # The runtime maps an output written under ComfyUI's names back onto the diffusers model itself;
+    # the source is read under its own names.
+    original = source.original if isinstance(source, RenamedView) else source
+    model = _build(original, seed)
+    y_ref, peaks = _run(model, original, source.path, dtype), {}
+    peaks["source"] = model.peak[0]
     try:
-        if not model.assign and _client_format(output) == "compressed-tensors":
-            loader, y_q = "transformers (compressed-tensors)", _run_in_transformers(model, output)
+        if model.transformers and _client_format(output) == "compressed-tensors":
+            loader, y_q = "transformers (compressed-tensors)", _run_in_transformers(model, output, dtype)
         else:
-            dequantized = {k: v.float() if v.is_floating_point() else v
-                           for k, v in load_dequantized(output, dtype=torch.float32).items()}
-            if view:
-                from .comfy_names import to_source_names
-                dequantized = to_source_names(dequantized, view)
-            loader, y_q = "quantkit (W = q * scale)", _run(model, dequantized, output)
-    except UnsupportedInputError as exc:     # the source ran: the output is what is broken
+            loader, y_q = "quantkit.runtime (streamed, W = q * scale)", _run(model, output, output, dtype)
+            peaks["output"] = model.peak[0]
+    except QuantkitError as exc:     # the source ran: the output is what is broken
         raise ValidationFailed(f"the output does not run: {exc.message}", path=output,
                                hint="re-run quantkit convert") from None
     stats = ErrorStats().update(y_ref.float(), y_q.float())
     rel = float((y_q.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30))
     return {"architecture": model.architecture, "inputs": model.words, "loaded_by": loader,
-            "output_shape": list(y_ref.shape), "sqnr": stats.sqnr, "psnr": stats.psnr, "cosine": stats.cosine,
-            "max_abs_error": stats.max_abs_error, "rel_l2": rel}
+            "compute_dtype": compute_dtype, "weights_peak_bytes": peaks, "output_shape": list(y_ref.shape),
+            "sqnr": stats.sqnr,
+            "psnr": stats.psnr, "cosine": stats.cosine, "max_abs_error": stats.max_abs_error, "rel_l2": rel}
 
 
 def _client_format(output: str) -> str | None:
@@ -98,7 +101,7 @@ def _client_format(output: str) -> str | None:
         return None
 
 
-def _run_in_transformers(model: _Model, output: str):
+def _run_in_transformers(model: _Model, output: str, dtype):
     """The quantized model's output as its client computes it: transformers loads the folder
     itself (``from_pretrained``, compressed-tensors decompressing at the first forward), in
     float32 like the reference, so a tensor the client misreads (FP8 codes taken as weights)
@@ -106,7 +109,7 @@ def _run_in_transformers(model: _Model, output: str):
     import torch
     with _quiet_clients():
         try:
-            module = type(model.module).from_pretrained(output, dtype=torch.float32, local_files_only=True).eval()
+            module = model.module_class.from_pretrained(output, dtype=dtype, local_files_only=True).eval()
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise UnsupportedInputError(f"transformers cannot load it ({type(exc).__name__}: "
                                         f"{str(exc).strip()[:200]})", path=output) from exc
@@ -180,33 +183,39 @@ def _read_config(folder: str) -> dict:
     return raw
 
 
+COMPUTE_DTYPES = ("fp32", "bf16")
+
+
 def _transformers_model(folder: str, seed: int) -> _Model:
     import transformers
+
+    from .runtime import empty_weights
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if cls is None:
-            cls, arch = transformers.AutoModel, f"AutoModel({config.model_type})"
-            model = cls.from_config(config)
-        else:
-            model = cls(config)
+            arch = f"AutoModel({config.model_type})"
+
+        def make():
+            with empty_weights():
+                return (cls(config) if cls is not None else transformers.AutoModel.from_config(config)).eval()
+        probe = make()
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UnsupportedInputError(f"transformers cannot build a model from config.json "
                                     f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=folder,
                                     hint="fix the config.json beside the weights, or validate per tensor "
                                          "(without --model-output)") from None
-    model.eval()
-    return _Model(model, arch, _token_inputs(model, seed), f"{BATCH}x{TOKENS} random token ids (seed {seed})",
-                  _first_tensor, assign=False, missing_ok=frozenset(getattr(model, "_tied_weights_keys", None) or ()))
+    return _Model(make, type(probe), arch, True, _token_inputs(probe, seed),
+                  f"{BATCH}x{TOKENS} random token ids (seed {seed})", _first_tensor)
 
 
 def _diffusers_model(folder: str, raw: dict, seed: int) -> _Model:
-    """The diffusers class named by ``_class_name``, built from the config with its parameters
-    allocated but not initialised: the source's weights are assigned over them, so a big model
-    does not pay for a random init. Not on the meta device: some models compute tensors at
-    construction that are not parameters (Qwen-Image's RoPE tables), and those must be real."""
+    """The diffusers class named by ``_class_name``, built from the config with its parameters on
+    the meta device (the runtime fills them) and its buffers real: some models compute tensors at
+    construction that are not parameters (Qwen-Image's RoPE tables)."""
     from .diffusion_inputs import check_supported, diffusion_inputs
+    from .runtime import empty_weights
     name = raw["_class_name"]
     check_supported(name, folder)
     import diffusers
@@ -214,25 +223,19 @@ def _diffusers_model(folder: str, raw: dict, seed: int) -> _Model:
     if cls is None:
         raise UnsupportedInputError(f"diffusers {diffusers.__version__} has no {name}", path=folder,
                                     hint="upgrade diffusers")
-    with warnings.catch_warnings(), _no_init_weights():
-        warnings.simplefilter("ignore", FutureWarning)   # diffusers' own deprecations, e.g. inside FluxControlNetModel
-        try:
-            model = cls.from_config(raw).eval()
-        except (TypeError, ValueError) as exc:
-            raise UnsupportedInputError(f"diffusers cannot build {name} from this config ({exc})", path=folder,
-                                        hint="validate it per tensor (without --model-output)") from exc
-    inputs = diffusion_inputs(name, model.config, seed, path=folder)
-    return _Model(model, name, {**inputs.kwargs, "return_dict": False}, f"{inputs.words} (seed {seed})",
-                  _every_tensor, assign=True, missing_ok=frozenset())
 
-
-def _no_init_weights():
-    """diffusers' switch that skips torch.nn.init during construction (a no-op where it is missing)."""
+    def make():
+        with warnings.catch_warnings(), empty_weights():
+            warnings.simplefilter("ignore", FutureWarning)   # diffusers' own deprecations (FluxControlNetModel)
+            return cls.from_config(raw).eval()
     try:
-        from diffusers.models.modeling_utils import no_init_weights
-    except ImportError:
-        return nullcontext()
-    return no_init_weights()
+        probe = make()
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedInputError(f"diffusers cannot build {name} from this config ({exc})", path=folder,
+                                    hint="validate it per tensor (without --model-output)") from exc
+    inputs = diffusion_inputs(name, probe.config, seed, path=folder)
+    return _Model(make, cls, name, False, {**inputs.kwargs, "return_dict": False}, f"{inputs.words} (seed {seed})",
+                  _every_tensor)
 
 
 def _token_inputs(model, seed: int) -> dict:
@@ -254,32 +257,40 @@ def _token_inputs(model, seed: int) -> dict:
     return inputs
 
 
-def _run(model: _Model, state: dict, path: str):
+def _run(model: _Model, weights, path: str, dtype):
+    """``model`` built afresh, loaded from ``weights`` (an opened checkpoint or an output's path) by
+    the runtime in streamed mode, run on its inputs, and dropped: only the output is kept."""
+    import gc
+
     import torch
-    module = model.module
+
+    from .errors import ModelMismatchError
+    from .runtime import load
+    module = model.make()
     try:
-        result = module.load_state_dict(state, strict=False, assign=model.assign)
-    except RuntimeError as exc:      # a shape that does not fit
-        raise UnsupportedInputError(f"the weights do not fit the config's architecture ({str(exc).strip()[:200]})",
-                                    path=path, hint="the config.json beside the weights must describe this model")
-    missing = [k for k in result.missing_keys if k not in model.missing_ok]
-    buffers = {name for name, _ in module.named_buffers()}       # e.g. position_ids, no longer saved
-    unexpected = [k for k in result.unexpected_keys if k not in buffers]
-    if missing or unexpected:
-        what = missing or unexpected
-        raise UnsupportedInputError(f"the weights do not fit the config's architecture "
-                                    f"({'missing' if missing else 'unexpected'}: {', '.join(what[:3])})",
-                                    path=path, hint="the config.json beside the weights must describe this model")
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
-    with torch.no_grad():
         try:
-            out = module(**model.inputs)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise UnsupportedInputError(f"{model.architecture} does not run on the inputs made from its config "
-                                        f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=path,
-                                        hint="validate it per tensor (without --model-output)") from exc
-    return model.output(out).detach().clone()
+            load(module, weights, mode="streamed", compute_dtype=dtype)
+        except ModelMismatchError as exc:
+            raise UnsupportedInputError(f"the weights do not fit the config's architecture ({exc.message})",
+                                        path=path, hint="the config.json beside the weights must describe "
+                                                        "this model") from None
+        inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                  for k, v in model.inputs.items()}          # the same seeded values, in the compute dtype
+        with torch.no_grad():
+            try:
+                out = module(**inputs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise UnsupportedInputError(f"{model.architecture} does not run on the inputs made from its config "
+                                            f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=path,
+                                            hint="validate it per tensor (without --model-output)") from exc
+        return model.output(out).detach().float().clone()
+    finally:
+        info = getattr(module, "quantkit_runtime", None)
+        if info is not None:
+            model.peak[0] = info.peak_bytes
+            info.close()
+        del module
+        gc.collect()
 
 
 def _first_tensor(out):
@@ -296,11 +307,3 @@ def _every_tensor(out):
         return out
     tensors = [_every_tensor(item) for item in out]
     return tensors[0] if len(tensors) == 1 else torch.cat([t.flatten() for t in tensors])
-
-
-def _release(model: _Model) -> None:
-    """Free the reference weights before the quantized ones load: assigned parameters are the
-    reference tensors themselves, so they become shapes without storage (the meta device)."""
-    if model.assign:
-        meta = {k: v.to("meta") for k, v in model.module.state_dict().items()}
-        model.module.load_state_dict(meta, assign=True)

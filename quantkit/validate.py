@@ -100,15 +100,15 @@ class ValidationReport:
 
 def validate(output: str, against: str | None = None, *, min_sqnr: float | None = None,
              check_hash: bool = True, component: str | None = None, ema: bool | None = None,
-             model_output: bool = False, min_output_sqnr: float | None = None,
+             model_output: bool = False, min_output_sqnr: float | None = None, compute_dtype: str = "fp32",
              progress: Progress = NULL, reports: dict[str, str] | None = None,
              overwrite_reports: bool = False) -> ValidationReport:
     """Check ``output`` (a quantkit output: a file, a folder, a sharded folder) against its
     manifest and, with ``against``, its source (any layout ``open_source`` reads; the
     component and EMA choice recorded in the manifest apply unless given). ``model_output``
     also runs the source model and the quantized one on the same inputs and compares their
-    outputs (``quantkit.model_output``; transformers and diffusers models), failing below
-    ``min_output_sqnr``.
+    outputs (``quantkit.model_output``; transformers and diffusers models, each streamed through
+    ``quantkit.runtime`` in ``compute_dtype``, ``fp32`` or ``bf16``), failing below ``min_output_sqnr``.
 
     ``reports`` (option -> path): files the caller writes afterwards, checked before any work
     (never the output, its manifest or a file the source reads; ``overwrite_reports`` to replace one).
@@ -120,7 +120,10 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     if not os.path.lexists(output):
         raise UnsupportedInputError("does not exist", path=output,
                                     hint="pass the file or folder quantkit convert wrote")
+    given, output = output, _output_of(output)
     report = ValidationReport(output, against, min_sqnr=min_sqnr)
+    if given != output:
+        report.notes.append(f"{given} is the index of the sharded output {output}: the folder is validated")
     manifest = _manifest(output, check_hash, report)
     src = _open_against(against, _recorded_source(output, manifest), component, ema) if against else None
     run_model = (model_output or min_output_sqnr is not None) and src is not None
@@ -134,7 +137,7 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         hashes = _start_hashes(output, manifest, src, report) if manifest is not None else []
         _compare_output(output, src, report, progress)
         if run_model:
-            _compare_model_output(src, output, report, min_output_sqnr)
+            _compare_model_output(src, output, report, min_output_sqnr, compute_dtype)
     finally:
         if src is not None:
             src.close()
@@ -143,6 +146,18 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
     progress.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _output_of(path: str) -> str:
+    """The output a path names: a sharded output's index (as ``convert`` accepts it for a source)
+    stands for its folder, when quantkit wrote that folder (it holds its manifest)."""
+    from .manifest import FOLDER_MANIFEST
+    from .shards import is_index_name
+    folder = os.path.dirname(path) or "."
+    if os.path.isfile(path) and is_index_name(os.path.basename(path)) and \
+            os.path.isfile(os.path.join(folder, FOLDER_MANIFEST)):
+        return folder
+    return path
 
 
 def _manifest(output: str, check_hash: bool, report: ValidationReport) -> dict | None:
@@ -173,10 +188,11 @@ def _compare_output(output: str, src, report: ValidationReport, progress: Progre
         _compare(out, src, report, progress)
 
 
-def _compare_model_output(src, output: str, report: ValidationReport, min_output_sqnr: float | None) -> None:
+def _compare_model_output(src, output: str, report: ValidationReport, min_output_sqnr: float | None,
+                          compute_dtype: str) -> None:
     from .model_output import compare_model_output
     try:
-        report.model_output = compare_model_output(src, output)
+        report.model_output = compare_model_output(src, output, compute_dtype=compute_dtype)
     except ValidationFailed as exc:  # the source ran; the output did not (a tensor missing...)
         report.failures.append(f"model output: {exc}")
         return

@@ -189,3 +189,21 @@ def test_flux_modulation_quantized_vs_kept(diffusers_fp8, tmp_path):
     print(f"tiny FLUX output SQNR: modulation quantized {sqnr['quantized']:.2f} dB, kept {sqnr['kept']:.2f} dB")
     assert min(sqnr.values()) >= DIFFUSERS["flux"][1]
     assert sqnr["kept"] > sqnr["quantized"]
+
+
+@pytest.mark.parametrize("compute_dtype,floor", [("fp32", 40), ("bf16", 25)])
+def test_models_run_streamed_one_at_a_time(diffusers_fp8, tmp_path, compute_dtype, floor):
+    """Both models run through quantkit.runtime in streamed mode, one after the other: the weights in
+    memory at any moment are a fraction of the model's (a block or two, plus what sits outside every
+    block), in the compute dtype the user chose."""
+    src, out = diffusers_fp8("flux")
+    report = tmp_path / "r.json"
+    result = run("validate", out, "--against", src, "--model-output", "--compute-dtype", compute_dtype,
+                 "--min-output-sqnr", floor, "-q", "--json", report)
+    assert result.exit_code == 0, result.output
+    m = json.loads(report.read_text())["model_output"]
+    assert m["compute_dtype"] == compute_dtype and m["loaded_by"].startswith("quantkit.runtime (streamed")
+    source_bytes = (src / "diffusion_pytorch_model.safetensors").stat().st_size
+    peaks = m["weights_peak_bytes"]
+    assert 0 < peaks["source"] < 0.8 * source_bytes, (peaks, source_bytes)
+    assert 0 < peaks["output"] < 0.8 * out.stat().st_size, (peaks, out.stat().st_size)

@@ -339,3 +339,12 @@ def test_a_bug_in_a_format_read_back_is_an_internal_error_not_a_broken_file(work
     assert result.exit_code == 3
     assert "Traceback" in result.stderr and "internal error" in result.stderr
     assert "does not follow" not in result.output
+
+
+def test_validate_takes_the_index_of_a_sharded_output(workspace, tmp_path):
+    root, src, out, ct = workspace
+    sharded = tmp_path / "sharded"
+    assert run("convert", src, sharded, "--max-shard-size", "20MB", "-q").exit_code == 0
+    result = run("validate", sharded / "model.safetensors.index.json", "--against", src, "--min-sqnr", "25")
+    assert result.exit_code == 0, result.output
+    assert "the folder is validated" in result.output
