@@ -29,6 +29,7 @@ def manifest_path(output: str) -> str:
 def write_manifest(output: str, *, files: dict[str, dict], source: dict | None, conversion: dict) -> str:
     doc = {
         "quantkit_version": __version__,
+        "versions": runtime_versions(),  # what a byte-identical rerun needs (quantkit publish records it)
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": files,                  # name (relative to the manifest) -> {"sha256", "bytes"}
         "source": source,                # {"name", "sha256", "bytes"} or None
@@ -37,6 +38,20 @@ def write_manifest(output: str, *, files: dict[str, dict], source: dict | None, 
     path = manifest_path(output)
     write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
     return path
+
+
+def runtime_versions() -> dict[str, str | None]:
+    """Versions of quantkit, Python and the libraries that decide an output's bytes (without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+    import platform
+
+    def of(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+    return {"quantkit": __version__, "python": platform.python_version(), "torch": of("torch"),
+            "safetensors": of("safetensors"), "numpy": of("numpy")}
 
 
 def read_manifest(output: str) -> dict:

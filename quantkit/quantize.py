@@ -172,7 +172,9 @@ def _write_folder(source, plan: Plan, fmt, scales: dict, folder: str, metadata: 
 
 
 def _display_name(src: str) -> str:
-    return os.path.basename(os.path.normpath(src))
+    # From the absolute path: '.' or 'dir/' name the folder itself, so the header's bytes do not
+    # depend on the working directory the command ran in.
+    return os.path.basename(os.path.abspath(src))
 
 
 def _source_entry(src: str, source, source_hash: BackgroundHash, options: ConvertOptions) -> dict:
@@ -268,8 +270,21 @@ def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: d
 
 
 def plan_summary(plan: Plan) -> dict:
-    """The manifest's record of the conversion: the plan's summary and quantkit's version."""
-    return {**plan.summary(), "quantkit_version": __version__}
+    """The manifest's record of the conversion: the plan's summary, quantkit's version, and the
+    options as given (what ``quantkit publish`` rebuilds the exact convert command from)."""
+    return {**plan.summary(), "quantkit_version": __version__, "options": options_record(plan.options)}
+
+
+def options_record(o: ConvertOptions) -> dict:
+    """The options as ``ConvertOptions.from_strings`` takes them (granularity and FP8 dtype as the
+    plan resolved them): enough to rebuild the exact ``quantkit convert`` command, the user's
+    --quantize/--keep rules apart from the preset's."""
+    return {"granularity": o.granularity.value, "fp8": o.fp8.name, "format": o.format,
+            "keep_dtype": o.keep_dtype.value, "preset": o.preset,
+            "rules": [[r.action.value, r.pattern] for r in o.policy.rules],
+            "quantize_conv": o.policy.quantize_conv, "allow_nonfinite": o.allow_nonfinite,
+            "comfy_header_metadata": o.comfy_header_metadata, "component": o.component, "ema": o.ema,
+            "max_shard_bytes": o.max_shard_bytes}
 
 
 def _scale_bytes(scale: torch.Tensor, dtype) -> bytes:
