@@ -563,6 +563,107 @@ def check_math(quantizer, granularity, scale_rule, scale_rtol, examples):
     click.echo(f"{quantizer} --granularity {granularity}: {report.summary()}")
 
 
+# ----------------------------------------------------------------------------- publish, verify
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--against", type=click.Path(),
+              help="The source checkpoint: re-check its SHA256, carry its license file and model card's license, "
+                   "and validate OUT against it now (unless --report).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="A 'quantkit validate OUT --json' report whose figures the card shows (instead of validating now).")
+@click.option("--model-output", is_flag=True, help="With --against: also compare the model's outputs (loads it).")
+@click.option("--base-model", "base_model", multiple=True, metavar="ORG/NAME",
+              help="The original model's hub id (repeatable); found by itself when the source is in a Hugging Face "
+                   "cache.")
+@click.option("--license", "license_id", metavar="ID", help="License id when the source's is not found, e.g. apache-2.0.")
+@click.option("--name", metavar="TITLE", help="The model card's title (default: DST's name).")
+@click.option("--link", is_flag=True, help="Hard-link the weight files instead of copying them (same file system).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it is a release folder.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON to PATH.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def publish(out, dst, against, report_path, model_output, base_model, license_id, name, link, overwrite, json_path,
+            quiet):
+    """Write the release folder DST for the quantkit output OUT.
+
+    DST gets the weights (and config files of a folder format), README.md (a model card: hub
+    front matter with base_model and base_model_relation: quantized, what was quantized and kept
+    and why, the recipe, the validation figures, how to load it, the command that reproduces it),
+    provenance.json (source files and hashes, options, versions, validation) and SHA256SUMS
+    ('sha256sum -c SHA256SUMS' checks a download; 'quantkit verify DST' checks more).
+
+    OUT's files must still have the SHA256 of its manifest; OUT is only read. DST appears when
+    complete and verified. Exit 1 when the validation fails, 2 for unusable arguments.
+
+    \b
+    Example:
+      quantkit publish minilm-fp8 release --against all-MiniLM-L6-v2 --base-model sentence-transformers/all-MiniLM-L6-v2
+    """
+    import shlex
+
+    from .errors import QuantkitError
+    from .publish import PublishOptions
+    from .publish import publish as run
+    bars = _Bars(quiet)
+    try:
+        options = PublishOptions(against=against, report=report_path, model_output=model_output,
+                                 base_model=tuple(base_model), license=license_id, name=name, link=link,
+                                 overwrite=overwrite, command=shlex.join(["quantkit", *sys.argv[1:]]))
+        result = run(out, dst, options, progress=bars.progress)
+    except QuantkitError as exc:
+        bars.progress.close()
+        _fail(exc)
+    click.echo(f"quantkit publish: {out} -> {dst}")
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+    weights = [f for f in result.files if f["name"].endswith(".safetensors")]
+    click.echo(f"  {len(result.files)} files, weights {_size(sum(f['bytes'] for f in weights))} "
+               f"in {len(weights)} file(s)")
+    v = result.validation
+    if v and v["summary"].get("sqnr_db"):
+        click.echo(f"  validation: {v['summary']['quantized']} FP8 tensors, SQNR min "
+                   f"{v['summary']['sqnr_db']['min']:.2f} dB")
+    click.echo(f"  SHA256SUMS sha256 {result.sums_sha256}  (publish it beside the link: it pins every file)")
+    if json_path:
+        _write_json(json_path, result.to_dict())
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--against", type=click.Path(), help="The source checkpoint: check its SHA256 against the provenance.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON to PATH.")
+def verify(folder, against, json_path):
+    """Check a release folder written by 'quantkit publish'.
+
+    Every file SHA256SUMS lists has its hash, no weight file is unlisted, provenance.json and the
+    model card agree with SHA256SUMS, and every weight file parses, declares the recorded format
+    and source and holds the recorded tensors. With --against, the source's hashes too.
+
+    Exit 0 when everything checks out, 1 with every problem listed by file, 2 when the arguments
+    are unusable.
+    """
+    from .errors import QuantkitError
+    from .verify import verify as run
+    try:
+        report = run(folder, against)
+    except QuantkitError as exc:
+        _fail(exc)
+    click.echo(f"quantkit verify: {folder}" + (f" against {against}" if against else ""))
+    click.echo(f"  sha256: {sum(c['ok'] for c in report.checked)} of {len(report.checked)} files match")
+    for note in report.notes:
+        click.echo(f"  note: {note}")
+    if report.ok:
+        click.echo(f"  PASS ({report.seconds:.2f} s)")
+    else:
+        click.echo(f"  FAIL: {len(report.problems)} problem(s)")
+        for p in report.problems:
+            click.echo(f"    {p}")
+    if json_path:
+        _write_json(json_path, report.to_dict())
+    sys.exit(0 if report.ok else 1)
+
+
 def run() -> None:
     """Console entry point: SIGTERM unwinds like Ctrl-C (see _Group); lines reach a pipe as they
     are printed (the header before the work, not at the end); a reader that goes away (``| head``)

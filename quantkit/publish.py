@@ -1,0 +1,554 @@
+"""Publish stage: a quantkit output as a release folder that others can check.
+
+    OUT (+ its manifest) [+ SRC] [+ a validate --json report]
+      -> checks: OUT's files have its manifest's SHA256, SRC is the recorded source, validation passed
+      -> DIR/ (temporary name): the weights and config files (copied, hashed while copied, or
+         hard-linked), the source's license file, provenance.json, README.md, SHA256SUMS
+      -> verify the folder (structure, agreement; hashes already known) -> rename into place
+
+What the manifest records (every output file and source file with its SHA256, the options, the
+versions, the policy) needs nothing else. The source (``against``) adds: its hashes re-checked,
+its license file and model card (license, library, task), the base model id when it sits in a
+Hugging Face cache, and validation run now. OUT is only read; nothing appears under DIR until the
+release is complete and verified.
+
+>>> publish("minilm-fp8", "release", PublishOptions(against="all-MiniLM-L6-v2"))   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+
+from . import model_card
+from .errors import OutputError, QuantkitError, UnsupportedInputError, ValidationFailed
+from .hashing import READ_BYTES, BackgroundHash, sha256_file
+from .manifest import manifest_path, read_manifest, runtime_versions
+from .progress import NULL, Progress
+from .release import (CARD_NAME, PROVENANCE_NAME, PROVENANCE_SCHEMA, RESERVED, SUMS_NAME,
+                      format_sums, safe_name)
+from .shards import is_index_name
+from .verify import verify
+from .writer import TempFolder, remove_stale_temps, write_atomic
+
+_BASE_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|copying|notice)([._-][\w.-]*)?")
+_HF_CACHE = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+(?:/|$)")
+MAX_REPORT_BYTES = 1 << 30
+HUB_FILE_LIMIT = 50 * 10**9     # the Hugging Face Hub refuses larger files
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    against: str | None = None          # the source checkpoint: re-check its hashes, carry its license, validate
+    report: str | None = None           # a ``quantkit validate --json`` report of OUT (instead of validating now)
+    model_output: bool = False          # validating now: also compare the model's outputs
+    base_model: tuple[str, ...] = ()    # hub ids of the original model
+    license: str | None = None          # license id when the source's is not found (or to override it)
+    name: str | None = None             # the card's title (default: DIR's name)
+    link: bool = False                  # hard-link the weights instead of copying them
+    overwrite: bool = False
+    command: str | None = None          # the publish command line, recorded in the provenance
+
+    def __post_init__(self):
+        for b in self.base_model:
+            if not _BASE_MODEL.fullmatch(b):
+                raise QuantkitError(f"--base-model {b!r} is not a model id", hint="give ORG/NAME as on the model hub")
+        if self.license is not None and not re.fullmatch(r"[\w.+-]+", self.license):
+            raise QuantkitError(f"--license {self.license!r} is not a license id",
+                                hint="give an SPDX-like id such as apache-2.0, mit or other")
+        if self.model_output and self.against is None:
+            raise QuantkitError("--model-output compares with the source model", hint="pass --against SRC")
+        if self.model_output and self.report is not None:
+            raise QuantkitError("--model-output runs a validation, --report reuses one",
+                                hint="give one of them (validate --model-output --json makes such a report)")
+
+
+@dataclass
+class PublishResult:
+    folder: str
+    files: list[dict]
+    sums_sha256: str
+    validation: dict | None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
+            progress: Progress = NULL) -> PublishResult:
+    """Write the release folder ``dst`` for the quantkit output ``out`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    out, dst = os.fspath(out), os.fspath(dst)
+    result = PublishResult(dst, [], "", None)
+
+    def warn(message: str) -> None:
+        result.warnings.append(message)
+        progress.warn(message)
+
+    manifest = _read_output_manifest(out)
+    listed = _output_files(out, manifest, result.notes)
+    _check_destination(out, dst, options)
+    for path in remove_stale_temps(dst):
+        progress.warn(f"removed a temporary folder left by an interrupted run: {path}")
+    source = _Source(manifest, options.against)
+    try:
+        validation = _validation(out, manifest, options, progress)
+        source.check()
+    finally:
+        source.close()
+    with TempFolder(dst) as folder:
+        try:
+            digests = _place_files(out, listed, folder.path, options.link, result.notes)
+            _check_output_hashes(out, listed, digests)
+            for name, path in source.license_files(exclude=set(digests)):
+                digests[name] = _place(path, os.path.join(folder.path, name), False)
+            prov = provenance(out, dst, manifest, options, source, validation, folder.path, digests)
+            for w in _warnings(prov, source, manifest):
+                warn(w)
+            prov["warnings"] = list(result.warnings)
+            digests[PROVENANCE_NAME] = write_atomic(os.path.join(folder.path, PROVENANCE_NAME),
+                                                    (json.dumps(prov, indent=2, ensure_ascii=False) + "\n").encode())
+            digests[CARD_NAME] = write_atomic(os.path.join(folder.path, CARD_NAME), model_card.render(prov).encode())
+            result.sums_sha256 = write_atomic(os.path.join(folder.path, SUMS_NAME), format_sums(digests))
+            check = verify(folder.path, hashed=digests)
+            if not check.ok:
+                raise OutputError("the release failed its own verification: "
+                                  + "; ".join(str(p) for p in check.problems[:5]), path=dst,
+                                  hint="this is a bug in quantkit publish; nothing was published")
+        except QuantkitError as exc:     # name the release's file, not its temporary folder
+            if exc.path and exc.path.startswith(folder.path):
+                exc.path = dst + exc.path[len(folder.path):]
+            raise
+        folder.commit()
+    result.files = [{"name": n, "sha256": digests[n], "bytes": os.path.getsize(os.path.join(dst, *n.split("/")))}
+                    for n in sorted(digests)]
+    result.validation = validation
+    result.seconds = time.perf_counter() - t0
+    progress.close()
+    return result
+
+
+# ----------------------------------------------------------------------------- the output
+
+def _read_output_manifest(out: str) -> dict:
+    if not os.path.exists(out):
+        raise UnsupportedInputError("does not exist", path=out, hint="pass an output written by quantkit convert")
+    try:
+        manifest = read_manifest(out)
+    except ValidationFailed as exc:
+        raise UnsupportedInputError(f"{exc.message}: only an output with its manifest can be published",
+                                    path=exc.path, hint="publish an output written by quantkit convert, with its "
+                                    "manifest beside it") from None
+    conversion, source = manifest.get("conversion"), manifest.get("source")
+    if not isinstance(conversion, dict) or not isinstance(source, dict) or "policy" not in conversion:
+        raise UnsupportedInputError("the manifest records no conversion or source", path=manifest_path(out),
+                                    hint="re-run quantkit convert to rewrite it")
+    return manifest
+
+
+def _output_files(out: str, manifest: dict, notes: list[str]) -> list[tuple[str, str, dict]]:
+    """(name in the release, path, manifest entry) of every file of the output, in name order. A
+    folder output's model card (the source's, copied by compressed-tensors) is replaced by the
+    release's own; names publish writes itself are never copied."""
+    folder = os.path.isdir(out)
+    files = []
+    for name, entry in sorted(manifest["files"].items()):
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise UnsupportedInputError(f"the manifest's entry for {name} has no sha256", path=manifest_path(out),
+                                        hint="re-run quantkit convert to rewrite it")
+        if not safe_name(name) or (not folder and "/" in name):
+            raise UnsupportedInputError(f"the manifest names {name!r}, not a file of the output",
+                                        path=manifest_path(out), hint="re-run quantkit convert to rewrite it")
+        if name in RESERVED:
+            notes.append(f"{name} of the output is not copied: the release writes its own"
+                         + (" (the source's license is carried into the new card)" if name == CARD_NAME else ""))
+            continue
+        path = os.path.join(out, *name.split("/")) if folder else out
+        if not os.path.isfile(path):
+            raise ValidationFailed(f"{name} is listed in the manifest but missing", path=path,
+                                   hint="re-run quantkit convert; nothing was published")
+        files.append((name, path, entry))
+    if not any(_role(n) == "weights" for n, _, _ in files):
+        raise UnsupportedInputError("the manifest lists no weight file", path=manifest_path(out),
+                                    hint="re-run quantkit convert to rewrite it")
+    return files
+
+
+def _role(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    if is_index_name(base):
+        return "index"
+    if base.endswith(".safetensors"):
+        return "weights"
+    if _LICENSE_FILE.fullmatch(base):
+        return "license"
+    return "config"
+
+
+def _check_destination(out: str, dst: str, options: PublishOptions) -> None:
+    real_dst = os.path.realpath(dst)
+
+    def inside(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    if inside(real_dst, os.path.realpath(out)):
+        raise OutputError("destination is the output or inside it", path=dst, hint="choose a new folder")
+    for what, path in (("output", out), ("source", options.against)):
+        if path is not None and inside(os.path.realpath(path), real_dst):
+            raise OutputError(f"destination holds the {what}; publishing would replace it", path=dst,
+                              hint="choose a new folder")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise OutputError("destination is a file", path=dst, hint="give a folder name")
+    if os.path.exists(dst) and not options.overwrite:
+        raise OutputError("destination exists", path=dst, hint="pass --overwrite to replace it")
+    if os.path.isdir(dst) and os.listdir(dst) and not any(os.path.isfile(os.path.join(dst, n))
+                                                          for n in (SUMS_NAME, PROVENANCE_NAME)):
+        raise OutputError("destination is a folder quantkit publish did not write; --overwrite would delete its "
+                          "files", path=dst, hint="give a new folder name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
+        raise OutputError("destination's parent folder does not exist", path=os.path.dirname(os.path.abspath(dst)),
+                          hint="create it first")
+
+
+def _place_files(out: str, listed, folder: str, link: bool, notes: list[str]) -> dict[str, str]:
+    digests, copied = {}, []
+    for name, path, _ in listed:
+        digests[name] = _place(path, os.path.join(folder, *name.split("/")), link and _role(name) != "config")
+        if link and not os.path.samefile(path, os.path.join(folder, *name.split("/"))):
+            copied.append(name)
+    if link and copied:
+        notes.append(f"copied instead of hard-linked (another file system?): {', '.join(copied)}")
+    return digests
+
+
+def _place(src: str, dst: str, link: bool) -> str:
+    """Hard-link (when asked and possible) or copy ``src`` to ``dst``; its SHA256 (a copy is hashed
+    from the bytes it writes: one read of the output)."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)
+            return sha256_file(dst)
+        except OSError:
+            pass
+    h = hashlib.sha256()
+    buf = bytearray(READ_BYTES)
+    view = memoryview(buf)
+    try:
+        with open(src, "rb", buffering=0) as fi, open(dst, "xb", buffering=0) as fo:
+            while n := fi.readinto(buf):
+                h.update(view[:n])
+                piece = view[:n]
+                while piece:
+                    piece = piece[fo.write(piece):]
+            os.fsync(fo.fileno())
+    except OSError as exc:
+        what = "disk full" if exc.errno == errno.ENOSPC else f"copy failed: {exc.strerror}"
+        raise OutputError(what, path=dst, hint="free space or choose another destination; nothing was left behind") \
+            from None
+    return h.hexdigest()
+
+
+def _check_output_hashes(out: str, listed, digests: dict[str, str]) -> None:
+    bad = [(name, path, entry["sha256"]) for name, path, entry in listed if digests[name] != entry["sha256"]]
+    if bad:
+        raise ValidationFailed("; ".join(f"{path}: sha256 {digests[n][:16]}... does not match the manifest's "
+                                         f"{sha[:16]}..." for n, path, sha in bad), path=None,
+                               hint="the output was modified or corrupted since quantkit convert wrote it; "
+                                    "re-run convert; nothing was published")
+
+
+# ----------------------------------------------------------------------------- the source
+
+class _Source:
+    """What the source adds when it is given: its hashes checked against the manifest (on a thread
+    while the output is validated), its license files and model card, a base model id."""
+
+    def __init__(self, manifest: dict, against: str | None):
+        self.record = manifest["source"]
+        self.against = against
+        self.folders: list[str] = []
+        self._hash = None
+        if against is None:
+            return
+        from .checkpoint import open_checkpoint
+        with open_checkpoint(against, component=self.record.get("component"), ema=bool(self.record.get("ema")),
+                             names=self.record.get("names")) as src:
+            self.files = list(src.files)
+        self._hash = BackgroundHash(self.files).start()
+        folder = os.path.dirname(os.path.abspath(self.files[0]))
+        top = os.path.abspath(against) if os.path.isdir(against) else os.path.dirname(os.path.abspath(against))
+        while True:               # the weights' folder up to the folder given (a pipeline's root)
+            self.folders.append(folder)
+            if folder == top or not folder.startswith(top + os.sep):
+                break
+            folder = os.path.dirname(folder)
+
+    def check(self) -> None:
+        """The source's files have the SHA256 the manifest recorded (file by file, by name)."""
+        if self._hash is None:
+            return
+        self._hash.result()
+        recorded = {os.path.basename(f.get("name", "")): f.get("sha256") for f in self.record.get("files") or []}
+        for path in self.files:
+            expected, actual = recorded.get(os.path.basename(path)), self._hash.digests[path]
+            if expected != actual:
+                raise UnsupportedInputError(
+                    f"not the source of this output: sha256 {actual[:16]}..., the manifest records "
+                    f"{str(expected)[:16]}...", path=path, hint="pass the checkpoint the output was converted from")
+
+    def close(self) -> None:
+        if self._hash is not None:
+            self._hash.cancel()
+
+    def license_files(self, exclude: set[str]) -> list[tuple[str, str]]:
+        """(name, path) of the license files beside the source, nearest folder first."""
+        found = {}
+        for folder in self.folders:
+            for name in sorted(os.listdir(folder)):
+                if _LICENSE_FILE.fullmatch(name) and os.path.isfile(os.path.join(folder, name)) \
+                        and name not in exclude and name not in found:
+                    found[name] = os.path.join(folder, name)
+        return sorted(found.items())
+
+    def card(self, out: str) -> tuple[dict, str | None]:
+        """The source's model card front matter and where it was read: beside the source, or the copy a
+        folder output carries."""
+        places = [os.path.join(f, CARD_NAME) for f in self.folders]
+        if os.path.isdir(out):
+            places.append(os.path.join(out, CARD_NAME))
+        for path in places:
+            try:
+                with open(path, "rb") as f:
+                    fields = model_card.read_front_matter(f.read(1 << 20).decode("utf-8", errors="replace"))
+            except OSError:
+                continue
+            if fields:
+                return fields, path
+        return {}, None
+
+    def base_model(self) -> str | None:
+        """``org/name`` when the source sits in a Hugging Face cache (``models--org--name/snapshots/<rev>/``)."""
+        for path in [self.against or ""] + self.folders:
+            m = _HF_CACHE.search(os.path.abspath(path).replace(os.sep, "/") + "/") if path else None
+            if m:
+                return f"{m.group(1)}/{m.group(2)}"
+        return None
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _validation(out: str, manifest: dict, options: PublishOptions, progress: Progress) -> dict | None:
+    """The validation summary the card shows: from ``options.report``, or run now against the source."""
+    if options.report is not None:
+        return _from_report(options.report, manifest)
+    if options.against is None:
+        return None
+    from .validate import validate
+    report = validate(out, options.against, check_hash=False, model_output=options.model_output, progress=progress)
+    if not report.ok:
+        raise ValidationFailed(f"validation failed, {len(report.failures)} problem(s): "
+                               + "; ".join(report.failures[:3]), path=out,
+                               hint="quantkit validate lists every problem; nothing was published")
+    return _validation_record(report.to_dict(), "Validated by `quantkit publish` (per tensor"
+                              + (", and at the model's output)" if options.model_output else ")"),
+                              os.path.basename(os.path.abspath(options.against)))
+
+
+def _from_report(path: str, manifest: dict) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_REPORT_BYTES + 1)
+        doc = json.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise UnsupportedInputError(f"cannot read the report: {exc.strerror}", path=path,
+                                    hint="pass the file quantkit validate --json wrote") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UnsupportedInputError(f"the report is not JSON ({exc})", path=path,
+                                    hint="pass the file quantkit validate --json wrote") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("hashes"), list) or "ok" not in doc \
+            or not isinstance(doc.get("summary"), dict) or not isinstance(doc.get("tensors"), list):
+        raise UnsupportedInputError("not a quantkit validate --json report", path=path,
+                                    hint="pass the file quantkit validate --json wrote")
+    seen = {h.get("actual") for h in doc["hashes"] if isinstance(h, dict) and h.get("role") == "output"}
+    wanted = {e["sha256"] for e in manifest["files"].values()}
+    if not wanted <= seen:
+        raise UnsupportedInputError("the report does not record this output's SHA256: it is about another output, "
+                                    "or was made with --no-hash-check", path=path,
+                                    hint="run quantkit validate on this output (with its manifest) and pass its report")
+    recorded = {f.get("sha256") for f in manifest["source"].get("files") or []}
+    checked = {h.get("actual") for h in doc["hashes"] if isinstance(h, dict) and h.get("role") == "source"}
+    if doc.get("against") and not checked <= recorded:
+        raise UnsupportedInputError("the report compared the output with another source (its hash is not the "
+                                    "manifest's)", path=path, hint="validate against the checkpoint OUT was made from")
+    if doc["ok"] is not True:
+        failures = [str(f) for f in doc.get("failures") or []]
+        raise ValidationFailed(f"the report records a failed validation ({len(failures)} problem(s): "
+                               + "; ".join(failures[:3]) + ")", path=path,
+                               hint="fix the output and validate again; nothing was published")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read(MAX_REPORT_BYTES)).hexdigest()
+    against = os.path.basename(os.path.normpath(doc["against"])) if doc.get("against") else None
+    return _validation_record(doc, f"Validated with `quantkit validate` (report `{os.path.basename(path)}`, "
+                                   f"SHA256 `{digest}`)", against)
+
+
+def _validation_record(doc: dict, how: str, against: str | None) -> dict:
+    s = doc.get("summary") or {}
+    keep = ("name", "stored", "granularity", "sqnr", "psnr", "cosine", "max_abs_error", "exact")
+    return {"how": how, "against": against, "ok": bool(doc.get("ok")), "min_sqnr": doc.get("min_sqnr"),
+            "summary": {k: s.get(k) for k in ("tensors", "quantized", "sqnr_db", "psnr_db", "cosine")},
+            "model_output": doc.get("model_output"),
+            "tensors": [{k: t.get(k) for k in keep} for t in doc.get("tensors") or []
+                        if isinstance(t, dict) and t.get("stored") != "bytes"],
+            "notes": [str(n) for n in doc.get("notes") or []]}
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def provenance(out: str, dst: str, manifest: dict, options: PublishOptions, source: _Source,
+               validation: dict | None, folder: str, digests: dict[str, str]) -> dict:
+    """The release's record: everything the card says, as data (``PROVENANCE_SCHEMA``)."""
+    from .fp8 import FP8_FORMATS
+    conversion = dict(manifest["conversion"])
+    fp8 = FP8_FORMATS.get(conversion.get("fp8"))
+    conversion["scale_rule"] = (f"scale = absmax / {fp8.max_finite:g} (the {fp8.name} maximum), per "
+                                f"{conversion['granularity']}" if fp8 else "recorded in the weights")
+    card, card_path = source.card(out)
+    lic_id = options.license or card.get("license")
+    lic_from = "--license" if options.license else ("the source's model card" if card.get("license") else
+                                                     "the source's license file")
+    files = [{"name": n, "sha256": digests[n], "bytes": os.path.getsize(os.path.join(folder, *n.split("/"))),
+              "role": _role(n)} for n in sorted(digests)]
+    base = list(options.base_model) or [b for b in [source.base_model()] if b]
+    with open(manifest_path(out), "rb") as f:
+        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "schema": PROVENANCE_SCHEMA,
+        "name": options.name or os.path.basename(os.path.abspath(dst)),
+        "base_model": base,
+        "base_model_from": ("--base-model" if options.base_model else "the source's Hugging Face cache path")
+        if base else None,
+        "license": {"id": lic_id, "name": card.get("license_name"), "link": card.get("license_link"),
+                    "from": lic_from, "files": [f["name"] for f in files if f["role"] == "license"]},
+        "source_card": {k: card[k] for k in ("library_name", "pipeline_tag", "language") if k in card} or None,
+        "format": conversion["format"],
+        "files": files,
+        "output": {"name": os.path.basename(os.path.abspath(out)), "created": manifest.get("created"),
+                   "manifest": {"name": os.path.basename(manifest_path(out)), "sha256": manifest_sha},
+                   "bytes": sum(f["bytes"] for f in files if f["role"] == "weights")},
+        "source": {**source.record, "checked": source.against is not None,
+                   "card": os.path.basename(card_path) if card_path else None},
+        "conversion": conversion,
+        "calibration": {"weights": f"absmax per {conversion['granularity']}, from the weights alone",
+                        "activations": None, "stats_file": None},
+        "command": {"convert": convert_command(conversion, source.record.get("name") or "SOURCE",
+                                               os.path.basename(os.path.abspath(out))),
+                    "publish": options.command},
+        "versions": {"converted_with": manifest.get("versions") or {"quantkit": manifest.get("quantkit_version")},
+                     "published_with": runtime_versions()},
+        "validation": validation,
+        "tensors": tensor_table(out, conversion),
+        "warnings": [],
+    }
+
+
+def convert_command(conversion: dict, source_name: str, output_name: str) -> str:
+    """The ``quantkit convert`` command that rewrites the output, every option spelled out (so a
+    later change of a default does not change what it does)."""
+    o = conversion.get("options")
+    if o is None:        # a manifest written before quantkit recorded its options: the recorded policy's name
+        o = {"format": conversion["format"], "granularity": conversion["granularity"], "fp8": conversion["fp8"],
+             "keep_dtype": conversion["keep_dtype"], "preset": conversion["policy"]["name"], "rules": []}
+    args = ["quantkit", "convert", source_name, output_name, "--format", o["format"], "--granularity",
+            o["granularity"], "--fp8-dtype", o["fp8"], "--keep-dtype", o["keep_dtype"], "--preset", o["preset"]]
+    for action, pattern in o.get("rules") or []:
+        args += [f"--{action}", pattern]
+    for flag in ("quantize_conv", "allow_nonfinite", "comfy_header_metadata", "ema"):
+        if o.get(flag):
+            args.append("--" + flag.replace("_", "-"))
+    if o.get("component"):
+        args += ["--component", o["component"]]
+    if o.get("max_shard_bytes"):
+        args += ["--max-shard-size", _size_arg(o["max_shard_bytes"])]
+    return shlex.join(args)
+
+
+def _size_arg(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def tensor_table(out: str, conversion: dict) -> list[dict]:
+    """Every source tensor of the output: how it is stored, and why (the recorded policy's decision)."""
+    from . import dtypes
+    from .formats import get_format
+    from .policy import Action
+    from .validate import open_output
+    policy = recorded_policy(conversion)
+    carried = any("already quantized" in n for n in conversion.get("notes") or [])
+    rows = []
+    with open_output(out) as f:
+        for name, s in get_format(conversion["format"]).stored(f).items():
+            info = f.tensors[s.data_key]
+            fp8 = s.scale_key is not None
+            decision = policy.decide(name, info.shape, dtypes.F32 if fp8 else info.dtype)
+            action, reason = decision.action, decision.reason
+            if fp8 and carried:
+                action, reason = Action.QUANTIZE, "already FP8 in the source: codes and scale carried over"
+            elif fp8 != (action is Action.QUANTIZE):
+                action = Action.QUANTIZE if fp8 else Action.KEEP
+                reason = f"stored {'FP8' if fp8 else info.dtype.code}; the recorded policy says: {reason}"
+            rows.append({"name": name, "shape": list(info.shape), "stored": info.dtype.code,
+                         "granularity": s.granularity.value if fp8 else None, "action": action.value,
+                         "kind": decision.kind.value, "reason": reason})
+    return rows
+
+
+def recorded_policy(conversion: dict):
+    """The policy a conversion applied, rebuilt from the manifest: the preset's rules (labelled as
+    the preset's), then the user's."""
+    from .policy import Action, Policy, Rule
+    desc = conversion["policy"]
+    rules = [tuple(r) for r in desc["rules"]]
+    user = [tuple(r) for r in (conversion.get("options") or {}).get("rules") or []]
+    preset = len(rules) - (len(user) if user and rules[len(rules) - len(user):] == user else 0)
+    return Policy(tuple(Rule(Action(a), p, f"preset {desc['name']}" if i < preset else "")
+                        for i, (a, p) in enumerate(rules)),
+                  quantize_conv=desc.get("defaults", {}).get("convolution") == "quantize", name=desc["name"])
+
+
+def _warnings(prov: dict, source: _Source, manifest: dict) -> list[str]:
+    out = []
+    lic = prov["license"]
+    if not lic["files"]:
+        out.append(("the source has no license file: the release carries the license id "
+                    f"{lic['id']!r} ({lic['from']}) but no license text" if lic["id"] else
+                    "no license found (no license file, no license in a model card): the card says so; pass "
+                    "--license ID" + ("" if source.against else ", or --against SRC to carry the source's")))
+    if prov["validation"] is None:
+        out.append("no validation was run: the card says 'Not validated'; pass --against SRC (validates now) or "
+                   "--report REPORT (from quantkit validate --json)")
+    elif not prov["validation"]["summary"].get("tensors"):
+        out.append("the validation report compared no tensor with the source (integrity only): the card shows no "
+                   "figures; validate with --against SRC")
+    if not prov["base_model"]:
+        out.append("no base model: the card cannot name the original; pass --base-model ORG/NAME")
+    if manifest["conversion"].get("options") is None:
+        out.append("the manifest predates recorded options: the reproduce command names the preset but cannot tell "
+                   "the user's --quantize/--keep rules apart; re-run quantkit convert to record them")
+    for f in prov["files"]:
+        if f["role"] == "weights" and f["bytes"] > HUB_FILE_LIMIT:
+            out.append(f"{f['name']} is {f['bytes'] / 1e9:.0f} GB, past the Hugging Face Hub's per-file limit: "
+                       "convert with --max-shard-size 5GB (native, compressed-tensors)")
+    return out

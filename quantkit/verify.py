@@ -1,0 +1,298 @@
+"""Verify a release folder (``quantkit publish``'s): is this what was published, and is it what it says?
+
+1. Integrity: every file ``SHA256SUMS`` lists exists and has its SHA256; no weight file is unlisted.
+2. Agreement: ``provenance.json`` and the model card's Files table give the same SHA256 as
+   ``SHA256SUMS`` for every file they name.
+3. Structure: every weight file parses (its header validated like any input), declares the format
+   and source the provenance records, and holds the tensors the provenance lists, stored as listed.
+4. With ``against``: the source's files have the SHA256 the provenance records.
+
+Never raises for a broken release: every problem is a ``Problem`` naming the file. Raises
+``QuantkitError`` only for unusable arguments (not a release folder, a source that cannot be opened).
+
+>>> verify("flux-fp8-release").ok                       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from .errors import QuantkitError, UnsupportedInputError
+from .hashing import BackgroundHash
+from .model_card import listed_hashes
+from .progress import NULL, Progress
+from .release import (CARD_NAME, MAX_PROVENANCE_BYTES, MAX_SUMS_BYTES, PROVENANCE_NAME, PROVENANCE_SCHEMA,
+                      SUMS_NAME, is_weight_file, parse_sums)
+
+HIDDEN_SKIPPED = (".git",)    # a clone's own metadata, never part of a release
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str          # relative to the release folder (or the source's path for --against)
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    folder: str
+    against: str | None = None
+    problems: list[Problem] = field(default_factory=list)
+    checked: list[dict] = field(default_factory=list)     # {"file", "role", "expected", "actual", "ok"}
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, file: str, message: str) -> None:
+        self.problems.append(Problem(file, message))
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "folder": self.folder, "against": self.against, "seconds": self.seconds,
+                "problems": [asdict(p) for p in self.problems], "checked": self.checked, "notes": self.notes}
+
+
+def verify(folder: str, against: str | None = None, *, hashed: dict[str, str] | None = None,
+           progress: Progress = NULL) -> VerifyReport:
+    """Check the release ``folder``; with ``against`` (the source checkpoint) its hashes too.
+
+    ``hashed``: SHA256 already known for some files (publish hashed them while writing them), not
+    read again."""
+    t0 = time.perf_counter()
+    if not os.path.isdir(folder):
+        raise UnsupportedInputError("not a folder", path=folder, hint="pass the release folder quantkit publish wrote")
+    if not any(os.path.lexists(os.path.join(folder, n)) for n in (SUMS_NAME, PROVENANCE_NAME)):
+        raise UnsupportedInputError(f"no {SUMS_NAME} and no {PROVENANCE_NAME}: not a release folder", path=folder,
+                                    hint="pass the folder quantkit publish wrote")
+    report = VerifyReport(folder, against)
+    sums = _read_sums(folder, report)
+    job = _start_hashes(folder, sums, hashed or {}, report)
+    _unlisted(folder, sums, report)
+    prov = _read_provenance(folder, sums, report)
+    if prov is not None:
+        _agreement(folder, sums, prov, report)
+        _weights(folder, prov, report)
+    _card(folder, sums, report)
+    if job is not None:
+        job.result()
+        for name, expected in sums.items():
+            actual = (hashed or {}).get(name) or job.digests.get(os.path.join(folder, *name.split("/")))
+            if actual is None:
+                continue
+            report.checked.append({"file": name, "role": "release", "expected": expected, "actual": actual,
+                                   "ok": actual == expected})
+            if actual != expected:
+                report.problem(name, f"sha256 mismatch: {SUMS_NAME} says {expected[:16]}..., the file is "
+                                     f"{actual[:16]}... (modified or corrupted)")
+    if against is not None and prov is not None:
+        _source(against, prov, report)
+    progress.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _read_bounded(path: str, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
+
+
+def _read_sums(folder: str, report: VerifyReport) -> dict[str, str]:
+    path = os.path.join(folder, SUMS_NAME)
+    try:
+        data = _read_bounded(path, MAX_SUMS_BYTES)
+    except FileNotFoundError:
+        report.problem(SUMS_NAME, "missing: no file of this folder can be checked against its published hash")
+        return {}
+    except (OSError, ValueError) as exc:
+        report.problem(SUMS_NAME, f"unreadable ({exc})")
+        return {}
+    digests, problems = parse_sums(data)
+    for p in problems:
+        report.problem(SUMS_NAME, p)
+    return digests
+
+
+def _start_hashes(folder: str, sums: dict[str, str], hashed: dict[str, str], report: VerifyReport):
+    """Hash every listed file that exists (on a thread, while the rest is checked); report missing ones."""
+    paths = []
+    for name in sorted(sums):
+        path = os.path.join(folder, *name.split("/"))
+        if not os.path.isfile(path):
+            report.problem(name, f"listed in {SUMS_NAME} but missing")
+        elif name not in hashed:
+            paths.append(path)
+    return BackgroundHash(paths).start() if paths else None
+
+
+def _walk(folder: str):
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in HIDDEN_SKIPPED)
+        rel = os.path.relpath(root, folder)
+        for name in sorted(files):
+            yield name if rel == "." else os.path.join(rel, name).replace(os.sep, "/")
+
+
+def _unlisted(folder: str, sums: dict[str, str], report: VerifyReport) -> None:
+    others = []
+    for name in _walk(folder):
+        if name in sums or name == SUMS_NAME:
+            continue
+        if is_weight_file(name):
+            report.problem(name, f"weight file not listed in {SUMS_NAME}: not part of the published release "
+                                 "(remove it, or re-publish)")
+        else:
+            others.append(name)
+    if others:
+        report.notes.append(f"{len(others)} file(s) not listed in {SUMS_NAME} and not weights (ignored): "
+                            + ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))
+
+
+def _read_provenance(folder: str, sums: dict[str, str], report: VerifyReport) -> dict | None:
+    if PROVENANCE_NAME not in sums and os.path.exists(os.path.join(folder, PROVENANCE_NAME)):
+        report.problem(PROVENANCE_NAME, f"not listed in {SUMS_NAME}")
+    try:
+        doc = json.loads(_read_bounded(os.path.join(folder, PROVENANCE_NAME), MAX_PROVENANCE_BYTES).decode("utf-8"))
+    except FileNotFoundError:
+        if PROVENANCE_NAME not in sums:      # listed and missing is already reported
+            report.problem(PROVENANCE_NAME, "missing: the weights cannot be checked against their provenance")
+        return None
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        report.problem(PROVENANCE_NAME, f"unreadable ({exc})")
+        return None
+    if not isinstance(doc, dict) or doc.get("schema") != PROVENANCE_SCHEMA or not isinstance(doc.get("files"), list) \
+            or not all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in doc["files"]):
+        report.problem(PROVENANCE_NAME, f"not a {PROVENANCE_SCHEMA} record with a 'files' list")
+        return None
+    return doc
+
+
+def _agreement(folder: str, sums: dict[str, str], prov: dict, report: VerifyReport) -> None:
+    """provenance.json and SHA256SUMS name the same files with the same hashes."""
+    recorded = {f["name"]: f for f in prov["files"]}
+    for name, f in recorded.items():
+        if name not in sums:
+            report.problem(name, f"recorded in {PROVENANCE_NAME} but not listed in {SUMS_NAME}")
+        elif f.get("sha256") != sums[name]:
+            report.problem(name, f"{PROVENANCE_NAME} records sha256 {str(f.get('sha256'))[:16]}..., {SUMS_NAME} "
+                                 f"says {sums[name][:16]}...")
+    for name in sums:
+        if is_weight_file(name) and name not in recorded:
+            report.problem(name, f"weight file listed in {SUMS_NAME} but not recorded in {PROVENANCE_NAME}")
+
+
+def _card(folder: str, sums: dict[str, str], report: VerifyReport) -> None:
+    """The card's Files table shows, for every weight file, the SHA256 that SHA256SUMS lists."""
+    if CARD_NAME not in sums:
+        report.problem(CARD_NAME, f"not listed in {SUMS_NAME}" if os.path.exists(os.path.join(folder, CARD_NAME))
+                       else "missing: the release has no model card")
+    try:
+        with open(os.path.join(folder, CARD_NAME), "rb") as f:
+            card = f.read(MAX_PROVENANCE_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return
+    shown = listed_hashes(card)
+    for name, sha in shown.items():
+        if name in sums and sha != sums[name]:
+            report.problem(CARD_NAME, f"the card shows sha256 {sha[:16]}... for {name}, {SUMS_NAME} says "
+                                      f"{sums[name][:16]}...")
+    for name in sums:
+        if is_weight_file(name) and name not in shown:
+            report.problem(CARD_NAME, f"the card's Files table shows no sha256 for {name}")
+
+
+def _weights(folder: str, prov: dict, report: VerifyReport) -> None:
+    """Each weight file parses, declares the provenance's format and source; together they hold the
+    provenance's tensors, stored as it says."""
+    from .reader import SafetensorsFile
+    fmt_name = prov.get("format")
+    source_sha = (prov.get("source") or {}).get("sha256")
+    weights = [f["name"] for f in prov["files"] if f.get("role") == "weights"]
+    for name in weights:
+        path = os.path.join(folder, *name.split("/"))
+        if not os.path.isfile(path):
+            continue                         # reported as missing
+        try:
+            with SafetensorsFile(path) as f:
+                meta = f.metadata
+        except QuantkitError as exc:
+            report.problem(name, f"does not parse as safetensors: {exc.message}")
+            continue
+        if meta.get("quantkit.format") != fmt_name:
+            report.problem(name, f"declares format {meta.get('quantkit.format')!r}, {PROVENANCE_NAME} says "
+                                 f"{fmt_name!r}")
+        if source_sha and meta.get("quantkit.source_sha256") != source_sha:
+            report.problem(name, f"records source sha256 {str(meta.get('quantkit.source_sha256'))[:16]}..., "
+                                 f"{PROVENANCE_NAME} says {source_sha[:16]}...")
+    if report.problems:     # a broken or missing piece: the combined read below would only repeat it
+        return
+    _tensors(folder, prov, report)
+
+
+def _tensors(folder: str, prov: dict, report: VerifyReport) -> None:
+    from .formats import get_format
+    files = [f for f in prov["files"] if f.get("role") in ("weights", "index")]
+    index = [f["name"] for f in files if f["role"] == "index"]
+    label = index[0] if index else (files[0]["name"] if files else PROVENANCE_NAME)
+    try:
+        fmt = get_format(prov.get("format"))
+        with _open_weights(folder, files) as out:
+            stored = fmt.stored(out)
+    except (QuantkitError, ValueError) as exc:
+        report.problem(label, f"does not read back as format {prov.get('format')!r}: {exc}")
+        return
+    listed = {t.get("name"): t for t in prov.get("tensors") or [] if isinstance(t, dict)}
+    for name in sorted(listed.keys() - stored.keys()):
+        report.problem(label, f"tensor {name} is in {PROVENANCE_NAME} but not in the weights")
+    for name in sorted(stored.keys() - listed.keys()):
+        report.problem(label, f"tensor {name} is in the weights but not in {PROVENANCE_NAME}")
+    for name in sorted(stored.keys() & listed.keys()):
+        quantized = stored[name].scale_key is not None
+        if quantized != (listed[name].get("action") == "quantize"):
+            report.problem(label, f"tensor {name} is stored {'FP8' if quantized else 'unquantized'}, "
+                                  f"{PROVENANCE_NAME} says {listed[name].get('action')}")
+
+
+def _open_weights(folder: str, files: list[dict]):
+    from .checkpoint import open_checkpoint
+    from .reader import SafetensorsFile
+    index = [f["name"] for f in files if f["role"] == "index"]
+    if index:
+        return open_checkpoint(os.path.join(folder, *index[0].split("/")), ema=None)
+    if len(files) != 1:
+        raise UnsupportedInputError(f"{len(files)} weight files and no index", path=folder)
+    return SafetensorsFile(os.path.join(folder, *files[0]["name"].split("/")))
+
+
+def _source(against: str, prov: dict, report: VerifyReport) -> None:
+    """The source's files have the SHA256 the provenance records (matched by file name)."""
+    from .checkpoint import open_checkpoint
+    source = prov.get("source") or {}
+    recorded = {os.path.basename(f.get("name", "")): f.get("sha256") for f in source.get("files") or []
+                if isinstance(f, dict)}
+    with open_checkpoint(against, component=source.get("component"), ema=bool(source.get("ema")),
+                         names=source.get("names")) as src:
+        files = list(src.files)
+    job = BackgroundHash(files).start()
+    job.result()
+    for path in files:
+        expected = recorded.get(os.path.basename(path))
+        actual = job.digests[path]
+        report.checked.append({"file": path, "role": "source", "expected": expected, "actual": actual,
+                               "ok": actual == expected})
+        if expected is None:
+            report.problem(path, f"a file of the source that {PROVENANCE_NAME} does not record")
+        elif actual != expected:
+            report.problem(path, f"sha256 mismatch: {PROVENANCE_NAME} records {expected[:16]}..., the file is "
+                                 f"{actual[:16]}... (not the source this release was made from)")
+    for name in sorted(recorded.keys() - {os.path.basename(p) for p in files}):
+        report.problem(os.path.join(against, name), f"recorded in {PROVENANCE_NAME} but not part of the source")
