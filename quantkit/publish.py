@@ -101,7 +101,11 @@ def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
         progress.warn(f"removed a temporary folder left by an interrupted run: {path}")
     source = _Source(manifest, options.against)
     try:
-        validation = _validation(out, manifest, options, progress)
+        try:
+            validation = _validation(out, manifest, options, progress)
+        except ValidationFailed:
+            source.check()      # another checkpoint than the source explains a failed validation: say that
+            raise
         source.check()
     finally:
         source.close()
