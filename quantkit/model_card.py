@@ -200,7 +200,8 @@ def _validation(prov: dict) -> str:
                 "compared with the source. Run `quantkit validate OUT --against SOURCE` and publish with "
                 "`--report`, or publish with `--against SOURCE`.\n")
     s = v["summary"]
-    out = [f"## Validation\n\n{v['how']}, against `{v['against']}`: {'passed' if v['ok'] else 'FAILED'}."]
+    bar = f" (bar: SQNR >= {v['min_sqnr']:g} dB for every tensor)" if v.get("min_sqnr") is not None else ""
+    out = [f"## Validation\n\n{v['how']}, against `{v['against']}`: {'passed' if v['ok'] else 'FAILED'}{bar}."]
     if s.get("sqnr_db"):
         out.append(f"{s['tensors']} tensors compared, {s['quantized']} of them FP8. FP8 tensors: SQNR min "
                    f"{_fmt(s['sqnr_db']['min'])} dB, median {_fmt(s['sqnr_db']['median'])} dB; PSNR min "

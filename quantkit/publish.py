@@ -39,7 +39,7 @@ from .writer import TempFolder, remove_stale_temps, write_atomic
 _BASE_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|copying|notice)([._-][\w.-]*)?")
 _HF_CACHE = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+(?:/|$)")
-HUB_FILE_LIMIT = 50 * 10**9     # the Hugging Face Hub refuses larger files
+HUB_FILE_RECOMMENDED = 20 * 10**9    # the Hugging Face Hub's advice per file (it refuses files over 50 GB)
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def _check_destination(out: str, dst: str, options: PublishOptions) -> None:
 def _place_files(out: str, listed, folder: str, link: bool, notes: list[str]) -> dict[str, str]:
     digests, copied = {}, []
     for name, path, _ in listed:
-        digests[name] = _place(path, os.path.join(folder, *name.split("/")), link and _role(name) != "config")
+        digests[name] = _place(path, os.path.join(folder, *name.split("/")), link)
         if link and not os.path.samefile(path, os.path.join(folder, *name.split("/"))):
             copied.append(name)
     if link and copied:
@@ -435,7 +435,8 @@ def _warnings(prov: dict, source: _Source, manifest: dict) -> list[str]:
         out.append("the manifest predates recorded options: the reproduce command names the preset but cannot tell "
                    "the user's --quantize/--keep rules apart; re-run quantkit convert to record them")
     for f in prov["files"]:
-        if f["role"] == "weights" and f["bytes"] > HUB_FILE_LIMIT:
-            out.append(f"{f['name']} is {f['bytes'] / 1e9:.0f} GB, past the Hugging Face Hub's per-file limit: "
-                       "convert with --max-shard-size 5GB (native, compressed-tensors)")
+        if f["role"] == "weights" and f["bytes"] > HUB_FILE_RECOMMENDED:
+            out.append(f"{f['name']} is {f['bytes'] / 1e9:.0f} GB: the Hugging Face Hub advises files under 20 GB "
+                       "and refuses files over 50 GB; formats native and compressed-tensors can be sharded "
+                       "(convert with --max-shard-size 5GB)")
     return out

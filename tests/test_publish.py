@@ -402,9 +402,10 @@ def test_without_the_source_the_card_says_not_validated_and_warns(outputs, tmp_p
 def test_a_validate_report_is_carried_and_must_be_of_this_output(outputs, small, tmp_path):
     out, _ = outputs["native"]
     report = tmp_path / "report.json"
-    assert run("validate", out, "--against", small, "--json", report).exit_code == 0
+    assert run("validate", out, "--against", small, "--min-sqnr", 25, "--json", report).exit_code == 0
     r = run("publish", out, tmp_path / "release", "--report", report, "--license", "mit")
     assert r.exit_code == 0, r.output
+    assert "passed (bar: SQNR >= 25 dB for every tensor)." in (tmp_path / "release" / "README.md").read_text()
     prov = json.loads((tmp_path / "release" / "provenance.json").read_text())
     assert prov["validation"]["how"].startswith("Validated with `quantkit validate` (report `report.json`, SHA256 "
                                                 f"`{sha(report)}`")
@@ -418,6 +419,24 @@ def test_a_validate_report_is_carried_and_must_be_of_this_output(outputs, small,
     r = run("publish", out, tmp_path / "release2", "--report", failed)
     assert r.exit_code == 1 and "records a failed validation" in r.output
     assert not (tmp_path / "release2").exists()
+
+
+def test_the_library_reports_through_progress_and_never_prints(outputs, tmp_path, monkeypatch, capsys):
+    from quantkit import publish as pub
+    from quantkit.progress import Progress
+
+    class Collect(Progress):
+        def __init__(self):
+            self.warnings = []
+
+        def warn(self, message):
+            self.warnings.append(message)
+    monkeypatch.setattr(pub, "HUB_FILE_RECOMMENDED", 1000)      # the small file stands for a 30 GB one
+    progress = Collect()
+    result = pub.publish(str(outputs["native"][0]), str(tmp_path / "release"), progress=progress)
+    assert result.warnings == progress.warnings and len(progress.warnings) == 4
+    assert "small-native.safetensors is 0 GB: the Hugging Face Hub advises files under 20 GB" in progress.warnings[-1]
+    assert capsys.readouterr() == ("", "")
 
 
 def test_overwrite_replaces_a_release_and_link_shares_the_weights(outputs, small, tmp_path):
