@@ -154,10 +154,12 @@ def _plan(prov: dict) -> str:
     tensors = prov["tensors"]
     groups = Counter((_stored(t), t["reason"]) for t in tensors)
     examples: dict = {}
+    rank = {}            # quantized first, then kept, then untouched
     for t in tensors:
         examples.setdefault((_stored(t), t["reason"]), []).append(t["name"])
+        rank[_stored(t)] = ("quantize", "keep", "pass").index(t["action"])
     rows = []
-    for (stored, reason), n in sorted(groups.items(), key=lambda e: (e[0][0], -e[1], e[0][1])):
+    for (stored, reason), n in sorted(groups.items(), key=lambda e: (rank[e[0][0]], e[0][0], -e[1], e[0][1])):
         names = examples[(stored, reason)]
         shown = ", ".join(f"`{x}`" for x in names[:EXAMPLES]) + (", ..." if len(names) > EXAMPLES else "")
         rows.append(f"| {stored} | {n} | {_md(reason)} | {shown} |")
@@ -201,7 +203,8 @@ def _validation(prov: dict) -> str:
                 "`--report`, or publish with `--against SOURCE`.\n")
     s = v["summary"]
     bar = f" (bar: SQNR >= {v['min_sqnr']:g} dB for every tensor)" if v.get("min_sqnr") is not None else ""
-    out = [f"## Validation\n\n{v['how']}, against `{v['against']}`: {'passed' if v['ok'] else 'FAILED'}{bar}."]
+    against = f"against `{v['against']}`" if v.get("against") else "without the source (integrity only)"
+    out = [f"## Validation\n\n{v['how']}, {against}: {'passed' if v['ok'] else 'FAILED'}{bar}."]
     if s.get("sqnr_db"):
         out.append(f"{s['tensors']} tensors compared, {s['quantized']} of them FP8. FP8 tensors: SQNR min "
                    f"{_fmt(s['sqnr_db']['min'])} dB, median {_fmt(s['sqnr_db']['median'])} dB; PSNR min "

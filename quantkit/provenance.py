@@ -86,6 +86,8 @@ def from_report(path: str, manifest: dict) -> dict:
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_REPORT_BYTES + 1)
+        if len(raw) > MAX_REPORT_BYTES:
+            raise ValueError(f"larger than {MAX_REPORT_BYTES} bytes")
         doc = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise UnsupportedInputError(f"cannot read the report: {exc.strerror}", path=path,
@@ -93,8 +95,7 @@ def from_report(path: str, manifest: dict) -> dict:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UnsupportedInputError(f"the report is not JSON ({exc})", path=path,
                                     hint="pass the file quantkit validate --json wrote") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("hashes"), list) or "ok" not in doc \
-            or not isinstance(doc.get("summary"), dict) or not isinstance(doc.get("tensors"), list):
+    if not _well_formed(doc):
         raise UnsupportedInputError("not a quantkit validate --json report", path=path,
                                     hint="pass the file quantkit validate --json wrote")
     seen = {h.get("actual") for h in doc["hashes"] if isinstance(h, dict) and h.get("role") == "output"}
@@ -113,11 +114,32 @@ def from_report(path: str, manifest: dict) -> dict:
         raise ValidationFailed(f"the report records a failed validation ({len(failures)} problem(s): "
                                + "; ".join(failures[:3]) + ")", path=path,
                                hint="fix the output and validate again; nothing was published")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read(MAX_REPORT_BYTES)).hexdigest()
+    digest = hashlib.sha256(raw).hexdigest()
     against = os.path.basename(os.path.normpath(doc["against"])) if doc.get("against") else None
     return validation_record(doc, f"Validated with `quantkit validate` (report `{os.path.basename(path)}`, "
                                    f"SHA256 `{digest}`)", against)
+
+
+def _well_formed(doc) -> bool:
+    """The fields the card prints have the types ``ValidationReport.to_dict`` gives them (the report
+    is the user's file: a string where a number belongs must not reach the card's formatting)."""
+    def num(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    def stat(v):
+        return v is None or (isinstance(v, dict) and all(num(v.get(k)) for k in ("min", "median")))
+    if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool) or not isinstance(doc.get("hashes"), list):
+        return False
+    s, tensors, m = doc.get("summary"), doc.get("tensors"), doc.get("model_output")
+    return (isinstance(s, dict) and all(num(s.get(k)) for k in ("tensors", "quantized"))
+            and all(stat(s.get(k)) for k in ("sqnr_db", "psnr_db", "cosine"))
+            and isinstance(tensors, list) and all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("stored"), str)
+                and isinstance(t.get("granularity"), (str, type(None)))
+                and all(num(t.get(k)) for k in ("sqnr", "psnr", "cosine", "max_abs_error")) for t in tensors)
+            and (m is None or isinstance(m, dict) and all(num(m.get(k)) for k in ("sqnr", "cosine", "rel_l2"))
+                 and all(isinstance(m.get(k), str) for k in ("architecture", "inputs")))
+            and num(doc.get("min_sqnr")) and isinstance(doc.get("against"), (str, type(None))))
 
 
 def validation_record(doc: dict, how: str, against: str | None) -> dict:

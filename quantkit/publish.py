@@ -369,7 +369,7 @@ def _validation(out: str, manifest: dict, options: PublishOptions, progress: Pro
 # ----------------------------------------------------------------------------- provenance
 
 def _record(out: str, dst: str, manifest: dict, options: PublishOptions, source: _Source,
-               validation: dict | None, folder: str, digests: dict[str, str]) -> dict:
+            validation: dict | None, folder: str, digests: dict[str, str]) -> dict:
     """The release's record: everything the card says, as data (``PROVENANCE_SCHEMA``)."""
     from .fp8 import FP8_FORMATS
     conversion = dict(manifest["conversion"])

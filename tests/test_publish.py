@@ -414,6 +414,15 @@ def test_a_validate_report_is_carried_and_must_be_of_this_output(outputs, small,
     assert run("validate", outputs["comfy"][0], "--json", other).exit_code == 0
     r = run("publish", out, tmp_path / "release2", "--report", other)
     assert r.exit_code == 2 and "does not record this output's SHA256" in r.output
+    doc = json.loads(report.read_text())
+    doc["tensors"][0]["sqnr"] = "high"                 # a string where the card prints a number
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(doc))
+    r = run("publish", out, tmp_path / "release2", "--report", forged)
+    assert r.exit_code == 2 and "not a quantkit validate --json report" in r.output
+    r = run("publish", outputs["comfy"][0], tmp_path / "release3", "--report", other)   # its own, no source
+    assert r.exit_code == 0 and "warning: the validation report compared no tensor" in r.output, r.output
+    assert ", without the source (integrity only): passed." in (tmp_path / "release3" / "README.md").read_text()
     failed = tmp_path / "failed.json"
     assert run("validate", out, "--against", small, "--min-sqnr", 60, "--json", failed).exit_code == 1
     r = run("publish", out, tmp_path / "release2", "--report", failed)
