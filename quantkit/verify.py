@@ -80,17 +80,20 @@ def verify(folder: str, against: str | None = None, *, hashed: dict[str, str] | 
         _agreement(folder, sums, prov, report)
         _weights(folder, prov, report)
     _card(folder, sums, report)
+    digests = dict(hashed or {})
     if job is not None:
         job.result()
-        for name, expected in sums.items():
-            actual = (hashed or {}).get(name) or job.digests.get(os.path.join(folder, *name.split("/")))
-            if actual is None:
-                continue
-            report.checked.append({"file": name, "role": "release", "expected": expected, "actual": actual,
-                                   "ok": actual == expected})
-            if actual != expected:
-                report.problem(name, f"sha256 mismatch: {SUMS_NAME} says {expected[:16]}..., the file is "
-                                     f"{actual[:16]}... (modified or corrupted)")
+        digests.update({name: job.digests[p] for name in sums if (p := os.path.join(folder, *name.split("/")))
+                        in job.digests})
+    for name, expected in sums.items():
+        actual = digests.get(name)
+        if actual is None:          # missing: reported
+            continue
+        report.checked.append({"file": name, "role": "release", "expected": expected, "actual": actual,
+                               "ok": actual == expected})
+        if actual != expected:
+            report.problem(name, f"sha256 mismatch: {SUMS_NAME} says {expected[:16]}..., the file is "
+                                 f"{actual[:16]}... (modified or corrupted)")
     if against is not None and prov is not None:
         _source(against, prov, report)
     progress.close()

@@ -324,6 +324,14 @@ def test_verify_names_a_wrong_source(outputs, small, tmp_path):
     assert r.exit_code == 1 and f"{other}: sha256 mismatch" in r.output, r.output
 
 
+def test_digests_known_to_the_caller_are_compared_too(minilm):
+    from quantkit.verify import verify
+    report = verify(str(minilm[1]), hashed={"README.md": "0" * 64})
+    assert [str(p) for p in report.problems] == [
+        f"README.md: sha256 mismatch: SHA256SUMS says {sha(minilm[1] / 'README.md')[:16]}..., the file is "
+        f"{'0' * 16}... (modified or corrupted)"]
+
+
 def test_sums_lines_that_leave_the_folder_are_problems_not_paths():
     digests, problems = parse_sums(b"%s  ../etc/passwd\n%s  ok.safetensors\n%s  /abs\nnot a line\n"
                                    % (b"a" * 64, b"b" * 64, b"c" * 64))
