@@ -535,3 +535,45 @@ def test_the_cards_command_reproduces_byte_identical_weights_in_another_environm
         weights = {n for n in ra if n not in ("README.md", "provenance.json", "SHA256SUMS")}
         assert weights and {n: ra[n] for n in weights} == {n: rb[n] for n in weights if n in rb}, kind
         assert set(ra) == set(rb)
+
+
+# ----------------------------------------------------------------------------- atomic, and the import graph
+
+def test_a_failure_while_writing_leaves_nothing_under_the_name(outputs, tmp_path, monkeypatch):
+    from quantkit import model_card
+    from quantkit import publish as pub
+
+    def broken(prov):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(model_card, "render", broken)
+    out, _ = outputs["native"]
+    with pytest.raises(OSError):
+        pub.publish(str(out), str(tmp_path / "release"))
+    assert os.listdir(tmp_path) == []          # no release, no temporary folder
+
+
+STAGE = ["release", "model_card", "provenance", "verify", "publish"]     # each may import those before it
+
+
+def test_the_publish_stage_sits_on_top_and_imports_in_order():
+    """Function-level imports included: nothing below the publish stage imports it, and inside it
+    a module imports only the ones listed before it."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parent.parent / "quantkit"
+    for path in root.rglob("*.py"):
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        package = module.rsplit(".", 1)[0] if "." in module else ""
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+                name = ".".join([*base, node.module] if node.module else base)
+                imported |= {name} | {f"{name}.{a.name}" if name else a.name for a in node.names}
+        stage_imports = {m for m in imported if m in STAGE}
+        if module == "cli":
+            continue
+        if module in STAGE:
+            assert stage_imports <= set(STAGE[:STAGE.index(module)]), (module, stage_imports)
+        else:
+            assert not stage_imports, (module, stage_imports)
