@@ -423,6 +423,13 @@ def test_a_validate_report_is_carried_and_must_be_of_this_output(outputs, small,
     r = run("publish", out, tmp_path / "release2", "--report", other)
     assert r.exit_code == 2 and "does not record this output's SHA256" in r.output
     doc = json.loads(report.read_text())
+    doc["model_output"] = {"architecture": "LlamaModel", "inputs": "2x32 random token ids (seed 0)", "sqnr": 24.5,
+                           "psnr": 40.0, "cosine": 0.998, "max_abs_error": 0.1, "rel_l2": 0.06}
+    with_output = tmp_path / "with-output.json"       # what validate --model-output --json adds
+    with_output.write_text(json.dumps(doc))
+    assert run("publish", out, tmp_path / "release4", "--report", with_output).exit_code == 0
+    assert ("At the model's output (LlamaModel, 2x32 random token ids (seed 0)): SQNR 24.50 dB, cosine 0.998000, "
+            "relative L2 error 0.0600.") in (tmp_path / "release4" / "README.md").read_text()
     doc["tensors"][0]["sqnr"] = "high"                 # a string where the card prints a number
     forged = tmp_path / "forged.json"
     forged.write_text(json.dumps(doc))
