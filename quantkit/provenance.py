@@ -11,6 +11,7 @@ import os
 import shlex
 
 from .errors import UnsupportedInputError, ValidationFailed
+from .release import read_bounded
 
 MAX_REPORT_BYTES = 1 << 30
 
@@ -84,10 +85,7 @@ def recorded_policy(conversion: dict):
 
 def from_report(path: str, manifest: dict) -> dict:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_REPORT_BYTES + 1)
-        if len(raw) > MAX_REPORT_BYTES:
-            raise ValueError(f"larger than {MAX_REPORT_BYTES} bytes")
+        raw = read_bounded(path, MAX_REPORT_BYTES)
         doc = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise UnsupportedInputError(f"cannot read the report: {exc.strerror}", path=path,

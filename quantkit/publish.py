@@ -31,7 +31,7 @@ from .manifest import manifest_path, read_manifest, runtime_versions
 from .progress import NULL, Progress
 from .provenance import convert_command, from_report, tensor_table, validation_record
 from .release import (CARD_NAME, PROVENANCE_NAME, PROVENANCE_SCHEMA, RESERVED, SUMS_NAME,
-                      format_sums, safe_name)
+                      format_sums, safe_name, source_files, source_mismatches)
 from .shards import is_index_name
 from .verify import verify
 from .writer import TempFolder, remove_stale_temps, write_atomic
@@ -282,10 +282,7 @@ class _Source:
         self._hash = None
         if against is None:
             return
-        from .checkpoint import open_checkpoint
-        with open_checkpoint(against, component=self.record.get("component"), ema=bool(self.record.get("ema")),
-                             names=self.record.get("names")) as src:
-            self.files = list(src.files)
+        self.files = source_files(against, self.record)
         self._hash = BackgroundHash(self.files).start()
         folder = os.path.dirname(os.path.abspath(self.files[0]))
         top = os.path.abspath(against) if os.path.isdir(against) else os.path.dirname(os.path.abspath(against))
@@ -300,13 +297,11 @@ class _Source:
         if self._hash is None:
             return
         self._hash.result()
-        recorded = {os.path.basename(f.get("name", "")): f.get("sha256") for f in self.record.get("files") or []}
-        for path in self.files:
-            expected, actual = recorded.get(os.path.basename(path)), self._hash.digests[path]
-            if expected != actual:
-                raise UnsupportedInputError(
-                    f"not the source of this output: sha256 {actual[:16]}..., the manifest records "
-                    f"{str(expected)[:16]}...", path=path, hint="pass the checkpoint the output was converted from")
+        for path, expected, actual in source_mismatches(self.record, self._hash.digests):
+            what = (f"sha256 {actual[:16]}..., the manifest records {str(expected)[:16]}..." if actual
+                    else "the manifest records this file, the source given has none of that name")
+            raise UnsupportedInputError(f"not the source of this output: {what}", path=path,
+                                        hint="pass the checkpoint the output was converted from")
 
     def close(self) -> None:
         if self._hash is not None:

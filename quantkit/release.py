@@ -8,10 +8,13 @@ names, which files are weights, and ``SHA256SUMS`` in ``sha256sum``'s own format
     DIR/SHA256SUMS         one ``<sha256>  <name>`` line per file above: ``sha256sum -c SHA256SUMS``
 
 A name in a release is a '/'-separated path inside the folder; anything that could step out of it
-(absolute, ``..``, backslashes, control characters) is refused when read.
+(absolute, ``..``, backslashes, control characters) is refused when read. The source a release (or
+an output's manifest) records is matched file by file, by name (``source_mismatches``), by publish
+and verify alike.
 """
 from __future__ import annotations
 
+import os
 import re
 
 from .formats.compressed_tensors import WEIGHT_SUFFIXES
@@ -70,3 +73,33 @@ def parse_sums(data: bytes) -> tuple[dict[str, str], list[str]]:
         else:
             digests[m.group(2)] = m.group(1)
     return digests, problems
+
+
+def read_bounded(path: str, limit: int) -> bytes:
+    """A small file of the release (or a report), refused past ``limit`` bytes (ValueError)."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
+
+
+def source_files(against: str, record: dict) -> list[str]:
+    """The weight files of the source checkpoint ``against``, opened as the conversion did (the
+    component, EMA choice and names a manifest or provenance ``record`` holds)."""
+    from .checkpoint import open_checkpoint
+    with open_checkpoint(against, component=record.get("component"), ema=bool(record.get("ema")),
+                         names=record.get("names")) as src:
+        return list(src.files)
+
+
+def source_mismatches(record: dict, digests: dict[str, str]) -> list[tuple[str, str | None, str]]:
+    """(path, recorded sha256 or None, actual) of every source file whose SHA256 (``digests``: path ->
+    sha256) is not the one ``record`` lists for its name, then (recorded name, sha256, "") for every
+    recorded file the source does not have. Files are matched by name, as ``quantkit validate`` does."""
+    recorded = {os.path.basename(f.get("name", "")): f.get("sha256") for f in record.get("files") or []
+                if isinstance(f, dict)}
+    bad = [(path, recorded.get(os.path.basename(path)), sha) for path, sha in digests.items()
+           if recorded.get(os.path.basename(path)) != sha]
+    names = {os.path.basename(p) for p in digests}
+    return bad + [(name, sha, "") for name, sha in sorted(recorded.items()) if name not in names]

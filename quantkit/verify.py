@@ -24,7 +24,7 @@ from .hashing import BackgroundHash
 from .model_card import listed_hashes
 from .progress import NULL, Progress
 from .release import (CARD_NAME, MAX_PROVENANCE_BYTES, MAX_SUMS_BYTES, PROVENANCE_NAME, PROVENANCE_SCHEMA,
-                      SUMS_NAME, is_weight_file, parse_sums)
+                      SUMS_NAME, is_weight_file, parse_sums, read_bounded, source_files, source_mismatches)
 
 HIDDEN_SKIPPED = (".git",)    # a clone's own metadata, never part of a release
 
@@ -101,18 +101,10 @@ def verify(folder: str, against: str | None = None, *, hashed: dict[str, str] | 
     return report
 
 
-def _read_bounded(path: str, limit: int) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"larger than {limit} bytes")
-    return data
-
-
 def _read_sums(folder: str, report: VerifyReport) -> dict[str, str]:
     path = os.path.join(folder, SUMS_NAME)
     try:
-        data = _read_bounded(path, MAX_SUMS_BYTES)
+        data = read_bounded(path, MAX_SUMS_BYTES)
     except FileNotFoundError:
         report.problem(SUMS_NAME, "missing: no file of this folder can be checked against its published hash")
         return {}
@@ -164,7 +156,7 @@ def _read_provenance(folder: str, sums: dict[str, str], report: VerifyReport) ->
     if PROVENANCE_NAME not in sums and os.path.exists(os.path.join(folder, PROVENANCE_NAME)):
         report.problem(PROVENANCE_NAME, f"not listed in {SUMS_NAME}")
     try:
-        doc = json.loads(_read_bounded(os.path.join(folder, PROVENANCE_NAME), MAX_PROVENANCE_BYTES).decode("utf-8"))
+        doc = json.loads(read_bounded(os.path.join(folder, PROVENANCE_NAME), MAX_PROVENANCE_BYTES).decode("utf-8"))
     except FileNotFoundError:
         if PROVENANCE_NAME not in sums:      # listed and missing is already reported
             report.problem(PROVENANCE_NAME, "missing: the weights cannot be checked against their provenance")
@@ -286,24 +278,19 @@ def _open_weights(folder: str, files: list[dict]):
 
 def _source(against: str, prov: dict, report: VerifyReport) -> None:
     """The source's files have the SHA256 the provenance records (matched by file name)."""
-    from .checkpoint import open_checkpoint
-    source = prov.get("source") or {}
-    recorded = {os.path.basename(f.get("name", "")): f.get("sha256") for f in source.get("files") or []
-                if isinstance(f, dict)}
-    with open_checkpoint(against, component=source.get("component"), ema=bool(source.get("ema")),
-                         names=source.get("names")) as src:
-        files = list(src.files)
-    job = BackgroundHash(files).start()
+    record = prov.get("source") or {}
+    job = BackgroundHash(source_files(against, record)).start()
     job.result()
-    for path in files:
-        expected = recorded.get(os.path.basename(path))
-        actual = job.digests[path]
+    bad = {path: (expected, actual) for path, expected, actual in source_mismatches(record, job.digests)}
+    for path, actual in job.digests.items():
+        expected = bad.get(path, (actual,))[0]
         report.checked.append({"file": path, "role": "source", "expected": expected, "actual": actual,
-                               "ok": actual == expected})
-        if expected is None:
+                               "ok": path not in bad})
+    for path, (expected, actual) in bad.items():
+        if not actual:
+            report.problem(os.path.join(against, path), f"recorded in {PROVENANCE_NAME} but not part of the source")
+        elif expected is None:
             report.problem(path, f"a file of the source that {PROVENANCE_NAME} does not record")
-        elif actual != expected:
+        else:
             report.problem(path, f"sha256 mismatch: {PROVENANCE_NAME} records {expected[:16]}..., the file is "
                                  f"{actual[:16]}... (not the source this release was made from)")
-    for name in sorted(recorded.keys() - {os.path.basename(p) for p in files}):
-        report.problem(os.path.join(against, name), f"recorded in {PROVENANCE_NAME} but not part of the source")
