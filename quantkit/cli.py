@@ -636,8 +636,8 @@ def publish(out, dst, against, report_path, model_output, base_model, license_id
 def verify(folder, against, json_path):
     """Check a release folder written by 'quantkit publish'.
 
-    Every file SHA256SUMS lists has its hash, no weight file is unlisted, provenance.json and the
-    model card agree with SHA256SUMS, and every weight file parses, declares the recorded format
+    Every file SHA256SUMS lists has its hash, no other file is there (hosting metadata such as
+    .git/ and .gitattributes aside), provenance.json and the model card agree with SHA256SUMS, and every weight file parses, declares the recorded format
     and source and holds the recorded tensors. With --against, the source's hashes too.
 
     Exit 0 when everything checks out, 1 with every problem listed by file, 2 when the arguments
@@ -651,8 +651,6 @@ def verify(folder, against, json_path):
         _fail(exc)
     click.echo(f"quantkit verify: {folder}" + (f" against {against}" if against else ""))
     click.echo(f"  sha256: {sum(c['ok'] for c in report.checked)} of {len(report.checked)} files match")
-    for note in report.notes:
-        click.echo(f"  note: {note}")
     if report.ok:
         click.echo(f"  PASS ({report.seconds:.2f} s)")
     else:

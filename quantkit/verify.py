@@ -1,6 +1,8 @@
 """Verify a release folder (``quantkit publish``'s): is this what was published, and is it what it says?
 
-1. Integrity: every file ``SHA256SUMS`` lists exists and has its SHA256; no weight file is unlisted.
+1. Integrity: every file ``SHA256SUMS`` lists exists and has its SHA256; no other file is there
+   (weights, configs, code: anything a loader may read), hosting metadata (``.git/``,
+   ``.gitattributes``, ``.cache/huggingface/``) aside.
 2. Agreement: ``provenance.json`` and the model card's Files table give the same SHA256 as
    ``SHA256SUMS`` for every file they name.
 3. Structure: every weight file parses (its header validated like any input), declares the format
@@ -26,7 +28,11 @@ from .progress import NULL, Progress
 from .release import (CARD_NAME, MAX_PROVENANCE_BYTES, MAX_SUMS_BYTES, PROVENANCE_NAME, PROVENANCE_SCHEMA,
                       SUMS_NAME, is_weight_file, parse_sums, read_bounded, source_files, source_mismatches)
 
-HIDDEN_SKIPPED = (".git",)    # a clone's own metadata, never part of a release
+# What hosting adds beside a release, never part of it: a clone's own metadata, the Hub's LFS
+# attributes, huggingface_hub's download bookkeeping (``local_dir``). Any other unlisted file is a
+# problem: a loader may read it (a config, a tokenizer, remote code), so a release is exactly its listing.
+HOSTING_FOLDERS = (".git", ".cache/huggingface")
+HOSTING_FILES = (".gitattributes",)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,6 @@ class VerifyReport:
     against: str | None = None
     problems: list[Problem] = field(default_factory=list)
     checked: list[dict] = field(default_factory=list)     # {"file", "role", "expected", "actual", "ok"}
-    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -56,7 +61,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "folder": self.folder, "against": self.against, "seconds": self.seconds,
-                "problems": [asdict(p) for p in self.problems], "checked": self.checked, "notes": self.notes}
+                "problems": [asdict(p) for p in self.problems], "checked": self.checked}
 
 
 def verify(folder: str, against: str | None = None, *, hashed: dict[str, str] | None = None,
@@ -130,26 +135,23 @@ def _start_hashes(folder: str, sums: dict[str, str], hashed: dict[str, str], rep
 
 
 def _walk(folder: str):
+    """Every file under ``folder`` ('/'-separated, sorted), hosting metadata left out."""
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d not in HIDDEN_SKIPPED)
-        rel = os.path.relpath(root, folder)
+        rel = os.path.relpath(root, folder).replace(os.sep, "/")
+        prefix = "" if rel == "." else rel + "/"
+        dirs[:] = sorted(d for d in dirs if prefix + d not in HOSTING_FOLDERS)
         for name in sorted(files):
-            yield name if rel == "." else os.path.join(rel, name).replace(os.sep, "/")
+            if prefix + name not in HOSTING_FILES:
+                yield prefix + name
 
 
 def _unlisted(folder: str, sums: dict[str, str], report: VerifyReport) -> None:
-    others = []
     for name in _walk(folder):
         if name in sums or name == SUMS_NAME:
             continue
-        if is_weight_file(name):
-            report.problem(name, f"weight file not listed in {SUMS_NAME}: not part of the published release "
-                                 "(remove it, or re-publish)")
-        else:
-            others.append(name)
-    if others:
-        report.notes.append(f"{len(others)} file(s) not listed in {SUMS_NAME} and not weights (ignored): "
-                            + ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))
+        what = "weight file" if is_weight_file(name) else "file (a loader may read it: config, tokenizer, code)"
+        report.problem(name, f"{what} not listed in {SUMS_NAME}: not part of the published release "
+                             "(remove it, or re-publish)")
 
 
 def _read_provenance(folder: str, sums: dict[str, str], report: VerifyReport) -> dict | None:

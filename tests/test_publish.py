@@ -254,9 +254,12 @@ def test_verify_catches_an_extra_weight_file_by_name(outputs, tmp_path):
     shutil.copyfile(rel / "model-00001-of-00003.safetensors", rel / "model-00004-of-00003.safetensors")
     os.makedirs(rel / "sub")
     (rel / "sub" / "extra.bin").write_bytes(b"\0" * 16)
-    (rel / ".gitattributes").write_text("*.safetensors filter=lfs\n")      # a hub clone's: not a weight
-    problems = verify_fails(rel, "model-00004-of-00003.safetensors", "sub/extra.bin")
-    assert len(problems) == 2 and not any(".gitattributes" in p for p in problems)
+    (rel / "modeling_extra.py").write_text("import os\n")                  # remote code a loader may run
+    (rel / ".gitattributes").write_text("*.safetensors filter=lfs\n")      # the Hub's, not the release's
+    (rel / ".cache" / "huggingface").mkdir(parents=True)
+    (rel / ".cache" / "huggingface" / "x.metadata").write_text("hub download bookkeeping\n")
+    problems = verify_fails(rel, "model-00004-of-00003.safetensors", "sub/extra.bin", "modeling_extra.py")
+    assert len(problems) == 3 and problems[0].startswith("model-00004-of-00003.safetensors: weight file not listed")
 
 
 def test_verify_catches_an_edited_card_hash_line(minilm, tmp_path):
