@@ -97,8 +97,8 @@ def source_mismatches(record: dict, digests: dict[str, str]) -> list[tuple[str, 
     """(path, recorded sha256 or None, actual) of every source file whose SHA256 (``digests``: path ->
     sha256) is not the one ``record`` lists for its name, then (recorded name, sha256, "") for every
     recorded file the source does not have. Files are matched by name, as ``quantkit validate`` does."""
-    recorded = {os.path.basename(f.get("name", "")): f.get("sha256") for f in record.get("files") or []
-                if isinstance(f, dict)}
+    recorded = {os.path.basename(f["name"]): f.get("sha256") for f in record.get("files") or []
+                if isinstance(f, dict) and isinstance(f.get("name"), str)}
     bad = [(path, recorded.get(os.path.basename(path)), sha) for path, sha in digests.items()
            if recorded.get(os.path.basename(path)) != sha]
     names = {os.path.basename(p) for p in digests}

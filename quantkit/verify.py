@@ -166,11 +166,25 @@ def _read_provenance(folder: str, sums: dict[str, str], report: VerifyReport) ->
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         report.problem(PROVENANCE_NAME, f"unreadable ({exc})")
         return None
-    if not isinstance(doc, dict) or doc.get("schema") != PROVENANCE_SCHEMA or not isinstance(doc.get("files"), list) \
-            or not all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in doc["files"]):
-        report.problem(PROVENANCE_NAME, f"not a {PROVENANCE_SCHEMA} record with a 'files' list")
+    if not _well_formed(doc):
+        report.problem(PROVENANCE_NAME, f"not a {PROVENANCE_SCHEMA} record (files, format, source, tensors)")
         return None
     return doc
+
+
+def _well_formed(doc) -> bool:
+    """The fields verify reads have the types publish writes (the file may be forged)."""
+    if not isinstance(doc, dict) or doc.get("schema") != PROVENANCE_SCHEMA:
+        return False
+    files, source, tensors = doc.get("files"), doc.get("source"), doc.get("tensors")
+    return (isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("name"), str)
+                                            and isinstance(f.get("role"), str) for f in files)
+            and isinstance(doc.get("format"), str) and isinstance(source, dict)
+            and isinstance(source.get("sha256"), (str, type(None))) and isinstance(source.get("files"), list)
+            and all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in source["files"])
+            and all(isinstance(source.get(k), (str, type(None))) for k in ("component", "names"))
+            and isinstance(tensors, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                                  for t in tensors))
 
 
 def _agreement(folder: str, sums: dict[str, str], prov: dict, report: VerifyReport) -> None:
@@ -211,45 +225,47 @@ def _weights(folder: str, prov: dict, report: VerifyReport) -> None:
     """Each weight file parses, declares the provenance's format and source; together they hold the
     provenance's tensors, stored as it says."""
     from .reader import SafetensorsFile
-    fmt_name = prov.get("format")
-    source_sha = (prov.get("source") or {}).get("sha256")
-    weights = [f["name"] for f in prov["files"] if f.get("role") == "weights"]
-    for name in weights:
-        path = os.path.join(folder, *name.split("/"))
-        if not os.path.isfile(path):
-            continue                         # reported as missing
+    fmt_name = prov["format"]
+    source_sha = prov["source"]["sha256"]
+    readable = True
+    for f in prov["files"]:
+        path = os.path.join(folder, *f["name"].split("/"))
+        if f["role"] in ("weights", "index") and not os.path.isfile(path):
+            readable = False                 # reported as missing
+        if f["role"] != "weights" or not os.path.isfile(path):
+            continue
         try:
-            with SafetensorsFile(path) as f:
-                meta = f.metadata
+            with SafetensorsFile(path) as w:
+                meta = w.metadata
         except QuantkitError as exc:
-            report.problem(name, f"does not parse as safetensors: {exc.message}")
+            report.problem(f["name"], f"does not parse as safetensors: {exc.message}")
+            readable = False
             continue
         if meta.get("quantkit.format") != fmt_name:
-            report.problem(name, f"declares format {meta.get('quantkit.format')!r}, {PROVENANCE_NAME} says "
-                                 f"{fmt_name!r}")
+            report.problem(f["name"], f"declares format {meta.get('quantkit.format')!r}, {PROVENANCE_NAME} says "
+                                      f"{fmt_name!r}")
         if source_sha and meta.get("quantkit.source_sha256") != source_sha:
-            report.problem(name, f"records source sha256 {str(meta.get('quantkit.source_sha256'))[:16]}..., "
-                                 f"{PROVENANCE_NAME} says {source_sha[:16]}...")
-    if report.problems:     # a broken or missing piece: the combined read below would only repeat it
-        return
-    _tensors(folder, prov, report)
+            report.problem(f["name"], f"records source sha256 {str(meta.get('quantkit.source_sha256'))[:16]}..., "
+                                      f"{PROVENANCE_NAME} says {source_sha[:16]}...")
+    if readable:     # a missing or unparseable piece is reported: reading the whole would only repeat it
+        _tensors(folder, prov, report)
 
 
 def _tensors(folder: str, prov: dict, report: VerifyReport) -> None:
     from .formats import get_format
-    files = [f for f in prov["files"] if f.get("role") in ("weights", "index")]
+    files = [f for f in prov["files"] if f["role"] in ("weights", "index")]
     index = [f["name"] for f in files if f["role"] == "index"]
     label = index[0] if index else (files[0]["name"] if files else PROVENANCE_NAME)
     try:
-        fmt = get_format(prov.get("format"))
+        fmt = get_format(prov["format"])
         with _open_weights(folder, files) as out:
             # source tensor -> (quantized, shape, dtype code) as the weights hold it
             stored = {name: (s.scale_key is not None, list(out.tensors[s.data_key].shape),
                              out.tensors[s.data_key].dtype.code) for name, s in fmt.stored(out).items()}
     except (QuantkitError, ValueError) as exc:
-        report.problem(label, f"does not read back as format {prov.get('format')!r}: {exc}")
+        report.problem(label, f"does not read back as format {prov['format']!r}: {exc}")
         return
-    listed = {t.get("name"): t for t in prov.get("tensors") or [] if isinstance(t, dict)}
+    listed = {t["name"]: t for t in prov["tensors"]}
     for name in sorted(listed.keys() - stored.keys()):
         report.problem(label, f"tensor {name} is in {PROVENANCE_NAME} but not in the weights")
     for name in sorted(stored.keys() - listed.keys()):
@@ -280,7 +296,7 @@ def _open_weights(folder: str, files: list[dict]):
 
 def _source(against: str, prov: dict, report: VerifyReport) -> None:
     """The source's files have the SHA256 the provenance records (matched by file name)."""
-    record = prov.get("source") or {}
+    record = prov["source"]
     job = BackgroundHash(source_files(against, record)).start()
     job.result()
     bad = {path: (expected, actual) for path, expected, actual in source_mismatches(record, job.digests)}

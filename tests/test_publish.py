@@ -317,6 +317,13 @@ def test_verify_checks_the_weights_structure_when_every_hash_was_forged(outputs,
         "small-native.safetensors: tensor model.layers.1.mlp.up_proj.weight is stored F8_E4M3 [128, 64] with a "
         "scale, provenance.json says F8_E4M3 [128, 64]"]
 
+    rel = tampered(outputs["native"][1], tmp_path / "types")
+    prov = json.loads((rel / "provenance.json").read_text())
+    prov["format"] = ["native"]                       # a list where a name belongs: a problem, not a traceback
+    forge(rel, "provenance.json", json.dumps(prov).encode())
+    assert verify_fails(rel, "provenance.json") == [
+        "provenance.json: not a quantkit.provenance/1 record (files, format, source, tensors)"]
+
 
 def test_verify_names_a_wrong_source(outputs, small, tmp_path):
     other = tmp_path / "small.safetensors"
