@@ -577,7 +577,8 @@ def check_math(quantizer, granularity, scale_rule, scale_rtol, examples):
 @click.option("--base-model", "base_model", multiple=True, metavar="ORG/NAME",
               help="The original model's hub id (repeatable); found by itself when the source is in a Hugging Face "
                    "cache.")
-@click.option("--license", "license_id", metavar="ID", help="License id when the source's is not found, e.g. apache-2.0.")
+@click.option("--license", "license_id", metavar="ID",
+              help="License id when the source's is not found, e.g. apache-2.0.")
 @click.option("--name", metavar="TITLE", help="The model card's title (default: DST's name).")
 @click.option("--link", is_flag=True, help="Hard-link the weight files instead of copying them (same file system).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it is a release folder.")
@@ -637,8 +638,9 @@ def verify(folder, against, json_path):
     """Check a release folder written by 'quantkit publish'.
 
     Every file SHA256SUMS lists has its hash, no other file is there (hosting metadata such as
-    .git/ and .gitattributes aside), provenance.json and the model card agree with SHA256SUMS, and every weight file parses, declares the recorded format
-    and source and holds the recorded tensors. With --against, the source's hashes too.
+    .git/ and .gitattributes aside), provenance.json and the model card agree with SHA256SUMS,
+    and every weight file parses, declares the recorded format and source and holds the recorded
+    tensors. With --against, the source's hashes too.
 
     Exit 0 when everything checks out, 1 with every problem listed by file, 2 when the arguments
     are unusable.

@@ -151,11 +151,26 @@ def _read_output_manifest(out: str) -> dict:
         raise UnsupportedInputError(f"{exc.message}: only an output with its manifest can be published",
                                     path=exc.path, hint="publish an output written by quantkit convert, with its "
                                     "manifest beside it") from None
-    conversion, source = manifest.get("conversion"), manifest.get("source")
-    if not isinstance(conversion, dict) or not isinstance(source, dict) or "policy" not in conversion:
-        raise UnsupportedInputError("the manifest records no conversion or source", path=manifest_path(out),
+    if not _well_formed(manifest):
+        raise UnsupportedInputError("the manifest does not record the conversion and source as quantkit convert "
+                                    "writes them", path=manifest_path(out),
                                     hint="re-run quantkit convert to rewrite it")
     return manifest
+
+
+def _well_formed(manifest: dict) -> bool:
+    """The fields publish reads have the types quantkit convert writes (the file may have been edited)."""
+    c, s = manifest.get("conversion"), manifest.get("source")
+    policy = c.get("policy") if isinstance(c, dict) else None
+    return (isinstance(c, dict)
+            and all(isinstance(c.get(k), str) for k in ("format", "fp8", "granularity", "keep_dtype"))
+            and isinstance(c.get("counts"), dict) and isinstance(policy, dict) and isinstance(policy.get("name"), str)
+            and isinstance(policy.get("rules"), list) and all(
+                isinstance(r, list) and len(r) == 2 and r[0] in ("quantize", "keep") and isinstance(r[1], str)
+                for r in policy["rules"])
+            and isinstance(c.get("options"), (dict, type(None)))
+            and isinstance(s, dict) and isinstance(s.get("files"), list)
+            and all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in s["files"]))
 
 
 def _output_files(out: str, manifest: dict, notes: list[str]) -> list[tuple[str, str, dict]]:

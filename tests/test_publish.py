@@ -382,6 +382,13 @@ def test_refusals_write_nothing_and_touch_no_input(outputs, small, work, tmp_pat
         assert r.exit_code == code and message in r.output, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1, r.output          # one line: the file and the fix
         assert not dst.exists()
+    edited = tmp_path / "edited.safetensors"
+    shutil.copyfile(out, edited)
+    doc = json.loads(manifest.read_text())
+    doc["conversion"]["policy"]["rules"] = "keep everything"
+    (tmp_path / "edited.quantkit.json").write_text(json.dumps(doc))
+    r = run("publish", edited, dst)
+    assert r.exit_code == 2 and "the manifest does not record the conversion" in r.output and not dst.exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     r = run("publish", out, tmp_path / "mine", "--overwrite")
