@@ -306,6 +306,9 @@ class _Source:
             if folder == top or not folder.startswith(top + os.sep):
                 break
             folder = os.path.dirname(folder)
+        pipeline = os.path.dirname(top)   # a component folder given: its pipeline's license and card
+        if os.path.isfile(os.path.join(pipeline, "model_index.json")):
+            self.folders.append(pipeline)
 
     def check(self) -> None:
         """The source's files have the SHA256 the manifest recorded (file by file, by name)."""

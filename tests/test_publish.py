@@ -207,6 +207,52 @@ def test_every_format_publishes_and_verifies(outputs, small, kind):
     assert len(quantized) == expected
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_cards_table_is_the_plan(outputs, small, kind, tmp_path):
+    """Rebuilt from the output and its manifest alone, every tensor's fate and reason is what
+    'quantkit plan' says for the source with the same options."""
+    _, rel = outputs[kind]
+    assert run("plan", source_of(kind, small), *KINDS[kind][2], "--json", tmp_path / "plan.json").exit_code == 0
+    plan = [(t["name"], t["action"], t["out_dtype"], t["reason"])
+            for t in json.loads((tmp_path / "plan.json").read_text())["tensors"]]
+    table = [(t["name"], t["action"], t["stored"], t["reason"])
+             for t in json.loads((rel / "provenance.json").read_text())["tensors"]]
+    assert sorted(table) == sorted(plan)
+
+
+def test_a_diffusers_flux_published_for_comfyui_under_bfl_names(tmp_path):
+    """The renamed view (q/k/v joined under BFL's names): the card's table is still the plan, the
+    source's LICENSE (in the pipeline's root) is carried, and verify --against reads the source
+    under the recorded names."""
+    from tiny_models import build, save_state_dict
+    transformer = tmp_path / "FLUX-tiny" / "transformer"
+    transformer.mkdir(parents=True)
+    model = build("flux")
+    save_state_dict(model, transformer / "diffusion_pytorch_model.safetensors")
+    model.save_config(str(transformer))
+    (tmp_path / "FLUX-tiny" / "LICENSE.md").write_text("FLUX tiny license\n")
+    (tmp_path / "FLUX-tiny" / "README.md").write_text("---\nlicense: other\nlicense_name: flux-tiny\n---\n")
+    (tmp_path / "FLUX-tiny" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    out = tmp_path / "flux-comfy.safetensors"
+    assert run("convert", transformer, out, "--format", "comfy", "-q").exit_code == 0
+    rel = tmp_path / "release"
+    r = run("publish", out, rel, "--against", tmp_path / "FLUX-tiny" / "transformer", "--base-model",
+            "black-forest-labs/FLUX.1-dev")
+    assert r.exit_code == 0, r.output
+    assert run("plan", transformer, "--format", "comfy", "--json", tmp_path / "plan.json").exit_code == 0
+    plan = sorted((t["name"], t["action"], t["reason"]) for t in json.loads((tmp_path / "plan.json").read_text())
+                  ["tensors"])
+    prov = json.loads((rel / "provenance.json").read_text())
+    assert sorted((t["name"], t["action"], t["reason"]) for t in prov["tensors"]) == plan
+    assert "double_blocks.0.img_attn.qkv.weight" in {t["name"] for t in prov["tensors"]}
+    assert prov["source"]["names"] == "comfyui" and prov["license"]["files"] == ["LICENSE.md"]   # the pipeline's
+    meta = front_matter((rel / "README.md").read_text())
+    assert (meta["license"], meta["license_name"], meta["base_model"]) == ("other", "flux-tiny",
+                                                                          "black-forest-labs/FLUX.1-dev")
+    r = run("verify", rel, "--against", transformer)
+    assert r.exit_code == 0, r.output
+
+
 def test_comfy_card_gives_the_users_rule_apart_from_the_presets(outputs):
     prov = json.loads((outputs["comfy"][1] / "provenance.json").read_text())
     rows = {t["name"]: t for t in prov["tensors"]}
