@@ -6,7 +6,7 @@ it, where it came from, and every file's SHA256 (``quantkit verify`` checks thos
 SHA256SUMS). Rendering is a pure function of the record: the same record gives the same bytes.
 
 The front matter is written by hand (no YAML library is a dependency): keys are fixed, every value
-is a JSON string, which is also a YAML double-quoted scalar.
+is a YAML double-quoted scalar (``yaml_string``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def read_front_matter(text: str) -> dict[str, str]:
             return fields
         m = re.fullmatch(r"([A-Za-z_][\w-]*):[ \t]*(\S.*?)\s*", line)
         if m and not m.group(2).startswith(("[", "{", "|", ">", "&", "*", "#")):
-            fields[m.group(1)] = _scalar(m.group(2))
+            # a "\ud800" escape would leave a lone surrogate, which no UTF-8 card can hold
+            fields[m.group(1)] = _scalar(m.group(2)).encode("utf-8", "replace").decode("utf-8")
     return {}          # no closing '---': not front matter
 
 
@@ -94,14 +95,32 @@ def front_matter(prov: dict) -> dict:
 
 
 def yaml_front_matter(fields: dict) -> str:
+    """``---`` / ``key: "value"`` lines (lists as ``- "item"``) / ``---``."""
     out = ["---"]
     for key, value in fields.items():
         if isinstance(value, list):
             out.append(f"{key}:")
-            out.extend(f"- {json.dumps(v)}" for v in value)
+            out.extend(f"- {yaml_string(v)}" for v in value)
         else:
-            out.append(f"{key}: {json.dumps(value)}")
+            out.append(f"{key}: {yaml_string(value)}")
     return "\n".join(out + ["---", ""])
+
+
+def yaml_string(text: str) -> str:
+    """A YAML double-quoted scalar of ``text``: printable characters as they are, every other one
+    escaped (YAML refuses non-printable characters even inside quotes, and its ``\\u`` escapes do
+    not pair surrogates as JSON's do, so ``json.dumps`` is not one)."""
+    out = []
+    for ch in text:
+        c = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= c <= 0x7E or 0xA0 <= c <= 0xD7FF or 0xE000 <= c <= 0xFFFD and c != 0xFEFF or c >= 0x10000:
+            out.append(ch)
+        else:
+            out.append(f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+    return '"' + "".join(out) + '"'
+
 
 
 # ----------------------------------------------------------------------------- body

@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from quantkit.cli import main
@@ -386,6 +388,16 @@ def test_digests_known_to_the_caller_are_compared_too(minilm):
     assert [str(p) for p in report.problems] == [
         f"README.md: sha256 mismatch: SHA256SUMS says {sha(minilm[1] / 'README.md')[:16]}..., the file is "
         f"{'0' * 16}... (modified or corrupted)"]
+
+
+@given(st.text(st.characters(exclude_categories=())), st.lists(st.text(max_size=8), max_size=3))
+def test_any_text_in_the_front_matter_reads_back_with_a_yaml_parser(value, items):
+    """Source cards are the user's text: quotes, colons, '#', line breaks, non-printable and astral
+    characters, lone surrogates all come back unchanged, and the front matter is valid UTF-8."""
+    from quantkit.model_card import yaml_front_matter
+    text = yaml_front_matter({"license_name": value, "tags": items})
+    assert text.encode("utf-8").decode("utf-8") == text
+    assert yaml.safe_load(text.split("---\n")[1]) == {"license_name": value, "tags": items or None}
 
 
 def test_sums_lines_that_leave_the_folder_are_problems_not_paths():
