@@ -110,7 +110,7 @@ def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
         source.close()
     with TempFolder(dst) as folder:
         try:
-            digests = _place_files(out, listed, folder.path, options.link, result.notes)
+            digests = _place_files(listed, folder.path, options.link, result.notes, progress)
             _check_output_hashes(out, listed, digests)
             for name, path in source.license_files(exclude=set(digests)):
                 digests[name] = _place(path, os.path.join(folder.path, name), False)
@@ -236,10 +236,11 @@ def _check_destination(out: str, dst: str, options: PublishOptions) -> None:
                           hint="create it first")
 
 
-def _place_files(out: str, listed, folder: str, link: bool, notes: list[str]) -> dict[str, str]:
+def _place_files(listed, folder: str, link: bool, notes: list[str], progress: Progress) -> dict[str, str]:
     digests, copied = {}, []
+    progress.stage("publish", sum(os.path.getsize(path) for _, path, _ in listed))
     for name, path, _ in listed:
-        digests[name] = _place(path, os.path.join(folder, *name.split("/")), link)
+        digests[name] = _place(path, os.path.join(folder, *name.split("/")), link, progress.advance)
         if link and not os.path.samefile(path, os.path.join(folder, *name.split("/"))):
             copied.append(name)
     if link and copied:
@@ -247,16 +248,19 @@ def _place_files(out: str, listed, folder: str, link: bool, notes: list[str]) ->
     return digests
 
 
-def _place(src: str, dst: str, link: bool) -> str:
+def _place(src: str, dst: str, link: bool, advance=lambda n: None) -> str:
     """Hard-link (when asked and possible) or copy ``src`` to ``dst``; its SHA256 (a copy is hashed
-    from the bytes it writes: one read of the output)."""
+    from the bytes it writes: one read of the output). ``advance(n)`` after each piece."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     if link:
         try:
             os.link(src, dst)
-            return sha256_file(dst)
-        except OSError:
+        except OSError:          # another file system, or links refused: copy
             pass
+        else:
+            digest = sha256_file(dst)
+            advance(os.path.getsize(dst))
+            return digest
     h = hashlib.sha256()
     buf = bytearray(READ_BYTES)
     view = memoryview(buf)
@@ -267,6 +271,7 @@ def _place(src: str, dst: str, link: bool) -> str:
                 piece = view[:n]
                 while piece:
                     piece = piece[fo.write(piece):]
+                advance(n)
             os.fsync(fo.fileno())
     except OSError as exc:
         what = "disk full" if exc.errno == errno.ENOSPC else f"copy failed: {exc.strerror}"

@@ -526,7 +526,13 @@ def test_the_library_reports_through_progress_and_never_prints(outputs, tmp_path
 
     class Collect(Progress):
         def __init__(self):
-            self.warnings = []
+            self.warnings, self.stages, self.done = [], [], 0
+
+        def stage(self, name, total_bytes):
+            self.stages.append((name, total_bytes))
+
+        def advance(self, nbytes):
+            self.done += nbytes
 
         def warn(self, message):
             self.warnings.append(message)
@@ -534,6 +540,8 @@ def test_the_library_reports_through_progress_and_never_prints(outputs, tmp_path
     progress = Collect()
     result = pub.publish(str(outputs["native"][0]), str(tmp_path / "release"), progress=progress)
     assert result.warnings == progress.warnings and len(progress.warnings) == 4
+    size = os.path.getsize(outputs["native"][0])
+    assert progress.stages == [("publish", size)] and progress.done == size     # the copy draws a bar
     assert "small-native.safetensors is 0 GB: the Hugging Face Hub advises files under 20 GB" in progress.warnings[-1]
     assert capsys.readouterr() == ("", "")
 
