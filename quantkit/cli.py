@@ -611,7 +611,7 @@ def publish(out, dst, against, report_path, model_output, base_model, license_id
         options = PublishOptions(against=against, report=report_path, model_output=model_output,
                                  base_model=tuple(base_model), license=license_id, name=name, link=link,
                                  overwrite=overwrite, command=shlex.join(["quantkit", *sys.argv[1:]]))
-        result = run(out, dst, options, progress=bars.progress)
+        result = run(out, dst, options, progress=bars.progress, reports=_reports(json_path))
     except QuantkitError as exc:
         bars.progress.close()
         _fail(exc)
@@ -634,7 +634,8 @@ def publish(out, dst, against, report_path, model_output, base_model, license_id
 @click.argument("folder", type=click.Path())
 @click.option("--against", type=click.Path(), help="The source checkpoint: check its SHA256 against the provenance.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON to PATH.")
-def verify(folder, against, json_path):
+@click.option("--overwrite", is_flag=True, help="Replace the --json report if it exists.")
+def verify(folder, against, json_path, overwrite):
     """Check a release folder written by 'quantkit publish'.
 
     Every file SHA256SUMS lists has its hash, no other file is there (hosting metadata such as
@@ -648,7 +649,7 @@ def verify(folder, against, json_path):
     from .errors import QuantkitError
     from .verify import verify as run
     try:
-        report = run(folder, against)
+        report = run(folder, against, reports=_reports(json_path), overwrite_reports=overwrite)
     except QuantkitError as exc:
         _fail(exc)
     click.echo(f"quantkit verify: {folder}" + (f" against {against}" if against else ""))

@@ -271,7 +271,7 @@ def _loading(prov: dict) -> str:
     else:
         body = (f"quantkit reads its own layout back (FP8 weights dequantized as `W = q * scale`, kept tensors as "
                 f"stored), for any PyTorch model with these keys:\n\n```python\n"
-                f"from quantkit.validate import load_dequantized   # pip install quantkit=={version}\n"
+                f"from quantkit import load_dequantized   # pip install quantkit=={version}\n"
                 f"model.load_state_dict(load_dequantized(\"{target}\"))\n```\n")
     return "## How to load\n\n" + body + "\n"
 

@@ -49,7 +49,7 @@ def tensor_table(out: str, conversion: dict) -> list[dict]:
     from . import dtypes
     from .formats import get_format
     from .policy import Action
-    from .validate import open_output
+    from .readback import open_output
     policy = recorded_policy(conversion)
     carried = any("already quantized" in n for n in conversion.get("notes") or [])
     rows = []

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import model_card
-from .errors import OutputError, QuantkitError, UnsupportedInputError, ValidationFailed
+from .errors import OptionsError, OutputError, QuantkitError, UnsupportedInputError, ValidationFailed
 from .hashing import READ_BYTES, BackgroundHash, sha256_file
 from .manifest import manifest_path, read_manifest, runtime_versions
 from .progress import NULL, Progress
@@ -34,6 +34,7 @@ from .release import (CARD_NAME, PROVENANCE_NAME, PROVENANCE_SCHEMA, RESERVED, S
                       format_sums, safe_name, source_files, source_mismatches)
 from .shards import is_index_name
 from .verify import verify
+from .destinations import check_report_path
 from .writer import TempFolder, remove_stale_temps, write_atomic
 
 _BASE_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -57,14 +58,14 @@ class PublishOptions:
     def __post_init__(self):
         for b in self.base_model:
             if not _BASE_MODEL.fullmatch(b):
-                raise QuantkitError(f"--base-model {b!r} is not a model id", hint="give ORG/NAME as on the model hub")
+                raise OptionsError(f"--base-model {b!r} is not a model id", hint="give ORG/NAME as on the model hub")
         if self.license is not None and not re.fullmatch(r"[\w.+-]+", self.license):
-            raise QuantkitError(f"--license {self.license!r} is not a license id",
+            raise OptionsError(f"--license {self.license!r} is not a license id",
                                 hint="give an SPDX-like id such as apache-2.0, mit or other")
         if self.model_output and self.against is None:
-            raise QuantkitError("--model-output compares with the source model", hint="pass --against SRC")
+            raise OptionsError("--model-output compares with the source model", hint="pass --against SRC")
         if self.model_output and self.report is not None:
-            raise QuantkitError("--model-output runs a validation, --report reuses one",
+            raise OptionsError("--model-output runs a validation, --report reuses one",
                                 hint="give one of them (validate --model-output --json makes such a report)")
 
 
@@ -83,8 +84,11 @@ class PublishResult:
 
 
 def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
-            progress: Progress = NULL) -> PublishResult:
-    """Write the release folder ``dst`` for the quantkit output ``out`` (see the module docstring)."""
+            progress: Progress = NULL, reports: dict[str, str] | None = None) -> PublishResult:
+    """Write the release folder ``dst`` for the quantkit output ``out`` (see the module docstring).
+
+    ``reports`` (option -> path): files the caller writes afterwards, checked before any work (never
+    a file publish reads, never inside ``dst``; an existing one is replaced with ``options.overwrite``)."""
     t0 = time.perf_counter()
     out, dst = os.fspath(out), os.fspath(dst)
     result = PublishResult(dst, [], "", None)
@@ -99,6 +103,10 @@ def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
     for path in remove_stale_temps(dst):
         progress.warn(f"removed a temporary folder left by an interrupted run: {path}")
     source = _Source(manifest, options.against)
+    reads = [out, manifest_path(out), *(p for p in (options.report,) if p), *source.files]
+    for option, path in (reports or {}).items():
+        check_report_path(path, option, reads=reads, writes=[dst], overwrite=options.overwrite)
+    source.start()
     try:
         try:
             validation = _validation(out, manifest, options, progress)
@@ -299,11 +307,11 @@ class _Source:
         self.record = manifest["source"]
         self.against = against
         self.folders: list[str] = []
+        self.files: list[str] = []
         self._hash = None
         if against is None:
             return
         self.files = source_files(against, self.record)
-        self._hash = BackgroundHash(self.files).start()
         folder = os.path.dirname(os.path.abspath(self.files[0]))
         top = os.path.abspath(against) if os.path.isdir(against) else os.path.dirname(os.path.abspath(against))
         while True:               # the weights' folder up to the folder given (a pipeline's root)
@@ -314,6 +322,11 @@ class _Source:
         pipeline = os.path.dirname(top)   # a component folder given: its pipeline's license and card
         if os.path.isfile(os.path.join(pipeline, "model_index.json")):
             self.folders.append(pipeline)
+
+    def start(self) -> None:
+        """Hash the source's files on a thread (checked by ``check``)."""
+        if self.files:
+            self._hash = BackgroundHash(self.files).start()
 
     def check(self) -> None:
         """The source's files have the SHA256 the manifest recorded (file by file, by name)."""
@@ -389,7 +402,7 @@ def _validation(out: str, manifest: dict, options: PublishOptions, progress: Pro
 def _record(out: str, dst: str, manifest: dict, options: PublishOptions, source: _Source,
             validation: dict | None, folder: str, digests: dict[str, str]) -> dict:
     """The release's record: everything the card says, as data (``PROVENANCE_SCHEMA``)."""
-    from .fp8 import FP8_FORMATS
+    from .dtypes import FP8_FORMATS
     conversion = dict(manifest["conversion"])
     fp8 = FP8_FORMATS.get(conversion.get("fp8"))
     conversion["scale_rule"] = (f"scale = absmax / {fp8.max_finite:g} (the {fp8.name} maximum), per "

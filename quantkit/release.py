@@ -87,9 +87,9 @@ def read_bounded(path: str, limit: int) -> bytes:
 def source_files(against: str, record: dict) -> list[str]:
     """The weight files of the source checkpoint ``against``, opened as the conversion did (the
     component, EMA choice and names a manifest or provenance ``record`` holds)."""
-    from .checkpoint import open_checkpoint
-    with open_checkpoint(against, component=record.get("component"), ema=bool(record.get("ema")),
-                         names=record.get("names")) as src:
+    from .sources import open_source
+    with open_source(against, component=record.get("component"), ema=bool(record.get("ema")),
+                     names=record.get("names")) as src:
         return list(src.files)
 
 

@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+from .destinations import check_report_path
 from .errors import QuantkitError, UnsupportedInputError
 from .hashing import BackgroundHash
 from .model_card import listed_hashes
@@ -65,17 +66,21 @@ class VerifyReport:
 
 
 def verify(folder: str, against: str | None = None, *, hashed: dict[str, str] | None = None,
-           progress: Progress = NULL) -> VerifyReport:
+           progress: Progress = NULL, reports: dict[str, str] | None = None,
+           overwrite_reports: bool = False) -> VerifyReport:
     """Check the release ``folder``; with ``against`` (the source checkpoint) its hashes too.
 
     ``hashed``: SHA256 already known for some files (publish hashed them while writing them), not
-    read again."""
+    read again. ``reports`` (option -> path): files the caller writes afterwards, checked first
+    (never inside the folder or the source; ``overwrite_reports`` to replace one)."""
     t0 = time.perf_counter()
     if not os.path.isdir(folder):
         raise UnsupportedInputError("not a folder", path=folder, hint="pass the release folder quantkit publish wrote")
     if not any(os.path.lexists(os.path.join(folder, n)) for n in (SUMS_NAME, PROVENANCE_NAME)):
         raise UnsupportedInputError(f"no {SUMS_NAME} and no {PROVENANCE_NAME}: not a release folder", path=folder,
                                     hint="pass the folder quantkit publish wrote")
+    for option, path in (reports or {}).items():
+        check_report_path(path, option, reads=[folder, *([against] if against else [])], overwrite=overwrite_reports)
     report = VerifyReport(folder, against)
     sums = _read_sums(folder, report)
     job = _start_hashes(folder, sums, hashed or {}, report)
@@ -262,7 +267,7 @@ def _tensors(folder: str, prov: dict, report: VerifyReport) -> None:
             # source tensor -> (quantized, shape, dtype code) as the weights hold it
             stored = {name: (s.scale_key is not None, list(out.tensors[s.data_key].shape),
                              out.tensors[s.data_key].dtype.code) for name, s in fmt.stored(out).items()}
-    except (QuantkitError, ValueError) as exc:
+    except QuantkitError as exc:          # FormatError: the file breaks its format's conventions
         report.problem(label, f"does not read back as format {prov['format']!r}: {exc}")
         return
     listed = {t["name"]: t for t in prov["tensors"]}

