@@ -25,6 +25,8 @@ def convert_command(conversion: dict, source_name: str, output_name: str) -> str
              "keep_dtype": conversion["keep_dtype"], "preset": conversion["policy"]["name"], "rules": []}
     args = ["quantkit", "convert", source_name, output_name, "--format", o["format"], "--granularity",
             o["granularity"], "--fp8-dtype", o["fp8"], "--keep-dtype", o["keep_dtype"], "--preset", o["preset"]]
+    if o.get("recipe"):
+        args += ["--recipe", o["recipe"]]
     for action, pattern in o.get("rules") or []:
         args += [f"--{action}", pattern]
     for flag in ("quantize_conv", "allow_nonfinite", "comfy_header_metadata", "ema"):
@@ -45,29 +47,60 @@ def _size_arg(n: int) -> str:
 
 
 def tensor_table(out: str, conversion: dict) -> list[dict]:
-    """Every source tensor of the output: how it is stored, and why (the recorded policy's decision)."""
-    from . import dtypes
+    """Every source tensor of the output: how it is stored, and why: the plan's decision as the
+    manifest records it, checked against what the output holds (a manifest written before quantkit
+    recorded decisions: the recorded policy's decision, re-derived)."""
     from .formats import get_format
-    from .policy import Action
     from .readback import open_output
-    policy = recorded_policy(conversion)
-    carried = any("already quantized" in n for n in conversion.get("notes") or [])
+    recorded = {d[0]: tuple(d[1:]) for d in conversion.get("decisions") or []}
     rows = []
     with open_output(out) as f:
-        for name, s in get_format(conversion["format"]).stored(f).items():
+        stored = get_format(conversion["format"]).stored(f)
+        decide = _recorded(recorded, out) if recorded else _rederived(conversion)
+        for name, s in stored.items():
             info = f.tensors[s.data_key]
             fp8 = s.scale_key is not None
-            decision = policy.decide(name, info.shape, dtypes.F32 if fp8 else info.dtype)
-            action, reason = decision.action, decision.reason
-            if fp8 and carried:
-                action, reason = Action.QUANTIZE, "already FP8 in the source: codes and scale carried over"
-            elif fp8 != (action is Action.QUANTIZE):
-                action = Action.QUANTIZE if fp8 else Action.KEEP
-                reason = f"stored {'FP8' if fp8 else info.dtype.code}; the recorded policy says: {reason}"
+            action, kind, reason = decide(name, info, fp8)
             rows.append({"name": name, "shape": list(info.shape), "stored": info.dtype.code,
-                         "granularity": s.granularity.value if fp8 else None, "action": action.value,
-                         "kind": decision.kind.value, "reason": reason})
+                         "granularity": s.granularity.value if fp8 else None, "action": action, "kind": kind,
+                         "reason": reason})
+        missing = recorded.keys() - stored.keys()
+    if missing:
+        raise UnsupportedInputError(f"the manifest records {len(missing)} tensor(s) the output does not hold "
+                                    f"({', '.join(sorted(missing)[:3])})", path=out,
+                                    hint="the manifest belongs to another output; re-run quantkit convert")
     return rows
+
+
+def _recorded(recorded: dict, out: str):
+    def decide(name, info, fp8):
+        if name not in recorded:
+            raise UnsupportedInputError(f"the manifest records no decision for {name}", path=out,
+                                        hint="the manifest belongs to another output; re-run quantkit convert")
+        action, kind, reason = recorded[name]
+        if fp8 != (action == "quantize"):
+            raise UnsupportedInputError(f"the manifest says {name} was to {action}, the output stores it "
+                                        f"{'in FP8' if fp8 else 'as ' + info.dtype.code}", path=out,
+                                        hint="the manifest belongs to another output; re-run quantkit convert")
+        return action, kind, reason
+    return decide
+
+
+def _rederived(conversion: dict):
+    from . import dtypes
+    policy = recorded_policy(conversion)
+    carried = any("already quantized" in n for n in conversion.get("notes") or [])
+
+    def decide(name, info, fp8):
+        decision = policy.decide(name, info.shape, dtypes.F32 if fp8 else info.dtype)
+        action, reason = decision.action.value, decision.reason
+        if fp8 and carried:
+            action, reason = "quantize", "already FP8 in the source: codes and scale carried over"
+        elif fp8 != (action == "quantize"):
+            action = "quantize" if fp8 else "keep"
+            reason = f"stored {'FP8' if fp8 else info.dtype.code}; the recorded policy says: {reason}"
+        return action, decision.kind.value, reason
+    return decide
 
 
 def recorded_policy(conversion: dict):
@@ -78,9 +111,11 @@ def recorded_policy(conversion: dict):
     rules = [tuple(r) for r in desc["rules"]]
     user = [tuple(r) for r in (conversion.get("options") or {}).get("rules") or []]
     preset = len(rules) - (len(user) if user and rules[len(rules) - len(user):] == user else 0)
+    defaults = desc.get("defaults", {})
     return Policy(tuple(Rule(Action(a), p, f"preset {desc['name']}" if i < preset else "")
                         for i, (a, p) in enumerate(rules)),
-                  quantize_conv=desc.get("defaults", {}).get("convolution") == "quantize", name=desc["name"])
+                  quantize_conv=defaults.get("convolution") == "quantize", name=desc["name"],
+                  keep_attention="attention" in defaults)
 
 
 def from_report(path: str, manifest: dict) -> dict:

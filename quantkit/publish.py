@@ -177,6 +177,9 @@ def _well_formed(manifest: dict) -> bool:
                 isinstance(r, list) and len(r) == 2 and r[0] in ("quantize", "keep") and isinstance(r[1], str)
                 for r in policy["rules"])
             and isinstance(c.get("options"), (dict, type(None)))
+            and isinstance(c.get("decisions", []), list)
+            and all(isinstance(d, list) and len(d) == 4 and all(isinstance(x, str) for x in d)
+                    for d in c.get("decisions", []))
             and isinstance(s, dict) and isinstance(s.get("files"), list)
             and all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in s["files"]))
 

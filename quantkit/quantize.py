@@ -270,9 +270,11 @@ def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: d
 
 
 def plan_summary(plan: Plan) -> dict:
-    """The manifest's record of the conversion: the plan's summary, quantkit's version, and the
-    options as given (what ``quantkit publish`` rebuilds the exact convert command from)."""
-    return {**plan.summary(), "quantkit_version": __version__, "options": options_record(plan.options)}
+    """The manifest's record of the conversion: the plan's summary, quantkit's version, the options
+    as given (what ``quantkit publish`` rebuilds the exact convert command from) and every tensor's
+    decision (``[name, action, kind, reason]``: the card's table is the plan, not a re-derivation)."""
+    return {**plan.summary(), "quantkit_version": __version__, "options": options_record(plan.options),
+            "decisions": [[t.name, t.action.value, t.decision.kind.value, t.decision.reason] for t in plan.tensors]}
 
 
 def options_record(o: ConvertOptions) -> dict:
@@ -280,7 +282,7 @@ def options_record(o: ConvertOptions) -> dict:
     plan resolved them): enough to rebuild the exact ``quantkit convert`` command, the user's
     --quantize/--keep rules apart from the preset's."""
     return {"granularity": o.granularity.value, "fp8": o.fp8.name, "format": o.format,
-            "keep_dtype": o.keep_dtype.value, "preset": o.preset,
+            "keep_dtype": o.keep_dtype.value, "preset": o.preset, "recipe": o.recipe.value,
             "rules": [[r.action.value, r.pattern] for r in o.policy.rules],
             "quantize_conv": o.policy.quantize_conv, "allow_nonfinite": o.allow_nonfinite,
             "comfy_header_metadata": o.comfy_header_metadata, "component": o.component, "ema": o.ema,
