@@ -197,7 +197,8 @@ def _recipe(prov: dict) -> str:
     lines = [f"- format: `{prov['format']}`",
              f"- FP8 dtype: `{c['fp8']}`; scales: {c['granularity']} (`W = q * scale`, {c['scale_rule']})",
              f"- kept tensors: {c['keep_dtype']}",
-             f"- preset: `{c['policy']['name']}`" + (f" (asked: `{o['preset']}`)" if o.get("preset") else ""),
+             f"- preset: `{c['policy']['name']}`" + (f" (asked: `{o['preset']}`)" if o.get("preset") else "")
+             + (f"; recipe `{c['recipe']}`" if c.get("recipe") else ""),
              f"- calibration: {prov['calibration']['weights']}; activations: "
              f"{prov['calibration']['activations'] or 'none (weight-only FP8, no input scales)'}; "
              f"statistics file: {prov['calibration']['stats_file'] or 'none'}"]

@@ -153,6 +153,7 @@ def test_minilm_card_and_provenance_say_what_was_done(minilm):
     assert v["ok"] and v["summary"]["quantized"] == quantized >= 12 and v["summary"]["sqnr_db"]["min"] > 30
     assert f"SQNR min {v['summary']['sqnr_db']['min']:.2f} dB" in card
     assert "| FP8 (tensor scales) |" in card and "embedding: preset bert: keep 'embeddings.*'" in card
+    assert "- preset: `bert` (asked: `auto`); recipe `mixed`" in card and "--recipe mixed" in card
     assert prov["command"]["convert"] in card and "load_dequantized(\"minilm-fp8.safetensors\")" in card
     assert "Not validated" not in card and prov["warnings"] == [
         "the source has no license file: the release carries the license id 'apache-2.0' (the source's model "
