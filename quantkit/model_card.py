@@ -274,7 +274,16 @@ def _loading(prov: dict) -> str:
                 f"stored), for any PyTorch model with these keys:\n\n```python\n"
                 f"from quantkit import load_dequantized   # pip install quantkit=={version}\n"
                 f"model.load_state_dict(load_dequantized(\"{target}\"))\n```\n")
-    return "## How to load\n\n" + body + "\n"
+    model = ('transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained("PATH_OR_REPO"))'
+             if fmt == "compressed-tensors" else "...   # the original model's class, built from its config")
+    runtime = ("\nWith the quantkit runtime (any format: FP8 weights stay FP8 in memory and are dequantized as each "
+               "layer runs; `mode=\"streamed\"` holds two blocks at a time):\n\n```python\n"
+               + ("import transformers\n" if fmt == "compressed-tensors" else "")
+               + f"import quantkit.runtime as qr   # pip install quantkit=={version}\n\n"
+               f"with qr.empty_weights():\n    model = {model}\n"
+               f"qr.load(model, \"{target if fmt != 'compressed-tensors' else 'PATH_OR_REPO'}\").eval()   "
+               "# from_config builds it in training mode (dropout on)\n```\n")
+    return "## How to load\n\n" + body + runtime + "\n"
 
 
 def _reproduce(prov: dict) -> str:

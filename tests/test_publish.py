@@ -270,6 +270,22 @@ def test_an_older_manifest_without_decisions_or_options_still_publishes(outputs,
     assert run("verify", tmp_path / "release").exit_code == 0
 
 
+def test_the_cards_runtime_snippet_runs_the_release(outputs):
+    """The card's quantkit-runtime snippet, as printed, loads the compressed-tensors release of
+    MiniLM; its output stays within cosine 0.99 of the original FP32 model's."""
+    from transformers import AutoModel
+    _, rel = outputs["ct"]
+    card = (rel / "README.md").read_text()
+    code = card.split("With the quantkit runtime")[1].split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(code.replace("PATH_OR_REPO", str(rel)), scope)
+    ids = torch.tensor([[101, 1037, 2158, 2003, 2652, 1037, 2858, 1012, 102]])
+    with torch.no_grad():
+        ours = scope["model"](input_ids=ids).last_hidden_state.float()
+        ref = AutoModel.from_pretrained(MODEL_DIR).eval()(input_ids=ids).last_hidden_state
+    assert float(torch.nn.functional.cosine_similarity(ours.flatten(1), ref.flatten(1))) >= 0.99
+
+
 def test_comfy_card_gives_the_users_rule_apart_from_the_presets(outputs):
     prov = json.loads((outputs["comfy"][1] / "provenance.json").read_text())
     rows = {t["name"]: t for t in prov["tensors"]}
