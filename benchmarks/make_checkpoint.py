@@ -168,6 +168,13 @@ def generate(path: str, size_gb: float, *, seed: int = 0, hidden: int = 3072, fr
                 "generator.version": GENERATOR_VERSION, "generator.seed": str(seed),
                 "generator.size_gb": repr(float(size_gb)), "generator.hidden": str(hidden),
                 "generator.values": "fresh" if fresh else "pool"}
+    return write_specs(path, specs, metadata, seed=seed, fresh=fresh, force=force, quiet=quiet)
+
+
+def write_specs(path: str, specs: list[Spec], metadata: dict[str, str], *, seed: int = 0, fresh: bool = False,
+                force: bool = False, quiet: bool = True) -> dict:
+    """Stream ``specs`` (BF16 values as the module docstring says) into the safetensors file ``path``,
+    or reuse an identical one (same size and metadata); returns a summary dict."""
     header = encode_header(specs, metadata)
     expected_size = len(header) + sum(s.nbytes for s in specs)
     summary = {"path": path, "bytes": expected_size, "tensors": len(specs), "reused": False, "seconds": 0.0}
