@@ -259,6 +259,23 @@ def _read_json(path: str) -> object:
                                     hint="re-download the checkpoint's JSON files") from None
 
 
+def read_config(path: str) -> dict:
+    """A model's config.json (transformers or diffusers) as a JSON object; unreadable, too large or
+    not an object is bad input, named."""
+    try:
+        if os.path.getsize(path) > MAX_JSON_BYTES:
+            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UnsupportedInputError(f"config.json is unreadable ({type(exc).__name__}: {exc})", path=path,
+                                    hint="fix or replace the model's config.json") from None
+    if not isinstance(config, dict):
+        raise UnsupportedInputError("config.json is not a JSON object", path=path,
+                                    hint="fix or replace the model's config.json")
+    return config
+
+
 def _class_name(folder: str) -> str:
     try:
         doc = _read_json(os.path.join(folder, "config.json"))

@@ -26,7 +26,6 @@ its output. The compressed-tensors client path is the exception: transformers ho
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -169,21 +168,8 @@ def _build(source, seed: int) -> _Model:
 
 
 def _read_config(folder: str) -> dict:
-    """The model's config.json as a JSON object; a broken one is bad input, named."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, "rb") as f:
-            raw = json.loads(f.read(10_000_000).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UnsupportedInputError(f"config.json is unreadable ({type(exc).__name__}: {exc})", path=path,
-                                    hint="fix or replace the model's config.json") from None
-    if not isinstance(raw, dict):
-        raise UnsupportedInputError("config.json is not a JSON object", path=path,
-                                    hint="fix or replace the model's config.json")
-    return raw
-
-
-COMPUTE_DTYPES = ("fp32", "bf16")
+    from .checkpoint import read_config
+    return read_config(os.path.join(folder, "config.json"))
 
 
 def _transformers_model(folder: str, seed: int) -> _Model:

@@ -76,6 +76,7 @@ import shutil
 from collections import Counter
 
 from .. import dtypes
+from ..checkpoint import read_config
 from ..dtypes import Kind
 from ..options import KeepDtype
 from ..errors import FormatError, PolicyError, UnsupportedInputError
@@ -184,15 +185,7 @@ def read_source_config(source) -> dict:
             "folder and needs the model's config", path=folder,
             hint="put the model's config.json (and its tokenizer files) beside the weights, "
                  "or use --format native")
-    try:
-        with open(path, "rb") as f:
-            config = json.loads(f.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UnsupportedInputError(f"config.json is unreadable ({exc})", path=path,
-                                    hint="fix or replace the model's config.json") from None
-    if not isinstance(config, dict):
-        raise UnsupportedInputError("config.json is not a JSON object", path=path,
-                                    hint="fix or replace the model's config.json")
+    config = read_config(path)
     if len(source.files) == 1:
         _refuse_shard(folder, os.path.basename(source.files[0]))
     return config
