@@ -514,6 +514,62 @@ def formats():
         click.echo(f"{name:<20} {cls.summary}")
 
 
+@main.command(cls=_RuleOrderCommand, epilog=PATTERN_HELP)
+@click.argument("src", type=click.Path())
+@_policy_options
+@click.option("--target-sqnr", type=DECIBELS, metavar="DB",
+              help="Propose the layers to keep so that the model's output reaches DB decibels.")
+@click.option("--show", type=click.IntRange(min=0), default=10, show_default=True, help="How many layers to list.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the ranking as JSON to PATH.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def sensitivity(ctx, src, target_sqnr, show, json_path, overwrite, quiet, **policy):
+    """Rank the layers of SRC by how much quantizing each alone costs the model's output.
+
+    Same options as 'convert' (the layers ranked are those it would quantize: pass --recipe compact
+    to rank the attention projections too). Each layer is quantized alone as convert writes it, the
+    model (built from the config.json beside SRC) runs on the seeded inputs of 'validate
+    --model-output', and its output is compared with the original's. --target-sqnr proposes the
+    layers to keep (worst first, re-measured each time) for the whole plan to reach DB. The model
+    is held in float32: for models that fit in memory.
+
+    \b
+    Example:
+      quantkit sensitivity ./all-MiniLM-L6-v2 --recipe compact --target-sqnr 25
+    """
+    from .errors import QuantkitError
+    from .sensitivity import sensitivity as rank
+    bars = _Bars(quiet)
+    try:
+        options = _options(ctx, **policy)
+        if json_path:
+            from .destinations import check_report_path
+            check_report_path(json_path, "--json", reads=[src], overwrite=overwrite)
+        click.echo(f"quantkit sensitivity: {src}")
+        report = rank(src, options, target_sqnr=target_sqnr, progress=bars.progress)
+    except QuantkitError as exc:
+        bars.progress.close()
+        _fail(exc)
+    click.echo(f"  {report.architecture}, {report.inputs}; recipe {report.recipe}, {len(report.layers)} layers ranked")
+    click.echo(f"  output SQNR with each layer alone in FP8, worst first:")
+    for cost in report.layers[:show]:
+        click.echo(f"    {cost.sqnr:8.2f} dB  {_printable(cost.name)}  ({cost.kind})")
+    click.echo(f"  all {len(report.layers)} in FP8: output SQNR {report.all_sqnr:.2f} dB")
+    if report.keep is not None:
+        rules = " ".join(f"--keep {_shell(name)}" for name in report.keep) or "(none)"
+        verdict = "meets" if report.target_met else "does NOT meet"
+        click.echo(f"  keep {len(report.keep)} layer(s) for {report.target_sqnr:g} dB: {rules}")
+        click.echo(f"  with them kept: output SQNR {report.keep_sqnr:.2f} dB ({verdict} the target)")
+    if json_path:
+        _write_json(json_path, report.to_dict())
+
+
+def _shell(text: str) -> str:
+    import shlex
+    return shlex.quote(text)
+
+
 def _terminate(signum, frame):
     raise Terminated()
 

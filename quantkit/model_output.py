@@ -40,7 +40,7 @@ BATCH = 2
 
 
 @dataclass(frozen=True)
-class _Model:
+class Model:
     """An architecture ready to be built (without memory) and run on its inputs."""
     make: Callable              # () -> a fresh module, parameters on the meta device (runtime.empty_weights)
     module_class: type
@@ -69,7 +69,7 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
     # The runtime maps an output written under ComfyUI's names back onto the diffusers model itself;
     # the source is read under its own names.
     original = source.original if isinstance(source, RenamedView) else source
-    model = _build(original, seed)
+    model = build_model(original, seed)
     y_ref, peaks = _run(model, original, source.path, dtype), {}
     peaks["source"] = model.peak[0]
     try:
@@ -100,7 +100,7 @@ def _client_format(output: str) -> str | None:
         return None
 
 
-def _run_in_transformers(model: _Model, output: str, dtype):
+def _run_in_transformers(model: Model, output: str, dtype):
     """The quantized model's output as its client computes it: transformers loads the folder
     itself (``from_pretrained``, compressed-tensors decompressing at the first forward), in
     float32 like the reference, so a tensor the client misreads (FP8 codes taken as weights)
@@ -157,9 +157,10 @@ def _config_folder(source) -> str:
     return folder
 
 
-def _build(source, seed: int) -> _Model:
-    """The architecture named by the config (a diffusers ``_class_name`` or transformers
-    ``architectures``), with weights to be replaced before any use, and its inputs."""
+def build_model(source, seed: int = 0) -> Model:
+    """The architecture named by the config beside ``source``'s weights (a diffusers
+    ``_class_name`` or transformers ``architectures``), as a factory of modules without memory
+    (``make()``), with its seeded inputs (``inputs``) and the tensor it outputs (``output``)."""
     folder = _config_folder(source)
     raw = _read_config(folder)
     if "_class_name" in raw:
@@ -172,7 +173,7 @@ def _read_config(folder: str) -> dict:
     return read_config(os.path.join(folder, "config.json"))
 
 
-def _transformers_model(folder: str, seed: int) -> _Model:
+def _transformers_model(folder: str, seed: int) -> Model:
     import transformers
 
     from .runtime import empty_weights
@@ -192,11 +193,11 @@ def _transformers_model(folder: str, seed: int) -> _Model:
                                     f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=folder,
                                     hint="fix the config.json beside the weights, or validate per tensor "
                                          "(without --model-output)") from None
-    return _Model(make, type(probe), arch, True, _token_inputs(probe, seed),
+    return Model(make, type(probe), arch, True, _token_inputs(probe, seed),
                   f"{BATCH}x{TOKENS} random token ids (seed {seed})", _first_tensor)
 
 
-def _diffusers_model(folder: str, raw: dict, seed: int) -> _Model:
+def _diffusers_model(folder: str, raw: dict, seed: int) -> Model:
     """The diffusers class named by ``_class_name``, built from the config with its parameters on
     the meta device (the runtime fills them) and its buffers real: some models compute tensors at
     construction that are not parameters (Qwen-Image's RoPE tables)."""
@@ -220,7 +221,7 @@ def _diffusers_model(folder: str, raw: dict, seed: int) -> _Model:
         raise UnsupportedInputError(f"diffusers cannot build {name} from this config ({exc})", path=folder,
                                     hint="validate it per tensor (without --model-output)") from exc
     inputs = diffusion_inputs(name, probe.config, seed, path=folder)
-    return _Model(make, cls, name, False, {**inputs.kwargs, "return_dict": False}, f"{inputs.words} (seed {seed})",
+    return Model(make, cls, name, False, {**inputs.kwargs, "return_dict": False}, f"{inputs.words} (seed {seed})",
                   _every_tensor)
 
 
@@ -243,7 +244,7 @@ def _token_inputs(model, seed: int) -> dict:
     return inputs
 
 
-def _run(model: _Model, weights, path: str, dtype):
+def _run(model: Model, weights, path: str, dtype):
     """``model`` built afresh, loaded from ``weights`` (an opened checkpoint or an output's path) by
     the runtime in streamed mode, run on its inputs, and dropped: only the output is kept."""
     import gc

@@ -35,6 +35,7 @@ STAGES = [
                  "quantkit.runtime.loader", "quantkit.runtime"]),
     ("read-back", ["quantkit.readback"]),
     ("model output", ["quantkit.diffusion_inputs", "quantkit.model_output"]),
+    ("sensitivity", ["quantkit.sensitivity"]),
     ("validate", ["quantkit.validate"]),
     ("publish", ["quantkit.release", "quantkit.model_card", "quantkit.provenance", "quantkit.verify",
                  "quantkit.publish"]),
