@@ -299,7 +299,10 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
 @click.option("--min-sqnr", type=DECIBELS, metavar="DB",
               help="Fail if any tensor's SQNR is below DB decibels (needs --against).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON to PATH.")
-@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Also write DIR/report.md with PNG charts (per-tensor SQNR by depth, the model's output) "
+                   "and report.json (needs matplotlib).")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file or --report folder if it exists.")
 @click.option("--no-hash-check", is_flag=True, help="Skip the SHA256 check (for files without a manifest).")
 @click.option("--show", type=click.IntRange(min=0), default=5, show_default=True,
               help="How many worst tensors to list.")
@@ -317,8 +320,8 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, **policy):
 @click.option("--min-output-sqnr", type=DECIBELS, metavar="DB",
               help="With --model-output: fail if the output's SQNR is below DB decibels (implies --model-output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def validate(out, against, min_sqnr, json_path, overwrite, no_hash_check, show, component, ema, model_output,
-             compute_dtype, min_output_sqnr, quiet):
+def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_check, show, component, ema,
+             model_output, compute_dtype, min_output_sqnr, quiet):
     """Prove OUT is intact and faithful to its source.
 
     Recomputes the SHA256 of OUT (and of the source) and compares them with the manifest
@@ -340,6 +343,8 @@ def validate(out, against, min_sqnr, json_path, overwrite, no_hash_check, show, 
             raise QuantkitError("--model-output compares with the source model", hint="pass --against SRC")
         if min_sqnr is not None and not against:
             raise QuantkitError("--min-sqnr measures the output against its source", hint="pass --against SRC")
+        if report_dir:
+            _check_report_dir(report_dir, [out, against], overwrite)
         click.echo(f"quantkit validate: {out}" + (f" against {against}" if against else ""))
         report = run(out, against, min_sqnr=min_sqnr, check_hash=not no_hash_check, component=component, ema=ema,
                      model_output=model_output, min_output_sqnr=min_output_sqnr, compute_dtype=compute_dtype,
@@ -351,7 +356,26 @@ def validate(out, against, min_sqnr, json_path, overwrite, no_hash_check, show, 
     _print_report(report, show)
     if json_path:
         _write_json(json_path, report.to_dict())
+    if report_dir:
+        _write_report("validation_report", report, report_dir)
     sys.exit(0 if report.ok else 1)
+
+
+def _check_report_dir(path: str, reads: list, overwrite: bool) -> None:
+    from .destinations import check_report_folder
+    from .report import _pyplot
+    check_report_folder(path, "--report", reads=[r for r in reads if r], overwrite=overwrite)
+    _pyplot()                     # matplotlib missing: say so before the work, not after it
+
+
+def _write_report(kind: str, report, path: str) -> None:
+    from . import report as charts
+    from .errors import QuantkitError
+    try:
+        files = getattr(charts, kind)(report, path)
+    except QuantkitError as exc:
+        _fail(exc)
+    click.echo(f"  report: {path}/ ({', '.join(files)})")
 
 
 def _print_report(report, show: int) -> None:
@@ -521,10 +545,12 @@ def formats():
               help="Propose the layers to keep so that the model's output reaches DB decibels.")
 @click.option("--show", type=click.IntRange(min=0), default=10, show_default=True, help="How many layers to list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the ranking as JSON to PATH.")
-@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Also write DIR/report.md with a PNG chart of the ranking and report.json (needs matplotlib).")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file or --report folder if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def sensitivity(ctx, src, target_sqnr, show, json_path, overwrite, quiet, **policy):
+def sensitivity(ctx, src, target_sqnr, show, json_path, report_dir, overwrite, quiet, **policy):
     """Rank the layers of SRC by how much quantizing each alone costs the model's output.
 
     Same options as 'convert' (the layers ranked are those it would quantize: pass --recipe compact
@@ -546,6 +572,8 @@ def sensitivity(ctx, src, target_sqnr, show, json_path, overwrite, quiet, **poli
         if json_path:
             from .destinations import check_report_path
             check_report_path(json_path, "--json", reads=[src], overwrite=overwrite)
+        if report_dir:
+            _check_report_dir(report_dir, [src], overwrite)
         click.echo(f"quantkit sensitivity: {src}")
         report = rank(src, options, target_sqnr=target_sqnr, progress=bars.progress)
     except QuantkitError as exc:
@@ -563,6 +591,8 @@ def sensitivity(ctx, src, target_sqnr, show, json_path, overwrite, quiet, **poli
         click.echo(f"  with them kept: output SQNR {report.keep_sqnr:.2f} dB ({verdict} the target)")
     if json_path:
         _write_json(json_path, report.to_dict())
+    if report_dir:
+        _write_report("sensitivity_report", report, report_dir)
 
 
 def _shell(text: str) -> str:

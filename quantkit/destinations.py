@@ -89,6 +89,31 @@ def check_report_path(path: str, option: str, *, reads: Iterable[str] = (), writ
         raise OutputError(f"{option} file exists", path=path, hint="pass --overwrite to replace it")
 
 
+def check_report_folder(path: str, option: str, *, reads: Iterable[str] = (), overwrite: bool = False) -> None:
+    """Refuse a report folder (``--report DIR``) that holds or is a file the command reads, whose
+    parent is missing, or that exists without ``overwrite``; an existing one is replaced only if it
+    is a quantkit report (it holds report.md and report.json) or empty."""
+    if not path:
+        raise OutputError(f"{option} needs a folder name", hint=f"give {option} a new folder such as report")
+    real = os.path.realpath(path)
+    for protected in reads:
+        if protected and (_inside(os.path.realpath(protected), real) or _inside(real, os.path.realpath(protected))):
+            raise OutputError(f"{option} would replace or write into a file or folder this command reads ({protected})",
+                              path=path, hint=f"give {option} a new folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(f"{option}: the folder does not exist", path=parent, hint="create it first")
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise OutputError(f"{option} names a file", path=path, hint="give a folder name")
+        if not overwrite:
+            raise OutputError(f"{option} folder exists", path=path, hint="pass --overwrite to replace it")
+        found = set(os.listdir(path))
+        if found and not {"report.md", "report.json"} <= found:
+            raise OutputError(f"{option} folder holds files that are not a quantkit report; --overwrite would "
+                              "delete them", path=path, hint="give a new folder name")
+
+
 def _refuse_special(path: str, what: str) -> None:
     """A device, FIFO or socket (``/dev/null``, ``/dev/stdout``) is never replaced: writing
     through a temporary file and renaming it would put a regular file in its place."""

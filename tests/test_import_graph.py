@@ -37,6 +37,7 @@ STAGES = [
     ("model output", ["quantkit.diffusion_inputs", "quantkit.model_output"]),
     ("sensitivity", ["quantkit.sensitivity"]),
     ("validate", ["quantkit.validate"]),
+    ("reports", ["quantkit.report"]),
     ("publish", ["quantkit.release", "quantkit.model_card", "quantkit.provenance", "quantkit.verify",
                  "quantkit.publish"]),
     ("command line and public API", ["quantkit.cli", "quantkit"]),

@@ -1,0 +1,182 @@
+"""Reports people look at: ``report.json``, PNG charts and a short ``report.md`` that embeds them.
+
+``validate --report DIR`` charts every tensor's SQNR in file order (the model's depth), FP8 and
+kept tensors told apart, with the ``--min-sqnr`` bar, and the model's output when it was
+measured; ``sensitivity --report DIR`` charts the ranking, the proposed keep list marked, with
+the target and the all-FP8 output. The folder is built under a temporary name and renamed into
+place when complete. Charts need matplotlib (``pip install 'quantkit[report]'``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .errors import UnsupportedInputError
+from .writer import TempFolder
+
+REPORT = "report.md"
+DATA = "report.json"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UnsupportedInputError("--report draws charts with matplotlib, which is not installed",
+                                    hint="pip install 'quantkit[report]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")          # files only: no display, whatever the environment says
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _finite(v) -> float | None:
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def validation_report(report, folder: str) -> list[str]:
+    """Write ``folder`` for a ``ValidationReport``; returns the files written."""
+    plt = _pyplot()
+    doc = report.to_dict()
+    with TempFolder(folder) as tmp:
+        files = [DATA, "tensors.png"]
+        _write_json(os.path.join(tmp.path, DATA), doc)
+        _tensor_chart(plt, report, os.path.join(tmp.path, "tensors.png"))
+        if report.model_output:
+            files.append("model_output.png")
+            _output_chart(plt, report.model_output, os.path.join(tmp.path, "model_output.png"))
+        _write_text(os.path.join(tmp.path, REPORT), _validation_md(report, files))
+        tmp.commit()
+    return [REPORT, *files]
+
+
+def sensitivity_report(report, folder: str) -> list[str]:
+    """Write ``folder`` for a ``SensitivityReport``; returns the files written."""
+    plt = _pyplot()
+    with TempFolder(folder) as tmp:
+        _write_json(os.path.join(tmp.path, DATA), report.to_dict())
+        _ranking_chart(plt, report, os.path.join(tmp.path, "sensitivity.png"))
+        _write_text(os.path.join(tmp.path, REPORT), _sensitivity_md(report))
+        tmp.commit()
+    return [REPORT, DATA, "sensitivity.png"]
+
+
+def _write_json(path: str, doc: dict) -> None:
+    _write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# ----------------------------------------------------------------------------- charts
+
+def _tensor_chart(plt, report, path: str) -> None:
+    """Per-tensor SQNR against the tensor's position in the file (the model's depth); an exact
+    (lossless) tensor is drawn at the top edge."""
+    compared = [t for t in report.tensors if t.stored != "bytes"]
+    finite = [t.sqnr for t in compared if math.isfinite(t.sqnr)]
+    top = (max(finite) if finite else 60.0) + 5
+    fig, ax = plt.subplots(figsize=(11, 4.5), dpi=110)
+    for stored, marker, color, label in (("fp8", "o", "tab:blue", "FP8"), ("float", "s", "tab:gray", "kept")):
+        xs = [i for i, t in enumerate(compared) if t.stored == stored]
+        ys = [min(t.sqnr, top) for t in compared if t.stored == stored]
+        if xs:
+            ax.scatter(xs, ys, s=14, marker=marker, color=color, label=f"{label} ({len(xs)})")
+    if report.min_sqnr is not None:
+        ax.axhline(report.min_sqnr, color="tab:red", linestyle="--", linewidth=1, label=f"--min-sqnr {report.min_sqnr:g}")
+    ax.set_xlabel("tensor, in file order (depth)")
+    ax.set_ylabel("SQNR (dB); lossless at the top edge")
+    ax.set_ylim(bottom=max(0.0, min(finite, default=0.0) - 5), top=top + 2)
+    ax.set_title(f"Per-tensor SQNR: {os.path.basename(report.output)} against {report.against}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _output_chart(plt, m: dict, path: str) -> None:
+    """The model's output, source vs quantized: SQNR and cosine side by side."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    sqnr = _finite(m.get("sqnr")) or 0.0
+    a.barh([m.get("architecture", "model")], [sqnr], color="tab:blue")
+    a.set_xlabel("output SQNR (dB)")
+    a.text(sqnr, 0, f" {sqnr:.2f} dB", va="center")
+    a.set_xlim(0, max(sqnr * 1.3, 10))
+    cos = _finite(m.get("cosine")) or 0.0
+    b.barh(["1 - cosine"], [max(1 - cos, 1e-12)], color="tab:orange")
+    b.set_xscale("log")
+    b.set_xlabel("1 - cosine (log)")
+    b.text(max(1 - cos, 1e-12), 0, f" cosine {cos:.6f}", va="center")
+    fig.suptitle(f"Model output ({m.get('inputs', '')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _ranking_chart(plt, report, path: str, most: int = 40) -> None:
+    layers = report.layers[:most]
+    keep = set(report.keep or ())
+    fig, ax = plt.subplots(figsize=(10, max(3.0, 0.28 * len(layers) + 1.2)), dpi=110)
+    names = [layer.name for layer in layers][::-1]
+    values = [_finite(layer.sqnr) or 0.0 for layer in layers][::-1]
+    colors = ["tab:red" if layer.name in keep else "tab:blue" for layer in layers][::-1]
+    ax.barh(range(len(layers)), values, color=colors)
+    ax.set_yticks(range(len(layers)), names, fontsize=7)
+    if _finite(report.all_sqnr) is not None:
+        ax.axvline(report.all_sqnr, color="black", linestyle=":", linewidth=1,
+                   label=f"all {len(report.layers)} in FP8: {report.all_sqnr:.1f} dB")
+    if report.target_sqnr is not None:
+        ax.axvline(report.target_sqnr, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"target {report.target_sqnr:g} dB ({len(keep)} kept, red)")
+    ax.set_xlabel("model output SQNR with this layer alone in FP8 (dB); shorter bar = more sensitive")
+    ax.set_title(f"Sensitivity of {report.source} ({report.architecture}), worst {len(layers)} of {len(report.layers)}")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- report.md
+
+def _validation_md(report, files: list[str]) -> str:
+    s = report.summary()
+    lines = [f"# Validation of {report.output}", "",
+             f"**{'PASS' if report.ok else 'FAIL'}**" + (f" against {report.against}" if report.against else ""), ""]
+    if report.hashes:
+        lines += ["| file | role | sha256 | ok |", "|---|---|---|---|"]
+        lines += [f"| {h['file']} | {h['role']} | `{h['actual']}` | {'yes' if h['ok'] else 'NO'} |" for h in report.hashes]
+        lines.append("")
+    if s["sqnr_db"]:
+        lines.append(f"{s['tensors']} tensors compared, {s['quantized']} FP8: SQNR min {s['sqnr_db']['min']:.2f} dB, "
+                     f"median {s['sqnr_db']['median']:.2f} dB; cosine min {s['cosine']['min']:.6f}.")
+        lines.append("")
+    lines += ["![per-tensor SQNR](tensors.png)", ""]
+    m = report.model_output
+    if m:
+        lines += [f"Model output ({m['architecture']}, {m['inputs']}; loaded by {m['loaded_by']}): SQNR "
+                  f"{m['sqnr']:.2f} dB, cosine {m['cosine']:.6f}, relative L2 error {m['rel_l2']:.4f}.", "",
+                  "![model output](model_output.png)", ""]
+    if report.failures:
+        lines += ["## Problems", ""] + [f"- {f}" for f in report.failures] + [""]
+    lines.append(f"Data: [{DATA}]({DATA}).")
+    return "\n".join(lines) + "\n"
+
+
+def _sensitivity_md(report) -> str:
+    lines = [f"# Sensitivity of {report.source}", "",
+             f"{report.architecture}, {report.inputs}; recipe {report.recipe}; {len(report.layers)} layers, each "
+             f"quantized alone. All in FP8: output SQNR {report.all_sqnr:.2f} dB.", ""]
+    if report.keep is not None:
+        verdict = "meets" if report.target_met else "does not meet"
+        rules = " ".join(f"--keep '{name}'" for name in report.keep) or "(none)"
+        lines += [f"To reach {report.target_sqnr:g} dB keep {len(report.keep)} layer(s): output SQNR "
+                  f"{report.keep_sqnr:.2f} dB ({verdict} the target).", "", f"    {rules}", ""]
+    lines += ["![ranking](sensitivity.png)", "", "| rank | layer | kind | output SQNR alone (dB) |",
+              "|---:|---|---|---:|"]
+    lines += [f"| {i} | {c.name} | {c.kind} | {c.sqnr:.2f} |" for i, c in enumerate(report.layers, 1)]
+    lines += ["", f"Data: [{DATA}]({DATA})."]
+    return "\n".join(lines) + "\n"
