@@ -13,10 +13,11 @@
   format stages, ComfyUI names mapped back).
 
 Layer: below read-back, validation and model output; above formats and readers. Nothing here
-prints or needs a GPU. FP8 matmul kernels (torch._scaled_mm, torchao's Float8Tensor built from
-the stored codes and scales) are not implemented: every device dequantizes into the compute dtype
-and runs the layer's own op (``weights.dequantized`` is the seam; ``RuntimeInfo.kernels`` says
-which path ran).
+prints or needs a GPU. By default every device dequantizes into the compute dtype and runs the
+layer's own op (``weights.dequantized``); ``load(..., matmul="fp8")`` makes ``nn.Linear`` layers
+with E4M3 weights multiply the stored codes with ``torch._scaled_mm`` (``weights.scaled_forward``:
+W8A8 with a dynamic per-tensor activation scale; CPU and CUDA). ``RuntimeInfo.kernels`` says which
+path ran. torchao's Float8Tensor is not used.
 """
 from __future__ import annotations
 

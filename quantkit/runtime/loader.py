@@ -12,7 +12,7 @@ import torch
 from ..errors import ModelMismatchError
 from .placements import Layout, Placement, TensorSource, open_layout, read_data, read_scale
 from .streaming import Streamer, stream_units
-from .weights import KERNELS, KernelLog, held_buffer, make_cast, make_quantized
+from .weights import KERNELS, MATMULS, KernelLog, held_buffer, make_cast, make_quantized
 
 EXAMPLES = 3
 
@@ -71,7 +71,8 @@ class RuntimeInfo:
 
 
 def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: str | Mode = "resident",
-         compute_dtype: torch.dtype | None = None, *, prefetch: bool = True) -> torch.nn.Module:
+         compute_dtype: torch.dtype | None = None, *, prefetch: bool = True,
+         matmul: str = "dequantize") -> torch.nn.Module:
     """Load the checkpoint at ``path`` into ``module`` and return it, FP8 weights kept as FP8.
 
     ``path``: any quantkit output (native, comfy, comfy-legacy, compressed-tensors; a file, a
@@ -88,6 +89,9 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     ``mode``: "resident" keeps everything in memory; "streamed" reads each block's tensors when it
     runs and drops them after (``quantkit.runtime.streaming``), ``prefetch`` reading the next block
     meanwhile. ``module.quantkit_runtime`` (``RuntimeInfo``) says what was loaded and which kernel ran.
+    ``matmul``: "dequantize" (default: W = q * scale in the compute dtype, then the layer's own op;
+    bit-identical to dequantize-then-run) or "fp8" (``nn.Linear`` layers with E4M3 weights multiply
+    the stored codes with ``torch._scaled_mm``, inputs quantized per call with a dynamic scale).
 
     >>> with empty_weights():                                         # doctest: +SKIP
     ...     model = FluxTransformer2DModel.from_config(config)
@@ -96,6 +100,8 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     mode = _mode(mode)
     if getattr(module, "quantkit_runtime", None) is not None:
         raise ValueError("this module was already loaded by quantkit.runtime.load; build a fresh one")
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul {matmul!r}: use one of {', '.join(MATMULS)}")
     dtype = compute_dtype or own_dtype(module)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
         raise ValueError(f"compute_dtype {dtype!r}: use a floating-point dtype of 16 bits or more "
@@ -103,13 +109,13 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     tensors = _tensors(module)
     layout = open_layout(path, {n: (tuple(t.shape), t.dtype) for n, (t, _) in tensors.items()}, type(module).__name__)
     try:
-        return _load(module, layout.source.path, mode, dtype, prefetch, tensors, layout)
+        return _load(module, layout.source.path, mode, dtype, prefetch, tensors, layout, matmul)
     except BaseException:
         layout.close()
         raise
 
 
-def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout) -> torch.nn.Module:
+def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: str) -> torch.nn.Module:
     placements = layout.placements
     aliases = _aliases(tensors)
     _check_complete(module, tensors, aliases, placements, layout.source.path)
@@ -118,7 +124,7 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout) -> torch
                        sum(p.quantized for p in placements.values()),
                        sum(not p.quantized for p in placements.values()), len(holding.stored))
     scales = {t: read_scale(layout.source, p) for t, p in placements.items() if p.quantized}
-    assign = _assigner(module, tensors, aliases, holding, scales, info.log)
+    assign = _assigner(module, tensors, aliases, holding, scales, info.log, matmul)
     streamed = _streamed(module, placements, aliases) if mode is Mode.STREAMED else {}
     in_units = {p.target for ps in streamed.values() for p in ps}
 
@@ -219,7 +225,7 @@ def _check_complete(module, tensors, aliases, placements, path) -> None:
                                  "checkpoint does not hold", path=path, tensor=missing[0], hint=hint)
 
 
-def _assigner(module, tensors, aliases, holding: _Holding, scales, log):
+def _assigner(module, tensors, aliases, holding: _Holding, scales, log, matmul: str = "dequantize"):
     """``assign(target, value)``: put ``value`` (what ``holding`` holds; None for a meta placeholder)
     in place of module tensor ``target`` and each of its aliases. Holds the module weakly: the
     streamed mode's hooks and finalizer reach it through this, and must not keep it alive."""
@@ -239,7 +245,7 @@ def _assigner(module, tensors, aliases, holding: _Holding, scales, log):
             if buffer is not None:                  # held as stored already: new values in place
                 sub._buffers[buffer] = value
             elif p.quantized:
-                make_quantized(sub, attr, value, scales[target], p.granularity, holding.dtype, log)
+                make_quantized(sub, attr, value, scales[target], p.granularity, holding.dtype, log, matmul)
             elif target in holding.stored:
                 make_cast(sub, attr, value, holding.dtype)
             elif is_param:

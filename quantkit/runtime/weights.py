@@ -16,9 +16,10 @@ made where they are.
 
 Kernel paths (``KERNELS``): on CPU the product is ``quantkit.fp8.dequantize`` itself (a 256-entry
 table lookup, the very function ``load_dequantized`` uses, hence bit-identical results); on any
-other device ``q.float() * scale`` (the same products, exact in float32). An FP8 matmul path
-(torch._scaled_mm / torchao Float8Tensor on CUDA SM >= 8.9) would go in ``dequantized``'s place:
-see the package docstring for why it is not there yet.
+other device ``q.float() * scale`` (the same products, exact in float32). With ``matmul="fp8"``
+an ``nn.Linear`` holding E4M3 codes multiplies them as they are with ``torch._scaled_mm`` (CPU, and
+CUDA on FP8-capable GPUs), its input quantized per call (``scaled_forward``): W8A8 numerics, not
+bit-identical to the dequantize path.
 """
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ STORED = "_stored"                   # a kept weight in its stored dtype: weight
 KERNELS = {
     "cpu": "dequantize per call (quantkit.fp8.dequantize, table lookup) + the layer's own op",
     "device": "dequantize per call (q.float() * scale on the codes' device) + the layer's own op",
+    "scaled_mm": "FP8 matmul (torch._scaled_mm): stored E4M3 codes and scale as they are, activations "
+                 "quantized per call to E4M3 with a dynamic per-tensor scale",
 }
+MATMULS = ("dequantize", "fp8")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Held:
 
     dtype: torch.dtype
     granularity: Granularity | None = None
+    matmul: str = "dequantize"        # "fp8": an nn.Linear multiplies FP8 codes directly (scaled_forward)
 
 
 @dataclass
@@ -70,20 +75,54 @@ def dequantized(codes: torch.Tensor, scale: torch.Tensor, granularity: Granulari
     return w
 
 
-_CLASSES: dict[tuple[type, frozenset, bool], type] = {}
+_CLASSES: dict[tuple[type, frozenset, bool, bool], type] = {}
 
 
-def _held_class(cls: type, names: frozenset, fp8: bool) -> type:
-    """``cls`` with each of ``names`` a property made from what is held (one class per key)."""
-    key = (cls, names, fp8)
+def _held_class(cls: type, names: frozenset, fp8: bool, scaled: bool = False) -> type:
+    """``cls`` with each of ``names`` a property made from what is held (one class per key); with
+    ``scaled`` (an nn.Linear whose weight is FP8), a forward that multiplies the codes in FP8."""
+    key = (cls, names, fp8, scaled)
     if key not in _CLASSES:
         props = {name: property(_getter(name), doc=f"{name}, made on each read from what the module holds")
                  for name in names}
+        if scaled:
+            props["forward"] = scaled_forward
         prefix = "FP8" if fp8 else "Cast"
         _CLASSES[key] = type(prefix + cls.__name__, (cls,), {
             **props, "__module__": __name__,
             "__doc__": f"{cls.__name__} holding {', '.join(sorted(names))} as stored, made on each read"})
     return _CLASSES[key]
+
+
+def scaled_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` as an FP8 matmul: the stored E4M3 codes and scale are used as they are
+    (never re-quantized); the input is quantized to E4M3 with a dynamic per-tensor scale
+    (absmax / 448, computed in float32, clamped before the cast), and ``torch._scaled_mm`` forms
+    x_q @ W_q^T * scale_x * scale_w in float32, written out in the compute dtype. Falls back to the
+    dequantize path where the kernel cannot take the layer (E5M2 codes, 128x128 block scales, or on
+    CUDA dimensions that are not multiples of 16)."""
+    held = self.__dict__["_quantkit_held"]["weight"]
+    codes, scale = self._buffers["weight" + CODES], self._buffers["weight" + SCALE]
+    rows, cols = codes.shape
+    if (codes.dtype != torch.float8_e4m3fn or held.granularity is Granularity.BLOCK
+            or (codes.device.type == "cuda" and (rows % 16 or cols % 16))):
+        return torch.nn.Linear.forward(self, x)
+    log = self.__dict__.get("_quantkit_log")
+    if log is not None:
+        log.counts["scaled_mm"] += 1
+    x2 = x.reshape(-1, cols)
+    fmt = fp8math.E4M3FN
+    # The activation's scale, like the weights': absmax / 448 (an all-zero input gets 1).
+    sx = fp8math.scale_from_absmax(fp8math.absmax(x2, Granularity.TENSOR), fmt)
+    xq = (x2.float() / sx).clamp_(-fmt.max_finite, fmt.max_finite).to(torch.float8_e4m3fn)
+    if held.granularity is Granularity.CHANNEL:          # one scale per output row: row-wise scaling
+        sa, sw = sx.reshape(1, 1).expand(x2.shape[0], 1).contiguous(), scale.float().reshape(1, rows)
+    else:
+        sa, sw = sx.reshape(()), scale.float().reshape(())
+    out = torch._scaled_mm(xq, codes.t(), scale_a=sa, scale_b=sw, out_dtype=held.dtype)
+    if self.bias is not None:
+        out = out + self.bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], rows)
 
 
 def _getter(name: str):
@@ -97,12 +136,14 @@ def _getter(name: str):
 
 
 def make_quantized(module: torch.nn.Module, name: str, codes: torch.Tensor, scale: torch.Tensor,
-                   granularity: Granularity, dtype: torch.dtype, log: KernelLog | None = None) -> None:
+                   granularity: Granularity, dtype: torch.dtype, log: KernelLog | None = None,
+                   matmul: str = "dequantize") -> None:
     """Replace ``module.<name>`` (a parameter) by FP8 ``codes`` and ``scale`` buffers, read back as a
-    property in ``dtype``. The old parameter is dropped (freed if nothing else holds it)."""
+    property in ``dtype``. The old parameter is dropped (freed if nothing else holds it).
+    ``matmul="fp8"``: an ``nn.Linear``'s weight is multiplied as FP8 (``scaled_forward``)."""
     if log is not None:
         module.__dict__["_quantkit_log"] = log
-    _hold(module, name, Held(dtype, granularity), {CODES: codes, SCALE: scale})
+    _hold(module, name, Held(dtype, granularity, matmul), {CODES: codes, SCALE: scale})
 
 
 def make_cast(module: torch.nn.Module, name: str, stored: torch.Tensor, dtype: torch.dtype) -> None:
@@ -120,7 +161,10 @@ def _hold(module, name: str, held: Held, buffers: dict) -> None:
         module.register_buffer(name + suffix, t)
     base = type(module).__bases__[0] if type(module) in _CLASSES.values() else type(module)
     fp8 = any(h.granularity is not None for h in specs.values())
-    module.__class__ = _held_class(base, frozenset(specs), fp8)
+    weight = specs.get("weight")
+    scaled = (issubclass(base, torch.nn.Linear) and weight is not None and weight.granularity is not None
+              and weight.matmul == "fp8")
+    module.__class__ = _held_class(base, frozenset(specs), fp8, scaled)
 
 
 def held_buffer(module: torch.nn.Module, name: str) -> str | None:
