@@ -115,3 +115,151 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- hashing what is read anyway
+
+_WATCHED: dict[tuple[int, int], "_Follower"] = {}     # (st_dev, st_ino) -> its hash, while a ReadHashes is open
+_BUSY = threading.Condition()     # guards every _Follower's jobs and pending buffers
+
+
+def watching(ident: tuple[int, int]) -> "_Follower | None":
+    """The hash fed by reads of the file ``ident`` (``(st_dev, st_ino)``), if one is open: readers
+    call ``before(buffer)`` before filling a buffer and ``after(offset, buffer)`` once it is filled."""
+    return _WATCHED.get(ident) if _WATCHED else None
+
+
+class ReadHashes:
+    """SHA256 of files that a reader walks anyway (validate's per-tensor pass), in one read: every
+    buffer a ``SafetensorsFile`` fills from one of ``paths`` is hashed on that file's thread while
+    the reader works on it, and the reader's next fill of the same memory waits for that hash.
+
+    The file is hashed in order whatever the order of the reads: bytes the reads skip are hashed
+    from a memory map as the next read passes them (and after the last read, the rest), bytes read
+    twice once. ``eager`` files (nothing will read them) are hashed at once, like ``BackgroundHash``.
+    Same interface as ``BackgroundHash``: ``result()`` and ``digests``.
+
+    >>> with ReadHashes(["out.safetensors"]) as h:      # doctest: +SKIP
+    ...     compare(...)                                # reads out.safetensors through SafetensorsFile
+    ...     sha = h.result()
+    """
+
+    def __init__(self, paths: list[str], eager: bool = False):
+        self.paths = list(paths)
+        self.digests: dict[str, str] = {}
+        self._followers = {}
+        for path in self.paths:
+            st = os.stat(path)
+            self._followers[path] = _Follower(path, st.st_size, eager or not path.endswith(".safetensors"))
+            self._followers[path].ident = (st.st_dev, st.st_ino)
+
+    def __enter__(self) -> "ReadHashes":
+        for f in self._followers.values():
+            _WATCHED[f.ident] = f
+            f.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self._followers.values():
+            if _WATCHED.get(f.ident) is f:
+                del _WATCHED[f.ident]
+            f.finish()
+
+    def result(self) -> str:
+        """Every file's SHA256 (in ``digests``); several files: ``combined_digest``."""
+        for path, f in self._followers.items():
+            if _WATCHED.get(f.ident) is f:
+                del _WATCHED[f.ident]
+            self.digests[path] = f.finish()
+        return combined_digest(self.digests)
+
+
+class _Follower:
+    """One file's SHA256, fed by the buffers its reader fills (see ``ReadHashes``)."""
+
+    def __init__(self, path: str, size: int, eager: bool):
+        self.path, self.size, self.eager = path, size, eager
+        self.ident = None
+        self._busy = _BUSY
+        self._pending: list[tuple[int, int]] = []      # address ranges of buffers not hashed yet
+        self._jobs: list = []
+        self._closed = False
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self.hashed_from_reads = 0        # bytes hashed straight from the reader's buffers
+        self._thread = threading.Thread(target=self._run, name="quantkit-read-hash", daemon=True)
+
+    def start(self) -> None:
+        if self.eager:
+            self._closed = True
+        self._thread.start()
+
+    @staticmethod
+    def _span(view: memoryview) -> tuple[int, int]:
+        import ctypes
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view)) if len(view) else 0
+        return address, address + len(view)
+
+    def before(self, view: memoryview) -> None:
+        """Block until no buffer overlapping ``view``'s memory waits to be hashed (by any file)."""
+        a, b = self._span(view)
+        with self._busy:
+            while any(x < b and a < y for f in _WATCHED.values() for x, y in f._pending):
+                self._busy.wait()
+
+    def after(self, offset: int, view: memoryview) -> None:
+        with self._busy:
+            if self._closed:
+                return
+            span = self._span(view)
+            self._pending.append(span)
+            self._jobs.append((offset, view, span))
+            self._busy.notify_all()
+
+    def finish(self) -> str | None:
+        with self._busy:
+            self._closed = True
+            self._busy.notify_all()
+        if self._thread.is_alive() or self._thread.ident is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest
+
+    def _run(self) -> None:
+        sha, frontier = hashlib.sha256(), 0
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except OSError as exc:
+            self._error = exc
+            return
+        try:
+            while True:
+                with self._busy:
+                    while not self._jobs and not self._closed:
+                        self._busy.wait()
+                    if not self._jobs:
+                        break
+                    offset, view, span = self._jobs.pop(0)
+                try:
+                    end = offset + len(view)
+                    if offset > frontier:               # bytes no read brought: from the file
+                        update_from_file(sha, fd, frontier, min(offset, self.size))
+                        frontier = offset
+                    if end > frontier:
+                        sha.update(view[frontier - offset:])
+                        self.hashed_from_reads += end - frontier
+                        frontier = end
+                finally:
+                    with self._busy:
+                        self._pending.remove(span)
+                        self._busy.notify_all()
+            update_from_file(sha, fd, frontier, self.size)
+            self._digest = sha.hexdigest()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller in finish()
+            self._error = exc
+        finally:
+            os.close(fd)
