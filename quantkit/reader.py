@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from .dtypes import BY_CODE, DType
 from .errors import HeaderError, UnsupportedInputError
-from .hashing import watching
 
 MAX_HEADER_BYTES = 100_000_000   # the safetensors library's own cap
 MAX_DIM = 2 ** 62                # any single dimension past this is absurd
@@ -241,7 +240,6 @@ class SafetensorsFile(TensorSource):
         if not (st.st_mode & 0o170000) == 0o100000:
             raise UnsupportedInputError("not a regular file", path=self.path, hint="pass a .safetensors file")
         self.file_size = st.st_size
-        self._ident = (st.st_dev, st.st_ino)
         if self.file_size < 8:
             raise HeaderError(f"file is {self.file_size} bytes, too short for a safetensors header",
                               path=self.path, hint=hint)
@@ -273,9 +271,6 @@ class SafetensorsFile(TensorSource):
         pos = info.start + byte_offset
         if byte_offset < 0 or pos + len(view) > info.end:
             raise ValueError("read past the end of the tensor")
-        hashed = watching(self._ident)          # validate hashes this file from its reads
-        if hashed is not None:
-            hashed.before(view)
         done = 0
         while done < len(view):
             n = os.preadv(self._fd, [view[done:]], pos + done)
@@ -283,8 +278,6 @@ class SafetensorsFile(TensorSource):
                 raise HeaderError(f"file ended at byte {pos + done}", path=self.path, tensor=info.name,
                                   hint="the file changed or is truncated")
             done += n
-        if hashed is not None:
-            hashed.after(pos, view)
 
     def fileno(self) -> int:
         return self._fd

@@ -2,8 +2,6 @@
 
 1. Integrity: the SHA256 of the output (and of the source, when the manifest names it) is
    recomputed and compared with the manifest written at conversion. One flipped byte fails.
-   Each file is hashed from the reads of the per-tensor pass (one read of it for both), on a
-   thread per file, while the main thread compares (``hashing.ReadHashes``).
 2. Fidelity: every tensor is dequantized (W = q * scale) or read back and compared with the
    source, chunk by chunk: PSNR, SQNR, cosine and max abs error per tensor, then a summary.
 3. Structure: every source tensor is present with its shape, and nothing else is.
@@ -22,7 +20,7 @@ from . import fp8 as fp8math
 from .destinations import check_report_path, output_paths, source_reads
 from .errors import FormatError, QuantkitError, UnsupportedInputError, ValidationFailed
 from .formats import StoredTensor, detect_format
-from .hashing import ReadHashes, torch_threads
+from .hashing import BackgroundHash, torch_threads
 from .manifest import manifest_path, read_manifest
 from .metrics import ErrorStats
 from .progress import NULL, Progress
@@ -134,17 +132,13 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
             from .model_output import check_model_output
             check_model_output(src)        # before the per-tensor work, not after it
         hashes = _start_hashes(output, manifest, src, report) if manifest is not None else []
-        try:
-            _compare_output(output, src, report, progress)
-            if run_model:
-                _compare_model_output(src, output, report, min_output_sqnr)
-            _check_hashes(hashes, _chain(output, manifest, report), src, report)
-        finally:
-            for job in {id(h[3]): h[3] for h in hashes}.values():
-                job.close()
+        _compare_output(output, src, report, progress)
+        if run_model:
+            _compare_model_output(src, output, report, min_output_sqnr)
     finally:
         if src is not None:
             src.close()
+    _check_hashes(hashes, _chain(output, manifest, report), src, report)
     _quality_failures(report, min_sqnr)
     progress.close()
     report.seconds = time.perf_counter() - t0
@@ -241,10 +235,9 @@ def _recorded_source(output: str, manifest: dict | None) -> dict:
 
 
 def _start_hashes(output, manifest: dict, src, report):
-    """Checks ``(role, path, expected sha256, job, key)``: ``job`` hashes the files of one role,
-    each on a thread fed by the per-tensor pass's reads (one read of each file for both; with
-    no source to compare, nothing reads them: each is hashed at once); ``key`` is the path whose
-    digest is compared, None for the job's combined digest."""
+    """Checks ``(role, path, expected sha256, job, key)``: ``job`` hashes the files of one role in
+    turn on one thread (no more hash threads than roles, whatever the number of files); ``key``
+    is the path whose digest is compared, None for the job's combined digest."""
     checks = []
     folder = os.path.isdir(output)
     expected = manifest["files"] if folder else {os.path.basename(output): manifest["files"].get(os.path.basename(output))}
@@ -258,13 +251,13 @@ def _start_hashes(output, manifest: dict, src, report):
         else:
             listed.append((path, entry["sha256"]))
     if listed:
-        job = ReadHashes([path for path, _ in listed], eager=src is None).__enter__()
+        job = BackgroundHash([path for path, _ in listed]).start()
         checks += [("output", path, sha, job, path) for path, sha in listed]
     source = manifest.get("source")
     if src is not None and isinstance(source, dict) and source.get("sha256"):
         recorded = {f.get("name"): f.get("sha256") for f in source.get("files") or [] if isinstance(f, dict)}
         by_name = {os.path.basename(f): f for f in src.files}
-        job = ReadHashes(src.files).__enter__()
+        job = BackgroundHash(src.files).start()
         if len(recorded) == len(src.files) and all(os.path.basename(n or "") in by_name for n in recorded):
             for name, sha in recorded.items():      # file by file: a mismatch names the file
                 path = by_name[os.path.basename(name)]
