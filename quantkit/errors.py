@@ -33,6 +33,15 @@ class QuantkitError(Exception):
             line += f" ({self.hint})"
         return line.replace("\n", " ")
 
+    def __reduce__(self):
+        # Rebuilt with its fields (a worker process hands its error to the parent by pickling it;
+        # the default would rebuild it from the one-line string, path and hint folded in).
+        return _rebuild, (type(self), self.message, self.path, self.tensor, self.hint)
+
+
+def _rebuild(cls, message, path, tensor, hint):
+    return cls(message, path=path, tensor=tensor, hint=hint)
+
 
 class HeaderError(QuantkitError):
     """A safetensors header that is malformed, hostile or inconsistent with the file."""

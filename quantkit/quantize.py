@@ -3,9 +3,11 @@
     header -> plan -> calibrate (per-tensor absmax, while the source hashes on the other core)
            -> write header -> per tensor: quantize / cast / copy, chunk by chunk -> fsync, rename -> manifest
 
-The output header records the source's SHA256, which is still being computed when writing
-starts: the header gets a placeholder of the same length, rewritten in place when the hash
-is known (then the output's own hash starts, reading back what was written).
+Three things run at once: the math and the writes, the source's SHA256, and the output's
+SHA256, which follows the writes (the writer's thread reads back, from the page cache, what was
+just written). Neither hash waits for the other: the source's SHA256 goes to the manifest, and
+the output's header names the source without its hash. A sharded output is written by several
+processes at once (``jobs``), a shard each, and its source files hashed alongside.
 Per-channel and per-block scales need no calibration pass: a chunk holds whole rows (whole
 128-row tile rows), so its scales are computed right before it is quantized.
 
@@ -29,12 +31,13 @@ from .formats import Role, get_format
 from .sources import open_source
 from .destinations import check_destination, check_not_source_files, check_report_path, output_paths, source_reads
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
-from .manifest import file_entry, manifest_path, write_manifest
+from .manifest import file_entry, manifest_path, read_manifest, write_manifest
 from .plan import ConvertOptions, Plan, PlannedTensor, make_plan
 from .policy import Action
 from .progress import NULL, Progress
 from .reader import SafetensorsFile, chunk_rows
 from .shards import INDEX_NAME, index_document, shard_names, split_emits
+from .workers import default_jobs, run_pieces
 from .writer import SafetensorsWriter, TempFolder, remove_stale_temps
 
 # Source bytes per chunk: small enough that the float32 work buffer stays in cache, large
@@ -64,6 +67,8 @@ class ConvertResult:
     output_sha256: str
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    jobs: int = 1                        # processes that wrote the output
+    workers_peak_rss_bytes: int = 0      # the sum of the worker processes' peaks (jobs > 1)
 
     @property
     def gb_per_s(self) -> float:
@@ -74,13 +79,15 @@ class ConvertResult:
 
 
 def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, overwrite: bool = False,
-            progress: Progress = NULL, reports: dict[str, str] | None = None) -> ConvertResult:
+            progress: Progress = NULL, reports: dict[str, str] | None = None, jobs: int | None = None) -> ConvertResult:
     """Convert the checkpoint ``src`` (any layout ``open_source`` reads) into ``dst``.
 
     ``dst`` is a file, or a folder for folder formats (compressed-tensors) and sharded outputs
     (``options.max_shard_bytes``). Nothing appears under ``dst`` until the output is complete,
     hashed and its manifest written. ``reports`` (option -> path, e.g. ``{"--json": "r.json"}``):
     files the caller writes afterwards, checked with the output's rules before any work.
+    ``jobs``: processes converting the shards of a sharded output side by side (None: as many as
+    the cores and memory allow); the output is the same, byte for byte, whatever the number.
 
     >>> convert("model.safetensors", "model-fp8.safetensors")     # doctest: +SKIP
     """
@@ -92,7 +99,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     for path in stale:
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")
     with open_source(src, component=options.component, ema=options.ema, names=fmt.source_names) as source, \
-            BackgroundHash(source.files) as source_hash, torch_threads(1):
+            torch_threads(1):
         check_not_source_files(source, dst)
         for option, path in (reports or {}).items():
             check_report_path(path, option, reads=source_reads(source), writes=output_paths(dst), overwrite=overwrite)
@@ -100,75 +107,132 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         options = plan.options            # an FP8 source may have supplied granularity and FP8 dtype
         for w in plan.warnings:
             progress.warn(w)
-        scales = _calibrate(source, plan, progress)
-
-        # The header names the source's SHA256, still being hashed on the other core: a
-        # placeholder of the same length (64 hex digits) now, rewritten once it is known.
+        # The source's SHA256 goes to the manifest, not into the header: a header naming it
+        # could not be hashed before the source's hash ends, and the output's own SHA256 would
+        # then be a second pass after it (see benchmarks/README.md). The header names the source.
         metadata = {**{k: v for k, v in source.metadata.items()
                        if not k.startswith("quantkit.") and k not in DROPPED_METADATA},
-                    **fmt.metadata(plan, {"quantkit.source": _display_name(src),
-                                          SOURCE_SHA_KEY: "0" * 64})}
-        pending = lambda: {SOURCE_SHA_KEY: source_hash.result()}  # noqa: E731
-        files: dict[str, dict] = {}
-
-        def manifest_of(output: str) -> str:
-            return write_manifest(output, files=files, source=_source_entry(src, source, source_hash, options),
-                                  conversion=plan_summary(plan))
-
-        progress.stage("quantize", plan.bytes_in)
+                    **fmt.metadata(plan, {"quantkit.source": _display_name(src)})}
+        groups = _shards(plan, options) if as_folder else [plan.outputs]
+        jobs = min(jobs or default_jobs(), len(groups) + len(source.files))
+        run = _Run(source, plan, fmt, metadata, progress)
         if not as_folder:
-            def publish(digest: str, nbytes: int) -> None:      # the manifest lands before the output
-                files[os.path.basename(dst)] = {"sha256": digest, "bytes": nbytes}
-                manifest_of(dst)
-            output_sha = _write(source, plan, plan.outputs, scales, dst, metadata, overwrite, progress,
-                                pending=pending, before_publish=publish)
-            manifest = manifest_path(dst)
+            output_sha, files, source_digests = run.one_file(dst, overwrite, lambda out: _manifest(src, out, run, options))
         else:
             with TempFolder(dst) as folder:
                 try:
-                    output_sha = _write_folder(source, plan, fmt, scales, folder.path, metadata, progress, pending,
-                                               files)
-                    manifest_of(folder.path)
+                    output_sha, files, source_digests = run.folder(folder.path, groups, jobs)
+                    _manifest(src, folder.path, run, options)
                 except QuantkitError as exc:     # name the output's file, not its temporary folder
                     if exc.path and exc.path.startswith(folder.path + os.sep):
                         exc.path = os.path.join(dst, exc.path[len(folder.path) + 1:])
                     raise
                 folder.commit()
-            manifest = manifest_path(dst)
-        source_sha = source_hash.result()
+        manifest = manifest_path(dst)
     progress.close()
     summary = plan.summary()
     return ConvertResult(
         source=src, destination=dst, manifest=manifest, format=summary["format"], recipe=summary["recipe"],
         granularity=summary["granularity"], fp8=summary["fp8"], counts=summary["counts"], bytes_in=plan.bytes_in,
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
-        source_sha256=source_sha, output_sha256=output_sha, warnings=plan.warnings, notes=plan.notes)
+        source_sha256=combined_digest(source_digests), output_sha256=output_sha, warnings=plan.warnings,
+        notes=plan.notes, jobs=run.jobs, workers_peak_rss_bytes=run.workers_peak_rss)
 
 
-def _write_folder(source, plan: Plan, fmt, scales: dict, folder: str, metadata: dict, progress, pending,
-                  files: dict) -> str:
-    """The weights of a folder output, in shards with an index when ``max_shard_bytes`` asks for
-    them, then the format's other files; fills ``files`` and returns the weights' SHA256
-    (several shards: ``combined_digest`` of theirs)."""
-    limit = plan.options.max_shard_bytes
-    groups = split_emits(plan.outputs, limit) if limit is not None else [plan.outputs]
-    names = shard_names(len(groups)) if len(groups) > 1 else [fmt.weights_name]
-    digests = {}
-    for name, group in zip(names, groups):
-        path = os.path.join(folder, name)
-        digests[name] = _write(source, plan, group, scales, path, metadata, False, progress, pending=pending)
-        files[name] = file_entry(path, digests[name])
-    extra = []
-    if len(groups) > 1:
-        doc = index_document(dict(zip(names, groups)))
-        with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
-        extra.append(INDEX_NAME)
-    extra.extend(fmt.finalize(folder, plan, source))
-    for name in extra:
-        path = os.path.join(folder, name)
-        files[name] = file_entry(path, sha256_file(path))
-    return combined_digest(digests)
+def _shards(plan: Plan, options: ConvertOptions) -> list[list]:
+    """The output's tensors cut into its files: shards when ``max_shard_bytes`` asks for them."""
+    limit = options.max_shard_bytes
+    return split_emits(plan.outputs, limit) if limit is not None else [plan.outputs]
+
+
+def _manifest(src: str, output: str, run: "_Run", options: ConvertOptions) -> str:
+    return write_manifest(output, files=run.files, source=_source_entry(src, run.source, run.source_digests, options),
+                          conversion=plan_summary(run.plan))
+
+
+class _Run:
+    """One conversion's writing: a file, or a folder's shards in this process or in ``jobs``
+    worker processes. Fills ``files`` (name -> sha256, bytes) and ``source_digests`` (source
+    file -> its SHA256), both hashed while the output is written."""
+
+    def __init__(self, source, plan: Plan, fmt, metadata: dict, progress: Progress):
+        self.source, self.plan, self.fmt, self.metadata, self.progress = source, plan, fmt, metadata, progress
+        self.files: dict[str, dict] = {}
+        self.source_digests: dict[str, str] = {}
+        self.jobs, self.workers_peak_rss = 1, 0
+
+    def one_file(self, dst: str, overwrite: bool, manifest) -> tuple[str, dict, dict]:
+        with BackgroundHash(self.source.files) as source_hash:
+            scales = _calibrate(self.source, self.plan, self.progress)
+            self.progress.stage("quantize", self.plan.bytes_in)
+
+            def publish(digest: str, nbytes: int) -> None:      # the manifest lands before the output
+                self.files[os.path.basename(dst)] = {"sha256": digest, "bytes": nbytes}
+                source_hash.result()
+                self.source_digests = source_hash.digests
+                manifest(dst)
+            digest = _write(self.source, self.plan, self.plan.outputs, scales, dst, self.metadata, overwrite,
+                            self.progress, before_publish=publish)
+        return digest, self.files, self.source_digests
+
+    def folder(self, folder: str, groups: list[list], jobs: int) -> tuple[str, dict, dict]:
+        """The weights in ``folder`` (shards and their index when there are several), then the
+        format's other files; returns the weights' SHA256 (several shards: ``combined_digest``)."""
+        names = shard_names(len(groups)) if len(groups) > 1 else [self.fmt.weights_name]
+        if jobs > 1 and len(groups) > 1 and hasattr(os, "fork"):
+            digests = self._in_workers(folder, names, groups, jobs)
+        else:
+            with BackgroundHash(self.source.files) as source_hash:
+                scales = _calibrate(self.source, self.plan, self.progress)
+                self.progress.stage("quantize", self.plan.bytes_in)
+                digests = {name: _write(self.source, self.plan, group, scales, os.path.join(folder, name),
+                                        self.metadata, False, self.progress) for name, group in zip(names, groups)}
+                source_hash.result()
+                self.source_digests = source_hash.digests
+        for name in names:
+            self.files[name] = file_entry(os.path.join(folder, name), digests[name])
+        extra = []
+        if len(groups) > 1:
+            doc = index_document(dict(zip(names, groups)))
+            with open(os.path.join(folder, INDEX_NAME), "w", encoding="utf-8") as f:
+                f.write(json.dumps(doc, indent=2) + "\n")
+            extra.append(INDEX_NAME)
+        extra.extend(self.fmt.finalize(folder, self.plan, self.source))
+        for name in extra:
+            path = os.path.join(folder, name)
+            self.files[name] = file_entry(path, sha256_file(path))
+        return combined_digest(digests), self.files, self.source_digests
+
+    def _in_workers(self, folder: str, names: list[str], groups: list[list], jobs: int) -> dict[str, str]:
+        """Each shard written, and each source file hashed, by one of ``jobs`` forked processes,
+        the longest pieces first. A shard's tensors are calibrated by the worker writing it: the
+        scales are the same as in one process (each depends on its tensor alone)."""
+        def work(piece):
+            kind, key = piece
+            if kind == "hash":
+                return sha256_file(key)
+            group = groups[key]
+            scales = _calibrate(self.source, self.plan, NULL, group)
+            return _write(self.source, self.plan, group, scales, os.path.join(folder, names[key]), self.metadata,
+                          False, NULL)
+
+        by_name = {t.name: t for t in self.plan.tensors}
+        size = {("hash", f): os.path.getsize(f) for f in self.source.files}
+        for i, group in enumerate(groups):
+            # A shard's reads, math, writes and output hash: ~2.5x the CPU of hashing as many source
+            # bytes (1.5 vs 0.6 CPU-s per GB measured): the order puts the longest pieces first.
+            size[("shard", i)] = int(2.5 * sum(by_name[e.source].info.nbytes for e in group
+                                               if e.role is Role.DATA and e.source in by_name))
+        pieces = sorted(size, key=size.get, reverse=True)
+        self.progress.stage("quantize", sum(size.values()))
+
+        def done(i, _):
+            self.progress.advance(size[pieces[i]])
+        results, self.workers_peak_rss = run_pieces(work, pieces, jobs, done)
+        self.jobs = jobs
+        out = dict(zip(pieces, results))
+        self.source_digests = {f: out[("hash", f)] for f in self.source.files}
+        return {name: out[("shard", i)] for i, name in enumerate(names)}
 
 
 def _display_name(src: str) -> str:
@@ -177,33 +241,48 @@ def _display_name(src: str) -> str:
     return os.path.basename(os.path.abspath(src))
 
 
-def _source_entry(src: str, source, source_hash: BackgroundHash, options: ConvertOptions) -> dict:
+def _source_entry(src: str, source, digests: dict[str, str], options: ConvertOptions) -> dict:
     """The manifest's record of the source: its name, combined SHA256, size, layout and the
     choices that select its tensors (component, EMA), and every file with its own SHA256."""
-    digest = source_hash.result()
     base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-    made_from = ({"name": source.metadata.get("quantkit.source"), "sha256": source.metadata[SOURCE_SHA_KEY]}
-                 if source.metadata.get(SOURCE_SHA_KEY) else None)     # the source is itself a quantkit output
-    return {"name": _display_name(src), "sha256": digest, "bytes": source.file_size, "layout": source.layout,
-            "component": options.component, "ema": options.ema, "names": source.renamed, "made_from": made_from,
-            "files": [{"name": os.path.relpath(f, base).replace(os.sep, "/"), "sha256": source_hash.digests[f],
+    return {"name": _display_name(src), "sha256": combined_digest(digests), "bytes": source.file_size,
+            "layout": source.layout, "component": options.component, "ema": options.ema, "names": source.renamed,
+            "made_from": _made_from(src, source),
+            "files": [{"name": os.path.relpath(f, base).replace(os.sep, "/"), "sha256": digests[f],
                        "bytes": os.path.getsize(f)} for f in source.files]}
 
 
-def _calibrate(source: SafetensorsFile, plan: Plan, progress: Progress) -> dict:
-    """Scales of the quantized tensors that need them before their data is written: from
-    weight absmax, or carried over from an FP8 source, then rounded to the dtype the format
+def _made_from(src: str, source) -> dict | None:
+    """What an FP8 source that quantkit wrote was made from: its manifest's source record (an
+    output of quantkit before 0.2 also named it in its header)."""
+    if source.metadata.get(SOURCE_SHA_KEY):
+        return {"name": source.metadata.get("quantkit.source"), "sha256": source.metadata[SOURCE_SHA_KEY]}
+    if "quantkit.source" not in source.metadata:
+        return None
+    try:
+        recorded = read_manifest(src).get("source")
+    except QuantkitError:          # no manifest beside it, or not one that parses: nothing to chain to
+        return None
+    if isinstance(recorded, dict) and isinstance(recorded.get("sha256"), str):
+        return {"name": recorded.get("name"), "sha256": recorded["sha256"]}
+    return None
+
+
+def _calibrate(source: SafetensorsFile, plan: Plan, progress: Progress, emits: list | None = None) -> dict:
+    """Scales of the quantized tensors (of ``emits``, one shard's; else all) that need them before
+    their data is written: from weight absmax, or carried over from an FP8 source, then rounded to the dtype the format
     stores them in (quantization uses the stored value, so W = q * scale holds exactly for
     what is on disk). The others get theirs chunk by chunk while they are quantized."""
     options = plan.options
-    first = _scaled_first(plan)
+    wanted = {t.name for t in plan.quantized()} if emits is None else {e.source for e in emits}
+    first = _scaled_first(plan) & wanted
     fresh = [t.info for t in plan.quantized() if t.prequantized is None and t.name in first]
     progress.stage("calibrate", sum(i.nbytes for i in fresh))
     stats = collect_weight_stats(source, fresh, options.granularity, options.allow_nonfinite,
                                  progress=progress.advance)
     scales = {name: fp8math.scale_from_absmax(s.absmax, options.fp8) for name, s in stats.items()}
     for t in plan.quantized():
-        if t.prequantized is not None:
+        if t.prequantized is not None and t.name in wanted:
             scales[t.name] = source.read_tensor(source.tensors[t.prequantized.scale_key]).float()
     stored_as = _scale_dtypes(plan)
     return {name: _stored(scale, stored_as[name], source.path, name) if name in stored_as else scale
@@ -241,19 +320,18 @@ def _stored(scale: torch.Tensor, dtype, path: str, name: str) -> torch.Tensor:
 
 
 def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: dict, overwrite: bool, progress,
-           pending=None, before_publish=None) -> str:
+           before_publish=None) -> str:
     """Stream the output tensors ``emits`` (all of ``plan.outputs``, or one shard's) into the
     safetensors file ``path``; returns its SHA256.
 
     Tensors without an entry in ``scales`` get theirs while they are quantized (added to ``scales``).
-    ``pending``: header metadata still being computed; ``before_publish(sha256, bytes)`` runs
+    ``before_publish(sha256, bytes)`` runs
     before the rename (see ``SafetensorsWriter``).
     """
     by_name = {t.name: t for t in plan.tensors}
     stored_as = _scale_dtypes(plan)
     buffers = _Buffers(plan)
-    with SafetensorsWriter(path, [e.spec for e in emits], metadata, overwrite=overwrite,
-                           pending=pending) as writer:
+    with SafetensorsWriter(path, [e.spec for e in emits], metadata, overwrite=overwrite) as writer:
         for emit in emits:
             if emit.role is Role.CONSTANT:
                 writer.write(emit.payload)

@@ -27,6 +27,7 @@ from typing import Callable
 
 from .dtypes import DType
 from .errors import OutputError
+from .hashing import update_from_file
 
 TEMP_MARK = ".quantkit-partial"
 _ALIGN = 8  # safetensors pads the header with spaces so the data section starts 8-aligned
@@ -145,24 +146,21 @@ class _FollowingHash:
 
     def _hash_following(self, header: bytes) -> str | None:
         sha = hashlib.sha256(header)
-        buf = bytearray(self.READ_BYTES)
-        view = memoryview(buf)
         pos = len(header)
         fd = os.open(self._path, os.O_RDONLY)
         try:
             while True:
                 with self._cond:
-                    while self._written <= pos and not self._closed and not self._stopped:
+                    # a few MiB at a time: fewer maps and wake-ups than one per piece written
+                    while self._written - pos < self.READ_BYTES and not self._closed and not self._stopped:
                         self._cond.wait()
                     if self._stopped:
                         return None
                     end, last = self._written, self._closed
-                while pos < end:
-                    n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
-                    if n <= 0:
-                        raise OSError(errno.EIO, f"read back {pos} of {end} bytes", self._path)
-                    sha.update(view[:n])
-                    pos += n
+                # The pages just written, mapped from the page cache (no copy); the writer only
+                # appends to this file, so every byte below ``end`` exists.
+                update_from_file(sha, fd, pos, end)
+                pos = end
                 if last:
                     return sha.hexdigest()
         finally:

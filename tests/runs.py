@@ -16,7 +16,8 @@ from quantkit.writer import TEMP_MARK
 
 # Output kinds: name under the destination folder, extra convert options.
 OUTPUTS = {"file": ("out.safetensors", []),
-           "shards": ("out-sharded", ["--max-shard-size", "8MB"]),
+           "shards": ("out-sharded", ["--max-shard-size", "8MB", "--jobs", "1"]),
+           "shards-jobs": ("out-sharded", ["--max-shard-size", "8MB", "--jobs", "2"]),   # worker processes
            "compressed-tensors": ("out-ct", ["--format", "compressed-tensors"])}
 
 

@@ -116,4 +116,15 @@ def test_memory_bar_and_targets():
     too_big = {"sizes": [size(3, 600e6, 2), size(6, 610e6, 4)], "startup": {}}
     assert not bench.memory_bar(too_big)[0][2]
     rows = {t: met for t, _, met in bench.check_targets(ok)}
-    assert rows["convert per-tensor >= 1.5 GB/s"] is True
+    assert rows["convert per-tensor >= 0.9 GB/s whole-process at >= 6 GB"] is True
+    # issue 14's rows: in-process time over hashlib's, and --jobs 2 against --jobs 1
+    ok["sizes"][1].update(sha_ratio_median=1.4, jobs_identical=[True])
+    ok["sizes"][1]["cases"].update(jobs1={"wall_median_s": 8.0}, jobs2={"wall_median_s": 6.0, "peak_rss_max_bytes": 900e6})
+    rows = {t: met for t, _, met in bench.check_targets(ok)}
+    assert rows["convert per-tensor in-process <= 1.5x hashlib.sha256 of the source (median of pairs)"] is True
+    assert rows["--jobs 2 faster than --jobs 1, same bytes"] is True
+    assert rows["--jobs 2 peak RSS (parent + workers) <= 0.5 GB per job"] is True
+    ok["sizes"][1].update(sha_ratio_median=1.6, jobs_identical=[False])
+    rows = {t: met for t, _, met in bench.check_targets(ok)}
+    assert rows["convert per-tensor in-process <= 1.5x hashlib.sha256 of the source (median of pairs)"] is False
+    assert rows["--jobs 2 faster than --jobs 1, same bytes"] is False

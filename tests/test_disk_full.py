@@ -53,7 +53,7 @@ def test_file_size_limit_mid_write(source, tmp_path, output):
     folder.mkdir()
     before = sha256(source)
     result = convert(source, folder / name, extra, preexec_fn=_limit_file_size)
-    if output == "shards":          # 8 MB shards each fit under the limit: the conversion succeeds
+    if output.startswith("shards"):     # 8 MB shards each fit under the limit: the conversion succeeds
         assert result.returncode == 0, result.stderr
         return
     assert_clean_failure(result, folder, folder / name, source, before, "File too large")

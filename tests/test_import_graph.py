@@ -14,7 +14,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAGES = [
-    ("core", ["quantkit._version", "quantkit.errors", "quantkit.dtypes", "quantkit.progress", "quantkit.hashing"]),
+    ("core", ["quantkit._version", "quantkit.errors", "quantkit.dtypes", "quantkit.progress", "quantkit.hashing",
+              "quantkit.workers"]),
     ("math", ["quantkit.fp8", "quantkit.metrics"]),
     ("testing kit (independent of the math it checks)", ["quantkit.testing", "quantkit.testing.reference",
                                                           "quantkit.testing.conventions", "quantkit.testing.rules",

@@ -1,0 +1,113 @@
+"""Worker processes: the independent pieces of one job (a conversion's output shards, its
+source files' SHA256) run on every core.
+
+The workers are forked, not spawned: they start at once, without importing torch again, and
+inherit what the parent opened (the source) and computed (the plan). The parent forks them
+before it starts any thread of its own. A worker ignores Ctrl-C and dies with its parent
+(``PR_SET_PDEATHSIG`` on Linux, and a check of its parent's pid): a parent killed even by
+SIGKILL leaves no worker writing behind it. When a piece fails, or the parent is interrupted,
+every worker is killed before the error goes on, so the caller's clean-up (removing the
+temporary folder the workers wrote into) runs after the last write.
+
+    >>> results, peak = run_pieces(lambda n: n * n, [1, 2, 3], jobs=2)     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from typing import Callable
+
+JOB_BYTES = 512 << 20      # what one conversion job may take (measured ~270 MB: torch ~230 MB + buffers)
+
+_work: Callable | None = None
+
+
+def default_jobs() -> int:
+    """As many jobs as the cores this process may use, and as fit in the memory available now."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    available = _available_memory()
+    by_memory = available // JOB_BYTES if available else cores
+    return max(1, min(cores, by_memory))
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_pieces(work: Callable, pieces: list, jobs: int, done: Callable | None = None) -> tuple[list, int]:
+    """``[work(p) for p in pieces]``, in ``jobs`` forked processes; pieces start in list order
+    (put the longest first). ``done(index, result)`` runs in the parent as each piece ends.
+
+    Returns the results in the order of ``pieces`` and the sum of the workers' peak RSS.
+    ``work``'s exceptions are re-raised in the parent (the first to happen), after every worker
+    was killed. Only where ``os.fork`` exists (Linux, macOS)."""
+    global _work
+    import multiprocessing
+    _work = work                    # the workers inherit it through fork: never pickled
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker, initargs=(os.getpid(),))
+    results, peaks = [None] * len(pieces), {}
+    try:
+        futures = {pool.submit(_run_piece, p): i for i, p in enumerate(pieces)}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in finished:
+                value, pid, peak = f.result()          # raises the worker's exception
+                i = futures[f]
+                results[i] = value
+                peaks[pid] = max(peak, peaks.get(pid, 0))
+                if done is not None:
+                    done(i, value)
+    except BaseException:
+        _kill(pool)
+        raise
+    finally:
+        _work = None
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results, sum(peaks.values())
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """SIGKILL every worker and reap it: nothing of theirs runs after this returns."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())   # the executor's own table
+    for p in processes:
+        try:
+            p.kill()
+        except (OSError, ValueError):
+            pass
+    for p in processes:
+        try:
+            p.join()
+        except (OSError, ValueError, AssertionError):
+            pass
+
+
+def _start_worker(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the whole group: the parent handles it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)     # the parent's handler unwinds; a worker just ends
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)             # PR_SET_PDEATHSIG: die with the parent
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:                        # the parent died before the line above
+        os._exit(1)
+
+
+def _run_piece(piece):
+    import resource
+    value = _work(piece)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return value, os.getpid(), peak

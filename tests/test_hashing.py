@@ -1,0 +1,29 @@
+"""SHA256 through memory maps (quantkit's hashing of sources, outputs and validated files).
+
+What it proves: the mapped hash equals hashlib's over any byte range (windows that do not start
+on a page, empty ranges, a file that is not a multiple of anything), and ``sha256_file`` equals
+hashlib's over the whole file.
+"""
+import hashlib
+import os
+import random
+
+import pytest
+
+from quantkit.hashing import sha256_file, update_from_file
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 3 * 4096 + 17, (1 << 20) + 5])
+def test_mapped_hash_is_hashlibs(tmp_path, size):
+    path = tmp_path / "f.bin"
+    data = random.Random(size).randbytes(size)
+    path.write_bytes(data)
+    assert sha256_file(str(path), chunk=8192) == hashlib.sha256(data).hexdigest()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, end in [(0, size), (size // 3, size), (min(size, 4097), size), (size, size)]:
+            sha = hashlib.sha256()
+            update_from_file(sha, fd, start, end, window=4096 * 3)
+            assert sha.hexdigest() == hashlib.sha256(data[start:end]).hexdigest(), (start, end)
+    finally:
+        os.close(fd)
