@@ -18,12 +18,6 @@ MINILM = gt.get_model_path()
 
 
 
-@pytest.fixture(scope="module")
-def minilm_fp8(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mo") / "minilm-fp8.safetensors"
-    assert run("convert", f"{MINILM}/model.safetensors", out, "-q").exit_code == 0
-    return out
-
 
 def test_minilm_output_measured_and_bar_enforced(minilm_fp8, tmp_path):
     report = tmp_path / "r.json"

@@ -20,12 +20,6 @@ def png_size(path) -> tuple[int, int]:
     return image.shape[1], image.shape[0]
 
 
-@pytest.fixture(scope="module")
-def minilm_fp8(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rep") / "minilm-fp8.safetensors"
-    assert run("convert", f"{MODEL_DIR}/model.safetensors", out, "-q").exit_code == 0
-    return out
-
 
 def test_validate_report(minilm_fp8, tmp_path):
     folder = tmp_path / "report"
