@@ -12,6 +12,9 @@ def _modules():
     names = ["quantkit"]
     for info in pkgutil.walk_packages(quantkit.__path__, prefix="quantkit."):
         names.append(info.name)
+    import quantkit.calibration as calibration      # installed from the top-level calibration/ folder
+    names += [calibration.__name__] + [info.name for info in pkgutil.iter_modules(calibration.__path__,
+                                                                                   prefix="quantkit.calibration.")]
     return sorted(set(names))
 
 
