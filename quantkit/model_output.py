@@ -30,7 +30,7 @@ import os
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import QuantkitError, UnsupportedInputError, ValidationFailed
 from .metrics import ErrorStats
@@ -49,7 +49,6 @@ class Model:
     inputs: dict
     words: str                  # the inputs, described
     output: Callable            # the model's return value -> the tensor compared
-    peak: list = field(default_factory=lambda: [0])   # the last run's peak of weights in memory (bytes)
 
 
 def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: str = "fp32") -> dict:
@@ -70,14 +69,14 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
     # the source is read under its own names.
     original = source.original if isinstance(source, RenamedView) else source
     model = build_model(original, seed)
-    y_ref, peaks = _run(model, original, source.path, dtype), {}
-    peaks["source"] = model.peak[0]
+    peaks = {}
+    y_ref, peaks["source"] = _run(model, original, source.path, dtype)
     try:
         if model.transformers and _client_format(output) == "compressed-tensors":
             loader, y_q = "transformers (compressed-tensors)", _run_in_transformers(model, output, dtype)
         else:
-            loader, y_q = "quantkit.runtime (streamed, W = q * scale)", _run(model, output, output, dtype)
-            peaks["output"] = model.peak[0]
+            loader = "quantkit.runtime (streamed, W = q * scale)"
+            y_q, peaks["output"] = _run(model, output, output, dtype)
     except QuantkitError as exc:     # the source ran: the output is what is broken
         raise ValidationFailed(f"the output does not run: {exc.message}", path=output,
                                hint="re-run quantkit convert") from None
@@ -246,7 +245,8 @@ def _token_inputs(model, seed: int) -> dict:
 
 def _run(model: Model, weights, path: str, dtype):
     """``model`` built afresh, loaded from ``weights`` (an opened checkpoint or an output's path) by
-    the runtime in streamed mode, run on its inputs, and dropped: only the output is kept."""
+    the runtime in streamed mode, run on its inputs, and dropped: (its output, the peak bytes of
+    weights it held)."""
     import gc
 
     import torch
@@ -270,11 +270,10 @@ def _run(model: Model, weights, path: str, dtype):
                 raise UnsupportedInputError(f"{model.architecture} does not run on the inputs made from its config "
                                             f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=path,
                                             hint="validate it per tensor (without --model-output)") from exc
-        return model.output(out).detach().float().clone()
+        return model.output(out).detach().float().clone(), module.quantkit_runtime.peak_bytes
     finally:
         info = getattr(module, "quantkit_runtime", None)
         if info is not None:
-            model.peak[0] = info.peak_bytes
             info.close()
         del module
         gc.collect()
