@@ -41,6 +41,7 @@ class StoredTensor:
     scale_key: str | None = None          # None: stored in high precision (or passed through)
     granularity: Granularity | None = None
     fp8: FP8Format | None = None
+    input_scale_key: str | None = None    # a static activation scale (F32, one value) beside it, if any
 
 
 @dataclass(frozen=True)
