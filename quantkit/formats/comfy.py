@@ -239,9 +239,11 @@ def read_layer(file, layer: str, conf: dict) -> ComfyStoredTensor:
         # ComfyUI would convert the weight's values to the marked dtype: garbage, not a reinterpretation.
         raise FormatError(f"weight is {weight.dtype.code} but its marker says {fmt.name}", path=file.path,
                                tensor=weight.name)
+    scale_in = file.tensors.get(layer + INPUT_SCALE)
     return ComfyStoredTensor(weight.name, weight.name, scale_key(file, scale), Granularity.TENSOR, fmt,
-                             input_scale(file, file.tensors.get(layer + INPUT_SCALE)),
-                             bool(conf.get("full_precision_matrix_mult", False)))
+                             input_scale_key=scale_in.name if scale_in is not None else None,
+                             input_scale=input_scale(file, scale_in),
+                             full_precision_matrix_mult=bool(conf.get("full_precision_matrix_mult", False)))
 
 
 def scale_key(file, info) -> str:

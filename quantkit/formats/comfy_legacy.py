@@ -132,7 +132,8 @@ class ComfyLegacyFormat(ComfyUIFile):
             # A 2-element marker turns ComfyUI's FP8 matmul off for the whole file.
             full_precision = marker is not None and markers[marker].numel == 2
             out[weight.name] = ComfyStoredTensor(weight.name, weight.name, scale_key(file, info), Granularity.TENSOR,
-                                                 fp8, scale_in, full_precision)
+                                                 fp8, input_scale_key=None if scale_in is None else layer + SCALE_INPUT,
+                                                 input_scale=scale_in, full_precision_matrix_mult=full_precision)
             layer_keys.update({key, layer + SCALE_INPUT})
         for key in file.tensors:
             if key not in out and key not in layer_keys:
