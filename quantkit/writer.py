@@ -101,24 +101,20 @@ class _FollowingHash:
     """SHA256 of the file being written, on a second thread: hashlib releases the GIL, so the
     hash overlaps the math.
 
-    It hashes the final header, then reads back (from the page cache) every byte the writer
-    has written so far, until the writer is done. Reading back rather than being handed the
-    pieces lets the header wait: when ``final_header`` is a callable (the header records
-    something still being computed, like the source's SHA256) the thread calls it, writes the
-    result over the placeholder header at offset 0, and only then starts hashing.
+    It hashes the header, then reads back (from the page cache) every byte the writer has
+    written so far, until the writer is done: the writer hands a piece to the kernel and goes
+    on, never waiting for the hash.
     """
 
     READ_BYTES = 4 << 20
 
-    def __init__(self, file, path: str, final_header):
-        self._file = file
+    def __init__(self, path: str, header: bytes):
         self._path = path
-        self._final_header = final_header
+        self._header = header
         self._cond = threading.Condition()
         self._written = 0            # bytes the writer has handed to the kernel
         self._closed = False         # the writer wrote its last byte
         self._stopped = False        # abandoned: stop, never touch the file again
-        self._header_ready = threading.Event()
         self._digest: str | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="quantkit-sha256", daemon=True)
@@ -131,18 +127,9 @@ class _FollowingHash:
 
     def _run(self) -> None:
         try:
-            header = self._final_header() if callable(self._final_header) else self._final_header
-            with self._cond:
-                if self._stopped:
-                    return
-                if callable(self._final_header):    # under the lock: abandon() closes the file after it
-                    _pwrite_all(self._file.fileno(), header, 0)
-            self._header_ready.set()
-            self._digest = self._hash_following(header)
+            self._digest = self._hash_following(self._header)
         except BaseException as exc:  # noqa: BLE001 - handed to the writer in result()
             self._error = exc
-        finally:
-            self._header_ready.set()
 
     def _hash_following(self, header: bytes) -> str | None:
         sha = hashlib.sha256(header)
@@ -166,10 +153,6 @@ class _FollowingHash:
         finally:
             os.close(fd)
 
-    def wait_header(self) -> None:
-        """Block until the final header is in the file (or the thread failed)."""
-        self._header_ready.wait()
-
     def result(self, written: int) -> str:
         """The file's SHA256 once its last byte (``written`` in all) is written."""
         with self._cond:
@@ -186,13 +169,6 @@ class _FollowingHash:
             self._cond.notify()
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 class SafetensorsWriter:
     """Streams one safetensors file. Use as a context manager; call ``finish`` to publish.
 
@@ -202,30 +178,19 @@ class SafetensorsWriter:
     """
 
     def __init__(self, final_path: str, tensors: list[OutputTensor], metadata: dict[str, str],
-                 overwrite: bool = False, *, pending: Callable[[], dict[str, str]] | None = None):
-        """``pending``: metadata not known yet (it may block until it is, on the hash thread);
-        ``metadata`` then holds a placeholder of the same length for each of its keys, and the
-        header is rewritten in place once it is known. The data streams meanwhile."""
+                 overwrite: bool = False):
         self.final_path = os.path.abspath(final_path)
         self.tensors = list(tensors)
         if os.path.exists(self.final_path) and not overwrite:
             raise OutputError("destination exists", path=final_path, hint="pass --overwrite to replace it")
         self.temp_path = temp_path_for(self.final_path)
         self._header = encode_header(self.tensors, metadata)
-        self._final_header = self._header if pending is None else lambda: self._patched_header(metadata, pending())
         self._index = 0                      # tensor being written
         self._left = self.tensors[0].nbytes if self.tensors else 0
         self._file = None
         self._hasher = None
         self.sha256: str | None = None
         self.bytes_written = 0
-
-    def _patched_header(self, metadata: dict[str, str], late: dict[str, str]) -> bytes:
-        header = encode_header(self.tensors, {**metadata, **late})
-        if len(header) != len(self._header):
-            raise ValueError(f"pending metadata {sorted(late)} changed the header's length: "
-                             "its placeholders must have the final values' length")
-        return header
 
     def __enter__(self) -> "SafetensorsWriter":
         # __exit__ does not run when __enter__ raises, and a Ctrl-C / SIGTERM can land anywhere in
@@ -238,7 +203,7 @@ class SafetensorsWriter:
                 raise OutputError(f"cannot create a temporary file in the destination folder: {exc.strerror}",
                                   path=self.temp_path, hint="check that the folder exists and is writable") from None
             self._raw_write(self._header)
-            self._hasher = _FollowingHash(self._file, self.temp_path, self._final_header)
+            self._hasher = _FollowingHash(self.temp_path, self._header)
             self._hasher.advance(self.bytes_written)
             self._skip_empty()
         except BaseException:
@@ -294,7 +259,6 @@ class SafetensorsWriter:
         that must exist whenever the file does); if it raises, nothing is published."""
         if self.current is not None:
             raise ValueError(f"finish() before all tensors were written (at {self.current.key})")
-        self._hasher.wait_header()       # the final header is written before the fsync
         try:
             os.fsync(self._file.fileno())
         except OSError as exc:

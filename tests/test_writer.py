@@ -106,32 +106,3 @@ def test_stale_temps_are_removed_live_ones_kept(tmp_path):
     live.write_bytes(b"x")
     assert remove_stale_temps(final) == [str(dead)]
     assert live.exists() and not dead.exists()
-
-
-def test_pending_metadata_is_patched_into_the_header_and_hashed(tmp_path):
-    """A header value still being computed (the source's SHA256) streams as a same-length
-    placeholder; the file ends with the final value, and its SHA256 covers the final header."""
-    import threading
-    path = tmp_path / "o.safetensors"
-    known = threading.Event()
-    specs = [OutputTensor("a", dtypes.F32, (1 << 18,)), OutputTensor("b", dtypes.U8, (3,))]
-    with SafetensorsWriter(str(path), specs, {"k": "v", "late": "0" * 64},
-                           pending=lambda: known.wait() and {"late": "f" * 64}) as w:
-        w.write(bytes(1 << 20))             # written while the value is unknown
-        known.set()
-        w.write(b"xyz")
-        digest = w.finish()
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
-    with safe_open(str(path), "pt") as f:
-        assert f.metadata() == {"k": "v", "late": "f" * 64}
-
-
-@pytest.mark.parametrize("late", [lambda: {"late": "short"}, lambda: 1 / 0])
-def test_pending_metadata_that_fails_leaves_nothing(tmp_path, late):
-    path = tmp_path / "o.safetensors"
-    with pytest.raises((ValueError, ZeroDivisionError)):
-        with SafetensorsWriter(str(path), [OutputTensor("a", dtypes.F32, (2,))], {"late": "0" * 64},
-                               pending=late) as w:
-            w.write(bytes(8))
-            w.finish()
-    assert os.listdir(tmp_path) == []
