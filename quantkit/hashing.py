@@ -13,16 +13,26 @@ import mmap
 import os
 import threading
 
+from .errors import UnsupportedInputError
+
 READ_BYTES = 8 << 20
 WINDOW_BYTES = 16 << 20
 
 
 def update_from_file(sha, fd: int, start: int, end: int, window: int = WINDOW_BYTES) -> None:
-    """Feed bytes ``start..end`` of the open file ``fd`` to ``sha`` (they must exist)."""
+    """Feed bytes ``start..end`` of the open file ``fd`` to ``sha`` (they must exist).
+
+    A page of a mapping past the end of the file kills the process (SIGBUS), so the file's size
+    is checked before each window is mapped: a file cut short meanwhile raises
+    ``UnsupportedInputError`` instead. (The window between the check and the read remains, microseconds wide.)"""
     pos = start
     while pos < end:
         base = pos - pos % mmap.ALLOCATIONGRANULARITY
         n = min(window, end - base)
+        if os.fstat(fd).st_size < base + n:
+            raise UnsupportedInputError(f"the file shrank to {os.fstat(fd).st_size} bytes while it was read ({base + n}"
+                                        " expected): another program truncated or rewrote it",
+                                        hint="let that program finish, then run quantkit again")
         m = mmap.mmap(fd, n, offset=base, access=mmap.ACCESS_READ)
         try:
             with memoryview(m) as view:
@@ -42,6 +52,9 @@ def sha256_file(path: str, chunk: int = READ_BYTES, cancelled: threading.Event |
             if cancelled is not None and cancelled.is_set():
                 return None
             update_from_file(h, fd, pos, min(size, pos + chunk))
+    except UnsupportedInputError as exc:
+        exc.path = exc.path or path
+        raise
     finally:
         os.close(fd)
     return h.hexdigest()
