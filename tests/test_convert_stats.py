@@ -1,0 +1,317 @@
+"""convert --stats: weight scales from a stats file's ranges, static activation scales in every
+format that has a place for them, and stats of another checkpoint refused (naming both SHA256s).
+
+Stats files are made here directly (``Stats`` + ``save``), as ``quantkit calibrate`` will: weight
+ranges from the observers run over the real weights, activation ranges from forward hooks on a
+real forward of the model (tiny diffusers FLUX, all-MiniLM-L6-v2 over sentences) or fixed values.
+"""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")     # local folders only, never the network
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from quantkit.calibration.observers import AbsMax
+from quantkit.calibration.stats import Stats, fingerprint, save
+from quantkit.checkpoint import open_checkpoint
+from quantkit.comfy_names import comfyui_view
+from quantkit.fp8 import E4M3FN, E5M2, Granularity, scale_from_absmax
+from quantkit.hashing import combined_digest, sha256_file
+from quantkit.manifest import manifest_path, read_manifest
+from quantkit.readback import open_output
+from quantkit.formats import detect_format
+from runs import run
+from runs import sha256 as file_sha
+
+RULES = ("--preset", "generic", "--quantize", "*")
+
+
+# ----------------------------------------------------------------------------- stats, made as calibrate makes them
+
+def weight_ranges(src, granularity="tensor", clip=None) -> dict:
+    """AbsMax over every 2-D '.weight' of the checkpoint at ``src`` (under its own names); ``clip``:
+    name -> factor applied to that tensor's range (a clipping observer)."""
+    out = {}
+    with open_checkpoint(str(src)) as f:
+        for name, info in f.tensors.items():
+            if name.endswith(".weight") and len(info.shape) == 2:
+                obs = AbsMax(Granularity(granularity))
+                obs.update(f.read_tensor(info).float())
+                out[name] = obs.statistic() * (clip or {}).get(name, 1.0)
+    return out
+
+
+def make_stats(src, *, granularity="tensor", fp8="float8_e4m3fn", weights=None, activations=None, sha256=None,
+               path=None) -> Stats:
+    """Stats of the checkpoint at ``src`` (its fingerprint and SHA256, as convert computes them)."""
+    with open_checkpoint(str(src)) as f:
+        fp, files = fingerprint(f.tensors), list(f.files)
+    stats = Stats(source={"name": os.path.basename(str(src)), "fingerprint": fp,
+                          "sha256": sha256 or combined_digest({p: sha256_file(p) for p in files})},
+                  granularity=granularity, fp8=fp8, weight_observer="absmax",
+                  weights=weight_ranges(src, granularity) if weights is None else weights,
+                  activations=activations or {}, activation_observer="absmax" if activations else None,
+                  samples=4 if activations else 0, inputs="test inputs" if activations else None)
+    if path is not None:
+        save(stats, str(path), overwrite=True)
+        stats.path = str(path)
+    return stats
+
+
+def input_ranges(model, run_model) -> dict:
+    """Absmax of the input of every nn.Linear over ``run_model(model)``, keyed by its weight's name."""
+    observers, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            observers[name + ".weight"] = obs = AbsMax()
+            hooks.append(module.register_forward_pre_hook(lambda m, args, obs=obs: obs.update(args[0].float())))
+    try:
+        with torch.no_grad():
+            run_model(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: o.statistic() for k, o in observers.items() if o.value is not None}
+
+
+def linears(seed=0, rows=256, cols=128, n=3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"blocks.{i}.fc.weight": (torch.randn(rows, cols, generator=g) * 0.05).bfloat16() for i in range(n)}
+    sd.update({f"blocks.{i}.fc.bias": (torch.randn(rows, generator=g) * 0.01).bfloat16() for i in range(n)})
+    return sd
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("stats")
+
+
+@pytest.fixture(scope="module")
+def src(work):
+    path = work / "model.safetensors"
+    save_file(linears(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def other(work):
+    path = work / "other.safetensors"
+    save_file(linears(seed=1), str(path))
+    return path
+
+
+def fixed_inputs(src) -> dict:
+    return {name: torch.tensor(3.0 + i) for i, name in enumerate(sorted(weight_ranges(src)))}
+
+
+def tensors_of(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# ----------------------------------------------------------------------------- another checkpoint's stats
+
+def test_stats_of_another_checkpoint_are_refused_naming_both_hashes(src, other, work, tmp_path):
+    stats = make_stats(other, path=tmp_path / "other.stats.safetensors", activations=fixed_inputs(other))
+    before = file_sha(src)
+    dst = tmp_path / "out.safetensors"
+    result = run("convert", src, dst, *RULES, "--stats", stats.path, "-q")
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and stats.source_sha256 in error[0] and before in error[0], result.output
+    assert "--force-stats" in error[0]
+    assert not dst.exists() and not os.path.exists(manifest_path(str(dst)))
+    assert sorted(os.listdir(tmp_path)) == ["other.stats.safetensors"]       # nothing half-written either
+    assert file_sha(src) == before
+
+
+def test_force_stats_converts_with_a_warning(src, other, tmp_path):
+    stats = make_stats(other, path=tmp_path / "other.stats.safetensors", activations=fixed_inputs(other))
+    dst = tmp_path / "out.safetensors"
+    result = run("convert", src, dst, *RULES, "--stats", stats.path, "--force-stats", "-q")
+    assert result.exit_code == 0, result.output
+    assert "warning: --force-stats" in result.output and stats.source_sha256 in result.output
+    # The tensors have the same names and shapes here: the other checkpoint's ranges are used.
+    out = tensors_of(dst)
+    for name, rng in stats.weights.items():
+        assert torch.equal(out[name + "_scale"], scale_from_absmax(rng, E4M3FN)), name
+
+
+def test_same_header_but_other_bytes_is_refused_before_publishing(src, tmp_path):
+    """The header fingerprint matches (same names, dtypes, shapes), the SHA256 the stats name does not:
+    caught by the source's hash computed while converting, before the output is published."""
+    stats = make_stats(src, sha256="ab" * 32, path=tmp_path / "s.safetensors")
+    dst = tmp_path / "out.safetensors"
+    result = run("convert", src, dst, *RULES, "--stats", stats.path, "-q")
+    assert result.exit_code == 2 and "ab" * 32 in result.output and file_sha(src) in result.output, result.output
+    assert not dst.exists() and not os.path.exists(manifest_path(str(dst)))
+    assert sorted(os.listdir(tmp_path)) == ["s.safetensors"]
+    forced = run("convert", src, dst, *RULES, "--stats", stats.path, "--force-stats", "-q")
+    assert forced.exit_code == 0 and "warning: --force-stats" in forced.output, forced.output
+
+
+def test_forced_stats_still_refuse_nan_weights(src, work, tmp_path):
+    sd = linears()
+    sd["blocks.1.fc.weight"][3, 5] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(sd, str(bad))
+    stats = make_stats(src, path=tmp_path / "s.safetensors")
+    result = run("convert", bad, tmp_path / "out.safetensors", *RULES, "--stats", stats.path, "--force-stats", "-q")
+    assert result.exit_code == 2 and "NaN" in result.output and "blocks.1.fc.weight" in result.output, result.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- weight scales
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_weight_scales_are_the_ranges_over_the_fp8_maximum(src, tmp_path, granularity):
+    """Same checkpoint: each scale in the file is range / 448 exactly (float64 division, float32),
+    ranges 0.7 x absmax so that they differ from what absmax alone would give."""
+    ranges = {k: v * 0.7 for k, v in weight_ranges(src, granularity).items()}
+    stats = make_stats(src, granularity=granularity, weights=ranges, path=tmp_path / "s.safetensors")
+    dst = tmp_path / "out.safetensors"
+    result = run("convert", src, dst, *RULES, "--stats", stats.path, "-q")     # granularity: the stats'
+    assert result.exit_code == 0, result.output
+    out = tensors_of(dst)
+    for name, rng in ranges.items():
+        want = (rng.double() / 448.0).float()
+        assert torch.equal(out[name + "_scale"], want), name
+        assert out[name].dtype == torch.float8_e4m3fn
+
+
+def test_a_range_below_absmax_saturates(src, tmp_path):
+    """A clipping range: the values beyond it become +-448 (clamped before the cast, never NaN)."""
+    name = "blocks.0.fc.weight"
+    ranges = weight_ranges(src, clip={name: 0.25})
+    stats = make_stats(src, weights=ranges, path=tmp_path / "s.safetensors")
+    dst = tmp_path / "out.safetensors"
+    assert run("convert", src, dst, *RULES, "--stats", stats.path, "-q").exit_code == 0
+    q, scale = tensors_of(dst)[name].float(), tensors_of(dst)[name + "_scale"]
+    w = load_file(str(src))[name].float()
+    beyond = (w / scale).abs() > 448
+    assert int(beyond.sum()) > 10                                           # the range really clips
+    assert torch.equal(q[beyond], 448.0 * torch.sign(w[beyond]))
+    assert float(q.abs().max()) == 448.0 and not bool(q.isnan().any())
+
+
+def test_tensors_without_a_statistic_use_absmax_with_one_warning(src, tmp_path):
+    ranges = weight_ranges(src)
+    missing = "blocks.2.fc.weight"
+    del ranges[missing]
+    stats = make_stats(src, weights=ranges, path=tmp_path / "s.safetensors")
+    dst, plain = tmp_path / "out.safetensors", tmp_path / "plain.safetensors"
+    result = run("convert", src, dst, *RULES, "--stats", stats.path, "-q")
+    assert result.exit_code == 0
+    warnings = [line for line in result.output.splitlines() if "without a weight range" in line]
+    assert len(warnings) == 1 and "1 quantized tensor(s)" in warnings[0] and missing in warnings[0]
+    assert run("convert", src, plain, *RULES, "-q").exit_code == 0
+    a, b = tensors_of(dst), tensors_of(plain)
+    assert torch.equal(a[missing + "_scale"], b[missing + "_scale"])
+    assert torch.equal(a[missing].view(torch.uint8), b[missing].view(torch.uint8))
+
+
+def test_granularity_and_fp8_dtype_come_from_the_stats_or_must_agree(src, tmp_path):
+    stats = make_stats(src, granularity="channel", fp8="float8_e5m2", path=tmp_path / "s.safetensors")
+    dst = tmp_path / "out.safetensors"
+    result = run("convert", src, dst, *RULES, "--stats", stats.path, "-q", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["granularity"], report["fp8"]) == ("channel", "float8_e5m2")
+    name = "blocks.0.fc.weight"
+    assert torch.equal(tensors_of(dst)[name + "_scale"], scale_from_absmax(stats.weights[name], E5M2))
+    for option, value in (("--granularity", "tensor"), ("--fp8-dtype", "float8_e4m3fn")):
+        refused = run("convert", src, tmp_path / "x.safetensors", *RULES, "--stats", stats.path, option, value)
+        assert refused.exit_code == 2 and f"drop {option}" in refused.output, refused.output
+        assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such stats file"),
+    (b"not a safetensors file at all", "error:"),
+    ("plain", "not a quantkit stats file"),
+])
+def test_a_bad_stats_file_is_one_line_exit_2(src, tmp_path, content, message):
+    path = tmp_path / "bad.safetensors"
+    if content == "plain":
+        save_file({"x": torch.zeros(2)}, str(path))
+    elif content is not None:
+        path.write_bytes(content)
+    for command in (("convert", src, tmp_path / "out.safetensors"), ("plan", src)):
+        result = run(*command, "--stats", path)
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert lines[-1].startswith("error:") and message in lines[-1] and str(path) in lines[-1], result.output
+        assert not any(line.startswith("Traceback") for line in lines)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_plan_shows_what_the_stats_change(src, tmp_path):
+    stats = make_stats(src, activations=fixed_inputs(src), path=tmp_path / "s.safetensors")
+    result = run("plan", src, *RULES, "--stats", stats.path, "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    assert "stats s.safetensors: weight ranges for 3 of 3 quantized tensors, input ranges for 3" in result.output
+    assert "(stats: input range 3)" in result.output
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["stats"]["input_scales"] == 3 and "path" not in doc["stats"]
+    assert {t["name"]: t.get("input_range") for t in doc["tensors"]}["blocks.0.fc.weight"] == 3.0
+
+
+# ----------------------------------------------------------------------------- records
+
+def test_header_manifest_and_publish_record_the_stats(src, tmp_path):
+    stats = make_stats(src, activations=fixed_inputs(src), path=tmp_path / "s.safetensors")
+    out_dir = tmp_path / "release"
+    out_dir.mkdir()
+    dst = out_dir / "model-fp8.safetensors"
+    assert run("convert", src, dst, *RULES, "--format", "comfy", "--stats", stats.path, "-q").exit_code == 0
+    with safe_open(str(dst), "pt") as f:
+        recorded = json.loads(f.metadata()["quantkit.stats"])
+    assert recorded["sha256"] == file_sha(stats.path) and recorded["file"] == "s.safetensors"
+    assert recorded["source_sha256"] == file_sha(src) and recorded["input_scales"] == 3
+    assert "path" not in recorded and str(tmp_path) not in json.dumps(recorded)
+    assert read_manifest(str(dst))["conversion"]["stats"] == recorded
+
+    from quantkit.provenance import calibration_record, convert_command
+    conversion = read_manifest(str(dst))["conversion"]
+    cal = calibration_record(conversion)
+    assert cal["stats_file"]["name"] == "s.safetensors" and cal["stats_file"]["sha256"] == recorded["sha256"]
+    assert cal["stats_file"]["description"]["samples"] == 4
+    assert "static input scales" in cal["activations"] and "3 layer(s)" in cal["activations"]
+    assert "--stats s.safetensors" in convert_command(conversion, "model.safetensors", "model-fp8.safetensors")
+    published = tmp_path / "card"
+    result = run("publish", dst, published, "--against", src, "--license", "apache-2.0", "-q")
+    assert result.exit_code == 0, result.output
+    prov = json.loads((published / "provenance.json").read_text())
+    assert prov["calibration"]["stats_file"]["sha256"] == recorded["sha256"]
+    card = (published / "README.md").read_text()
+    assert "static input scales" in card and recorded["sha256"] in card and "s.safetensors" in card
+    assert "--stats s.safetensors" in card
+
+
+# ----------------------------------------------------------------------------- native
+
+def test_native_records_and_reads_back_input_scales(src, tmp_path):
+    inputs = fixed_inputs(src)
+    del inputs["blocks.2.fc.weight"]
+    stats = make_stats(src, activations=inputs, path=tmp_path / "s.safetensors")
+    dst = tmp_path / "out.safetensors"
+    result = run("convert", src, dst, *RULES, "--stats", stats.path, "-q")
+    assert result.exit_code == 0, result.output
+    assert "1 quantized layer(s) without an activation range" in result.output
+    out = tensors_of(dst)
+    with open_output(str(dst)) as f:
+        stored = detect_format(f).stored(f)
+    for name in stats.weights:
+        s = stored[name]
+        if name in inputs:
+            key = name[: -len(".weight")] + ".input_scale"
+            assert s.input_scale_key == key
+            assert out[key].dtype == torch.float32 and out[key].shape == ()
+            assert float(out[key]) == stats.input_scale(name) == float((inputs[name].double() / 448).float())
+        else:
+            assert s.input_scale_key is None
+    assert set(stored) == {k for k in load_file(str(src))}          # input scales are no source tensors
