@@ -571,3 +571,25 @@ def test_minilm_layers_without_an_input_range_get_a_weight_only_group(minilm, wo
         assert hasattr(module, "input_scale") == (name + ".weight" in mlp), name
     cos = (embed(model, batch) * fp32).sum(-1)
     assert float(cos.min()) >= 0.99, cos
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sharded_outputs_use_the_stats_and_check_the_source_hash(src, tmp_path, jobs):
+    """A sharded output (several files, worker processes with --jobs 2): the same scales, and stats
+    whose SHA256 is not the source's leave no folder behind."""
+    ranges = {k: v * 0.8 for k, v in weight_ranges(src).items()}
+    stats = make_stats(src, weights=ranges, activations=fixed_inputs(src), path=tmp_path / "s.safetensors")
+    dst = tmp_path / "sharded"
+    result = run("convert", src, dst, *RULES, "--stats", stats.path, "--max-shard-size", "40KB", "--jobs", jobs, "-q")
+    assert result.exit_code == 0, result.output
+    shards = sorted(p for p in os.listdir(dst) if p.endswith(".safetensors"))
+    assert len(shards) > 1
+    out = {k: v for s in shards for k, v in tensors_of(dst / s).items()}
+    for name, rng in ranges.items():
+        assert torch.equal(out[name + "_scale"], scale_from_absmax(rng, E4M3FN)), name
+        assert float(out[name[: -len(".weight")] + ".input_scale"]) == stats.input_scale(name)
+    wrong = make_stats(src, weights=ranges, sha256="cd" * 32, path=tmp_path / "wrong.safetensors")
+    refused = run("convert", src, tmp_path / "refused", *RULES, "--stats", wrong.path, "--max-shard-size", "40KB",
+                  "--jobs", jobs, "-q")
+    assert refused.exit_code == 2 and "cd" * 32 in refused.output, refused.output
+    assert sorted(os.listdir(tmp_path)) == ["s.safetensors", "sharded", "wrong.safetensors"]
