@@ -22,7 +22,7 @@ from quantkit.comfy_names import comfyui_view
 from quantkit.fp8 import E4M3FN, E5M2, Granularity, scale_from_absmax
 from quantkit.hashing import combined_digest, sha256_file
 from quantkit.manifest import manifest_path, read_manifest
-from quantkit.readback import open_output
+from quantkit.readback import input_scale, open_output
 from quantkit.formats import detect_format
 from runs import run
 from runs import sha256 as file_sha
@@ -305,8 +305,10 @@ def test_native_records_and_reads_back_input_scales(src, tmp_path):
     out = tensors_of(dst)
     with open_output(str(dst)) as f:
         stored = detect_format(f).stored(f)
+        read = {name: input_scale(f, s) for name, s in stored.items()}
     for name in stats.weights:
         s = stored[name]
+        assert read[name] == (stats.input_scale(name) if name in inputs else None)
         if name in inputs:
             key = name[: -len(".weight")] + ".input_scale"
             assert s.input_scale_key == key
@@ -471,11 +473,9 @@ SENTENCES = ["A man is playing a guitar.", "FP8 halves the size of a checkpoint.
 
 
 def embed(model, batch):
-    """Mean pooling over last_hidden_state with the attention mask (in float32), L2-normalised."""
-    with torch.no_grad():
-        h = model(**batch).last_hidden_state.float()
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+    """Mean-pooled, L2-normalised sentence embeddings (the compressed-tensors format tests' own)."""
+    from test_format_compressed_tensors import embed as pooled
+    return pooled(model, batch)
 
 
 @pytest.fixture(scope="module")

@@ -192,6 +192,23 @@ def legacy(src, work):
     return work / "legacy.safetensors", result
 
 
+def expected_keys(src, marker: bytes, input_scales: bool = False) -> dict:
+    """The comfy output's header ({key: (dtype, shape)}) for the source ``src`` under RULES."""
+    source, _ = header(src)
+    expected = {}
+    for key, (dtype, shape) in source.items():
+        layer = key[: -len(".weight")]
+        if key.endswith(".weight") and layer in QUANTIZED:
+            expected[key] = ("F8_E4M3", shape)
+            expected[layer + ".weight_scale"] = ("F32", [])
+            if input_scales:
+                expected[layer + ".input_scale"] = ("F32", [])
+            expected[layer + ".comfy_quant"] = ("U8", [len(marker)])
+        else:
+            expected[key] = (dtype, shape)               # kept: BF16, same key, no marker, no scale
+    return expected
+
+
 def assert_bit_exact(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
     assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
@@ -200,18 +217,8 @@ def assert_bit_exact(a, b):
 # ----------------------------------------------------------------------------- format comfy
 
 def test_comfy_keys_dtypes_and_shapes_to_the_letter(src, comfy):
-    source, _ = header(src)
     out, meta = header(comfy)
-    expected = {}
-    for key, (dtype, shape) in source.items():
-        layer = key[: -len(".weight")]
-        if key.endswith(".weight") and layer in QUANTIZED:
-            expected[key] = ("F8_E4M3", shape)
-            expected[layer + ".weight_scale"] = ("F32", [])
-            expected[layer + ".comfy_quant"] = ("U8", [len(E4M3_MARKER)])
-        else:
-            expected[key] = (dtype, shape)               # kept: BF16, same key, no marker, no scale
-    assert out == expected
+    assert out == expected_keys(src, E4M3_MARKER)
     sd = load_file(str(comfy))
     for layer in QUANTIZED:
         assert sd[layer + ".comfy_quant"].numpy().tobytes() == E4M3_MARKER
@@ -621,20 +628,9 @@ def comfy_static(src, work):
 def test_calibrated_comfy_keys_and_configs_to_the_letter(src, comfy_static):
     """Each quantized layer gains <L>.input_scale F32 [] = range / 448, and its config (marker and
     header alike) loses full_precision_matrix_mult: ComfyUI's FP8 matmul may use the scale."""
-    source, _ = header(src)
     out, meta = header(comfy_static)
     marker = b'{"format":"float8_e4m3fn"}'
-    expected = {}
-    for key, (dtype, shape) in source.items():
-        layer = key[: -len(".weight")]
-        if key.endswith(".weight") and layer in QUANTIZED:
-            expected[key] = ("F8_E4M3", shape)
-            expected[layer + ".weight_scale"] = ("F32", [])
-            expected[layer + ".input_scale"] = ("F32", [])
-            expected[layer + ".comfy_quant"] = ("U8", [len(marker)])
-        else:
-            expected[key] = (dtype, shape)
-    assert out == expected
+    assert out == expected_keys(src, marker, input_scales=True)
     sd = load_file(str(comfy_static))
     for layer, rng in INPUT_RANGES.items():
         assert sd[layer + ".comfy_quant"].numpy().tobytes() == marker
