@@ -72,6 +72,7 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions, stats: Stats | N
         apply_stats(plan, source, stats)
     fmt.check_plan(plan)
     plan.outputs = fmt.layout(plan)
+    _refuse_clashes(plan)
     for rule in options.policy.rules:
         matched = [t for t in plan.tensors if rule.matches(t.name)]
         if not matched:
@@ -83,6 +84,19 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions, stats: Stats | N
         plan.warnings.append("no tensor is quantized: the output only changes precision of kept tensors")
     plan.warnings.extend(fmt.warnings(plan))
     return plan
+
+
+def _refuse_clashes(plan: Plan) -> None:
+    """A source tensor named like what the format writes beside a quantized layer (``<L>.weight_scale``,
+    ``<L>.input_scale``...) would be written twice: refused, naming it."""
+    seen = set()
+    for emit in plan.outputs:
+        key = emit.spec.key
+        if key in seen:
+            raise PolicyError(f"the output would hold {key} twice: the source has a tensor of that name and format "
+                              f"{plan.options.format!r} writes one beside a quantized layer", path=plan.source,
+                              tensor=key, hint="keep that layer in high precision with --keep, or use another format")
+        seen.add(key)
 
 
 def recipe_sizes(source: SafetensorsFile, options: ConvertOptions) -> dict[str, int | None]:

@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")     # local folders only, never the
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -422,6 +424,49 @@ def test_flux_comfy_runs_within_cosine_099_weight_only_and_w8a8(flux, flux_comfy
     print(f"FLUX tiny, comfy per tensor: cosine weight-only {c_weight:.5f}, W8A8 calibrated {c_static:.5f}, "
           f"W8A8 scale 1.0 {c_unit:.5f} ({len(scales)} linears)")
     assert c_weight >= 0.99 and c_static >= 0.99
+
+
+def test_a_source_tensor_named_like_an_input_scale_is_refused(tmp_path):
+    sd = linears()
+    sd["blocks.0.fc.input_scale"] = torch.tensor(0.5)
+    path = tmp_path / "clash.safetensors"
+    save_file(sd, str(path))
+    stats = make_stats(path, activations=fixed_inputs(path), path=tmp_path / "s.safetensors")
+    result = run("convert", path, tmp_path / "out.safetensors", *RULES, "--stats", stats.path, "-q")
+    assert result.exit_code == 2 and "blocks.0.fc.input_scale twice" in result.output, result.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@given(rows=st.lists(st.integers(1, 5), min_size=1, max_size=4), cut=st.integers(0, 4), seed=st.integers(0, 99))
+@settings(max_examples=25)
+def test_joined_ranges_are_the_joined_tensors_absmax(rows, cut, seed):
+    """Property: per channel, and per block when every part starts on a tile, the range of parts
+    stacked is AbsMax of the stacked tensor itself; a part starting inside a tile gives no block range."""
+    from quantkit.plan import _weight_range
+    gen = torch.Generator().manual_seed(seed)
+    weights = {f"p{i}": torch.randn(r * 64, 130, generator=gen) * (i + 1) for i, r in enumerate(rows)}
+    own = {n: type("Info", (), {"shape": tuple(t.shape)})() for n, t in weights.items()}
+    # Whole parts, then the first part split at row 64 * cut and its halves swapped (FLUX's modulation).
+    first, n0 = "p0", weights["p0"].shape[0]
+    split = min(64 * cut, n0)
+    layouts = [[(n, 0, t.shape[0]) for n, t in weights.items()],
+               [(first, split, n0), (first, 0, split)] if 0 < split < n0 else [(first, 0, n0)]]
+    for g in (Granularity.CHANNEL, Granularity.BLOCK):
+        stats = Stats(source={"sha256": "", "fingerprint": ""}, granularity=g.value, fp8="float8_e4m3fn",
+                      weight_observer="absmax", weights={n: _absmax(t, g) for n, t in weights.items()})
+        for pieces in layouts:
+            joined = torch.cat([weights[n][r0:r1] for n, r0, r1 in pieces])
+            got = _weight_range(pieces, own, stats, g)
+            aligned = all(r0 % 128 == 0 and ((r1 - r0) % 128 == 0 or k == len(pieces) - 1)
+                          for k, (_, r0, r1) in enumerate(pieces))
+            if g is Granularity.BLOCK and not aligned:
+                assert got is None
+            elif g is Granularity.BLOCK and not all((r1 - r0) % 128 == 0 or r1 == weights[n].shape[0]
+                                                    for n, r0, r1 in pieces):
+                # A last part ending inside one of its source's tiles: that tile's range covers it (>=).
+                assert bool((got >= _absmax(joined, g)).all())
+            else:
+                assert torch.equal(got, _absmax(joined, g)), (g, pieces)
 
 
 @pytest.mark.parametrize("granularity", ["channel", "block"])
