@@ -270,8 +270,10 @@ def _loading(prov: dict) -> str:
                 "Current ComfyUI converts the `scaled_fp8` layout at load; Forge and stable-diffusion.cpp read it as "
                 "well (they create every linear layer in FP8).")
     elif fmt == "compressed-tensors":
+        scheme = ("W8A8 FP8 with static calibrated input scales" if prov["calibration"]["activations"]
+                  else "weight-only FP8")
         body = ("transformers (with the `compressed-tensors` package) and vLLM read `config.json`'s "
-                f"`quantization_config` ({'W8A8 FP8, static calibrated input scales' if prov['calibration']['activations'] else 'weight-only FP8'}):\n\n```python\nfrom transformers import AutoModel\n"
+                f"`quantization_config` ({scheme}):\n\n```python\nfrom transformers import AutoModel\n"
                 "model = AutoModel.from_pretrained(\"PATH_OR_REPO\")   # FP8 at rest, decompressed at the first "
                 "forward\n```\n")
         if any(f["name"] == "modules.json" for f in prov["files"]):

@@ -321,7 +321,7 @@ def test_native_records_and_reads_back_input_scales(src, tmp_path):
     assert set(stored) == {k for k in load_file(str(src))}          # input scales are no source tensors
 
 
-# ----------------------------------------------------------------------------- comfy: a diffusers FLUX under BFL's names
+# ----------------------------------------------------------------- comfy: a diffusers FLUX under BFL's names
 
 def fake_fp8(x: torch.Tensor, scale: float, fmt=E4M3FN) -> torch.Tensor:
     """What an FP8 matmul does to its input: x / scale clamped to the FP8 maximum, cast, times scale."""

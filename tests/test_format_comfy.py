@@ -592,7 +592,7 @@ def test_formats_command_lists_both():
     assert "comfy " in result.output and "comfy-legacy" in result.output
 
 
-# ----------------------------------------------------------------------------- calibrated input scales (convert --stats)
+# --------------------------------------------------------------- calibrated input scales (convert --stats)
 
 # A plausible calibrated input range per quantized layer (the MLP's second linear sees the GELU's
 # outputs of a 4x wider layer: a wider range).
