@@ -95,7 +95,10 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     from its ranges and static activation scales where the format has a place for them. Stats of
     another checkpoint are refused before any work (header fingerprint) and before the output is
     published (the source's SHA256, hashed while converting), naming both SHA256s; ``force_stats``
-    turns both refusals into warnings.
+    turns both refusals into warnings. Granularity and FP8 dtype are the stats' where ``options``
+    leaves them unset (``ConvertOptions.from_strings(granularity=None, fp8=None)``); set ones must agree.
+
+    >>> convert("model.safetensors", "model-fp8.safetensors", stats="model.stats.safetensors")  # doctest: +SKIP
 
     >>> convert("model.safetensors", "model-fp8.safetensors")     # doctest: +SKIP
     """
