@@ -125,6 +125,16 @@ def _options(ctx, *, granularity, fmt, fp8_dtype, preset, recipe, keep_dtype, qu
                                        max_shard_size=max_shard_size, recipe=recipe)
 
 
+def _stats_options(f):
+    """convert / plan: --stats and --force-stats."""
+    f = click.option("--force-stats", is_flag=True,
+                     help="Use --stats calibrated on another checkpoint (a warning instead of a refusal).")(f)
+    return click.option("--stats", "stats_path", type=click.Path(dir_okay=False), metavar="STATS",
+                        help="A stats file from 'quantkit calibrate' of this checkpoint: weight scales from its "
+                             "ranges, and static activation scales (input_scale) where the format has a place "
+                             "for them. Granularity and FP8 dtype default to the stats'.")(f)
+
+
 def _reports(json_path: str | None) -> dict[str, str]:
     """The report files a command writes at its end, by option (checked before any work)."""
     return {"--json": json_path} if json_path else {}
@@ -246,8 +256,9 @@ def main():
               help="Processes converting the shards of a sharded output (--max-shard-size) side by side, "
                    "each streaming; the output is the same whatever N. Default: as many as the cores and "
                    "the free memory (0.5 GB a job) allow.")
+@_stats_options
 @click.pass_context
-def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, **policy):
+def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_stats, **policy):
     """Quantize the checkpoint SRC into DST.
 
     SRC is a .safetensors file, a sharded checkpoint (its *.safetensors.index.json or its
@@ -279,7 +290,7 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, **policy):
         options = _options(ctx, **policy)
         click.echo(f"quantkit convert: {src} -> {dst}")
         result = run(src, dst, options, overwrite=overwrite, progress=bars.progress, reports=_reports(json_path),
-                     jobs=jobs)
+                     jobs=jobs, stats=stats_path, force_stats=force_stats)
     except QuantkitError as exc:
         bars.progress.close()
         _fail(exc)
@@ -287,6 +298,9 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, **policy):
     for note in result.notes:
         click.echo(f"  {note}")
     click.echo(f"  format {result.format}, recipe {result.recipe}, {result.fp8}, {result.granularity} scales")
+    if result.stats is not None:
+        click.echo(f"  stats {result.stats['file']}: weight ranges ({result.stats['weight_observer']}) for "
+                   f"{result.stats['weight_scales']} tensors, static input scales for {result.stats['input_scales']}")
     click.echo(f"  tensors: {c['quantize']} quantized, {c['keep']} kept ({options.keep_dtype.value}), "
                f"{c['pass']} passed through")
     click.echo(f"  size: {_size(result.bytes_in)} -> {_size(result.bytes_out)} "
@@ -419,8 +433,9 @@ def _print_report(report, show: int) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the plan as JSON to PATH.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @click.option("--only", type=click.Choice(["quantize", "keep", "pass"]), help="List only tensors with this action.")
+@_stats_options
 @click.pass_context
-def plan(ctx, src, json_path, overwrite, only, **policy):
+def plan(ctx, src, json_path, overwrite, only, stats_path, force_stats, **policy):
     """Show what 'convert' would do to every tensor of SRC, without writing anything.
 
     Same options as 'convert'. Reads only the header: instant even for a 24 GB checkpoint.
@@ -433,15 +448,20 @@ def plan(ctx, src, json_path, overwrite, only, **policy):
     from .destinations import check_report_path, source_reads
     from .errors import QuantkitError
     from .formats import get_format
-    from .plan import make_plan, recipe_sizes
+    from .plan import check_stats, load_stats, make_plan, options_with_stats, recipe_sizes
     from .sources import open_source
+    warnings = []
     try:
         options = _options(ctx, **policy)
+        stats = load_stats(stats_path) if stats_path else None
         with open_source(src, component=options.component, ema=options.ema,
                          names=get_format(options.format).source_names) as f:
             for option, path in _reports(json_path).items():
                 check_report_path(path, option, reads=source_reads(f), overwrite=overwrite)
-            p = make_plan(f, options)
+            if stats is not None:
+                check_stats(f, stats, force=force_stats, warn=warnings.append)
+                options = options_with_stats(options, stats)
+            p = make_plan(f, options, stats)
             sizes = recipe_sizes(f, options)
             joined = joined_parts(f)
     except QuantkitError as exc:
@@ -457,14 +477,18 @@ def plan(ctx, src, json_path, overwrite, only, **policy):
             continue
         shape = "x".join(map(str, t.info.shape)) or "scalar"
         origin = f" [= {' + '.join(joined[t.name])}]" if t.name in joined else ""
+        calibrated = f" (stats: input range {t.input_range:.4g})" if t.input_range is not None else ""
         click.echo(f"{_pad(t.name, width)}  {shape:<16} {t.info.dtype.code:<5} -> {t.action.value:<8} "
-                   f"{t.out_dtype.code:<8} {t.decision.reason}{origin}")
+                   f"{t.out_dtype.code:<8} {t.decision.reason}{calibrated}{origin}")
     click.echo(f"\n{p.count(_action('quantize'))} quantized, {p.count(_action('keep'))} kept, "
                f"{p.count(_action('pass'))} passed through; size {_size(p.bytes_in)} -> {_size(p.bytes_out)}"
                f" ({100 * p.bytes_out / max(p.bytes_in, 1):.0f}%), recipe {options.recipe.value}")
     click.echo("by recipe: " + ", ".join(f"{name} {_size(n)} ({100 * n / max(p.bytes_in, 1):.0f}%)"
                                          if n is not None else f"{name} not possible" for name, n in sizes.items()))
-    for w in p.warnings:
+    if p.stats is not None:
+        click.echo(f"stats {p.stats['file']}: weight ranges for {p.stats['weight_scales']} of {len(p.quantized())} "
+                   f"quantized tensors, input ranges for {p.stats['input_scales']}")
+    for w in [*warnings, *p.warnings]:
         click.echo(f"warning: {w}", err=True)
     if json_path:
         _write_json(json_path, {**p.to_dict(), "bytes_out_by_recipe": sizes, **({"joined": joined} if joined else {})})

@@ -201,7 +201,7 @@ def _recipe(prov: dict) -> str:
              + (f"; recipe `{c['recipe']}`" if c.get("recipe") else ""),
              f"- calibration: {prov['calibration']['weights']}; activations: "
              f"{prov['calibration']['activations'] or 'none (weight-only FP8, no input scales)'}; "
-             f"statistics file: {prov['calibration']['stats_file'] or 'none'}"]
+             f"statistics file: {_stats_file(prov['calibration']['stats_file'])}"]
     for note in c.get("notes") or []:
         lines.append(f"- {note}")
     table = "".join(f"| {i} | {a} | `{_md(p)}` |\n" for i, (a, p) in enumerate(rules, 1))
@@ -209,6 +209,12 @@ def _recipe(prov: dict) -> str:
             "Policy rules, in order (the last rule that matches a tensor wins; linear layers are quantized and "
             "everything else kept unless a rule says otherwise):\n\n"
             "| # | action | pattern |\n| --- | --- | --- |\n" + (table or "| - | - | (none) |\n"))
+
+
+def _stats_file(stats: dict | None) -> str:
+    if not stats:
+        return "none"
+    return f"`{_md(str(stats.get('name')))}` (SHA256 `{stats.get('sha256')}`)"
 
 
 def _fmt(v, spec: str = ".2f") -> str:
@@ -255,13 +261,19 @@ def _loading(prov: dict) -> str:
                 "and load it with the Load Diffusion Model (or Load CLIP) node. ComfyUI reads each quantized layer's "
                 "`comfy_quant` marker and `weight_scale` (mixed-precision loading); layers without a marker load in "
                 "high precision.")
+        if prov["calibration"]["activations"]:
+            body += (" Layers with a calibrated `input_scale` (activations: static scales from the statistics "
+                     "file, see Recipe) have no `full_precision_matrix_mult` flag: on a GPU with FP8 compute "
+                     "ComfyUI multiplies them in FP8 with that scale; elsewhere it dequantizes the weight.")
     elif fmt == "comfy-legacy":
         body = (f"Copy `{target}` into `ComfyUI/models/diffusion_models/` (a text encoder: `models/text_encoders/`). "
                 "Current ComfyUI converts the `scaled_fp8` layout at load; Forge and stable-diffusion.cpp read it as "
                 "well (they create every linear layer in FP8).")
     elif fmt == "compressed-tensors":
+        scheme = ("W8A8 FP8 with static calibrated input scales" if prov["calibration"]["activations"]
+                  else "weight-only FP8")
         body = ("transformers (with the `compressed-tensors` package) and vLLM read `config.json`'s "
-                "`quantization_config` (weight-only FP8):\n\n```python\nfrom transformers import AutoModel\n"
+                f"`quantization_config` ({scheme}):\n\n```python\nfrom transformers import AutoModel\n"
                 "model = AutoModel.from_pretrained(\"PATH_OR_REPO\")   # FP8 at rest, decompressed at the first "
                 "forward\n```\n")
         if any(f["name"] == "modules.json" for f in prov["files"]):

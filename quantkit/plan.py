@@ -8,10 +8,15 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import torch
+
 from . import dtypes
-from .dtypes import Kind
+from .calibration.stats import Stats, check_shapes, fingerprint, mismatch
+from .comfy_names import RenamedView
+from .dtypes import Granularity, Kind
 from .errors import FormatError, PolicyError, UnsupportedInputError
-from .fp8 import scale_shape
+from .fp8 import BLOCK_SIZE, scale_shape
+from .hashing import combined_digest, sha256_file
 from .options import ConvertOptions, KeepDtype, Recipe, parse_size  # noqa: F401  (re-exported: the plan's inputs)
 from .planned import Plan, PlannedTensor, StoredTensor
 from .policy import QUANTIZABLE, RECIPE_KEEPS_ATTENTION, Action, Decision, Policy
@@ -31,8 +36,10 @@ def plan_tensor(info: TensorInfo, options: ConvertOptions, policy: Policy, path:
     return PlannedTensor(info, decision, info.dtype)
 
 
-def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
-    """Plan the conversion of one safetensors file under ``options`` (reads the header only)."""
+def make_plan(source: SafetensorsFile, options: ConvertOptions, stats: Stats | None = None) -> Plan:
+    """Plan the conversion of one safetensors file under ``options`` (reads the header only).
+    ``stats`` (checked with ``check_stats``, options from ``options_with_stats``): weight ranges and
+    activation ranges of the quantized tensors, under the plan's names (``apply_stats``)."""
     from .formats import get_format
     from .presets import resolve
     fmt = get_format(options.format)
@@ -61,8 +68,11 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
         plan.notes.append(f"recipe mixed: {kept_attention} attention projections the preset quantizes stay in "
                           f"{options.keep_dtype.value} (--recipe compact quantizes them)")
     _keep_unreadable(plan, fmt.unreadable(source, [t for t in plan.quantized() if t.prequantized is None]))
+    if stats is not None:
+        apply_stats(plan, source, stats)
     fmt.check_plan(plan)
     plan.outputs = fmt.layout(plan)
+    _refuse_clashes(plan)
     for rule in options.policy.rules:
         matched = [t for t in plan.tensors if rule.matches(t.name)]
         if not matched:
@@ -74,6 +84,19 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions) -> Plan:
         plan.warnings.append("no tensor is quantized: the output only changes precision of kept tensors")
     plan.warnings.extend(fmt.warnings(plan))
     return plan
+
+
+def _refuse_clashes(plan: Plan) -> None:
+    """A source tensor named like what the format writes beside a quantized layer (``<L>.weight_scale``,
+    ``<L>.input_scale``...) would be written twice: refused, naming it."""
+    seen = set()
+    for emit in plan.outputs:
+        key = emit.spec.key
+        if key in seen:
+            raise PolicyError(f"the output would hold {key} twice: the source has a tensor of that name and format "
+                              f"{plan.options.format!r} writes one beside a quantized layer", path=plan.source,
+                              tensor=key, hint="keep that layer in high precision with --keep, or use another format")
+        seen.add(key)
 
 
 def recipe_sizes(source: SafetensorsFile, options: ConvertOptions) -> dict[str, int | None]:
@@ -169,3 +192,129 @@ def _follow_source(options: ConvertOptions, stored: dict[str, StoredTensor], pat
                 hint=f"pass --granularity {s.granularity.value} --fp8-dtype {s.fp8.name} (or neither), "
                      "or convert the original")
     return options
+
+
+# --- stats (convert --stats): checked against the source, then mapped onto the plan's tensors ---
+
+def own_tensors(source) -> dict[str, TensorInfo]:
+    """The source's tensors under its own names (a view under ComfyUI's names: the checkpoint's),
+    the names a stats file uses."""
+    return source.original.tensors if isinstance(source, RenamedView) else source.tensors
+
+
+def load_stats(path: str) -> Stats:
+    """The stats file at ``path``; a missing, corrupt or foreign file is a one-line error."""
+    from .calibration.stats import load
+    if not os.path.isfile(path):
+        raise UnsupportedInputError("no such stats file", path=path,
+                                    hint="give the file quantkit calibrate wrote (-o STATS)")
+    return load(path)
+
+
+def source_sha256(source) -> str:
+    """The source's SHA256 as a manifest names it (``combined_digest`` of its files)."""
+    return combined_digest({f: sha256_file(f) for f in source.files})
+
+
+def check_stats(source, stats: Stats, *, force: bool = False, warn=lambda message: None) -> bool:
+    """Before any work: whether ``stats`` were calibrated on ``source`` (their header fingerprints
+    agree; the SHA256 is checked while converting). On a mismatch the source is hashed and the
+    error names both SHA256s; ``force`` turns it into a warning (``warn``) and returns False.
+    Matching stats must be shaped like this checkpoint's scales."""
+    if fingerprint(own_tensors(source)) != stats.source.get("fingerprint"):
+        error = mismatch(stats, source_sha256(source), source.path)
+        if not force:
+            raise error
+        warn(f"--force-stats: {error.message}; the ranges that fit its tensors are used")
+        return False
+    check_shapes(stats, own_tensors(source))
+    return True
+
+
+def options_with_stats(options: ConvertOptions, stats: Stats) -> ConvertOptions:
+    """``options`` with the stats' granularity and FP8 dtype where the user left them unset; a
+    given one that differs is refused (the weight ranges are shaped, and were searched, for them)."""
+    from .calibration.stats import StatsMismatchError
+    changes = {}
+    for field, flag, given, calibrated in (("granularity", "--granularity", options.granularity, stats.granularity),
+                                           ("fp8", "--fp8-dtype", options.fp8, stats.fp8)):
+        if field in options.from_source:
+            changes[field] = calibrated
+        elif given is not calibrated:
+            name = getattr(calibrated, "value", None) or calibrated.name
+            asked = getattr(given, "value", None) or given.name
+            raise StatsMismatchError(f"the stats were calibrated for {flag} {name}, but {flag} {asked} was given",
+                                     path=stats.path, hint=f"drop {flag} (the stats' {name} is used), or calibrate "
+                                                           f"again with {flag} {asked}")
+    return dataclasses.replace(options, **changes, from_source=options.from_source - set(changes))
+
+
+def stats_record(stats: Stats, sha256: str | None = None) -> dict:
+    """What the stats are, for the header, the manifest and the model card: ``Stats.describe()``
+    without the local path, the file's name and SHA256 instead."""
+    record = {k: v for k, v in stats.describe().items() if k != "path"}
+    return {"file": os.path.basename(stats.path) if stats.path else None, "sha256": sha256, **record}
+
+
+def apply_stats(plan: Plan, source, stats: Stats) -> None:
+    """Fill ``plan.weight_ranges`` and each quantized tensor's ``input_range`` from ``stats``, mapped
+    from the source's own names to the plan's (a tensor ComfyUI's naming joins from parts: per
+    tensor the max of the parts' ranges, per channel their rows, per block their tile rows when
+    the parts start on 128-row tiles). Tensors without a usable statistic keep absmax scales (one
+    warning counts them); statistics of another checkpoint that do not fit are not usable."""
+    own = own_tensors(source)
+    parts = source.parts if isinstance(source, RenamedView) else {}
+    g = plan.options.granularity
+    no_weight, no_input = [], []
+    for i, t in enumerate(plan.tensors):
+        if t.action is not Action.QUANTIZE:
+            continue
+        pieces = parts.get(t.name) or [(t.name, 0, t.info.shape[0] if t.info.shape else 1)]
+        if t.prequantized is None:
+            rng = _weight_range(pieces, own, stats, g)
+            if rng is None or tuple(rng.shape) != tuple(t.scale_shape):
+                no_weight.append(t.name)
+            else:
+                plan.weight_ranges[t.name] = rng
+        inputs = [stats.activations.get(name) for name, _, _ in pieces]
+        if all(r is not None for r in inputs) and inputs:
+            # A joined layer (q/k/v) takes one input: the widest range of its parts' covers it.
+            plan.tensors[i] = dataclasses.replace(t, input_range=max(float(r) for r in inputs))
+        else:
+            no_input.append(t.name)
+    quantized = plan.quantized()
+    plan.stats = {**stats_record(stats), "weight_scales": len(plan.weight_ranges),
+                  "input_scales": sum(t.input_range is not None for t in quantized)}
+    if no_weight:
+        plan.warnings.append(f"--stats: {len(no_weight)} quantized tensor(s) without a weight range in the stats "
+                             f"({_examples(no_weight)}): their scales come from their absmax")
+    if no_input and stats.activations:
+        plan.warnings.append(f"--stats: {len(no_input)} quantized layer(s) without an activation range in the stats "
+                             f"({_examples(no_input)}): no static input scale is written for them")
+
+
+def _weight_range(pieces, own: dict, stats: Stats, g: Granularity) -> torch.Tensor | None:
+    """The range of a tensor made of ``pieces`` (source name, first row, end row), scale-shaped for
+    ``g``; None when a piece has no statistic that fits, or (per block) the pieces do not start on
+    128-row tiles."""
+    ranges = []
+    for k, (name, r0, r1) in enumerate(pieces):
+        rng, info = stats.weights.get(name), own.get(name)
+        if rng is None or info is None or tuple(rng.shape) != tuple(scale_shape(info.shape, g)):
+            return None
+        if g is Granularity.TENSOR:
+            ranges.append(rng.reshape(()))
+        elif g is Granularity.CHANNEL:
+            ranges.append(rng[r0:r1])
+        else:
+            whole_tiles = (r1 - r0) % BLOCK_SIZE == 0 or k == len(pieces) - 1
+            if r0 % BLOCK_SIZE or not whole_tiles:
+                return None
+            ranges.append(rng[r0 // BLOCK_SIZE: -(-r1 // BLOCK_SIZE)])
+    if not ranges:
+        return None
+    return torch.stack(ranges).amax() if g is Granularity.TENSOR else torch.cat(ranges, dim=0).float()
+
+
+def _examples(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")

@@ -51,6 +51,9 @@ class PlannedTensor:
     out_dtype: DType                  # dtype of the tensor under its own key in the output
     scale_shape: tuple[int, ...] | None = None
     prequantized: StoredTensor | None = None   # already FP8 in the source: bytes and scale carried over
+    # Calibrated range (absmax as the stats' observer saw it) of the layer's input, from a stats
+    # file: a format with a place for static activation scales writes range / its FP8 max.
+    input_range: float | None = None
 
     @property
     def name(self) -> str:
@@ -71,6 +74,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)     # what was detected and chosen
     policy: Policy | None = None                       # the effective policy (preset + user rules)
     source_format: str | None = None                   # set when the source is already quantized
+    # From a stats file (``convert --stats``): what the stats are (``stats_record``), and the weight
+    # ranges of quantized tensors under the plan's names (scale-shaped float32; W scale = range / FP8 max).
+    stats: dict | None = None
+    weight_ranges: dict = field(default_factory=dict)
 
     def count(self, action: Action) -> int:
         return sum(1 for t in self.tensors if t.action is action)
@@ -92,7 +99,8 @@ class Plan:
         o = self.options
         return {"format": o.format, "recipe": o.recipe.value, "fp8": o.fp8.name, "granularity": o.granularity.value,
                 "keep_dtype": o.keep_dtype.value, "policy": (self.policy or o.policy).describe(),
-                "notes": self.notes, "counts": {a.value: self.count(a) for a in Action}}
+                "notes": self.notes, "counts": {a.value: self.count(a) for a in Action},
+                **({"stats": self.stats} if self.stats is not None else {})}
 
     def to_dict(self) -> dict:
         return {
@@ -104,6 +112,7 @@ class Plan:
             "tensors": [{"name": t.name, "shape": list(t.info.shape), "dtype": t.info.dtype.code,
                          "action": t.action.value, "kind": t.decision.kind.value, "reason": t.decision.reason,
                          "out_dtype": t.out_dtype.code,
-                         "scale_shape": list(t.scale_shape) if t.scale_shape is not None else None}
+                         "scale_shape": list(t.scale_shape) if t.scale_shape is not None else None,
+                         **({"input_range": t.input_range} if t.input_range is not None else {})}
                         for t in self.tensors],
         }

@@ -36,7 +36,29 @@ def convert_command(conversion: dict, source_name: str, output_name: str) -> str
         args += ["--component", o["component"]]
     if o.get("max_shard_bytes"):
         args += ["--max-shard-size", _size_arg(o["max_shard_bytes"])]
+    stats = conversion.get("stats")
+    if stats and stats.get("file"):
+        args += ["--stats", stats["file"]]
     return shlex.join(args)
+
+
+def calibration_record(conversion: dict) -> dict:
+    """How the scales were calibrated, from the manifest's record of the conversion: absmax of the
+    weights alone, or a stats file (``convert --stats``: its name, SHA256 and what it measured)."""
+    stats = conversion.get("stats")
+    if not stats:
+        return {"weights": f"absmax per {conversion['granularity']}, from the weights alone",
+                "activations": None, "stats_file": None}
+    weights = (f"{stats.get('weight_observer')} ranges per {stats.get('granularity')} from the statistics file "
+               f"for {stats.get('weight_scales')} tensor(s), absmax from the weights for any other")
+    activations = None
+    if stats.get("input_scales"):
+        activations = (f"calibrated: static input scales (input_scale = range / FP8 maximum) for "
+                       f"{stats['input_scales']} layer(s), {stats.get('activation_observer')} over "
+                       f"{stats.get('samples')} forward pass(es) of {stats.get('inputs') or 'unrecorded inputs'}")
+    description = {k: v for k, v in stats.items() if k not in ("file", "sha256")}
+    return {"weights": weights, "activations": activations,
+            "stats_file": {"name": stats.get("file"), "sha256": stats.get("sha256"), "description": description}}
 
 
 def _size_arg(n: int) -> str:

@@ -29,7 +29,7 @@ from .errors import OptionsError, OutputError, QuantkitError, UnsupportedInputEr
 from .hashing import READ_BYTES, BackgroundHash, sha256_file
 from .manifest import manifest_path, read_manifest, runtime_versions
 from .progress import NULL, Progress
-from .provenance import convert_command, from_report, tensor_table, validation_record
+from .provenance import calibration_record, convert_command, from_report, tensor_table, validation_record
 from .release import (CARD_NAME, PROVENANCE_NAME, PROVENANCE_SCHEMA, RESERVED, SUMS_NAME,
                       format_sums, safe_name, source_files, source_mismatches)
 from .shards import is_index_name
@@ -436,8 +436,7 @@ def _record(out: str, dst: str, manifest: dict, options: PublishOptions, source:
         "source": {**source.record, "checked": source.against is not None,
                    "card": os.path.basename(card_path) if card_path else None},
         "conversion": conversion,
-        "calibration": {"weights": f"absmax per {conversion['granularity']}, from the weights alone",
-                        "activations": None, "stats_file": None},
+        "calibration": calibration_record(conversion),
         "command": {"convert": convert_command(conversion, source.record.get("name") or "SOURCE",
                                                os.path.basename(os.path.abspath(out))),
                     "publish": options.command},

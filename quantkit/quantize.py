@@ -32,7 +32,8 @@ from .sources import open_source
 from .destinations import check_destination, check_not_source_files, check_report_path, output_paths, source_reads
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
 from .manifest import file_entry, manifest_path, read_manifest, write_manifest
-from .plan import ConvertOptions, Plan, PlannedTensor, make_plan
+from .calibration.stats import Stats, mismatch as stats_mismatch
+from .plan import ConvertOptions, Plan, PlannedTensor, check_stats, load_stats, make_plan, options_with_stats
 from .policy import Action
 from .progress import NULL, Progress
 from .reader import SafetensorsFile, chunk_rows
@@ -67,6 +68,7 @@ class ConvertResult:
     output_sha256: str
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stats: dict | None = None            # the stats file used (plan.stats), if any
     jobs: int = 1                        # processes that wrote the output
     workers_peak_rss_bytes: int = 0      # the sum of the worker processes' peaks (jobs > 1)
 
@@ -79,7 +81,8 @@ class ConvertResult:
 
 
 def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, overwrite: bool = False,
-            progress: Progress = NULL, reports: dict[str, str] | None = None, jobs: int | None = None) -> ConvertResult:
+            progress: Progress = NULL, reports: dict[str, str] | None = None, jobs: int | None = None,
+            stats: Stats | str | None = None, force_stats: bool = False) -> ConvertResult:
     """Convert the checkpoint ``src`` (any layout ``open_source`` reads) into ``dst``.
 
     ``dst`` is a file, or a folder for folder formats (compressed-tensors) and sharded outputs
@@ -88,10 +91,19 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     files the caller writes afterwards, checked with the output's rules before any work.
     ``jobs``: processes converting the shards of a sharded output side by side (None: as many as
     the cores and memory allow); the output is the same, byte for byte, whatever the number.
+    ``stats`` (a ``Stats`` or the path of a stats file ``quantkit calibrate`` wrote): weight scales
+    from its ranges and static activation scales where the format has a place for them. Stats of
+    another checkpoint are refused before any work (header fingerprint) and before the output is
+    published (the source's SHA256, hashed while converting), naming both SHA256s; ``force_stats``
+    turns both refusals into warnings. Granularity and FP8 dtype are the stats' where ``options``
+    leaves them unset (``ConvertOptions.from_strings(granularity=None, fp8=None)``); set ones must agree.
+
+    >>> convert("model.safetensors", "model-fp8.safetensors", stats="model.stats.safetensors")  # doctest: +SKIP
 
     >>> convert("model.safetensors", "model-fp8.safetensors")     # doctest: +SKIP
     """
     t0 = time.perf_counter()
+    stats, stats_sha = _load_stats(stats)
     fmt = get_format(options.format)
     as_folder = fmt.folder or options.max_shard_bytes is not None
     check_destination(src, dst, overwrite, as_folder)
@@ -103,7 +115,12 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         check_not_source_files(source, dst)
         for option, path in (reports or {}).items():
             check_report_path(path, option, reads=source_reads(source), writes=output_paths(dst), overwrite=overwrite)
-        plan = make_plan(source, options)
+        same_header = stats is not None and check_stats(source, stats, force=force_stats, warn=progress.warn)
+        if stats is not None:
+            options = options_with_stats(options, stats)
+        plan = make_plan(source, options, stats)
+        if plan.stats is not None:
+            plan.stats["sha256"] = stats_sha
         options = plan.options            # an FP8 source may have supplied granularity and FP8 dtype
         for w in plan.warnings:
             progress.warn(w)
@@ -116,6 +133,8 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         groups = _shards(plan, options) if as_folder else [plan.outputs]
         jobs = min(jobs or default_jobs(), len(groups) + len(source.files))
         run = _Run(source, plan, fmt, metadata, progress)
+        if same_header:         # (forced stats of another header were warned about already)
+            run.check_source = lambda digests: _check_stats_source(stats, digests, src, force_stats, progress)
         if not as_folder:
             output_sha, files, source_digests = run.one_file(dst, overwrite, lambda out: _manifest(src, out, run, options))
         else:
@@ -136,7 +155,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         granularity=summary["granularity"], fp8=summary["fp8"], counts=summary["counts"], bytes_in=plan.bytes_in,
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
         source_sha256=combined_digest(source_digests), output_sha256=output_sha, warnings=plan.warnings,
-        notes=plan.notes, jobs=run.jobs, workers_peak_rss_bytes=run.workers_peak_rss)
+        notes=plan.notes, stats=plan.stats, jobs=run.jobs, workers_peak_rss_bytes=run.workers_peak_rss)
 
 
 def _shards(plan: Plan, options: ConvertOptions) -> list[list]:
@@ -160,6 +179,8 @@ class _Run:
         self.files: dict[str, dict] = {}
         self.source_digests: dict[str, str] = {}
         self.jobs, self.workers_peak_rss = 1, 0
+        # Called with the source's digests once hashed, before anything is published (stats' SHA256).
+        self.check_source = lambda digests: None
 
     def one_file(self, dst: str, overwrite: bool, manifest) -> tuple[str, dict, dict]:
         with BackgroundHash(self.source.files) as source_hash:
@@ -170,6 +191,7 @@ class _Run:
                 self.files[os.path.basename(dst)] = {"sha256": digest, "bytes": nbytes}
                 source_hash.result()
                 self.source_digests = source_hash.digests
+                self.check_source(self.source_digests)
                 manifest(dst)
             digest = _write(self.source, self.plan, self.plan.outputs, scales, dst, self.metadata, overwrite,
                             self.progress, before_publish=publish)
@@ -189,6 +211,7 @@ class _Run:
                                         self.metadata, False, self.progress) for name, group in zip(names, groups)}
                 source_hash.result()
                 self.source_digests = source_hash.digests
+        self.check_source(self.source_digests)
         for name in names:
             self.files[name] = file_entry(os.path.join(folder, name), digests[name])
         extra = []
@@ -241,6 +264,27 @@ def _display_name(src: str) -> str:
     return os.path.basename(os.path.abspath(src))
 
 
+def _load_stats(stats) -> tuple[Stats | None, str | None]:
+    """(stats, the stats file's SHA256): a path is read (a missing, corrupt or foreign file is a
+    one-line error) and hashed for the records."""
+    if stats is None:
+        return None, None
+    if not isinstance(stats, Stats):
+        stats = load_stats(os.fspath(stats))
+    return stats, sha256_file(stats.path) if stats.path and os.path.isfile(stats.path) else None
+
+
+def _check_stats_source(stats: Stats, digests: dict[str, str], src: str, force: bool, progress: Progress) -> None:
+    """The source's SHA256, computed while converting, must be the one the stats were calibrated on."""
+    sha = combined_digest(digests)
+    if sha == stats.source_sha256:
+        return
+    error = stats_mismatch(stats, sha, src)
+    if not force:
+        raise error
+    progress.warn(f"--force-stats: {error.message}")
+
+
 def _source_entry(src: str, source, digests: dict[str, str], options: ConvertOptions) -> dict:
     """The manifest's record of the source: its name, combined SHA256, size, layout and the
     choices that select its tensors (component, EMA), and every file with its own SHA256."""
@@ -276,11 +320,16 @@ def _calibrate(source: SafetensorsFile, plan: Plan, progress: Progress, emits: l
     options = plan.options
     wanted = {t.name for t in plan.quantized()} if emits is None else {e.source for e in emits}
     first = _scaled_first(plan) & wanted
-    fresh = [t.info for t in plan.quantized() if t.prequantized is None and t.name in first]
+    fresh = [t.info for t in plan.quantized()
+             if t.prequantized is None and t.name in first and t.name not in plan.weight_ranges]
     progress.stage("calibrate", sum(i.nbytes for i in fresh))
     stats = collect_weight_stats(source, fresh, options.granularity, options.allow_nonfinite,
                                  progress=progress.advance)
     scales = {name: fp8math.scale_from_absmax(s.absmax, options.fp8) for name, s in stats.items()}
+    # A stats file's range: the scale without reading the weight (a range below its absmax clips:
+    # quantizing saturates at the FP8 maximum). The weight's NaN/Inf are still refused while it is written.
+    scales.update({name: fp8math.scale_from_absmax(rng, options.fp8) for name, rng in plan.weight_ranges.items()
+                   if name in wanted})
     for t in plan.quantized():
         if t.prequantized is not None and t.name in wanted:
             scales[t.name] = source.read_tensor(source.tensors[t.prequantized.scale_key]).float()
@@ -340,7 +389,7 @@ def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: d
             else:
                 t = by_name[emit.source]
                 scale = _write_tensor(source, t, scales.get(t.name), plan.options, writer, buffers,
-                                      stored_as.get(t.name))
+                                      stored_as.get(t.name), finite_check=t.name in plan.weight_ranges)
                 if scale is not None:
                     scales[t.name] = scale
                 progress.advance(t.info.nbytes)
@@ -389,12 +438,13 @@ def _chunk_elems(info, options: ConvertOptions) -> int:
 
 
 def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: ConvertOptions, writer,
-                  buffers: _Buffers, scale_dtype=None):
+                  buffers: _Buffers, scale_dtype=None, finite_check: bool = False):
     """Write one tensor's output bytes. A quantized tensor without ``scale`` gets its scale chunk
-    by chunk (rounded to ``scale_dtype``), which is returned; otherwise returns None."""
+    by chunk (rounded to ``scale_dtype``), which is returned; otherwise returns None.
+    ``finite_check``: refuse NaN/Inf in a weight whose scale did not come from its absmax."""
     info = t.info
     if t.action is Action.QUANTIZE and t.prequantized is None:
-        return _write_quantized(source, info, scale, options, writer, buffers, scale_dtype)
+        return _write_quantized(source, info, scale, options, writer, buffers, scale_dtype, finite_check)
     if info.nbytes == 0:
         return None
     if t.action is Action.KEEP and t.prequantized is not None:     # an FP8 source tensor the user keeps
@@ -419,7 +469,7 @@ def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: Con
 
 
 def _write_quantized(source: SafetensorsFile, info, scale, options: ConvertOptions, writer, buffers: _Buffers,
-                     scale_dtype):
+                     scale_dtype, finite_check: bool = False):
     g, fmt = options.granularity, options.fp8
 
     def scale_of(amax: torch.Tensor) -> torch.Tensor:
@@ -435,6 +485,8 @@ def _write_quantized(source: SafetensorsFile, info, scale, options: ConvertOptio
             parts.append(scale_of(chunk_absmax(y, g, options.allow_nonfinite, source.path, info.name)[0]))
             chunk_scale = parts[-1]
         else:
+            if finite_check and not options.allow_nonfinite and not bool(torch.isfinite(y).all()):
+                chunk_absmax(y, g, False, source.path, info.name)       # raises NonFiniteError, counting them
             chunk_scale = fp8math.scale_rows(scale, g, r0, r1)
         q = fp8math.quantize_widened(y, chunk_scale, g, fmt, out=buffers.out)
         writer.write(q.reshape(-1).view(torch.uint8).numpy())

@@ -85,3 +85,15 @@ def stored_values(file: TensorSource, s: StoredTensor, per_chunk: int, work):
     for r0, r1, q in file.iter_rows(info, CHUNK_BYTES, rows_per_chunk=per_chunk):
         yield r0, r1, fp8math.dequantize(q, fp8math.scale_rows(scale, s.granularity, r0, r1), s.granularity,
                                          out=work)
+
+
+def input_scale(file: TensorSource, s: StoredTensor) -> float | None:
+    """The static activation scale stored beside a quantized tensor (``s.input_scale_key``: F32 []
+    in native and the comfy formats, [1] in the model's dtype in compressed-tensors), or None.
+
+    >>> with open_output("model-fp8.safetensors") as f:                  # doctest: +SKIP
+    ...     scales = {n: input_scale(f, s) for n, s in detect_format(f).stored(f).items()}
+    """
+    if s.input_scale_key is None:
+        return None
+    return float(file.read_tensor(file.tensors[s.input_scale_key]).float().reshape(-1)[0])

@@ -192,6 +192,23 @@ def legacy(src, work):
     return work / "legacy.safetensors", result
 
 
+def expected_keys(src, marker: bytes, input_scales: bool = False) -> dict:
+    """The comfy output's header ({key: (dtype, shape)}) for the source ``src`` under RULES."""
+    source, _ = header(src)
+    expected = {}
+    for key, (dtype, shape) in source.items():
+        layer = key[: -len(".weight")]
+        if key.endswith(".weight") and layer in QUANTIZED:
+            expected[key] = ("F8_E4M3", shape)
+            expected[layer + ".weight_scale"] = ("F32", [])
+            if input_scales:
+                expected[layer + ".input_scale"] = ("F32", [])
+            expected[layer + ".comfy_quant"] = ("U8", [len(marker)])
+        else:
+            expected[key] = (dtype, shape)               # kept: BF16, same key, no marker, no scale
+    return expected
+
+
 def assert_bit_exact(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
     assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
@@ -200,18 +217,8 @@ def assert_bit_exact(a, b):
 # ----------------------------------------------------------------------------- format comfy
 
 def test_comfy_keys_dtypes_and_shapes_to_the_letter(src, comfy):
-    source, _ = header(src)
     out, meta = header(comfy)
-    expected = {}
-    for key, (dtype, shape) in source.items():
-        layer = key[: -len(".weight")]
-        if key.endswith(".weight") and layer in QUANTIZED:
-            expected[key] = ("F8_E4M3", shape)
-            expected[layer + ".weight_scale"] = ("F32", [])
-            expected[layer + ".comfy_quant"] = ("U8", [len(E4M3_MARKER)])
-        else:
-            expected[key] = (dtype, shape)               # kept: BF16, same key, no marker, no scale
-    assert out == expected
+    assert out == expected_keys(src, E4M3_MARKER)
     sd = load_file(str(comfy))
     for layer in QUANTIZED:
         assert sd[layer + ".comfy_quant"].numpy().tobytes() == E4M3_MARKER
@@ -583,3 +590,114 @@ def test_formats_command_lists_both():
     result = run("formats")
     assert result.exit_code == 0
     assert "comfy " in result.output and "comfy-legacy" in result.output
+
+
+# --------------------------------------------------------------- calibrated input scales (convert --stats)
+
+# A plausible calibrated input range per quantized layer (the MLP's second linear sees the GELU's
+# outputs of a 4x wider layer: a wider range).
+INPUT_RANGES = {layer: (24.0 if layer.endswith("mlp.2") else 6.5) for layer in QUANTIZED}
+
+
+def stats_file(src, path, fp8="float8_e4m3fn"):
+    """A stats file of ``src`` as quantkit calibrate writes one: absmax weight ranges, fixed input ranges."""
+    from quantkit.calibration.observers import AbsMax
+    from quantkit.calibration.stats import Stats, fingerprint, save
+    from quantkit.hashing import sha256_file
+    weights = {}
+    with SafetensorsFile(str(src)) as f:
+        for layer in QUANTIZED:
+            obs = AbsMax()
+            obs.update(f.read_tensor(f.tensors[layer + ".weight"]).float())
+            weights[layer + ".weight"] = obs.statistic()
+        source = {"name": src.name, "sha256": sha256_file(str(src)), "fingerprint": fingerprint(f.tensors)}
+    stats = Stats(source=source, granularity="tensor", fp8=fp8, weight_observer="absmax", weights=weights,
+                  activations={k + ".weight": torch.tensor(v) for k, v in INPUT_RANGES.items()},
+                  activation_observer="absmax", samples=8, inputs="fixed test ranges")
+    save(stats, str(path), overwrite=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def comfy_static(src, work):
+    stats = stats_file(src, work / "flux.stats.safetensors")
+    convert(src, work / "comfy-static.safetensors", "--format", "comfy", "--comfy-header-metadata", "--stats", stats)
+    return work / "comfy-static.safetensors"
+
+
+def test_calibrated_comfy_keys_and_configs_to_the_letter(src, comfy_static):
+    """Each quantized layer gains <L>.input_scale F32 [] = range / 448, and its config (marker and
+    header alike) loses full_precision_matrix_mult: ComfyUI's FP8 matmul may use the scale."""
+    out, meta = header(comfy_static)
+    marker = b'{"format":"float8_e4m3fn"}'
+    assert out == expected_keys(src, marker, input_scales=True)
+    sd = load_file(str(comfy_static))
+    for layer, rng in INPUT_RANGES.items():
+        assert sd[layer + ".comfy_quant"].numpy().tobytes() == marker
+        assert sd[layer + ".input_scale"].item() == float(torch.tensor(rng / 448.0, dtype=torch.float32))
+    layers = json.loads(meta["_quantization_metadata"])["layers"]
+    assert layers == {layer: {"format": "float8_e4m3fn"} for layer in QUANTIZED}
+    assert json.loads(meta["quantkit.stats"])["input_scales"] == len(QUANTIZED)
+    with SafetensorsFile(comfy_static) as f:
+        stored = detect_format(f).stored(f)
+    for layer in QUANTIZED:
+        s = stored[layer + ".weight"]
+        assert s.input_scale_key == layer + ".input_scale" and s.full_precision_matrix_mult is False
+
+
+def test_comfyui_fp8_matmul_path_uses_the_input_scale(src, comfy_static):
+    """ComfyUI's mixed ops forward on the FP8 path: the input becomes QuantizedTensor.from_float(x,
+    layout, scale=input_scale) (comfy-kitchen: x * (1/scale), clamped to +-448, E4M3), then
+    F.linear with the FP8 weight. On CPU comfy-kitchen computes it from both dequantized operands:
+    equal to F.linear of the fake-quantized input and quantkit's dequantized weight."""
+    sd = load_file(str(comfy_static))
+    weights, configs, input_scales, _ = comfy_mixed_ops_load(sd, torch.float32)
+    assert set(input_scales) == QUANTIZED and not any(c.get("full_precision_matrix_mult") for c in configs.values())
+    ours, source = load_dequantized(str(comfy_static)), load_file(str(src))
+    g = torch.Generator().manual_seed(3)
+    for layer in QUANTIZED:
+        w, s = weights[layer + ".weight"], input_scales[layer]
+        assert s.dtype == torch.float32 and s.shape == ()
+        x = torch.randn(5, w.shape[1], generator=g) * INPUT_RANGES[layer] / 3
+        x[0, 0] = 2 * INPUT_RANGES[layer]                      # beyond the calibrated range: clamped
+        qx = QuantizedTensor.from_float(x, QUANT_ALGOS[configs[layer]["format"]][1], scale=s)
+        assert qx._qdata.dtype == torch.float8_e4m3fn and float(qx._qdata.float().abs().max()) == 448.0
+        fake = (x * (1.0 / s)).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+        bias = source[layer + ".bias"].float()
+        torch.testing.assert_close(F.linear(qx, w, bias), F.linear(fake, ours[layer + ".weight"], bias),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_calibrated_e5m2_input_scale_is_over_the_e5m2_maximum(src, work):
+    """ComfyUI quantizes a float8_e5m2 layer's input with the E5M2 layout (QUANT_ALGOS): its scale is
+    range / 57344, not / 448."""
+    stats = stats_file(src, work / "flux-e5m2.stats.safetensors", fp8="float8_e5m2")
+    out = work / "comfy-static-e5m2.safetensors"
+    convert(src, out, "--format", "comfy", "--stats", stats)
+    sd = load_file(str(out))
+    for layer, rng in INPUT_RANGES.items():
+        assert sd[layer + ".weight"].dtype == torch.float8_e5m2
+        assert sd[layer + ".input_scale"].item() == float(torch.tensor(rng / 57344.0, dtype=torch.float32))
+        assert json.loads(sd[layer + ".comfy_quant"].numpy().tobytes()) == {"format": "float8_e5m2"}
+    weights, configs, input_scales, _ = comfy_mixed_ops_load(sd, torch.float32)
+    layer = "double_blocks.0.img_mlp.2"
+    x = torch.full((1, weights[layer + ".weight"].shape[1]), INPUT_RANGES[layer])
+    qx = QuantizedTensor.from_float(x, QUANT_ALGOS["float8_e5m2"][1], scale=input_scales[layer],
+                                    dtype=torch.float8_e5m2)
+    assert float(qx._qdata.float().max()) == 57344.0          # the calibrated range lands on the E5M2 maximum
+
+
+def test_calibrated_legacy_scale_input_becomes_comfyuis_input_scale(src, work):
+    stats = stats_file(src, work / "flux-legacy.stats.safetensors")
+    out = work / "legacy-static.safetensors"
+    convert(src, out, "--format", "comfy-legacy", "--stats", stats)
+    keys, _ = header(out)
+    sd = load_file(str(out))
+    for layer, rng in INPUT_RANGES.items():
+        assert keys[layer + ".scale_input"] == ("F32", [])
+        assert sd[layer + ".scale_input"].item() == float(torch.tensor(rng / 448.0, dtype=torch.float32))
+    _, configs, input_scales, _ = comfy_mixed_ops_load(comfy_convert_old_quants(sd), torch.float32)
+    assert set(input_scales) == QUANTIZED and configs == {layer: {"format": "float8_e4m3fn"} for layer in QUANTIZED}
+    with SafetensorsFile(out) as f:
+        stored = detect_format(f).stored(f)
+    assert all(stored[layer + ".weight"].input_scale_key == layer + ".scale_input" for layer in QUANTIZED)

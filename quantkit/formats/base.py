@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
-from ..dtypes import Granularity, fp8_of
+from ..dtypes import E4M3FN, FP8Format, Granularity, Kind, fp8_of
 from ..errors import FormatError, PolicyError, UnsupportedInputError
 from ..options import ConvertOptions
 from ..planned import Emit, Plan, PlannedTensor, Role, StoredTensor  # noqa: F401  (a format's vocabulary)
@@ -39,8 +39,29 @@ def quantkit_metadata(fmt: "OutputFormat", plan: Plan, provenance: dict[str, str
         **extra,
         "quantkit.policy": json.dumps(summary["policy"], sort_keys=True, separators=(",", ":")),
         "quantkit.quantized": json.dumps([layer_name(t.name) for t in plan.quantized()]),
+        **({"quantkit.stats": json.dumps(summary["stats"], sort_keys=True, separators=(",", ":"))}
+           if summary.get("stats") is not None else {}),
         **provenance,
     }
+
+
+INPUT_SCALE = ".input_scale"
+
+
+def input_scale_key(weight_key: str) -> str:
+    """``<L>.input_scale`` of ``<L>.weight``: where native, comfy and compressed-tensors keep a
+    layer's static activation scale."""
+    return layer_name(weight_key) + INPUT_SCALE
+
+
+def static_input_scale(input_range: float, fmt: FP8Format = E4M3FN) -> float:
+    """A layer's static activation scale: its input's calibrated range over the FP8 maximum of the
+    activations (``fp8.scale_from_absmax``: float32, 1 for an all-zero range). Activations are
+    quantized ``x / scale`` then clamped to +-max, so a range above what was observed clips nothing."""
+    import torch
+
+    from ..fp8 import scale_from_absmax
+    return float(scale_from_absmax(torch.tensor(input_range, dtype=torch.float32), fmt))
 
 
 class OutputFormat:
@@ -144,21 +165,41 @@ def detect_format(file: TensorSource) -> OutputFormat:
 def stored_with_scales(file: TensorSource, scale_suffix: str, granularity_of, *, skip=lambda key: False,
                        weights_only: bool = False) -> dict[str, StoredTensor]:
     """Read back a layout where each FP8 tensor ``<key>`` has its scale under ``<key><scale_suffix>``
-    (``granularity_of(weight_shape, scale_shape)`` says which granularity it encodes): source key
-    -> StoredTensor. Scale keys, and keys for which ``skip(key)`` holds, are not source tensors.
+    (``granularity_of(weight_shape, scale_shape)`` says which granularity it encodes) and, for a
+    ``<L>.weight``, maybe a static activation scale ``<L>.input_scale``: source key -> StoredTensor.
+    Scale keys, and keys for which ``skip(key)`` holds, are not source tensors.
     ``weights_only``: only ``*.weight`` keys carry scales."""
     out = {}
     for key, info in file.tensors.items():
         if key.endswith(scale_suffix) and key[: -len(scale_suffix)] in file.tensors or skip(key):
+            continue
+        if key.endswith(INPUT_SCALE) and _is_fp8(file, key[: -len(INPUT_SCALE)] + ".weight"):
             continue
         scale = file.tensors.get(key + scale_suffix) if key.endswith(".weight") or not weights_only else None
         fp8 = fp8_of(info.dtype.code)
         if scale is None or fp8 is None:
             out[key] = StoredTensor(key, key)
             continue
+        inputs = file.tensors.get(input_scale_key(key)) if key.endswith(".weight") else None
         try:
-            out[key] = StoredTensor(key, key, scale.name, granularity_of(info.shape, scale.shape), fp8)
+            out[key] = StoredTensor(key, key, scale.name, granularity_of(info.shape, scale.shape), fp8,
+                                    input_scale_key=_one_value(file, inputs))
         except FormatError as exc:
             exc.path, exc.tensor = file.path, key
             raise
     return out
+
+
+def _is_fp8(file: TensorSource, key: str) -> bool:
+    info = file.tensors.get(key)
+    return info is not None and fp8_of(info.dtype.code) is not None
+
+
+def _one_value(file: TensorSource, info) -> str | None:
+    """The key of an activation scale (one float value, [] or [1]), or None when there is none."""
+    if info is None:
+        return None
+    if info.dtype.kind is not Kind.FLOAT or info.numel != 1 or len(info.shape) > 1:
+        raise FormatError(f"an input scale must be one float value ([] or [1]), not {info.dtype.code} "
+                          f"{list(info.shape)}", path=file.path, tensor=info.name)
+    return info.name

@@ -15,8 +15,13 @@ layer names equal to the file's key stems (ComfyUI uses them verbatim).
 ComfyUI (``comfy/utils.py`` ``detect_layer_quantization``) switches a model to its mixed ops
 when any key ends in ``.comfy_quant``; each layer then reads ``json.loads(marker bytes)`` and
 builds a comfy-kitchen ``QuantizedTensor`` from the weight and ``Params(scale=weight_scale)``.
-``full_precision_matrix_mult`` is set because quantkit writes no activation scale: without one
-ComfyUI's FP8 matmul would quantize activations with scale 1 (clamping them to +-448).
+``full_precision_matrix_mult`` is set on every layer without an activation scale: without one
+ComfyUI's FP8 matmul would quantize activations with scale 1 (clamping them to +-448). With
+``convert --stats`` a layer whose input was calibrated gets ``<L>.input_scale`` (range / the FP8
+maximum of its weight's dtype: ComfyUI quantizes the input in that dtype) and no flag, so
+ComfyUI's FP8 matmul (``comfy/ops.py`` ``mixed_precision_ops``: ``QuantizedTensor.from_float(x,
+layout, scale=input_scale)``; GPUs with FP8 compute only, elsewhere the weight is dequantized)
+uses it. ComfyUI registers ``input_scale`` as a parameter as stored (F32 [] here).
 Unknown ``__metadata__`` keys (quantkit's provenance) are ignored by ComfyUI.
 
 The model must carry the key names ComfyUI loads natively. A diffusers FLUX.1 or SD3 transformer
@@ -36,11 +41,11 @@ from ..errors import FormatError, PolicyError
 from ..fp8 import FP8_FORMATS, Granularity
 from ..policy import Action
 from ..writer import OutputTensor
-from .base import Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
+from .base import (INPUT_SCALE, Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata,
+                   register, static_input_scale)
 
 MARKER = ".comfy_quant"
 WEIGHT_SCALE = ".weight_scale"
-INPUT_SCALE = ".input_scale"
 HEADER_KEY = "_quantization_metadata"
 HEADER_VERSION = "1.0"
 MAX_MARKER_BYTES = 1 << 16     # a layer config is a few dozen bytes; anything huge is not one
@@ -116,7 +121,14 @@ def refuse_renamed(fmt_name: str, plan) -> None:
 
 
 def carried(t) -> tuple[float | None, bool]:
-    """(input_scale, full_precision_matrix_mult) carried over from an already-quantized source."""
+    """(input_scale, full_precision_matrix_mult) of a quantized layer: from a stats file's activation
+    range (FP8 matrix multiplication then on), else carried over from an already-quantized source.
+
+    ComfyUI quantizes a layer's input with the layout of its weight (``QUANT_ALGOS[format]``:
+    ``TensorCoreFP8E5M2Layout`` for float8_e5m2 weights), ``x / input_scale`` clamped to the FP8
+    maximum: the scale is the range over the maximum of the weight's FP8 dtype, 57344 for E5M2."""
+    if t.input_range is not None:
+        return static_input_scale(t.input_range, fp8_of(t.out_dtype.code)), False
     s = t.prequantized
     return getattr(s, "input_scale", None), getattr(s, "full_precision_matrix_mult", True)
 

@@ -4,13 +4,18 @@
                                       (``model.diffusion_model.scaled_fp8`` in a full checkpoint)
     <L>.weight          F8_E4M3       per quantized layer, the source's shape
     <L>.scale_weight    F32 []        W = q * scale_weight
-    <L>.scale_input     F32 []        only when carried over from a source that has one
+    <L>.scale_input     F32 []        a calibrated activation scale (``convert --stats``: range / 448),
+                                      or one carried over from a source that has one
 
 Loaders of this convention (ComfyUI before its mixed-precision loader, Forge, stable-diffusion.cpp,
 InvokeAI...) create EVERY ``nn.Linear`` in FP8 once the marker is present, so a Linear kept in
 high precision is cast to FP8 with scale 1 there (``warnings`` says so); current ComfyUI converts
 the file at load (``comfy.utils.convert_old_quants``) into the ``comfy`` convention, and loads
 unscaled layers in high precision. That conversion always assumes float8_e4m3fn, so E5M2 is refused.
+It renames ``scale_input`` to ``input_scale`` (dropping a value of exactly 1) and, with the 0-element
+marker written here, leaves FP8 matrix multiplication on: a layer without ``scale_input`` then has
+its input cast with scale 1 on GPUs with FP8 compute (``--format comfy`` flags such layers
+``full_precision_matrix_mult`` instead).
 """
 from __future__ import annotations
 

@@ -33,9 +33,13 @@ and vLLM's CompressedTensorsConfig)::
      "global_compression_ratio": null, "sparsity_config": {}, "transform_config": {}}
 
 - ``naive-quantized``: weight-only FP8. compressed-tensors' ``float-quantized`` compressor requires
-  input activations in the scheme; quantkit writes no static input scales yet. When it does, the
-  group gets ``input_activations`` (static per-tensor: ``strategy tensor, dynamic false``) and
-  both ``format`` fields become ``float-quantized`` -- see ``quantization_config(input_scales=True)``.
+  input activations in the scheme. With ``convert --stats`` (W8A8 static), each quantized Linear
+  whose input was calibrated also holds ``<L>.input_scale`` ``[1]`` in D (range / 448), the group
+  gets ``input_activations`` (``type float, num_bits 8, strategy tensor, dynamic false, symmetric
+  true``) and both ``format`` fields become ``float-quantized``; quantized Linears the stats have no
+  input range for go to a weight-only ``naive-quantized`` group ``group_1`` that names them (exact
+  names take precedence over ``Linear`` in compressed-tensors and vLLM), and the top-level format
+  is ``mixed-precision`` -- see ``quantization_config``.
 - ``ignore`` names the module (key minus ``.weight``) of every 2-D ``.weight`` that is not
   quantized -- attention projections, embeddings, heads, ``lm_head`` -- plus ``lm_head`` when the
   file has no ``lm_head.weight`` (a head tied to the embeddings has no key of its own, and an
@@ -84,7 +88,8 @@ from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
 from ..policy import Action, TensorKind
 from ..shards import is_index_name
 from ..writer import TEMP_MARK, OutputTensor
-from .base import Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register, stored_with_scales
+from .base import (Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, input_scale_key, layer_name, quantkit_metadata,
+                   register, static_input_scale, stored_with_scales)
 
 SCALE_SUFFIX = "_scale"
 CONFIG_NAME = "config.json"
@@ -144,30 +149,52 @@ def weight_args(granularity: Granularity) -> dict:
             "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
 
 
-def quantization_config(granularity: Granularity, ignore: list[str], *, input_scales: bool = False) -> dict:
+STATIC_INPUTS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "group_size": None,
+                 "dynamic": False, "actorder": None, "observer": "static_minmax", "observer_kwargs": {}}
+
+
+def quantization_config(granularity: Granularity, ignore: list[str], *, input_scales: bool = False,
+                        weight_only: list[str] = ()) -> dict:
     """config.json's ``quantization_config``.
 
-    ``input_scales``: the place for static FP8 activations (``<L>.input_scale`` ``[1]``, which
-    quantkit does not write yet): the scheme gains ``input_activations`` and the format becomes
-    ``float-quantized`` (compressed-tensors' FloatQuantizationCompressor requires activations).
+    ``input_scales``: static FP8 activations (``<L>.input_scale`` ``[1]``, from ``convert --stats``):
+    the scheme gains ``input_activations`` and the format becomes ``float-quantized``
+    (compressed-tensors' FloatQuantizationCompressor requires activations). ``weight_only``: the
+    quantized modules without an input scale, in a weight-only group of their own that names them
+    (compressed-tensors and vLLM match a module's exact name before its class ``Linear``); the
+    file's format is then ``mixed-precision``, each group carrying its own.
     """
     fmt = "float-quantized" if input_scales else "naive-quantized"
-    inputs = None
-    if input_scales:
-        inputs = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "group_size": None,
-                  "dynamic": False, "actorder": None, "observer": "static_minmax", "observer_kwargs": {}}
+    groups = {"group_0": {"targets": ["Linear"], "format": fmt, "weights": weight_args(granularity),
+                          "input_activations": dict(STATIC_INPUTS) if input_scales else None,
+                          "output_activations": None}}
+    if input_scales and weight_only:
+        groups["group_1"] = {"targets": list(weight_only), "format": "naive-quantized",
+                             "weights": weight_args(granularity), "input_activations": None,
+                             "output_activations": None}
+        fmt = "mixed-precision"
     return {
         "quant_method": "compressed-tensors",
         "format": fmt,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "format": fmt, "weights": weight_args(granularity),
-                                      "input_activations": inputs, "output_activations": None}},
+        "config_groups": groups,
         "ignore": list(ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
         "sparsity_config": {},
         "transform_config": {},
     }
+
+
+def input_scale_bytes(input_range: float, dtype: dtypes.DType) -> bytes:
+    """``<L>.input_scale``'s bytes: range / 448 in the model's dtype D, as compressed-tensors creates
+    the parameter (``initialize_qparams``: the scale dtype is the weight's). Rounded up to D's
+    smallest normal if it would underflow (a coarser step, never clipping)."""
+    import torch
+    scale = torch.tensor(static_input_scale(input_range, E4M3FN), dtype=torch.float32).to(dtype.torch)
+    if not bool(torch.isfinite(scale)) or float(scale) < torch.finfo(dtype.torch).tiny:
+        scale = torch.tensor(torch.finfo(dtype.torch).tiny, dtype=dtype.torch)
+    return scale.reshape(1).view(torch.uint8).numpy().tobytes()
 
 
 def source_folder(source) -> str:
@@ -285,6 +312,9 @@ class CompressedTensorsFormat(OutputFormat):
                 shape = (1,) if g is Granularity.TENSOR else scale_shape(t.info.shape, g)
                 dtype = dtypes.F32 if t.prequantized is not None else scale_dtype
                 emits.append(Emit(OutputTensor(t.name + SCALE_SUFFIX, dtype, shape), Role.SCALE, t.name))
+                if t.input_range is not None:
+                    emits.append(Emit(OutputTensor(input_scale_key(t.name), scale_dtype, (1,)), Role.CONSTANT, t.name,
+                                      input_scale_bytes(t.input_range, scale_dtype)))
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
@@ -296,7 +326,10 @@ class CompressedTensorsFormat(OutputFormat):
         d = model_dtype(plan).torch_name
         config["dtype"] = d
         config["torch_dtype"] = d          # the older spelling, still read by older transformers/vLLM
-        config["quantization_config"] = quantization_config(plan.options.granularity, ignored_modules(plan))
+        static = [t for t in plan.quantized() if t.input_range is not None]
+        config["quantization_config"] = quantization_config(
+            plan.options.granularity, ignored_modules(plan), input_scales=bool(static),
+            weight_only=[layer_name(t.name) for t in plan.quantized() if t.input_range is None])
         with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         src_folder = source_folder(source)
@@ -341,6 +374,7 @@ class CompressedTensorsFormat(OutputFormat):
         return any(tuple(s.shape) == (1,) for s, _ in pairs)
 
     def stored(self, file) -> dict[str, StoredTensor]:
+        # <L>.input_scale is read back as the weight's input_scale_key (base.stored_with_scales).
         def auxiliary(key: str) -> bool:      # input scales, zero points of an FP8 weight: not source tensors
             return key.endswith(AUX_SUFFIXES) and _is_fp8(file, key.rsplit(".", 1)[0] + ".weight")
         return stored_with_scales(file, SCALE_SUFFIX, granularity_from_shapes, skip=auxiliary, weights_only=True)

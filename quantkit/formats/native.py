@@ -4,19 +4,25 @@ For every quantized ``<L>.weight``:
     <L>.weight        FP8 (E4M3FN or E5M2), the source's shape
     <L>.weight_scale  float32: []  per tensor | [out, 1] per channel | [ceil(out/128), ceil(in/128)] per block
     W = q * scale
+    <L>.input_scale   float32 []   only with ``convert --stats``, for a layer whose input was calibrated:
+                                   the static activation scale, range / 448 (activations in E4M3
+                                   whatever the weights' FP8 dtype, as compressed-tensors and vLLM do):
+                                   x_q = clamp(x / input_scale, +-448) as float8_e4m3fn
 Every other tensor keeps its key, in the keep dtype (floats) or untouched (non-floats).
 The header metadata records the quantkit version, format, FP8 dtype, granularity, policy,
 the source's name and SHA256 and the quantized layers, so a file explains itself.
 """
 from __future__ import annotations
 
+import struct
 
 from .. import dtypes
 from ..errors import FormatError
 from ..fp8 import Granularity
 from ..policy import Action
 from ..writer import OutputTensor
-from .base import Emit, OutputFormat, Role, StoredTensor, quantkit_metadata, register, stored_with_scales
+from .base import (Emit, OutputFormat, Role, StoredTensor, input_scale_key, quantkit_metadata, register,
+                   static_input_scale, stored_with_scales)
 
 SCALE_SUFFIX = "_scale"
 
@@ -42,6 +48,9 @@ class NativeFormat(OutputFormat):
             emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
             if t.action is Action.QUANTIZE:
                 emits.append(Emit(OutputTensor(t.name + SCALE_SUFFIX, dtypes.F32, t.scale_shape), Role.SCALE, t.name))
+                if t.input_range is not None and t.name.endswith(".weight"):
+                    emits.append(Emit(OutputTensor(input_scale_key(t.name), dtypes.F32, ()), Role.CONSTANT, t.name,
+                                      struct.pack("<f", static_input_scale(t.input_range))))
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
