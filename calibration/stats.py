@@ -83,8 +83,9 @@ class Stats:
         return scale_from_absmax(self.weights[name].float(), self.fp8)
 
     def input_scale(self, name: str) -> float | None:
-        """The static activation scale of the layer whose weight is ``name`` (range / 448, the E4M3
-        maximum: activations are E4M3 in ComfyUI and compressed-tensors alike), or None."""
+        """The static E4M3 activation scale of the layer whose weight is ``name`` (range / 448), or
+        None. (A format whose client quantizes activations in another FP8 dtype divides the range
+        by that dtype's maximum itself: ComfyUI runs an E5M2 layer's input in E5M2.)"""
         rng = self.activations.get(name)
         if rng is None:
             return None
