@@ -325,3 +325,81 @@ def test_min_w8a8_sqnr_fails_the_file_row(flux_regimes, tmp_path):
     result, m = _validate(tmp_path, calibrated, src, "--min-w8a8-sqnr", "200")
     assert result.exit_code == 1 and "--min-w8a8-sqnr 200" in result.output, result.output
     assert m["rows"][1]["row"] == "file" and m["rows"][1]["sqnr"] < 200
+
+
+# ----------------------------------------------------------------------------- compressed-tensors W8A8 static
+
+def _ct_w8a8(tmp_path, input_scale: float):
+    """A tiny Llama converted to compressed-tensors, then made W8A8 static by hand (what convert
+    --stats will write): ``float-quantized`` with static input activations and ``<L>.input_scale`` [1]."""
+    from safetensors.torch import load_file
+
+    from quantkit.dtypes import Granularity
+    from quantkit.formats.compressed_tensors import quantization_config
+    build("llama").save_pretrained(tmp_path / "llama")
+    out = tmp_path / f"ct-{input_scale}"
+    assert run("convert", tmp_path / "llama", out, "--format", "compressed-tensors", "-q").exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    config["quantization_config"] = quantization_config(
+        Granularity(q["config_groups"]["group_0"]["weights"]["strategy"]), q["ignore"], input_scales=True)
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(out / "model.safetensors"))
+    for key in [k for k in tensors if k.endswith(".weight_scale")]:
+        tensors[key[: -len(".weight_scale")] + ".input_scale"] = torch.tensor([input_scale], dtype=tensors[key].dtype)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return tmp_path / "llama", out
+
+
+def test_transformers_quantizes_the_inputs_of_a_w8a8_static_folder_on_cpu(tmp_path):
+    """What the compressed-tensors client computes: transformers (5.x) with compressed-tensors (0.20)
+    wraps each targeted Linear's forward (``set_forward_quantized``), which fake-quantizes its input
+    with the stored input_scale on CPU too. Measured on the tiny Llama: weight-only 47.4 dB; input
+    scale 0.01 45.2 dB, 1.0 41.7 dB, 1e-4 22.4 dB (everything clamped). So validate's transformers
+    run of such a folder is its W8A8 "file" row, and its weight-only row comes from the runtime."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    src, tiny = _ct_w8a8(tmp_path, 1e-4)
+    _, good = _ct_w8a8(tmp_path, 0.01)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def logits(folder):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    ref = logits(src)
+
+    def sqnr(y):
+        return float(10 * torch.log10(ref.pow(2).sum() / (ref - y).pow(2).sum()))
+    assert sqnr(logits(tiny)) < 30 < sqnr(logits(good))
+
+
+def test_validate_rows_of_a_w8a8_static_compressed_tensors_folder(tmp_path):
+    from quantkit.formats import detect_format
+    from quantkit.readback import open_output
+    src, out = _ct_w8a8(tmp_path, 0.01)
+    with open_output(str(out)) as f:
+        stored = detect_format(f).stored(f)
+    if not any(s.input_scale_key for s in stored.values()):
+        pytest.skip("the compressed-tensors read-back does not name input scales yet (StoredTensor.input_scale_key)")
+    result, m = _validate(tmp_path, out, src, "--activations", "all")
+    assert result.exit_code == 0, result.output
+    rows = {r["row"]: r for r in m["rows"]}
+    assert list(rows) == ["weight-only", "file", "unit", "dynamic"]
+    assert rows["file"]["loaded_by"] == "transformers (compressed-tensors)"
+    assert rows["weight-only"]["loaded_by"].startswith("quantkit.runtime") and rows["unit"]["inputs"]
+
+
+def test_validate_report_shows_the_rows(flux_regimes, tmp_path):
+    pytest.importorskip("matplotlib")
+    src, calibrated, _, _, _ = flux_regimes["large"]
+    folder = tmp_path / "report"
+    result = run("validate", calibrated, "--against", src, "--no-hash-check", "--model-output", "--activations",
+                 "all", "--report", folder, "-q")
+    assert result.exit_code == 0, result.output
+    md = (folder / "report.md").read_text()
+    doc = json.loads((folder / "report.json").read_text())
+    for r in doc["model_output"]["rows"]:
+        assert f"| {r['row']} | {r['sqnr']:.2f} |" in md
+    assert (folder / "model_output.png").stat().st_size > 1000
