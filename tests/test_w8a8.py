@@ -307,6 +307,10 @@ def test_bad_values_are_one_line_errors(flux_regimes, tmp_path):
         qr.load(torch.nn.Linear(2, 2), str(calibrated), activations="static")
     result = run("validate", calibrated, "--against", src, "--model-output", "--activations", "some")
     assert result.exit_code == 2 and "'some' is not one of 'none', 'file', 'all'" in result.output
+    result = run("validate", calibrated, "--against", src, "--min-w8a8-sqnr", "nan")
+    assert result.exit_code == 2 and "--min-w8a8-sqnr" in result.output, result.output
+    result = run("validate", calibrated, "--min-w8a8-sqnr", "30")
+    assert result.exit_code == 2 and "pass --against SRC" in result.output, result.output
     # a zero input scale divides every input into Inf/NaN: the output is refused at load, by name
     with safe_open(str(calibrated), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -403,3 +407,31 @@ def test_validate_report_shows_the_rows(flux_regimes, tmp_path):
     for r in doc["model_output"]["rows"]:
         assert f"| {r['row']} | {r['sqnr']:.2f} |" in md
     assert (folder / "model_output.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs an FP8-capable GPU (compute capability 8.9+)")
+@pytest.mark.parametrize("activations", ["file", "dynamic"])
+def test_gpu_scaled_mm_with_the_stored_scales_is_the_cpu_simulation(flux_regimes, activations):
+    """The check a GPU runs: CUDA torch._scaled_mm on the stored codes and the file's input scales
+    (bf16 out, as its row-wise path requires) against the CPU simulation in float32."""
+    src, calibrated, model, _, _ = flux_regimes["large"]
+    from quantkit.model_output import build_model
+    from quantkit.sources import open_source
+    with open_source(str(src)) as s:
+        inputs = build_model(s, 0).inputs
+    outs = {}
+    for device, matmul, dtype in (("cpu", "dequantize", torch.float32), ("cuda", "fp8", torch.bfloat16)):
+        with qr.empty_weights():
+            loaded = type(model).from_config(model.config).eval()
+        qr.load(loaded, str(calibrated), compute_dtype=dtype, matmul=matmul, activations=activations)
+        loaded.to(device)
+        moved = {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else
+                 v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        with torch.no_grad():
+            outs[device] = loaded(**moved)[0].float().cpu()
+        if device == "cuda":
+            assert loaded.quantkit_runtime.kernels.get("scaled_mm", 0) > 0
+    a, b = outs["cpu"].double(), outs["cuda"].double()
+    cos = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+    assert cos > 0.999, cos
