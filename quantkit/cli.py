@@ -337,10 +337,21 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
 @click.option("--compute-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="With --model-output: the dtype both models compute in (bf16 halves what a block holds).")
 @click.option("--min-output-sqnr", type=DECIBELS, metavar="DB",
-              help="With --model-output: fail if the output's SQNR is below DB decibels (implies --model-output).")
+              help="With --model-output: fail if the weight-only output's SQNR (what every client computes) is "
+                   "below DB decibels (implies --model-output).")
+@click.option("--activations", type=click.Choice(["none", "file", "all"]), default="file", show_default=True,
+              help="With --model-output: rows that simulate FP8 activation quantization on CPU (inputs of FP8 "
+                   "Linears -> E4M3 and back), besides weight-only; each is one more streamed run of the quantized "
+                   "model. file: W8A8 as the file implies (its static input_scales; ComfyUI's 1.0 for a comfy layer "
+                   "with neither input_scale nor full_precision_matrix_mult), not run when the file implies none; "
+                   "all: also W8A8 with scale 1.0 (ComfyUI without input_scale, when the file has static scales) "
+                   "and W8A8 dynamic per token; none: weight-only.")
+@click.option("--min-w8a8-sqnr", type=DECIBELS, metavar="DB",
+              help="Fail if the output's SQNR with W8A8 as the file implies is below DB decibels (implies "
+                   "--model-output and --activations file or all).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_check, show, component, ema,
-             model_output, compute_dtype, min_output_sqnr, quiet):
+             model_output, compute_dtype, min_output_sqnr, activations, min_w8a8_sqnr, quiet):
     """Prove OUT is intact and faithful to its source.
 
     Recomputes the SHA256 of OUT (and of the source) and compares them with the manifest
@@ -358,6 +369,7 @@ def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_c
     from .validate import validate as run
     bars = _Bars(quiet)
     try:
+        model_output = model_output or min_w8a8_sqnr is not None
         if (model_output or min_output_sqnr is not None) and not against:
             raise QuantkitError("--model-output compares with the source model", hint="pass --against SRC")
         if min_sqnr is not None and not against:
@@ -367,7 +379,7 @@ def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_c
         click.echo(f"quantkit validate: {out}" + (f" against {against}" if against else ""))
         report = run(out, against, min_sqnr=min_sqnr, check_hash=not no_hash_check, component=component, ema=ema,
                      model_output=model_output, min_output_sqnr=min_output_sqnr, compute_dtype=compute_dtype,
-                     progress=bars.progress,
+                     activations=activations, min_w8a8_sqnr=min_w8a8_sqnr, progress=bars.progress,
                      reports=_reports(json_path), overwrite_reports=overwrite)
     except QuantkitError as exc:
         bars.progress.close()
@@ -397,6 +409,17 @@ def _write_report(kind: str, report, path: str) -> None:
     click.echo(f"  report: {path}/ ({', '.join(files)})")
 
 
+def _print_rows(rows: list[dict]) -> None:
+    """The model output's rows side by side: weight-only and the simulated W8A8 ones."""
+    if len(rows) < 2:
+        return
+    click.echo(f"    {'row':<12} {'SQNR dB':>8} {'PSNR dB':>8} {'cosine':>9}  what (loaded by)")
+    for r in rows:
+        same = " = weight-only: the file quantizes no input" if r.get("same_as") else ""
+        click.echo(f"    {r['row']:<12} {r['sqnr']:8.2f} {r['psnr']:8.2f} {r['cosine']:9.6f}  {r['what']}{same} "
+                   f"({r['loaded_by']})")
+
+
 def _print_report(report, show: int) -> None:
     for h in report.hashes:
         click.echo(f"  sha256 {h['role']}: {'OK' if h['ok'] else 'MISMATCH'}  {h['actual']}  {h['file']}")
@@ -417,6 +440,7 @@ def _print_report(report, show: int) -> None:
     if m:
         click.echo(f"  model output ({m['architecture']}, {m['inputs']}; output loaded by {m['loaded_by']}): "
                    f"SQNR {m['sqnr']:.2f} dB, cosine {m['cosine']:.6f}, relative L2 error {m['rel_l2']:.4f}")
+        _print_rows(m.get("rows") or [])
     if report.ok:
         click.echo(f"  PASS ({report.seconds:.2f} s)")
     else:

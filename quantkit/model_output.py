@@ -20,6 +20,16 @@ default, or ``bf16``).
   model predicts (every ControlNet residual, concatenated; the VAE's decoded image). Other
   classes are refused with the list of those covered.
 
+Activations (``rows``): the comparison above is weight-only (inputs as they come). A client that runs
+FP8 matmuls (ComfyUI on an RTX 40/50 or H100, vLLM) also quantizes each FP8 Linear's input to E4M3;
+``activations`` adds rows that simulate it on CPU (``quantkit.runtime.load(..., activations=)``:
+x -> clamp(x / s, -448, 448) -> E4M3 -> * s, then the layer's op), each one more streamed run of
+the quantized model: "file" (default) adds W8A8 as the file implies (its static ``input_scale``s;
+ComfyUI's 1.0 for a comfy layer with neither a scale nor ``full_precision_matrix_mult``), a run
+skipped when the file implies no activation quantization anywhere (the row is then weight-only's);
+"all" adds W8A8 with scale 1.0 everywhere (ComfyUI without ``input_scale``: what calibration bought)
+when the file has static scales, and W8A8 with a dynamic scale per token.
+
 Memory: never both models, and of each about one block of weights plus the activations (the
 runtime's streamed mode), so a checkpoint larger than the machine's memory can be validated at
 its output. The compressed-tensors client path is the exception: transformers holds that model whole.
@@ -37,6 +47,13 @@ from .metrics import ErrorStats
 
 TOKENS = 32
 BATCH = 2
+ACTIVATIONS = ("none", "file", "all")      # which rows compare_model_output runs (see the module docstring)
+RUNTIME = "quantkit.runtime (streamed, W = q * scale)"
+# Row name -> (runtime activations option, what the row is).
+ROWS = {"weight-only": ("none", "weight-only: FP8 weights, inputs as they come"),
+        "file": ("file", "W8A8 as the file implies (static input_scale where present)"),
+        "unit": ("unit", "W8A8 with input scale 1.0 (ComfyUI without input_scale)"),
+        "dynamic": ("dynamic", "W8A8 with a dynamic scale per token")}
 
 
 @dataclass(frozen=True)
@@ -51,19 +68,26 @@ class Model:
     output: Callable            # the model's return value -> the tensor compared
 
 
-def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: str = "fp32") -> dict:
+def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: str = "fp32",
+                         activations: str = "file") -> dict:
     """Outputs of ``source`` (an opened checkpoint) and of the quantized ``output`` on the same
     seeded inputs: {"architecture", "inputs", "loaded_by", "sqnr", "psnr", "cosine", "max_abs_error",
-    "rel_l2", ...}.
+    "rel_l2", ..., "rows"}; the top-level metrics are the weight-only row's.
 
     Each model is built without memory and loaded by ``quantkit.runtime`` in streamed mode (one block
     in memory at a time; FP8 weights stay FP8 and are dequantized into ``compute_dtype``, ``fp32`` or
     ``bf16``), run, and dropped before the other is built: peak memory is about a block and the
-    activations, whatever the model's size. Only the two outputs are kept. A compressed-tensors
-    output is loaded by transformers itself instead (its client), whole."""
+    activations, whatever the model's size. Only the outputs are kept. A compressed-tensors output is
+    loaded by transformers itself instead (its client), whole.
+
+    ``activations`` ("none", "file" default, "all"): which rows of FP8 activation quantization are
+    simulated besides weight-only (module docstring); ``rows`` lists each with its metrics and
+    ``loaded_by``."""
     import torch
 
     from .comfy_names import RenamedView
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations {activations!r}: use one of {', '.join(ACTIVATIONS)}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute_dtype]
     # The runtime maps an output written under ComfyUI's names back onto the diffusers model itself;
     # the source is read under its own names.
@@ -72,20 +96,74 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
     peaks = {}
     y_ref, peaks["source"] = _run(model, original, source.path, dtype)
     try:
-        if model.transformers and _client_format(output) == "compressed-tensors":
-            loader, y_q = "transformers (compressed-tensors)", _run_in_transformers(model, output, dtype)
-        else:
-            loader = "quantkit.runtime (streamed, W = q * scale)"
-            y_q, peaks["output"] = _run(model, output, output, dtype)
+        rows = _rows(model, output, dtype, activations, y_ref, peaks)
     except QuantkitError as exc:     # the source ran: the output is what is broken
-        raise ValidationFailed(f"the output does not run: {exc.message}", path=output,
-                               hint="re-run quantkit convert") from None
-    stats = ErrorStats().update(y_ref.float(), y_q.float())
-    rel = float((y_q.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30))
-    return {"architecture": model.architecture, "inputs": model.words, "loaded_by": loader,
+        raise ValidationFailed(f"the output does not run: {exc.message}", path=output, tensor=exc.tensor,
+                               hint=exc.hint or "re-run quantkit convert") from None
+    first = rows[0]
+    return {"architecture": model.architecture, "inputs": model.words, "loaded_by": first["loaded_by"],
             "compute_dtype": compute_dtype, "weights_peak_bytes": peaks, "output_shape": list(y_ref.shape),
-            "sqnr": stats.sqnr,
-            "psnr": stats.psnr, "cosine": stats.cosine, "max_abs_error": stats.max_abs_error, "rel_l2": rel}
+            **{k: first[k] for k in ("sqnr", "psnr", "cosine", "max_abs_error", "rel_l2")},
+            "activations": activations, "rows": rows}
+
+
+def _rows(model: Model, output: str, dtype, activations: str, y_ref, peaks: dict) -> list[dict]:
+    """The rows ``activations`` asks for, weight-only first, each compared with ``y_ref``."""
+    client = model.transformers and _client_format(output) == "compressed-tensors"
+    # transformers runs a compressed-tensors folder with its own fake quantization of the inputs where the
+    # folder's scheme has input activations (compressed-tensors' forward_quantize, on CPU too): that run is
+    # the "file" row then, and the weight-only one comes from the runtime.
+    client_row = ("file" if _ct_input_activations(output) else "weight-only") if client else None
+    wanted = ["weight-only"] + (["file"] if activations != "none" else [])
+    rows, static = [], False
+    while wanted:
+        name = wanted.pop(0)
+        option, what = ROWS[name]
+        if name == client_row:
+            y, loaded_by, inputs = _run_in_transformers(model, output, dtype), "transformers (compressed-tensors)", None
+        else:
+            y, peak, inputs = _run_with(model, output, output, dtype, option, skip_weight_only=name != "weight-only")
+            if name == "weight-only":
+                peaks["output"] = peak
+            loaded_by = f"{RUNTIME}; inputs: {_schemes(inputs)}" if option != "none" else RUNTIME
+        row = {"row": name, "what": what, "loaded_by": loaded_by, "inputs": inputs}
+        if y is None:         # nothing the file holds quantizes an input: this row is weight-only's
+            row.update({k: rows[0][k] for k in ("sqnr", "psnr", "cosine", "max_abs_error", "rel_l2")},
+                       same_as="weight-only")
+        else:
+            row.update(_metrics(y_ref, y))
+        rows.append(row)
+        if name == "file":
+            static = bool(inputs and inputs.get("static")) or (name == client_row)
+            if activations == "all":
+                wanted += (["unit"] if static else []) + ["dynamic"]
+    return rows
+
+
+def _schemes(inputs: dict | None) -> str:
+    """{"static": 12, "none": 3} -> "12 static, 3 none" (FP8 Linear layers by input scheme)."""
+    return ", ".join(f"{n} {k}" for k, n in sorted((inputs or {}).items(), key=lambda kv: -kv[1])) or "no FP8 Linear"
+
+
+def _metrics(y_ref, y) -> dict:
+    stats = ErrorStats().update(y_ref.float(), y.float())
+    rel = float((y.float() - y_ref.float()).norm() / y_ref.float().norm().clamp_min(1e-30))
+    return {"sqnr": stats.sqnr, "psnr": stats.psnr, "cosine": stats.cosine, "max_abs_error": stats.max_abs_error,
+            "rel_l2": rel}
+
+
+def _ct_input_activations(output: str) -> bool:
+    """Whether a compressed-tensors folder's scheme quantizes input activations (W8A8)."""
+    import json
+    folder = output if os.path.isdir(output) else os.path.dirname(os.path.abspath(output))
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    groups = config.get("config_groups") if isinstance(config, dict) else None
+    return isinstance(groups, dict) and any(isinstance(g, dict) and g.get("input_activations")
+                                            for g in groups.values())
 
 
 def _client_format(output: str) -> str | None:
@@ -247,6 +325,14 @@ def _run(model: Model, weights, path: str, dtype):
     """``model`` built afresh, loaded from ``weights`` (an opened checkpoint or an output's path) by
     the runtime in streamed mode, run on its inputs, and dropped: (its output, the peak bytes of
     weights it held)."""
+    y, peak, _ = _run_with(model, weights, path, dtype)
+    return y, peak
+
+
+def _run_with(model: Model, weights, path: str, dtype, activations: str = "none", skip_weight_only: bool = False):
+    """``_run`` with the runtime's ``activations`` option: (the output, the peak bytes of weights held,
+    the FP8 Linear layers by input scheme). With ``skip_weight_only``, a load that quantizes no
+    input is not run (output None)."""
     import gc
 
     import torch
@@ -256,11 +342,15 @@ def _run(model: Model, weights, path: str, dtype):
     module = model.make()
     try:
         try:
-            load(module, weights, mode="streamed", compute_dtype=dtype)
+            load(module, weights, mode="streamed", compute_dtype=dtype, activations=activations)
         except ModelMismatchError as exc:
             raise UnsupportedInputError(f"the weights do not fit the config's architecture ({exc.message})",
                                         path=path, hint="the config.json beside the weights must describe "
                                                         "this model") from None
+        info = module.quantkit_runtime
+        schemes = dict(info.inputs)
+        if skip_weight_only and not set(schemes) - {"none"}:
+            return None, info.peak_bytes, schemes
         inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
                   for k, v in model.inputs.items()}          # the same seeded values, in the compute dtype
         with torch.no_grad():
@@ -270,7 +360,7 @@ def _run(model: Model, weights, path: str, dtype):
                 raise UnsupportedInputError(f"{model.architecture} does not run on the inputs made from its config "
                                             f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=path,
                                             hint="validate it per tensor (without --model-output)") from exc
-        return model.output(out).detach().float().clone(), module.quantkit_runtime.peak_bytes
+        return model.output(out).detach().float().clone(), info.peak_bytes, schemes
     finally:
         info = getattr(module, "quantkit_runtime", None)
         if info is not None:

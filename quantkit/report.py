@@ -30,6 +30,11 @@ def _pyplot():
     return plt
 
 
+def _num(v, spec: str) -> str:
+    """A metric for a table: formatted, or "exact" for an infinite SQNR/PSNR (no error; null in JSON)."""
+    return format(v, spec) if _finite(v) is not None else "exact"
+
+
 def _finite(v) -> float | None:
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
@@ -98,18 +103,23 @@ def _tensor_chart(plt, report, path: str) -> None:
 
 
 def _output_chart(plt, m: dict, path: str) -> None:
-    """The model's output, source vs quantized: SQNR and cosine side by side."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
-    sqnr = _finite(m.get("sqnr")) or 0.0
-    a.barh([m.get("architecture", "model")], [sqnr], color="tab:blue")
+    """The model's output, source vs quantized: SQNR and cosine side by side, one bar per row
+    (weight-only, then the simulated W8A8 rows when they were measured)."""
+    rows = m.get("rows") or [{"row": m.get("architecture", "model"), "sqnr": m.get("sqnr"), "cosine": m.get("cosine")}]
+    names = [r["row"] for r in rows][::-1]
+    sqnr = [_finite(r.get("sqnr")) or 0.0 for r in rows][::-1]
+    gap = [max(1 - (_finite(r.get("cosine")) or 0.0), 1e-12) for r in rows][::-1]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 2.6 + 0.35 * len(rows)), dpi=110)
+    a.barh(names, sqnr, color="tab:blue")
     a.set_xlabel("output SQNR (dB)")
-    a.text(sqnr, 0, f" {sqnr:.2f} dB", va="center")
-    a.set_xlim(0, max(sqnr * 1.3, 10))
-    cos = _finite(m.get("cosine")) or 0.0
-    b.barh(["1 - cosine"], [max(1 - cos, 1e-12)], color="tab:orange")
+    for i, v in enumerate(sqnr):
+        a.text(v, i, f" {v:.2f} dB", va="center")
+    a.set_xlim(0, max(max(sqnr) * 1.3, 10))
+    b.barh(names, gap, color="tab:orange")
     b.set_xscale("log")
     b.set_xlabel("1 - cosine (log)")
-    b.text(max(1 - cos, 1e-12), 0, f" cosine {cos:.6f}", va="center")
+    for i, v in enumerate(gap):
+        b.text(v, i, f" cosine {1 - v:.6f}", va="center")
     fig.suptitle(f"Model output ({m.get('inputs', '')})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -158,8 +168,15 @@ def _validation_md(report, files: list[str]) -> str:
     m = report.model_output
     if m:
         lines += [f"Model output ({m['architecture']}, {m['inputs']}; loaded by {m['loaded_by']}): SQNR "
-                  f"{m['sqnr']:.2f} dB, cosine {m['cosine']:.6f}, relative L2 error {m['rel_l2']:.4f}.", "",
-                  "![model output](model_output.png)", ""]
+                  f"{m['sqnr']:.2f} dB, cosine {m['cosine']:.6f}, relative L2 error {m['rel_l2']:.4f}.", ""]
+        rows = m.get("rows") or []
+        if len(rows) > 1:
+            lines += ["| row | SQNR (dB) | PSNR (dB) | cosine | what | loaded by |", "|---|---:|---:|---:|---|---|"]
+            lines += [f"| {r['row']} | {_num(r['sqnr'], '.2f')} | {_num(r['psnr'], '.2f')} | {_num(r['cosine'], '.6f')} "
+                      f"| {r['what']}{' (= weight-only: the file quantizes no input)' if r.get('same_as') else ''} "
+                      f"| {r['loaded_by']} |" for r in rows]
+            lines.append("")
+        lines += ["![model output](model_output.png)", ""]
     if report.failures:
         lines += ["## Problems", ""] + [f"- {f}" for f in report.failures] + [""]
     lines.append(f"Data: [{DATA}]({DATA}).")

@@ -101,14 +101,17 @@ class ValidationReport:
 def validate(output: str, against: str | None = None, *, min_sqnr: float | None = None,
              check_hash: bool = True, component: str | None = None, ema: bool | None = None,
              model_output: bool = False, min_output_sqnr: float | None = None, compute_dtype: str = "fp32",
-             progress: Progress = NULL, reports: dict[str, str] | None = None,
+             activations: str = "file", min_w8a8_sqnr: float | None = None, progress: Progress = NULL, reports: dict[str, str] | None = None,
              overwrite_reports: bool = False) -> ValidationReport:
     """Check ``output`` (a quantkit output: a file, a folder, a sharded folder) against its
     manifest and, with ``against``, its source (any layout ``open_source`` reads; the
     component and EMA choice recorded in the manifest apply unless given). ``model_output``
     also runs the source model and the quantized one on the same inputs and compares their
     outputs (``quantkit.model_output``; transformers and diffusers models, each streamed through
-    ``quantkit.runtime`` in ``compute_dtype``, ``fp32`` or ``bf16``), failing below ``min_output_sqnr``.
+    ``quantkit.runtime`` in ``compute_dtype``, ``fp32`` or ``bf16``), failing below ``min_output_sqnr``
+    (the weight-only row: what every client computes). ``activations`` ("none", "file", "all") adds
+    rows that simulate FP8 activation quantization (``quantkit.model_output``); ``min_w8a8_sqnr``
+    fails the row "as the file implies" below it (and implies ``activations`` "file" at least).
 
     ``reports`` (option -> path): files the caller writes afterwards, checked before any work
     (never the output, its manifest or a file the source reads; ``overwrite_reports`` to replace one).
@@ -126,7 +129,11 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         report.notes.append(f"{given} is the index of the sharded output {output}: the folder is validated")
     manifest = _manifest(output, check_hash, report)
     src = _open_against(against, _recorded_source(output, manifest), component, ema) if against else None
-    run_model = (model_output or min_output_sqnr is not None) and src is not None
+    if activations not in ("none", "file", "all"):
+        raise ValueError(f"activations {activations!r}: use one of none, file, all")
+    if min_w8a8_sqnr is not None and activations == "none":
+        activations = "file"
+    run_model = (model_output or min_output_sqnr is not None or min_w8a8_sqnr is not None) and src is not None
     try:
         for option, path in (reports or {}).items():
             check_report_path(path, option, reads=[*output_paths(output), *(source_reads(src) if src else [])],
@@ -137,7 +144,7 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         hashes = _start_hashes(output, manifest, src, report) if manifest is not None else []
         _compare_output(output, src, report, progress)
         if run_model:
-            _compare_model_output(src, output, report, min_output_sqnr, compute_dtype)
+            _compare_model_output(src, output, report, min_output_sqnr, compute_dtype, activations, min_w8a8_sqnr)
     finally:
         if src is not None:
             src.close()
@@ -189,16 +196,20 @@ def _compare_output(output: str, src, report: ValidationReport, progress: Progre
 
 
 def _compare_model_output(src, output: str, report: ValidationReport, min_output_sqnr: float | None,
-                          compute_dtype: str) -> None:
+                          compute_dtype: str, activations: str = "file", min_w8a8_sqnr: float | None = None) -> None:
     from .model_output import compare_model_output
     try:
-        report.model_output = compare_model_output(src, output, compute_dtype=compute_dtype)
+        report.model_output = compare_model_output(src, output, compute_dtype=compute_dtype, activations=activations)
     except ValidationFailed as exc:  # the source ran; the output did not (a tensor missing...)
         report.failures.append(f"model output: {exc}")
         return
     sqnr = report.model_output["sqnr"]
     if min_output_sqnr is not None and not sqnr >= min_output_sqnr:
         report.failures.append(f"model output: SQNR {sqnr:.2f} dB is below --min-output-sqnr {min_output_sqnr:g}")
+    file_row = next((r for r in report.model_output["rows"] if r["row"] == "file"), None)
+    if min_w8a8_sqnr is not None and file_row is not None and not file_row["sqnr"] >= min_w8a8_sqnr:
+        report.failures.append(f"model output, W8A8 as the file implies: SQNR {file_row['sqnr']:.2f} dB is below "
+                               f"--min-w8a8-sqnr {min_w8a8_sqnr:g}")
 
 
 def _chain(output: str, manifest: dict | None, report: ValidationReport) -> dict | None:

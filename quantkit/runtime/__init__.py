@@ -17,11 +17,15 @@ prints or needs a GPU. By default every device dequantizes into the compute dtyp
 layer's own op (``weights.dequantized``); ``load(..., matmul="fp8")`` makes ``nn.Linear`` layers
 with E4M3 weights multiply the stored codes with ``torch._scaled_mm`` (``weights.scaled_forward``:
 W8A8 with a dynamic per-tensor activation scale; CPU and CUDA). ``RuntimeInfo.kernels`` says which
-path ran. torchao's Float8Tensor is not used.
+path ran. ``load(..., activations="file"|"unit"|"dynamic")`` also quantizes those layers' inputs to
+E4M3 and back (``weights.InputQuant``: the file's static ``input_scale``, 1.0, or per token), the
+FP8 activations of a GPU client simulated on CPU; ``RuntimeInfo.inputs`` counts the layers by scheme.
+torchao's Float8Tensor is not used.
 """
 from __future__ import annotations
 
 from .loader import Mode, RuntimeInfo, empty_weights, load, tensor_bytes
 from .streaming import stream_units
+from .weights import Activations, InputQuant
 
-__all__ = ["Mode", "RuntimeInfo", "empty_weights", "load", "stream_units", "tensor_bytes"]
+__all__ = ["Activations", "InputQuant", "Mode", "RuntimeInfo", "empty_weights", "load", "stream_units", "tensor_bytes"]

@@ -4,15 +4,16 @@ from __future__ import annotations
 import enum
 import os
 import weakref
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import ModelMismatchError
-from .placements import Layout, Placement, TensorSource, open_layout, read_data, read_scale
+from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
 from .streaming import Streamer, stream_units
-from .weights import KERNELS, MATMULS, KernelLog, held_buffer, make_cast, make_quantized
+from .weights import KERNELS, MATMULS, Activations, InputQuant, KernelLog, held_buffer, make_cast, make_quantized
 
 EXAMPLES = 3
 
@@ -28,7 +29,9 @@ class RuntimeInfo:
 
     ``resident_bytes``: tensors held between calls (the module's non-meta parameters and buffers);
     ``materialised_bytes`` / ``peak_bytes``: streamed units' tensors in memory now / at most, plus
-    the resident ones for the peak; ``kernels``: how many weights each kernel path made so far."""
+    the resident ones for the peak; ``kernels``: how many weights each kernel path made so far;
+    ``activations``: the ``load`` option, and ``inputs``: how many FP8 Linear layers quantize their
+    input by each scheme ("static", "unit", "dynamic"; "none": weight-only)."""
 
     path: str
     mode: Mode
@@ -43,6 +46,8 @@ class RuntimeInfo:
     resident_bytes: int = 0
     materialised_bytes: int = 0
     peak_bytes: int = 0
+    activations: Activations = Activations.NONE
+    inputs: dict[str, int] = field(default_factory=dict)
     log: KernelLog = field(default_factory=KernelLog, repr=False)
     _streamer: Streamer | None = field(default=None, repr=False)
     _layout: Layout | None = field(default=None, repr=False)
@@ -56,7 +61,7 @@ class RuntimeInfo:
         return {"path": self.path, "mode": self.mode.value, "format": self.format, "renamed": self.renamed,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "file_bytes": self.file_bytes,
                 "quantized": self.quantized, "kept": self.kept, "kept_as_stored": self.kept_as_stored,
-                "units": len(self.units),
+                "units": len(self.units), "activations": self.activations.value, "inputs": dict(self.inputs),
                 "resident_bytes": self.resident_bytes, "peak_bytes": self.peak_bytes,
                 "kernels": {KERNELS[k]: n for k, n in self.kernels.items()}}
 
@@ -72,7 +77,7 @@ class RuntimeInfo:
 
 def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: str | Mode = "resident",
          compute_dtype: torch.dtype | None = None, *, prefetch: bool = True,
-         matmul: str = "dequantize") -> torch.nn.Module:
+         matmul: str = "dequantize", activations: str | Activations = "none") -> torch.nn.Module:
     """Load the checkpoint at ``path`` into ``module`` and return it, FP8 weights kept as FP8.
 
     ``path``: any quantkit output (native, comfy, comfy-legacy, compressed-tensors; a file, a
@@ -91,7 +96,16 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     meanwhile. ``module.quantkit_runtime`` (``RuntimeInfo``) says what was loaded and which kernel ran.
     ``matmul``: "dequantize" (default: W = q * scale in the compute dtype, then the layer's own op;
     bit-identical to dequantize-then-run) or "fp8" (``nn.Linear`` layers with E4M3 weights multiply
-    the stored codes with ``torch._scaled_mm``, inputs quantized per call with a dynamic scale).
+    the stored codes with ``torch._scaled_mm``, inputs quantized with the layer's activation scale).
+    ``activations``: how ``nn.Linear`` layers with FP8 weights quantize their input to E4M3 (and back:
+    x -> clamp(x / s, -448, 448) -> E4M3 -> * s in float32, then the layer's op; ``weights.InputQuant``):
+    "none" (default: weight-only); "file" (what the file implies for each layer, as its client runs
+    it: the stored ``input_scale``; ComfyUI's 1.0 for a comfy layer without one and without
+    ``full_precision_matrix_mult``; nothing for a full-precision or weight-only layer); "unit" (1.0
+    everywhere: ComfyUI without input scales, inputs clamped to +-448); "dynamic" (absmax / 448 per
+    token). With ``matmul="fp8"`` inputs are always quantized: "none" then means the file's static
+    scale where there is one and a dynamic per-tensor scale elsewhere, and a layer that "file" leaves
+    weight-only is dequantized (as ComfyUI does).
 
     >>> with empty_weights():                                         # doctest: +SKIP
     ...     model = FluxTransformer2DModel.from_config(config)
@@ -102,6 +116,7 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
         raise ValueError("this module was already loaded by quantkit.runtime.load; build a fresh one")
     if matmul not in MATMULS:
         raise ValueError(f"matmul {matmul!r}: use one of {', '.join(MATMULS)}")
+    activations = _activations(activations)
     dtype = compute_dtype or own_dtype(module)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
         raise ValueError(f"compute_dtype {dtype!r}: use a floating-point dtype of 16 bits or more "
@@ -109,13 +124,14 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     tensors = _tensors(module)
     layout = open_layout(path, {n: (tuple(t.shape), t.dtype) for n, (t, _) in tensors.items()}, type(module).__name__)
     try:
-        return _load(module, layout.source.path, mode, dtype, prefetch, tensors, layout, matmul)
+        return _load(module, layout.source.path, mode, dtype, prefetch, tensors, layout, matmul, activations)
     except BaseException:
         layout.close()
         raise
 
 
-def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: str) -> torch.nn.Module:
+def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: str,
+          activations: Activations) -> torch.nn.Module:
     placements = layout.placements
     aliases = _aliases(tensors)
     _check_complete(module, tensors, aliases, placements, layout.source.path)
@@ -124,7 +140,11 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
                        sum(p.quantized for p in placements.values()),
                        sum(not p.quantized for p in placements.values()), len(holding.stored))
     scales = {t: read_scale(layout.source, p) for t, p in placements.items() if p.quantized}
-    assign = _assigner(module, tensors, aliases, holding, scales, info.log, matmul)
+    inputs = _inputs(module, layout, activations, matmul)
+    info.activations = activations
+    info.inputs = dict(Counter(q.scheme if q else "dynamic per tensor" if m == "fp8" else "none"
+                               for q, m in inputs.values()))
+    assign = _assigner(module, tensors, aliases, holding, scales, info.log, matmul, inputs)
     streamed = _streamed(module, placements, aliases) if mode is Mode.STREAMED else {}
     in_units = {p.target for ps in streamed.values() for p in ps}
 
@@ -176,6 +196,40 @@ class _Holding:
         return p.nbytes // p.dtype.itemsize * self.held_dtype(p).itemsize
 
 
+def _activations(value) -> Activations:
+    try:
+        return Activations(value)
+    except ValueError:
+        raise ValueError(f"activations {value!r}: use one of {', '.join(a.value for a in Activations)}") from None
+
+
+def _inputs(module, layout: Layout, activations: Activations, matmul: str) -> dict[str, tuple]:
+    """Module weight name -> (its ``InputQuant`` or None, its matmul) for every FP8 weight of an
+    ``nn.Linear``; the file's input scales are read here, once (a few bytes each)."""
+    out = {}
+    for target, p in layout.placements.items():
+        owner, _, attr = target.rpartition(".")
+        if not p.quantized or attr != "weight" or not isinstance(module.get_submodule(owner), torch.nn.Linear):
+            continue
+        wanted = activations is Activations.FILE or (matmul == "fp8" and activations is Activations.NONE)
+        static = InputQuant(read_input_scale(layout.source, p)) if wanted and p.implied is Implied.STATIC else None
+        if activations is Activations.UNIT:
+            quant = InputQuant(1.0)
+        elif activations is Activations.DYNAMIC:
+            quant = InputQuant(None)
+        elif activations is Activations.FILE:
+            quant = static or (InputQuant(1.0) if p.implied is Implied.UNIT else None)
+        else:
+            quant = None
+        layer_matmul = matmul
+        if matmul == "fp8" and activations is Activations.NONE:
+            quant = static                   # the kernel's default: the file's scale, else dynamic per tensor
+        elif matmul == "fp8" and quant is None:
+            layer_matmul = "dequantize"      # a layer the file leaves weight-only is dequantized, as ComfyUI does
+        out[target] = (quant, layer_matmul)
+    return out
+
+
 def _mode(mode) -> Mode:
     try:
         return Mode(mode)
@@ -225,11 +279,13 @@ def _check_complete(module, tensors, aliases, placements, path) -> None:
                                  "checkpoint does not hold", path=path, tensor=missing[0], hint=hint)
 
 
-def _assigner(module, tensors, aliases, holding: _Holding, scales, log, matmul: str = "dequantize"):
+def _assigner(module, tensors, aliases, holding: _Holding, scales, log, matmul: str = "dequantize",
+              inputs: dict | None = None):
     """``assign(target, value)``: put ``value`` (what ``holding`` holds; None for a meta placeholder)
     in place of module tensor ``target`` and each of its aliases. Holds the module weakly: the
     streamed mode's hooks and finalizer reach it through this, and must not keep it alive."""
     module = weakref.proxy(module)
+    inputs = inputs or {}
 
     def assign(target: str, value) -> None:
         p = holding.placements[target]
@@ -245,7 +301,9 @@ def _assigner(module, tensors, aliases, holding: _Holding, scales, log, matmul: 
             if buffer is not None:                  # held as stored already: new values in place
                 sub._buffers[buffer] = value
             elif p.quantized:
-                make_quantized(sub, attr, value, scales[target], p.granularity, holding.dtype, log, matmul)
+                quant, layer_matmul = inputs.get(target, (None, matmul))
+                make_quantized(sub, attr, value, scales[target], p.granularity, holding.dtype, log, layer_matmul,
+                               quant)
             elif target in holding.stored:
                 make_cast(sub, attr, value, holding.dtype)
             elif is_param:

@@ -11,16 +11,23 @@ transformer or UNet is stored under BFL's / SAI's / LDM's names (``quantkit.comf
 renaming table is rebuilt from the *module's* tensor shapes (it needs row counts only, no source
 checkpoint), and inverted, so a joined ``qkv`` gives each of ``to_q``, ``to_k``, ``to_v`` its rows
 (each keeping the joined per-tensor scale) and a swapped modulation gets its halves back.
+
+A quantized placement also says what its file implies for the layer's input on a client that runs
+FP8 matmuls (``Implied``): the stored static ``input_scale`` (any format's read-back names its key,
+``StoredTensor.input_scale_key``; the rows of a joined layer share it, as they share its input);
+ComfyUI's scale 1.0 for a layer that has neither an input scale nor ``full_precision_matrix_mult``;
+or nothing (weight-only: ``full_precision_matrix_mult``, or a format without activation scales).
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
 from ..checkpoint import open_checkpoint
 from ..comfy_names import flux_to_bfl, is_diffusers_flux, is_diffusers_sd3, is_diffusers_unet, sd3_to_sai, unet_to_ldm
 from ..dtypes import DType, Kind, from_torch
-from ..errors import ModelMismatchError, QuantkitError, UnsupportedInputError
+from ..errors import FormatError, ModelMismatchError, QuantkitError, UnsupportedInputError
 from ..formats import StoredTensor, detect_format
 from ..fp8 import FP8Format, Granularity
 from ..reader import TensorInfo, TensorSource
@@ -29,6 +36,27 @@ from ..reader import TensorInfo, TensorSource
 _RENAMED = (("FLUX.1", "BFL", is_diffusers_flux, flux_to_bfl), ("SD3", "SAI", is_diffusers_sd3, sd3_to_sai),
             ("UNet", "LDM", is_diffusers_unet, unet_to_ldm))
 EXAMPLES = 3
+
+
+class Implied(enum.Enum):
+    """What a quantized layer's entry in its file implies for the layer's input."""
+
+    NONE = "none"       # weight-only: dequantized weight, input as it comes
+    STATIC = "static"   # quantized to E4M3 with the stored input scale (Placement.input_scale_key)
+    UNIT = "unit"       # quantized with scale 1.0: ComfyUI's FP8 matmul without an input scale
+
+
+def implied(s: StoredTensor) -> Implied:
+    """What ``s`` implies for its layer's input. ComfyUI (``comfy`` and ``comfy-legacy`` read-back:
+    ``full_precision_matrix_mult`` is set) dequantizes a layer that asks for full precision, even
+    with an input scale; it quantizes the input of any other FP8 layer, with scale 1.0 when the
+    file has none. Other formats quantize inputs only with a static scale they store."""
+    full_precision = getattr(s, "full_precision_matrix_mult", None)
+    if full_precision:
+        return Implied.NONE
+    if s.input_scale_key is not None:
+        return Implied.STATIC
+    return Implied.UNIT if full_precision is not None else Implied.NONE
 
 
 @dataclass(frozen=True)
@@ -53,6 +81,8 @@ class Placement:
     scale_key: str | None = None
     granularity: Granularity | None = None
     fp8: FP8Format | None = None
+    implied: Implied = Implied.NONE
+    input_scale_key: str | None = None     # with Implied.STATIC: the stored static activation scale
 
     @property
     def quantized(self) -> bool:
@@ -169,7 +199,9 @@ def _place(source, stored, table, targets, module_name: str) -> dict[str, Placem
                                      f"{s.granularity.value} scales", path=source.path, tensor=s.data_key,
                                      hint="a joined layer needs one scale per tensor")
         out[target] = Placement(target, shape, first.dtype, tuple(ps),
-                                s.scale_key if s else None, s.granularity if s else None, s.fp8 if s else None)
+                                s.scale_key if s else None, s.granularity if s else None, s.fp8 if s else None,
+                                implied(s) if s else Implied.NONE,
+                                s.input_scale_key if s is not None and implied(s) is Implied.STATIC else None)
     return out
 
 
@@ -190,6 +222,18 @@ def read_data(source: TensorSource, p: Placement):
 def read_scale(source: TensorSource, p: Placement):
     """The scale of a quantized placement, as stored (a small tensor)."""
     return source.read_tensor(source.tensors[p.scale_key])
+
+
+def read_input_scale(source: TensorSource, p: Placement) -> float:
+    """The static activation scale of ``p`` (one positive finite float), refused otherwise: a zero,
+    negative or non-finite scale divides every input into NaN or Inf."""
+    info = source.tensors.get(p.input_scale_key)
+    value = source.read_tensor(info).float().reshape(-1) if info is not None else None
+    if value is None or value.numel() != 1 or not (math.isfinite(float(value[0])) and float(value[0]) > 0):
+        shown = "missing" if value is None else f"{value.tolist()[:4]}"
+        raise FormatError(f"an input scale must be one positive finite float, not {shown}", path=source.path,
+                          tensor=p.input_scale_key, hint="re-run quantkit convert --stats with calibrated statistics")
+    return float(value[0])
 
 
 def _rows(shape) -> int:

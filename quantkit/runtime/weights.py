@@ -20,9 +20,16 @@ other device ``q.float() * scale`` (the same products, exact in float32). With `
 an ``nn.Linear`` holding E4M3 codes multiplies them as they are with ``torch._scaled_mm`` (CPU, and
 CUDA on FP8-capable GPUs), its input quantized per call (``scaled_forward``): W8A8 numerics, not
 bit-identical to the dequantize path.
+
+Activations (``InputQuant``): an ``nn.Linear`` holding FP8 codes can also quantize its input to E4M3
+and back before its own op (``quantized_input``: x -> clamp(x / s, -448, 448) -> E4M3 -> * s, in
+float32), with a static scale (the file's ``input_scale``, or 1.0 as ComfyUI assumes without one)
+or a dynamic one per token (row). That is fake quantization: on CPU, in float32, the numbers an
+FP8 matmul on a GPU computes, up to the order of the sums (``scaled_forward`` takes the same scales).
 """
 from __future__ import annotations
 
+import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -42,6 +49,27 @@ KERNELS = {
 MATMULS = ("dequantize", "fp8")
 
 
+class Activations(enum.Enum):
+    """How ``load`` quantizes the inputs of ``nn.Linear`` layers whose weights are FP8."""
+
+    NONE = "none"         # weight-only: inputs as they come (ComfyUI's full_precision_matrix_mult)
+    FILE = "file"         # as the file implies for each layer, as its client runs it (Placement.implied)
+    UNIT = "unit"         # scale 1.0 everywhere: ComfyUI's FP8 matmul without an input_scale (clamp to +-448)
+    DYNAMIC = "dynamic"   # per token (row of the input): absmax / 448 at every call
+
+
+@dataclass(frozen=True)
+class InputQuant:
+    """An FP8 Linear's input quantization: a static ``scale`` (positive, finite) or, with None,
+    a dynamic scale per token."""
+
+    scale: float | None
+
+    @property
+    def scheme(self) -> str:
+        return "dynamic" if self.scale is None else "unit" if self.scale == 1.0 else "static"
+
+
 @dataclass(frozen=True)
 class Held:
     """How a module makes one tensor it holds as stored: dequantized (``granularity`` set) or cast,
@@ -50,6 +78,7 @@ class Held:
     dtype: torch.dtype
     granularity: Granularity | None = None
     matmul: str = "dequantize"        # "fp8": an nn.Linear multiplies FP8 codes directly (scaled_forward)
+    input: InputQuant | None = None   # an nn.Linear's input quantized to E4M3 first (None: as it comes)
 
 
 @dataclass
@@ -75,18 +104,55 @@ def dequantized(codes: torch.Tensor, scale: torch.Tensor, granularity: Granulari
     return w
 
 
-_CLASSES: dict[tuple[type, frozenset, bool, bool], type] = {}
+def input_scales(x: torch.Tensor, quant: InputQuant) -> torch.Tensor:
+    """The float32 scale of each of ``x``'s rows (shape [..., 1]) or the static one (shape [])."""
+    if quant.scale is not None:
+        return torch.tensor(quant.scale, dtype=torch.float32)
+    # Per token: one absmax per row of the last dimension, scale = absmax / 448 (all-zero row: 1).
+    rows = fp8math.absmax(x.reshape(-1, x.shape[-1]), Granularity.CHANNEL)
+    return fp8math.scale_from_absmax(rows, fp8math.E4M3FN).reshape(*x.shape[:-1], 1)
 
 
-def _held_class(cls: type, names: frozenset, fp8: bool, scaled: bool = False) -> type:
+def input_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes of x / scale, divided in float32 and saturated at +-448 before the cast (the
+    cast alone would turn anything past 464 into NaN)."""
+    fmax = fp8math.E4M3FN.max_finite
+    return (x.float() / scale).clamp_(-fmax, fmax).to(torch.float8_e4m3fn)
+
+
+def quantized_input(x: torch.Tensor, quant: InputQuant) -> torch.Tensor:
+    """``x`` quantized to E4M3 with ``quant``'s scale and back (codes * scale in float32), in x's dtype.
+
+    >>> quantized_input(torch.tensor([[0.3, 500.0, -1e4]]), InputQuant(1.0)).tolist()
+    [[0.3125, 448.0, -448.0]]
+    >>> quantized_input(torch.tensor([[0.3, 500.0, -1e4]]), InputQuant(None)).tolist()[0][2]
+    -10000.0
+    """
+    scale = input_scales(x, quant)
+    return (input_codes(x, scale).float() * scale).to(x.dtype)
+
+
+def input_quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` on the input quantized to E4M3 and back (fake quantization, any device)."""
+    held = self.__dict__["_quantkit_held"]["weight"]
+    return torch.nn.Linear.forward(self, quantized_input(x, held.input))
+
+
+_CLASSES: dict[tuple[type, frozenset, bool, bool, bool], type] = {}
+
+
+def _held_class(cls: type, names: frozenset, fp8: bool, scaled: bool = False, input_quantized: bool = False) -> type:
     """``cls`` with each of ``names`` a property made from what is held (one class per key); with
-    ``scaled`` (an nn.Linear whose weight is FP8), a forward that multiplies the codes in FP8."""
-    key = (cls, names, fp8, scaled)
+    ``scaled`` (an nn.Linear whose weight is FP8), a forward that multiplies the codes in FP8;
+    with ``input_quantized``, a forward that quantizes the input first (``input_quantized_forward``)."""
+    key = (cls, names, fp8, scaled, input_quantized)
     if key not in _CLASSES:
         props = {name: property(_getter(name), doc=f"{name}, made on each read from what the module holds")
                  for name in names}
         if scaled:
             props["forward"] = scaled_forward
+        elif input_quantized:
+            props["forward"] = input_quantized_forward
         prefix = "FP8" if fp8 else "Cast"
         _CLASSES[key] = type(prefix + cls.__name__, (cls,), {
             **props, "__module__": __name__,
@@ -96,27 +162,30 @@ def _held_class(cls: type, names: frozenset, fp8: bool, scaled: bool = False) ->
 
 def scaled_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` as an FP8 matmul: the stored E4M3 codes and scale are used as they are
-    (never re-quantized); the input is quantized to E4M3 with a dynamic per-tensor scale
-    (absmax / 448, computed in float32, clamped before the cast), and ``torch._scaled_mm`` forms
+    (never re-quantized); the input is quantized to E4M3 with the layer's ``InputQuant`` (the
+    file's static scale, 1.0, or per token) or, without one, a dynamic per-tensor scale (absmax /
+    448, computed in float32), clamped before the cast, and ``torch._scaled_mm`` forms
     x_q @ W_q^T * scale_x * scale_w in float32, written out in the compute dtype. Falls back to the
-    dequantize path where the kernel cannot take the layer (E5M2 codes, 128x128 block scales, or on
-    CUDA dimensions that are not multiples of 16)."""
+    dequantize path (the input still quantized as asked) where the kernel cannot take the layer
+    (E5M2 codes, 128x128 block scales, or on CUDA dimensions that are not multiples of 16)."""
     held = self.__dict__["_quantkit_held"]["weight"]
     codes, scale = self._buffers["weight" + CODES], self._buffers["weight" + SCALE]
     rows, cols = codes.shape
     if (codes.dtype != torch.float8_e4m3fn or held.granularity is Granularity.BLOCK
             or (codes.device.type == "cuda" and (rows % 16 or cols % 16))):
-        return torch.nn.Linear.forward(self, x)
+        return input_quantized_forward(self, x) if held.input is not None else torch.nn.Linear.forward(self, x)
     log = self.__dict__.get("_quantkit_log")
     if log is not None:
         log.counts["scaled_mm"] += 1
     x2 = x.reshape(-1, cols)
-    fmt = fp8math.E4M3FN
-    # The activation's scale, like the weights': absmax / 448 (an all-zero input gets 1).
-    sx = fp8math.scale_from_absmax(fp8math.absmax(x2, Granularity.TENSOR), fmt)
-    xq = (x2.float() / sx).clamp_(-fmt.max_finite, fmt.max_finite).to(torch.float8_e4m3fn)
-    if held.granularity is Granularity.CHANNEL:          # one scale per output row: row-wise scaling
-        sa, sw = sx.reshape(1, 1).expand(x2.shape[0], 1).contiguous(), scale.float().reshape(1, rows)
+    if held.input is not None:
+        sx = input_scales(x2, held.input).to(x2.device)
+    else:       # the activation's scale, like the weights': absmax / 448 (an all-zero input gets 1)
+        sx = fp8math.scale_from_absmax(fp8math.absmax(x2, Granularity.TENSOR), fp8math.E4M3FN)
+    xq = input_codes(x2, sx)
+    if held.granularity is Granularity.CHANNEL or sx.dim():   # a scale per output row or per token: row-wise
+        sa = sx.reshape(-1, 1).expand(x2.shape[0], 1).contiguous()
+        sw = scale.float().reshape(-1, 1).expand(rows, 1).reshape(1, rows).contiguous()
     else:
         sa, sw = sx.reshape(()), scale.float().reshape(())
     out = torch._scaled_mm(xq, codes.t(), scale_a=sa, scale_b=sw, out_dtype=held.dtype)
@@ -137,13 +206,14 @@ def _getter(name: str):
 
 def make_quantized(module: torch.nn.Module, name: str, codes: torch.Tensor, scale: torch.Tensor,
                    granularity: Granularity, dtype: torch.dtype, log: KernelLog | None = None,
-                   matmul: str = "dequantize") -> None:
+                   matmul: str = "dequantize", input_quant: InputQuant | None = None) -> None:
     """Replace ``module.<name>`` (a parameter) by FP8 ``codes`` and ``scale`` buffers, read back as a
     property in ``dtype``. The old parameter is dropped (freed if nothing else holds it).
-    ``matmul="fp8"``: an ``nn.Linear``'s weight is multiplied as FP8 (``scaled_forward``)."""
+    ``matmul="fp8"``: an ``nn.Linear``'s weight is multiplied as FP8 (``scaled_forward``);
+    ``input_quant``: an ``nn.Linear``'s input is quantized to E4M3 first."""
     if log is not None:
         module.__dict__["_quantkit_log"] = log
-    _hold(module, name, Held(dtype, granularity, matmul), {CODES: codes, SCALE: scale})
+    _hold(module, name, Held(dtype, granularity, matmul, input_quant), {CODES: codes, SCALE: scale})
 
 
 def make_cast(module: torch.nn.Module, name: str, stored: torch.Tensor, dtype: torch.dtype) -> None:
@@ -162,9 +232,9 @@ def _hold(module, name: str, held: Held, buffers: dict) -> None:
     base = type(module).__bases__[0] if type(module) in _CLASSES.values() else type(module)
     fp8 = any(h.granularity is not None for h in specs.values())
     weight = specs.get("weight")
-    scaled = (issubclass(base, torch.nn.Linear) and weight is not None and weight.granularity is not None
-              and weight.matmul == "fp8")
-    module.__class__ = _held_class(base, frozenset(specs), fp8, scaled)
+    linear_fp8 = issubclass(base, torch.nn.Linear) and weight is not None and weight.granularity is not None
+    scaled = linear_fp8 and weight.matmul == "fp8"
+    module.__class__ = _held_class(base, frozenset(specs), fp8, scaled, linear_fp8 and weight.input is not None)
 
 
 def held_buffer(module: torch.nn.Module, name: str) -> str | None:
