@@ -28,7 +28,9 @@ class RuntimeInfo:
 
     ``resident_bytes``: tensors held between calls (the module's non-meta parameters and buffers);
     ``materialised_bytes`` / ``peak_bytes``: streamed units' tensors in memory now / at most, plus
-    the resident ones for the peak; ``kernels``: how many weights each kernel path made so far."""
+    the resident ones for the peak; ``kernels``: how many weights each kernel path made so far;
+    ``stored_names``: module tensor -> the checkpoint's name of the tensor it was read from whole
+    (parts of joined tensors left out), to name what hooks on the module observe."""
 
     path: str
     mode: Mode
@@ -44,6 +46,7 @@ class RuntimeInfo:
     materialised_bytes: int = 0
     peak_bytes: int = 0
     log: KernelLog = field(default_factory=KernelLog, repr=False)
+    stored_names: dict[str, str] = field(default_factory=dict, repr=False)
     _streamer: Streamer | None = field(default=None, repr=False)
     _layout: Layout | None = field(default=None, repr=False)
 
@@ -141,10 +144,19 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
         weakref.finalize(module, info.close)
     else:
         layout.close()
+    info.stored_names = {t: p.pieces[0].key for t, p in placements.items() if _whole(p, layout.source)}
     info.resident_bytes = tensor_bytes(module)
     info.peak_bytes = info.resident_bytes
     module.quantkit_runtime = info
     return module
+
+
+def _whole(p: Placement, source: TensorSource) -> bool:
+    """``p`` is one stored tensor as a whole (not rows of a joined one)."""
+    if len(p.pieces) != 1:
+        return False
+    piece, info = p.pieces[0], source.tensors[p.pieces[0].key]
+    return piece.src_start == 0 and piece.dst_start == 0 and piece.src_end == (info.shape[0] if info.shape else 1)
 
 
 class _Holding:

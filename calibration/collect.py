@@ -1,0 +1,257 @@
+"""``quantkit calibrate``: weight and activation statistics of a checkpoint, into a stats file.
+
+    >>> calibrate("model", "model.stats.safetensors", ConvertOptions())        # doctest: +SKIP
+
+1. Open the source under its own names and plan it with the options ``convert`` takes
+   (``make_plan``): the tensors the plan quantizes are the ones observed.
+2. Hash the source's files on a background thread (the SHA256 a convert manifest records as
+   ``source.sha256``) and fingerprint its header (``stats.fingerprint``).
+3. Weights: each quantized tensor read alone in float32 and fed to the weight observer
+   (``absmax``, ``mse``, ``percentile[:Q]``) at the plan's granularity; memory is one tensor.
+4. Activations, when a ``config.json`` lies beside the weights (else weights only, with a note):
+   the model runs streamed on the calibration inputs (``inputs``) with the activation observer
+   (``absmax``, ``ema[:M]``, ``percentile[:Q]``) on every quantized layer's input
+   (``activations``).
+5. ``stats.save`` writes the file (temporary name, renamed when complete).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from quantkit.calibration import stats as statsfile
+from quantkit.calibration.observers import AbsMax, MovingAverage, MSEClip, Observer, Percentile
+from quantkit.destinations import check_destination, check_not_source_files, check_report_path, source_reads
+from quantkit.errors import NonFiniteError, OptionsError, UnsupportedInputError
+from quantkit.fp8 import FP8Format, Granularity
+from quantkit.hashing import BackgroundHash, torch_threads
+from quantkit.plan import ConvertOptions, make_plan
+from quantkit.progress import NULL, Progress
+from quantkit.sources import open_source
+
+WEIGHT_OBSERVERS = ("absmax", "mse", "percentile")
+ACTIVATION_OBSERVERS = ("absmax", "ema", "percentile")
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ObserverSpec:
+    """An observer chosen on the command line: ``absmax``, ``mse``, ``ema:0.9``, ``percentile:99.99``."""
+
+    kind: str
+    parameter: float | None = None
+
+    @classmethod
+    def parse(cls, text: str, known: tuple[str, ...], option: str) -> "ObserverSpec":
+        kind, sep, arg = text.strip().lower().partition(":")
+        if kind not in known:
+            raise OptionsError(f"{option} {text!r}: unknown observer", hint=f"choose one of {', '.join(known)}")
+        if not sep:
+            return cls(kind)
+        if kind not in ("ema", "percentile"):
+            raise OptionsError(f"{option} {text!r}: {kind} takes no parameter", hint=f"write {option} {kind}")
+        try:
+            value = float(arg)
+        except ValueError:
+            raise OptionsError(f"{option} {text!r}: {arg!r} is not a number",
+                               hint=f"e.g. {option} percentile:99.99 or ema:0.9") from None
+        spec = cls(kind, value)
+        try:
+            spec.make(Granularity.TENSOR)
+        except ValueError as exc:
+            raise OptionsError(f"{option} {text!r}: {exc}") from None
+        return spec
+
+    def make(self, granularity: Granularity, fmt: FP8Format | None = None) -> Observer:
+        if self.kind == "absmax":
+            return AbsMax(granularity)
+        if self.kind == "mse":
+            return MSEClip(granularity, fmt) if fmt is not None else MSEClip(granularity)
+        if self.kind == "ema":
+            return MovingAverage(*(() if self.parameter is None else (self.parameter,)), granularity=granularity)
+        if granularity is not Granularity.TENSOR:
+            raise OptionsError(f"the percentile observer is per tensor, not per {granularity.value}",
+                               hint="use --granularity tensor, or --observer mse / absmax")
+        return Percentile(*(() if self.parameter is None else (self.parameter,)))
+
+    def __str__(self) -> str:
+        return self.kind if self.parameter is None else f"{self.kind}:{self.parameter:g}"
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What ``calibrate`` observes and on what (the policy options are a ``ConvertOptions``)."""
+
+    weight_observer: str = "absmax"
+    activation_observer: str = "absmax"
+    inputs: str = "builtin"                       # or module:function, path/file.py:function
+    text_encoders: tuple[str, ...] = ()
+    steps: int = 4
+    seeds: int = 2
+    samples: int | None = None                    # at most this many forward passes
+    weights_only: bool = False
+    compute_dtype: str = "fp32"
+
+    def __post_init__(self):
+        ObserverSpec.parse(self.weight_observer, WEIGHT_OBSERVERS, "--observer")
+        ObserverSpec.parse(self.activation_observer, ACTIVATION_OBSERVERS, "--activation-observer")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise OptionsError(f"--compute-dtype {self.compute_dtype!r}", hint=f"choose {', '.join(COMPUTE_DTYPES)}")
+        if self.steps < 1 or self.seeds < 1 or (self.samples is not None and self.samples < 1):
+            raise OptionsError("--steps, --seeds and --samples must be at least 1")
+
+
+@dataclass
+class CalibrationResult:
+    source: str
+    stats_path: str
+    stats_sha256: str
+    source_sha256: str
+    weight_observer: str
+    activation_observer: str | None
+    granularity: str
+    layers: int                       # weights observed
+    inputs_observed: int              # layers with an input range
+    samples: int
+    inputs: str | None
+    seconds: float
+    peak_bytes: int | None            # weights the streamed model held at most (None: weights only)
+    model_bytes: int
+    notes: list[str] = field(default_factory=list)
+    figures: dict[str, dict] = field(default_factory=dict)
+
+    def largest_inputs(self, n: int = 5) -> list[tuple[str, float]]:
+        ranges = [(k, f["input_range"]) for k, f in self.figures.items() if "input_range" in f]
+        return sorted(ranges, key=lambda e: -e[1])[:n]
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "figures"}
+        d["largest_inputs"] = [{"tensor": k, "range": v} for k, v in self.largest_inputs(10)]
+        return d
+
+
+def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
+              settings: CalibrationSettings = CalibrationSettings(), *, overwrite: bool = False,
+              progress: Progress = NULL, reports: dict[str, str] | None = None) -> CalibrationResult:
+    """Measure ``src`` (any layout ``open_source`` reads) under ``options`` and write the stats file ``out``."""
+    t0 = time.perf_counter()
+    weight_spec = ObserverSpec.parse(settings.weight_observer, WEIGHT_OBSERVERS, "--observer")
+    act_spec = ObserverSpec.parse(settings.activation_observer, ACTIVATION_OBSERVERS, "--activation-observer")
+    check_destination(src, out, overwrite)
+    with open_source(src, component=options.component, ema=options.ema) as source, torch_threads(1):
+        check_not_source_files(source, out)
+        for option, path in (reports or {}).items():
+            check_report_path(path, option, reads=source_reads(source), writes=[out], overwrite=overwrite)
+        plan = make_plan(source, options)
+        if plan.source_format is not None:
+            raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
+                                        hint="calibrate the BF16/FP16/FP32 checkpoint it was made from")
+        options = plan.options
+        weight_spec.make(options.granularity, options.fp8)         # refuse percentile per channel before work
+        for w in plan.warnings:
+            progress.warn(w)
+        quantized = [t.info for t in plan.quantized()]
+        with BackgroundHash(source.files) as hashing:
+            figures: dict[str, dict] = {}
+            weights = _weights(source, quantized, weight_spec, options, figures, progress)
+            notes, acts = [], None
+            folder = os.path.dirname(os.path.abspath(source.files[0]))
+            if settings.weights_only:
+                notes.append("weights only (--weights-only): no input ranges")
+            elif not os.path.isfile(os.path.join(folder, "config.json")):
+                notes.append(f"no config.json beside the weights ({folder}): weights only, no input ranges "
+                             "(calibrate a model folder to measure activations)")
+            else:
+                acts = _activations(source, {i.name for i in quantized}, act_spec, settings, figures, progress)
+                notes += [f"{len(acts.unobserved)} quantized layer(s) never ran on the inputs, no input range: "
+                          f"{', '.join(acts.unobserved[:3])}{' ...' if len(acts.unobserved) > 3 else ''}"] \
+                    if acts.unobserved else []
+            sha = hashing.result()
+        record = _source_record(src, source, hashing.digests, sha)
+        result_stats = statsfile.Stats(
+            source=record, granularity=options.granularity, fp8=options.fp8, weight_observer=str(weight_spec),
+            weights=weights, activations={k: _range(v) for k, v in (acts.inputs if acts else {}).items()},
+            activation_observer=str(act_spec) if acts else None, samples=acts.samples if acts else 0,
+            inputs=acts.words if acts else None, options=_options_record(options, settings), layers=figures)
+        progress.stage("write", 0)
+        digest = statsfile.save(result_stats, out, overwrite=overwrite)
+    progress.close()
+    return CalibrationResult(src, out, digest, sha, str(weight_spec), result_stats.activation_observer,
+                             options.granularity.value, len(weights), len(result_stats.activations),
+                             result_stats.samples, result_stats.inputs, time.perf_counter() - t0,
+                             acts.peak_bytes if acts else None, getattr(source, "file_size", 0), notes,
+                             figures)
+
+
+def _range(layer) -> torch.Tensor:
+    return layer.observer.statistic().float().reshape(())
+
+
+def _weights(source, infos, spec: ObserverSpec, options: ConvertOptions, figures: dict, progress) -> dict:
+    """Weight statistic of each tensor in ``infos``, read alone in float32 (file order)."""
+    progress.stage("weights", sum(i.nbytes for i in infos))
+    out = {}
+    for info in sorted(infos, key=lambda i: (getattr(i, "start", 0), i.name)):
+        w = source.read_tensor(info).float()
+        finite = torch.isfinite(w)
+        if not bool(finite.all()):
+            if not options.allow_nonfinite:
+                raise NonFiniteError(f"{int((~finite).sum())} NaN/Inf value(s) in a tensor to be quantized",
+                                     path=source.path, tensor=info.name,
+                                     hint="fix the checkpoint, keep the tensor with --keep, or pass --allow-nonfinite")
+            w = torch.where(finite, w, torch.zeros((), dtype=w.dtype))
+        observer = spec.make(options.granularity, options.fp8)
+        observer.update(w)
+        out[info.name] = observer.statistic().float()
+        figures[info.name] = {"weight_absmax": float(w.abs().amax()) if w.numel() else 0.0,
+                              "weight_rms": float(w.double().square().mean().sqrt()) if w.numel() else 0.0,
+                              "weight_range": float(out[info.name].amax()) if out[info.name].numel() else 0.0}
+        del w
+        progress.advance(info.nbytes)
+    return out
+
+
+@dataclass
+class _Observed:
+    inputs: dict
+    samples: int
+    words: str
+    peak_bytes: int
+    unobserved: list[str]
+
+
+def _activations(source, quantized: set[str], spec: ObserverSpec, settings: CalibrationSettings, figures: dict,
+                 progress) -> _Observed:
+    from quantkit.calibration.activations import observe
+    from quantkit.calibration.inputs import model_inputs
+    from quantkit.model_output import build_model
+    dtype = COMPUTE_DTYPES[settings.compute_dtype]
+    model = build_model(source)
+    inputs = model_inputs(model, source, settings, dtype, progress)
+    acts = observe(model, source, inputs.batches, quantized, lambda: spec.make(Granularity.TENSOR),
+                   dtype=dtype, progress=progress)
+    for name, layer in acts.inputs.items():
+        figures.setdefault(name, {}).update({"input_absmax": layer.absmax, "input_rms": layer.rms,
+                                             "input_values": layer.values,
+                                             "input_range": float(_range(layer))})
+    return _Observed(acts.inputs, acts.samples, inputs.words, acts.peak_bytes, acts.unobserved)
+
+
+def _source_record(src: str, source, digests: dict[str, str], sha: str) -> dict:
+    """The stats' record of the source: name, combined SHA256, size, header fingerprint, files."""
+    base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    return {"name": os.path.basename(os.path.abspath(src)), "sha256": sha, "bytes": getattr(source, "file_size", 0),
+            "fingerprint": statsfile.fingerprint(source.tensors),
+            "files": [{"name": os.path.relpath(f, base).replace(os.sep, "/"), "sha256": digests[f],
+                       "bytes": os.path.getsize(f)} for f in source.files]}
+
+
+def _options_record(o: ConvertOptions, s: CalibrationSettings) -> dict:
+    return {"format": o.format, "preset": o.preset, "recipe": o.recipe.value, "granularity": o.granularity.value,
+            "fp8": o.fp8.name, "rules": [[r.action.value, r.typed] for r in o.policy.rules],
+            "quantize_conv": o.policy.quantize_conv, "component": o.component, "ema": o.ema,
+            "inputs": s.inputs, "text_encoders": list(s.text_encoders), "steps": s.steps, "seeds": s.seeds,
+            "samples": s.samples, "compute_dtype": s.compute_dtype}
