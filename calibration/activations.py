@@ -108,11 +108,13 @@ def observe(model, source, batches: list[dict], quantized: set[str], make_observ
         layers = {target.rpartition(".")[0]: key for target, key in info.stored_names.items()
                   if key in quantized and target.rpartition(".")[2] == "weight"}
         recorder = InputRecorder(module, layers, make_observer)
-        progress.stage("activate", len(batches))
+        # Each pass streams the whole checkpoint from disk: progress in bytes read.
+        per_pass = getattr(source, "file_size", 0)
+        progress.stage("activate", per_pass * len(batches))
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 _forward(module, _cast(batch, dtype), model.architecture, source.path, i)
-                progress.advance(1)
+                progress.advance(per_pass)
         recorder.close()
         unobserved = sorted(quantized - set(recorder.inputs))
         return ActivationStats(recorder.inputs, len(batches), model.architecture, info.peak_bytes,

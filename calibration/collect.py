@@ -255,3 +255,37 @@ def _options_record(o: ConvertOptions, s: CalibrationSettings) -> dict:
             "quantize_conv": o.policy.quantize_conv, "component": o.component, "ema": o.ema,
             "inputs": s.inputs, "text_encoders": list(s.text_encoders), "steps": s.steps, "seeds": s.seeds,
             "samples": s.samples, "compute_dtype": s.compute_dtype}
+
+
+SORTS = ("range", "outlier")
+
+
+def layer_table(stats: statsfile.Stats, sort: str = "range") -> list[dict]:
+    """One row per layer of a stats file, for ``stats show``: weight and input range, RMS and outlier
+    ratio (absmax / RMS: how far the largest value sits above the typical one; a large ratio is what
+    a per-tensor FP8 scale handles worst), largest first by input range (``range``, the weight's where
+    there is none) or by outlier ratio (``outlier``)."""
+    if sort not in SORTS:
+        raise OptionsError(f"--sort {sort!r}", hint=f"choose {', '.join(SORTS)}")
+    rows = []
+    for name in sorted(set(stats.weights) | set(stats.activations) | set(stats.layers)):
+        f = stats.layers.get(name, {})
+        w = stats.weights.get(name)
+        a = stats.activations.get(name)
+        row = {"tensor": name, "weight_range": float(w.amax()) if w is not None and w.numel() else None,
+               "weight_absmax": f.get("weight_absmax"), "weight_rms": f.get("weight_rms"),
+               "input_range": float(a) if a is not None else None, "input_absmax": f.get("input_absmax"),
+               "input_rms": f.get("input_rms"), "input_values": f.get("input_values")}
+        row["weight_outlier"] = _ratio(row["weight_absmax"], row["weight_rms"])
+        row["input_outlier"] = _ratio(row["input_absmax"], row["input_rms"])
+        rows.append(row)
+
+    def key(r):
+        first = r["input_range"] if sort == "range" else r["input_outlier"]
+        second = r["weight_range"] if sort == "range" else r["weight_outlier"]
+        return (-(first if first is not None else -1.0), -(second if second is not None else -1.0), r["tensor"])
+    return sorted(rows, key=key)
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 else None
