@@ -137,7 +137,7 @@ def diffusion_calibration_inputs(class_name: str, config, *, steps: int, seeds: 
         where = where or used
         batches.append(kw)
     conditioning = "; ".join(where) if where else "seeded text embeddings"
-    words = (f"{len(batches)} passes: seeds 0-{seeds - 1} x {steps} timesteps "
+    words = (f"seeds 0-{seeds - 1} x {steps} timesteps "
              f"({'/'.join(f'{t:g}' for t in schedule(steps))} of 1000), 1 x seeded latents each; "
              f"text conditioning: {conditioning}")
     return CalibrationInputs(batches, words)
