@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,10 +24,13 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.calibration import stats as statsfile
+from quantkit.calibration.weights import CHUNK_BYTES, chunk_absmax, stack_absmax
 from quantkit.calibration.observers import AbsMax, MovingAverage, MSEClip, Observer, Percentile
+from quantkit.comfy_names import RenamedView
 from quantkit.destinations import check_destination, check_not_source_files, check_report_path, source_reads
-from quantkit.errors import NonFiniteError, OptionsError, UnsupportedInputError
-from quantkit.fp8 import FP8Format, Granularity
+from quantkit.errors import OptionsError, UnsupportedInputError
+from quantkit.formats import get_format
+from quantkit.fp8 import FP8Format, Granularity, block_rows
 from quantkit.hashing import BackgroundHash, torch_threads
 from quantkit.plan import ConvertOptions, make_plan
 from quantkit.progress import NULL, Progress
@@ -141,11 +145,16 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
     weight_spec = ObserverSpec.parse(settings.weight_observer, WEIGHT_OBSERVERS, "--observer")
     act_spec = ObserverSpec.parse(settings.activation_observer, ACTIVATION_OBSERVERS, "--activation-observer")
     check_destination(src, out, overwrite)
-    with open_source(src, component=options.component, ema=options.ema) as source, torch_threads(1):
+    fmt = get_format(options.format)
+    # Planned as convert plans it (a format may read the source under ComfyUI's names); measured and
+    # recorded under the checkpoint's own names.
+    with open_source(src, component=options.component, ema=options.ema, names=fmt.source_names) as view, \
+            torch_threads(1):
+        source = view.original if isinstance(view, RenamedView) else view
         check_not_source_files(source, out)
         for option, path in (reports or {}).items():
             check_report_path(path, option, reads=source_reads(source), writes=[out], overwrite=overwrite)
-        plan = make_plan(source, options)
+        plan = make_plan(view, options)
         if plan.source_format is not None:
             raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
                                         hint="calibrate the BF16/FP16/FP32 checkpoint it was made from")
@@ -153,7 +162,7 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
         weight_spec.make(options.granularity, options.fp8)         # refuse percentile per channel before work
         for w in plan.warnings:
             progress.warn(w)
-        quantized = [t.info for t in plan.quantized()]
+        quantized = [source.tensors[n] for n in sorted(own_names(view, plan))]
         with BackgroundHash(source.files) as hashing:
             figures: dict[str, dict] = {}
             weights = _weights(source, quantized, weight_spec, options, figures, progress)
@@ -176,7 +185,6 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
             weights=weights, activations={k: _range(v) for k, v in (acts.inputs if acts else {}).items()},
             activation_observer=str(act_spec) if acts else None, samples=acts.samples if acts else 0,
             inputs=acts.words if acts else None, options=_options_record(options, settings), layers=figures)
-        progress.stage("write", 0)
         digest = statsfile.save(result_stats, out, overwrite=overwrite)
     progress.close()
     return CalibrationResult(src, out, digest, sha, str(weight_spec), result_stats.activation_observer,
@@ -186,30 +194,49 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
                              figures)
 
 
+def own_names(view, plan) -> set[str]:
+    """The checkpoint's own names of the tensors ``plan`` quantizes (planned on ``view``: the checkpoint,
+    or a ``RenamedView`` of it, whose joined q/k/v tensor names each of its parts)."""
+    names = {t.name for t in plan.quantized()}
+    if not isinstance(view, RenamedView):
+        return names
+    return {part[0] for name in names for part in view.parts[name]}
+
+
 def _range(layer) -> torch.Tensor:
     return layer.observer.statistic().float().reshape(())
 
 
 def _weights(source, infos, spec: ObserverSpec, options: ConvertOptions, figures: dict, progress) -> dict:
-    """Weight statistic of each tensor in ``infos``, read alone in float32 (file order)."""
+    """Weight statistic of each tensor in ``infos`` (file order), with its absmax and RMS. Absmax is
+    streamed a chunk of rows at a time (memory: one chunk); mse and percentile need the whole tensor
+    at once (memory: one tensor in float32)."""
     progress.stage("weights", sum(i.nbytes for i in infos))
     out = {}
     for info in sorted(infos, key=lambda i: (getattr(i, "start", 0), i.name)):
-        w = source.read_tensor(info).float()
-        finite = torch.isfinite(w)
-        if not bool(finite.all()):
-            if not options.allow_nonfinite:
-                raise NonFiniteError(f"{int((~finite).sum())} NaN/Inf value(s) in a tensor to be quantized",
-                                     path=source.path, tensor=info.name,
-                                     hint="fix the checkpoint, keep the tensor with --keep, or pass --allow-nonfinite")
-            w = torch.where(finite, w, torch.zeros((), dtype=w.dtype))
-        observer = spec.make(options.granularity, options.fp8)
-        observer.update(w)
-        out[info.name] = observer.statistic().float()
-        figures[info.name] = {"weight_absmax": float(w.abs().amax()) if w.numel() else 0.0,
-                              "weight_rms": float(w.double().square().mean().sqrt()) if w.numel() else 0.0,
-                              "weight_range": float(out[info.name].amax()) if out[info.name].numel() else 0.0}
-        del w
+        whole = spec.kind != "absmax"
+        parts, squares, values = [], 0.0, 0
+        kept = [] if whole else None
+        for _, _, x in source.iter_rows(info, CHUNK_BYTES, block_rows(options.granularity)):
+            x = x.float()
+            amax, bad = chunk_absmax(x, options.granularity, options.allow_nonfinite, source.path, info.name)
+            if bad:
+                x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype))
+            parts.append(amax)
+            squares += float(x.double().square().sum())
+            values += x.numel()
+            if whole:
+                kept.append(x.clone())            # the reader reuses its buffer for the next chunk
+        absmax = stack_absmax(parts, info.shape, options.granularity)
+        if whole:
+            observer = spec.make(options.granularity, options.fp8)
+            observer.update(torch.cat(kept).reshape(info.shape) if kept else torch.zeros(info.shape))
+            out[info.name] = observer.statistic().float()
+            del kept
+        else:
+            out[info.name] = absmax
+        figures[info.name] = {"weight_absmax": float(absmax.amax()) if absmax.numel() else 0.0,
+                              "weight_rms": math.sqrt(squares / values) if values else 0.0}
         progress.advance(info.nbytes)
     return out
 

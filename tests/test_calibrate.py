@@ -384,3 +384,27 @@ def test_the_sentence_set_is_in_the_wheel(tmp_path):
     wheel = next(tmp_path.glob("quantkit-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         assert z.read("quantkit/calibration/data/sentences.txt") == SENTENCES.read_bytes()
+
+
+def test_block_absmax_streamed_in_chunks_equals_each_tile_max(tmp_path):
+    """Per 128x128 block: the statistic of every tile is that tile's max |w| (a plain loop over tiles)."""
+    from safetensors.torch import load_file
+    s, _ = calibrate(MINILM, tmp_path / "b.stats", "--weights-only", "--granularity", "block")
+    tensors = load_file(str(MINILM / "model.safetensors"))
+    for name, rng in s.weights.items():
+        w = tensors[name].float()
+        rows, cols = w.shape
+        want = torch.tensor([[float(w[i:i + 128, j:j + 128].abs().max()) for j in range(0, cols, 128)]
+                             for i in range(0, rows, 128)])
+        assert torch.equal(rng, want), name
+
+
+def test_format_comfy_plans_under_comfy_names_and_records_own_names(diffusers_folder, tmp_path):
+    """--format comfy plans on ComfyUI's names (joined q/k/v), as convert does; the stats name each
+    part by the checkpoint's own name, and measure the same as a native plan of the same layers."""
+    src = diffusers_folder("flux")
+    comfy, _ = calibrate(src, tmp_path / "c.stats", "--format", "comfy", "--recipe", "compact", "--samples", "2")
+    native, _ = calibrate(src, tmp_path / "n.stats", "--recipe", "compact", "--samples", "2")
+    assert "transformer_blocks.0.attn.to_q.weight" in comfy.weights and comfy.options["format"] == "comfy"
+    assert set(comfy.weights) == set(native.weights) and set(comfy.activations) == set(native.activations)
+    assert all(torch.equal(comfy.activations[k], native.activations[k]) for k in native.activations)
