@@ -18,7 +18,6 @@ back to the checkpoint's own tensor names through the runtime's placements
 """
 from __future__ import annotations
 
-import gc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.calibration.observers import Observer
-from quantkit.errors import ModelMismatchError, UnsupportedInputError
+from quantkit.errors import UnsupportedInputError
 from quantkit.progress import NULL, Progress
 
 
@@ -95,15 +94,8 @@ def observe(model, source, batches: list[dict], quantized: set[str], make_observ
     """Run ``model`` (``model_output.build_model``'s ``Model``) loaded streamed from ``source`` (an opened
     checkpoint under its own names) on ``batches``, observing the input of every layer whose weight is
     in ``quantized``; then drop it."""
-    from quantkit.runtime import load
-    module = model.make()
-    try:
-        try:
-            load(module, source, mode="streamed", compute_dtype=dtype)
-        except ModelMismatchError as exc:
-            raise UnsupportedInputError(f"the weights do not fit the config's architecture ({exc.message})",
-                                        path=source.path, hint="the config.json beside the weights must describe "
-                                                               "this model") from None
+    from quantkit.model_output import streamed
+    with streamed(model, source, source.path, dtype) as module:
         info = module.quantkit_runtime
         layers = {target.rpartition(".")[0]: key for target, key in info.stored_names.items()
                   if key in quantized and target.rpartition(".")[2] == "weight"}
@@ -119,12 +111,6 @@ def observe(model, source, batches: list[dict], quantized: set[str], make_observ
         unobserved = sorted(quantized - set(recorder.inputs))
         return ActivationStats(recorder.inputs, len(batches), model.architecture, info.peak_bytes,
                                getattr(source, "file_size", 0), unobserved)
-    finally:
-        info = getattr(module, "quantkit_runtime", None)
-        if info is not None:
-            info.close()
-        del module
-        gc.collect()
 
 
 def _forward(module, batch: dict, architecture: str, path: str, i: int) -> None:

@@ -273,8 +273,7 @@ def encode_prompts(path: str, count: int, dtype: torch.dtype = torch.float32) ->
     folder ``path`` (config.json, weights, and its tokenizer beside them or in the pipeline's matching
     ``tokenizer*`` folder), loaded streamed by the runtime, each padded to ``PROMPT_TOKENS`` tokens as
     pipelines pad: its sequence (last hidden states) and pooled output (CLIP's; None for T5)."""
-    from quantkit.model_output import build_model
-    from quantkit.runtime import load
+    from quantkit.model_output import build_model, streamed
     from quantkit.sources import open_source
     if not os.path.isdir(path):
         raise OptionsError(f"--text-encoder {path}: not a folder",
@@ -285,29 +284,27 @@ def encode_prompts(path: str, count: int, dtype: torch.dtype = torch.float32) ->
             raise OptionsError(f"--text-encoder {path}: {model.architecture} is not a transformers text encoder",
                                hint="give a CLIP or T5 text encoder folder")
         tok = load_tokenizer(_tokenizer_folder(path), f"--text-encoder {path}")
-        module = model.make()
-        limit = min(PROMPT_TOKENS, int(getattr(module.config, "max_position_embeddings", 0) or PROMPT_TOKENS))
         texts = list(itertools.islice(itertools.cycle(sentences()), count))
-        try:
-            load(module, source, mode="streamed", compute_dtype=dtype)
-            embeddings = []
-            with torch.no_grad():
-                for text in texts:
-                    enc = tok(text, return_tensors="pt", padding="max_length", truncation=True, max_length=limit)
-                    out = module(input_ids=enc["input_ids"])
-                    pooled = getattr(out, "text_embeds", None)
-                    pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
-                    embeddings.append(Embedding(out.last_hidden_state[0].float().clone(),
-                                                None if pooled is None else pooled[0].float().clone()))
-        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
-            raise UnsupportedInputError(f"the text encoder does not encode the prompts ({type(exc).__name__}: "
-                                        f"{str(exc).strip()[:200]})", path=path,
-                                        hint="give a CLIP or T5 text encoder folder") from None
-        finally:
-            info = getattr(module, "quantkit_runtime", None)
-            if info is not None:
-                info.close()
+        with streamed(model, source, path, dtype) as module:
+            limit = min(PROMPT_TOKENS, int(getattr(module.config, "max_position_embeddings", 0) or PROMPT_TOKENS))
+            try:
+                embeddings = [_encode(module, tok, text, limit) for text in texts]
+            except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+                raise UnsupportedInputError(f"the text encoder does not encode the prompts ({type(exc).__name__}: "
+                                            f"{str(exc).strip()[:200]})", path=path,
+                                            hint="give a CLIP or T5 text encoder folder") from None
     return TextEncoder(path, model.architecture, embeddings)
+
+
+def _encode(module, tok, text: str, limit: int) -> Embedding:
+    """One prompt padded to ``limit`` tokens through a text encoder: last hidden states, and the pooled
+    output where the model has one (CLIPTextModelWithProjection's text_embeds, CLIPTextModel's pooler)."""
+    enc = tok(text, return_tensors="pt", padding="max_length", truncation=True, max_length=limit)
+    with torch.no_grad():
+        out = module(input_ids=enc["input_ids"])
+    pooled = getattr(out, "text_embeds", None)
+    pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
+    return Embedding(out.last_hidden_state[0].float().clone(), None if pooled is None else pooled[0].float().clone())
 
 
 def _tokenizer_folder(path: str) -> str:

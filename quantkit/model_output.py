@@ -293,3 +293,32 @@ def _every_tensor(out):
         return out
     tensors = [_every_tensor(item) for item in out]
     return tensors[0] if len(tensors) == 1 else torch.cat([t.flatten() for t in tensors])
+
+
+@contextmanager
+def streamed(model: Model, weights, path: str, dtype):
+    """``model`` built afresh and loaded from ``weights`` (an opened checkpoint or a path) by the runtime
+    in streamed mode, for the ``with`` block (calibration hooks and runs it); closed and dropped after.
+
+    >>> with streamed(build_model(source), source, source.path, torch.float32) as module:   # doctest: +SKIP
+    ...     module(**inputs)
+    """
+    import gc
+
+    from .errors import ModelMismatchError
+    from .runtime import load
+    module = model.make()
+    try:
+        try:
+            load(module, weights, mode="streamed", compute_dtype=dtype)
+        except ModelMismatchError as exc:
+            raise UnsupportedInputError(f"the weights do not fit the config's architecture ({exc.message})",
+                                        path=path, hint="the config.json beside the weights must describe "
+                                                        "this model") from None
+        yield module
+    finally:
+        info = getattr(module, "quantkit_runtime", None)
+        if info is not None:
+            info.close()
+        del module
+        gc.collect()
