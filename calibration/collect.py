@@ -171,6 +171,10 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
             if settings.weights_only:
                 notes.append("weights only (--weights-only): no input ranges")
             elif not os.path.isfile(os.path.join(folder, "config.json")):
+                if settings.inputs != "builtin" or settings.text_encoders:
+                    raise UnsupportedInputError("--inputs and --text-encoder feed the model, which is built from the "
+                                                "config.json beside the weights; there is none", path=folder,
+                                                hint="calibrate the model folder, or pass --weights-only")
                 notes.append(f"no config.json beside the weights ({folder}): weights only, no input ranges "
                              "(calibrate a model folder to measure activations)")
             else:
@@ -256,7 +260,7 @@ def _activations(source, quantized: set[str], spec: ObserverSpec, settings: Cali
     from quantkit.calibration.inputs import model_inputs
     from quantkit.model_output import build_model
     dtype = COMPUTE_DTYPES[settings.compute_dtype]
-    model = build_model(source)
+    model = build_model(source, with_inputs=False)
     inputs = model_inputs(model, source, settings, dtype, progress)
     acts = observe(model, source, inputs.batches, quantized, lambda: spec.make(Granularity.TENSOR),
                    dtype=dtype, progress=progress)

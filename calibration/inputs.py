@@ -260,6 +260,12 @@ def model_inputs(model, source, settings, dtype: torch.dtype = torch.float32, pr
             raise OptionsError(f"--text-encoder conditions diffusion models; {model.architecture} is a transformers "
                                "model, calibrated on the built-in sentences", hint="leave --text-encoder out")
         return text_inputs(folder, probe, settings.samples)
+    from quantkit.diffusion_inputs import supported
+    if model.architecture not in supported():
+        raise UnsupportedInputError(f"calibrate has no built-in inputs for the diffusers class {model.architecture} "
+                                    f"(it feeds {', '.join(supported())})", path=folder,
+                                    hint="pass --inputs module:function returning the model's inputs, or "
+                                         "--weights-only")
     passes = settings.steps * settings.seeds if model.architecture != "AutoencoderKL" else settings.seeds
     count = min(passes, settings.samples or passes)
     encoders = tuple(encode_prompts(p, count, dtype) for p in settings.text_encoders)
@@ -279,7 +285,7 @@ def encode_prompts(path: str, count: int, dtype: torch.dtype = torch.float32) ->
         raise OptionsError(f"--text-encoder {path}: not a folder",
                            hint="give a transformers text encoder folder (config.json, weights, tokenizer)")
     with open_source(path) as source:
-        model = build_model(source)
+        model = build_model(source, with_inputs=False)
         if not model.transformers:
             raise OptionsError(f"--text-encoder {path}: {model.architecture} is not a transformers text encoder",
                                hint="give a CLIP or T5 text encoder folder")

@@ -156,14 +156,16 @@ def _config_folder(source) -> str:
     return folder
 
 
-def build_model(source, seed: int = 0) -> Model:
+def build_model(source, seed: int = 0, *, with_inputs: bool = True) -> Model:
     """The architecture named by the config beside ``source``'s weights (a diffusers
     ``_class_name`` or transformers ``architectures``), as a factory of modules without memory
-    (``make()``), with its seeded inputs (``inputs``) and the tensor it outputs (``output``)."""
+    (``make()``), with its seeded inputs (``inputs``) and the tensor it outputs (``output``).
+    ``with_inputs=False``: without inputs (``inputs`` empty), for callers that bring their own
+    (calibration), so a diffusers class without an input builder builds too."""
     folder = _config_folder(source)
     raw = _read_config(folder)
     if "_class_name" in raw:
-        return _diffusers_model(folder, raw, seed)
+        return _diffusers_model(folder, raw, seed, with_inputs)
     return _transformers_model(folder, seed)
 
 
@@ -196,14 +198,15 @@ def _transformers_model(folder: str, seed: int) -> Model:
                   f"{BATCH}x{TOKENS} random token ids (seed {seed})", _first_tensor)
 
 
-def _diffusers_model(folder: str, raw: dict, seed: int) -> Model:
+def _diffusers_model(folder: str, raw: dict, seed: int, with_inputs: bool = True) -> Model:
     """The diffusers class named by ``_class_name``, built from the config with its parameters on
     the meta device (the runtime fills them) and its buffers real: some models compute tensors at
     construction that are not parameters (Qwen-Image's RoPE tables)."""
     from .diffusion_inputs import check_supported, diffusion_inputs
     from .runtime import empty_weights
     name = raw["_class_name"]
-    check_supported(name, folder)
+    if with_inputs:
+        check_supported(name, folder)
     import diffusers
     cls = getattr(diffusers, name, None)
     if cls is None:
@@ -219,6 +222,8 @@ def _diffusers_model(folder: str, raw: dict, seed: int) -> Model:
     except (TypeError, ValueError) as exc:
         raise UnsupportedInputError(f"diffusers cannot build {name} from this config ({exc})", path=folder,
                                     hint="validate it per tensor (without --model-output)") from exc
+    if not with_inputs:
+        return Model(make, cls, name, False, {}, "", _every_tensor)
     inputs = diffusion_inputs(name, probe.config, seed, path=folder)
     return Model(make, cls, name, False, {**inputs.kwargs, "return_dict": False}, f"{inputs.words} (seed {seed})",
                   _every_tensor)

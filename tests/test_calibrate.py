@@ -408,3 +408,34 @@ def test_format_comfy_plans_under_comfy_names_and_records_own_names(diffusers_fo
     assert "transformer_blocks.0.attn.to_q.weight" in comfy.weights and comfy.options["format"] == "comfy"
     assert set(comfy.weights) == set(native.weights) and set(comfy.activations) == set(native.activations)
     assert all(torch.equal(comfy.activations[k], native.activations[k]) for k in native.activations)
+
+
+WAN_HOOK = '''
+import torch
+
+def batches():
+    g = torch.Generator().manual_seed(0)
+    return [{"hidden_states": torch.randn(1, 4, 1, 8, 8, generator=g), "timestep": torch.tensor([500]),
+             "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+             "encoder_hidden_states_image": torch.randn(1, 4, 32, generator=g), "return_dict": False}
+            for _ in range(3)]
+'''
+
+
+def test_a_class_without_builtin_inputs_needs_a_hook(diffusers_folder, tmp_path):
+    """Wan has no built-in inputs: refused with the hint; a hook feeds it."""
+    src = diffusers_folder("wan")
+    result = run("calibrate", src, "-o", tmp_path / "s")
+    assert result.exit_code == 2 and "no built-in inputs for the diffusers class WanTransformer3DModel" \
+        in result.output and "--inputs module:function" in result.output, result.output
+    (tmp_path / "wan_hook.py").write_text(WAN_HOOK)
+    s, _ = calibrate(src, tmp_path / "s", "--inputs", f"{tmp_path / 'wan_hook.py'}:batches")
+    assert s.samples == 3 and set(s.activations) == set(s.weights) and s.activations
+
+
+def test_inputs_without_a_config_refused(tmp_path, llama_folder):
+    src = tmp_path / "alone" / "model.safetensors"
+    src.parent.mkdir()
+    shutil.copy(MINILM / "model.safetensors", src)
+    result = run("calibrate", src, "-o", tmp_path / "s", "--inputs", f"{llama_folder.parent / 'hook.py'}:batches")
+    assert result.exit_code == 2 and "there is none" in result.output and not (tmp_path / "s").exists()
