@@ -56,6 +56,7 @@ class InputRecorder:
 
     def __init__(self, module: torch.nn.Module, layers: dict[str, str], make_observer: Callable[[], Observer]):
         self.inputs: dict[str, LayerInput] = {}
+        self.mask: torch.Tensor | None = None     # [batch, tokens] of the pass running: real tokens only
         self.handles = []
         for name, tensor in layers.items():
             self.handles.append(module.get_submodule(name).register_forward_pre_hook(
@@ -66,6 +67,8 @@ class InputRecorder:
             x = args[0] if args else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
             if x is None or not x.is_floating_point():
                 return
+            if self.mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+                x = x[self.mask]                  # [real tokens, features]: padding left out
             if tensor not in self.inputs:
                 self.inputs[tensor] = LayerInput(make_observer())
             self.inputs[tensor].update(x)
@@ -90,10 +93,11 @@ class ActivationStats:
 
 
 def observe(model, source, batches: list[dict], quantized: set[str], make_observer: Callable[[], Observer], *,
-            dtype: torch.dtype = torch.float32, progress: Progress = NULL) -> ActivationStats:
+            dtype: torch.dtype = torch.float32, progress: Progress = NULL,
+            masks: list[torch.Tensor | None] | None = None) -> ActivationStats:
     """Run ``model`` (``model_output.build_model``'s ``Model``) loaded streamed from ``source`` (an opened
     checkpoint under its own names) on ``batches``, observing the input of every layer whose weight is
-    in ``quantized``; then drop it."""
+    in ``quantized`` (of a [batch, tokens, ...] input, only the tokens ``masks[i]`` marks); then drop it."""
     from quantkit.model_output import streamed
     with streamed(model, source, source.path, dtype) as module:
         info = module.quantkit_runtime
@@ -105,6 +109,7 @@ def observe(model, source, batches: list[dict], quantized: set[str], make_observ
         progress.stage("activate", per_pass * len(batches))
         with torch.no_grad():
             for i, batch in enumerate(batches):
+                recorder.mask = masks[i] if masks else None
                 _forward(module, _cast(batch, dtype), model.architecture, source.path, i)
                 progress.advance(per_pass)
         recorder.close()

@@ -263,7 +263,7 @@ def _activations(source, quantized: set[str], spec: ObserverSpec, settings: Cali
     model = build_model(source, with_inputs=False)
     inputs = model_inputs(model, source, settings, dtype, progress)
     acts = observe(model, source, inputs.batches, quantized, lambda: spec.make(Granularity.TENSOR),
-                   dtype=dtype, progress=progress)
+                   dtype=dtype, progress=progress, masks=inputs.masks)
     for name, layer in acts.inputs.items():
         figures.setdefault(name, {}).update({"input_absmax": layer.absmax, "input_rms": layer.rms,
                                              "input_values": layer.values,

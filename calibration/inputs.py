@@ -5,8 +5,10 @@ description in words. Three kinds:
 
 - ``text_inputs``: a transformers model (text encoder, LLM) on the sentence set shipped with
   quantkit (``data/sentences.txt``: image-generation prompts, questions, prose, code, numbers,
-  a dozen languages), tokenized by the tokenizer in the model's folder, one sentence per pass
-  (no padding: a pad token's activations are no sentence's). A folder without a tokenizer is
+  a dozen languages), tokenized by the tokenizer in the model's folder, ``SENTENCES_PER_PASS``
+  sentences per pass, padded on the right with an attention mask; the mask goes with the batch
+  so that only real tokens are observed (a pad token's activations are no sentence's, and
+  streamed mode reads the whole model once per pass). A folder without a tokenizer is
   refused: random token ids would measure activations no real text makes (rare embedding rows,
   no sentence structure), and a scale made from them is silently wrong, so the user is asked
   for the tokenizer or a hook instead.
@@ -38,13 +40,18 @@ from quantkit.errors import OptionsError, UnsupportedInputError
 
 PROMPT_TOKENS = 77          # CLIP's context: every encoder's prompts are padded to it, as pipelines pad
 MAX_TOKENS = 128            # a sentence longer than this is truncated (activations of long contexts differ little)
+SENTENCES_PER_PASS = 8
 BUILTIN = "builtin"
 
 
 @dataclass(frozen=True)
 class CalibrationInputs:
+    """Keyword inputs, one dict per forward pass; ``masks[i]`` (or None) marks the real tokens of
+    pass i ([batch, tokens], True where a token is not padding): only those are observed."""
+
     batches: list[dict]
     words: str
+    masks: list[torch.Tensor | None] | None = None
 
 
 def sentences() -> list[str]:
@@ -70,22 +77,31 @@ def load_tokenizer(folder: str, what: str):
         hf_logging.set_verbosity(level)
 
 
-def text_inputs(folder: str, model: torch.nn.Module, samples: int | None = None) -> CalibrationInputs:
-    """The sentence set, tokenized by ``folder``'s tokenizer, one sentence per batch, as keyword inputs
-    of ``model`` (a transformers model; an encoder-decoder reads the same ids on both sides)."""
+def text_inputs(folder: str, model: torch.nn.Module, samples: int | None = None,
+                per_pass: int = SENTENCES_PER_PASS) -> CalibrationInputs:
+    """The sentence set (the first ``samples``), tokenized by ``folder``'s tokenizer, ``per_pass``
+    sentences per pass, as keyword inputs of ``model`` (a transformers model; an encoder-decoder
+    reads the same ids on both sides), with the mask of their real tokens."""
     tok = load_tokenizer(folder, "calibrating a transformers model on the built-in sentences")
     texts = sentences()[:samples] if samples else sentences()
     params = inspect.signature(model.forward).parameters
     limit = min(MAX_TOKENS, int(getattr(model.config, "max_position_embeddings", 0) or MAX_TOKENS))
-    batches = []
-    for text in texts:
-        enc = tok(text, return_tensors="pt", truncation=True, max_length=limit)
+    if tok.pad_token is None:                   # Llama-style tokenizers: any id pads, the mask hides it
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"                  # position ids of real tokens as in a lone sentence
+    if "attention_mask" not in params:
+        per_pass = 1                            # padding would reach the real tokens through attention
+    batches, masks = [], []
+    for i in range(0, len(texts), per_pass):
+        enc = tok(texts[i:i + per_pass], return_tensors="pt", truncation=True, max_length=limit, padding=True)
         kw = {k: v for k, v in enc.items() if k in params}
         if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kw["decoder_input_ids"] = kw["input_ids"]
         batches.append(kw)
-    return CalibrationInputs(batches, f"{len(batches)} sentences of quantkit's calibration set, one per pass "
-                                      f"(tokenizer {type(tok).__name__}, at most {limit} tokens)")
+        masks.append(enc["attention_mask"].bool())
+    return CalibrationInputs(batches, f"{len(texts)} sentences of quantkit's calibration set, {per_pass} per pass "
+                                      f"(padding not observed; tokenizer {type(tok).__name__}, at most {limit} "
+                                      "tokens)", masks)
 
 
 # ----------------------------------------------------------------------------- diffusion models

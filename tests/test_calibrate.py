@@ -60,7 +60,7 @@ def calibrate(src, out, *extra):
 
 @pytest.fixture(scope="module")
 def minilm_stats(tmp_path_factory):
-    """MiniLM calibrated twice (compact recipe: attention linears too), 16 sentences."""
+    """MiniLM calibrated twice (compact recipe: attention linears too), 16 sentences (2 passes of 8)."""
     d = tmp_path_factory.mktemp("minilm-stats")
     runs = [calibrate(MINILM, d / f"{i}.stats", "--recipe", "compact", "--samples", "16", "--json", d / f"{i}.json")
             for i in range(2)]
@@ -69,7 +69,8 @@ def minilm_stats(tmp_path_factory):
 
 def reference_input_ranges(names: set[str], samples: int) -> dict[str, float]:
     """Input absmax of each Linear whose weight is in ``names``, by plain forward hooks on MiniLM as
-    transformers loads it, over the first ``samples`` lines of the sentence file, one per pass."""
+    transformers loads it, over the first ``samples`` lines of the sentence file, one per pass (no
+    padding at all: calibrate's padded batches must observe exactly the same tokens)."""
     from transformers import AutoModel, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
     model = AutoModel.from_pretrained(MINILM, local_files_only=True).eval().float()
@@ -95,8 +96,9 @@ def test_minilm_input_ranges_equal_plain_hooks_on_the_ordinary_model(minilm_stat
         got = float(s.activations[name])
         assert got > 0 and torch.isfinite(torch.tensor(got)), name
         assert got == pytest.approx(ref[name], rel=1e-5), name
-    assert s.samples == 16 and s.activation_observer == "absmax" and "16 sentences" in s.inputs
-    assert "inputs: 36 layers observed (absmax) over 16 passes" in output
+    assert s.samples == 2 and s.activation_observer == "absmax" and "16 sentences" in s.inputs
+    assert "8 per pass (padding not observed" in s.inputs
+    assert "inputs: 36 layers observed (absmax) over 2 passes" in output
 
 
 def test_minilm_weight_ranges_are_the_tensors_absmax(minilm_stats):
@@ -131,7 +133,7 @@ def test_stats_show_table_json_and_report(minilm_stats, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert s.source_sha256 in result.output and "absmax, tensor scales" in result.output
-    assert "over 16 passes" in result.output and "(by range; 3 of 36)" in result.output
+    assert "over 2 passes" in result.output and "(by range; 3 of 36)" in result.output
     top = max(s.activations, key=lambda k: float(s.activations[k]))
     header = next(i for i, line in enumerate(lines) if "input range" in line and "layer" in line)
     assert lines[header + 1].endswith(top)
