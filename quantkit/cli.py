@@ -828,7 +828,8 @@ def calibrate(ctx, src, out, weight_observer, activation_observer, inputs, text_
         click.echo(f"  weights held at most: {_size(result.peak_bytes)} of {_size(result.model_bytes)} (streamed)")
         for name, rng in result.largest_inputs(5):
             click.echo(f"    input range {rng:10.4g}  {_printable(name)}")
-    click.echo(f"  time: {result.seconds:.2f} s")
+    rss = _peak_rss()
+    click.echo(f"  time: {result.seconds:.2f} s" + (f", process peak RSS {_size(rss)}" if rss else ""))
     click.echo(f"  source sha256 {result.source_sha256}")
     click.echo(f"  wrote {out} (sha256 {result.stats_sha256})")
     if json_path:
@@ -894,6 +895,16 @@ def stats_show(path, top, sort, json_path, report_dir, overwrite):
         except QuantkitError as exc:
             _fail(exc)
         click.echo(f"  report: {report_dir}/ ({', '.join(files)})")
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (Linux / macOS), or None where it cannot be told."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024        # macOS: bytes; Linux: KiB
 
 
 def _num(v, digits: int = 4) -> str:

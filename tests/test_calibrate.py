@@ -19,6 +19,8 @@ import zipfile
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_models import CLIP_TEXT_CONFIG, FLUX_CONFIG, T5_CONFIG, _diffusers, _transformers, build, without_zero_layers
 
 from quantkit.calibration import stats as statsfile
@@ -123,7 +125,8 @@ def test_minilm_stats_are_deterministic_and_name_the_source(minilm_stats):
 
 def test_minilm_streamed_model_holds_less_than_the_whole(minilm_stats):
     doc = minilm_stats[1][0]
-    assert 0 < doc["peak_bytes"] < doc["model_bytes"] == (MINILM / "model.safetensors").stat().st_size
+    assert 0 < doc["peak_bytes"] < 0.8 * doc["model_bytes"]
+    assert doc["model_bytes"] == (MINILM / "model.safetensors").stat().st_size
     print(f"MiniLM calibrate: weights held at most {doc['peak_bytes']} of {doc['model_bytes']} bytes")
 
 
@@ -316,7 +319,7 @@ def test_diffusers_seeded_steps_by_seeds(diffusers_folder, tmp_path, name):
     assert "seeded text embeddings" in s.inputs
     assert all(float(v) > 0 for v in s.activations.values())
     doc = json.loads((tmp_path / "r.json").read_text())
-    assert 0 < doc["peak_bytes"] < doc["model_bytes"], doc
+    assert 0 < doc["peak_bytes"] < 0.8 * doc["model_bytes"], doc
     again, _ = calibrate(src, tmp_path / "t.stats", "--recipe", "compact", "--steps", "3", "--seeds", "2")
     assert all(torch.equal(again.activations[k], s.activations[k]) for k in s.activations)
     fewer, _ = calibrate(src, tmp_path / "u.stats", "--recipe", "compact", "--steps", "3", "--seeds", "2",
@@ -441,3 +444,52 @@ def test_inputs_without_a_config_refused(tmp_path, llama_folder):
     shutil.copy(MINILM / "model.safetensors", src)
     result = run("calibrate", src, "-o", tmp_path / "s", "--inputs", f"{llama_folder.parent / 'hook.py'}:batches")
     assert result.exit_code == 2 and "there is none" in result.output and not (tmp_path / "s").exists()
+
+
+def test_sdxl_unet_takes_two_clip_sequences_joined_and_the_projected_pooled(tmp_path):
+    """SDXL's cross-attention width is CLIP-L's and CLIP-G's widths together (12 + 20 = 32 here): the two
+    sequences are concatenated in the order given; its text_embeds take CLIP-G's projected pooled output.
+    The cross-attention keys' input range is then the larger of the two encoders' absmax."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    tok = AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
+    clip = {**CLIP_TEXT_CONFIG, "vocab_size": tok.vocab_size}
+    without_zero_layers(build("unet_sdxl")).save_pretrained(tmp_path / "unet")
+    _transformers("CLIPTextModel", "CLIPTextConfig", {**clip, "hidden_size": 12}, 0).save_pretrained(tmp_path / "l")
+    _transformers("CLIPTextModelWithProjection", "CLIPTextConfig", {**clip, "hidden_size": 20}, 0) \
+        .save_pretrained(tmp_path / "g")
+    for d in ("l", "g"):
+        tok.save_pretrained(tmp_path / d)
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    s, _ = calibrate(tmp_path / "unet", tmp_path / "s.stats", "--quantize", key, "--steps", "1", "--seeds", "3",
+                     "--text-encoder", tmp_path / "l", "--text-encoder", tmp_path / "g")
+    assert "encoder_hidden_states from CLIPTextModel + CLIPTextModelWithProjection" in s.inputs
+    assert "text_embeds from CLIPTextModelWithProjection (pooled)" in s.inputs
+    lines = [x.strip() for x in SENTENCES.read_text(encoding="utf-8").splitlines() if x.strip()][:3]
+    want = 0.0
+    with torch.no_grad():
+        for cls, d in ((CLIPTextModel, "l"), (CLIPTextModelWithProjection, "g")):
+            model = cls.from_pretrained(tmp_path / d, local_files_only=True).eval()
+            for x in lines:
+                ids = tok(x, return_tensors="pt", padding="max_length", max_length=77, truncation=True).input_ids
+                want = max(want, float(model(input_ids=ids).last_hidden_state.abs().max()))
+    assert float(s.activations[key]) == pytest.approx(want, rel=1e-5)
+
+
+@settings(max_examples=40)
+@given(st.lists(st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=24), min_size=1, max_size=6),
+       st.sampled_from(["absmax", "percentile"]))
+def test_layer_input_over_passes_equals_the_concatenation(chunks, kind):
+    """What a hook accumulates pass by pass (absmax, RMS, count; AbsMax's running max, Percentile's max
+    over passes) equals, for absmax and RMS, the figure of all the values at once (computed in numpy)."""
+    import numpy as np
+
+    from quantkit.calibration.activations import LayerInput
+    from quantkit.calibration.observers import AbsMax, Percentile
+    layer = LayerInput(AbsMax() if kind == "absmax" else Percentile(100.0))
+    for c in chunks:
+        layer.update(torch.tensor(c, dtype=torch.float32)[None, :])
+    every = np.concatenate([np.asarray(c, dtype=np.float64) for c in chunks])
+    assert layer.values == every.size
+    assert layer.absmax == float(np.abs(every).max()) == float(layer.observer.statistic())
+    assert layer.rms == pytest.approx(float(np.sqrt(np.mean(np.square(np.float32(every).astype(np.float64))))),
+                                      rel=1e-9, abs=1e-30)
