@@ -34,6 +34,7 @@ from quantkit.fp8 import FP8Format, Granularity, block_rows
 from quantkit.hashing import BackgroundHash, torch_threads
 from quantkit.plan import ConvertOptions, make_plan
 from quantkit.progress import NULL, Progress
+from quantkit.runtime.streaming import return_freed_memory
 from quantkit.sources import open_source
 
 WEIGHT_OBSERVERS = ("absmax", "mse", "percentile")
@@ -236,7 +237,8 @@ def _weights(source, infos, spec: ObserverSpec, options: ConvertOptions, figures
             observer = spec.make(options.granularity, options.fp8)
             observer.update(torch.cat(kept).reshape(info.shape) if kept else torch.zeros(info.shape))
             out[info.name] = observer.statistic().float()
-            del kept
+            del kept, observer
+            return_freed_memory()         # the search's temporaries, a few tensors' worth, back to the system
         else:
             out[info.name] = absmax
         figures[info.name] = {"weight_absmax": float(absmax.amax()) if absmax.numel() else 0.0,
