@@ -141,7 +141,9 @@ class CalibrationResult:
 def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
               settings: CalibrationSettings = CalibrationSettings(), *, overwrite: bool = False,
               progress: Progress = NULL, reports: dict[str, str] | None = None) -> CalibrationResult:
-    """Measure ``src`` (any layout ``open_source`` reads) under ``options`` and write the stats file ``out``."""
+    """Measure ``src`` (any layout ``open_source`` reads) under ``options`` and write the stats file ``out``.
+    Everything that can be refused (paths, plan, observers, the model, its tokenizer, a hook, text
+    encoders) is refused before the long work (the weights, the passes) starts."""
     t0 = time.perf_counter()
     weight_spec = ObserverSpec.parse(settings.weight_observer, WEIGHT_OBSERVERS, "--observer")
     act_spec = ObserverSpec.parse(settings.activation_observer, ACTIVATION_OBSERVERS, "--activation-observer")
@@ -165,29 +167,19 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
             progress.warn(w)
         quantized = [source.tensors[n] for n in sorted(own_names(view, plan))]
         with BackgroundHash(source.files) as hashing:
+            feed, notes = _feed(source, settings, progress)
             figures: dict[str, dict] = {}
             weights = _weights(source, quantized, weight_spec, options, figures, progress)
-            notes, acts = [], None
-            folder = os.path.dirname(os.path.abspath(source.files[0]))
-            if settings.weights_only:
-                notes.append("weights only (--weights-only): no input ranges")
-            elif not os.path.isfile(os.path.join(folder, "config.json")):
-                if settings.inputs != "builtin" or settings.text_encoders:
-                    raise UnsupportedInputError("--inputs and --text-encoder feed the model, which is built from the "
-                                                "config.json beside the weights; there is none", path=folder,
-                                                hint="calibrate the model folder, or pass --weights-only")
-                notes.append(f"no config.json beside the weights ({folder}): weights only, no input ranges "
-                             "(calibrate a model folder to measure activations)")
-            else:
-                acts = _activations(source, {i.name for i in quantized}, act_spec, settings, figures, progress)
-                notes += [f"{len(acts.unobserved)} quantized layer(s) never ran on the inputs, no input range: "
-                          f"{', '.join(acts.unobserved[:3])}{' ...' if len(acts.unobserved) > 3 else ''}"] \
-                    if acts.unobserved else []
+            acts = None if feed is None else _activations(feed, source, {i.name for i in quantized}, act_spec,
+                                                          settings, figures, progress)
             sha = hashing.result()
-        record = _source_record(src, source, hashing.digests, sha)
+        if acts is not None and acts.unobserved:
+            notes.append(f"{len(acts.unobserved)} quantized layer(s) never ran on the inputs, no input range: "
+                         f"{', '.join(acts.unobserved[:3])}{' ...' if len(acts.unobserved) > 3 else ''}")
         result_stats = statsfile.Stats(
-            source=record, granularity=options.granularity, fp8=options.fp8, weight_observer=str(weight_spec),
-            weights=weights, activations={k: _range(v) for k, v in (acts.inputs if acts else {}).items()},
+            source=_source_record(src, source, hashing.digests, sha), granularity=options.granularity,
+            fp8=options.fp8, weight_observer=str(weight_spec), weights=weights,
+            activations={k: _range(v) for k, v in (acts.inputs if acts else {}).items()},
             activation_observer=str(act_spec) if acts else None, samples=acts.samples if acts else 0,
             inputs=acts.words if acts else None, options=_options_record(options, settings), layers=figures)
         digest = statsfile.save(result_stats, out, overwrite=overwrite)
@@ -195,8 +187,7 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
     return CalibrationResult(src, out, digest, sha, str(weight_spec), result_stats.activation_observer,
                              options.granularity.value, len(weights), len(result_stats.activations),
                              result_stats.samples, result_stats.inputs, time.perf_counter() - t0,
-                             acts.peak_bytes if acts else None, getattr(source, "file_size", 0), notes,
-                             figures)
+                             acts.peak_bytes if acts else None, getattr(source, "file_size", 0), notes, figures)
 
 
 def own_names(view, plan) -> set[str]:
@@ -256,16 +247,31 @@ class _Observed:
     unobserved: list[str]
 
 
-def _activations(source, quantized: set[str], spec: ObserverSpec, settings: CalibrationSettings, figures: dict,
-                 progress) -> _Observed:
-    from quantkit.calibration.activations import observe
+def _feed(source, settings: CalibrationSettings, progress) -> tuple[tuple | None, list[str]]:
+    """(the model and its calibration inputs, or None: weights only), and notes: built before any long
+    work, so a missing tokenizer or a broken hook is refused at once."""
     from quantkit.calibration.inputs import model_inputs
     from quantkit.model_output import build_model
-    dtype = COMPUTE_DTYPES[settings.compute_dtype]
+    folder = os.path.dirname(os.path.abspath(source.files[0]))
+    if settings.weights_only:
+        return None, ["weights only (--weights-only): no input ranges"]
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        if settings.inputs != "builtin" or settings.text_encoders:
+            raise UnsupportedInputError("--inputs and --text-encoder feed the model, which is built from the "
+                                        "config.json beside the weights; there is none", path=folder,
+                                        hint="calibrate the model folder, or pass --weights-only")
+        return None, [f"no config.json beside the weights ({folder}): weights only, no input ranges "
+                      "(calibrate a model folder to measure activations)"]
     model = build_model(source, with_inputs=False)
-    inputs = model_inputs(model, source, settings, dtype, progress)
+    return (model, model_inputs(model, source, settings, COMPUTE_DTYPES[settings.compute_dtype], progress)), []
+
+
+def _activations(feed, source, quantized: set[str], spec: ObserverSpec, settings: CalibrationSettings, figures: dict,
+                 progress) -> _Observed:
+    from quantkit.calibration.activations import observe
+    model, inputs = feed
     acts = observe(model, source, inputs.batches, quantized, lambda: spec.make(Granularity.TENSOR),
-                   dtype=dtype, progress=progress, masks=inputs.masks)
+                   dtype=COMPUTE_DTYPES[settings.compute_dtype], progress=progress, masks=inputs.masks)
     for name, layer in acts.inputs.items():
         figures.setdefault(name, {}).update({"input_absmax": layer.absmax, "input_rms": layer.rms,
                                              "input_values": layer.values,

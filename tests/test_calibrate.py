@@ -529,3 +529,23 @@ def test_diffusion_shapes_default_as_validate_feeds_and_as_asked(name, cls):
     assert one.get("encoder_hidden_states_mask", torch.ones(1, 77)).shape == (1, 77)
     with pytest.raises(ValueError):
         Shape(2, (600.0,), 16)
+
+
+def test_a_broken_hook_is_refused_before_the_weights_are_read(llama_folder, tmp_path):
+    from quantkit.calibration.collect import CalibrationSettings, calibrate as measure
+    from quantkit.errors import OptionsError
+    from quantkit.progress import Progress
+
+    class Stages(Progress):
+        seen = []
+
+        def stage(self, name, total_bytes):
+            self.seen.append(name)
+    bars = Stages()
+    with pytest.raises(OptionsError):
+        measure(str(llama_folder), str(tmp_path / "s"), ConvertOptions(),
+                CalibrationSettings(inputs=f"{llama_folder.parent / 'hook.py'}:broken"), progress=bars)
+    assert bars.seen == [] and not (tmp_path / "s").exists()
+    measure(str(llama_folder), str(tmp_path / "s"), ConvertOptions(),
+            CalibrationSettings(inputs=f"{llama_folder.parent / 'hook.py'}:batches"), progress=bars)
+    assert bars.seen == ["weights", "activate"]
