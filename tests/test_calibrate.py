@@ -549,3 +549,15 @@ def test_a_broken_hook_is_refused_before_the_weights_are_read(llama_folder, tmp_
     measure(str(llama_folder), str(tmp_path / "s"), ConvertOptions(),
             CalibrationSettings(inputs=f"{llama_folder.parent / 'hook.py'}:batches"), progress=bars)
     assert bars.seen == ["weights", "activate"]
+
+
+def test_sharded_source_sha256_is_the_one_convert_records(tmp_path):
+    """Several files: the stats' SHA256 is the manifest's source.sha256 of a convert of the same source."""
+    src = tmp_path / "llama"
+    build("llama").save_pretrained(src, max_shard_size="100KB")
+    assert len(list(src.glob("*.safetensors"))) > 1
+    s, _ = calibrate(src, tmp_path / "s.stats", "--weights-only")
+    assert run("convert", src, tmp_path / "o.safetensors", "-q").exit_code == 0
+    manifest = json.loads((tmp_path / "o.quantkit.json").read_text())
+    assert s.source_sha256 == manifest["source"]["sha256"]
+    assert sorted(f["sha256"] for f in s.source["files"]) == sorted(f["sha256"] for f in manifest["source"]["files"])
