@@ -152,6 +152,8 @@ def diffusion_calibration_inputs(class_name: str, config, *, steps: int, seeds: 
         kw, used = _condition(made.kwargs, encoders, i)
         where = where or used
         batches.append(kw)
+    if "timestep" not in made.kwargs:             # the VAE: images, no timestep, no text
+        return CalibrationInputs(batches, f"seeds 0-{seeds - 1}, one pass each: {made.words}")
     conditioning = "; ".join(where) if where else "seeded text embeddings"
     words = (f"seeds 0-{seeds - 1} x {steps} timesteps "
              f"({'/'.join(f'{t:g}' for t in schedule(steps))} of 1000), 1 x seeded latents each; "

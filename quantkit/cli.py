@@ -780,7 +780,8 @@ def verify(folder, against, json_path, overwrite):
               help="Diffusers models: timesteps per seed, evenly spread over the schedule.")
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Diffusers models: seeds of the latents (passes = steps x seeds).")
-@click.option("--samples", type=click.IntRange(min=1), metavar="N", help="At most N forward passes.")
+@click.option("--samples", type=click.IntRange(min=1), metavar="N",
+              help="At most N calibration samples: sentences (8 per pass), diffusion passes, or the hook's items.")
 @click.option("--weights-only", is_flag=True, help="Weight statistics only; do not run the model.")
 @click.option("--compute-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="The dtype the model computes in while its inputs are observed.")

@@ -561,3 +561,10 @@ def test_sharded_source_sha256_is_the_one_convert_records(tmp_path):
     manifest = json.loads((tmp_path / "o.quantkit.json").read_text())
     assert s.source_sha256 == manifest["source"]["sha256"]
     assert sorted(f["sha256"] for f in s.source["files"]) == sorted(f["sha256"] for f in manifest["source"]["files"])
+
+
+def test_vae_convolutions_observed_over_seeds(diffusers_folder, tmp_path):
+    src = diffusers_folder("vae")
+    s, _ = calibrate(src, tmp_path / "s", "--quantize-conv", "--seeds", "3", "--steps", "5")
+    assert s.samples == 3 and "seeds 0-2, one pass each" in s.inputs and "images in [-1, 1]" in s.inputs
+    assert set(s.activations) == set(s.weights) and any(".conv" in k for k in s.activations)
