@@ -89,16 +89,17 @@ def text_inputs(folder: str, model: torch.nn.Module, samples: int | None = None,
     if tok.pad_token is None:                   # Llama-style tokenizers: any id pads, the mask hides it
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"                  # position ids of real tokens as in a lone sentence
-    if "attention_mask" not in params:
+    if "attention_mask" not in params or tok.pad_token is None:
         per_pass = 1                            # padding would reach the real tokens through attention
     batches, masks = [], []
     for i in range(0, len(texts), per_pass):
-        enc = tok(texts[i:i + per_pass], return_tensors="pt", truncation=True, max_length=limit, padding=True)
+        enc = tok(texts[i:i + per_pass], return_tensors="pt", truncation=True, max_length=limit,
+                  padding=per_pass > 1)
         kw = {k: v for k, v in enc.items() if k in params}
         if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
             kw["decoder_input_ids"] = kw["input_ids"]
         batches.append(kw)
-        masks.append(enc["attention_mask"].bool())
+        masks.append(enc["attention_mask"].bool() if "attention_mask" in enc else None)
     return CalibrationInputs(batches, f"{len(texts)} sentences of quantkit's calibration set, {per_pass} per pass "
                                       f"(padding not observed; tokenizer {type(tok).__name__}, at most {limit} "
                                       "tokens)", masks)
@@ -216,7 +217,8 @@ def _match(width: int, tensors: list[torch.Tensor], names: list[str]):
 
 def hook_inputs(spec: str, samples: int | None = None) -> CalibrationInputs:
     """The inputs ``module:function`` (or ``path/file.py:function``) returns: an iterable of keyword-input
-    dicts, one per pass. Anything wrong with the hook is one ``OptionsError`` line (exit 2)."""
+    dicts, one per pass (the first ``samples`` of them: a generator may be endless then). Anything wrong
+    with the hook is one ``OptionsError`` line (exit 2)."""
     function = _hook(spec)
     try:
         produced = function()
