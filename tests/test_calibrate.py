@@ -568,3 +568,8 @@ def test_vae_convolutions_observed_over_seeds(diffusers_folder, tmp_path):
     s, _ = calibrate(src, tmp_path / "s", "--quantize-conv", "--seeds", "3", "--steps", "5")
     assert s.samples == 3 and "seeds 0-2, one pass each" in s.inputs and "images in [-1, 1]" in s.inputs
     assert set(s.activations) == set(s.weights) and any(".conv" in k for k in s.activations)
+
+
+def test_an_fp8_source_is_refused(minilm_fp8, tmp_path):
+    result = run("calibrate", minilm_fp8, "-o", tmp_path / "s")
+    assert result.exit_code == 2 and "already quantized" in result.output and "BF16/FP16/FP32" in result.output
