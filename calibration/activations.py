@@ -24,9 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quantkit import fp8
 from quantkit.calibration.observers import Observer
+from quantkit.fp8 import Granularity
 from quantkit.errors import UnsupportedInputError
 from quantkit.progress import NULL, Progress
+
+
+SQUARES_CHUNK = 1 << 20
 
 
 @dataclass
@@ -41,8 +46,12 @@ class LayerInput:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
         self.observer.update(x)
-        self.absmax = max(self.absmax, float(x.abs().amax())) if x.numel() else self.absmax
-        self.sum_squares += float(x.double().square().sum())
+        if x.numel():
+            self.absmax = max(self.absmax, float(fp8.absmax(x, Granularity.TENSOR)))   # aminmax: no |x| copy
+        flat = x.reshape(-1)
+        for i in range(0, flat.numel(), SQUARES_CHUNK):
+            # float64 a chunk at a time: exact enough over billions of values, without a float64 copy of x
+            self.sum_squares += float(flat[i:i + SQUARES_CHUNK].double().square().sum())
         self.values += x.numel()
 
     @property

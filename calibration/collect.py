@@ -28,7 +28,7 @@ from quantkit.calibration.weights import CHUNK_BYTES, chunk_absmax, stack_absmax
 from quantkit.calibration.observers import AbsMax, MovingAverage, MSEClip, Observer, Percentile
 from quantkit.comfy_names import RenamedView
 from quantkit.destinations import check_destination, check_not_source_files, check_report_path, source_reads
-from quantkit.errors import OptionsError, UnsupportedInputError
+from quantkit.errors import NonFiniteError, OptionsError, UnsupportedInputError
 from quantkit.formats import get_format
 from quantkit.fp8 import FP8Format, Granularity, block_rows
 from quantkit.hashing import BackgroundHash, torch_threads
@@ -273,6 +273,9 @@ def _activations(feed, source, quantized: set[str], spec: ObserverSpec, settings
     acts = observe(model, source, inputs.batches, quantized, lambda: spec.make(Granularity.TENSOR),
                    dtype=COMPUTE_DTYPES[settings.compute_dtype], progress=progress, masks=inputs.masks)
     for name, layer in acts.inputs.items():
+        if not math.isfinite(float(_range(layer))):
+            raise NonFiniteError("the input of this layer held NaN/Inf on the calibration inputs", path=source.path,
+                                 tensor=name, hint="calibrate in --compute-dtype fp32, or check the inputs")
         figures.setdefault(name, {}).update({"input_absmax": layer.absmax, "input_rms": layer.rms,
                                              "input_values": layer.values,
                                              "input_range": float(_range(layer))})

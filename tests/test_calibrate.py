@@ -242,6 +242,9 @@ def broken():
 
 def not_dicts():
     return [1, 2]
+
+def overflowing():
+    return [{"inputs_embeds": torch.full((1, 4, 32), float("inf"))}]
 '''
 
 
@@ -573,3 +576,11 @@ def test_vae_convolutions_observed_over_seeds(diffusers_folder, tmp_path):
 def test_an_fp8_source_is_refused(minilm_fp8, tmp_path):
     result = run("calibrate", minilm_fp8, "-o", tmp_path / "s")
     assert result.exit_code == 2 and "already quantized" in result.output and "BF16/FP16/FP32" in result.output
+
+
+def test_nan_or_inf_activations_refused_naming_the_layer(llama_folder, tmp_path):
+    result = run("calibrate", llama_folder, "-o", tmp_path / "s", "--inputs",
+                 f"{llama_folder.parent / 'hook.py'}:overflowing")
+    assert result.exit_code == 2 and "held NaN/Inf" in result.output and "model.layers." in result.output, \
+        result.output
+    assert not (tmp_path / "s").exists()
