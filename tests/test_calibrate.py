@@ -584,3 +584,17 @@ def test_nan_or_inf_activations_refused_naming_the_layer(llama_folder, tmp_path)
     assert result.exit_code == 2 and "held NaN/Inf" in result.output and "model.layers." in result.output, \
         result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_runtime_names_each_module_tensor_by_the_stored_tensor_it_was_read_from(diffusers_folder, tmp_path):
+    """RuntimeInfo.stored_names: a tensor read whole maps to its stored name (BFL's in a comfy file);
+    rows of a joined q/k/v tensor map to none (a hook on to_q could not be named by one stored tensor)."""
+    from quantkit.runtime import empty_weights, load
+    src = diffusers_folder("flux")
+    out = tmp_path / "comfy.safetensors"
+    assert run("convert", src, out, "--format", "comfy", "--recipe", "compact", "-q").exit_code == 0
+    with empty_weights():
+        model = build("flux").__class__.from_config(json.loads((src / "config.json").read_text()))
+    names = load(model, str(out)).quantkit_runtime.stored_names
+    assert names["transformer_blocks.0.ff.net.0.proj.weight"] == "double_blocks.0.img_mlp.0.weight"
+    assert "transformer_blocks.0.attn.to_q.weight" not in names

@@ -137,6 +137,7 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
     for target, p in placements.items():
         if target not in in_units:
             assign(target, read(p))
+    info.stored_names = {t: p.pieces[0].key for t, p in placements.items() if _whole(p, layout.source)}
     if streamed:
         info.units = list(streamed)
         info._streamer = Streamer(module, streamed, read, assign, holding.nbytes, prefetch, info)
@@ -144,7 +145,6 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
         weakref.finalize(module, info.close)
     else:
         layout.close()
-    info.stored_names = {t: p.pieces[0].key for t, p in placements.items() if _whole(p, layout.source)}
     info.resident_bytes = tensor_bytes(module)
     info.peak_bytes = info.resident_bytes
     module.quantkit_runtime = info
