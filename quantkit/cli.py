@@ -804,6 +804,164 @@ def verify(folder, against, json_path, overwrite):
     sys.exit(0 if report.ok else 1)
 
 
+@main.command(cls=_RuleOrderCommand, epilog=PATTERN_HELP)
+@click.argument("src", type=click.Path())
+@_policy_options
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True, metavar="STATS",
+              help="The stats file to write (safetensors), e.g. model.stats.safetensors.")
+@click.option("--observer", "weight_observer", default="absmax", show_default=True, metavar="NAME",
+              help="Weight statistic: absmax, mse (the clipped range with the least FP8 round-trip error, per "
+                   "scale group) or percentile[:Q] (per tensor; Q default 99.99).")
+@click.option("--activation-observer", default="absmax", show_default=True, metavar="NAME",
+              help="Input statistic, per tensor over all passes: absmax (running max), ema[:M] (moving average "
+                   "of each pass's absmax, momentum M default 0.9) or percentile[:Q] (max over passes).")
+@click.option("--inputs", default="builtin", show_default=True, metavar="builtin|MODULE:FUNCTION",
+              help="Calibration inputs: builtin (transformers models: quantkit's sentence set through the "
+                   "tokenizer in the model's folder; diffusers models: seeded latents over --steps x --seeds), "
+                   "or a function (module:function or path/file.py:function) returning an iterable of "
+                   "keyword-input dicts, one per forward pass.")
+@click.option("--text-encoder", "text_encoders", multiple=True, type=click.Path(file_okay=False), metavar="PATH",
+              help="Diffusers models: a transformers text encoder folder (with its tokenizer) whose embeddings "
+                   "of the prompt set condition the passes, matched to the model's inputs by width (FLUX: T5 "
+                   "sequence + CLIP pooled). Repeatable. Default: seeded embeddings.")
+@click.option("--steps", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Diffusers models: timesteps per seed, evenly spread over the schedule.")
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Diffusers models: seeds of the latents (passes = steps x seeds).")
+@click.option("--samples", type=click.IntRange(min=1), metavar="N",
+              help="At most N calibration samples: sentences (8 per pass), diffusion passes, or the hook's items.")
+@click.option("--weights-only", is_flag=True, help="Weight statistics only; do not run the model.")
+@click.option("--compute-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="The dtype the model computes in while its inputs are observed.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the summary as JSON to PATH.")
+@click.option("--overwrite", is_flag=True, help="Replace STATS (and the --json file) if they exist.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def calibrate(ctx, src, out, weight_observer, activation_observer, inputs, text_encoders, steps, seeds, samples,
+              weights_only, compute_dtype, json_path, overwrite, quiet, **policy):
+    """Measure SRC's weights and layer inputs into the stats file STATS, for 'convert --stats'.
+
+    Same policy options as 'convert': the tensors observed are those it would quantize. Each weight
+    is read alone (memory: one tensor). When a config.json lies beside the weights, the model runs
+    through quantkit's runtime in streamed mode (one block of weights in memory at a time) on the
+    calibration inputs, and the input of every quantized layer is observed. The stats record the
+    source's SHA256: convert refuses stats of another checkpoint.
+
+    \b
+    Examples:
+      quantkit calibrate ./all-MiniLM-L6-v2 -o minilm.stats.safetensors --observer mse
+      quantkit calibrate ./FLUX.1-dev --component transformer -o flux.stats.safetensors
+        --text-encoder ./FLUX.1-dev/text_encoder --text-encoder ./FLUX.1-dev/text_encoder_2
+      quantkit stats show flux.stats.safetensors
+    """
+    from .calibration.collect import CalibrationSettings
+    from .calibration.collect import calibrate as measure
+    from .errors import QuantkitError
+    bars = _Bars(quiet)
+    try:
+        options = _options(ctx, **policy)
+        settings = CalibrationSettings(weight_observer, activation_observer, inputs, tuple(text_encoders), steps,
+                                       seeds, samples, weights_only, compute_dtype)
+        click.echo(f"quantkit calibrate: {src} -> {out}")
+        result = measure(src, out, options, settings, overwrite=overwrite, progress=bars.progress,
+                         reports=_reports(json_path))
+    except QuantkitError as exc:
+        bars.progress.close()
+        _fail(exc)
+    for note in result.notes:
+        click.echo(f"  note: {note}")
+    click.echo(f"  weights: {result.layers} observed ({result.weight_observer}, {result.granularity} scales)")
+    if result.activation_observer:
+        click.echo(f"  inputs: {result.inputs_observed} layers observed ({result.activation_observer}) over "
+                   f"{result.samples} passes: {result.inputs}")
+        click.echo(f"  weights held at most: {_size(result.peak_bytes)} of {_size(result.model_bytes)} (streamed)")
+        for name, rng in result.largest_inputs(5):
+            click.echo(f"    input range {rng:10.4g}  {_printable(name)}")
+    rss = _peak_rss()
+    click.echo(f"  time: {result.seconds:.2f} s" + (f", process peak RSS {_size(rss)}" if rss else ""))
+    click.echo(f"  source sha256 {result.source_sha256}")
+    click.echo(f"  wrote {out} (sha256 {result.stats_sha256})")
+    if json_path:
+        _write_json(json_path, result.to_dict())
+
+
+@main.group()
+def stats():
+    """Read stats files written by 'quantkit calibrate'."""
+
+
+@stats.command("show")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, help="How many layers to list.")
+@click.option("--sort", type=click.Choice(["range", "outlier"]), default="range", show_default=True,
+              help="List the largest input ranges first, or the largest outlier ratios (absmax / RMS).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every layer as JSON to PATH.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Also write DIR/report.md with a PNG chart of every layer's weight and input range, and "
+                   "report.json (needs matplotlib).")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file or --report folder if it exists.")
+def stats_show(path, top, sort, json_path, report_dir, overwrite):
+    """Show what the stats file PATH holds: its source, observers, and each layer's ranges.
+
+    An outlier ratio (absmax / RMS) says how far a layer's largest value sits above its typical
+    one: large ratios are what a per-tensor FP8 scale represents worst.
+    """
+    from .calibration.collect import layer_table
+    from .calibration.stats import load
+    from .destinations import check_report_path
+    from .errors import QuantkitError
+    try:
+        if json_path:
+            check_report_path(json_path, "--json", reads=[path], overwrite=overwrite)
+        if report_dir:
+            _check_report_dir(report_dir, [path], overwrite)
+        s = load(path)
+        rows = layer_table(s, sort)
+    except QuantkitError as exc:
+        _fail(exc)
+    src = s.source
+    click.echo(f"stats {path}")
+    click.echo(f"  source: {src.get('name', '?')}  sha256 {s.source_sha256}")
+    click.echo(f"  weights: {len(s.weights)} ({s.weight_observer}, {s.granularity.value} scales, {s.fp8.name})")
+    if s.activation_observer:
+        click.echo(f"  inputs: {len(s.activations)} layers ({s.activation_observer}, static per tensor) over "
+                   f"{s.samples} passes: {s.inputs}")
+    else:
+        click.echo("  inputs: none (weights only)")
+    shown = rows[:top]
+    if shown:
+        click.echo(f"  {'input range':>12} {'outlier':>8} {'weight range':>12} {'outlier':>8}  layer "
+                   f"(by {'range' if sort == 'range' else 'outlier ratio, inputs'}; {len(shown)} of {len(rows)})")
+        for r in shown:
+            click.echo(f"  {_num(r['input_range']):>12} {_num(r['input_outlier'], 1):>8} "
+                       f"{_num(r['weight_range']):>12} {_num(r['weight_outlier'], 1):>8}  {_printable(r['tensor'])}")
+    if json_path:
+        _write_json(json_path, {"path": path, **s.describe(), "source": src, "options": s.options, "layers": rows})
+    if report_dir:
+        from .report import stats_report
+        try:
+            files = stats_report(s, rows, report_dir)
+        except QuantkitError as exc:
+            _fail(exc)
+        click.echo(f"  report: {report_dir}/ ({', '.join(files)})")
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (Linux / macOS), or None where it cannot be told."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024        # macOS: bytes; Linux: KiB
+
+
+def _num(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{digits}g}" if digits > 1 else f"{v:.1f}"
+
+
 def run() -> None:
     """Console entry point: SIGTERM unwinds like Ctrl-C (see _Group); lines reach a pipe as they
     are printed (the header before the work, not at the end); a reader that goes away (``| head``)

@@ -35,7 +35,22 @@ class ModelInputs:
     words: str
 
 
-_BUILDERS: dict[str, Callable[[object, torch.Generator], ModelInputs]] = {}
+@dataclass(frozen=True)
+class Shape:
+    """How many rows, at which timesteps (of 1000, one per row), with how many text tokens. The
+    default is what ``validate --model-output`` feeds; calibration asks for other timesteps."""
+
+    batch: int = BATCH
+    timesteps: tuple[float, ...] = TIMESTEPS
+    text_tokens: int = TEXT_TOKENS
+
+    def __post_init__(self):
+        if self.batch < 1 or self.text_tokens < 1 or len(self.timesteps) != self.batch:
+            raise ValueError(f"{self}: give one timestep per row and at least one row and one text token")
+
+
+DEFAULT = Shape()
+_BUILDERS: dict[str, Callable[[object, torch.Generator, Shape], ModelInputs]] = {}
 
 
 def _inputs_for(*class_names: str):
@@ -59,11 +74,14 @@ def check_supported(class_name: str, path: str | None = None) -> None:
                                     hint="validate it per tensor (without --model-output)")
 
 
-def diffusion_inputs(class_name: str, config, seed: int = 0, path: str | None = None) -> ModelInputs:
-    """Inputs for a model of diffusers class ``class_name`` built from ``config`` (its ``.config``)."""
+def diffusion_inputs(class_name: str, config, seed: int = 0, path: str | None = None,
+                     shape: Shape = DEFAULT) -> ModelInputs:
+    """Inputs for a model of diffusers class ``class_name`` built from ``config`` (its ``.config``),
+    ``shape.batch`` rows at ``shape.timesteps``. The same ``seed`` draws the same latents whatever
+    the timesteps (the noise a denoising run starts from)."""
     check_supported(class_name, path)
     try:
-        return _BUILDERS[class_name](config, torch.Generator().manual_seed(seed))
+        return _BUILDERS[class_name](config, torch.Generator().manual_seed(seed), shape)
     except UnsupportedInputError as exc:        # a variant of the class its builder does not feed
         raise UnsupportedInputError(exc.message, path=path, hint=exc.hint) from None
 
@@ -84,58 +102,59 @@ def _token_ids(n_axes: int) -> torch.Tensor:
     return ids
 
 
-def _words(latents: str, timesteps, extra: str = "") -> str:
-    return f"{BATCH} x {latents}, {TEXT_TOKENS} text tokens, timesteps {'/'.join(f'{t:g}' for t in timesteps)}{extra}"
+def _words(shape: Shape, latents: str, timesteps, extra: str = "") -> str:
+    return (f"{shape.batch} x {latents}, {shape.text_tokens} text tokens, "
+            f"timesteps {'/'.join(f'{t:g}' for t in timesteps)}{extra}")
 
 
 @_inputs_for("FluxTransformer2DModel")
-def _flux(config, gen) -> ModelInputs:
-    kw, extra = _flux_kwargs(config, gen)
-    return ModelInputs(kw, _words(f"{GRID * GRID} packed latent tokens of {config.in_channels} channels",
+def _flux(config, gen, shape: Shape) -> ModelInputs:
+    kw, extra = _flux_kwargs(config, gen, shape)
+    return ModelInputs(kw, _words(shape, f"{GRID * GRID} packed latent tokens of {config.in_channels} channels",
                                   kw["timestep"].tolist(), extra))
 
 
 @_inputs_for("FluxControlNetModel")
-def _flux_controlnet(config, gen) -> ModelInputs:
+def _flux_controlnet(config, gen, shape: Shape) -> ModelInputs:
     if config.conditioning_embedding_channels is not None:
         raise _refused("feeds a FLUX ControlNet packed latents; this one takes an image "
                        "(conditioning_embedding_channels)")
-    kw, extra = _flux_kwargs(config, gen)
+    kw, extra = _flux_kwargs(config, gen, shape)
     kw["controlnet_cond"] = _randn(gen, *kw["hidden_states"].shape)
     extra += ", packed-latent control input"
     if config.num_mode is not None:                    # ControlNet-Union: one control mode per row
-        kw["controlnet_mode"] = torch.arange(BATCH).remainder(config.num_mode)[:, None]
+        kw["controlnet_mode"] = torch.arange(shape.batch).remainder(config.num_mode)[:, None]
         extra += f", modes {kw['controlnet_mode'].flatten().tolist()}"
-    return ModelInputs(kw, _words(f"{GRID * GRID} packed latent tokens of {config.in_channels} channels",
+    return ModelInputs(kw, _words(shape, f"{GRID * GRID} packed latent tokens of {config.in_channels} channels",
                                   kw["timestep"].tolist(), extra))
 
 
-def _flux_kwargs(config, gen) -> tuple[dict, str]:
-    n_axes = len(config.axes_dims_rope)
-    kw = {"hidden_states": _randn(gen, BATCH, GRID * GRID, config.in_channels),
-          "encoder_hidden_states": _randn(gen, BATCH, TEXT_TOKENS, config.joint_attention_dim),
-          "pooled_projections": _randn(gen, BATCH, config.pooled_projection_dim),
+def _flux_kwargs(config, gen, shape: Shape) -> tuple[dict, str]:
+    n_axes, b = len(config.axes_dims_rope), shape.batch
+    kw = {"hidden_states": _randn(gen, b, GRID * GRID, config.in_channels),
+          "encoder_hidden_states": _randn(gen, b, shape.text_tokens, config.joint_attention_dim),
+          "pooled_projections": _randn(gen, b, config.pooled_projection_dim),
           # the model multiplies timestep and guidance by 1000
-          "timestep": torch.tensor([t / 1000 for t in TIMESTEPS]),
-          "img_ids": _token_ids(n_axes), "txt_ids": torch.zeros(TEXT_TOKENS, n_axes)}
+          "timestep": torch.tensor([t / 1000 for t in shape.timesteps]),
+          "img_ids": _token_ids(n_axes), "txt_ids": torch.zeros(shape.text_tokens, n_axes)}
     if not config.guidance_embeds:
         return kw, ""
-    kw["guidance"] = torch.full((BATCH,), GUIDANCE)
+    kw["guidance"] = torch.full((b,), GUIDANCE)
     return kw, f", guidance {GUIDANCE:g}"
 
 
 @_inputs_for("SD3Transformer2DModel")
-def _sd3(config, gen) -> ModelInputs:
-    side = GRID * config.patch_size
-    kw = {"hidden_states": _randn(gen, BATCH, config.in_channels, side, side),
-          "encoder_hidden_states": _randn(gen, BATCH, TEXT_TOKENS, config.joint_attention_dim),
-          "pooled_projections": _randn(gen, BATCH, config.pooled_projection_dim),
-          "timestep": torch.tensor(TIMESTEPS)}
-    return ModelInputs(kw, _words(f"{config.in_channels}x{side}x{side} latents", TIMESTEPS))
+def _sd3(config, gen, shape: Shape) -> ModelInputs:
+    side, b = GRID * config.patch_size, shape.batch
+    kw = {"hidden_states": _randn(gen, b, config.in_channels, side, side),
+          "encoder_hidden_states": _randn(gen, b, shape.text_tokens, config.joint_attention_dim),
+          "pooled_projections": _randn(gen, b, config.pooled_projection_dim),
+          "timestep": torch.tensor(shape.timesteps)}
+    return ModelInputs(kw, _words(shape, f"{config.in_channels}x{side}x{side} latents", shape.timesteps))
 
 
 @_inputs_for("UNet2DConditionModel")
-def _unet(config, gen) -> ModelInputs:
+def _unet(config, gen, shape: Shape) -> ModelInputs:
     conditioning = {"class_embed_type": config.class_embed_type, "encoder_hid_dim_type": config.encoder_hid_dim_type,
                     "addition_embed_type": None if config.addition_embed_type == "text_time"
                     else config.addition_embed_type}
@@ -144,17 +163,18 @@ def _unet(config, gen) -> ModelInputs:
         raise _refused(f"feeds UNets conditioned on text (SD1.x/2.x, SDXL's text_time); this one has {other}")
     dim = config.cross_attention_dim
     dim = dim if isinstance(dim, int) else dim[0]
-    kw = {"sample": _randn(gen, BATCH, config.in_channels, LATENT_SIDE, LATENT_SIDE),
-          "timestep": torch.tensor([int(t) for t in TIMESTEPS]),
-          "encoder_hidden_states": _randn(gen, BATCH, TEXT_TOKENS, dim)}
+    kw = {"sample": _randn(gen, shape.batch, config.in_channels, LATENT_SIDE, LATENT_SIDE),
+          "timestep": torch.tensor([int(t) for t in shape.timesteps]),
+          "encoder_hidden_states": _randn(gen, shape.batch, shape.text_tokens, dim)}
     extra = ""
     if config.addition_embed_type == "text_time":
-        kw["added_cond_kwargs"] = _sdxl_added_cond(config, gen)
+        kw["added_cond_kwargs"] = _sdxl_added_cond(config, gen, shape.batch)
         extra = ", SDXL pooled text embeds and size/crop time ids"
-    return ModelInputs(kw, _words(f"{config.in_channels}x{LATENT_SIDE}x{LATENT_SIDE} latents", TIMESTEPS, extra))
+    return ModelInputs(kw, _words(shape, f"{config.in_channels}x{LATENT_SIDE}x{LATENT_SIDE} latents",
+                                  shape.timesteps, extra))
 
 
-def _sdxl_added_cond(config, gen) -> dict:
+def _sdxl_added_cond(config, gen, batch: int) -> dict:
     """SDXL's pooled text embedding and micro-conditioning ids. The config gives only their total
     width (text + n_ids * addition_time_embed_dim); any split feeds the same add_embedding, so
     take the base model's 6 ids (original size, crop corner, target size) when they fit."""
@@ -164,31 +184,31 @@ def _sdxl_added_cond(config, gen) -> dict:
         raise _refused(f"finds no room for SDXL time ids of width {per_id} in a text_time embedding of {width}")
     size = LATENT_SIDE * 8
     ids = torch.tensor([size, size, 0, 0, size, size][:n_ids], dtype=torch.float32)
-    return {"text_embeds": _randn(gen, BATCH, width - n_ids * per_id), "time_ids": ids.repeat(BATCH, 1)}
+    return {"text_embeds": _randn(gen, batch, width - n_ids * per_id), "time_ids": ids.repeat(batch, 1)}
 
 
 @_inputs_for("AutoencoderKL")
-def _vae(config, gen) -> ModelInputs:
-    sample = torch.rand(BATCH, config.in_channels, PIXELS, PIXELS, generator=gen) * 2 - 1
+def _vae(config, gen, shape: Shape) -> ModelInputs:
+    sample = torch.rand(shape.batch, config.in_channels, PIXELS, PIXELS, generator=gen) * 2 - 1
     # sample_posterior=False decodes the posterior's mode: deterministic, so both runs compare
     kw = {"sample": sample, "sample_posterior": False}
-    return ModelInputs(kw, f"{BATCH} x {config.in_channels}x{PIXELS}x{PIXELS} images in [-1, 1], encoded and "
+    return ModelInputs(kw, f"{shape.batch} x {config.in_channels}x{PIXELS}x{PIXELS} images in [-1, 1], encoded and "
                            "decoded from the posterior mode")
 
 
 @_inputs_for("QwenImageTransformer2DModel")
-def _qwen_image(config, gen) -> ModelInputs:
+def _qwen_image(config, gen, shape: Shape) -> ModelInputs:
     for field in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
         if config.get(field):
             raise _refused(f"feeds Qwen-Image text-to-image transformers; this one has {field}")
-    tokens, channels = GRID * GRID, config.in_channels
-    timesteps = [t / 1000 for t in TIMESTEPS]          # Qwen-Image's pipeline passes t / 1000
-    kw = {"hidden_states": _randn(gen, BATCH, tokens, channels),
-          "encoder_hidden_states": _randn(gen, BATCH, TEXT_TOKENS, config.joint_attention_dim),
-          "encoder_hidden_states_mask": torch.ones(BATCH, TEXT_TOKENS, dtype=torch.long),
-          "timestep": torch.tensor(timesteps), "img_shapes": [(1, GRID, GRID)] * BATCH}
+    tokens, channels, b = GRID * GRID, config.in_channels, shape.batch
+    timesteps = [t / 1000 for t in shape.timesteps]    # Qwen-Image's pipeline passes t / 1000
+    kw = {"hidden_states": _randn(gen, b, tokens, channels),
+          "encoder_hidden_states": _randn(gen, b, shape.text_tokens, config.joint_attention_dim),
+          "encoder_hidden_states_mask": torch.ones(b, shape.text_tokens, dtype=torch.long),
+          "timestep": torch.tensor(timesteps), "img_shapes": [(1, GRID, GRID)] * b}
     extra = ""
     if config.guidance_embeds:
-        kw["guidance"] = torch.full((BATCH,), GUIDANCE)
+        kw["guidance"] = torch.full((b,), GUIDANCE)
         extra = f", guidance {GUIDANCE:g}"
-    return ModelInputs(kw, _words(f"{tokens} packed latent tokens of {channels} channels", timesteps, extra))
+    return ModelInputs(kw, _words(shape, f"{tokens} packed latent tokens of {channels} channels", timesteps, extra))

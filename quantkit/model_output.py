@@ -234,14 +234,16 @@ def _config_folder(source) -> str:
     return folder
 
 
-def build_model(source, seed: int = 0) -> Model:
+def build_model(source, seed: int = 0, *, with_inputs: bool = True) -> Model:
     """The architecture named by the config beside ``source``'s weights (a diffusers
     ``_class_name`` or transformers ``architectures``), as a factory of modules without memory
-    (``make()``), with its seeded inputs (``inputs``) and the tensor it outputs (``output``)."""
+    (``make()``), with its seeded inputs (``inputs``) and the tensor it outputs (``output``).
+    ``with_inputs=False``: without inputs (``inputs`` empty), for callers that bring their own
+    (calibration), so a diffusers class without an input builder builds too."""
     folder = _config_folder(source)
     raw = _read_config(folder)
     if "_class_name" in raw:
-        return _diffusers_model(folder, raw, seed)
+        return _diffusers_model(folder, raw, seed, with_inputs)
     return _transformers_model(folder, seed)
 
 
@@ -274,14 +276,15 @@ def _transformers_model(folder: str, seed: int) -> Model:
                   f"{BATCH}x{TOKENS} random token ids (seed {seed})", _first_tensor)
 
 
-def _diffusers_model(folder: str, raw: dict, seed: int) -> Model:
+def _diffusers_model(folder: str, raw: dict, seed: int, with_inputs: bool = True) -> Model:
     """The diffusers class named by ``_class_name``, built from the config with its parameters on
     the meta device (the runtime fills them) and its buffers real: some models compute tensors at
     construction that are not parameters (Qwen-Image's RoPE tables)."""
     from .diffusion_inputs import check_supported, diffusion_inputs
     from .runtime import empty_weights
     name = raw["_class_name"]
-    check_supported(name, folder)
+    if with_inputs:
+        check_supported(name, folder)
     import diffusers
     cls = getattr(diffusers, name, None)
     if cls is None:
@@ -297,6 +300,8 @@ def _diffusers_model(folder: str, raw: dict, seed: int) -> Model:
     except (TypeError, ValueError) as exc:
         raise UnsupportedInputError(f"diffusers cannot build {name} from this config ({exc})", path=folder,
                                     hint="validate it per tensor (without --model-output)") from exc
+    if not with_inputs:
+        return Model(make, cls, name, False, {}, "", _every_tensor)
     inputs = diffusion_inputs(name, probe.config, seed, path=folder)
     return Model(make, cls, name, False, {**inputs.kwargs, "return_dict": False}, f"{inputs.words} (seed {seed})",
                   _every_tensor)
@@ -383,3 +388,32 @@ def _every_tensor(out):
         return out
     tensors = [_every_tensor(item) for item in out]
     return tensors[0] if len(tensors) == 1 else torch.cat([t.flatten() for t in tensors])
+
+
+@contextmanager
+def streamed(model: Model, weights, path: str, dtype):
+    """``model`` built afresh and loaded from ``weights`` (an opened checkpoint or a path) by the runtime
+    in streamed mode, for the ``with`` block (calibration hooks and runs it); closed and dropped after.
+
+    >>> with streamed(build_model(source), source, source.path, torch.float32) as module:   # doctest: +SKIP
+    ...     module(**inputs)
+    """
+    import gc
+
+    from .errors import ModelMismatchError
+    from .runtime import load
+    module = model.make()
+    try:
+        try:
+            load(module, weights, mode="streamed", compute_dtype=dtype)
+        except ModelMismatchError as exc:
+            raise UnsupportedInputError(f"the weights do not fit the config's architecture ({exc.message})",
+                                        path=path, hint="the config.json beside the weights must describe "
+                                                        "this model") from None
+        yield module
+    finally:
+        info = getattr(module, "quantkit_runtime", None)
+        if info is not None:
+            info.close()
+        del module
+        gc.collect()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 from .errors import UnsupportedInputError
 from .writer import TempFolder
@@ -64,6 +65,18 @@ def sensitivity_report(report, folder: str) -> list[str]:
         _write_text(os.path.join(tmp.path, REPORT), _sensitivity_md(report))
         tmp.commit()
     return [REPORT, DATA, "sensitivity.png"]
+
+
+def stats_report(stats, rows: list[dict], folder: str) -> list[str]:
+    """Write ``folder`` for a stats file (``calibration.stats.Stats``) and its rows
+    (``calibration.collect.layer_table``); returns the files written."""
+    plt = _pyplot()
+    with TempFolder(folder) as tmp:
+        _write_json(os.path.join(tmp.path, DATA), {**stats.describe(), "source": stats.source, "layers": rows})
+        _ranges_chart(plt, stats, rows, os.path.join(tmp.path, "ranges.png"))
+        _write_text(os.path.join(tmp.path, REPORT), _stats_md(stats, rows))
+        tmp.commit()
+    return [REPORT, DATA, "ranges.png"]
 
 
 def _write_json(path: str, doc: dict) -> None:
@@ -150,6 +163,34 @@ def _ranking_chart(plt, report, path: str, most: int = 40) -> None:
     plt.close(fig)
 
 
+def _ranges_chart(plt, stats, rows: list[dict], path: str) -> None:
+    """Every layer's weight and input range (log scale) in name order, and their outlier ratios."""
+    rows = sorted(rows, key=lambda r: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", r["tensor"])])
+    xs = range(len(rows))
+    fig, (a, b) = plt.subplots(2, 1, figsize=(11, 6.5), dpi=110, sharex=True)
+    for key, color, label in (("weight_range", "tab:blue", f"weight ({stats.weight_observer})"),
+                              ("input_range", "tab:orange", f"input ({stats.activation_observer})")):
+        pts = [(i, r[key]) for i, r in zip(xs, rows) if _finite(r[key]) and r[key] > 0]
+        if pts:
+            a.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=color, label=label)
+    a.set_yscale("log")
+    a.set_ylabel("range (absmax-like)")
+    a.set_title(f"Per-layer ranges: {stats.source.get('name', '?')}, {len(rows)} layers, {stats.samples} passes")
+    a.grid(alpha=0.3)
+    a.legend(loc="upper right", fontsize=8)
+    for key, color, label in (("weight_outlier", "tab:blue", "weight"), ("input_outlier", "tab:orange", "input")):
+        pts = [(i, r[key]) for i, r in zip(xs, rows) if _finite(r[key])]
+        if pts:
+            b.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=color, label=label)
+    b.set_ylabel("outlier ratio (absmax / RMS)")
+    b.set_xlabel("layer, in name order (block numbers as numbers: the depth)")
+    b.grid(alpha=0.3)
+    b.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- report.md
 
 def _validation_md(report, files: list[str]) -> str:
@@ -195,5 +236,20 @@ def _sensitivity_md(report) -> str:
     lines += ["![ranking](sensitivity.png)", "", "| rank | layer | kind | output SQNR alone (dB) |",
               "|---:|---|---|---:|"]
     lines += [f"| {i} | {c.name} | {c.kind} | {c.sqnr:.2f} |" for i, c in enumerate(report.layers, 1)]
+    lines += ["", f"Data: [{DATA}]({DATA})."]
+    return "\n".join(lines) + "\n"
+
+
+def _stats_md(stats, rows: list[dict]) -> str:
+    def num(v):
+        return "-" if v is None else f"{v:.4g}"
+    lines = [f"# Calibration statistics of {stats.source.get('name', '?')}", "",
+             f"Source SHA256 `{stats.source_sha256}`. Weights: {len(stats.weights)} ({stats.weight_observer}, "
+             f"{stats.granularity.value} scales). Inputs: {len(stats.activations)} layers "
+             f"({stats.activation_observer or 'none'}) over {stats.samples} passes: {stats.inputs or '-'}.", "",
+             "![per-layer ranges](ranges.png)", "",
+             "| layer | input range | input outlier | weight range | weight outlier |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['tensor']} | {num(r['input_range'])} | {num(r['input_outlier'])} | {num(r['weight_range'])} | "
+              f"{num(r['weight_outlier'])} |" for r in rows]
     lines += ["", f"Data: [{DATA}]({DATA})."]
     return "\n".join(lines) + "\n"

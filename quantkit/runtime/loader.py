@@ -31,7 +31,9 @@ class RuntimeInfo:
     ``materialised_bytes`` / ``peak_bytes``: streamed units' tensors in memory now / at most, plus
     the resident ones for the peak; ``kernels``: how many weights each kernel path made so far;
     ``activations``: the ``load`` option, and ``inputs``: how many FP8 Linear layers quantize their
-    input by each scheme ("static", "unit", "dynamic"; "none": weight-only)."""
+    input by each scheme ("static", "unit", "dynamic"; "none": weight-only);
+    ``stored_names``: module tensor -> the checkpoint's name of the tensor it was read from whole
+    (parts of joined tensors left out), to name what hooks on the module observe."""
 
     path: str
     mode: Mode
@@ -49,6 +51,7 @@ class RuntimeInfo:
     activations: Activations = Activations.NONE
     inputs: dict[str, int] = field(default_factory=dict)
     log: KernelLog = field(default_factory=KernelLog, repr=False)
+    stored_names: dict[str, str] = field(default_factory=dict, repr=False)
     _streamer: Streamer | None = field(default=None, repr=False)
     _layout: Layout | None = field(default=None, repr=False)
 
@@ -154,6 +157,7 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
     for target, p in placements.items():
         if target not in in_units:
             assign(target, read(p))
+    info.stored_names = {t: p.pieces[0].key for t, p in placements.items() if _whole(p, layout.source)}
     if streamed:
         info.units = list(streamed)
         info._streamer = Streamer(module, streamed, read, assign, holding.nbytes, prefetch, info)
@@ -165,6 +169,14 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
     info.peak_bytes = info.resident_bytes
     module.quantkit_runtime = info
     return module
+
+
+def _whole(p: Placement, source: TensorSource) -> bool:
+    """``p`` is one stored tensor as a whole (not rows of a joined one)."""
+    if len(p.pieces) != 1:
+        return False
+    piece, info = p.pieces[0], source.tensors[p.pieces[0].key]
+    return piece.src_start == 0 and piece.dst_start == 0 and piece.src_end == (info.shape[0] if info.shape else 1)
 
 
 class _Holding:

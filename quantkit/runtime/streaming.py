@@ -113,7 +113,7 @@ class Streamer:
         def hook(module, args, output):
             self.release(unit)
             self._count(unit, -1)
-            _return_freed_memory()
+            return_freed_memory()
         return hook
 
     def release(self, unit: str) -> None:
@@ -173,6 +173,7 @@ def _malloc_trim():
 _TRIM = _malloc_trim()
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
+    """Give the heap's freed blocks back to the system (glibc's ``malloc_trim``; nothing elsewhere)."""
     if _TRIM is not None:
         _TRIM(0)

@@ -1,0 +1,148 @@
+"""Activation statistics: the input of every quantized layer, observed while the source model runs.
+
+The model is built from the ``config.json`` beside the weights without memory
+(``quantkit.model_output.build_model``) and loaded by ``quantkit.runtime`` in streamed mode (one
+block's weights in memory at a time, read from disk when it runs), so a model larger than the
+machine's memory calibrates too. A forward pre-hook on each module whose weight the plan quantizes
+feeds that module's input to an observer (per tensor, static: ``AbsMax`` running max,
+``MovingAverage``, ``Percentile``) and sums its squares and count for the RMS. Modules are named
+back to the checkpoint's own tensor names through the runtime's placements
+(``RuntimeInfo.stored_names``).
+
+    >>> from quantkit.calibration.observers import AbsMax
+    >>> layer = torch.nn.Linear(2, 1)
+    >>> rec = InputRecorder(torch.nn.Sequential(layer), {"0": "fc.weight"}, AbsMax)
+    >>> _ = layer(torch.tensor([[1.0, -5.0]])); rec.close()
+    >>> float(rec.inputs["fc.weight"].observer.statistic()), rec.inputs["fc.weight"].values
+    (5.0, 2)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from quantkit import fp8
+from quantkit.calibration.observers import Observer
+from quantkit.fp8 import Granularity
+from quantkit.errors import UnsupportedInputError
+from quantkit.progress import NULL, Progress
+
+
+SQUARES_CHUNK = 1 << 20
+
+
+@dataclass
+class LayerInput:
+    """What one layer's input looked like over the passes."""
+
+    observer: Observer
+    absmax: float = 0.0
+    sum_squares: float = 0.0          # float64 sum: the RMS of billions of values stays exact enough
+    values: int = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        self.observer.update(x)
+        if x.numel():
+            self.absmax = max(self.absmax, float(fp8.absmax(x, Granularity.TENSOR)))   # aminmax: no |x| copy
+        flat = x.reshape(-1)
+        for i in range(0, flat.numel(), SQUARES_CHUNK):
+            # float64 a chunk at a time: exact enough over billions of values, without a float64 copy of x
+            self.sum_squares += float(flat[i:i + SQUARES_CHUNK].double().square().sum())
+        self.values += x.numel()
+
+    @property
+    def rms(self) -> float:
+        return math.sqrt(self.sum_squares / self.values) if self.values else 0.0
+
+
+class InputRecorder:
+    """Forward pre-hooks on ``module``'s submodules ``layers`` (dotted module name -> the tensor name
+    its statistics go under), each feeding its first input to a fresh ``make_observer()``."""
+
+    def __init__(self, module: torch.nn.Module, layers: dict[str, str], make_observer: Callable[[], Observer]):
+        self.inputs: dict[str, LayerInput] = {}
+        self.mask: torch.Tensor | None = None     # [batch, tokens] of the pass running: real tokens only
+        self.handles = []
+        for name, tensor in layers.items():
+            self.handles.append(module.get_submodule(name).register_forward_pre_hook(
+                self._hook(tensor, make_observer), with_kwargs=True))
+
+    def _hook(self, tensor: str, make_observer):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
+            if x is None or not x.is_floating_point():
+                return
+            if self.mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+                x = x[self.mask]                  # [real tokens, features]: padding left out
+            if tensor not in self.inputs:
+                self.inputs[tensor] = LayerInput(make_observer())
+            self.inputs[tensor].update(x)
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@dataclass
+class ActivationStats:
+    """Inputs observed per quantized tensor, and what running the model took."""
+
+    inputs: dict[str, LayerInput]
+    samples: int
+    architecture: str
+    peak_bytes: int                   # the runtime's peak of weights held (streamed: about a block)
+    model_bytes: int                  # the checkpoint's size on disk
+    unobserved: list[str] = field(default_factory=list)   # quantized tensors whose layer never ran / has no module
+
+
+def observe(model, source, batches: list[dict], quantized: set[str], make_observer: Callable[[], Observer], *,
+            dtype: torch.dtype = torch.float32, progress: Progress = NULL,
+            masks: list[torch.Tensor | None] | None = None) -> ActivationStats:
+    """Run ``model`` (``model_output.build_model``'s ``Model``) loaded streamed from ``source`` (an opened
+    checkpoint under its own names) on ``batches``, observing the input of every layer whose weight is
+    in ``quantized`` (of a [batch, tokens, ...] input, only the tokens ``masks[i]`` marks); then drop it."""
+    from quantkit.model_output import streamed
+    with streamed(model, source, source.path, dtype) as module:
+        info = module.quantkit_runtime
+        layers = {target.rpartition(".")[0]: key for target, key in info.stored_names.items()
+                  if key in quantized and target.rpartition(".")[2] == "weight"}
+        recorder = InputRecorder(module, layers, make_observer)
+        # Each pass streams the whole checkpoint from disk: progress in bytes read.
+        per_pass = getattr(source, "file_size", 0)
+        progress.stage("activate", per_pass * len(batches))
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                recorder.mask = masks[i] if masks else None
+                _forward(module, _cast(batch, dtype), model.architecture, source.path, i)
+                progress.advance(per_pass)
+        recorder.close()
+        unobserved = sorted(quantized - set(recorder.inputs))
+        return ActivationStats(recorder.inputs, len(batches), model.architecture, info.peak_bytes,
+                               getattr(source, "file_size", 0), unobserved)
+
+
+def _forward(module, batch: dict, architecture: str, path: str, i: int) -> None:
+    try:
+        module(**batch)
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise UnsupportedInputError(f"{architecture} does not run on calibration input {i} "
+                                    f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=path,
+                                    hint="give inputs the model's forward takes (--inputs module:function), or "
+                                         "calibrate the weights only (--weights-only)") from None
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors (also inside dicts, lists and tuples) in the compute dtype; the rest as it is."""
+    if torch.is_tensor(value):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value

@@ -1,0 +1,343 @@
+"""Calibration inputs: what the source model runs on while its activations are observed.
+
+``CalibrationInputs`` is a list of keyword-input batches (one forward pass each) and a
+description in words. Three kinds:
+
+- ``text_inputs``: a transformers model (text encoder, LLM) on the sentence set shipped with
+  quantkit (``data/sentences.txt``: image-generation prompts, questions, prose, code, numbers,
+  a dozen languages), tokenized by the tokenizer in the model's folder, ``SENTENCES_PER_PASS``
+  sentences per pass, padded on the right with an attention mask; the mask goes with the batch
+  so that only real tokens are observed (a pad token's activations are no sentence's, and
+  streamed mode reads the whole model once per pass). A folder without a tokenizer is
+  refused: random token ids would measure activations no real text makes (rare embedding rows,
+  no sentence structure), and a scale made from them is silently wrong, so the user is asked
+  for the tokenizer or a hook instead.
+- ``diffusion_calibration_inputs``: a diffusers model on seeded latents over a timestep schedule
+  (``steps`` timesteps evenly spread over (0, 1000) for each of ``seeds`` seeds: the same noise at
+  every timestep, as a denoising run starts from one noise), built per class by
+  ``quantkit.diffusion_inputs``; its text conditioning is the prompt set run through the text
+  encoders given (``TextEncoder``), matched to the model's inputs by width, or seeded embeddings.
+- ``hook_inputs``: ``module:function`` (an importable module or ``path/to/file.py``) returning an
+  iterable of keyword-input dicts, for anything else.
+
+    >>> from quantkit.calibration.inputs import sentences
+    >>> len(sentences()) >= 64
+    True
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import itertools
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from quantkit.errors import OptionsError, UnsupportedInputError
+
+PROMPT_TOKENS = 77          # CLIP's context: every encoder's prompts are padded to it, as pipelines pad
+MAX_TOKENS = 128            # a sentence longer than this is truncated (activations of long contexts differ little)
+SENTENCES_PER_PASS = 8
+BUILTIN = "builtin"
+
+
+@dataclass(frozen=True)
+class CalibrationInputs:
+    """Keyword inputs, one dict per forward pass; ``masks[i]`` (or None) marks the real tokens of
+    pass i ([batch, tokens], True where a token is not padding): only those are observed."""
+
+    batches: list[dict]
+    words: str
+    masks: list[torch.Tensor | None] | None = None
+
+
+def sentences() -> list[str]:
+    """The sentence set shipped with quantkit, one per non-empty line."""
+    text = resources.files("quantkit.calibration").joinpath("data/sentences.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_tokenizer(folder: str, what: str):
+    """The tokenizer saved in ``folder`` (transformers ``AutoTokenizer``, offline), or a one-line refusal."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UnsupportedInputError(f"{what} needs the tokenizer saved beside its config.json, and none loads "
+                                    f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})", path=folder,
+                                    hint="save the tokenizer into the folder (tokenizer.save_pretrained), or pass "
+                                         "--inputs module:function") from None
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def text_inputs(folder: str, model: torch.nn.Module, samples: int | None = None,
+                per_pass: int = SENTENCES_PER_PASS) -> CalibrationInputs:
+    """The sentence set (the first ``samples``), tokenized by ``folder``'s tokenizer, ``per_pass``
+    sentences per pass, as keyword inputs of ``model`` (a transformers model; an encoder-decoder
+    reads the same ids on both sides), with the mask of their real tokens."""
+    tok = load_tokenizer(folder, "calibrating a transformers model on the built-in sentences")
+    texts = sentences()[:samples] if samples else sentences()
+    params = inspect.signature(model.forward).parameters
+    limit = min(MAX_TOKENS, int(getattr(model.config, "max_position_embeddings", 0) or MAX_TOKENS))
+    if tok.pad_token is None:                   # Llama-style tokenizers: any id pads, the mask hides it
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"                  # position ids of real tokens as in a lone sentence
+    if "attention_mask" not in params or tok.pad_token is None:
+        per_pass = 1                            # padding would reach the real tokens through attention
+    batches, masks = [], []
+    for i in range(0, len(texts), per_pass):
+        enc = tok(texts[i:i + per_pass], return_tensors="pt", truncation=True, max_length=limit,
+                  padding=per_pass > 1)
+        kw = {k: v for k, v in enc.items() if k in params}
+        if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+            kw["decoder_input_ids"] = kw["input_ids"]
+        batches.append(kw)
+        masks.append(enc["attention_mask"].bool() if "attention_mask" in enc else None)
+    return CalibrationInputs(batches, f"{len(texts)} sentences of quantkit's calibration set, {per_pass} per pass "
+                                      f"(padding not observed; tokenizer {type(tok).__name__}, at most {limit} "
+                                      "tokens)", masks)
+
+
+# ----------------------------------------------------------------------------- diffusion models
+
+@dataclass(frozen=True)
+class Embedding:
+    """One prompt's text conditioning from one encoder: its sequence [tokens, width], and pooled [width] or None."""
+
+    sequence: torch.Tensor
+    pooled: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A text encoder's outputs over the prompt set (computed by ``collect``, which loads it)."""
+
+    path: str
+    architecture: str
+    embeddings: list[Embedding]
+
+
+def schedule(steps: int) -> tuple[float, ...]:
+    """``steps`` timesteps (of 1000) at the middles of equal slices of (0, 1000), high noise first.
+
+    >>> schedule(4)
+    (875.0, 625.0, 375.0, 125.0)
+    """
+    if steps < 1:
+        raise OptionsError(f"--steps {steps}: give at least one timestep")
+    return tuple(1000.0 * (steps - i - 0.5) / steps for i in range(steps))
+
+
+def diffusion_calibration_inputs(class_name: str, config, *, steps: int, seeds: int,
+                                 encoders: tuple[TextEncoder, ...] = (), samples: int | None = None,
+                                 path: str | None = None) -> CalibrationInputs:
+    """One pass per (seed, timestep), ``seeds`` x ``steps`` of them (capped at ``samples``), each one
+    row of seeded latents; the text conditioning of pass i is prompt i of the encoders' outputs where
+    an encoder's width matches the model's input, seeded otherwise."""
+    from quantkit.diffusion_inputs import Shape, diffusion_inputs
+    if seeds < 1:
+        raise OptionsError(f"--seeds {seeds}: give at least one seed")
+    tokens = _tokens(encoders)
+    batches, where = [], None
+    for i, (seed, t) in enumerate(itertools.product(range(seeds), schedule(steps))):
+        if samples and i >= samples:
+            break
+        made = diffusion_inputs(class_name, config, seed, path=path, shape=Shape(1, (t,), tokens))
+        kw, used = _condition(made.kwargs, encoders, i)
+        where = where or used
+        batches.append(kw)
+    if "timestep" not in made.kwargs:             # the VAE: images, no timestep, no text
+        return CalibrationInputs(batches, f"seeds 0-{seeds - 1}, one pass each: {made.words}")
+    conditioning = "; ".join(where) if where else "seeded text embeddings"
+    words = (f"seeds 0-{seeds - 1} x {steps} timesteps "
+             f"({'/'.join(f'{t:g}' for t in schedule(steps))} of 1000), 1 x seeded latents each; "
+             f"text conditioning: {conditioning}")
+    return CalibrationInputs(batches, words)
+
+
+def _tokens(encoders) -> int:
+    from quantkit.diffusion_inputs import TEXT_TOKENS
+    lengths = {e.embeddings[0].sequence.shape[0] for e in encoders if e.embeddings}
+    return lengths.pop() if len(lengths) == 1 else TEXT_TOKENS
+
+
+def _condition(kw: dict, encoders, i: int) -> tuple[dict, list[str]]:
+    """``kw`` with its text inputs (``encoder_hidden_states``: a sequence; ``pooled_projections`` or
+    SDXL's ``text_embeds``: pooled) replaced by prompt ``i``'s embeddings where a width fits: one
+    encoder's exactly, or all the encoders' of that kind concatenated in the order given (SDXL's
+    two CLIPs). Returns the inputs and what was matched, in words."""
+    if not encoders:
+        return kw, []
+    kw, used = dict(kw), []
+    prompts = [e.embeddings[i % len(e.embeddings)] for e in encoders]
+    names = [e.architecture for e in encoders]
+    seq = kw.get("encoder_hidden_states")
+    if seq is not None and seq.dim() == 3:
+        found = _match(seq.shape[-1], [p.sequence for p in prompts], names)
+        if found is not None and found[0].shape[0] == seq.shape[1]:
+            kw["encoder_hidden_states"] = found[0][None].to(seq.dtype)
+            used.append(f"encoder_hidden_states from {found[1]}")
+    pooled_at = ("pooled_projections", None) if "pooled_projections" in kw else \
+        ("added_cond_kwargs", "text_embeds") if "text_embeds" in kw.get("added_cond_kwargs", {}) else None
+    if pooled_at is not None:
+        outer, inner = pooled_at
+        old = kw[outer] if inner is None else kw[outer][inner]
+        pooled = [p.pooled for p in prompts]
+        have = [(t, n) for t, n in zip(pooled, names) if t is not None]
+        found = _match(old.shape[-1], [t for t, _ in have], [n for _, n in have]) if have else None
+        if found is not None:
+            new = found[0][None].to(old.dtype)
+            if inner is None:
+                kw[outer] = new
+            else:
+                kw[outer] = {**kw[outer], inner: new}
+            used.append(f"{inner or outer} from {found[1]} (pooled)")
+    return kw, used
+
+
+def _match(width: int, tensors: list[torch.Tensor], names: list[str]):
+    """(tensor, its source in words) of width ``width``: one of ``tensors``, or all concatenated; or None."""
+    for t, name in zip(tensors, names):
+        if t.shape[-1] == width:
+            return t, name
+    if len(tensors) > 1 and sum(t.shape[-1] for t in tensors) == width \
+            and len({t.shape[:-1] for t in tensors}) == 1:
+        return torch.cat(tensors, dim=-1), " + ".join(names)
+    return None
+
+
+# ----------------------------------------------------------------------------- user hook
+
+def hook_inputs(spec: str, samples: int | None = None) -> CalibrationInputs:
+    """The inputs ``module:function`` (or ``path/file.py:function``) returns: an iterable of keyword-input
+    dicts, one per pass (the first ``samples`` of them: a generator may be endless then). Anything wrong
+    with the hook is one ``OptionsError`` line (exit 2)."""
+    function = _hook(spec)
+    try:
+        produced = function()
+        batches = []
+        for item in produced:
+            if samples and len(batches) >= samples:
+                break
+            if not isinstance(item, dict) or not all(isinstance(k, str) for k in item):
+                raise OptionsError(f"--inputs {spec}: item {len(batches)} is a {type(item).__name__}, not a dict of "
+                                   "keyword inputs", hint="return an iterable of dicts such as {'input_ids': ...}")
+            batches.append(item)
+    except OptionsError:
+        raise
+    except Exception as exc:       # noqa: BLE001 - the user's code: any failure is bad input, in one line
+        raise OptionsError(f"--inputs {spec} failed: {type(exc).__name__}: {str(exc).strip()[:200]}",
+                           hint="fix the hook; it must return an iterable of keyword-input dicts") from None
+    if not batches:
+        raise OptionsError(f"--inputs {spec} returned no inputs", hint="return at least one dict of keyword inputs")
+    return CalibrationInputs(batches, f"{len(batches)} passes from --inputs {spec}")
+
+
+def _hook(spec: str):
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise OptionsError(f"--inputs {spec!r}: give 'builtin' or MODULE:FUNCTION (or path/file.py:FUNCTION)",
+                           hint="e.g. --inputs my_inputs.py:calibration_batches")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            if not os.path.isfile(module_name):
+                raise FileNotFoundError(f"no file {module_name}")
+            loaded = importlib.util.spec_from_file_location("quantkit_user_inputs", module_name)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as exc:       # noqa: BLE001 - importing the user's code runs it
+        raise OptionsError(f"--inputs {spec}: cannot import {module_name} ({type(exc).__name__}: "
+                           f"{str(exc).strip()[:200]})", hint="give an importable module or an existing .py file") \
+            from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise OptionsError(f"--inputs {spec}: {module_name} has no function {attr}",
+                           hint="name a function that returns the model inputs")
+    return function
+
+
+# ----------------------------------------------------------------------------- choosing and encoding
+
+def model_inputs(model, source, settings, dtype: torch.dtype = torch.float32, progress=None) -> CalibrationInputs:
+    """The calibration inputs for ``model`` (``model_output.build_model``'s ``Model`` of ``source``) as
+    ``settings`` (``collect.CalibrationSettings``) ask: the user's hook, the sentence set (transformers
+    models) or seeded latents over steps x seeds conditioned by the text encoders given (diffusers)."""
+    folder = os.path.dirname(os.path.abspath(source.files[0]))
+    if settings.inputs != BUILTIN:
+        return hook_inputs(settings.inputs, settings.samples)
+    probe = model.make()
+    if model.transformers:
+        if settings.text_encoders:
+            raise OptionsError(f"--text-encoder conditions diffusion models; {model.architecture} is a transformers "
+                               "model, calibrated on the built-in sentences", hint="leave --text-encoder out")
+        return text_inputs(folder, probe, settings.samples)
+    from quantkit.diffusion_inputs import supported
+    if model.architecture not in supported():
+        raise UnsupportedInputError(f"calibrate has no built-in inputs for the diffusers class {model.architecture} "
+                                    f"(it feeds {', '.join(supported())})", path=folder,
+                                    hint="pass --inputs module:function returning the model's inputs, or "
+                                         "--weights-only")
+    passes = settings.steps * settings.seeds if model.architecture != "AutoencoderKL" else settings.seeds
+    count = min(passes, settings.samples or passes)
+    encoders = tuple(encode_prompts(p, count, dtype) for p in settings.text_encoders)
+    steps = settings.steps if model.architecture != "AutoencoderKL" else 1      # the VAE takes no timestep
+    return diffusion_calibration_inputs(model.architecture, probe.config, steps=steps, seeds=settings.seeds,
+                                        encoders=encoders, samples=settings.samples, path=folder)
+
+
+def encode_prompts(path: str, count: int, dtype: torch.dtype = torch.float32) -> TextEncoder:
+    """The first ``count`` sentences of the set (cycled) through the transformers text encoder in
+    folder ``path`` (config.json, weights, and its tokenizer beside them or in the pipeline's matching
+    ``tokenizer*`` folder), loaded streamed by the runtime, each padded to ``PROMPT_TOKENS`` tokens as
+    pipelines pad: its sequence (last hidden states) and pooled output (CLIP's; None for T5)."""
+    from quantkit.model_output import build_model, streamed
+    from quantkit.sources import open_source
+    if not os.path.isdir(path):
+        raise OptionsError(f"--text-encoder {path}: not a folder",
+                           hint="give a transformers text encoder folder (config.json, weights, tokenizer)")
+    with open_source(path) as source:
+        model = build_model(source, with_inputs=False)
+        if not model.transformers:
+            raise OptionsError(f"--text-encoder {path}: {model.architecture} is not a transformers text encoder",
+                               hint="give a CLIP or T5 text encoder folder")
+        tok = load_tokenizer(_tokenizer_folder(path), f"--text-encoder {path}")
+        texts = list(itertools.islice(itertools.cycle(sentences()), count))
+        with streamed(model, source, path, dtype) as module:
+            limit = min(PROMPT_TOKENS, int(getattr(module.config, "max_position_embeddings", 0) or PROMPT_TOKENS))
+            try:
+                embeddings = [_encode(module, tok, text, limit) for text in texts]
+            except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+                raise UnsupportedInputError(f"the text encoder does not encode the prompts ({type(exc).__name__}: "
+                                            f"{str(exc).strip()[:200]})", path=path,
+                                            hint="give a CLIP or T5 text encoder folder") from None
+    return TextEncoder(path, model.architecture, embeddings)
+
+
+def _encode(module, tok, text: str, limit: int) -> Embedding:
+    """One prompt padded to ``limit`` tokens through a text encoder: last hidden states, and the pooled
+    output where the model has one (CLIPTextModelWithProjection's text_embeds, CLIPTextModel's pooler)."""
+    enc = tok(text, return_tensors="pt", padding="max_length", truncation=True, max_length=limit)
+    with torch.no_grad():
+        out = module(input_ids=enc["input_ids"])
+    pooled = getattr(out, "text_embeds", None)
+    pooled = getattr(out, "pooler_output", None) if pooled is None else pooled
+    return Embedding(out.last_hidden_state[0].float().clone(), None if pooled is None else pooled[0].float().clone())
+
+
+def _tokenizer_folder(path: str) -> str:
+    """Where the tokenizer of the text encoder in ``path`` is: beside it, or, in a diffusers pipeline
+    folder, the sibling ``tokenizer`` folder matching ``text_encoder`` / ``_2`` / ``_3``."""
+    name = os.path.basename(os.path.normpath(path))
+    sibling = os.path.join(os.path.dirname(os.path.normpath(path)), name.replace("text_encoder", "tokenizer"))
+    has_own = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                 "vocab.json", "spiece.model", "vocab.txt"))
+    return path if has_own or not name.startswith("text_encoder") or not os.path.isdir(sibling) else sibling
