@@ -338,20 +338,8 @@ def _run_with(model: Model, weights, path: str, dtype, activations: str = "none"
     """``_run`` with the runtime's ``activations`` option: (the output, the peak bytes of weights held,
     the FP8 Linear layers by input scheme). With ``skip_weight_only``, a load that quantizes no
     input is not run (output None)."""
-    import gc
-
     import torch
-
-    from .errors import ModelMismatchError
-    from .runtime import load
-    module = model.make()
-    try:
-        try:
-            load(module, weights, mode="streamed", compute_dtype=dtype, activations=activations)
-        except ModelMismatchError as exc:
-            raise UnsupportedInputError(f"the weights do not fit the config's architecture ({exc.message})",
-                                        path=path, hint="the config.json beside the weights must describe "
-                                                        "this model") from None
+    with streamed(model, weights, path, dtype, activations) as module:
         info = module.quantkit_runtime
         schemes = dict(info.inputs)
         if skip_weight_only and not set(schemes) - {"none"}:
@@ -366,12 +354,6 @@ def _run_with(model: Model, weights, path: str, dtype, activations: str = "none"
                                             f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=path,
                                             hint="validate it per tensor (without --model-output)") from exc
         return model.output(out).detach().float().clone(), info.peak_bytes, schemes
-    finally:
-        info = getattr(module, "quantkit_runtime", None)
-        if info is not None:
-            info.close()
-        del module
-        gc.collect()
 
 
 def _first_tensor(out):
@@ -391,9 +373,10 @@ def _every_tensor(out):
 
 
 @contextmanager
-def streamed(model: Model, weights, path: str, dtype):
+def streamed(model: Model, weights, path: str, dtype, activations: str = "none"):
     """``model`` built afresh and loaded from ``weights`` (an opened checkpoint or a path) by the runtime
-    in streamed mode, for the ``with`` block (calibration hooks and runs it); closed and dropped after.
+    in streamed mode (``activations``: the runtime's option), for the ``with`` block (validation runs
+    it, calibration hooks and runs it); closed and dropped after.
 
     >>> with streamed(build_model(source), source, source.path, torch.float32) as module:   # doctest: +SKIP
     ...     module(**inputs)
@@ -405,7 +388,7 @@ def streamed(model: Model, weights, path: str, dtype):
     module = model.make()
     try:
         try:
-            load(module, weights, mode="streamed", compute_dtype=dtype)
+            load(module, weights, mode="streamed", compute_dtype=dtype, activations=activations)
         except ModelMismatchError as exc:
             raise UnsupportedInputError(f"the weights do not fit the config's architecture ({exc.message})",
                                         path=path, hint="the config.json beside the weights must describe "
