@@ -7,7 +7,9 @@ machine's memory calibrates too. A forward pre-hook on each module whose weight 
 feeds that module's input to an observer (per tensor, static: ``AbsMax`` running max,
 ``MovingAverage``, ``Percentile``) and sums its squares and count for the RMS. Modules are named
 back to the checkpoint's own tensor names through the runtime's placements
-(``RuntimeInfo.stored_names``).
+(``RuntimeInfo.stored_names``). A layer whose input is 2-D ([batch, features]: one vector per
+sample, as AdaLN modulation and time/guidance/pooled-text embedders take) is marked ``per_sample``:
+calibration gives it no static range (see ``collect``).
 
     >>> from quantkit.calibration.observers import AbsMax
     >>> layer = torch.nn.Linear(2, 1)
@@ -42,6 +44,7 @@ class LayerInput:
     absmax: float = 0.0
     sum_squares: float = 0.0          # float64 sum: the RMS of billions of values stays exact enough
     values: int = 0
+    per_sample: bool = False          # a 2-D [batch, features] input: one vector per sample, no tokens
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -76,10 +79,12 @@ class InputRecorder:
             x = args[0] if args else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
             if x is None or not x.is_floating_point():
                 return
+            per_sample = x.dim() == 2
             if self.mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
                 x = x[self.mask]                  # [real tokens, features]: padding left out
             if tensor not in self.inputs:
                 self.inputs[tensor] = LayerInput(make_observer())
+            self.inputs[tensor].per_sample |= per_sample
             self.inputs[tensor].update(x)
         return hook
 

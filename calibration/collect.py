@@ -173,13 +173,21 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
             acts = None if feed is None else _activations(feed, source, {i.name for i in quantized}, act_spec,
                                                           settings, figures, progress)
             sha = hashing.result()
+        per_sample = sorted(k for k, v in (acts.inputs if acts else {}).items() if v.per_sample)
+        if per_sample:
+            # One vector per sample: a range from a few dozen vectors clips the next prompt's (measured on
+            # FLUX's and SD3's modulation: 25 dB at the layer's input instead of 32 with scale 1, -2 dB at the
+            # output), and an FP8 matmul of one row per image buys nothing. Their layers stay weight-only.
+            notes.append(f"{len(per_sample)} per-sample projection(s) (one input vector per sample: modulation, "
+                         f"embedders) get no static input range; they run weight-only: "
+                         f"{', '.join(per_sample[:3])}{' ...' if len(per_sample) > 3 else ''}")
         if acts is not None and acts.unobserved:
             notes.append(f"{len(acts.unobserved)} quantized layer(s) never ran on the inputs, no input range: "
                          f"{', '.join(acts.unobserved[:3])}{' ...' if len(acts.unobserved) > 3 else ''}")
         result_stats = statsfile.Stats(
             source=_source_record(src, source, hashing.digests, sha), granularity=options.granularity,
             fp8=options.fp8, weight_observer=str(weight_spec), weights=weights,
-            activations={k: _range(v) for k, v in (acts.inputs if acts else {}).items()},
+            activations={k: _range(v) for k, v in (acts.inputs if acts else {}).items() if not v.per_sample},
             activation_observer=str(act_spec) if acts else None, samples=acts.samples if acts else 0,
             inputs=acts.words if acts else None, options=_options_record(options, settings), layers=figures)
         digest = statsfile.save(result_stats, out, overwrite=overwrite)
@@ -278,7 +286,8 @@ def _activations(feed, source, quantized: set[str], spec: ObserverSpec, settings
                                  tensor=name, hint="calibrate in --compute-dtype fp32, or check the inputs")
         figures.setdefault(name, {}).update({"input_absmax": layer.absmax, "input_rms": layer.rms,
                                              "input_values": layer.values,
-                                             "input_range": float(_range(layer))})
+                                             "input_range": float(_range(layer)),
+                                             "input_per_sample": layer.per_sample})
     return _Observed(acts.inputs, acts.samples, inputs.words, acts.peak_bytes, acts.unobserved)
 
 
@@ -317,7 +326,8 @@ def layer_table(stats: statsfile.Stats, sort: str = "range") -> list[dict]:
         row = {"tensor": name, "weight_range": float(w.amax()) if w is not None and w.numel() else None,
                "weight_absmax": f.get("weight_absmax"), "weight_rms": f.get("weight_rms"),
                "input_range": float(a) if a is not None else None, "input_absmax": f.get("input_absmax"),
-               "input_rms": f.get("input_rms"), "input_values": f.get("input_values")}
+               "input_rms": f.get("input_rms"), "input_values": f.get("input_values"),
+               "input_per_sample": bool(f.get("input_per_sample"))}
         row["weight_outlier"] = _ratio(row["weight_absmax"], row["weight_rms"])
         row["input_outlier"] = _ratio(row["input_absmax"], row["input_rms"])
         rows.append(row)

@@ -5,7 +5,8 @@ One safetensors file (written and read by quantkit's own checked writer and read
     weight/<tensor>   F32, shaped like the tensor's scale (``quantkit.fp8.scale_shape``): the weight
                       observer's range; the scale is ``range / fp8 max`` (``Stats.weight_scale``)
     input/<tensor>    F32 []: the activation observer's range of the input of the layer whose weight
-                      is ``<tensor>`` (static, per tensor); ``Stats.input_scale`` is ``range / 448``
+                      is ``<tensor>`` (static, per tensor); ``Stats.input_scale`` is the power of two
+                      at or above ``range / 448`` (``quantkit.fp8.static_activation_scale``)
     __metadata__["quantkit.stats"]: JSON
         {"version": 1,
          "source": {"name", "sha256", "bytes", "fingerprint", "files": [{"name", "sha256", "bytes"}]},
@@ -41,7 +42,7 @@ import torch
 from quantkit import dtypes
 from quantkit.dtypes import E4M3FN, FP8_FORMATS, FP8Format, Granularity
 from quantkit.errors import UnsupportedInputError
-from quantkit.fp8 import scale_from_absmax, scale_shape
+from quantkit.fp8 import scale_from_absmax, scale_shape, static_activation_scale
 
 VERSION = 1
 META_KEY = "quantkit.stats"
@@ -83,13 +84,14 @@ class Stats:
         return scale_from_absmax(self.weights[name].float(), self.fp8)
 
     def input_scale(self, name: str) -> float | None:
-        """The static E4M3 activation scale of the layer whose weight is ``name`` (range / 448), or
-        None. (A format whose client quantizes activations in another FP8 dtype divides the range
-        by that dtype's maximum itself: ComfyUI runs an E5M2 layer's input in E5M2.)"""
+        """The static E4M3 activation scale of the layer whose weight is ``name`` (the power of two at
+        or above range / 448: ``fp8.static_activation_scale``), or None. (A format whose client
+        quantizes activations in another FP8 dtype uses that dtype's maximum: ComfyUI runs an E5M2
+        layer's input in E5M2.)"""
         rng = self.activations.get(name)
         if rng is None:
             return None
-        return float(scale_from_absmax(rng.float().reshape(()), E4M3FN))
+        return static_activation_scale(float(rng), E4M3FN)
 
     def describe(self) -> dict:
         """What the stats are, for manifests, provenance and reports (no tensors)."""

@@ -934,7 +934,8 @@ def stats_show(path, top, sort, json_path, report_dir, overwrite):
                    f"(by {'range' if sort == 'range' else 'outlier ratio, inputs'}; {len(shown)} of {len(rows)})")
         for r in shown:
             click.echo(f"  {_num(r['input_range']):>12} {_num(r['input_outlier'], 1):>8} "
-                       f"{_num(r['weight_range']):>12} {_num(r['weight_outlier'], 1):>8}  {_printable(r['tensor'])}")
+                       f"{_num(r['weight_range']):>12} {_num(r['weight_outlier'], 1):>8}  {_printable(r['tensor'])}"
+                       f"{'  (per sample: weight-only)' if r['input_per_sample'] else ''}")
     if json_path:
         _write_json(json_path, {"path": path, **s.describe(), "source": src, "options": s.options, "layers": rows})
     if report_dir:

@@ -79,6 +79,26 @@ def scale_from_absmax(amax: torch.Tensor, fmt: FP8Format = E4M3FN) -> torch.Tens
     return torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).tiny), scale)
 
 
+def static_activation_scale(input_range: float, fmt: FP8Format = E4M3FN) -> float:
+    """A layer's static activation scale from its calibrated input range: the power of two at or
+    above ``range / max_finite`` (a zero range: 1; clamped to float32's normal range).
+
+    Not ``range / max`` itself: activations are x / scale cast to FP8, and a scale that is not a
+    power of two moves every value to another place in its binade, which on a bell-shaped input costs
+    up to ~0.5 dB of SQNR against scale 1 (measured per layer on diffusers models) for nothing; a power
+    of two only shifts exponents, so the quantized values are those of scale 1 with the range moved to
+    where the inputs are. It also leaves up to 2x headroom for inputs beyond the calibrated range.
+
+    >>> static_activation_scale(448.0), static_activation_scale(30.3), static_activation_scale(1000.0)
+    (1.0, 0.125, 4.0)
+    """
+    if not input_range > 0:
+        return 1.0
+    mantissa, exponent = math.frexp(input_range / fmt.max_finite)      # range / max = mantissa * 2**exponent
+    exponent -= mantissa == 0.5                                        # already a power of two
+    return float(min(max(2.0 ** exponent, torch.finfo(torch.float32).tiny), torch.finfo(torch.float32).max))
+
+
 def expand_scale(scale: torch.Tensor, rows: int, cols: int, granularity: Granularity) -> torch.Tensor:
     """Broadcast a scale to the [rows, cols] view of its weight (block tiles cut at the edges)."""
     if granularity is Granularity.TENSOR:

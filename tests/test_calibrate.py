@@ -317,6 +317,13 @@ def test_diffusers_seeded_steps_by_seeds(diffusers_folder, tmp_path, name):
     s, output = calibrate(src, tmp_path / "s.stats", "--recipe", "compact", "--steps", "3", "--seeds", "2",
                           "--json", tmp_path / "r.json")
     want = quantized(weights, "--recipe", "compact")
+    # Per-sample projections (2-D inputs: the AdaLN modulation linears) are observed, shown, and given no
+    # static range; every other quantized layer has one.
+    per_sample = {k for k, f in s.layers.items() if f.get("input_per_sample")}
+    assert per_sample <= want and all(s.layers[k]["input_range"] > 0 for k in per_sample)
+    assert all(".norm" in k and k.endswith(".linear.weight") for k in per_sample), per_sample
+    assert bool(per_sample) == (name != "unet_sd15")       # the UNet's time projections are kept by its preset
+    want -= per_sample
     assert want and set(s.activations) == want, sorted(want - set(s.activations))
     assert s.samples == 6 and "seeds 0-1 x 3 timesteps (833.333/500/166.667 of 1000)" in s.inputs
     assert "seeded text embeddings" in s.inputs
@@ -369,7 +376,10 @@ def test_flux_conditioned_by_t5_sequence_and_clip_pooled(flux_with_encoders, tmp
         seq = max(float(t5(input_ids=i).last_hidden_state.abs().max()) for i in ids)
         pooled = max(float(clip(input_ids=i).pooler_output.abs().max()) for i in ids)
     assert float(s.activations["context_embedder.weight"]) == pytest.approx(seq, rel=1e-5)
-    assert float(s.activations["time_text_embed.text_embedder.linear_1.weight"]) == pytest.approx(pooled, rel=1e-5)
+    # the pooled vector is one per sample: observed and shown, but no static range is written for it
+    figures = s.layers["time_text_embed.text_embedder.linear_1.weight"]
+    assert figures["input_per_sample"] and "time_text_embed.text_embedder.linear_1.weight" not in s.activations
+    assert figures["input_range"] == pytest.approx(pooled, rel=1e-5)
     seeded, _ = calibrate(root / "transformer", tmp_path / "t.stats", *rules, "--steps", "2", "--seeds", "2")
     assert float(seeded.activations["context_embedder.weight"]) != pytest.approx(seq, rel=1e-3)
 

@@ -643,3 +643,22 @@ def test_quantkit_passes_the_kit(gran):
     report = check_quantizer(quantkit_fp8, gran, examples=20)
     assert report.passed and len(report.cases) == 43
     assert report.min_sqnr_db >= 30.0
+
+
+@given(st.floats(min_value=2.0 ** -100, max_value=2.0 ** 120, allow_nan=False), st.sampled_from(["e4m3", "e5m2"]))
+def test_static_activation_scale_is_the_power_of_two_at_or_above_range_over_max(rng, kind):
+    """Exact rationals: the scale is a power of two s with range / max <= s < 2 * range / max, so the
+    calibrated range never clips and lands in FP8's top binade."""
+    fmt = F.E4M3FN if kind == "e4m3" else F.E5M2
+    s = F.static_activation_scale(rng, fmt)
+    ratio = Fraction(rng) / Fraction(fmt.max_finite)
+    assert Fraction(s).numerator == 1 or Fraction(s).denominator == 1           # a power of two
+    assert math.frexp(s)[0] == 0.5
+    assert ratio <= Fraction(s) < 2 * ratio
+
+
+def test_static_activation_scale_edges():
+    assert F.static_activation_scale(0.0) == 1.0 and F.static_activation_scale(448.0) == 1.0
+    assert F.static_activation_scale(448.0 * 2 ** -10) == 2 ** -10 and F.static_activation_scale(449.0) == 2.0
+    assert F.static_activation_scale(57344.0, F.E5M2) == 1.0
+    assert F.static_activation_scale(1e-45) == torch.finfo(torch.float32).tiny    # float32's smallest normal

@@ -55,13 +55,11 @@ def input_scale_key(weight_key: str) -> str:
 
 
 def static_input_scale(input_range: float, fmt: FP8Format = E4M3FN) -> float:
-    """A layer's static activation scale: its input's calibrated range over the FP8 maximum of the
-    activations (``fp8.scale_from_absmax``: float32, 1 for an all-zero range). Activations are
+    """A layer's static activation scale from its calibrated input range (``fp8.static_activation_scale``:
+    the power of two at or above range / the FP8 maximum of the activations). Activations are
     quantized ``x / scale`` then clamped to +-max, so a range above what was observed clips nothing."""
-    import torch
-
-    from ..fp8 import scale_from_absmax
-    return float(scale_from_absmax(torch.tensor(input_range, dtype=torch.float32), fmt))
+    from ..fp8 import static_activation_scale
+    return static_activation_scale(input_range, fmt)
 
 
 class OutputFormat:
