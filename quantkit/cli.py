@@ -633,7 +633,7 @@ def sensitivity(ctx, src, target_sqnr, show, json_path, report_dir, overwrite, q
         bars.progress.close()
         _fail(exc)
     click.echo(f"  {report.architecture}, {report.inputs}; recipe {report.recipe}, {len(report.layers)} layers ranked")
-    click.echo(f"  output SQNR with each layer alone in FP8, worst first:")
+    click.echo("  output SQNR with each layer alone in FP8, worst first:")
     for cost in report.layers[:show]:
         click.echo(f"    {cost.sqnr:8.2f} dB  {_printable(cost.name)}  ({cost.kind})")
     click.echo(f"  all {len(report.layers)} in FP8: output SQNR {report.all_sqnr:.2f} dB")

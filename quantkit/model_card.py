@@ -241,6 +241,12 @@ def _validation(prov: dict) -> str:
     if m:
         out.append(f"\nAt the model's output ({m['architecture']}, {m['inputs']}): SQNR {_fmt(m['sqnr'])} dB, "
                    f"cosine {_fmt(m['cosine'], '.6f')}, relative L2 error {_fmt(m['rel_l2'], '.4f')}.")
+        w8a8 = [r for r in m.get("rows") or [] if r.get("row") != "weight-only" and not r.get("same_as")]
+        if w8a8:
+            # FP8 activations as FP8 matmul runs them, simulated on CPU: what a GPU user gets beside weight-only.
+            out.append("\n| model output | SQNR dB | cosine | how |\n| --- | ---: | ---: | --- |\n" + "".join(
+                f"| {r['row']} | {_fmt(r['sqnr'])} | {_fmt(r['cosine'], '.6f')} | {r['what']} |\n"
+                for r in m["rows"] if not r.get("same_as")))
     rows = "".join(f"| `{t['name']}` | {t['stored']} | {t['granularity'] or '-'} | {_fmt(t['sqnr'])} | "
                    f"{_fmt(t['psnr'])} | {_fmt(t['cosine'], '.6f')} | {_fmt(t['max_abs_error'], '.3g')} |\n"
                    for t in v["tensors"])

@@ -640,3 +640,32 @@ def test_sharded_outputs_use_the_stats_and_check_the_source_hash(src, tmp_path, 
                   "--jobs", jobs, "-q")
     assert refused.exit_code == 2 and "cd" * 32 in refused.output, refused.output
     assert sorted(os.listdir(tmp_path)) == ["s.safetensors", "sharded", "wrong.safetensors"]
+
+
+def test_runtime_runs_a_comfy_e5m2_layers_input_in_e5m2(src, work):
+    """ComfyUI quantizes an E5M2 layer's input in E5M2, with an input_scale over 57344 (what convert
+    writes): the runtime's "file" mode does the same, so a value 100x past E4M3's range is kept."""
+    import quantkit.runtime as qr
+    from quantkit.testing import reference as R
+    stats = make_stats(src, fp8="float8_e5m2", activations={n: torch.tensor(40000.0) for n in weight_ranges(src)},
+                       path=work / "e5m2-big.stats.safetensors")
+    dst = work / "e5m2-static.safetensors"
+    result = run("convert", src, dst, *RULES, "--format", "comfy", "--stats", stats.path, "-q")
+    assert result.exit_code == 0, result.output
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Module() for _ in range(3))
+            for b in self.blocks:
+                b.fc = torch.nn.Linear(128, 256)
+    model = qr.load(Blocks(), str(dst), compute_dtype=torch.float32, activations="file")
+    fc = model.blocks[0].fc
+    held = fc.__dict__["_quantkit_held"]["weight"].input
+    assert held.fmt.name == "float8_e5m2" and held.scale == 1.0        # 40000 / 57344 -> 2**0
+    x = torch.zeros(1, 128)
+    x[0, :3] = torch.tensor([30000.0, -0.3, 1.5])
+    y = fc(x)
+    want_x = torch.tensor(R.decode(R.quantize(x.numpy(), 1.0, R.E5M2), R.E5M2), dtype=torch.float32)
+    assert float(want_x[0, 0]) == 28672.0                                # E5M2's nearest: far past E4M3's 448
+    torch.testing.assert_close(y, torch.nn.functional.linear(want_x, fc.weight, fc.bias))

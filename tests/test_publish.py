@@ -687,3 +687,23 @@ def test_json_reports_are_checked_before_any_work(outputs, tmp_path):
     assert r.exit_code == 2 and "--json file exists" in r.output
     assert run("verify", rel, "--json", tmp_path / "report.json", "--overwrite").exit_code == 0
     assert json.loads((tmp_path / "report.json").read_text())["ok"]
+
+
+def test_a_calibrated_release_card_shows_weight_only_and_w8a8_side_by_side(work):
+    """calibrate -> convert --stats -> validate --model-output --activations all -> publish --report:
+    the card names the stats and gives a row per regime (what a GPU user's FP8 matmul will compute)."""
+    stats, out, report = work / "minilm.stats.safetensors", work / "minilm-w8a8", work / "w8a8-validate.json"
+    assert run("calibrate", MODEL_DIR, "-o", stats, "-q").exit_code == 0
+    r = run("convert", MODEL_DIR, out, "--format", "compressed-tensors", "--stats", stats, "-q")
+    assert r.exit_code == 0, r.output
+    r = run("validate", out, "--against", MODEL_DIR, "--model-output", "--activations", "all", "--json", report, "-q")
+    assert r.exit_code == 0, r.output
+    rel = work / "minilm-w8a8-release"
+    r = run("publish", out, rel, "--report", report, "--base-model", BASE, "-q")
+    assert r.exit_code == 0, r.output
+    card = (rel / "README.md").read_text(encoding="utf-8")
+    rows = json.loads(report.read_text())["model_output"]["rows"]
+    assert [x["row"] for x in rows] == ["weight-only", "file", "unit", "dynamic"]
+    for row in rows:
+        assert f"| {row['row']} | {row['sqnr']:.2f} |" in card, row["row"]
+    assert "minilm.stats.safetensors" in card and "static" in card

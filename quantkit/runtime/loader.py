@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelMismatchError
+from ..fp8 import E4M3FN
 from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
 from .streaming import Streamer, stream_units
 from .weights import KERNELS, MATMULS, Activations, InputQuant, KernelLog, held_buffer, make_cast, make_quantized
@@ -224,13 +225,16 @@ def _inputs(module, layout: Layout, activations: Activations, matmul: str) -> di
         if not p.quantized or attr != "weight" or not isinstance(module.get_submodule(owner), torch.nn.Linear):
             continue
         wanted = activations is Activations.FILE or (matmul == "fp8" and activations is Activations.NONE)
-        static = InputQuant(read_input_scale(layout.source, p)) if wanted and p.implied is Implied.STATIC else None
+        # ComfyUI quantizes a layer's input in its weight's layout: E5M2 for an E5M2 layer (whose
+        # input_scale quantkit writes over 57344); every other client runs E4M3 activations.
+        fmt = p.fp8 if layout.format in ("comfy", "comfy-legacy") and p.fp8 is not None else E4M3FN
+        static = InputQuant(read_input_scale(layout.source, p), fmt) if wanted and p.implied is Implied.STATIC else None
         if activations is Activations.UNIT:
-            quant = InputQuant(1.0)
+            quant = InputQuant(1.0, fmt)
         elif activations is Activations.DYNAMIC:
-            quant = InputQuant(None)
+            quant = InputQuant(None, fmt)
         elif activations is Activations.FILE:
-            quant = static or (InputQuant(1.0) if p.implied is Implied.UNIT else None)
+            quant = static or (InputQuant(1.0, fmt) if p.implied is Implied.UNIT else None)
         else:
             quant = None
         layer_matmul = matmul

@@ -61,9 +61,11 @@ class Activations(enum.Enum):
 @dataclass(frozen=True)
 class InputQuant:
     """An FP8 Linear's input quantization: a static ``scale`` (positive, finite) or, with None,
-    a dynamic scale per token."""
+    a dynamic scale per token; into ``fmt`` (E4M3, or E5M2 where the client quantizes an E5M2
+    layer's input in E5M2, as ComfyUI does)."""
 
     scale: float | None
+    fmt: fp8math.FP8Format = fp8math.E4M3FN
 
     @property
     def scheme(self) -> str:
@@ -108,16 +110,15 @@ def input_scales(x: torch.Tensor, quant: InputQuant) -> torch.Tensor:
     """The float32 scale of each of ``x``'s rows (shape [..., 1]) or the static one (shape [])."""
     if quant.scale is not None:
         return torch.tensor(quant.scale, dtype=torch.float32)
-    # Per token: one absmax per row of the last dimension, scale = absmax / 448 (all-zero row: 1).
+    # Per token: one absmax per row of the last dimension, scale = absmax / max (all-zero row: 1).
     rows = fp8math.absmax(x.reshape(-1, x.shape[-1]), Granularity.CHANNEL)
-    return fp8math.scale_from_absmax(rows, fp8math.E4M3FN).reshape(*x.shape[:-1], 1)
+    return fp8math.scale_from_absmax(rows, quant.fmt).reshape(*x.shape[:-1], 1)
 
 
-def input_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 codes of x / scale, divided in float32 and saturated at +-448 before the cast (the
-    cast alone would turn anything past 464 into NaN)."""
-    fmax = fp8math.E4M3FN.max_finite
-    return (x.float() / scale).clamp_(-fmax, fmax).to(torch.float8_e4m3fn)
+def input_codes(x: torch.Tensor, scale: torch.Tensor, fmt: fp8math.FP8Format = fp8math.E4M3FN) -> torch.Tensor:
+    """FP8 codes of x / scale, divided in float32 and saturated at +-max before the cast (the
+    cast alone would turn anything past E4M3's 464 into NaN)."""
+    return (x.float() / scale).clamp_(-fmt.max_finite, fmt.max_finite).to(fmt.torch_dtype)
 
 
 def quantized_input(x: torch.Tensor, quant: InputQuant) -> torch.Tensor:
@@ -129,7 +130,7 @@ def quantized_input(x: torch.Tensor, quant: InputQuant) -> torch.Tensor:
     -10000.0
     """
     scale = input_scales(x, quant)
-    return (input_codes(x, scale).float() * scale).to(x.dtype)
+    return (input_codes(x, scale, quant.fmt).float() * scale).to(x.dtype)
 
 
 def input_quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
