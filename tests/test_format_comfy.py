@@ -708,3 +708,33 @@ def test_calibrated_legacy_scale_input_becomes_comfyuis_input_scale(src, work):
     with SafetensorsFile(out) as f:
         stored = detect_format(f).stored(f)
     assert all(stored[layer + ".weight"].input_scale_key == layer + ".scale_input" for layer in QUANTIZED)
+
+
+def test_issue_10_bar_calibrate_then_convert_for_comfyui_on_a_diffusers_flux(tmp_path):
+    """The commands a user runs: quantkit calibrate on a diffusers FLUX folder (seeded latents over
+    steps x seeds), convert --stats --format comfy (BFL names, q/k/v joined), then: ComfyUI's mixed
+    ops load every quantized layer with its input scale (F32 [], a power of two, no full-precision
+    flag) except the per-sample modulation linears (full precision, no input scale), and the W8A8
+    output as the file implies stays within cosine 0.99 of the source, at least as good as scale 1.0."""
+    folder = tmp_path / "flux"
+    tiny_models.without_zero_layers(tiny_models.build("flux")).save_pretrained(folder)
+    stats, out, report = tmp_path / "flux.stats.safetensors", tmp_path / "flux-comfy.safetensors", tmp_path / "v.json"
+    r = run("calibrate", folder, "-o", stats, "--format", "comfy", "--recipe", "compact", "-q")
+    assert r.exit_code == 0 and "per-sample projection" in r.output, r.output
+    r = run("convert", folder, out, "--format", "comfy", "--recipe", "compact", "--stats", stats, "-q")
+    assert r.exit_code == 0, r.output
+    sd = load_file(str(out))
+    _, configs, input_scales, _ = comfy_mixed_ops_load(sd, torch.float32)
+    modulation = {layer for layer in configs if layer.endswith("_mod.lin") or layer.endswith("modulation.lin")}
+    assert modulation and input_scales and set(input_scales) == set(configs) - modulation
+    assert all(configs[layer].get("full_precision_matrix_mult") for layer in modulation)
+    for layer, s in input_scales.items():
+        assert s.dtype == torch.float32 and s.shape == () and math.frexp(float(s))[0] == 0.5, layer
+        assert "full_precision_matrix_mult" not in configs[layer]
+    r = run("validate", out, "--against", folder, "--model-output", "--activations", "all", "--json", report, "-q")
+    assert r.exit_code == 0, r.output
+    rows = {x["row"]: x for x in json.loads(report.read_text())["model_output"]["rows"]}
+    assert rows["file"]["cosine"] >= 0.99 and rows["weight-only"]["cosine"] >= 0.99
+    # the runtime counts diffusers Linears (a BFL qkv is three): the modulation ones run unquantized
+    assert rows["file"]["inputs"]["static"] >= len(input_scales) and rows["file"]["inputs"]["none"] == len(modulation)
+    assert rows["file"]["sqnr"] >= rows["unit"]["sqnr"]

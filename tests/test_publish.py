@@ -704,6 +704,7 @@ def test_a_calibrated_release_card_shows_weight_only_and_w8a8_side_by_side(work)
     card = (rel / "README.md").read_text(encoding="utf-8")
     rows = json.loads(report.read_text())["model_output"]["rows"]
     assert [x["row"] for x in rows] == ["weight-only", "file", "unit", "dynamic"]
+    assert rows[1]["loaded_by"] == "transformers (compressed-tensors)" and rows[1]["cosine"] >= 0.99
     for row in rows:
         assert f"| {row['row']} | {row['sqnr']:.2f} |" in card, row["row"]
     assert "minilm.stats.safetensors" in card and "static" in card
