@@ -15,6 +15,7 @@ one model after the other.
 
     python benchmarks/model_output.py --out-dir /tmp/qkmo                      # full size: ~36 GB of disk
     python benchmarks/model_output.py --out-dir /tmp/qkmo --blocks 2,4         # the same shapes, 6 blocks
+    python benchmarks/model_output.py --out-dir /tmp/qkmo --blocks 2,4 --calibrate   # + calibrate, convert --stats, W8A8 rows
 """
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", default="19,38", help="double,single blocks (FLUX.1-dev: 19,38)")
     ap.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints (default: delete them at the end)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="issue 10's pipeline: quantkit calibrate (weights + activations, streamed), convert --stats, "
+                         "validate --model-output --activations all")
+    ap.add_argument("--steps", type=int, default=4, help="--calibrate: timesteps per seed")
+    ap.add_argument("--seeds", type=int, default=2, help="--calibrate: seeds")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     double, single = (int(x) for x in args.blocks.split(","))
@@ -76,11 +82,18 @@ def main(argv=None) -> int:
     made = write_model(src, config)
     results["source_bytes"], results["generate_s"] = made["bytes"], time.perf_counter() - t0
     qk = harness.quantkit_cmd()
-    steps = [("convert", qk + ["convert", src, out, "--format", "native", "--overwrite", "-q",
-                               "--json", os.path.join(args.out_dir, "convert.json")]),
+    stats = os.path.join(args.out_dir, "flux.stats.safetensors")
+    calibrate = [("calibrate", qk + ["calibrate", src, "-o", stats, "--steps", str(args.steps), "--seeds",
+                                     str(args.seeds), "--compute-dtype", args.compute_dtype, "--overwrite", "-q",
+                                     "--json", os.path.join(args.out_dir, "calibrate.json")])] if args.calibrate else []
+    steps = [*calibrate,
+             ("convert", qk + ["convert", src, out, "--format", "native", "--overwrite", "-q",
+                               "--json", os.path.join(args.out_dir, "convert.json")]
+              + (["--stats", stats] if args.calibrate else [])),
              ("validate --model-output", qk + ["validate", out, "--against", src, "--model-output",
                                                "--compute-dtype", args.compute_dtype, "--min-output-sqnr", "20",
-                                               "-q", "--overwrite", "--json", os.path.join(args.out_dir, "validate.json")])]
+                                               "-q", "--overwrite", "--json", os.path.join(args.out_dir, "validate.json")]
+              + (["--activations", "all"] if args.calibrate else []))]
     for name, cmd in steps:
         harness.settle()
         m = harness.measure(cmd, os.path.join(args.out_dir, name.split()[0] + ".log"))
@@ -97,12 +110,16 @@ def main(argv=None) -> int:
     print(f"source {results['source_bytes'] / GB:.2f} GB -> output {(results['output_bytes'] or 0) / GB:.2f} GB; "
           f"model output SQNR {mo.get('sqnr')}, cosine {mo.get('cosine')}, weights peak {mo.get('weights_peak_bytes')}",
           file=sys.stderr)
+    if args.calibrate:
+        results["calibrate_report"] = harness.read_json(os.path.join(args.out_dir, "calibrate.json"))
+        for row in (mo.get("rows") or []):
+            print(f"  {row['row']:12} SQNR {row['sqnr']:.2f} dB, cosine {row['cosine']:.5f}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     if not args.keep:
         shutil.rmtree(src, ignore_errors=True)
-        for p in (out, out.replace(".safetensors", ".quantkit.json")):
+        for p in (out, out.replace(".safetensors", ".quantkit.json"), stats):
             if os.path.exists(p):
                 os.unlink(p)
     return 0 if all(results[n]["rc"] == 0 for n, _ in steps) else 1

@@ -670,8 +670,10 @@ def test_comfyui_fp8_matmul_path_uses_the_input_scale(src, comfy_static):
         assert qx._qdata.dtype == torch.float8_e4m3fn and float(qx._qdata.float().abs().max()) == 448.0
         fake = (x * (1.0 / s)).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
         bias = source[layer + ".bias"].float()
+        # the same products summed in another order (comfy-kitchen's dispatch vs torch's GEMM, which
+        # depends on the threads available): float32 rounding, far below FP8's ~1e-2 relative error
         torch.testing.assert_close(F.linear(qx, w, bias), F.linear(fake, ours[layer + ".weight"], bias),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_calibrated_e5m2_input_scale_is_over_the_e5m2_maximum(src, work):
