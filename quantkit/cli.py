@@ -849,7 +849,7 @@ def calibrate(ctx, src, out, weight_observer, activation_observer, inputs, text_
 
     \b
     Examples:
-      quantkit calibrate ./all-MiniLM-L6-v2 -o minilm.stats.safetensors --observer mse
+      quantkit calibrate ./all-MiniLM-L6-v2 -o minilm.stats.safetensors --observer mse --granularity channel
       quantkit calibrate ./FLUX.1-dev --component transformer -o flux.stats.safetensors
         --text-encoder ./FLUX.1-dev/text_encoder --text-encoder ./FLUX.1-dev/text_encoder_2
       quantkit stats show flux.stats.safetensors
