@@ -96,7 +96,7 @@ class CalibrationSettings:
     text_encoders: tuple[str, ...] = ()
     steps: int = 4
     seeds: int = 2
-    samples: int | None = None                    # at most this many forward passes
+    samples: int | None = None                    # at most this many samples (sentences, diffusion rows, hook batches)
     weights_only: bool = False
     compute_dtype: str = "fp32"
 
@@ -288,7 +288,7 @@ def _activations(feed, source, quantized: set[str], spec: ObserverSpec, settings
                                              "input_values": layer.values,
                                              "input_range": float(_range(layer)),
                                              "input_per_sample": layer.per_sample})
-    return _Observed(acts.inputs, acts.samples, inputs.words, acts.peak_bytes, acts.unobserved)
+    return _Observed(acts.inputs, inputs.samples, inputs.words, acts.peak_bytes, acts.unobserved)
 
 
 def _source_record(src: str, source, digests: dict[str, str], sha: str) -> dict:

@@ -1,7 +1,10 @@
 """Calibration inputs: what the source model runs on while its activations are observed.
 
-``CalibrationInputs`` is a list of keyword-input batches (one forward pass each) and a
-description in words. Three kinds:
+``CalibrationInputs`` is a list of keyword-input batches (one forward pass each), how many samples
+they hold, and a description in words. Streamed mode reads the whole checkpoint from disk once per
+pass, so the built-in inputs go in few, wide passes: ``SENTENCES_PER_PASS`` sentences, or up to
+``ROWS_PER_PASS`` diffusion rows joined along the batch dimension (``collate``: the model treats
+rows independently, so the absmax over a pass is the running max over one-row passes). Three kinds:
 
 - ``text_inputs``: a transformers model (text encoder, LLM) on the sentence set shipped with
   quantkit (``data/sentences.txt``: image-generation prompts, questions, prose, code, numbers,
@@ -40,7 +43,8 @@ from quantkit.errors import OptionsError, UnsupportedInputError
 
 PROMPT_TOKENS = 77          # CLIP's context: every encoder's prompts are padded to it, as pipelines pad
 MAX_TOKENS = 128            # a sentence longer than this is truncated (activations of long contexts differ little)
-SENTENCES_PER_PASS = 8
+SENTENCES_PER_PASS = 32
+ROWS_PER_PASS = 16          # diffusion rows per pass: the default 2 seeds x 4 timesteps are one read of the model
 BUILTIN = "builtin"
 
 
@@ -52,6 +56,11 @@ class CalibrationInputs:
     batches: list[dict]
     words: str
     masks: list[torch.Tensor | None] | None = None
+    rows: int | None = None           # samples over all passes (None: one per pass, as a hook's batches count)
+
+    @property
+    def samples(self) -> int:
+        return self.rows if self.rows is not None else len(self.batches)
 
 
 def sentences() -> list[str]:
@@ -102,7 +111,7 @@ def text_inputs(folder: str, model: torch.nn.Module, samples: int | None = None,
         masks.append(enc["attention_mask"].bool() if "attention_mask" in enc else None)
     return CalibrationInputs(batches, f"{len(texts)} sentences of quantkit's calibration set, {per_pass} per pass "
                                       f"(padding not observed; tokenizer {type(tok).__name__}, at most {limit} "
-                                      "tokens)", masks)
+                                      "tokens)", masks, len(texts))
 
 
 # ----------------------------------------------------------------------------- diffusion models
@@ -138,9 +147,10 @@ def schedule(steps: int) -> tuple[float, ...]:
 def diffusion_calibration_inputs(class_name: str, config, *, steps: int, seeds: int,
                                  encoders: tuple[TextEncoder, ...] = (), samples: int | None = None,
                                  path: str | None = None) -> CalibrationInputs:
-    """One pass per (seed, timestep), ``seeds`` x ``steps`` of them (capped at ``samples``), each one
-    row of seeded latents; the text conditioning of pass i is prompt i of the encoders' outputs where
-    an encoder's width matches the model's input, seeded otherwise."""
+    """One row per (seed, timestep), ``seeds`` x ``steps`` of them (capped at ``samples``), each seeded
+    latents; the text conditioning of row i is prompt i of the encoders' outputs where an encoder's
+    width matches the model's input, seeded otherwise. Rows are joined into passes of up to
+    ``ROWS_PER_PASS`` (``collate``)."""
     from quantkit.diffusion_inputs import Shape, diffusion_inputs
     if seeds < 1:
         raise OptionsError(f"--seeds {seeds}: give at least one seed")
@@ -153,13 +163,55 @@ def diffusion_calibration_inputs(class_name: str, config, *, steps: int, seeds: 
         kw, used = _condition(made.kwargs, encoders, i)
         where = where or used
         batches.append(kw)
+    rows, batches = len(batches), in_passes(batches, ROWS_PER_PASS)
+    passes = f"{rows} rows in {len(batches)} pass{'es' if len(batches) > 1 else ''}"
     if "timestep" not in made.kwargs:             # the VAE: images, no timestep, no text
-        return CalibrationInputs(batches, f"seeds 0-{seeds - 1}, one pass each: {made.words}")
+        return CalibrationInputs(batches, f"seeds 0-{seeds - 1} ({passes}): {made.words}", rows=rows)
     conditioning = "; ".join(where) if where else "seeded text embeddings"
     words = (f"seeds 0-{seeds - 1} x {steps} timesteps "
-             f"({'/'.join(f'{t:g}' for t in schedule(steps))} of 1000), 1 x seeded latents each; "
+             f"({'/'.join(f'{t:g}' for t in schedule(steps))} of 1000), 1 x seeded latents each, {passes}; "
              f"text conditioning: {conditioning}")
-    return CalibrationInputs(batches, words)
+    return CalibrationInputs(batches, words, rows=rows)
+
+
+def in_passes(rows: list[dict], per_pass: int) -> list[dict]:
+    """One-row keyword inputs joined ``per_pass`` at a time (``collate``); rows that do not join (a
+    shape differs) stay one per pass."""
+    out = []
+    for i in range(0, len(rows), per_pass):
+        group = rows[i:i + per_pass]
+        joined = collate(group)
+        out.extend([joined] if joined is not None else group)
+    return out
+
+
+def collate(rows: list):
+    """Values of one-row inputs joined along the batch dimension: a tensor whose first dimension is 1
+    in every row is concatenated, one equal in every row (FLUX's position ids) is shared, as is any
+    other equal value; dicts are joined key by key. None when the rows cannot be joined.
+
+    >>> collate([{"x": torch.ones(1, 2), "ids": torch.zeros(3, 2)}, {"x": torch.zeros(1, 2), "ids": torch.zeros(3, 2)}])["x"]
+    tensor([[1., 1.],
+            [0., 0.]])
+    """
+    first = rows[0]
+    if isinstance(first, dict):
+        if any(not isinstance(r, dict) or r.keys() != first.keys() for r in rows):
+            return None
+        out = {}
+        for key in first:
+            value = collate([r[key] for r in rows])
+            if value is None:
+                return None
+            out[key] = value
+        return out
+    if torch.is_tensor(first):
+        if any(not torch.is_tensor(r) or r.shape != first.shape or r.dtype != first.dtype for r in rows):
+            return None
+        if first.dim() >= 1 and first.shape[0] == 1:
+            return torch.cat(rows, dim=0)
+        return first if all(torch.equal(r, first) for r in rows) else None
+    return first if all(r == first for r in rows) else None
 
 
 def _tokens(encoders) -> int:

@@ -11,7 +11,8 @@ One safetensors file (written and read by quantkit's own checked writer and read
         {"version": 1,
          "source": {"name", "sha256", "bytes", "fingerprint", "files": [{"name", "sha256", "bytes"}]},
          "granularity", "fp8", "weight_observer", "activation_observer" (null: weights only),
-         "samples" (forward passes observed), "inputs" (the calibration inputs, in words),
+         "samples" (calibration samples observed: sentences, diffusion rows, or a hook's batches),
+         "inputs" (the calibration inputs, in words),
          "options" (the policy options as given), "layers": {<tensor>: {figure: number}}}
 
 Tensor names are the source checkpoint's own (not ComfyUI's renaming: a converter writing other

@@ -827,9 +827,10 @@ def verify(folder, against, json_path, overwrite):
 @click.option("--steps", type=click.IntRange(min=1), default=4, show_default=True,
               help="Diffusers models: timesteps per seed, evenly spread over the schedule.")
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Diffusers models: seeds of the latents (passes = steps x seeds).")
+              help="Diffusers models: seeds of the latents (samples = steps x seeds, 16 per pass).")
 @click.option("--samples", type=click.IntRange(min=1), metavar="N",
-              help="At most N calibration samples: sentences (8 per pass), diffusion passes, or the hook's items.")
+              help="At most N calibration samples: sentences (32 per pass), diffusion rows (16 per pass), or the "
+                   "hook's items (one pass each). Streamed mode reads the model once per pass.")
 @click.option("--weights-only", is_flag=True, help="Weight statistics only; do not run the model.")
 @click.option("--compute-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="The dtype the model computes in while its inputs are observed.")
@@ -873,7 +874,7 @@ def calibrate(ctx, src, out, weight_observer, activation_observer, inputs, text_
     click.echo(f"  weights: {result.layers} observed ({result.weight_observer}, {result.granularity} scales)")
     if result.activation_observer:
         click.echo(f"  inputs: {result.inputs_observed} layers observed ({result.activation_observer}) over "
-                   f"{result.samples} passes: {result.inputs}")
+                   f"{result.samples} samples: {result.inputs}")
         click.echo(f"  weights held at most: {_size(result.peak_bytes)} of {_size(result.model_bytes)} (streamed)")
         for name, rng in result.largest_inputs(5):
             click.echo(f"    input range {rng:10.4g}  {_printable(name)}")
@@ -925,7 +926,7 @@ def stats_show(path, top, sort, json_path, report_dir, overwrite):
     click.echo(f"  weights: {len(s.weights)} ({s.weight_observer}, {s.granularity.value} scales, {s.fp8.name})")
     if s.activation_observer:
         click.echo(f"  inputs: {len(s.activations)} layers ({s.activation_observer}, static per tensor) over "
-                   f"{s.samples} passes: {s.inputs}")
+                   f"{s.samples} samples: {s.inputs}")
     else:
         click.echo("  inputs: none (weights only)")
     shown = rows[:top]
