@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate", action="store_true",
                     help="issue 10's pipeline: quantkit calibrate (weights + activations, streamed), convert --stats, "
                          "validate --model-output --activations all")
+    ap.add_argument("--calibrate-only", action="store_true", help="with --calibrate: stop after calibrate")
     ap.add_argument("--steps", type=int, default=4, help="--calibrate: timesteps per seed")
     ap.add_argument("--seeds", type=int, default=2, help="--calibrate: seeds")
     ap.add_argument("--json", help="write the results here")
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
                                                "--compute-dtype", args.compute_dtype, "--min-output-sqnr", "20",
                                                "-q", "--overwrite", "--json", os.path.join(args.out_dir, "validate.json")]
               + (["--activations", "all"] if args.calibrate else []))]
+    if args.calibrate and args.calibrate_only:
+        steps = steps[:1]
     for name, cmd in steps:
         harness.settle()
         m = harness.measure(cmd, os.path.join(args.out_dir, name.split()[0] + ".log"))
