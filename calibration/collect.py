@@ -32,6 +32,7 @@ from quantkit.errors import NonFiniteError, OptionsError, UnsupportedInputError
 from quantkit.formats import get_format
 from quantkit.fp8 import FP8Format, Granularity, block_rows
 from quantkit.hashing import BackgroundHash, torch_threads
+from quantkit.manifest import source_files, source_name
 from quantkit.plan import ConvertOptions, make_plan
 from quantkit.progress import NULL, Progress
 from quantkit.runtime.streaming import return_freed_memory
@@ -293,11 +294,8 @@ def _activations(feed, source, quantized: set[str], spec: ObserverSpec, settings
 
 def _source_record(src: str, source, digests: dict[str, str], sha: str) -> dict:
     """The stats' record of the source: name, combined SHA256, size, header fingerprint, files."""
-    base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-    return {"name": os.path.basename(os.path.abspath(src)), "sha256": sha, "bytes": getattr(source, "file_size", 0),
-            "fingerprint": statsfile.fingerprint(source.tensors),
-            "files": [{"name": os.path.relpath(f, base).replace(os.sep, "/"), "sha256": digests[f],
-                       "bytes": os.path.getsize(f)} for f in source.files]}
+    return {"name": source_name(src), "sha256": sha, "bytes": getattr(source, "file_size", 0),
+            "fingerprint": statsfile.fingerprint(source.tensors), "files": source_files(src, source.files, digests)}
 
 
 def _options_record(o: ConvertOptions, s: CalibrationSettings) -> dict:

@@ -72,3 +72,17 @@ def read_manifest(output: str) -> dict:
 
 def file_entry(path: str, sha256: str) -> dict:
     return {"sha256": sha256, "bytes": os.path.getsize(path)}
+
+
+def source_name(src: str) -> str:
+    """How records name a source: its base name, from the absolute path ('.' or 'dir/' name the
+    folder itself, so the bytes written do not depend on the working directory)."""
+    return os.path.basename(os.path.abspath(src))
+
+
+def source_files(src: str, files: list[str], digests: dict[str, str]) -> list[dict]:
+    """Each file of the source ``src`` (a file or a folder) with its SHA256 and size, named relative
+    to the source's folder with '/' (a manifest's, a stats file's and a release's record)."""
+    base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
+    return [{"name": os.path.relpath(f, base).replace(os.sep, "/"), "sha256": digests[f], "bytes": os.path.getsize(f)}
+            for f in files]

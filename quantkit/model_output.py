@@ -94,7 +94,7 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
     original = source.original if isinstance(source, RenamedView) else source
     model = build_model(original, seed)
     peaks = {}
-    y_ref, peaks["source"] = _run(model, original, source.path, dtype)
+    y_ref, peaks["source"], _ = _run(model, original, source.path, dtype)
     try:
         rows = _rows(model, output, dtype, activations, y_ref, peaks)
     except QuantkitError as exc:     # the source ran: the output is what is broken
@@ -122,7 +122,7 @@ def _rows(model: Model, output: str, dtype, activations: str, y_ref, peaks: dict
         if name == client_row:
             y, loaded_by, inputs = _run_in_transformers(model, output, dtype), "transformers (compressed-tensors)", None
         else:
-            y, peak, inputs = _run_with(model, output, output, dtype, option, skip_weight_only=name != "weight-only")
+            y, peak, inputs = _run(model, output, output, dtype, option, skip_weight_only=name != "weight-only")
             if name == "weight-only":
                 peaks["output"] = peak
             loaded_by = f"{RUNTIME}; inputs: {_schemes(inputs)}" if option != "none" else RUNTIME
@@ -326,18 +326,11 @@ def _token_inputs(model, seed: int) -> dict:
     return inputs
 
 
-def _run(model: Model, weights, path: str, dtype):
+def _run(model: Model, weights, path: str, dtype, activations: str = "none", skip_weight_only: bool = False):
     """``model`` built afresh, loaded from ``weights`` (an opened checkpoint or an output's path) by
-    the runtime in streamed mode, run on its inputs, and dropped: (its output, the peak bytes of
-    weights it held)."""
-    y, peak, _ = _run_with(model, weights, path, dtype)
-    return y, peak
-
-
-def _run_with(model: Model, weights, path: str, dtype, activations: str = "none", skip_weight_only: bool = False):
-    """``_run`` with the runtime's ``activations`` option: (the output, the peak bytes of weights held,
-    the FP8 Linear layers by input scheme). With ``skip_weight_only``, a load that quantizes no
-    input is not run (output None)."""
+    the runtime in streamed mode with its ``activations`` option, run on its inputs, and dropped:
+    (its output, the peak bytes of weights it held, the FP8 Linear layers by input scheme). With
+    ``skip_weight_only``, a load that quantizes no input is not run (output None)."""
     import torch
     with streamed(model, weights, path, dtype, activations) as module:
         info = module.quantkit_runtime

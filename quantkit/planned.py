@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .dtypes import DType, FP8Format, Granularity
+from .dtypes import E4M3FN, DType, FP8Format, Granularity
 from .options import ConvertOptions
 from .policy import Action, Decision, Policy
 from .reader import TensorInfo
@@ -42,6 +42,11 @@ class StoredTensor:
     granularity: Granularity | None = None
     fp8: FP8Format | None = None
     input_scale_key: str | None = None    # a static activation scale (F32, one value) beside it, if any
+
+    @property
+    def input_fp8(self) -> FP8Format:
+        """The FP8 dtype a client quantizes the layer's input to for an FP8 matmul: E4M3."""
+        return E4M3FN
 
 
 @dataclass(frozen=True)

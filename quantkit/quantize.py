@@ -31,7 +31,7 @@ from .formats import Role, get_format
 from .sources import open_source
 from .destinations import check_destination, check_not_source_files, check_report_path, output_paths, source_reads
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
-from .manifest import file_entry, manifest_path, read_manifest, write_manifest
+from .manifest import file_entry, manifest_path, read_manifest, source_files, source_name, write_manifest
 from .calibration.stats import Stats, mismatch as stats_mismatch
 from .plan import ConvertOptions, Plan, PlannedTensor, check_stats, load_stats, make_plan, options_with_stats
 from .policy import Action
@@ -129,7 +129,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         # then be a second pass after it (see benchmarks/README.md). The header names the source.
         metadata = {**{k: v for k, v in source.metadata.items()
                        if not k.startswith("quantkit.") and k not in DROPPED_METADATA},
-                    **fmt.metadata(plan, {"quantkit.source": _display_name(src)})}
+                    **fmt.metadata(plan, {"quantkit.source": source_name(src)})}
         groups = _shards(plan, options) if as_folder else [plan.outputs]
         jobs = min(jobs or default_jobs(), len(groups) + len(source.files))
         run = _Run(source, plan, fmt, metadata, progress)
@@ -258,12 +258,6 @@ class _Run:
         return {name: out[("shard", i)] for i, name in enumerate(names)}
 
 
-def _display_name(src: str) -> str:
-    # From the absolute path: '.' or 'dir/' name the folder itself, so the header's bytes do not
-    # depend on the working directory the command ran in.
-    return os.path.basename(os.path.abspath(src))
-
-
 def _load_stats(stats) -> tuple[Stats | None, str | None]:
     """(stats, the stats file's SHA256): a path is read (a missing, corrupt or foreign file is a
     one-line error) and hashed for the records."""
@@ -288,12 +282,9 @@ def _check_stats_source(stats: Stats, digests: dict[str, str], src: str, force: 
 def _source_entry(src: str, source, digests: dict[str, str], options: ConvertOptions) -> dict:
     """The manifest's record of the source: its name, combined SHA256, size, layout and the
     choices that select its tensors (component, EMA), and every file with its own SHA256."""
-    base = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-    return {"name": _display_name(src), "sha256": combined_digest(digests), "bytes": source.file_size,
+    return {"name": source_name(src), "sha256": combined_digest(digests), "bytes": source.file_size,
             "layout": source.layout, "component": options.component, "ema": options.ema, "names": source.renamed,
-            "made_from": _made_from(src, source),
-            "files": [{"name": os.path.relpath(f, base).replace(os.sep, "/"), "sha256": digests[f],
-                       "bytes": os.path.getsize(f)} for f in source.files]}
+            "made_from": _made_from(src, source), "files": source_files(src, source.files, digests)}
 
 
 def _made_from(src: str, source) -> dict | None:

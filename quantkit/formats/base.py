@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
-from ..dtypes import E4M3FN, FP8Format, Granularity, Kind, fp8_of
+from ..dtypes import Granularity, Kind, fp8_of
 from ..errors import FormatError, PolicyError, UnsupportedInputError
 from ..options import ConvertOptions
 from ..planned import Emit, Plan, PlannedTensor, Role, StoredTensor  # noqa: F401  (a format's vocabulary)
@@ -52,14 +52,6 @@ def input_scale_key(weight_key: str) -> str:
     """``<L>.input_scale`` of ``<L>.weight``: where native, comfy and compressed-tensors keep a
     layer's static activation scale."""
     return layer_name(weight_key) + INPUT_SCALE
-
-
-def static_input_scale(input_range: float, fmt: FP8Format = E4M3FN) -> float:
-    """A layer's static activation scale from its calibrated input range (``fp8.static_activation_scale``:
-    the power of two at or above range / the FP8 maximum of the activations). Activations are
-    quantized ``x / scale`` then clamped to +-max, so a range above what was observed clips nothing."""
-    from ..fp8 import static_activation_scale
-    return static_activation_scale(input_range, fmt)
 
 
 class OutputFormat:

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 
 from .. import dtypes
 from ..errors import FormatError, PolicyError
-from ..fp8 import FP8_FORMATS, Granularity
+from ..fp8 import FP8_FORMATS, Granularity, static_activation_scale
 from ..policy import Action
 from ..writer import OutputTensor
 from .base import (INPUT_SCALE, Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata,
-                   register, static_input_scale)
+                   register)
 
 MARKER = ".comfy_quant"
 WEIGHT_SCALE = ".weight_scale"
@@ -57,6 +57,12 @@ class ComfyStoredTensor(StoredTensor):
 
     input_scale: float | None = None          # calibrated activation scale, when the file has one
     full_precision_matrix_mult: bool = True   # what the source asked for when it has an input scale
+
+    @property
+    def input_fp8(self):
+        """ComfyUI quantizes a layer's input in its weight's layout: E5M2 for an E5M2 layer (whose
+        input_scale quantkit writes over 57344)."""
+        return self.fp8 or super().input_fp8
 
 
 def layer_config(fp8_name: str, input_scale: float | None = None, full_precision_matrix_mult: bool = True) -> dict:
@@ -128,7 +134,7 @@ def carried(t) -> tuple[float | None, bool]:
     ``TensorCoreFP8E5M2Layout`` for float8_e5m2 weights), ``x / input_scale`` clamped to the FP8
     maximum: the scale is the range over the maximum of the weight's FP8 dtype, 57344 for E5M2."""
     if t.input_range is not None:
-        return static_input_scale(t.input_range, fp8_of(t.out_dtype.code)), False
+        return static_activation_scale(t.input_range, fp8_of(t.out_dtype.code)), False
     s = t.prequantized
     return getattr(s, "input_scale", None), getattr(s, "full_precision_matrix_mult", True)
 

@@ -84,12 +84,12 @@ from ..checkpoint import read_config
 from ..dtypes import Kind
 from ..options import KeepDtype
 from ..errors import FormatError, PolicyError, UnsupportedInputError
-from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
+from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape, static_activation_scale
 from ..policy import Action, TensorKind
 from ..shards import is_index_name
 from ..writer import TEMP_MARK, OutputTensor
 from .base import (Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, input_scale_key, layer_name, quantkit_metadata,
-                   register, static_input_scale, stored_with_scales)
+                   register, stored_with_scales)
 
 SCALE_SUFFIX = "_scale"
 CONFIG_NAME = "config.json"
@@ -191,7 +191,7 @@ def input_scale_bytes(input_range: float, dtype: dtypes.DType) -> bytes:
     the parameter (``initialize_qparams``: the scale dtype is the weight's). Rounded up to D's
     smallest normal if it would underflow (a coarser step, never clipping)."""
     import torch
-    scale = torch.tensor(static_input_scale(input_range, E4M3FN), dtype=torch.float32).to(dtype.torch)
+    scale = torch.tensor(static_activation_scale(input_range, E4M3FN), dtype=torch.float32).to(dtype.torch)
     if not bool(torch.isfinite(scale)) or float(scale) < torch.finfo(dtype.torch).tiny:
         scale = torch.tensor(torch.finfo(dtype.torch).tiny, dtype=dtype.torch)
     return scale.reshape(1).view(torch.uint8).numpy().tobytes()

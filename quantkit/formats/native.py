@@ -18,11 +18,11 @@ import struct
 
 from .. import dtypes
 from ..errors import FormatError
-from ..fp8 import Granularity
+from ..fp8 import Granularity, static_activation_scale
 from ..policy import Action
 from ..writer import OutputTensor
 from .base import (Emit, OutputFormat, Role, StoredTensor, input_scale_key, quantkit_metadata, register,
-                   static_input_scale, stored_with_scales)
+                   stored_with_scales)
 
 SCALE_SUFFIX = "_scale"
 
@@ -50,7 +50,7 @@ class NativeFormat(OutputFormat):
                 emits.append(Emit(OutputTensor(t.name + SCALE_SUFFIX, dtypes.F32, t.scale_shape), Role.SCALE, t.name))
                 if t.input_range is not None and t.name.endswith(".weight"):
                     emits.append(Emit(OutputTensor(input_scale_key(t.name), dtypes.F32, ()), Role.CONSTANT, t.name,
-                                      struct.pack("<f", static_input_scale(t.input_range))))
+                                      struct.pack("<f", static_activation_scale(t.input_range))))
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelMismatchError
-from ..fp8 import E4M3FN
 from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
 from .streaming import Streamer, stream_units
 from .weights import KERNELS, MATMULS, Activations, InputQuant, KernelLog, held_buffer, make_cast, make_quantized
@@ -225,9 +224,7 @@ def _inputs(module, layout: Layout, activations: Activations, matmul: str) -> di
         if not p.quantized or attr != "weight" or not isinstance(module.get_submodule(owner), torch.nn.Linear):
             continue
         wanted = activations is Activations.FILE or (matmul == "fp8" and activations is Activations.NONE)
-        # ComfyUI quantizes a layer's input in its weight's layout: E5M2 for an E5M2 layer (whose
-        # input_scale quantkit writes over 57344); every other client runs E4M3 activations.
-        fmt = p.fp8 if layout.format in ("comfy", "comfy-legacy") and p.fp8 is not None else E4M3FN
+        fmt = p.input_fp8                    # E4M3; ComfyUI's E5M2 layers quantize their input in E5M2
         static = InputQuant(read_input_scale(layout.source, p), fmt) if wanted and p.implied is Implied.STATIC else None
         if activations is Activations.UNIT:
             quant = InputQuant(1.0, fmt)

@@ -29,7 +29,7 @@ from ..comfy_names import flux_to_bfl, is_diffusers_flux, is_diffusers_sd3, is_d
 from ..dtypes import DType, Kind, from_torch
 from ..errors import FormatError, ModelMismatchError, QuantkitError, UnsupportedInputError
 from ..formats import StoredTensor, detect_format
-from ..fp8 import FP8Format, Granularity
+from ..fp8 import E4M3FN, FP8Format, Granularity
 from ..reader import TensorInfo, TensorSource
 
 # Diffusers models whose ComfyUI files carry other names: (what, names, detector, table builder).
@@ -83,6 +83,7 @@ class Placement:
     fp8: FP8Format | None = None
     implied: Implied = Implied.NONE
     input_scale_key: str | None = None     # with Implied.STATIC: the stored static activation scale
+    input_fp8: FP8Format = E4M3FN          # what the file's client quantizes the layer's input to
 
     @property
     def quantized(self) -> bool:
@@ -201,7 +202,8 @@ def _place(source, stored, table, targets, module_name: str) -> dict[str, Placem
         out[target] = Placement(target, shape, first.dtype, tuple(ps),
                                 s.scale_key if s else None, s.granularity if s else None, s.fp8 if s else None,
                                 implied(s) if s else Implied.NONE,
-                                s.input_scale_key if s is not None and implied(s) is Implied.STATIC else None)
+                                s.input_scale_key if s is not None and implied(s) is Implied.STATIC else None,
+                                s.input_fp8 if s is not None else E4M3FN)
     return out
 
 
