@@ -1,14 +1,19 @@
 """The streaming writer: exact header bytes, in-order phases, hash while writing, nothing under the final name until done."""
 import errno
 import hashlib
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from quantkit import dtypes
+from quantkit import dtypes, writer
 from quantkit.errors import OutputError
 from quantkit.writer import OutputTensor, SafetensorsWriter, encode_header, remove_stale_temps, temp_path_for
 
@@ -82,20 +87,107 @@ def test_existing_destination_needs_overwrite(tmp_path):
 def test_disk_full_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
     path = tmp_path / "o.safetensors"
     specs = [OutputTensor("a", dtypes.F32, (1024,))]
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(OutputError, match="disk full") as info:
         with SafetensorsWriter(str(path), specs, {}) as w:
-            real = w._file
-
-            class Full:
-                def __getattr__(self, name):
-                    return getattr(real, name)
-
-                def write(self, data):
-                    raise OSError(errno.ENOSPC, "No space left on device")
-            w._file = Full()
+            monkeypatch.setattr(writer.os, "write", full)
             w.write(bytes(4096))
+            w.finish()
     assert str(path) in str(info.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_disk_full_mid_stream_stops_the_caller(tmp_path, monkeypatch):
+    """A write failing on the writer's thread reaches the caller at its next hand-over, not at the end."""
+    path = tmp_path / "o.safetensors"
+    n = 6 * writer._Sink.BUFFER_BYTES
+    real, calls = os.write, []
+
+    def fails_second(fd, data):
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+    monkeypatch.setattr(writer.os, "write", fails_second)
+    with pytest.raises(OutputError, match="disk full"):
+        with SafetensorsWriter(str(path), [OutputTensor("a", dtypes.U8, (n,))], {}) as w:
+            piece = bytes(1 << 20)
+            for _ in range(n // len(piece)):
+                w.write(piece)
+            w.finish()
+    assert len(calls) <= writer._Sink.BUFFERS + 1        # it stopped early: the buffers bound the run-on
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_many_buffers_reserved_and_copied_pieces(tmp_path, monkeypatch, direct):
+    """Several buffers' worth, in odd pieces, some computed in place (``reserve``), across buffer
+    ends and O_DIRECT's alignment: the bytes and the SHA256 are exactly those of the pieces, and
+    the file has its exact size (the padding of the last direct write is cut)."""
+    if not direct:
+        monkeypatch.setattr(writer, "_O_DIRECT", 0)
+    rng = np.random.default_rng(0)
+    sizes = [int(s) for s in rng.integers(1, 3 << 20, 20)] + [4096, 1, 4095, 12345]
+    data = rng.integers(0, 256, sum(sizes), dtype=np.uint8)
+    path = tmp_path / "o.safetensors"
+    with SafetensorsWriter(str(path), [OutputTensor("x", dtypes.U8, (len(data),))], {"k": "v"}) as w:
+        pos = 0
+        for i, n in enumerate(sizes):
+            piece = data[pos:pos + n]
+            space = w.reserve(n) if i % 2 else None
+            if space is None:
+                w.write(piece)
+            else:
+                np.frombuffer(space, dtype=np.uint8)[:] = piece
+                w.commit(n)
+            pos += n
+        if not direct:
+            assert not w._sink._direct
+        digest = w.finish()
+    raw = path.read_bytes()
+    assert digest == hashlib.sha256(raw).hexdigest()
+    assert len(raw) == len(encode_header([OutputTensor("x", dtypes.U8, (len(data),))], {"k": "v"})) + len(data)
+    assert np.array_equal(load_file(str(path))["x"].numpy(), data)
+
+
+def test_direct_io_refused_at_write_falls_back(tmp_path, monkeypatch):
+    """A filesystem that takes O_DIRECT at open but refuses a write (EINVAL): the same bytes go
+    through ordinary writes."""
+    real, refused = os.write, []
+
+    def picky(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & writer._O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data)
+    monkeypatch.setattr(writer.os, "write", picky)
+    path = tmp_path / "o.safetensors"
+    tensors = {"w": torch.randn(3000, 1000)}
+    digest = _write(path, tensors)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert torch.equal(load_file(str(path))["w"], tensors["w"])
+    if writer._O_DIRECT:
+        assert refused, "O_DIRECT was never tried"
+
+
+def test_reserve_checks_the_phases(tmp_path):
+    path = tmp_path / "o.safetensors"
+    with SafetensorsWriter(str(path), [OutputTensor("a", dtypes.U8, (4,))], {}) as w:
+        with pytest.raises(ValueError, match="remain"):
+            w.reserve(5)
+        w.reserve(4)[:] = b"abcd"
+        w.commit(4)
+        with pytest.raises(ValueError, match="after the last tensor"):
+            w.commit(1)
+        w.finish()
+    assert load_file(str(path))["a"].numpy().tobytes() == b"abcd"
+    big = SafetensorsWriter.RESERVE_BYTES + 1
+    with SafetensorsWriter(str(tmp_path / "b.safetensors"), [OutputTensor("a", dtypes.U8, (big,))], {}) as w:
+        assert w.reserve(big) is None        # over the limit: the caller writes it instead
+        w.write(bytes(big))
+        w.finish()
 
 
 def test_stale_temps_are_removed_live_ones_kept(tmp_path):
