@@ -415,7 +415,6 @@ class _Buffers:
     """Work buffers reused by every chunk of every tensor (fresh ones would page-fault each time)."""
 
     def __init__(self, plan: Plan):
-        self.bytes = torch.empty(CHUNK_BYTES, dtype=torch.uint8)
         elems = max((_chunk_elems(t.info, plan.options) for t in plan.quantized()), default=0)
         self.work = torch.empty(elems, dtype=torch.float32)
         self.out = torch.empty(elems, dtype=plan.options.fp8.torch_dtype)
@@ -447,8 +446,7 @@ def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: Con
             writer.write(w.contiguous().reshape(-1).view(torch.uint8).numpy())
         return None
     if t.prequantized is not None or t.out_dtype == info.dtype:   # bytes as they are (FP8 codes carried over)
-        for piece in source.iter_bytes(info, CHUNK_BYTES, buffer=buffers.bytes.numpy()):
-            writer.write(piece)
+        _copy_bytes(source, info, writer)
         return None
     target = t.out_dtype.torch
     for _, _, x in source.iter_rows(info, CHUNK_BYTES):
@@ -479,11 +477,26 @@ def _write_quantized(source: SafetensorsFile, info, scale, options: ConvertOptio
             if finite_check and not options.allow_nonfinite and not bool(torch.isfinite(y).all()):
                 chunk_absmax(y, g, False, source.path, info.name)       # raises NonFiniteError, counting them
             chunk_scale = fp8math.scale_rows(scale, g, r0, r1)
-        q = fp8math.quantize_widened(y, chunk_scale, g, fmt, out=buffers.out)
-        writer.write(q.reshape(-1).view(torch.uint8).numpy())
+        space = writer.reserve(y.numel())     # one byte a code: the codes go straight into the output's buffer
+        out = buffers.out if space is None else torch.frombuffer(space, dtype=torch.uint8).view(fmt.torch_dtype)
+        q = fp8math.quantize_widened(y, chunk_scale, g, fmt, out=out)
+        if space is None:
+            writer.write(q.reshape(-1).view(torch.uint8).numpy())
+        else:
+            writer.commit(len(space))
     if scale is not None:
         return None
     return torch.cat(parts, dim=0) if parts else scale_of(stack_absmax([], info.shape, g))
+
+
+def _copy_bytes(source, info, writer) -> None:
+    """A tensor's bytes as they are, read straight into the output's buffers (no copy between)."""
+    step = CHUNK_BYTES // info.dtype.itemsize * info.dtype.itemsize
+    for b0 in range(0, info.nbytes, step):
+        n = min(step, info.nbytes - b0)
+        space = writer.reserve(n)
+        source.read_into(info, b0, space)
+        writer.commit(n)
 
 
 def _check_cast(x: torch.Tensor, y: torch.Tensor, name: str, path: str, code: str) -> None:
