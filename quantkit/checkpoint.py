@@ -94,6 +94,13 @@ class Checkpoint(TensorSource):
         reader, inner = entry
         reader.read_into(inner, byte_offset, out)
 
+    def map_bytes(self, info: TensorInfo, byte_offset: int, nbytes: int):
+        entry = self._map.get(info.name)
+        if entry is None or entry[1].nbytes != info.nbytes:
+            raise KeyError(f"{info.name}: not a tensor of {self.path}")
+        reader, inner = entry
+        return reader.map_bytes(inner, byte_offset, nbytes)
+
     def source_of(self, name: str) -> str:
         """The file that holds tensor ``name`` (for messages)."""
         return self._map[name][0].path
