@@ -14,6 +14,7 @@ Granularity decides the shape of absmax and scale for a weight of shape [out, ..
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -182,26 +183,68 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity = 
 
 _FP8_DTYPES = tuple(f.torch_dtype for f in FP8_FORMATS.values())
 _DECODE_TABLES: dict[torch.dtype, torch.Tensor] = {}
+_SCRATCH = threading.local()
 
 
 def decode(q: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``q.float()`` (times the 0-dim float32 ``scale`` of FP8 codes, if given), into ``out`` if
-    given. FP8 codes are looked up in a 256-entry table made by that same cast (and product):
-    the same values bit for bit, ~5x faster than torch's element-wise cast."""
+    given: the same values, bit for bit, as torch's element-wise cast (and product), ~10x faster.
+
+    The codes are widened to float16 with integer shifts, then to float32 in one vectorized cast.
+    E5M2's bits are the top byte of a float16's. E4M3's exponent-and-mantissa bits, shifted to the
+    same place in a float16 (bias 15, not 7), encode every E4M3 value divided by 2^8, subnormals
+    included (both formats' subnormals step by 2^-3 of their smallest normal); the product by
+    2^8 (times the scale) is exact, or rounded once as the cast's is. E4M3 has no infinity: its
+    NaN codes (S.1111.111) would become 1.875, so they are looked for first and made NaN.
+    """
     n = q.numel()
     w = (out[:n] if out is not None else torch.empty(n, dtype=torch.float32)).view(q.shape)
     if q.dtype not in _FP8_DTYPES:
         if scale is not None:
             raise ValueError(f"decode: a scale applies to FP8 codes, not {q.dtype}")
         return w.copy_(q)
+    codes = q.contiguous().view(torch.uint8).reshape(-1)
+    flat = w.view(-1)
+    if q.dtype == E5M2.torch_dtype:
+        bits = _scratch(n)
+        bits.copy_(codes).bitwise_left_shift_(8)          # int16 wraps: the sign lands on bit 15
+        flat.copy_(bits.view(torch.float16))
+        if scale is not None:
+            flat.mul_(scale)
+        return w
+    if q.dtype == E4M3FN.torch_dtype:
+        bits = _scratch(n)
+        magnitude = torch.bitwise_and(codes, 0x7F, out=bits.view(torch.uint8)[:n])   # (bits' memory, free yet)
+        has_nan = n > 0 and int(magnitude.max()) == 0x7F
+        # Sign-extended codes shifted by 7: exponent and mantissa in bits 7..13, the sign in 15 (and 14: cleared).
+        bits.copy_(codes.view(torch.int8)).bitwise_left_shift_(7).bitwise_and_(-0x4001)
+        flat.copy_(bits.view(torch.float16))
+        factor = None if scale is None else scale.float().reshape(()) * 256.0
+        if factor is None or not bool(torch.isfinite(factor)):
+            flat.mul_(256.0)
+            if scale is not None:
+                flat.mul_(scale)
+        else:
+            flat.mul_(factor)
+        if has_nan:
+            flat.masked_fill_(codes.bitwise_and(0x7F) == 0x7F, float("nan"))
+        return w
     table = _DECODE_TABLES.get(q.dtype)
     if table is None:
         table = _DECODE_TABLES[q.dtype] = torch.arange(256, dtype=torch.uint8).view(q.dtype).float()
     if scale is not None:
         table = table * scale
-    codes = q.contiguous().view(torch.uint8).reshape(-1)
-    torch.index_select(table, 0, codes.long(), out=w.view(-1))   # long: faster than int32 here
+    torch.index_select(table, 0, codes.long(), out=flat)
     return w
+
+
+def _scratch(n: int) -> torch.Tensor:
+    """An int16 work buffer of ``n`` elements, reused by this thread's later calls (a fresh one
+    page-faults every time)."""
+    buf = getattr(_SCRATCH, "int16", None)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.int16 = torch.empty(max(n, 1 << 16), dtype=torch.int16)
+    return buf[:n]
 
 
 def block_rows(granularity: Granularity) -> int:

@@ -662,3 +662,20 @@ def test_static_activation_scale_edges():
     assert F.static_activation_scale(448.0 * 2 ** -10) == 2 ** -10 and F.static_activation_scale(449.0) == 2.0
     assert F.static_activation_scale(57344.0, F.E5M2) == 1.0
     assert F.static_activation_scale(1e-45) == torch.finfo(torch.float32).tiny    # float32's smallest normal
+
+
+@given(c=hnp.arrays(np.uint8, st.integers(0, 3000)), spec=specs,
+       scale=st.one_of(st.none(), normal_scales, f32s(1e-45, 3.4e38)), spare=st.integers(0, 5))
+def test_decode_any_codes_into_a_buffer(c, spec, scale, spare):
+    """``decode`` (integer shifts to float16, then one cast) against the reference, codes in any
+    order and mix (NaN codes anywhere), into a reused buffer longer than needed, with and
+    without a scale: the float32 values bit for bit, NaN where the reference has NaN."""
+    out = torch.full((c.size + spare,), 7.0)
+    s = None if scale is None else torch.tensor(np.float32(scale))
+    got = F.decode(from_codes(c, spec), out, scale=s).numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = R.decode(c, spec).astype(np.float32) * (np.float32(1) if s is None else np.float32(scale))
+    assert got.shape == c.shape
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.array_equal(np.signbit(got[np.isfinite(want)]), np.signbit(want[np.isfinite(want)]))
+    assert (out[c.size:] == 7.0).all()
