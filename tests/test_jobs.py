@@ -139,3 +139,45 @@ def test_sigkill_of_the_parent_takes_its_workers(tmp_path):
     assert partials(tmp_path) == []
     assert {n: e["sha256"] for n, e in read_manifest(str(out))["files"].items()} == {
         n: h for n, h in tree(out).items() if n != "quantkit.json"}
+
+
+def validate_cli(out, src, *extra):
+    cmd = [sys.executable, "-m", "quantkit.cli", "validate", str(out), "--against", str(src), "-q", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_validate_jobs_report_the_same(source, tmp_path):
+    """validate --jobs N: the same report (every tensor's figures, hashes, verdict) as one process,
+    on a sharded output and on a single file; a flipped byte in a shard and a changed source shard
+    fail alike, named, whatever N."""
+    out = tmp_path / "out"
+    assert convert(source, out, "--jobs", "1").returncode == 0
+    single = tmp_path / "one.safetensors"
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", "convert", str(source), str(single), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    clean = {}
+    for target in (out, single):
+        reports = clean[target] = {}
+        for jobs in (1, 2, 3):
+            r = validate_cli(target, source, "--jobs", str(jobs), "--json", tmp_path / f"v{jobs}.json", "--overwrite")
+            assert r.returncode == 0, r.stderr
+            reports[jobs] = json.loads((tmp_path / f"v{jobs}.json").read_text())
+            assert reports[jobs]["jobs"] == jobs and (reports[jobs]["workers_peak_rss_bytes"] > 0) == (jobs > 1)
+        strip = lambda rep: {k: v for k, v in rep.items() if k not in ("seconds", "jobs", "workers_peak_rss_bytes")}
+        assert strip(reports[2]) == strip(reports[1]) == strip(reports[3])
+        assert len(reports[1]["tensors"]) == SHARDS * 9 and len(reports[1]["hashes"]) >= 2
+
+    # one flipped byte in the last tensor of an output shard: its hash and its tensor's figures
+    shard = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))[-1]
+    raw = bytearray((out / shard).read_bytes())
+    raw[-3] ^= 0x40
+    (out / shard).write_bytes(bytes(raw))
+    failed = {}
+    for jobs in (1, 2):
+        r = validate_cli(out, source, "--jobs", str(jobs), "--json", tmp_path / f"f{jobs}.json", "--overwrite")
+        assert r.returncode == 1, r.stderr
+        failed[jobs] = json.loads((tmp_path / f"f{jobs}.json").read_text())
+        assert any(shard in f and "sha256 mismatch" in f for f in failed[jobs]["failures"]), failed[jobs]["failures"]
+    assert failed[1]["failures"] == failed[2]["failures"] and failed[1]["tensors"] == failed[2]["tensors"]
+    assert failed[1]["tensors"] != clean[out][1]["tensors"]       # the flipped byte moved a tensor's figures
