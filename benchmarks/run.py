@@ -48,8 +48,9 @@ CONVERT_CASES = ("tensor", "channel", "block")
 JOBS_CASES = ("jobs1", "jobs2")
 ALL_CASES = ("naive", "sha256") + CONVERT_CASES + ("validate",) + JOBS_CASES + ("help",)
 # Diagnostics, not in the default set: per-tensor convert / validate with OMP_NUM_THREADS=1
-# (torch's intra-op pool cut to one thread), to show what thread oversubscription costs.
-EXTRA_CASES = ("tensor1t", "validate1t")
+# (torch's intra-op pool cut to one thread), to show what thread oversubscription costs;
+# validate2: validate --jobs 2 (worker processes instead of hash threads beside the comparison).
+EXTRA_CASES = ("tensor1t", "validate1t", "validate2")
 SMOKE_CASES = ("naive", "sha256", "tensor", "validate", "jobs1", "jobs2", "help")
 SOURCE_SHARDS = 4
 README = os.path.join(HERE, "README.md")
@@ -436,13 +437,17 @@ def run_size(size_gb: float, args, out_dir: str, results: dict, log) -> None:
                 pass
         elif case.startswith("validate"):
             out = os.path.join(out_dir, "out-tensor.safetensors")
-            m = measure(qk + ["validate", out, "--against", src, "-q", "--json", out + ".report.json"], logp, env=env)
+            jobs = ["--jobs", "2"] if case == "validate2" else []
+            m = measure(qk + ["validate", out, "--against", src, "-q", "--json", out + ".report.json", *jobs], logp,
+                        env=env)
             rep = read_json(out + ".report.json") or {}
             m["ok"] = rep.get("ok")
             m["lib_s"] = rep.get("seconds")
             sq = (rep.get("summary") or {}).get("sqnr_db") or {}
             m["min_sqnr_db"] = sq.get("min")
             m["hashes_ok"] = all(h.get("ok") for h in rep.get("hashes", [])) if rep.get("hashes") else None
+            m["workers_peak_rss_bytes"] = rep.get("workers_peak_rss_bytes") or 0
+            m["peak_rss_bytes"] += m["workers_peak_rss_bytes"]         # parent + workers (--jobs 2)
             try:
                 os.unlink(out + ".report.json")
             except FileNotFoundError:
@@ -492,7 +497,7 @@ def run_size(size_gb: float, args, out_dir: str, results: dict, log) -> None:
         for case in ("channel", "block", "tensor1t"):
             if case in cases:
                 one(case, i)
-        for case in ("validate", "validate1t"):
+        for case in ("validate", "validate1t", "validate2"):
             if case in cases:
                 one(case, i)
         remove_output(os.path.join(out_dir, "out-tensor.safetensors"))
@@ -618,7 +623,8 @@ def render_table(results: dict) -> str:
              "jobs1": f"convert tensor, {SOURCE_SHARDS}-shard source, --jobs 1",
              "jobs2": f"convert tensor, {SOURCE_SHARDS}-shard source, --jobs 2 (peak: sum)",
              "tensor1t": "diagnostic: convert tensor, OMP_NUM_THREADS=1",
-             "validate1t": "diagnostic: validate, OMP_NUM_THREADS=1"}
+             "validate1t": "diagnostic: validate, OMP_NUM_THREADS=1",
+             "validate2": "diagnostic: validate --jobs 2 (processes)"}
     for s in sorted(results["sizes"], key=lambda s: s["size_gb"]):
         size = f"{s['bytes'] / GB:.2f} GB" + (" (quantkit changed mid-run)" if s.get("code_changed") else "")
         for case in ("naive", "sha256") + CONVERT_CASES + ("validate",) + JOBS_CASES + EXTRA_CASES:
