@@ -284,7 +284,6 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
       quantkit convert ./FLUX.1-dev flux1-dev-fp8.safetensors --component transformer --format comfy
     """
     from .errors import QuantkitError
-    _hash_early(src)
     from .quantize import convert as run
     bars = _Bars(quiet)
     try:
@@ -372,8 +371,6 @@ def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_c
       quantkit validate model-fp8.safetensors --against model.safetensors --min-sqnr 30 --json report.json
     """
     from .errors import QuantkitError
-    if not no_hash_check:
-        _hash_early(out, *([against] if against else []))
     from .validate import validate as run
     bars = _Bars(quiet)
     try:
@@ -398,17 +395,6 @@ def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_c
     if report_dir:
         _write_report("validation_report", report, report_dir)
     sys.exit(0 if report.ok else 1)
-
-
-def _hash_early(*paths: str) -> None:
-    """Start the SHA256 of each plain .safetensors file among ``paths`` now, before the command
-    imports torch (~1.5 s of one core; the hash runs on the other): the library takes the running
-    hash over when it gets to it (``hashing.background_hash``)."""
-    import os
-    from .hashing import hash_early
-    for path in paths:
-        if path.endswith(".safetensors") and os.path.isfile(path):
-            hash_early([path])
 
 
 def _check_report_dir(path: str, reads: list, overwrite: bool) -> None:

@@ -79,7 +79,6 @@ class BackgroundHash:
         self._error: BaseException | None = None
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="quantkit-hash", daemon=True)
-        self._identity = _identity(self.paths)
 
     def _run(self) -> None:
         try:
@@ -92,8 +91,7 @@ class BackgroundHash:
             self._error = exc
 
     def start(self) -> "BackgroundHash":
-        if self._thread.ident is None:         # once: a job taken from hash_early is running already
-            self._thread.start()
+        self._thread.start()
         return self
 
     def cancel(self) -> None:
@@ -113,48 +111,6 @@ class BackgroundHash:
         if self._error is not None:
             raise self._error
         return combined_digest(self.digests)
-
-
-def _identity(paths: list[str]) -> list | None:
-    """What says a file is still the one a hash started on: its real path, inode, size, mtime."""
-    try:
-        return [(os.path.realpath(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                for p in paths for st in [os.stat(p)]]
-    except OSError:
-        return None
-
-
-# Hashes started by ``hash_early`` and not yet taken by ``background_hash``.
-_EARLY: list[BackgroundHash] = []
-
-
-def hash_early(paths: list[str]) -> None:
-    """Start hashing files that the command is about to hash anyway, before it imports torch:
-    the import takes ~1.5 s of one core (``python -c "import torch"``), which the hash can use on
-    the other. ``background_hash`` hands the running job over; one nobody takes is cancelled by
-    ``drop_early`` (and never keeps the process alive: its thread is a daemon)."""
-    if _identity(list(paths)) is not None:
-        _EARLY.append(BackgroundHash(paths).start())
-
-
-def background_hash(paths: list[str]) -> BackgroundHash:
-    """A running ``BackgroundHash`` of ``paths``: the one ``hash_early`` started for these very files
-    (same real paths, unchanged since), or a new one."""
-    identity = _identity(list(paths))
-    for job in _EARLY:
-        if identity is not None and job._identity == identity:
-            _EARLY.remove(job)
-            return job
-    return BackgroundHash(paths).start()
-
-
-def drop_early() -> None:
-    """Cancel the early hashes nobody took and wait for their threads to end (before forking
-    worker processes: no thread of this process may be running then)."""
-    while _EARLY:
-        job = _EARLY.pop()
-        job.cancel()
-        job._thread.join()
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from .errors import NonFiniteError, QuantkitError, UnsupportedInputError
 from .formats import Role, get_format
 from .sources import open_source
 from .destinations import check_destination, check_not_source_files, check_report_path, output_paths, source_reads
-from .hashing import background_hash, combined_digest, sha256_file, torch_threads
+from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
 from .manifest import file_entry, manifest_path, read_manifest, source_files, source_name, write_manifest
 from .calibration.stats import Stats, mismatch as stats_mismatch
 from .plan import ConvertOptions, Plan, PlannedTensor, check_stats, load_stats, make_plan, options_with_stats
@@ -183,7 +183,7 @@ class _Run:
         self.check_source = lambda digests: None
 
     def one_file(self, dst: str, overwrite: bool, manifest) -> tuple[str, dict, dict]:
-        with background_hash(self.source.files) as source_hash:
+        with BackgroundHash(self.source.files) as source_hash:
             scales = _calibrate(self.source, self.plan, self.progress)
             self.progress.stage("quantize", self.plan.bytes_in)
 
@@ -204,7 +204,7 @@ class _Run:
         if jobs > 1 and len(groups) > 1 and hasattr(os, "fork"):
             digests = self._in_workers(folder, names, groups, jobs)
         else:
-            with background_hash(self.source.files) as source_hash:
+            with BackgroundHash(self.source.files) as source_hash:
                 scales = _calibrate(self.source, self.plan, self.progress)
                 self.progress.stage("quantize", self.plan.bytes_in)
                 digests = {name: _write(self.source, self.plan, group, scales, os.path.join(folder, name),

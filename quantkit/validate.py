@@ -20,7 +20,7 @@ from . import fp8 as fp8math
 from .destinations import check_report_path, output_paths, source_reads
 from .errors import FormatError, QuantkitError, UnsupportedInputError, ValidationFailed
 from .formats import StoredTensor, detect_format
-from .hashing import background_hash, combined_digest, sha256_file, torch_threads
+from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
 from .manifest import manifest_path, read_manifest
 from .metrics import ErrorStats
 from .progress import NULL, Progress
@@ -152,7 +152,7 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
             check_model_output(src)        # before the per-tensor work, not after it
         report.jobs = _jobs(jobs, output, src)
         deferred = report.jobs > 1              # hashed by the workers: no thread may run when they fork
-        start = _Deferred if deferred else background_hash
+        start = _Deferred if deferred else (lambda paths: BackgroundHash(paths).start())
         hashes = _start_hashes(output, manifest, src, report, start) if manifest is not None else []
         _compare_output(output, src, report, progress,
                         [job for job in {id(h[3]): h[3] for h in hashes}.values()] if deferred else None)

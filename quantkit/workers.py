@@ -52,8 +52,6 @@ def run_pieces(work: Callable, pieces: list, jobs: int, done: Callable | None = 
     was killed. Only where ``os.fork`` exists (Linux, macOS)."""
     global _work
     import multiprocessing
-    from .hashing import drop_early
-    drop_early()                    # no thread of ours may run when the workers fork
     _work = work                    # the workers inherit it through fork: never pickled
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"),
                                initializer=_start_worker, initargs=(os.getpid(),))

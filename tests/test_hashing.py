@@ -58,33 +58,3 @@ def test_a_file_cut_short_while_hashed_is_an_error_not_a_sigbus(tmp_path, monkey
     with pytest.raises(UnsupportedInputError) as info:
         hashing.sha256_file(str(path))
     assert info.value.path == str(path)
-
-
-def test_early_hash_is_taken_over_only_for_the_same_unchanged_files(tmp_path):
-    """``hash_early`` (started by the CLI before torch is imported) is handed over by
-    ``background_hash`` for the very same files, by real path; a file rewritten since gets a
-    fresh hash of its new bytes; ``drop_early`` stops the rest."""
-    import hashlib
-    import os
-    import time
-
-    from quantkit import hashing
-    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    a.write_bytes(os.urandom(3 << 20))
-    b.write_bytes(b"first")
-    hashing.hash_early([str(a)])
-    hashing.hash_early([str(b)])
-    link = tmp_path / "link.bin"
-    link.symlink_to(a)
-    job = hashing.background_hash([str(link)])                  # the same file under another name
-    assert job.paths == [str(a)]                                 # the early job itself
-    assert job.result() == hashlib.sha256(a.read_bytes()).hexdigest()
-    time.sleep(0.01)
-    b.write_bytes(b"second, longer")                            # rewritten after its early hash began
-    fresh = hashing.background_hash([str(b)])
-    assert fresh.paths == [str(b)] and fresh.result() == hashlib.sha256(b"second, longer").hexdigest()
-    assert len(hashing._EARLY) == 1                             # b's early hash, never taken
-    hashing.drop_early()
-    assert hashing._EARLY == []
-    hashing.hash_early([str(tmp_path / "missing.bin")])         # nothing to hash: nothing started
-    assert hashing._EARLY == []
