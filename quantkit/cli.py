@@ -353,8 +353,8 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
 @click.option("--jobs", "-j", type=click.IntRange(min=1), metavar="N",
               help="Processes sharing the work: each file's SHA256 computed by one of them, the tensors compared "
                    "in groups; the report is the same whatever N. Default: as many as the cores and the free "
-                   "memory (0.5 GB a job) allow when the files weigh 1 GB or more; else 1 (one process, the "
-                   "SHA256s on threads beside the comparison).")
+                   "memory (0.5 GB a job) allow, with 3 cores or more and files of 1 GB or more; else 1 (one "
+                   "process, the SHA256s on threads beside the comparison: as fast on 2 cores, half the memory).")
 def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_check, show, component, ema,
              model_output, compute_dtype, min_output_sqnr, activations, min_w8a8_sqnr, quiet, jobs):
     """Prove OUT is intact and faithful to its source.

@@ -122,8 +122,9 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
 
     ``jobs``: processes sharing the per-tensor work and the SHA256s (each file hashed by one of them,
     the tensors compared in groups), for a balanced load on every core; None: as many as the cores
-    and memory allow when source and output weigh ``PARALLEL_MIN_BYTES`` or more, else 1 (this
-    process, the hashes on threads beside the comparison). The report is the same whatever the number.
+    and memory allow where that pays (3 cores or more, files of ``PARALLEL_MIN_BYTES`` or more),
+    else 1 (this process, the hashes on threads beside the comparison). The report is the same
+    whatever the number.
 
     Never raises for a bad output: every problem becomes a line in ``report.failures``.
     Raises ``QuantkitError`` only for unusable arguments (a missing output, a missing or malformed source).
@@ -208,11 +209,11 @@ def _jobs(jobs: int | None, output: str, src) -> int:
         return jobs if hasattr(os, "fork") else 1
     files = [os.path.join(output, n) for n in os.listdir(output)] if os.path.isdir(output) else [output]
     size = (src.file_size if src is not None else 0) + sum(os.path.getsize(p) for p in files if os.path.isfile(p))
-    # Measured at 6 GB on 2 cores, right after convert (the output read from the disk: O_DIRECT
-    # writes leave it out of the page cache): 2 processes 9.3-10.4 s, one process with hash threads
-    # 13.6-16.1 s (benchmarks/README.md). With the output cached, one pair measured 11.0 vs 10.1 s.
+    # On 2 cores the threads already keep both busy (the comparison, the hashes beside it): at 6 GB,
+    # 2 processes 9.5-11.1 s (output cached) / 12.1-14.4 s (output just written, read from the disk),
+    # one process 10.1-10.7 s (either), at twice the memory (670 vs 290 MB). Processes pay from 3 cores.
     n = default_jobs()
-    return n if size >= PARALLEL_MIN_BYTES and hasattr(os, "fork") else 1
+    return n if n > 2 and size >= PARALLEL_MIN_BYTES and hasattr(os, "fork") else 1
 
 
 class _Deferred:
