@@ -266,6 +266,7 @@ class SafetensorsFile(TensorSource):
             raise HeaderError(f"header length {n} runs past the end of the {self.file_size}-byte file",
                               path=self.path, hint="the file is truncated; re-download it")
         raw = self._pread_exact(n, 8)
+        self._mappable = True
         self.header_size = n
         self.metadata, infos = parse_header(raw, self.file_size - 8 - n, self.path)
         self.tensors: dict[str, TensorInfo] = {t.name: t for t in infos}
@@ -307,7 +308,13 @@ class SafetensorsFile(TensorSource):
         if size < pos + nbytes:
             raise HeaderError(f"the file is now {size} bytes, it ended before byte {pos + nbytes}", path=self.path,
                               tensor=info.name, hint="the file changed or is truncated; let the program writing it finish")
-        m = mmap.mmap(self._fd, pos + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+        if not self._mappable:
+            return None
+        try:
+            m = mmap.mmap(self._fd, pos + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):       # a filesystem that cannot map (some FUSE, special files): read
+            self._mappable = False
+            return None
         return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=pos - base)
 
     def fileno(self) -> int:

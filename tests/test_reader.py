@@ -74,6 +74,28 @@ def test_reads_what_safetensors_wrote(tmp_path):
             assert torch.equal(got.reshape(t.shape), t), name
 
 
+def test_mapped_chunks_private_and_unmappable_files_read(tmp_path, monkeypatch):
+    """Chunks come from private maps of the file: writing into one never reaches the file; a file
+    the system cannot map (some FUSE filesystems) is read with preadv instead, the same bytes."""
+    from quantkit import reader
+    t = torch.randn(64, 33)
+    path = tmp_path / "m.safetensors"
+    save_file({"t": t}, str(path))
+    before = path.read_bytes()
+    with SafetensorsFile(path) as f:
+        for _, _, x in f.iter_rows(f.tensors["t"], 1000):
+            x.fill_(7.0)                              # copy-on-write: this process's page only
+    assert path.read_bytes() == before
+
+    def refuse(*a, **k):
+        raise OSError(19, "No such device")
+    monkeypatch.setattr(reader.mmap, "mmap", refuse)
+    with SafetensorsFile(path) as f:
+        got = torch.cat([x.clone() for _, _, x in f.iter_rows(f.tensors["t"], 1000)])
+        assert f._mappable is False
+    assert torch.equal(got, t)
+
+
 @given(rows=st.integers(1, 300), cols=st.integers(1, 40), chunk=st.integers(1, 4096), align=st.sampled_from([1, 128]))
 def test_iter_rows_covers_every_row_once(tmp_path_factory, rows, cols, chunk, align):
     t = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
