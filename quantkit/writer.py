@@ -115,7 +115,7 @@ class _Sink:
     run to run) against ~0.13 with O_DIRECT (see benchmarks/README.md). O_DIRECT needs aligned
     buffers, offsets and lengths: buffers are written in multiples of ``ALIGN`` (a few bytes over
     a buffer's end carry over to the next), the last one padded with zeros and the file cut back to
-    its size. Where O_DIRECT is refused (tmpfs, network filesystems, other systems) the same
+    its size. Where O_DIRECT is refused (some filesystems, systems without it) the same
     buffers go through ordinary writes. The hash is of the buffers, never of a read-back.
     """
 
@@ -155,10 +155,6 @@ class _Sink:
                                                  ("quantkit-write", "quantkit-sha256"))]
         for t in self._threads:
             t.start()
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
 
     def reserve(self, n: int) -> memoryview:
         """``n`` writable bytes at the end of what was written (``n`` at most the ``spare`` given);
