@@ -255,7 +255,7 @@ def main():
 @click.option("--jobs", "-j", type=click.IntRange(min=1), metavar="N",
               help="Processes converting the shards of a sharded output (--max-shard-size) side by side, "
                    "each streaming; the output is the same whatever N. Default: as many as the cores and "
-                   "the free memory (0.5 GB a job) allow.")
+                   "the free memory (0.5 GB a job) allow; 1 with 2 cores or fewer (one process keeps two busy).")
 @_stats_options
 @click.pass_context
 def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_stats, **policy):

@@ -209,11 +209,10 @@ def _jobs(jobs: int | None, output: str, src) -> int:
         return jobs if hasattr(os, "fork") else 1
     files = [os.path.join(output, n) for n in os.listdir(output)] if os.path.isdir(output) else [output]
     size = (src.file_size if src is not None else 0) + sum(os.path.getsize(p) for p in files if os.path.isfile(p))
-    # On 2 cores the threads already keep both busy (the comparison, the hashes beside it): at 6 GB,
-    # 2 processes 9.5-11.1 s (output cached) / 12.1-14.4 s (output just written, read from the disk),
-    # one process 10.1-10.7 s (either), at twice the memory (670 vs 290 MB). Processes pay from 3 cores.
-    n = default_jobs()
-    return n if n > 2 and size >= PARALLEL_MIN_BYTES and hasattr(os, "fork") else 1
+    # On 2 cores the threads already keep both busy (the comparison, the hashes beside it), and
+    # default_jobs() is 1 there: at 6 GB right after convert, 4 alternating pairs, one process
+    # 12.6-14.2 s, two 12.9-15.2 s, at twice the memory (656 vs 290 MB).
+    return default_jobs() if size >= PARALLEL_MIN_BYTES and hasattr(os, "fork") else 1
 
 
 class _Deferred:
