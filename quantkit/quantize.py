@@ -6,8 +6,9 @@
 Four things run at once: the math, the source's SHA256, the output's SHA256 (computed from
 the buffers the codes are cast into) and the writes of those buffers (O_DIRECT where the
 filesystem takes it; ``writer._Sink``). Neither hash waits for the other: the source's SHA256
-goes to the manifest, and the output's header names the source without its hash. A sharded output is written by several
-processes at once (``jobs``), a shard each, and its source files hashed alongside.
+goes to the manifest, and the output's header names the source without its hash. A sharded
+output is written by several processes at once (``jobs``), a shard each, and its source files
+hashed alongside.
 Per-channel and per-block scales need no calibration pass: a chunk holds whole rows (whole
 128-row tile rows), so its scales are computed right before it is quantized.
 

@@ -301,6 +301,8 @@ class SafetensorsFile(TensorSource):
         pos = info.start + byte_offset
         if byte_offset < 0 or nbytes <= 0 or pos + nbytes > info.end:
             raise ValueError("map past the end of the tensor")
+        if not self._mappable:
+            return None
         base = pos - pos % mmap.ALLOCATIONGRANULARITY
         # A mapped page past the file's end kills the process (SIGBUS): a file cut short since it
         # was opened is an error here instead (the window between check and read is microseconds).
@@ -308,8 +310,6 @@ class SafetensorsFile(TensorSource):
         if size < pos + nbytes:
             raise HeaderError(f"the file is now {size} bytes, it ended before byte {pos + nbytes}", path=self.path,
                               tensor=info.name, hint="the file changed or is truncated; let the program writing it finish")
-        if not self._mappable:
-            return None
         try:
             m = mmap.mmap(self._fd, pos + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
         except (OSError, ValueError):       # a filesystem that cannot map (some FUSE, special files): read

@@ -234,9 +234,7 @@ def _compare_output(output: str, src, report: ValidationReport, progress: Progre
         out = open_output(output)
     except QuantkitError as exc:
         report.failures.append(f"cannot read the output: {exc}")
-        out = None
-    if out is None:
-        if hash_jobs:
+        if hash_jobs:                   # its files are still hashed (and checked against the manifest)
             _in_workers([], hash_jobs, None, None, report, progress)
         return
     with out, torch_threads(1):
@@ -347,20 +345,19 @@ def _start_hashes(output, manifest: dict, src, report, start):
 
 def _compare(out: SafetensorsFile, src: SafetensorsFile | None, report: ValidationReport, progress: Progress,
              hash_jobs: list[_Deferred] | None = None):
-    pairs = _pairs(out, src, report)
+    pairs = _pairs(out, src, report) or []
     if hash_jobs is not None:
-        _in_workers(pairs or [], hash_jobs, out, src, report, progress)
-        return
-    if not pairs:
-        return
-    progress.stage("validate", src.file_size)
-    for item in pairs:
-        if isinstance(item, str):
-            report.failures.append(item)
-            continue
-        result = _compare_one(out, src, *item)
+        results = _in_workers(pairs, hash_jobs, out, src, report, progress)
+    else:
+        if pairs:
+            progress.stage("validate", src.file_size)
+        results = []
+        for item in pairs:
+            results.append(item if isinstance(item, str) else _compare_one(out, src, *item))
+            if not isinstance(item, str):
+                progress.advance(src.tensors[item[1].data_key].nbytes)
+    for result in results:          # in report order, whichever process computed them
         (report.tensors if isinstance(result, TensorReport) else report.failures).append(result)
-        progress.advance(src.tensors[item[1].data_key].nbytes)
 
 
 def _pairs(out, src, report: ValidationReport) -> list | None:
@@ -409,11 +406,11 @@ def _compare_one(out, src, s: StoredTensor, si: StoredTensor) -> "TensorReport |
 
 
 def _in_workers(pairs: list, hash_jobs: list[_Deferred], out, src, report: ValidationReport,
-                progress: Progress) -> None:
+                progress: Progress) -> list:
     """``_compare``'s work and the deferred SHA256s as pieces for ``report.jobs`` forked processes:
     each file hashed by one, the tensors compared in groups of consecutive ones (about a quarter
-    of a job's share each, so the pieces even out), the longest pieces first; results are put
-    back in report order."""
+    of a job's share each, so the pieces even out), the longest pieces first. Returns one result
+    per item of ``pairs``, in its order (its failure strings as they are)."""
     todo = [i for i, item in enumerate(pairs) if not isinstance(item, str)]
     nbytes = {i: src.tensors[pairs[i][1].data_key].nbytes for i in todo}
     target = max(1, sum(nbytes.values()) // (4 * report.jobs))
@@ -431,8 +428,6 @@ def _in_workers(pairs: list, hash_jobs: list[_Deferred], out, src, report: Valid
     cost = {("hash", p): os.path.getsize(p) for job in hash_jobs for p in job.paths}
     cost.update({("compare", g): 2 * sum(nbytes[i] for i in groups[g]) for g in range(len(groups))})
     pieces = sorted(cost, key=cost.get, reverse=True)
-    if not pieces:
-        return
 
     def work(piece):
         kind, key = piece
@@ -440,16 +435,16 @@ def _in_workers(pairs: list, hash_jobs: list[_Deferred], out, src, report: Valid
             return sha256_file(key)
         return [_compare_one(out, src, *pairs[i]) for i in groups[key]]
 
-    progress.stage("validate", sum(cost.values()))
-    results, report.workers_peak_rss_bytes = run_pieces(work, pieces, report.jobs,
-                                                        lambda i, _: progress.advance(cost[pieces[i]]))
-    done = dict(zip(pieces, results))
+    done = {}
+    if pieces:
+        progress.stage("validate", sum(cost.values()))
+        results, report.workers_peak_rss_bytes = run_pieces(work, pieces, report.jobs,
+                                                            lambda i, _: progress.advance(cost[pieces[i]]))
+        done = dict(zip(pieces, results))
     for job in hash_jobs:
         job.digests = {p: done[("hash", p)] for p in job.paths}
     compared = {i: r for g, members in enumerate(groups) for i, r in zip(members, done[("compare", g)])}
-    for i, item in enumerate(pairs):
-        result = item if isinstance(item, str) else compared[i]
-        (report.tensors if isinstance(result, TensorReport) else report.failures).append(result)
+    return [item if isinstance(item, str) else compared[i] for i, item in enumerate(pairs)]
 
 
 def _same_bytes(x, y) -> bool:

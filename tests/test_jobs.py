@@ -181,3 +181,19 @@ def test_validate_jobs_report_the_same(source, tmp_path):
         assert any(shard in f and "sha256 mismatch" in f for f in failed[jobs]["failures"]), failed[jobs]["failures"]
     assert failed[1]["failures"] == failed[2]["failures"] and failed[1]["tensors"] == failed[2]["tensors"]
     assert failed[1]["tensors"] != clean[out][1]["tensors"]       # the flipped byte moved a tensor's figures
+
+
+def test_validate_jobs_keep_structural_failures_without_any_piece(tmp_path):
+    """With nothing to hash (--no-hash-check) and nothing to compare (no tensor in common), the
+    missing and extra tensors are still failures with --jobs 2, as with one process."""
+    from quantkit.validate import validate
+    src, other = tmp_path / "src.safetensors", tmp_path / "other.safetensors"
+    save_file({"a.weight": torch.randn(64, 64).to(torch.bfloat16)}, str(src))
+    save_file({"b.weight": torch.randn(64, 64).to(torch.bfloat16)}, str(other))
+    out = tmp_path / "out.safetensors"
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", "convert", str(src), str(out), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    reports = [validate(str(out), str(other), check_hash=False, jobs=jobs) for jobs in (1, 2)]
+    assert not reports[0].ok and reports[0].failures
+    assert reports[1].failures == reports[0].failures and reports[1].tensors == reports[0].tensors == []
