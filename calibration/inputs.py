@@ -155,14 +155,15 @@ def diffusion_calibration_inputs(class_name: str, config, *, steps: int, seeds: 
     if seeds < 1:
         raise OptionsError(f"--seeds {seeds}: give at least one seed")
     tokens = _tokens(encoders)
-    batches, where = [], None
+    batches, where, fed = [], None, set()
     for i, (seed, t) in enumerate(itertools.product(range(seeds), schedule(steps))):
         if samples and i >= samples:
             break
         made = diffusion_inputs(class_name, config, seed, path=path, shape=Shape(1, (t,), tokens))
-        kw, used = _condition(made.kwargs, encoders, i)
-        where = where or used
+        kw, used, which = _condition(made.kwargs, encoders, i)
+        where, fed = where or used, fed | which
         batches.append(kw)
+    _refuse_unused(encoders, fed, class_name, made.kwargs if batches else {})
     rows, batches = len(batches), in_passes(batches, ROWS_PER_PASS)
     passes = f"{rows} rows in {len(batches)} pass{'es' if len(batches) > 1 else ''}"
     if "timestep" not in made.kwargs:             # the VAE: images, no timestep, no text
@@ -220,14 +221,35 @@ def _tokens(encoders) -> int:
     return lengths.pop() if len(lengths) == 1 else TEXT_TOKENS
 
 
-def _condition(kw: dict, encoders, i: int) -> tuple[dict, list[str]]:
+def _refuse_unused(encoders, fed: set[int], class_name: str, kw: dict) -> None:
+    """An explicit --text-encoder that conditions nothing would be silently ignored: refuse it."""
+    unused = [e for i, e in enumerate(encoders) if i not in fed]
+    if not unused:
+        return
+    e = unused[0]
+    first = e.embeddings[0]
+    widths = f"sequence width {first.sequence.shape[-1]}" + (
+        f", pooled width {first.pooled.shape[-1]}" if first.pooled is not None else "")
+    inputs = ", ".join(f"{k} width {v.shape[-1]}" for k, v in
+                       [*kw.items(), *kw.get("added_cond_kwargs", {}).items()]
+                       if k in _TEXT_INPUTS and isinstance(v, torch.Tensor)) or "no text input"
+    raise OptionsError(f"--text-encoder {e.path}: its {e.architecture} ({widths}) matches no text input of "
+                       f"{class_name} ({inputs})",
+                       hint="give the text encoder(s) this model was trained with, or leave --text-encoder out "
+                            "(seeded text embeddings are used)")
+
+
+_TEXT_INPUTS = ("encoder_hidden_states", "pooled_projections", "text_embeds")
+
+
+def _condition(kw: dict, encoders, i: int) -> tuple[dict, list[str], set[int]]:
     """``kw`` with its text inputs (``encoder_hidden_states``: a sequence; ``pooled_projections`` or
     SDXL's ``text_embeds``: pooled) replaced by prompt ``i``'s embeddings where a width fits: one
     encoder's exactly, or all the encoders' of that kind concatenated in the order given (SDXL's
-    two CLIPs). Returns the inputs and what was matched, in words."""
+    two CLIPs). Returns the inputs, what was matched in words, and the indices of the encoders used."""
     if not encoders:
-        return kw, []
-    kw, used = dict(kw), []
+        return kw, [], set()
+    kw, used, which = dict(kw), [], set()
     prompts = [e.embeddings[i % len(e.embeddings)] for e in encoders]
     names = [e.architecture for e in encoders]
     seq = kw.get("encoder_hidden_states")
@@ -236,14 +258,15 @@ def _condition(kw: dict, encoders, i: int) -> tuple[dict, list[str]]:
         if found is not None and found[0].shape[0] == seq.shape[1]:
             kw["encoder_hidden_states"] = found[0][None].to(seq.dtype)
             used.append(f"encoder_hidden_states from {found[1]}")
+            which |= set(found[2])
     pooled_at = ("pooled_projections", None) if "pooled_projections" in kw else \
         ("added_cond_kwargs", "text_embeds") if "text_embeds" in kw.get("added_cond_kwargs", {}) else None
     if pooled_at is not None:
         outer, inner = pooled_at
         old = kw[outer] if inner is None else kw[outer][inner]
         pooled = [p.pooled for p in prompts]
-        have = [(t, n) for t, n in zip(pooled, names) if t is not None]
-        found = _match(old.shape[-1], [t for t, _ in have], [n for _, n in have]) if have else None
+        have = [(j, t, n) for j, (t, n) in enumerate(zip(pooled, names)) if t is not None]
+        found = _match(old.shape[-1], [t for _, t, _ in have], [n for _, _, n in have]) if have else None
         if found is not None:
             new = found[0][None].to(old.dtype)
             if inner is None:
@@ -251,17 +274,19 @@ def _condition(kw: dict, encoders, i: int) -> tuple[dict, list[str]]:
             else:
                 kw[outer] = {**kw[outer], inner: new}
             used.append(f"{inner or outer} from {found[1]} (pooled)")
-    return kw, used
+            which |= {have[k][0] for k in found[2]}
+    return kw, used, which
 
 
 def _match(width: int, tensors: list[torch.Tensor], names: list[str]):
-    """(tensor, its source in words) of width ``width``: one of ``tensors``, or all concatenated; or None."""
-    for t, name in zip(tensors, names):
+    """(tensor, its source in words, the positions in ``tensors`` used) of width ``width``: one of
+    ``tensors``, or all concatenated; or None."""
+    for k, (t, name) in enumerate(zip(tensors, names)):
         if t.shape[-1] == width:
-            return t, name
+            return t, name, (k,)
     if len(tensors) > 1 and sum(t.shape[-1] for t in tensors) == width \
             and len({t.shape[:-1] for t in tensors}) == 1:
-        return torch.cat(tensors, dim=-1), " + ".join(names)
+        return torch.cat(tensors, dim=-1), " + ".join(names), tuple(range(len(tensors)))
     return None
 
 

