@@ -40,6 +40,7 @@ from .writer import TempFolder, remove_stale_temps, write_atomic
 _BASE_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|copying|notice)([._-][\w.-]*)?")
 _HF_CACHE = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+(?:/|$)")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")    # ORG/NAME on the Hugging Face Hub
 HUB_FILE_RECOMMENDED = 20 * 10**9    # the Hugging Face Hub's advice per file (it refuses files over 50 GB)
 
 
@@ -123,6 +124,8 @@ def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
             for name, path in source.license_files(exclude=set(digests)):
                 digests[name] = _place(path, os.path.join(folder.path, name), False)
             prov = _record(out, dst, manifest, options, source, validation, folder.path, digests)
+            if prov["base_model"] and not options.base_model:
+                result.notes.append(f"base model {prov['base_model'][0]}, from {prov['base_model_from']}")
             for w in _warnings(prov, source, manifest):
                 warn(w)
             prov["warnings"] = list(result.warnings)
@@ -372,12 +375,30 @@ class _Source:
                 return fields, path
         return {}, None
 
-    def base_model(self) -> str | None:
-        """``org/name`` when the source sits in a Hugging Face cache (``models--org--name/snapshots/<rev>/``)."""
+    def base_model(self, out: str) -> tuple[str, str, bool] | None:
+        """(``org/name``, where it was found, whether it is the source itself) of the original, or None.
+        The source sits in a Hugging Face cache (``models--org--name/snapshots/<rev>/``): that is the
+        source itself. Its model card's ``base_model`` and its ``config.json``'s ``_name_or_path`` name
+        the model it was made or loaded from: its parent when the source is a fine-tune (all-MiniLM-L6-v2
+        names nreimers/MiniLM-L6-H384-uncased), so only a candidate for the user to confirm."""
         for path in [self.against or ""] + self.folders:
             m = _HF_CACHE.search(os.path.abspath(path).replace(os.sep, "/") + "/") if path else None
             if m:
-                return f"{m.group(1)}/{m.group(2)}"
+                return f"{m.group(1)}/{m.group(2)}", "the source's Hugging Face cache path", True
+        card, card_path = self.card(out)
+        named = card.get("base_model")
+        named = named[0] if isinstance(named, list) and len(named) == 1 else named
+        if isinstance(named, str) and _HUB_ID.fullmatch(named):
+            return named, f"the base_model of the source's model card ({os.path.basename(card_path)})", False
+        for folder in self.folders + ([out] if os.path.isdir(out) else []):
+            try:
+                with open(os.path.join(folder, "config.json"), "rb") as f:
+                    config = json.loads(f.read(1 << 20))
+            except (OSError, ValueError):
+                continue
+            named = config.get("_name_or_path") if isinstance(config, dict) else None
+            if isinstance(named, str) and _HUB_ID.fullmatch(named) and not os.path.exists(named):
+                return named, "the _name_or_path of the source's config.json", False
         return None
 
 
@@ -416,15 +437,16 @@ def _record(out: str, dst: str, manifest: dict, options: PublishOptions, source:
                                                      "the source's license file")
     files = [{"name": n, "sha256": digests[n], "bytes": os.path.getsize(os.path.join(folder, *n.split("/"))),
               "role": _role(n)} for n in sorted(digests)]
-    base = list(options.base_model) or [b for b in [source.base_model()] if b]
+    found = None if options.base_model else source.base_model(out)
+    base = list(options.base_model) or ([found[0]] if found and found[2] else [])
     with open(manifest_path(out), "rb") as f:
         manifest_sha = hashlib.sha256(f.read()).hexdigest()
     return {
         "schema": PROVENANCE_SCHEMA,
         "name": options.name or os.path.basename(os.path.abspath(dst)),
         "base_model": base,
-        "base_model_from": ("--base-model" if options.base_model else "the source's Hugging Face cache path")
-        if base else None,
+        "base_model_from": ("--base-model" if options.base_model else found[1]) if base else None,
+        "base_model_candidate": {"id": found[0], "from": found[1]} if found and not found[2] else None,
         "license": {"id": lic_id, "name": card.get("license_name"), "link": card.get("license_link"),
                     "from": lic_from, "files": [f["name"] for f in files if f["role"] == "license"]},
         "source_card": {k: card[k] for k in ("library_name", "pipeline_tag", "language") if k in card} or None,
@@ -462,8 +484,16 @@ def _warnings(prov: dict, source: _Source, manifest: dict) -> list[str]:
     elif not prov["validation"]["summary"].get("tensors"):
         out.append("the validation report compared no tensor with the source (integrity only): the card shows no "
                    "figures; validate with --against SRC")
-    if not prov["base_model"]:
-        out.append("no base model: the card cannot name the original; pass --base-model ORG/NAME")
+    candidate = prov.get("base_model_candidate")
+    if candidate:
+        out.append(f"no base model given: {candidate['from']} names {candidate['id']}, the model the source was "
+                   "made from (its parent if the source is a fine-tune), so the card does not claim it; pass "
+                   f"--base-model {candidate['id']} if that is the model you converted, or the source's own id")
+    elif not prov["base_model"]:
+        out.append("no base model found (no --base-model; " + (
+            "the source is in no Hugging Face cache, its model card names no base_model and its config.json no "
+            "hub id in _name_or_path" if source.against else "without --against SRC the source is not looked at")
+            + "): the card cannot name the original; pass --base-model ORG/NAME")
     if manifest["conversion"].get("options") is None:
         out.append("the manifest predates recorded options: the reproduce command names the preset but cannot tell "
                    "the user's --quantize/--keep rules apart; re-run quantkit convert to record them")

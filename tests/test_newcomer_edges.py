@@ -108,3 +108,49 @@ def test_an_explicit_text_encoder_that_conditions_nothing_is_refused(tmp_path):
     line = one_error_line(result)
     assert result.exit_code == 2 and "clip12" in line and "matches no text input" in line, result.output
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- publish: the base model
+
+@pytest.fixture(scope="module")
+def minilm_fp8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pub") / "minilm-fp8"
+    assert run("convert", MINILM, out, "--format", "compressed-tensors", "-q").exit_code == 0
+    return out
+
+
+def test_publish_names_the_base_model_of_a_hub_cache_source(minilm_fp8, tmp_path):
+    import json
+    import shutil
+    snap = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / "0123abc"
+    shutil.copytree(MINILM, snap)
+    result = run("publish", minilm_fp8, tmp_path / "rel", "--against", snap, "-q")
+    assert result.exit_code == 0, result.output
+    assert "base model sentence-transformers/all-MiniLM-L6-v2, from the source's Hugging Face cache path" \
+        in result.output
+    prov = json.loads((tmp_path / "rel" / "provenance.json").read_text())
+    assert prov["base_model"] == ["sentence-transformers/all-MiniLM-L6-v2"]
+    assert 'base_model: "sentence-transformers/all-MiniLM-L6-v2"' in (tmp_path / "rel" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("against", [True, False])
+def test_publish_says_what_the_config_names_without_claiming_it(minilm_fp8, tmp_path, against):
+    """all-MiniLM-L6-v2's config.json names its parent (nreimers/MiniLM-L6-H384-uncased) in _name_or_path:
+    said, with the option that confirms it, but not written into the card as what was quantized."""
+    import json
+    result = run("publish", minilm_fp8, tmp_path / "rel", *(["--against", MINILM] if against else []), "-q")
+    assert result.exit_code == 0, result.output
+    assert "names nreimers/MiniLM-L6-H384-uncased" in result.output
+    assert "--base-model nreimers/MiniLM-L6-H384-uncased" in result.output
+    prov = json.loads((tmp_path / "rel" / "provenance.json").read_text())
+    assert prov["base_model"] == [] and prov["base_model_candidate"]["id"] == "nreimers/MiniLM-L6-H384-uncased"
+    assert "base_model:" not in (tmp_path / "rel" / "README.md").read_text()
+
+
+def test_publish_says_plainly_that_no_base_model_was_found(tmp_path):
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.randn(64, 64, dtype=torch.bfloat16)}, str(src))
+    out = tmp_path / "out.safetensors"
+    assert run("convert", src, out, "--quantize", "w", "-q").exit_code == 0
+    result = run("publish", out, tmp_path / "rel", "--against", src, "-q")
+    assert result.exit_code == 0 and "no base model found" in result.output, result.output
