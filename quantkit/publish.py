@@ -233,6 +233,10 @@ def _check_destination(out: str, dst: str, options: PublishOptions) -> None:
         return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
     if inside(real_dst, os.path.realpath(out)):
         raise OutputError("destination is the output or inside it", path=dst, hint="choose a new folder")
+    if options.against is not None and os.path.isdir(options.against) \
+            and inside(real_dst, os.path.realpath(options.against)):
+        raise OutputError(f"destination is inside the source folder {options.against}, which quantkit never "
+                          "modifies", path=dst, hint="choose a folder outside the source")
     for what, path in (("output", out), ("source", options.against)):
         if path is not None and inside(os.path.realpath(path), real_dst):
             raise OutputError(f"destination holds the {what}; publishing would replace it", path=dst,

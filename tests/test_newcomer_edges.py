@@ -154,3 +154,13 @@ def test_publish_says_plainly_that_no_base_model_was_found(tmp_path):
     assert run("convert", src, out, "--quantize", "w", "-q").exit_code == 0
     result = run("publish", out, tmp_path / "rel", "--against", src, "-q")
     assert result.exit_code == 0 and "no base model found" in result.output, result.output
+
+
+def test_publish_into_the_source_folder_is_refused(minilm_fp8, tmp_path):
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(MINILM, src)
+    before = sorted(p.name for p in src.iterdir())
+    result = run("publish", minilm_fp8, src / "release", "--against", src, "-q")
+    assert result.exit_code == 2 and "inside the source folder" in one_error_line(result)
+    assert sorted(p.name for p in src.iterdir()) == before
