@@ -70,6 +70,9 @@ def sensitivity(src: str, options: ConvertOptions = ConvertOptions(), *, target_
     with open_source(src, component=options.component, ema=options.ema) as source, torch.no_grad():
         _check_memory(source)
         plan = make_plan(source, options)
+        if plan.source_format is not None:      # its weights are FP8 codes already: nothing to rank
+            raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
+                                        hint="rank the layers of the BF16/FP16/FP32 checkpoint it was made from")
         candidates = [t for t in plan.quantized() if t.prequantized is None]
         model = build_model(source, seed)
         module = _loaded(model, source)

@@ -164,3 +164,8 @@ def test_publish_into_the_source_folder_is_refused(minilm_fp8, tmp_path):
     result = run("publish", minilm_fp8, src / "release", "--against", src, "-q")
     assert result.exit_code == 2 and "inside the source folder" in one_error_line(result)
     assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_sensitivity_of_an_fp8_output_says_it_is_already_quantized(minilm_fp8):
+    result = run("sensitivity", minilm_fp8, "-q")
+    assert result.exit_code == 2 and "already quantized" in one_error_line(result)
