@@ -113,18 +113,18 @@ def test_an_explicit_text_encoder_that_conditions_nothing_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- publish: the base model
 
 @pytest.fixture(scope="module")
-def minilm_fp8(tmp_path_factory):
+def minilm_ct(tmp_path_factory):
     out = tmp_path_factory.mktemp("pub") / "minilm-fp8"
     assert run("convert", MINILM, out, "--format", "compressed-tensors", "-q").exit_code == 0
     return out
 
 
-def test_publish_names_the_base_model_of_a_hub_cache_source(minilm_fp8, tmp_path):
+def test_publish_names_the_base_model_of_a_hub_cache_source(minilm_ct, tmp_path):
     import json
     import shutil
     snap = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / "0123abc"
     shutil.copytree(MINILM, snap)
-    result = run("publish", minilm_fp8, tmp_path / "rel", "--against", snap, "-q")
+    result = run("publish", minilm_ct, tmp_path / "rel", "--against", snap, "-q")
     assert result.exit_code == 0, result.output
     assert "base model sentence-transformers/all-MiniLM-L6-v2, from the source's Hugging Face cache path" \
         in result.output
@@ -134,11 +134,11 @@ def test_publish_names_the_base_model_of_a_hub_cache_source(minilm_fp8, tmp_path
 
 
 @pytest.mark.parametrize("against", [True, False])
-def test_publish_says_what_the_config_names_without_claiming_it(minilm_fp8, tmp_path, against):
+def test_publish_says_what_the_config_names_without_claiming_it(minilm_ct, tmp_path, against):
     """all-MiniLM-L6-v2's config.json names its parent (nreimers/MiniLM-L6-H384-uncased) in _name_or_path:
     said, with the option that confirms it, but not written into the card as what was quantized."""
     import json
-    result = run("publish", minilm_fp8, tmp_path / "rel", *(["--against", MINILM] if against else []), "-q")
+    result = run("publish", minilm_ct, tmp_path / "rel", *(["--against", MINILM] if against else []), "-q")
     assert result.exit_code == 0, result.output
     assert "names nreimers/MiniLM-L6-H384-uncased" in result.output
     assert "--base-model nreimers/MiniLM-L6-H384-uncased" in result.output
@@ -156,16 +156,16 @@ def test_publish_says_plainly_that_no_base_model_was_found(tmp_path):
     assert result.exit_code == 0 and "no base model found" in result.output, result.output
 
 
-def test_publish_into_the_source_folder_is_refused(minilm_fp8, tmp_path):
+def test_publish_into_the_source_folder_is_refused(minilm_ct, tmp_path):
     import shutil
     src = tmp_path / "src"
     shutil.copytree(MINILM, src)
     before = sorted(p.name for p in src.iterdir())
-    result = run("publish", minilm_fp8, src / "release", "--against", src, "-q")
+    result = run("publish", minilm_ct, src / "release", "--against", src, "-q")
     assert result.exit_code == 2 and "inside the source folder" in one_error_line(result)
     assert sorted(p.name for p in src.iterdir()) == before
 
 
-def test_sensitivity_of_an_fp8_output_says_it_is_already_quantized(minilm_fp8):
-    result = run("sensitivity", minilm_fp8, "-q")
+def test_sensitivity_of_an_fp8_output_says_it_is_already_quantized(minilm_ct):
+    result = run("sensitivity", minilm_ct, "-q")
     assert result.exit_code == 2 and "already quantized" in one_error_line(result)
