@@ -19,3 +19,51 @@ def minilm_fp8(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm-fp8") / "minilm-fp8.safetensors"
     assert run("convert", f"{gt.get_model_path()}/model.safetensors", out, "-q").exit_code == 0
     return out
+
+
+# ----------------------------------------------------------------------------- test lanes
+# `python -m pytest` runs everything (CI, the README's command). `python -m pytest -m "not slow"` is
+# the fast lane a developer runs on every change: the math, reading and writing, policy, presets,
+# formats. What is slow is marked here in one place, by module (each spends its time in
+# subprocesses, signals and kills, memory measurements, real models run end to end, or the
+# benchmarks' smoke run) and by test (a model forward or a long search inside a fast module).
+SLOW_MODULES = {
+    "test_benchmarks_smoke",     # runs the benchmark scripts
+    "test_calibrate",            # calibrates real MiniLM and tiny diffusers models
+    "test_cli_minilm",           # the real MiniLM through every command
+    "test_disk_full",            # a conversion starved of disk space, in a subprocess
+    "test_jobs",                 # worker processes
+    "test_kill",                 # SIGKILL of running conversions
+    "test_memory",               # peak RSS of subprocesses
+    "test_model_output",         # models run end to end
+    "test_newcomer_edges",       # new-user edges across commands on the real MiniLM
+    "test_publish",              # releases of real conversions, validated
+    "test_report",               # charts of validation reports
+    "test_runtime",              # the streamed runtime on real models
+    "test_sensitivity",          # a forward per layer
+    "test_signals",              # SIGINT / SIGTERM of running conversions
+    "test_testing_kit",          # the property-testing kit against many quantizers
+    "test_user_edges",           # the exit-code table over real conversions
+    "test_w8a8",                 # activation simulation on real models
+}
+SLOW_TESTS = {
+    "test_mse_clip_is_never_worse_than_absmax_and_never_above_it",   # a search per drawn weight
+    "test_mse_clip_gains_where_it_can_and_keeps_a_lone_outlier",
+    "test_model_output_of_a_renamed_output_runs_in_the_source_architecture",
+    "test_model_output_under_its_preset",
+    "test_direct_io_refused_at_write_falls_back",
+    "test_quantkit_passes_the_kit",
+    "test_minilm_runs_its_linears_in_fp8",
+    "test_issue_10_bar_calibrate_then_convert_for_comfyui_on_a_diffusers_flux",    # real models loaded by
+    "test_minilm_layers_without_an_input_range_get_a_weight_only_group",           # their clients
+    "test_minilm_w8a8_static_loads_in_transformers_within_cosine_099",
+    "test_transformers_default_load_equals_quantkit_dequantization",
+    "test_sentence_transformers_loads_the_folder",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
