@@ -38,7 +38,7 @@ from .plan import ConvertOptions, Plan, PlannedTensor, check_stats, load_stats, 
 from .policy import Action
 from .progress import NULL, Progress
 from .reader import SafetensorsFile, chunk_rows
-from .shards import INDEX_NAME, index_document, shard_names, split_emits
+from .shards import INDEX_NAME, index_document, oversized_note, shard_names, split_emits
 from .workers import default_jobs, run_pieces
 from .writer import SafetensorsWriter, TempFolder, remove_stale_temps
 
@@ -132,6 +132,10 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
                        if not k.startswith("quantkit.") and k not in DROPPED_METADATA},
                     **fmt.metadata(plan, {"quantkit.source": source_name(src)})}
         groups = _shards(plan, options) if as_folder else [plan.outputs]
+        too_small = options.max_shard_bytes and oversized_note(groups, options.max_shard_bytes)
+        if too_small:
+            plan.warnings.append(too_small)
+            progress.warn(too_small)
         jobs = min(jobs or default_jobs(), len(groups) + len(source.files))
         run = _Run(source, plan, fmt, metadata, progress)
         if same_header:         # (forced stats of another header were warned about already)

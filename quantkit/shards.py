@@ -174,6 +174,18 @@ def split_emits(emits: list, max_bytes: int) -> list[list]:
     return shards
 
 
+def oversized_note(shards: list[list], max_bytes: int) -> str | None:
+    """A warning when ``split_emits`` had to put tensors larger than ``max_bytes`` in shards of their
+    own (a tensor is never split), or None."""
+    over = [sh for sh in shards if sum(e.spec.nbytes for e in sh) > max_bytes]
+    if not over:
+        return None
+    big = max(over, key=lambda sh: sum(e.spec.nbytes for e in sh))
+    return (f"{len(over)} of the {len(shards)} shards are over --max-shard-size ({max_bytes} bytes): a tensor is "
+            f"never split, so each larger one is a shard of its own (largest: {big[0].spec.key}, "
+            f"{sum(e.spec.nbytes for e in big)} bytes); give a size such as 5GB for fewer files")
+
+
 def index_document(shards: dict[str, list], metadata: dict[str, str] | None = None) -> dict:
     """The ``model.safetensors.index.json`` of shard file name -> its emits."""
     weight_map = {e.spec.key: name for name, emits in shards.items() for e in emits}

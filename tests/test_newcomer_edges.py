@@ -169,3 +169,13 @@ def test_publish_into_the_source_folder_is_refused(minilm_ct, tmp_path):
 def test_sensitivity_of_an_fp8_output_says_it_is_already_quantized(minilm_ct):
     result = run("sensitivity", minilm_ct, "-q")
     assert result.exit_code == 2 and "already quantized" in one_error_line(result)
+
+
+def test_a_max_shard_size_below_the_tensors_is_said(tmp_path):
+    src = tmp_path / "src.safetensors"
+    save_file({"a": torch.randn(64, 64, dtype=torch.bfloat16), "b": torch.randn(64, 64, dtype=torch.bfloat16)},
+              str(src))
+    result = run("convert", src, tmp_path / "out", "--quantize", "*", "--max-shard-size", "1", "-q")
+    assert result.exit_code == 0 and "2 of the 2 shards are over --max-shard-size" in result.output, result.output
+    quiet = run("convert", src, tmp_path / "out2", "--quantize", "*", "--max-shard-size", "1MB", "-q")
+    assert quiet.exit_code == 0 and "over --max-shard-size" not in quiet.output
