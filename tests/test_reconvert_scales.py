@@ -20,6 +20,7 @@ from runs import run
 
 FORMATS = ("native", "comfy", "comfy-legacy", "compressed-tensors")
 FOLDER = {"compressed-tensors"}
+LLAMA_CONFIG = []     # the calibrated model's config.json (set by the fixture)
 METRICS = ("sqnr", "psnr", "cosine", "max_abs_error", "rel_l2")
 HOOK = '''import torch
 
@@ -35,7 +36,7 @@ def out_path(root, name, fmt):
     if fmt in FOLDER:
         return root / name
     (root / name).mkdir(exist_ok=True)
-    shutil.copy(root / "llama" / "config.json", root / name / "config.json")
+    shutil.copy(LLAMA_CONFIG[0], root / name / "config.json")
     return root / name / "model.safetensors"
 
 
@@ -69,6 +70,7 @@ def calibrated(tmp_path_factory):
     root = tmp_path_factory.mktemp("reconvert")
     llama = root / "llama"
     build("llama").save_pretrained(llama)
+    LLAMA_CONFIG[:] = [llama / "config.json"]
     (root / "hook.py").write_text(HOOK)
     stats = root / "llama.stats"
     result = run("calibrate", llama, "-o", stats, "--recipe", "compact", "--inputs", f"{root / 'hook.py'}:batches",
@@ -108,3 +110,53 @@ def test_reconversion_keeps_every_input_scale(calibrated, source, target):
     assert not [line for line in output.splitlines() if line.startswith("warning") and "input scale" in line], output
     n = len(input_scales(firsts["native"]))
     assert f"with {n} of its {n} static input scales" in output
+
+
+# ----------------------------------------------------------------------------- validate a chain against its original
+
+@pytest.fixture(scope="module")
+def flux_chain(tmp_path_factory):
+    """A diffusers FLUX folder -> comfy (BFL names, q/k/v joined) -> native -> comfy-legacy, and another
+    FLUX (other weights, same names) as a wrong original."""
+    root = tmp_path_factory.mktemp("chain")
+    build("flux").save_pretrained(root / "flux")
+    build("flux", seed=1).save_pretrained(root / "other")
+    chain = [root / "flux"]
+    for fmt in ("comfy", "native", "comfy-legacy"):
+        chain.append(root / f"{len(chain)}-{fmt}.safetensors")
+        convert(chain[-2], chain[-1], fmt)
+    return root, chain
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_a_conversion_of_a_conversion_validates_against_the_original(flux_chain, step):
+    root, chain = flux_chain
+    result = run("validate", chain[step], "--against", root / "flux")
+    assert result.exit_code == 0, result.output
+    if step > 1:
+        assert "made from an FP8 conversion" in result.output and "of flux" in result.output
+        assert "sha256 original: OK" in result.output
+    assert "missing" not in result.output
+    # its own source, the FP8 file it was converted from, validates it too
+    assert run("validate", chain[step], "--against", chain[step - 1]).exit_code == 0
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_a_chain_fails_against_a_wrong_original(flux_chain, step):
+    root, chain = flux_chain
+    result = run("validate", chain[step], "--against", root / "other")
+    assert result.exit_code == 1 and "sha256 mismatch" in result.output, result.output
+
+
+def test_a_chain_runs_the_model_output_against_the_original(flux_chain):
+    root, chain = flux_chain
+    result = run("validate", chain[3], "--against", root / "flux", "--model-output", "--activations", "none")
+    assert result.exit_code == 0 and "model output" in result.output, result.output
+
+
+def test_a_file_inside_a_folder_output_chains_to_the_original(calibrated, tmp_path):
+    root, firsts, _ = calibrated
+    dst = out_path(tmp_path, "from-ct-file", "native")
+    convert(firsts["compressed-tensors"] / "model.safetensors", dst, "native")
+    result = run("validate", dst, "--against", root / "llama")
+    assert result.exit_code == 0 and "sha256 original: OK" in result.output, result.output
