@@ -11,6 +11,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors import safe_open
 from tiny_models import build
 
@@ -160,3 +161,76 @@ def test_a_file_inside_a_folder_output_chains_to_the_original(calibrated, tmp_pa
     convert(firsts["compressed-tensors"] / "model.safetensors", dst, "native")
     result = run("validate", dst, "--against", root / "llama")
     assert result.exit_code == 0 and "sha256 original: OK" in result.output, result.output
+
+
+# ----------------------------------------------------------------------------- conventions and what cannot be held
+
+def small_model(tmp_path, activations, fp8="float8_e4m3fn"):
+    """Three linears (test_convert_stats' model) and a stats file giving ``activations`` (weight -> range)."""
+    from safetensors.torch import save_file
+    from test_convert_stats import linears, make_stats
+    src = tmp_path / "model.safetensors"
+    save_file(linears(), str(src))
+    stats = make_stats(src, fp8=fp8, activations={k: torch.tensor(v) for k, v in activations.items()},
+                       path=tmp_path / "model.stats")
+    return src, stats.path
+
+
+def raw_scales(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k).item() for k in f.keys() if k.endswith((".input_scale", ".scale_input"))}
+
+
+def test_a_comfy_e5m2_input_scale_moves_to_e4m3_and_back(tmp_path):
+    """ComfyUI quantizes an E5M2 layer's input in E5M2 (scale = range / 57344); native's inputs are E4M3
+    (range / 448): the carried scale is 128x larger there, exactly, and comes back unchanged."""
+    layers = [f"blocks.{i}.fc.weight" for i in range(3)]
+    src, stats = small_model(tmp_path, {name: 1000.0 * (i + 1) for i, name in enumerate(layers)}, "float8_e5m2")
+    comfy, native, again = tmp_path / "c.safetensors", tmp_path / "n.safetensors", tmp_path / "c2.safetensors"
+    convert(src, comfy, "comfy", "--preset", "generic", "--stats", stats)
+    convert(comfy, native, "native")
+    convert(native, again, "comfy")
+    c, n, c2 = raw_scales(comfy), raw_scales(native), raw_scales(again)
+    assert len(c) == 3 and c == c2
+    assert n == {k: v * 128 for k, v in c.items()}
+    assert input_scales(comfy) == input_scales(again)
+
+
+def test_comfy_legacy_names_the_layers_it_cannot_keep_weight_only(tmp_path):
+    """A native file with static scales on some layers only: comfy-legacy cannot mark the others
+    weight-only (ComfyUI would quantize their inputs with 1.0), and says so naming them; comfy can."""
+    src, stats = small_model(tmp_path, {"blocks.0.fc.weight": 6.0})
+    native = tmp_path / "n.safetensors"
+    convert(src, native, "native", "--preset", "generic", "--stats", stats)
+    output = convert(native, tmp_path / "l.safetensors", "comfy-legacy")
+    warning = [line for line in output.splitlines() if "cannot mark a layer weight-only" in line]
+    assert len(warning) == 1 and "blocks.1.fc.weight" in warning[0] and "blocks.2.fc.weight" in warning[0]
+    assert "blocks.0.fc.weight" not in warning[0]
+    assert "with 1 of its 1 static input scales" in output
+    output = convert(native, tmp_path / "c.safetensors", "comfy")
+    assert "weight-only" not in output
+
+
+def test_the_note_says_when_a_source_has_no_input_scales(tmp_path):
+    src, _ = small_model(tmp_path, {})
+    native = tmp_path / "n.safetensors"
+    convert(src, native, "native", "--preset", "generic")
+    output = convert(native, tmp_path / "c.safetensors", "comfy")
+    assert "FP8 codes and weight scales are carried over (it holds no static input scales)" in output
+
+
+def test_a_format_without_a_place_warns_naming_the_dropped_scales(tmp_path):
+    """The guard every format inherits: an input scale of the source that the layout leaves out is named."""
+    from quantkit.formats import get_format
+    from quantkit.plan import ConvertOptions, make_plan
+    from quantkit.sources import open_source
+    src, stats = small_model(tmp_path, {f"blocks.{i}.fc.weight": 6.0 for i in range(3)})
+    native = tmp_path / "n.safetensors"
+    convert(src, native, "native", "--preset", "generic", "--stats", stats)
+    with open_source(str(native)) as source:
+        plan = make_plan(source, ConvertOptions.from_strings(format="native"))
+    fmt = get_format("native")
+    assert fmt.warnings(plan) == []
+    plan.outputs = [e for e in plan.outputs if not e.spec.key.endswith(".input_scale")]
+    warning, = fmt.warnings(plan)
+    assert "3 static input scale(s)" in warning and "blocks.0.fc.weight" in warning
