@@ -135,3 +135,14 @@ def test_static_input_scales_survive_a_dtype_change(flux_fp8, flux, tmp_path):
     assert model.quantkit_runtime.inputs.get("static")
     assert torch.equal(run_flux(model, torch.bfloat16),
                        run_flux(loaded(out, "resident", torch.bfloat16, activations="file"), torch.bfloat16))
+
+
+def test_a_copy_moves_alone(flux_fp8):
+    import copy
+    model = loaded(flux_fp8, "resident")
+    moved = copy.deepcopy(model).to(torch.bfloat16)
+    assert model.quantkit_runtime.compute_dtype == model.dtype == torch.float32
+    assert moved.quantkit_runtime.compute_dtype == moved.dtype == torch.bfloat16
+    assert torch.equal(run_flux(moved, torch.bfloat16), run_flux(loaded(flux_fp8, "resident", torch.bfloat16),
+                                                                  torch.bfloat16))
+    assert run_flux(model, torch.float32).dtype == torch.float32

@@ -180,6 +180,11 @@ class _Moved:
     def __init__(self, module, info: RuntimeInfo, holding: "_Holding"):
         self.module, self.info, self.holding = weakref.ref(module), info, holding
 
+    def __deepcopy__(self, memo):        # a copy of the model moves the copy (copy.deepcopy maps it in memo)
+        import copy
+        module = self.module()
+        return _Moved(memo.get(id(module), module), copy.deepcopy(self.info, memo), copy.deepcopy(self.holding, memo))
+
     def __call__(self, fn, recurse: bool = True):
         module = self.module()
         dtype = converted_dtype(fn)          # refused before anything moves
