@@ -54,7 +54,8 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions, stats: Stats | N
     plan = Plan(os.path.basename(os.path.normpath(source.path)), options, [],
                 notes=[*getattr(source, "notes", []), why], policy=policy, source_format=source_format)
     if stored is not None:
-        plan.notes.append(f"source is already quantized ({source_format}): FP8 codes and scales are carried over")
+        carried_note = f"source is already quantized ({source_format})"     # completed once laid out
+        plan.notes.append(carried_note)
     for info in source.tensors.values():
         s = stored.get(info.name) if stored is not None else None
         if stored is not None and s is None:
@@ -72,6 +73,8 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions, stats: Stats | N
         apply_stats(plan, source, stats)
     fmt.check_plan(plan)
     plan.outputs = fmt.layout(plan)
+    if stored is not None:
+        plan.notes[plan.notes.index(carried_note)] = _carried_note(source_format, plan, fmt)
     _refuse_clashes(plan)
     for rule in options.policy.rules:
         matched = [t for t in plan.tensors if rule.matches(t.name)]
@@ -84,6 +87,22 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions, stats: Stats | N
         plan.warnings.append("no tensor is quantized: the output only changes precision of kept tensors")
     plan.warnings.extend(fmt.warnings(plan))
     return plan
+
+
+def _carried_note(source_format: str, plan: Plan, fmt) -> str:
+    """What of an FP8 source is carried over: its codes and weight scales, and its static input scales
+    (those the output format has no place for are named in a warning)."""
+    from .formats.base import source_input_scales
+    held = source_input_scales(plan)
+    dropped = fmt.dropped_input_scales(plan)
+    note = f"source is already quantized ({source_format}): FP8 codes and weight scales are carried over"
+    if held:
+        note += f", with {len(held) - len(dropped)} of its {len(held)} static input scales"
+        if dropped:
+            note += f" ({len(dropped)} dropped: format {fmt.name} has no place for them)"
+    elif plan.stats is None:
+        note += " (it holds no static input scales)"
+    return note
 
 
 def _refuse_clashes(plan: Plan) -> None:

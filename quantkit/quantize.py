@@ -293,18 +293,36 @@ def _source_entry(src: str, source, digests: dict[str, str], options: ConvertOpt
 
 
 def _made_from(src: str, source) -> dict | None:
-    """What an FP8 source that quantkit wrote was made from: its manifest's source record (an
-    output of quantkit before 0.2 also named it in its header)."""
+    """The original an FP8 source that quantkit wrote was made from: its manifest's source record
+    (name, SHA256, and how it was opened: component, EMA, naming), or, when that source was itself a
+    conversion of a conversion, the original its own record names (``validate --against`` takes the
+    chain's first file). An output of quantkit before 0.2 named it in its header."""
     if source.metadata.get(SOURCE_SHA_KEY):
         return {"name": source.metadata.get("quantkit.source"), "sha256": source.metadata[SOURCE_SHA_KEY]}
     if "quantkit.source" not in source.metadata:
         return None
-    try:
-        recorded = read_manifest(src).get("source")
-    except QuantkitError:          # no manifest beside it, or not one that parses: nothing to chain to
+    recorded = _recorded_source(src)
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("sha256"), str)):
         return None
-    if isinstance(recorded, dict) and isinstance(recorded.get("sha256"), str):
-        return {"name": recorded.get("name"), "sha256": recorded["sha256"]}
+    chain = recorded.get("made_from")
+    if isinstance(chain, dict) and isinstance(chain.get("sha256"), str):
+        return chain
+    return {"name": recorded.get("name"), "sha256": recorded["sha256"],
+            **{k: recorded.get(k) for k in ("component", "ema", "names")}}
+
+
+def _recorded_source(src: str):
+    """The source record of the manifest of the quantkit output ``src`` (a file, a folder output, a
+    file inside one or its shard index); None without a manifest that parses."""
+    folder = os.path.dirname(os.path.abspath(src))
+    for output in (src, folder) if not os.path.isdir(src) else (src,):
+        try:
+            manifest = read_manifest(output)
+        except QuantkitError:        # no manifest there, or not one that parses
+            continue
+        if output == folder and os.path.basename(src) not in manifest.get("files", {}):
+            continue                 # a folder's manifest that does not list this file
+        return manifest.get("source")
     return None
 
 

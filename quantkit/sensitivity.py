@@ -64,20 +64,26 @@ def sensitivity(src: str, options: ConvertOptions = ConvertOptions(), *, target_
     """
     import torch
 
+    from .formats import get_format
     from .model_output import build_model
     from .plan import make_plan
     from .sources import open_source
-    with open_source(src, component=options.component, ema=options.ema) as source, torch.no_grad():
-        _check_memory(source)
+    # Planned as convert plans it, under the names the format writes (a diffusers FLUX / SD3 / UNet
+    # under ComfyUI's for the comfy formats, q/k/v joined under one scale); run under the model's own.
+    names = get_format(options.format).source_names
+    with open_source(src, component=options.component, ema=options.ema, names=names) as source, torch.no_grad():
+        checkpoint = getattr(source, "original", source)
+        _check_memory(checkpoint)
         plan = make_plan(source, options)
         if plan.source_format is not None:      # its weights are FP8 codes already: nothing to rank
             raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
                                         hint="rank the layers of the BF16/FP16/FP32 checkpoint it was made from")
         candidates = [t for t in plan.quantized() if t.prequantized is None]
-        model = build_model(source, seed)
-        module = _loaded(model, source)
+        model = build_model(checkpoint, seed)
+        module = _loaded(model, checkpoint)
         params = dict(module.named_parameters(remove_duplicate=False))
-        missing = [t.name for t in candidates if t.name not in params]
+        rows = {t.name: _rows_of(source, t) for t in candidates}
+        missing = [name for t in candidates for name, _, _ in rows[t.name] if name not in params]
         if missing:
             raise UnsupportedInputError(f"{len(missing)} planned weights are not parameters of {model.architecture} "
                                         f"({', '.join(missing[:3])})", path=source.path,
@@ -85,20 +91,48 @@ def sensitivity(src: str, options: ConvertOptions = ConvertOptions(), *, target_
         report = SensitivityReport(os.path.basename(os.path.normpath(src)), model.architecture, model.words,
                                    options.recipe.value, target_sqnr=target_sqnr)
         reference = _output(module, model)
-        fake = {t.name: _fake_quantized(params[t.name].data, options) for t in candidates}
+        fake = {t.name: _fake_quantized_parts(params, rows[t.name], options) for t in candidates}
         progress.stage("sensitivity", len(candidates))
         for t in candidates:
-            with _swapped(params, {t.name: fake[t.name]}):
+            with _swapped(params, fake[t.name]):
                 stats = ErrorStats().update(reference, _output(module, model))
             report.layers.append(LayerCost(t.name, t.decision.kind.value, stats.sqnr, stats.cosine))
             progress.advance(1)
         report.layers.sort(key=lambda c: c.sqnr)
-        with _swapped(params, fake):
+        with _swapped(params, _merged(fake)):
             report.all_sqnr = ErrorStats().update(reference, _output(module, model)).sqnr
         if target_sqnr is not None:
             _propose_keep(report, module, model, params, fake, reference, target_sqnr)
     progress.close()
     return report
+
+
+def _rows_of(source, t) -> list[tuple[str, int, int]]:
+    """The model parameters' rows that the planned tensor ``t`` is made of: ``(name, first row, end
+    row)`` parts in a renamed view (joined q/k/v, swapped halves), else the whole tensor itself."""
+    parts = getattr(source, "parts", {}).get(t.name)
+    return list(parts) if parts else [(t.name, 0, t.info.shape[0] if t.info.shape else 1)]
+
+
+def _fake_quantized_parts(params: dict, parts: list[tuple[str, int, int]], options: ConvertOptions) -> dict:
+    """Parameter name -> its value with the tensor made of ``parts`` quantized as convert writes it
+    (one tensor: joined rows share its scale), read back and split into its parameters' rows."""
+    import torch
+    whole = torch.cat([params[name].data[r0:r1] for name, r0, r1 in parts]) if len(parts) > 1 \
+        else params[parts[0][0]].data
+    fake = _fake_quantized(whole, options)
+    if len(parts) == 1:
+        return {parts[0][0]: fake}
+    out, row = {}, 0
+    for name, r0, r1 in parts:
+        out.setdefault(name, params[name].data.clone())[r0:r1] = fake[row:row + r1 - r0]
+        row += r1 - r0
+    return out
+
+
+def _merged(fake: dict, skip=()) -> dict:
+    """Every candidate's fake-quantized parameters but those of ``skip``, in one mapping."""
+    return {k: v for name, values in fake.items() if name not in skip for k, v in values.items()}
 
 
 def _check_memory(source) -> None:
@@ -175,6 +209,6 @@ def _propose_keep(report: SensitivityReport, module, model, params: dict, fake: 
         if sqnr >= target:
             break
         keep.append(layer.name)
-        with _swapped(params, {k: v for k, v in fake.items() if k not in keep}):
+        with _swapped(params, _merged(fake, keep)):
             sqnr = ErrorStats().update(reference, _output(module, model)).sqnr
     report.keep, report.keep_sqnr, report.target_met = keep, sqnr, sqnr >= target

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import fp8 as fp8math
 from .destinations import check_report_path, output_paths, source_reads
+from .dtypes import Kind
 from .errors import FormatError, QuantkitError, UnsupportedInputError, ValidationFailed
 from .formats import StoredTensor, detect_format
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
@@ -213,9 +214,24 @@ def _manifest(output: str, check_hash: bool, report: ValidationReport) -> dict |
 
 
 def _open_against(against: str, recorded: dict, component: str | None, ema: bool | None):
-    """The source, opened as the manifest says the output was made (component, EMA, naming) unless given."""
-    return open_source(against, component=component if component is not None else recorded.get("component"),
-                       ema=ema if ema is not None else bool(recorded.get("ema")), names=recorded.get("names"))
+    """The source, opened as the manifest says the output was made (component, EMA, naming) unless given;
+    for a conversion of a conversion, a source that is not FP8 is the chain's original, opened as the
+    FP8 file's own conversion opened it."""
+    def opened(record: dict):
+        return open_source(against, component=component if component is not None else record.get("component"),
+                           ema=ema if ema is not None else bool(record.get("ema")), names=record.get("names"))
+    chain = recorded.get("made_from")
+    if not isinstance(chain, dict):
+        return opened(recorded)
+    original = {**recorded, **{k: chain[k] for k in ("component", "ema", "names") if k in chain}}
+    try:
+        src = opened(recorded)
+    except QuantkitError:            # (a pipeline folder, say, that only its component opens)
+        return opened(original)
+    if any(i.dtype.kind is Kind.FP8 for i in src.tensors.values()):
+        return src                   # the FP8 file converted
+    src.close()
+    return opened(original)
 
 
 # A validation this large (source and output) is shared between processes unless --jobs says otherwise:

@@ -551,7 +551,8 @@ def test_hand_made_legacy_with_scale_input(work, marker_elements):
         stored = detect_format(f).stored(f)
     # scale_input belongs to its layer: neither a tensor of its own nor an 'extra' one.
     assert not any(k.endswith((".scale_input", ".scale_weight", "scaled_fp8")) for k in stored)
-    assert stored[one + ".weight"].input_scale is None and stored[half + ".weight"].input_scale == 0.5
+    # read as stored, 1.0 included (ComfyUI drops it, the value it assumes without one: the same scale)
+    assert stored[one + ".weight"].input_scale == 1.0 and stored[half + ".weight"].input_scale == 0.5
 
     out = work / f"hand-to-comfy-{marker_elements}.safetensors"
     result = run("convert", path, out, "--format", "comfy", "--keep", "*", "--quantize", one, "--quantize", half,
@@ -559,23 +560,22 @@ def test_hand_made_legacy_with_scale_input(work, marker_elements):
     assert result.exit_code == 0, result.output
     keys, _ = header(out)
     b = load_file(str(out))
-    # scale_input -> input_scale (1.0 dropped, as ComfyUI does), and then no full_precision_matrix_mult
-    # unless the legacy marker (2 elements) asked for it.
+    # scale_input -> input_scale (1.0 kept: ComfyUI's default for the layer, the same scale), and then no
+    # full_precision_matrix_mult unless the legacy marker (2 elements) asked for it.
     assert keys[half + ".input_scale"] == ("F32", []) and b[half + ".input_scale"].item() == 0.5
-    assert one + ".input_scale" not in keys and not any(k.endswith(".scale_input") for k in keys)
-    assert json.loads(b[one + ".comfy_quant"].numpy().tobytes()) == {
-        "format": "float8_e4m3fn", "full_precision_matrix_mult": True}
-    assert json.loads(b[half + ".comfy_quant"].numpy().tobytes()) == (
-        {"format": "float8_e4m3fn", "full_precision_matrix_mult": True} if marker_elements == 2
-        else {"format": "float8_e4m3fn"})
+    assert b[one + ".input_scale"].item() == 1.0 and not any(k.endswith(".scale_input") for k in keys)
+    for layer in (one, half):
+        assert json.loads(b[layer + ".comfy_quant"].numpy().tobytes()) == (
+            {"format": "float8_e4m3fn", "full_precision_matrix_mult": True} if marker_elements == 2
+            else {"format": "float8_e4m3fn"})
     for layer in (one, half):
         assert_bit_exact(b[layer + ".weight"], sd[layer + ".weight"])
         assert_bit_exact(b[layer + ".weight_scale"], sd[layer + ".scale_weight"])
     # What ComfyUI makes of the legacy file itself: the same input scales.
     _, _, theirs, _ = comfy_mixed_ops_load(comfy_convert_old_quants(load_file(str(path)), prefix), torch.float32)
     _, _, ours, _ = comfy_mixed_ops_load(b, torch.float32)
-    assert theirs.keys() == ours.keys() == {half}
-    assert torch.equal(theirs[half], ours[half])
+    assert theirs.keys() == {half} and ours.keys() == {one, half}      # ComfyUI drops a 1.0 it assumes anyway
+    assert torch.equal(theirs[half], ours[half]) and ours[one].item() == 1.0
     result = run("validate", out, "--against", path)
     assert result.exit_code == 0, result.output
     assert "SQNR min inf dB" in result.output

@@ -7,9 +7,10 @@ A format module subclasses ``OutputFormat`` and decorates it with ``@register``;
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import ClassVar
 
-from ..dtypes import Granularity, Kind, fp8_of
+from ..dtypes import E4M3FN, FP8Format, Granularity, Kind, fp8_of
 from ..errors import FormatError, PolicyError, UnsupportedInputError
 from ..options import ConvertOptions
 from ..planned import Emit, Plan, PlannedTensor, Role, StoredTensor  # noqa: F401  (a format's vocabulary)
@@ -54,6 +55,38 @@ def input_scale_key(weight_key: str) -> str:
     return layer_name(weight_key) + INPUT_SCALE
 
 
+@dataclass(frozen=True)
+class ScaledStoredTensor(StoredTensor):
+    """A quantized tensor read back with the value of its static activation scale (when it has one),
+    so that a conversion of this file can carry the scale over into another format's convention."""
+
+    input_scale: float | None = None      # as stored: inputs are quantized to ``input_fp8`` as x / input_scale
+
+
+def carried_input_scale(t: PlannedTensor, fmt: FP8Format = E4M3FN) -> float | None:
+    """The static activation scale of the quantized tensor ``t`` in a convention that quantizes the
+    layer's input to ``fmt``: from a stats file's range (``convert --stats``), else carried over from
+    an FP8 source that stores one (read back as ``ScaledStoredTensor.input_scale``); None without one.
+
+    A carried scale is moved to ``fmt``'s range: it covers ``scale * max`` of the source's input
+    encoding (ComfyUI quantizes an E5M2 layer's input in E5M2), so the target's is that over ``fmt``'s
+    maximum. The ratio of two FP8 maxima is a power of two (448 / 57344 = 2**-7): exact, and the same
+    value when both conventions agree."""
+    from ..fp8 import static_activation_scale
+    if t.input_range is not None:
+        return static_activation_scale(t.input_range, fmt)
+    s = t.prequantized
+    value = getattr(s, "input_scale", None)
+    if value is None:
+        return None
+    return value if s.input_fp8 is fmt else value * s.input_fp8.max_finite / fmt.max_finite
+
+
+def source_input_scales(plan: Plan) -> list[str]:
+    """The quantized tensors whose FP8 source stores a static activation scale (a conversion of a conversion)."""
+    return [t.name for t in plan.quantized() if getattr(t.prequantized, "input_scale", None) is not None]
+
+
 class OutputFormat:
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -68,6 +101,8 @@ class OutputFormat:
     # The key names this format's clients load, when they differ from the source's
     # (sources.open_source(names=...)): "comfyui" for the comfy formats.
     source_names: ClassVar[str | None] = None
+    # Where a quantized layer's static activation scale goes: ``<L><input_scale_suffix>``.
+    input_scale_suffix: ClassVar[str] = ".input_scale"
 
     def check(self, options: ConvertOptions) -> None:
         """Refuse options this format cannot express, before any work starts."""
@@ -113,8 +148,20 @@ class OutputFormat:
         return []
 
     def warnings(self, plan: Plan) -> list[str]:
-        """Things a user of this format should know about this plan (not errors)."""
-        return []
+        """Things a user of this format should know about this plan (not errors). Subclasses extend
+        this list (``super().warnings(plan) + [...]``)."""
+        dropped = self.dropped_input_scales(plan)
+        if not dropped:
+            return []
+        return [f"format {self.name}: {len(dropped)} static input scale(s) of the FP8 source are not carried over "
+                f"({_examples(dropped)}): this format has no place for them, so these layers run weight-only; "
+                "use --format native or comfy to keep them"]
+
+    def dropped_input_scales(self, plan: Plan) -> list[str]:
+        """The quantized tensors of an FP8 source that stores a static activation scale, for which the
+        output (``plan.outputs``) holds none."""
+        written = {e.spec.key for e in plan.outputs}
+        return [name for name in source_input_scales(plan) if layer_name(name) + self.input_scale_suffix not in written]
 
     @classmethod
     def recognizes(cls, file: TensorSource) -> bool:
@@ -172,17 +219,29 @@ def stored_with_scales(file: TensorSource, scale_suffix: str, granularity_of, *,
             continue
         inputs = file.tensors.get(input_scale_key(key)) if key.endswith(".weight") else None
         try:
-            out[key] = StoredTensor(key, key, scale.name, granularity_of(info.shape, scale.shape), fp8,
-                                    input_scale_key=_one_value(file, inputs))
+            inputs_key = _one_value(file, inputs)
+            out[key] = ScaledStoredTensor(key, key, scale.name, granularity_of(info.shape, scale.shape), fp8,
+                                          input_scale_key=inputs_key, input_scale=_value(file, inputs_key))
         except FormatError as exc:
             exc.path, exc.tensor = file.path, key
             raise
     return out
 
 
+def _examples(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
 def _is_fp8(file: TensorSource, key: str) -> bool:
     info = file.tensors.get(key)
     return info is not None and fp8_of(info.dtype.code) is not None
+
+
+def _value(file: TensorSource, key: str | None) -> float | None:
+    """The one float value of the tensor ``key`` (an activation scale), or None without a key."""
+    if key is None:
+        return None
+    return float(file.read_tensor(file.tensors[key]).float().reshape(-1)[0])
 
 
 def _one_value(file: TensorSource, info) -> str | None:

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 
 from .. import dtypes
 from ..errors import FormatError, PolicyError
-from ..fp8 import FP8_FORMATS, Granularity, static_activation_scale
+from ..fp8 import FP8_FORMATS, Granularity
 from ..policy import Action
 from ..writer import OutputTensor
-from .base import (INPUT_SCALE, Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata,
-                   register)
+from .base import (INPUT_SCALE, Emit, OutputFormat, Plan, Role, ScaledStoredTensor, StoredTensor, carried_input_scale,
+                   fp8_of, layer_name, quantkit_metadata, register)
 
 MARKER = ".comfy_quant"
 WEIGHT_SCALE = ".weight_scale"
@@ -52,10 +52,10 @@ MAX_MARKER_BYTES = 1 << 16     # a layer config is a few dozen bytes; anything h
 
 
 @dataclass(frozen=True)
-class ComfyStoredTensor(StoredTensor):
-    """A quantized layer of a ComfyUI file, with what its layer config adds to the scale."""
+class ComfyStoredTensor(ScaledStoredTensor):
+    """A quantized layer of a ComfyUI file, with what its layer config adds to the scale (and its
+    calibrated activation scale, ``input_scale``, when the file has one)."""
 
-    input_scale: float | None = None          # calibrated activation scale, when the file has one
     full_precision_matrix_mult: bool = True   # what the source asked for when it has an input scale
 
     @property
@@ -128,15 +128,17 @@ def refuse_renamed(fmt_name: str, plan) -> None:
 
 def carried(t) -> tuple[float | None, bool]:
     """(input_scale, full_precision_matrix_mult) of a quantized layer: from a stats file's activation
-    range (FP8 matrix multiplication then on), else carried over from an already-quantized source.
+    range (FP8 matrix multiplication then on), else carried over from an already-quantized source
+    (of any format: a scale it stores turns FP8 matrix multiplication on unless a ComfyUI source
+    asked for full precision).
 
     ComfyUI quantizes a layer's input with the layout of its weight (``QUANT_ALGOS[format]``:
     ``TensorCoreFP8E5M2Layout`` for float8_e5m2 weights), ``x / input_scale`` clamped to the FP8
     maximum: the scale is the range over the maximum of the weight's FP8 dtype, 57344 for E5M2."""
+    input_scale = carried_input_scale(t, fp8_of(t.out_dtype.code))
     if t.input_range is not None:
-        return static_activation_scale(t.input_range, fp8_of(t.out_dtype.code)), False
-    s = t.prequantized
-    return getattr(s, "input_scale", None), getattr(s, "full_precision_matrix_mult", True)
+        return input_scale, False
+    return input_scale, getattr(t.prequantized, "full_precision_matrix_mult", input_scale is None)
 
 
 def fp8_name_of(t) -> str:

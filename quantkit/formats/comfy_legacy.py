@@ -12,7 +12,8 @@ InvokeAI...) create EVERY ``nn.Linear`` in FP8 once the marker is present, so a 
 high precision is cast to FP8 with scale 1 there (``warnings`` says so); current ComfyUI converts
 the file at load (``comfy.utils.convert_old_quants``) into the ``comfy`` convention, and loads
 unscaled layers in high precision. That conversion always assumes float8_e4m3fn, so E5M2 is refused.
-It renames ``scale_input`` to ``input_scale`` (dropping a value of exactly 1) and, with the 0-element
+It renames ``scale_input`` to ``input_scale`` (dropping a value of exactly 1: quantkit reads it back
+as stored, the same scale there) and, with the 0-element
 marker written here, leaves FP8 matrix multiplication on: a layer without ``scale_input`` then has
 its input cast with scale 1 on GPUs with FP8 compute (``--format comfy`` flags such layers
 ``full_precision_matrix_mult`` instead).
@@ -66,6 +67,7 @@ def linear_like(t) -> bool:
 @register
 class ComfyLegacyFormat(ComfyUIFile):
     name = "comfy-legacy"
+    input_scale_suffix = SCALE_INPUT
     summary = ("ComfyUI scaled_fp8 (older loaders): scaled_fp8 marker + <L>.weight FP8 + <L>.scale_weight F32 []"
                " (per-tensor scales, E4M3)")
 
@@ -99,7 +101,13 @@ class ComfyLegacyFormat(ComfyUIFile):
         quantized = [t.name for t in plan.quantized()]
         if not quantized:
             return []
-        out = []
+        out = super().warnings(plan)
+        unscaled = [t.name for t in plan.quantized() if carried(t)[0] is None]
+        if len(unscaled) < len(quantized) and unscaled:
+            out.append(f"format {self.name}: {len(unscaled)} quantized layer(s) have no static input scale"
+                       f" ({examples(unscaled)}), and the scaled_fp8 convention cannot mark a layer weight-only:"
+                       " on GPUs with FP8 compute ComfyUI quantizes their inputs with scale 1.0 (clamped to +-448);"
+                       " --format comfy runs them weight-only")
         kept = [t.name for t in plan.tensors if t.action is not Action.QUANTIZE and linear_like(t)]
         if kept:
             out.append(f"format {self.name}: {len(kept)} linear weight(s) stay in high precision ({examples(kept)}),"
@@ -130,9 +138,10 @@ class ComfyLegacyFormat(ComfyUIFile):
             if fp8 is None:
                 raise FormatError(f"{key} scales no FP8 weight ({layer}.weight is missing or not FP8)",
                                        path=file.path, tensor=key)
+            # Read as stored, 1.0 included: ComfyUI drops a scale of exactly 1, the value it assumes
+            # for a layer without one (FP8 matmul on); kept, it means the same there, and a conversion
+            # into a format whose layers without a scale run weight-only keeps it.
             scale_in = input_scale(file, file.tensors.get(layer + SCALE_INPUT))
-            # ComfyUI drops an activation scale of exactly 1 (the value it assumes anyway).
-            scale_in = None if scale_in == 1.0 else scale_in
             marker = max((p for p in markers if layer.startswith(p)), key=len, default=None)
             # A 2-element marker turns ComfyUI's FP8 matmul off for the whole file.
             full_precision = marker is not None and markers[marker].numel == 2

@@ -84,12 +84,12 @@ from ..checkpoint import read_config
 from ..dtypes import Kind
 from ..options import KeepDtype
 from ..errors import FormatError, PolicyError, UnsupportedInputError
-from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape, static_activation_scale
+from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
 from ..policy import Action, TensorKind
 from ..shards import is_index_name
 from ..writer import TEMP_MARK, OutputTensor
-from .base import (Emit, OutputFormat, Plan, Role, StoredTensor, fp8_of, input_scale_key, layer_name, quantkit_metadata,
-                   register, stored_with_scales)
+from .base import (Emit, OutputFormat, Plan, Role, StoredTensor, carried_input_scale, fp8_of, input_scale_key,
+                   layer_name, quantkit_metadata, register, stored_with_scales)
 
 SCALE_SUFFIX = "_scale"
 CONFIG_NAME = "config.json"
@@ -186,15 +186,16 @@ def quantization_config(granularity: Granularity, ignore: list[str], *, input_sc
     }
 
 
-def input_scale_bytes(input_range: float, dtype: dtypes.DType) -> bytes:
-    """``<L>.input_scale``'s bytes: range / 448 in the model's dtype D, as compressed-tensors creates
-    the parameter (``initialize_qparams``: the scale dtype is the weight's). Rounded up to D's
-    smallest normal if it would underflow (a coarser step, never clipping)."""
+def input_scale_bytes(scale: float, dtype: dtypes.DType) -> bytes:
+    """``<L>.input_scale``'s bytes: the static activation scale (range / 448 as a power of two, or one
+    carried over from an FP8 source) in the model's dtype D, as compressed-tensors creates the
+    parameter (``initialize_qparams``: the scale dtype is the weight's). Rounded up to D's smallest
+    normal if it would underflow (a coarser step, never clipping)."""
     import torch
-    scale = torch.tensor(static_activation_scale(input_range, E4M3FN), dtype=torch.float32).to(dtype.torch)
-    if not bool(torch.isfinite(scale)) or float(scale) < torch.finfo(dtype.torch).tiny:
-        scale = torch.tensor(torch.finfo(dtype.torch).tiny, dtype=dtype.torch)
-    return scale.reshape(1).view(torch.uint8).numpy().tobytes()
+    value = torch.tensor(scale, dtype=torch.float32).to(dtype.torch)
+    if not bool(torch.isfinite(value)) or float(value) < torch.finfo(dtype.torch).tiny:
+        value = torch.tensor(torch.finfo(dtype.torch).tiny, dtype=dtype.torch)
+    return value.reshape(1).view(torch.uint8).numpy().tobytes()
 
 
 def source_folder(source) -> str:
@@ -312,9 +313,10 @@ class CompressedTensorsFormat(OutputFormat):
                 shape = (1,) if g is Granularity.TENSOR else scale_shape(t.info.shape, g)
                 dtype = dtypes.F32 if t.prequantized is not None else scale_dtype
                 emits.append(Emit(OutputTensor(t.name + SCALE_SUFFIX, dtype, shape), Role.SCALE, t.name))
-                if t.input_range is not None:
+                input_scale = carried_input_scale(t, E4M3FN)
+                if input_scale is not None:
                     emits.append(Emit(OutputTensor(input_scale_key(t.name), scale_dtype, (1,)), Role.CONSTANT, t.name,
-                                      input_scale_bytes(t.input_range, scale_dtype)))
+                                      input_scale_bytes(input_scale, scale_dtype)))
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
@@ -326,10 +328,10 @@ class CompressedTensorsFormat(OutputFormat):
         d = model_dtype(plan).torch_name
         config["dtype"] = d
         config["torch_dtype"] = d          # the older spelling, still read by older transformers/vLLM
-        static = [t for t in plan.quantized() if t.input_range is not None]
+        static = {t.name for t in plan.quantized() if carried_input_scale(t, E4M3FN) is not None}
         config["quantization_config"] = quantization_config(
             plan.options.granularity, ignored_modules(plan), input_scales=bool(static),
-            weight_only=[layer_name(t.name) for t in plan.quantized() if t.input_range is None])
+            weight_only=[layer_name(t.name) for t in plan.quantized() if t.name not in static])
         with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         src_folder = source_folder(source)
@@ -342,7 +344,7 @@ class CompressedTensorsFormat(OutputFormat):
         return names
 
     def warnings(self, plan) -> list[str]:
-        out = []
+        out = super().warnings(plan)
         q = {t.name for t in plan.quantized()}
         weights = {t.name for t in plan.tensors}
         for group in FUSED_SIBLINGS:

@@ -4,7 +4,8 @@ For every quantized ``<L>.weight``:
     <L>.weight        FP8 (E4M3FN or E5M2), the source's shape
     <L>.weight_scale  float32: []  per tensor | [out, 1] per channel | [ceil(out/128), ceil(in/128)] per block
     W = q * scale
-    <L>.input_scale   float32 []   only with ``convert --stats``, for a layer whose input was calibrated:
+    <L>.input_scale   float32 []   only with ``convert --stats``, for a layer whose input was calibrated
+                                   (or carried over from an FP8 source that stores one):
                                    the static activation scale, range / 448 (activations in E4M3
                                    whatever the weights' FP8 dtype, as compressed-tensors and vLLM do):
                                    x_q = clamp(x / input_scale, +-448) as float8_e4m3fn
@@ -18,11 +19,11 @@ import struct
 
 from .. import dtypes
 from ..errors import FormatError
-from ..fp8 import Granularity, static_activation_scale
+from ..fp8 import Granularity
 from ..policy import Action
 from ..writer import OutputTensor
-from .base import (Emit, OutputFormat, Role, StoredTensor, input_scale_key, quantkit_metadata, register,
-                   stored_with_scales)
+from .base import (Emit, OutputFormat, Role, StoredTensor, carried_input_scale, input_scale_key, quantkit_metadata,
+                   register, stored_with_scales)
 
 SCALE_SUFFIX = "_scale"
 
@@ -48,9 +49,10 @@ class NativeFormat(OutputFormat):
             emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
             if t.action is Action.QUANTIZE:
                 emits.append(Emit(OutputTensor(t.name + SCALE_SUFFIX, dtypes.F32, t.scale_shape), Role.SCALE, t.name))
-                if t.input_range is not None and t.name.endswith(".weight"):
+                input_scale = carried_input_scale(t)
+                if input_scale is not None and t.name.endswith(".weight"):
                     emits.append(Emit(OutputTensor(input_scale_key(t.name), dtypes.F32, ()), Role.CONSTANT, t.name,
-                                      struct.pack("<f", static_activation_scale(t.input_range))))
+                                      struct.pack("<f", input_scale)))
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:

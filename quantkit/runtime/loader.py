@@ -13,7 +13,8 @@ import torch
 from ..errors import ModelMismatchError
 from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
 from .streaming import Streamer, stream_units
-from .weights import KERNELS, MATMULS, Activations, InputQuant, KernelLog, held_buffer, make_cast, make_quantized
+from .weights import (KERNELS, MATMULS, Activations, InputQuant, KernelLog, check_compute_dtype, converted_dtype,
+                      held_buffer, make_cast, make_quantized, moved_device)
 
 EXAMPLES = 3
 
@@ -121,9 +122,7 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
         raise ValueError(f"matmul {matmul!r}: use one of {', '.join(MATMULS)}")
     activations = _activations(activations)
     dtype = compute_dtype or own_dtype(module)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
-        raise ValueError(f"compute_dtype {dtype!r}: use a floating-point dtype of 16 bits or more "
-                         "(torch.bfloat16, torch.float16, torch.float32)")
+    check_compute_dtype(dtype)
     tensors = _tensors(module)
     layout = open_layout(path, {n: (tuple(t.shape), t.dtype) for n, (t, _) in tensors.items()}, type(module).__name__)
     try:
@@ -168,7 +167,47 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
     info.resident_bytes = tensor_bytes(module)
     info.peak_bytes = info.resident_bytes
     module.quantkit_runtime = info
+    module.__dict__["_apply"] = _Moved(module, info, holding)
     return module
+
+
+class _Moved:
+    """The loaded module's ``_apply`` (what ``.to(dtype)``, ``.half()``, ``.float()``, ``.to(device)``
+    run): the held tensors keep their dtype (``weights.held_apply``) and a dtype conversion becomes the
+    compute dtype (``RuntimeInfo.compute_dtype``, and what streamed units are read into). Streamed
+    mode reads every unit into CPU memory: its placeholders stay meta, and a move off the CPU is refused."""
+
+    def __init__(self, module, info: RuntimeInfo, holding: "_Holding"):
+        self.module, self.info, self.holding = weakref.ref(module), info, holding
+
+    def __deepcopy__(self, memo):        # a copy of the model moves the copy (copy.deepcopy maps it in memo)
+        import copy
+        module = self.module()
+        return _Moved(memo.get(id(module), module), copy.deepcopy(self.info, memo), copy.deepcopy(self.holding, memo))
+
+    def __call__(self, fn, recurse: bool = True):
+        module = self.module()
+        dtype = converted_dtype(fn)          # refused before anything moves
+        if self.info.mode is Mode.STREAMED:
+            device = moved_device(fn, torch.empty(0))
+            if device.type != "cpu":
+                raise ValueError(f"a model loaded with mode='streamed' runs on the CPU (each block is read into "
+                                 f"CPU memory when it runs), not on {device}: load it with mode='resident' to move it")
+            fn = _meta_kept(fn)
+        type(module)._apply(module, fn, recurse)
+        if dtype is not None:
+            self.info.compute_dtype = self.holding.dtype = dtype
+        return module
+
+
+def _meta_kept(fn):
+    """``fn`` that leaves a meta placeholder on the meta device (its dtype converted as ``fn`` would)."""
+    def apply(t):
+        if not t.is_meta:
+            return fn(t)
+        dtype = fn(torch.empty(0, dtype=t.dtype)).dtype
+        return t if dtype == t.dtype else t.to(dtype)
+    return apply
 
 
 def _whole(p: Placement, source: TensorSource) -> bool:

@@ -29,6 +29,7 @@ FP8 matmul on a GPU computes, up to the order of the sums (``scaled_forward`` ta
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
@@ -139,6 +140,51 @@ def input_quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.Linear.forward(self, quantized_input(x, held.input))
 
 
+def converted_dtype(fn) -> torch.dtype | None:
+    """The floating-point dtype ``fn`` (what ``Module._apply`` maps over tensors: ``.to(dtype)``,
+    ``.half()``, ``.float()``...) converts tensors to, or None for a move that keeps dtypes
+    (``.to("cpu")``). Probed on two empty tensors: a conversion to float16 leaves a float16 one as it is.
+    A dtype layers cannot compute in is refused (``compute_dtype``'s rule)."""
+    probes = [fn(torch.empty(0, dtype=d)).dtype for d in (torch.float16, torch.float32)]
+    dtype = probes[0] if probes[0] != torch.float16 else probes[1] if probes[1] != torch.float32 else None
+    if dtype is not None:
+        check_compute_dtype(dtype, "the compute dtype of a model quantkit.runtime loaded, converted to")
+    return dtype
+
+
+def check_compute_dtype(dtype, what: str = "compute_dtype") -> None:
+    """A dtype layers compute in: floating point, 16 bits or more (FP8 codes stay as stored)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"{what} {dtype!r}: use a floating-point dtype of 16 bits or more "
+                         "(torch.bfloat16, torch.float16, torch.float32); FP8 weights stay FP8 as stored")
+
+
+def moved_device(fn, t: torch.Tensor) -> torch.device:
+    """The device ``fn`` moves a tensor on ``t``'s device to."""
+    return fn(torch.empty(0, dtype=torch.float32, device=t.device)).device
+
+
+def held_apply(self, fn, recurse: bool = True):
+    """``Module._apply`` (``.to(dtype)``, ``.half()``, ``.to(device)``...) for a module holding tensors
+    as stored: FP8 codes, their float32 scales and kept weights keep their dtype and only move
+    device (meta placeholders of streamed mode stay as they are); a dtype conversion becomes the
+    compute dtype every held tensor is made in. The module's other tensors convert as usual."""
+    held = self.__dict__["_quantkit_held"]
+    dtype = converted_dtype(fn)
+    keys = [n + suffix for n, h in held.items() for suffix in ((CODES, SCALE) if h.granularity is not None
+                                                               else (STORED,))]
+    kept = {k: self._buffers.pop(k) for k in keys if k in self._buffers}
+    try:
+        super(type(self), self)._apply(fn, recurse)
+    finally:
+        for k, t in kept.items():
+            self._buffers[k] = t if t.is_meta else t.to(moved_device(fn, t))
+    if dtype is not None:
+        for name, h in held.items():
+            held[name] = dataclasses.replace(h, dtype=dtype)
+    return self
+
+
 _CLASSES: dict[tuple[type, frozenset, bool, bool, bool], type] = {}
 
 
@@ -156,7 +202,7 @@ def _held_class(cls: type, names: frozenset, fp8: bool, scaled: bool = False, in
             props["forward"] = input_quantized_forward
         prefix = "FP8" if fp8 else "Cast"
         _CLASSES[key] = type(prefix + cls.__name__, (cls,), {
-            **props, "__module__": __name__,
+            **props, "_apply": held_apply, "__module__": __name__,
             "__doc__": f"{cls.__name__} holding {', '.join(sorted(names))} as stored, made on each read"})
     return _CLASSES[key]
 
