@@ -34,7 +34,7 @@ from .release import (CARD_NAME, PROVENANCE_NAME, PROVENANCE_SCHEMA, RESERVED, S
                       format_sums, safe_name, source_files, source_mismatches)
 from .shards import is_index_name
 from .verify import verify
-from .destinations import check_report_path
+from .destinations import check_report_path, check_writable
 from .writer import TempFolder, remove_stale_temps, write_atomic
 
 _BASE_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -245,6 +245,7 @@ def _check_destination(out: str, dst: str, options: PublishOptions) -> None:
     if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
         raise OutputError("destination's parent folder does not exist", path=os.path.dirname(os.path.abspath(dst)),
                           hint="create it first")
+    check_writable(os.path.dirname(os.path.abspath(dst)), "destination")
 
 
 def _place_files(listed, folder: str, link: bool, notes: list[str], progress: Progress) -> dict[str, str]:
