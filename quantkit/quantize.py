@@ -40,7 +40,7 @@ from .progress import NULL, Progress
 from .reader import SafetensorsFile, chunk_rows
 from .shards import INDEX_NAME, index_document, shard_names, split_emits
 from .workers import cap_jobs, default_jobs, run_pieces
-from .writer import SafetensorsWriter, TempFolder, remove_stale_temps
+from .writer import SafetensorsWriter, TempFolder, check_no_other_writer, remove_stale_temps
 
 # Source bytes per chunk: small enough that the float32 work buffer stays in cache, large
 # enough that per-call overhead vanishes (2 MiB measured fastest on a 2-core EPYC).
@@ -108,6 +108,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     fmt = get_format(options.format)
     as_folder = fmt.folder or options.max_shard_bytes is not None
     check_destination(src, dst, overwrite, as_folder)
+    check_no_other_writer(dst)
     stale = remove_stale_temps(dst) + ([] if as_folder else remove_stale_temps(manifest_path(dst)))
     for path in stale:
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")

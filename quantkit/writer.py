@@ -73,13 +73,12 @@ def temp_path_for(final_path: str) -> str:
 def remove_stale_temps(final_path: str) -> list[str]:
     """Delete temporary files that earlier runs (killed, crashed) left for ``final_path``.
 
-    Returns what was removed. A temp file whose writer process is still alive is another run
-    writing the same path: ``OutputError`` (``check_no_other_writer``), before any work.
+    A temp file whose writer process is still alive is left alone (``check_no_other_writer``
+    refuses to write beside it). Returns what was removed.
     """
-    check_no_other_writer(final_path)
     removed = []
     for path in _temps(final_path):
-        if _writer_pid(path) is not None:       # a run that started since the check: its own to finish
+        if _writer_pid(path) is not None:
             continue
         try:
             if os.path.isdir(path) and not os.path.islink(path):
