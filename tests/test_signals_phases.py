@@ -53,17 +53,19 @@ def alive(pid: int) -> bool:
         return False
 
 
-def terminate(cmd, when, tmp_path) -> tuple[int, str, float, list[int]]:
-    """Start ``cmd``, wait until ``when(proc)`` holds, SIGTERM it; (rc, stderr, seconds from the
-    signal to the exit, the workers it had)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+def terminate(cmd, when, tmp_path, sig=signal.SIGTERM, group=False) -> tuple[int, str, float, list[int]]:
+    """Start ``cmd``, wait until ``when(proc)`` holds, send it ``sig`` (SIGTERM; ``group``: to its
+    whole process group, as a terminal's Ctrl-C); (rc, stderr, seconds from the signal to the exit,
+    the workers it had)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=group)
     while proc.poll() is None and not when(proc):
         time.sleep(0.002)
     if proc.poll() is not None:
         pytest.skip(f"the command ended (rc {proc.returncode}) before the phase was reached")
     workers = children(proc.pid)
     t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
     try:
         rc = proc.wait(timeout=DEADLINE)
     except subprocess.TimeoutExpired:
@@ -141,3 +143,27 @@ def test_sigterm_in_publish(model, tmp_path, phase):
     rc, stderr, seconds, workers = terminate(cmd, when, tmp_path)
     check_stopped(rc, stderr, seconds, workers, tmp_path, [release])
     assert (sha256(out), sha256(src)) == before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc")
+@pytest.mark.parametrize("after", [0.0, 0.3])
+def test_ctrl_c_while_validate_forks_its_workers(model, tmp_path, after):
+    """Ctrl-C reaches the whole group, workers being forked included: exit 130, none left."""
+    src, out = model
+    cmd = [sys.executable, "-m", "quantkit.cli", "validate", str(out), "--against", str(src), "-q", "--jobs", "2"]
+    rc, stderr, seconds, workers = terminate(cmd, workers_seen(after), tmp_path, signal.SIGINT, group=True)
+    assert rc == 130, stderr
+    assert "interrupted: stopped" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert seconds < DEADLINE and not [w for w in workers if alive(w)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc")
+def test_sigkill_of_validate_takes_its_workers(model, tmp_path):
+    src, out = model
+    cmd = [sys.executable, "-m", "quantkit.cli", "validate", str(out), "--against", str(src), "-q", "--jobs", "2"]
+    rc, _, _, workers = terminate(cmd, workers_seen(0.2), tmp_path, signal.SIGKILL)
+    assert rc == -signal.SIGKILL and workers
+    deadline = time.monotonic() + DEADLINE
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(alive(w) for w in workers), "a worker outlived its killed parent"
