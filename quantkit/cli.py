@@ -256,7 +256,8 @@ def main():
 @click.option("--jobs", "-j", type=click.IntRange(min=1), metavar="N",
               help="Processes converting the shards of a sharded output (--max-shard-size) side by side, "
                    "each streaming; the output is the same whatever N. Default: as many as the cores and "
-                   "the free memory (0.5 GB a job) allow; 1 with 2 cores or fewer (one process keeps two busy).")
+                   "the free memory (0.5 GB a job) allow; 1 with 2 cores or fewer (one process keeps two busy). "
+                   "A larger N is capped there (and at the pieces of work), with a note.")
 @_stats_options
 @click.pass_context
 def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_stats, **policy):
@@ -355,7 +356,8 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
               help="Processes sharing the work: each file's SHA256 computed by one of them, the tensors compared "
                    "in groups; the report is the same whatever N. Default: as many as the cores and the free "
                    "memory (0.5 GB a job) allow, with 3 cores or more and files of 1 GB or more; else 1 (one "
-                   "process, the SHA256s on threads beside the comparison: as fast on 2 cores, half the memory).")
+                   "process, the SHA256s on threads beside the comparison: as fast on 2 cores, half the memory). "
+                   "A larger N than the cores and the free memory allow is capped there, with a note.")
 def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_check, show, component, ema,
              model_output, compute_dtype, min_output_sqnr, activations, min_w8a8_sqnr, quiet, jobs):
     """Prove OUT is intact and faithful to its source.
