@@ -142,6 +142,7 @@ def _reports(json_path: str | None) -> dict[str, str]:
 
 
 def _fail(exc) -> None:
+    _stopped(_interrupt_behind(exc))
     click.echo(f"error: {exc}", err=True)
     sys.exit(exc.exit_code)
 
@@ -211,9 +212,7 @@ class _Group(click.Group):
             click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
             raise click.exceptions.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
-            what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-            click.echo(f"{what}: stopped; nothing half-written is left under the output's name", err=True)
-            raise click.exceptions.Exit(code) from None
+            _stopped(exc)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except MemoryError:
@@ -222,6 +221,7 @@ class _Group(click.Group):
                        err=True)
             raise click.exceptions.Exit(2) from None
         except Exception as exc:      # noqa: BLE001 -- a bug, not bad input: the traceback is for the report
+            _stopped(_interrupt_behind(exc))
             if "not enough memory" in str(exc):          # torch's allocator: "you tried to allocate N bytes"
                 click.echo(f"error: out of memory: {str(exc).strip().splitlines()[0][:300]} (validate per tensor, "
                            "without --model-output, or use a machine with more memory)", err=True)
@@ -231,6 +231,28 @@ class _Group(click.Group):
             click.echo(f"internal error (a bug in quantkit, not in your files): {type(exc).__name__}: {exc}; "
                        "please report it with the traceback above", err=True)
             raise click.exceptions.Exit(INTERNAL_ERROR) from None
+
+
+def _stopped(exc: KeyboardInterrupt | None) -> None:
+    """Ctrl-C or SIGTERM: one line and exit 130 / 143 (nothing when ``exc`` is None)."""
+    if exc is None:
+        return
+    what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    click.echo(f"{what}: stopped; nothing half-written is left under the output's name", err=True)
+    raise click.exceptions.Exit(code) from None
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C / SIGTERM an error was raised from: a C extension whose start-up the signal
+    interrupted (scipy's, imported by transformers) reports "ImportError: initialization failed"
+    caused by it, which is no bug of quantkit's."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

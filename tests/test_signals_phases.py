@@ -167,3 +167,35 @@ def test_sigkill_of_validate_takes_its_workers(model, tmp_path):
     while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not any(alive(w) for w in workers), "a worker outlived its killed parent"
+
+
+@pytest.mark.parametrize("wrapped_in", ["ImportError", "QuantkitError"])
+def test_a_signal_wrapped_in_another_error_still_stops(wrapped_in):
+    """A C extension whose start-up a SIGTERM interrupts (scipy's, imported by transformers while
+    calibrate builds the model) raises "ImportError: initialization failed" from it: exit 143 and
+    the one line, not an internal error's traceback and exit 3 (nor a refusal, exit 2)."""
+    import click
+    from click.testing import CliRunner
+
+    from quantkit import cli
+    from quantkit.errors import QuantkitError
+
+    @click.group(cls=cli._Group)
+    def group():
+        pass
+
+    @group.command()
+    def work():
+        try:
+            try:
+                raise cli.Terminated()
+            except KeyboardInterrupt as exc:
+                if wrapped_in == "ImportError":
+                    raise ImportError("initialization failed") from exc
+                raise QuantkitError("cannot import the --inputs module") from exc
+        except QuantkitError as exc:
+            cli._fail(exc)
+
+    result = CliRunner().invoke(group, ["work"])
+    assert result.exit_code == 143, result.output
+    assert result.output.strip() == "terminated: stopped; nothing half-written is left under the output's name"
