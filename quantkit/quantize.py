@@ -157,7 +157,8 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         granularity=summary["granularity"], fp8=summary["fp8"], counts=summary["counts"], bytes_in=plan.bytes_in,
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
         source_sha256=combined_digest(source_digests), output_sha256=output_sha, warnings=plan.warnings,
-        notes=[*plan.notes, *([jobs_note] if jobs_note else [])], stats=plan.stats, jobs=run.jobs, workers_peak_rss_bytes=run.workers_peak_rss)
+        notes=[*plan.notes, *([jobs_note] if jobs_note else [])], stats=plan.stats, jobs=run.jobs,
+        workers_peak_rss_bytes=run.workers_peak_rss)
 
 
 def _jobs(jobs: int | None, groups: list[list], source) -> tuple[int, str | None]:

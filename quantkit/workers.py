@@ -7,7 +7,9 @@ before it starts any thread of its own. A worker ignores Ctrl-C and dies with it
 (``PR_SET_PDEATHSIG`` on Linux, and a check of its parent's pid): a parent killed even by
 SIGKILL leaves no worker writing behind it. When a piece fails, or the parent is interrupted,
 every worker is killed before the error goes on, so the caller's clean-up (removing the
-temporary folder the workers wrote into) runs after the last write.
+temporary folder the workers wrote into) runs after the last write. A count of jobs the user
+types is capped at the cores, the free memory and the pieces of work (``cap_jobs``): a
+``--jobs 100000`` forks no more workers than a ``--jobs`` at the machine's count.
 
     >>> results, peak = run_pieces(lambda n: n * n, [1, 2, 3], jobs=2)     # doctest: +SKIP
 """
@@ -82,6 +84,7 @@ def run_pieces(work: Callable, pieces: list, jobs: int, done: Callable | None = 
     """``[work(p) for p in pieces]``, in ``jobs`` forked processes; pieces start in list order
     (put the longest first). ``done(index, result)`` runs in the parent as each piece ends.
 
+    No more than ``len(pieces)`` workers are forked.
     Returns the results in the order of ``pieces`` and the sum of the workers' peak RSS.
     ``work``'s exceptions are re-raised in the parent (the first to happen), after every worker
     was killed. Only where ``os.fork`` exists (Linux, macOS)."""
