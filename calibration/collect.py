@@ -37,6 +37,7 @@ from quantkit.plan import ConvertOptions, make_plan
 from quantkit.progress import NULL, Progress
 from quantkit.runtime.streaming import return_freed_memory
 from quantkit.sources import open_source
+from quantkit.writer import check_no_other_writer
 
 WEIGHT_OBSERVERS = ("absmax", "mse", "percentile")
 ACTIVATION_OBSERVERS = ("absmax", "ema", "percentile")
@@ -149,6 +150,7 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
     weight_spec = ObserverSpec.parse(settings.weight_observer, WEIGHT_OBSERVERS, "--observer")
     act_spec = ObserverSpec.parse(settings.activation_observer, ACTIVATION_OBSERVERS, "--activation-observer")
     check_destination(src, out, overwrite)
+    check_no_other_writer(out)
     fmt = get_format(options.format)
     # Planned as convert plans it (a format may read the source under ComfyUI's names); measured and
     # recorded under the checkpoint's own names.

@@ -158,6 +158,7 @@ def _reports(json_path: str | None) -> dict[str, str]:
 
 
 def _fail(exc) -> None:
+    _stopped(_interrupt_behind(exc))
     click.echo(f"error: {exc}", err=True)
     sys.exit(exc.exit_code)
 
@@ -227,9 +228,7 @@ class _Group(click.Group):
             click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
             raise click.exceptions.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
-            what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-            click.echo(f"{what}: stopped; nothing half-written is left under the output's name", err=True)
-            raise click.exceptions.Exit(code) from None
+            _stopped(exc)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except MemoryError:
@@ -238,6 +237,7 @@ class _Group(click.Group):
                        err=True)
             raise click.exceptions.Exit(2) from None
         except Exception as exc:      # noqa: BLE001 -- a bug, not bad input: the traceback is for the report
+            _stopped(_interrupt_behind(exc))
             if "not enough memory" in str(exc):          # torch's allocator: "you tried to allocate N bytes"
                 click.echo(f"error: out of memory: {str(exc).strip().splitlines()[0][:300]} (validate per tensor, "
                            "without --model-output, or use a machine with more memory)", err=True)
@@ -247,6 +247,28 @@ class _Group(click.Group):
             click.echo(f"internal error (a bug in quantkit, not in your files): {type(exc).__name__}: {exc}; "
                        "please report it with the traceback above", err=True)
             raise click.exceptions.Exit(INTERNAL_ERROR) from None
+
+
+def _stopped(exc: KeyboardInterrupt | None) -> None:
+    """Ctrl-C or SIGTERM: one line and exit 130 / 143 (nothing when ``exc`` is None)."""
+    if exc is None:
+        return
+    what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    click.echo(f"{what}: stopped; nothing half-written is left under the output's name", err=True)
+    raise click.exceptions.Exit(code) from None
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C / SIGTERM an error was raised from: a C extension whose start-up the signal
+    interrupted (scipy's, imported by transformers) reports "ImportError: initialization failed"
+    caused by it, which is no bug of quantkit's."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -272,7 +294,8 @@ def main():
 @click.option("--jobs", "-j", type=click.IntRange(min=1), metavar="N",
               help="Processes converting the shards of a sharded output (--max-shard-size) side by side, "
                    "each streaming; the output is the same whatever N. Default: as many as the cores and "
-                   "the free memory (0.5 GB a job) allow; 1 with 2 cores or fewer (one process keeps two busy).")
+                   "the free memory (0.5 GB a job) allow; 1 with 2 cores or fewer (one process keeps two busy). "
+                   "A larger N is capped there (and at the pieces of work), with a note.")
 @_stats_options
 @click.pass_context
 def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_stats, **policy):
@@ -371,7 +394,8 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
               help="Processes sharing the work: each file's SHA256 computed by one of them, the tensors compared "
                    "in groups; the report is the same whatever N. Default: as many as the cores and the free "
                    "memory (0.5 GB a job) allow, with 3 cores or more and files of 1 GB or more; else 1 (one "
-                   "process, the SHA256s on threads beside the comparison: as fast on 2 cores, half the memory).")
+                   "process, the SHA256s on threads beside the comparison: as fast on 2 cores, half the memory). "
+                   "A larger N than the cores and the free memory allow is capped there, with a note.")
 def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_check, show, component, ema,
              model_output, compute_dtype, min_output_sqnr, activations, min_w8a8_sqnr, quiet, jobs):
     """Prove OUT is intact and faithful to its source.
@@ -1000,6 +1024,7 @@ def run() -> None:
     ending with ``os._exit``)."""
     import signal
     signal.signal(signal.SIGTERM, _terminate)
+    sys.meta_path.insert(0, _NumpyBeforeTorch())
     sys.stdout = _PipeSafe(sys.stdout)
     try:
         main()
@@ -1017,6 +1042,20 @@ def run() -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+class _NumpyBeforeTorch:
+    """Imports numpy (from Python) right before torch is first imported. torch's C start-up imports
+    numpy itself and clears whatever error that import raised: a Ctrl-C or SIGTERM landing then
+    (the ``Terminated`` of ``_terminate``) was lost, and the command ran to its end (measured: 3
+    SIGTERMs of 25 sent during calibrate's start-up, exit 0 seconds later). Imported first, numpy's
+    import lets the exception through, and torch finds it loaded."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            import numpy  # noqa: F401
+        return None
 
 
 class _PipeSafe:

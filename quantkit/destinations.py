@@ -38,6 +38,7 @@ def check_destination(src: str, dst: str, overwrite: bool, folder: bool = False)
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise OutputError("destination folder does not exist", path=parent, hint="create it first")
+    check_writable(parent, "destination")
 
 
 def check_not_source_files(source, dst: str) -> None:
@@ -83,8 +84,7 @@ def check_report_path(path: str, option: str, *, reads: Iterable[str] = (), writ
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise OutputError(f"{option}: the folder does not exist", path=parent, hint="create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{option}: the folder is not writable", path=parent, hint="choose another folder")
+    check_writable(parent, option)
     if os.path.lexists(path) and not overwrite:
         raise OutputError(f"{option} file exists", path=path, hint="pass --overwrite to replace it")
 
@@ -103,6 +103,7 @@ def check_report_folder(path: str, option: str, *, reads: Iterable[str] = (), ov
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise OutputError(f"{option}: the folder does not exist", path=parent, hint="create it first")
+    check_writable(parent, option)
     if os.path.lexists(path):
         if not os.path.isdir(path):
             raise OutputError(f"{option} names a file", path=path, hint="give a folder name")
@@ -112,6 +113,26 @@ def check_report_folder(path: str, option: str, *, reads: Iterable[str] = (), ov
         if found and not {"report.md", "report.json"} <= found:
             raise OutputError(f"{option} folder holds files that are not a quantkit report; --overwrite would "
                               "delete them", path=path, hint="give a new folder name")
+
+
+def check_writable(folder: str, what: str) -> None:
+    """Refuse, before any work, a folder this process cannot create a file in (permissions, a
+    read-only file system): found only when the output is written, it cost all the work. A file
+    is created and removed to find out (``os.access`` says yes to root on any folder)."""
+    probe = os.path.join(folder, f".quantkit-write-check.{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:          # this process's own, left by a check interrupted a moment ago
+        fd = None
+    except OSError as exc:
+        raise OutputError(f"{what}: the folder is not writable ({exc.strerror})", path=folder,
+                          hint="choose another folder") from None
+    if fd is not None:
+        os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
 
 
 def _refuse_special(path: str, what: str) -> None:

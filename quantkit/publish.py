@@ -34,8 +34,8 @@ from .release import (CARD_NAME, PROVENANCE_NAME, PROVENANCE_SCHEMA, RESERVED, S
                       format_sums, safe_name, source_files, source_mismatches)
 from .shards import is_index_name
 from .verify import verify
-from .destinations import check_report_path
-from .writer import TempFolder, remove_stale_temps, write_atomic
+from .destinations import check_report_path, check_writable
+from .writer import TempFolder, check_no_other_writer, remove_stale_temps, write_atomic
 
 _BASE_MODEL = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|copying|notice)([._-][\w.-]*)?")
@@ -101,6 +101,7 @@ def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
     manifest = _read_output_manifest(out)
     listed = _output_files(out, manifest, result.notes)
     _check_destination(out, dst, options)
+    check_no_other_writer(dst)
     for path in remove_stale_temps(dst):
         progress.warn(f"removed a temporary folder left by an interrupted run: {path}")
     source = _Source(manifest, options.against)
@@ -252,6 +253,7 @@ def _check_destination(out: str, dst: str, options: PublishOptions) -> None:
     if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
         raise OutputError("destination's parent folder does not exist", path=os.path.dirname(os.path.abspath(dst)),
                           hint="create it first")
+    check_writable(os.path.dirname(os.path.abspath(dst)), "destination")
 
 
 def _place_files(listed, folder: str, link: bool, notes: list[str], progress: Progress) -> dict[str, str]:

@@ -39,8 +39,8 @@ from .policy import Action
 from .progress import NULL, Progress
 from .reader import SafetensorsFile, chunk_rows
 from .shards import INDEX_NAME, index_document, oversized_note, shard_names, split_emits
-from .workers import default_jobs, run_pieces
-from .writer import SafetensorsWriter, TempFolder, remove_stale_temps
+from .workers import cap_jobs, default_jobs, run_pieces
+from .writer import SafetensorsWriter, TempFolder, check_no_other_writer, remove_stale_temps
 
 # Source bytes per chunk: small enough that the float32 work buffer stays in cache, large
 # enough that per-call overhead vanishes (2 MiB measured fastest on a 2-core EPYC).
@@ -108,6 +108,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
     fmt = get_format(options.format)
     as_folder = fmt.folder or options.max_shard_bytes is not None
     check_destination(src, dst, overwrite, as_folder)
+    check_no_other_writer(dst)
     stale = remove_stale_temps(dst) + ([] if as_folder else remove_stale_temps(manifest_path(dst)))
     for path in stale:
         progress.warn(f"removed a temporary file left by an interrupted run: {path}")
@@ -136,7 +137,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         if too_small:
             plan.warnings.append(too_small)
             progress.warn(too_small)
-        jobs = min(jobs or default_jobs(), len(groups) + len(source.files))
+        jobs, jobs_note = _jobs(jobs, groups, source)
         run = _Run(source, plan, fmt, metadata, progress)
         if same_header:         # (forced stats of another header were warned about already)
             run.check_source = lambda digests: _check_stats_source(stats, digests, src, force_stats, progress)
@@ -160,7 +161,18 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         granularity=summary["granularity"], fp8=summary["fp8"], counts=summary["counts"], bytes_in=plan.bytes_in,
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
         source_sha256=combined_digest(source_digests), output_sha256=output_sha, warnings=plan.warnings,
-        notes=plan.notes, stats=plan.stats, jobs=run.jobs, workers_peak_rss_bytes=run.workers_peak_rss)
+        notes=[*plan.notes, *([jobs_note] if jobs_note else [])], stats=plan.stats, jobs=run.jobs,
+        workers_peak_rss_bytes=run.workers_peak_rss)
+
+
+def _jobs(jobs: int | None, groups: list[list], source) -> tuple[int, str | None]:
+    """The processes writing ``groups`` (and hashing the source's files): ``jobs`` as asked,
+    bounded by those pieces of work (a sharded output's), the cores and the free memory, with a
+    line saying so when that caps it; None: the default for this machine."""
+    pieces = len(groups) + len(source.files) if len(groups) > 1 else None
+    if jobs is None:
+        return min(default_jobs(), pieces or 1), None
+    return cap_jobs(jobs, pieces)
 
 
 def _shards(plan: Plan, options: ConvertOptions) -> list[list]:

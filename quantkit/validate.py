@@ -28,7 +28,7 @@ from .progress import NULL, Progress
 from .readback import CHUNK_BYTES, load_dequantized, open_output, stored_values, stored_view  # noqa: F401
 from .reader import SafetensorsFile, chunk_rows
 from .sources import open_source
-from .workers import default_jobs, run_pieces
+from .workers import cap_jobs, default_jobs, run_pieces
 
 
 
@@ -153,7 +153,7 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         if run_model:
             from .model_output import check_model_output
             check_model_output(src)        # before the per-tensor work, not after it
-        report.jobs = _jobs(jobs, output, src)
+        report.jobs = _jobs(jobs, output, src, report)
         deferred = report.jobs > 1              # hashed by the workers: no thread may run when they fork
         start = _Deferred if deferred else (lambda paths: BackgroundHash(paths).start())
         hashes = _start_hashes(output, manifest, src, report, start) if manifest is not None else []
@@ -239,9 +239,16 @@ def _open_against(against: str, recorded: dict, component: str | None, ema: bool
 PARALLEL_MIN_BYTES = 1 << 30
 
 
-def _jobs(jobs: int | None, output: str, src) -> int:
+def _jobs(jobs: int | None, output: str, src, report: ValidationReport) -> int:
+    """The processes to run: ``jobs`` as asked, bounded by the cores and the free memory (a note
+    says so when that caps it), or the default."""
     if jobs is not None:
-        return jobs if hasattr(os, "fork") else 1
+        if not hasattr(os, "fork"):
+            return 1
+        jobs, note = cap_jobs(jobs)
+        if note:
+            report.notes.append(note)
+        return jobs
     files = [os.path.join(output, n) for n in os.listdir(output)] if os.path.isdir(output) else [output]
     size = (src.file_size if src is not None else 0) + sum(os.path.getsize(p) for p in files if os.path.isfile(p))
     # On 2 cores the threads already keep both busy (the comparison, the hashes beside it), and
@@ -473,6 +480,7 @@ def _in_workers(pairs: list, hash_jobs: list[_Deferred], out, src, report: Valid
     done = {}
     if pieces:
         progress.stage("validate", sum(cost.values()))
+        report.jobs = min(report.jobs, len(pieces))          # no worker forked to sit idle
         results, report.workers_peak_rss_bytes = run_pieces(work, pieces, report.jobs,
                                                             lambda i, _: progress.advance(cost[pieces[i]]))
         done = dict(zip(pieces, results))

@@ -7,12 +7,15 @@ before it starts any thread of its own. A worker ignores Ctrl-C and dies with it
 (``PR_SET_PDEATHSIG`` on Linux, and a check of its parent's pid): a parent killed even by
 SIGKILL leaves no worker writing behind it. When a piece fails, or the parent is interrupted,
 every worker is killed before the error goes on, so the caller's clean-up (removing the
-temporary folder the workers wrote into) runs after the last write.
+temporary folder the workers wrote into) runs after the last write. A count of jobs the user
+types is capped at the cores, the free memory and the pieces of work (``cap_jobs``): a
+``--jobs 100000`` forks no more workers than a ``--jobs`` at the machine's count.
 
     >>> results, peak = run_pieces(lambda n: n * n, [1, 2, 3], jobs=2)     # doctest: +SKIP
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -29,12 +32,41 @@ def default_jobs() -> int:
     1 with 2 cores or fewer: one process keeps two cores busy already (its math on one, its
     hashes and writes on the other), so a second finds nothing to fill (measured on 2 cores,
     6 GB: convert --jobs 2 at 0.96-0.99x of --jobs 1, validate tied, at twice the memory)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     if cores <= 2:
         return 1
+    return min(cores, _jobs_in_memory(cores))
+
+
+def cap_jobs(requested: int, pieces: int | None = None) -> tuple[int, str | None]:
+    """``requested`` (a count the user typed) bounded by what the machine has: the pieces of
+    work (None: not known yet), the cores this process may use and the jobs that fit in the
+    memory available now (``JOB_BYTES`` each). Returns the jobs to run and, when capped, one
+    line saying so (None otherwise).
+
+        >>> cap_jobs(100000, pieces=3)                # doctest: +SKIP
+        (2, '--jobs 100000 capped at 2: the machine has 2 cores')
+    """
+    cores, available = _cores(), _available_memory() or 0
+    limits = [(cores, f"the machine has {cores} core{'s' if cores != 1 else ''}"),
+              (_jobs_in_memory(cores), f"the free memory ({available / 1e9:.1f} GB) holds no more "
+                                       f"jobs at {JOB_BYTES / 1e9:.1f} GB each")]
+    if pieces is not None:
+        limits.append((max(pieces, 1), f"the work has {pieces} piece{'s' if pieces != 1 else ''}"))
+    jobs, why = min(limits, key=lambda limit: limit[0])
+    if requested <= jobs:
+        return requested, None
+    return jobs, f"--jobs {requested} capped at {jobs}: {why}"
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _jobs_in_memory(cores: int) -> int:
+    """Jobs that fit in the memory available now (at least 1); ``cores`` where it cannot be told."""
     available = _available_memory()
-    by_memory = available // JOB_BYTES if available else cores
-    return max(1, min(cores, by_memory))
+    return cores if available is None else max(1, available // JOB_BYTES)
 
 
 def _available_memory() -> int | None:
@@ -52,17 +84,21 @@ def run_pieces(work: Callable, pieces: list, jobs: int, done: Callable | None = 
     """``[work(p) for p in pieces]``, in ``jobs`` forked processes; pieces start in list order
     (put the longest first). ``done(index, result)`` runs in the parent as each piece ends.
 
+    No more than ``len(pieces)`` workers are forked.
     Returns the results in the order of ``pieces`` and the sum of the workers' peak RSS.
     ``work``'s exceptions are re-raised in the parent (the first to happen), after every worker
     was killed. Only where ``os.fork`` exists (Linux, macOS)."""
     global _work
     import multiprocessing
+    if not pieces:
+        return [], 0
     _work = work                    # the workers inherit it through fork: never pickled
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"),
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(pieces)), mp_context=multiprocessing.get_context("fork"),
                                initializer=_start_worker, initargs=(os.getpid(),))
     results, peaks = [None] * len(pieces), {}
     try:
-        futures = {pool.submit(_run_piece, p): i for i, p in enumerate(pieces)}
+        with _signals_held():       # the first submit forks every worker
+            futures = {pool.submit(_run_piece, p): i for i, p in enumerate(pieces)}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -97,6 +133,26 @@ def _kill(pool: ProcessPoolExecutor) -> None:
             pass
 
 
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM held back (not lost) while the workers are forked: a worker starts with
+    them blocked, until it has its own handlers and dies with its parent (``_start_worker``), and
+    the parent's handler runs once every worker is in the pool's table, where ``_kill`` finds it
+    (a signal landing inside ``fork`` itself left a worker the table did not hold). Forking at
+    most one worker per core takes milliseconds: the signal waits no longer than that."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _start_worker(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the whole group: the parent handles it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)     # the parent's handler unwinds; a worker just ends
@@ -109,6 +165,8 @@ def _start_worker(parent: int) -> None:
             pass
     if os.getppid() != parent:                        # the parent died before the line above
         os._exit(1)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)    # held since the fork (``_signals_held``)
 
 
 def _run_piece(piece):

@@ -73,13 +73,12 @@ def temp_path_for(final_path: str) -> str:
 def remove_stale_temps(final_path: str) -> list[str]:
     """Delete temporary files that earlier runs (killed, crashed) left for ``final_path``.
 
-    A temp file whose writer process is still alive is left alone. Returns what was removed.
+    A temp file whose writer process is still alive is left alone (``check_no_other_writer``
+    refuses to write beside it). Returns what was removed.
     """
-    head, tail = os.path.split(os.path.abspath(final_path))
     removed = []
-    for path in glob.glob(os.path.join(glob.escape(head), f".{glob.escape(tail)}{TEMP_MARK}.*")):
-        pid = path.rsplit(".", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+    for path in _temps(final_path):
+        if _writer_pid(path) is not None:
             continue
         try:
             if os.path.isdir(path) and not os.path.islink(path):
@@ -90,6 +89,28 @@ def remove_stale_temps(final_path: str) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
+
+
+def check_no_other_writer(final_path: str) -> None:
+    """Refuse ``final_path`` while another live process writes it (its temporary file is there):
+    two runs writing one path would both succeed, the later silently replacing the other's."""
+    for path in _temps(final_path):
+        pid = _writer_pid(path)
+        if pid is not None:
+            raise OutputError(f"another run (process {pid}) is writing it now", path=final_path,
+                              hint=f"wait for it to finish or choose another path (if no such run is going on, "
+                                   f"delete {path})")
+
+
+def _temps(final_path: str) -> list[str]:
+    head, tail = os.path.split(os.path.abspath(final_path))
+    return glob.glob(os.path.join(glob.escape(head), f".{glob.escape(tail)}{TEMP_MARK}.*"))
+
+
+def _writer_pid(temp: str) -> int | None:
+    """The pid of the live process (not this one) writing the temporary file ``temp``, or None."""
+    pid = temp.rsplit(".", 1)[-1]
+    return int(pid) if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)) else None
 
 
 def _alive(pid: int) -> bool:
@@ -300,6 +321,8 @@ class SafetensorsWriter:
         self.tensors = list(tensors)
         if os.path.exists(self.final_path) and not overwrite:
             raise OutputError("destination exists", path=final_path, hint="pass --overwrite to replace it")
+        check_no_other_writer(self.final_path)
+        self._existed = os.path.lexists(self.final_path)
         self.temp_path = temp_path_for(self.final_path)
         self._header = encode_header(self.tensors, metadata)
         self._index = 0                      # tensor being written
@@ -398,12 +421,20 @@ class SafetensorsWriter:
         except OSError as exc:
             raise self._io_error(exc, "flush failed") from None
         self._sink.close()
+        self._refuse_appeared()
         if before_publish is not None:
             before_publish(digest, self.bytes_written)
-        os.replace(self.temp_path, self.final_path)
+        if self._existed:
+            os.replace(self.temp_path, self.final_path)
+        else:
+            _rename_new(self.temp_path, self.final_path)
         _fsync_dir(os.path.dirname(self.final_path))
         self.sha256 = digest
         return digest
+
+    def _refuse_appeared(self) -> None:
+        if not self._existed and os.path.lexists(self.final_path):
+            raise _appeared(self.final_path)
 
     def abort(self) -> None:
         """Remove the temporary file; the final name is never touched."""
@@ -433,6 +464,8 @@ class TempFolder:
         self._committed = False
 
     def __enter__(self) -> "TempFolder":
+        check_no_other_writer(self.final_path)
+        self._existed = os.path.lexists(self.final_path)
         try:
             os.mkdir(self.path)
         except OSError as exc:
@@ -444,8 +477,11 @@ class TempFolder:
         return self
 
     def commit(self) -> None:
-        """Replace the final folder (if any: --overwrite was checked by the caller) with this one."""
+        """Replace the final folder (if any: --overwrite was checked by the caller) with this one;
+        one that appeared since ``__enter__`` (another run wrote it) is refused, never replaced."""
         old = None
+        if os.path.lexists(self.final_path) and not self._existed:
+            raise _appeared(self.final_path)
         if os.path.lexists(self.final_path):
             old = self.path + ".old"
             os.rename(self.final_path, old)
@@ -458,6 +494,25 @@ class TempFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _appeared(path: str) -> OutputError:
+    return OutputError("another run wrote this path while this one was writing it; it is left as that run "
+                       "wrote it", path=path, hint="run again with another path, or with --overwrite to replace it")
+
+
+def _rename_new(temp: str, final: str) -> None:
+    """Rename ``temp`` to ``final``, which must not exist: a file another run put there meanwhile
+    is refused, not replaced (a hard link fails where the name exists; where the file system
+    takes no links, a plain rename right after ``_refuse_appeared``'s check)."""
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        raise _appeared(final) from None
+    except OSError:
+        os.replace(temp, final)
+        return
+    os.unlink(temp)
 
 
 def _fsync_dir(path: str) -> None:
