@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from .comfy_names import RenamedView
 from .errors import UnsupportedInputError
 from .metrics import ErrorStats
 from .options import ConvertOptions
@@ -72,7 +73,7 @@ def sensitivity(src: str, options: ConvertOptions = ConvertOptions(), *, target_
     # under ComfyUI's for the comfy formats, q/k/v joined under one scale); run under the model's own.
     names = get_format(options.format).source_names
     with open_source(src, component=options.component, ema=options.ema, names=names) as source, torch.no_grad():
-        checkpoint = getattr(source, "original", source)
+        checkpoint = source.original if isinstance(source, RenamedView) else source
         _check_memory(checkpoint)
         plan = make_plan(source, options)
         if plan.source_format is not None:      # its weights are FP8 codes already: nothing to rank
@@ -110,7 +111,7 @@ def sensitivity(src: str, options: ConvertOptions = ConvertOptions(), *, target_
 def _rows_of(source, t) -> list[tuple[str, int, int]]:
     """The model parameters' rows that the planned tensor ``t`` is made of: ``(name, first row, end
     row)`` parts in a renamed view (joined q/k/v, swapped halves), else the whole tensor itself."""
-    parts = getattr(source, "parts", {}).get(t.name)
+    parts = source.parts.get(t.name) if isinstance(source, RenamedView) else None
     return list(parts) if parts else [(t.name, 0, t.info.shape[0] if t.info.shape else 1)]
 
 
