@@ -437,6 +437,11 @@ def _print_report(report, show: int) -> None:
         if s["sqnr_db"]:
             click.echo(f"  FP8 tensors: SQNR min {s['sqnr_db']['min']:.2f} dB, median {s['sqnr_db']['median']:.2f} dB;"
                        f" PSNR min {s['psnr_db']['min']:.2f} dB; cosine min {s['cosine']['min']:.6f}")
+        bar = report.floor()
+        if bar["rule"] == "min-sqnr":
+            click.echo(f"  bar: --min-sqnr {bar['db']:g} dB for every tensor")
+        elif bar["db"] is not None:
+            click.echo(f"  sanity floor: {bar['what']} (lowest {bar['db']:.1f} dB)")
         worst = s["worst"][:show]
         if worst:
             click.echo("  lowest SQNR:")
