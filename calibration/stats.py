@@ -185,9 +185,9 @@ def _document(raw: str, path: str) -> dict:
     if not isinstance(source, dict) or not isinstance(source.get("sha256"), str) or \
             not all(isinstance(source.get(k), (str, type(None))) for k in ("name", "fingerprint")):
         raise refuse("has a 'source' that is not {name, sha256, fingerprint, ...} strings")
-    if doc["granularity"] not in {g.value for g in Granularity}:
+    if not isinstance(doc["granularity"], str) or doc["granularity"] not in {g.value for g in Granularity}:
         raise refuse(f"has granularity {doc['granularity']!r}: one of {', '.join(g.value for g in Granularity)}")
-    if doc["fp8"] not in FP8_FORMATS:
+    if not isinstance(doc["fp8"], str) or doc["fp8"] not in FP8_FORMATS:
         raise refuse(f"has fp8 {doc['fp8']!r}: one of {', '.join(FP8_FORMATS)}")
     for key, optional in (("weight_observer", False), ("activation_observer", True), ("inputs", True)):
         if not isinstance(doc.get(key), str) and not (optional and doc.get(key) is None):
