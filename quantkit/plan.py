@@ -334,10 +334,13 @@ def stats_fit_warnings(fits: dict) -> list[str]:
                   key=lambda n: fits[n].fill)
     if wide:
         worst = fits[wide[0]]
-        what = "every value rounds to 0" if worst.zeroed else "its values lose FP8's precision"
+        top = worst.fmt.max_finite
+        what = "every value rounds to 0" if worst.zeroed else \
+            f"its largest value maps to {top * worst.fill:.3g} of FP8's {top:g} and small ones lose precision"
+        times = 1 / worst.fill if worst.fill else float("inf")
         out.append(f"--stats: {len(wide)} tensor(s) with weight ranges far above their weights, worst {wide[0]}: "
-                   f"its range is {1 / worst.fill if worst.fill else float('inf'):.3g}x its absmax, {what} ({_examples(wide)}): the stats do not "
-                   "match these weights: recalibrate this checkpoint, or convert without --stats")
+                   f"its range is {times:.3g}x its absmax, {what} ({_examples(wide)}): the stats do not match these "
+                   "weights: recalibrate this checkpoint, or convert without --stats")
     return out
 
 

@@ -105,7 +105,8 @@ class ValidationReport:
                 return [clean(x) for x in v]
             return v
         return clean({"ok": self.ok, "output": self.output, "against": self.against, "format": self.format,
-                      "min_sqnr": self.min_sqnr, "sqnr_floor": self.floor(), "seconds": self.seconds, "hashes": self.hashes,
+                      "min_sqnr": self.min_sqnr, "sqnr_floor": self.floor(), "seconds": self.seconds,
+                      "hashes": self.hashes,
                       "failures": self.failures, "notes": self.notes, "summary": summary,
                       "model_output": self.model_output, "jobs": self.jobs,
                       "workers_peak_rss_bytes": self.workers_peak_rss_bytes,
