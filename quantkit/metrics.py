@@ -249,7 +249,10 @@ class ScaleFit:
             self.fill = fill if self.fill is None else min(self.fill, fill)
         self.n += x.numel()
         self.sum_x2 += sum_x2
-        if bool((amax > limit).any()):            # only then the per-element pass
+        # The per-element pass only where a group's absmax passes its limit by more than the top step's
+        # half (2^-(m+1)): a scale from the absmax itself, rounded in float32 or to a stored dtype, may
+        # sit a hair below it, and clamping by that much is within FP8's own rounding.
+        if bool((amax > limit * (1 + 2.0 ** -(self.fmt.mantissa_bits + 1))).any()):
             beyond = (x.abs() - expand_scale(limit, x.shape[0], x.shape[1], granularity)).clamp_(min=0)
             self.clipped += int((beyond > 0).sum())
             self.clip_e2 += float(torch.dot(beyond.reshape(-1), beyond.reshape(-1)))
