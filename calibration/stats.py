@@ -174,6 +174,8 @@ def _document(raw: str, path: str) -> dict:
         doc = json.loads(raw, parse_constant=lambda name: _bad_constant(name))
     except (ValueError, RecursionError) as exc:
         raise refuse(f"is not JSON ({exc})") from None
+    if not _all_finite(doc):                   # 1e400 parses as inf
+        raise refuse("holds a number out of range (Infinity)")
     if not isinstance(doc, dict) or doc.get("version") != VERSION or isinstance(doc.get("version"), bool):
         version = doc.get("version") if isinstance(doc, dict) else None
         raise UnsupportedInputError(f"stats file version {version!r}; this quantkit reads version {VERSION}",
@@ -205,6 +207,20 @@ def _document(raw: str, path: str) -> dict:
             if not (v is None or isinstance(v, (int, float))):
                 raise refuse(f"has layers[{name!r}][{k!r}] = {v!r}: a number")
     return doc
+
+
+def _all_finite(value) -> bool:
+    """No Infinity anywhere in a parsed JSON value (iterative: the parser bounded its depth already)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return True
 
 
 def _bad_constant(name: str):

@@ -90,6 +90,7 @@ RAW_EDITS = {
     "a NaN figure": (None, "NaN is not a JSON number"),
     "an Infinity figure": (None, "Infinity is not a JSON number"),
     "deeply nested": ("[" * 100000 + "]" * 100000, "is not JSON"),
+    "a number past float range": (None, "holds a number out of range"),
 }
 TENSOR_EDITS = {
     "a weight range of the wrong shape": (lambda t: t.update({"weight/" + LAYERS[0]: torch.ones(3, 3)}),
@@ -120,7 +121,8 @@ def case_file(kind, name, good, path):
         if raw is None:
             doc = json.loads(meta["quantkit.stats"])
             doc["layers"][LAYERS[0]]["input_absmax"] = "@@"
-            raw = json.dumps(doc).replace('"@@"', "NaN" if "NaN" in name else "Infinity")
+            raw = json.dumps(doc).replace('"@@"', {"a NaN figure": "NaN", "an Infinity figure": "Infinity"}.get(
+                name, "1e400"))
         meta["quantkit.stats"] = raw
     elif kind == "tensors":
         edit, _ = TENSOR_EDITS[name]
