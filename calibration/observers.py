@@ -67,11 +67,17 @@ class MovingAverage(Observer):
 
 
 class Percentile(Observer):
-    """The q-th percentile of |x| per tensor (q in (0, 100]; 100 is absmax), the maximum over batches."""
+    """The q-th percentile of |x| per tensor (q a percent in (1, 100]; 100 is absmax), the maximum over batches.
+
+    q at or below 1 is refused: it reads as a fraction (0.9999 for 99.99 %, as ``ema:0.9`` takes its
+    momentum), and as a percent it would clip nearly every value of the tensor."""
 
     def __init__(self, q: float = 99.99):
-        if not 0.0 < q <= 100.0:
-            raise ValueError(f"percentile {q}: use a number in (0, 100]")
+        if 0.0 < q <= 1.0:
+            raise ValueError(f"percentile takes a percent, e.g. percentile:99.99 ({q:g} reads as a fraction: "
+                             f"for {100 * q:g} % write percentile:{100 * q:g})")
+        if not 1.0 < q <= 100.0:
+            raise ValueError(f"percentile {q:g}: percentile takes a percent in (1, 100], e.g. percentile:99.99")
         self.q, self.value = q, None
 
     def update(self, x: torch.Tensor) -> None:

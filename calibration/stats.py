@@ -128,48 +128,114 @@ def save(stats: Stats, path: str, *, overwrite: bool = False) -> str:
 
 
 def load(path: str) -> Stats:
-    """Read a stats file; anything that is not one ``quantkit calibrate`` wrote raises a one-line error."""
+    """Read a stats file; anything that is not one ``quantkit calibrate`` wrote (or was edited into
+    something else) raises a one-line ``UnsupportedInputError`` naming the file and what is wrong."""
     from quantkit.reader import SafetensorsFile
     with SafetensorsFile(path) as f:
         raw = f.metadata.get(META_KEY)
         if raw is None:
             raise UnsupportedInputError("not a quantkit stats file (no quantkit.stats metadata)", path=path,
                                         hint="make one with: quantkit calibrate SRC -o STATS")
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            raise UnsupportedInputError("its quantkit.stats metadata is not JSON", path=path,
-                                        hint="re-run quantkit calibrate") from None
-        if not isinstance(doc, dict) or doc.get("version") != VERSION:
-            version = doc.get("version") if isinstance(doc, dict) else None
-            raise UnsupportedInputError(f"stats file version {version!r}; this quantkit reads version {VERSION}",
-                                        path=path, hint="re-run quantkit calibrate with this quantkit")
+        doc = _document(raw, path)
+        granularity = Granularity(doc["granularity"])
         weights, activations = {}, {}
         for key, info in f.tensors.items():
             if info.dtype is not dtypes.F32:
                 raise UnsupportedInputError(f"a statistic must be F32, not {info.dtype.code}", path=path, tensor=key)
+            if key.startswith(WEIGHT):
+                _check_rank(info.shape, granularity, path, key)
+            elif not key.startswith(INPUT):
+                raise UnsupportedInputError("unexpected tensor in a stats file (neither weight/ nor input/)",
+                                            path=path, tensor=key, hint="re-run quantkit calibrate")
+            elif math.prod(info.shape) != 1:
+                raise UnsupportedInputError(f"an input range is one value, not shaped {list(info.shape)}", path=path,
+                                            tensor=key, hint="re-run quantkit calibrate")
             value = f.read_tensor(info).float().clone()
             if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
                 raise UnsupportedInputError("a statistic is negative, NaN or Inf", path=path, tensor=key,
                                             hint="re-run quantkit calibrate")
             if key.startswith(WEIGHT):
                 weights[key[len(WEIGHT):]] = value
-            elif key.startswith(INPUT) and value.numel() == 1:
-                activations[key[len(INPUT):]] = value.reshape(())
             else:
-                raise UnsupportedInputError("unexpected tensor in a stats file", path=path, tensor=key)
+                activations[key[len(INPUT):]] = value.reshape(())
+    return Stats(source=doc["source"], granularity=granularity, fp8=doc["fp8"],
+                 weight_observer=doc["weight_observer"], weights=weights, activations=activations,
+                 activation_observer=doc.get("activation_observer"), samples=doc.get("samples") or 0,
+                 inputs=doc.get("inputs"), options=doc.get("options") or {}, layers=doc.get("layers") or {},
+                 path=path)
+
+
+def _document(raw: str, path: str) -> dict:
+    """The ``quantkit.stats`` JSON, every field of the type ``save`` writes (a hand-edited one is
+    refused by field, never let through to fail later)."""
+    def refuse(what: str):
+        return UnsupportedInputError(f"its quantkit.stats metadata {what}", path=path, hint="re-run quantkit calibrate")
     try:
-        source = doc["source"]
-        if not isinstance(source, dict) or not isinstance(source.get("sha256"), str):
-            raise KeyError("source")
-        return Stats(source=source, granularity=doc["granularity"], fp8=doc["fp8"],
-                     weight_observer=str(doc["weight_observer"]), weights=weights, activations=activations,
-                     activation_observer=doc.get("activation_observer"), samples=int(doc.get("samples") or 0),
-                     inputs=doc.get("inputs"), options=doc.get("options") or {}, layers=doc.get("layers") or {},
-                     path=path)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UnsupportedInputError(f"its quantkit.stats metadata lacks or breaks {exc}", path=path,
-                                    hint="re-run quantkit calibrate") from None
+        doc = json.loads(raw, parse_constant=lambda name: _bad_constant(name))
+    except (ValueError, RecursionError) as exc:
+        raise refuse(f"is not JSON ({exc})") from None
+    if not _all_finite(doc):                   # 1e400 parses as inf
+        raise refuse("holds a number out of range (Infinity)")
+    if not isinstance(doc, dict) or doc.get("version") != VERSION or isinstance(doc.get("version"), bool):
+        version = doc.get("version") if isinstance(doc, dict) else None
+        raise UnsupportedInputError(f"stats file version {version!r}; this quantkit reads version {VERSION}",
+                                    path=path, hint="re-run quantkit calibrate with this quantkit")
+    for key in ("source", "granularity", "fp8", "weight_observer"):
+        if key not in doc:
+            raise refuse(f"lacks {key!r}")
+    source = doc["source"]
+    if not isinstance(source, dict) or not isinstance(source.get("sha256"), str) or \
+            not all(isinstance(source.get(k), (str, type(None))) for k in ("name", "fingerprint")):
+        raise refuse("has a 'source' that is not {name, sha256, fingerprint, ...} strings")
+    if not isinstance(doc["granularity"], str) or doc["granularity"] not in {g.value for g in Granularity}:
+        raise refuse(f"has granularity {doc['granularity']!r}: one of {', '.join(g.value for g in Granularity)}")
+    if not isinstance(doc["fp8"], str) or doc["fp8"] not in FP8_FORMATS:
+        raise refuse(f"has fp8 {doc['fp8']!r}: one of {', '.join(FP8_FORMATS)}")
+    for key, optional in (("weight_observer", False), ("activation_observer", True), ("inputs", True)):
+        if not isinstance(doc.get(key), str) and not (optional and doc.get(key) is None):
+            raise refuse(f"has {key} {doc.get(key)!r}: a string" + (" or null" if optional else ""))
+    samples = doc.get("samples") or 0
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise refuse(f"has samples {samples!r}: a count")
+    if not isinstance(doc.get("options", {}), dict):
+        raise refuse("has 'options' that is not an object")
+    layers = doc.get("layers", {})
+    if not isinstance(layers, dict) or not all(isinstance(f, dict) for f in layers.values()):
+        raise refuse("has 'layers' that is not {tensor: {figure: number}}")
+    for name, figures in layers.items():
+        for k, v in figures.items():
+            if not (v is None or isinstance(v, (int, float))):
+                raise refuse(f"has layers[{name!r}][{k!r}] = {v!r}: a number")
+    return doc
+
+
+def _all_finite(value) -> bool:
+    """No Infinity anywhere in a parsed JSON value (iterative: the parser bounded its depth already)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return True
+
+
+def _bad_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_rank(shape, granularity: Granularity, path: str, key: str) -> None:
+    """A weight statistic is shaped like a scale of ``granularity`` (the source's shapes are checked
+    at convert: ``check_shapes``)."""
+    ok = (shape == () if granularity is Granularity.TENSOR else
+          len(shape) == 2 and (shape[1] == 1 or granularity is Granularity.BLOCK))
+    if not ok:
+        want = {"tensor": "[]", "channel": "[rows, 1]", "block": "[row tiles, column tiles]"}[granularity.value]
+        raise UnsupportedInputError(f"statistic shaped {list(shape)}; a {granularity.value} scale is {want}",
+                                    path=path, tensor=key, hint="re-run quantkit calibrate")
 
 
 def check_shapes(stats: Stats, tensors) -> None:

@@ -356,7 +356,9 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
 @click.option("--against", "against", type=click.Path(),
               help="The source checkpoint: measure every tensor against it.")
 @click.option("--min-sqnr", type=DECIBELS, metavar="DB",
-              help="Fail if any tensor's SQNR is below DB decibels (needs --against).")
+              help="Fail if any tensor's SQNR is below DB decibels (needs --against). Replaces the default "
+                   "sanity floor: an FP8 tensor fails 3 dB under the least SQNR round-to-nearest with its own "
+                   "absmax scale gives its data (about 21 dB in E4M3).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report as JSON to PATH.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Also write DIR/report.md with PNG charts (per-tensor SQNR by depth, the model's output) "
@@ -405,7 +407,8 @@ def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_c
     reports PSNR, SQNR and cosine per tensor, then min / median and the worst tensors.
 
     Exit code 0 when everything checks out, 1 when validation fails (hash mismatch, missing
-    tensor, SQNR below --min-sqnr), 2 when the arguments are unusable.
+    tensor, an FP8 tensor below its sanity floor or, when given, SQNR below --min-sqnr), 2 when
+    the arguments are unusable.
 
     \b
     Example:
@@ -477,6 +480,11 @@ def _print_report(report, show: int) -> None:
         if s["sqnr_db"]:
             click.echo(f"  FP8 tensors: SQNR min {s['sqnr_db']['min']:.2f} dB, median {s['sqnr_db']['median']:.2f} dB;"
                        f" PSNR min {s['psnr_db']['min']:.2f} dB; cosine min {s['cosine']['min']:.6f}")
+        bar = report.floor()
+        if bar["rule"] == "min-sqnr":
+            click.echo(f"  bar: --min-sqnr {bar['db']:g} dB for every tensor")
+        elif bar["db"] is not None:
+            click.echo(f"  sanity floor: {bar['what']} (lowest {bar['db']:.1f} dB)")
         worst = s["worst"][:show]
         if worst:
             click.echo("  lowest SQNR:")

@@ -10,6 +10,10 @@ throughout where float32 would overflow, underflow or meet NaN/Inf), so a tensor
 to be in memory whole. An exact reconstruction has infinite PSNR/SQNR. Where the original is
 NaN/Inf the position is counted and left out; a NaN/Inf reconstruction of a finite value is an
 infinite error (SQNR = PSNR = -inf), never hidden.
+
+``rtn_sqnr_bound`` is the least SQNR round-to-nearest FP8 with absmax scales can give a tensor
+(validate's default sanity floor); ``ScaleFit`` measures how well given scales fit a weight
+(values clipped at the FP8 maximum, or a range far above the weight's own).
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import threading
 from dataclasses import dataclass
 
 import torch
+
+from .dtypes import FP8Format
 
 
 # A float32 sum of squares below this is redone in float64: squares under float32's smallest
@@ -175,3 +181,94 @@ def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def max_abs_error(x: torch.Tensor, y: torch.Tensor) -> float:
     return ErrorStats().update(x, y).max_abs_error
+
+
+def peak_to_rms_db(n: int, sum_x2: float, peak: float) -> float:
+    """10 log10(peak^2 / mean x^2): how far a tensor's largest value sits above its typical one
+    (PSNR - SQNR of any reconstruction of it); inf for an all-zero tensor."""
+    return 10 * math.log10(peak ** 2 * n / sum_x2) if sum_x2 > 0 else math.inf
+
+
+def rtn_sqnr_bound(peak_to_rms: float, fmt: FP8Format) -> float:
+    """The least SQNR (dB) that round-to-nearest ``fmt`` with each scale group's absmax as its scale
+    (scale = absmax / max) can give a tensor whose peak-to-RMS ratio is ``peak_to_rms`` dB: what
+    a correct conversion always reaches, whatever its data.
+
+    Per element, x / scale lies within [-max, max] (absmax scale: nothing clips). In the normal
+    range the nearest code is within half a step, 2^-(m+1) of |x| (m mantissa bits: 2^-4 for
+    E4M3, 2^-3 for E5M2); below the smallest normal, within half the subnormal step (in units of
+    the scale: min_subnormal / 2). So e^2 <= 2^-2(m+1) x^2 + (min_subnormal / 2 * scale)^2, and
+    with scale <= peak / max over every group, sum e^2 / sum x^2 <= 2^-2(m+1) +
+    (min_subnormal / (2 max))^2 * peak^2 / mean x^2. E4M3: 24.1 dB while peak / RMS stays under
+    ~10^4 (real weights: 15-45 dB of it; measured round-to-nearest gives ~31.5 dB there, the
+    bound assumes every value at its worst). Rounding is never worse than 0 (|e| <= |x|): the
+    bound is at least 0 dB.
+
+    >>> from quantkit.dtypes import E4M3FN, E5M2
+    >>> round(rtn_sqnr_bound(20.0, E4M3FN), 2), round(rtn_sqnr_bound(20.0, E5M2), 2)
+    (24.08, 18.06)
+    """
+    if math.isinf(peak_to_rms):
+        return math.inf
+    relative = 2.0 ** (-2 * (fmt.mantissa_bits + 1))
+    floor_step = (fmt.min_subnormal / (2 * fmt.max_finite)) ** 2 * 10 ** (peak_to_rms / 10)
+    return max(0.0, -10 * math.log10(relative + floor_step))
+
+
+@dataclass
+class ScaleFit:
+    """How given scales fit a weight, fed chunk by chunk (float32 [rows, cols] holding whole scale
+    groups, with the scales of those rows): values beyond scale * max are clipped to the FP8
+    maximum, and a scale group whose largest value maps far below the maximum wastes FP8's range
+    (every value rounds to 0 when it maps below half the smallest subnormal).
+
+    >>> from quantkit.dtypes import E4M3FN, Granularity
+    >>> fit = ScaleFit(E4M3FN)
+    >>> fit.update(torch.tensor([[1.0, -4.0]]), torch.tensor(2.0 / 448), Granularity.TENSOR)
+    >>> fit.clipped, round(fit.clipped_fraction, 2), round(fit.clip_sqnr, 2)
+    (1, 0.5, 6.28)
+    """
+
+    fmt: FP8Format
+    n: int = 0
+    sum_x2: float = 0.0
+    clipped: int = 0           # values beyond the FP8 maximum of their group's scale
+    clip_e2: float = 0.0       # their squared error (|x| - scale * max)^2
+    fill: float | None = None  # min over nonzero groups of absmax / (scale * max): 1 fits, << 1 wastes range
+
+    def update(self, x: torch.Tensor, scale: torch.Tensor, granularity) -> None:
+        from .fp8 import absmax, expand_scale
+        sum_x2 = float(torch.dot(x.reshape(-1), x.reshape(-1)))
+        if not math.isfinite(sum_x2):           # NaN/Inf kept by --allow-nonfinite: not a fit question
+            return
+        limit = scale.float() * self.fmt.max_finite
+        amax = absmax(x, granularity)
+        nonzero = amax > 0
+        if bool(nonzero.any()):
+            fill = float((amax[nonzero] / limit.expand_as(amax)[nonzero]).amin())
+            self.fill = fill if self.fill is None else min(self.fill, fill)
+        self.n += x.numel()
+        self.sum_x2 += sum_x2
+        # The per-element pass only where a group's absmax passes its limit by more than the top step's
+        # half (2^-(m+1)): a scale from the absmax itself, rounded in float32 or to a stored dtype, may
+        # sit a hair below it, and clamping by that much is within FP8's own rounding.
+        if bool((amax > limit * (1 + 2.0 ** -(self.fmt.mantissa_bits + 1))).any()):
+            beyond = (x.abs() - expand_scale(limit, x.shape[0], x.shape[1], granularity)).clamp_(min=0)
+            self.clipped += int((beyond > 0).sum())
+            self.clip_e2 += float(torch.dot(beyond.reshape(-1), beyond.reshape(-1)))
+
+    @property
+    def clipped_fraction(self) -> float:
+        return self.clipped / self.n if self.n else 0.0
+
+    @property
+    def clip_sqnr(self) -> float:
+        """The SQNR (dB) the clipping alone leaves (inf: nothing clipped)."""
+        if self.clip_e2 == 0:
+            return math.inf
+        return 10 * math.log10(self.sum_x2 / self.clip_e2) if self.sum_x2 > 0 else -math.inf
+
+    @property
+    def zeroed(self) -> bool:
+        """Some scale group's values all round to 0 (its largest maps below half the smallest subnormal)."""
+        return self.fill is not None and self.fill * self.fmt.max_finite < self.fmt.min_subnormal / 2

@@ -229,6 +229,10 @@ def _validation(prov: dict) -> str:
                 "`--report`, or publish with `--against SOURCE`.\n")
     s = v["summary"]
     bar = f" (bar: SQNR >= {v['min_sqnr']:g} dB for every tensor)" if v.get("min_sqnr") is not None else ""
+    floor = v.get("sqnr_floor")
+    if not bar and s.get("quantized") and isinstance(floor, dict) and isinstance(floor.get("margin_db"), (int, float)):
+        bar = (f" (sanity floor: every FP8 tensor's SQNR within {floor['margin_db']:g} dB of the least that "
+               "round-to-nearest with its own absmax scale gives)")
     against = f"against `{v['against']}`" if v.get("against") else "without the source (integrity only)"
     out = [f"## Validation\n\n{v['how']}, {against}: {'passed' if v['ok'] else 'FAILED'}{bar}."]
     if s.get("sqnr_db"):

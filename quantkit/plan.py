@@ -308,8 +308,59 @@ def apply_stats(plan: Plan, source, stats: Stats) -> None:
         plan.warnings.append(f"--stats: {len(no_weight)} quantized tensor(s) without a weight range in the stats "
                              f"({_examples(no_weight)}): their scales come from their absmax")
     if no_input and stats.activations:
-        plan.warnings.append(f"--stats: {len(no_input)} quantized layer(s) without an activation range in the stats "
-                             f"({_examples(no_input)}): no static input scale is written for them")
+        # calibrate records no input range for a per-sample projection (modulation, pooled embedders: one
+        # input vector per sample) on purpose: those layers run weight-only. Only the others lack one.
+        by_design = [n for n in no_input if _per_sample(stats, parts.get(n) or [(n, 0, 0)])]
+        lacking = [n for n in no_input if n not in by_design]
+        if by_design:
+            plan.notes.append(f"--stats: {len(by_design)} per-sample modulation layer(s) run weight-only by design "
+                              f"({_examples(by_design)}): nothing to do")
+        if lacking:
+            plan.warnings.append(f"--stats: {len(lacking)} quantized layer(s) without an activation range in the "
+                                 f"stats ({_examples(lacking)}): no static input scale is written for them (they run "
+                                 "weight-only); if they should run W8A8, calibrate with inputs that reach them "
+                                 "(quantkit calibrate --inputs) and with the same policy options as this convert")
+
+
+def _per_sample(stats: Stats, pieces) -> bool:
+    """Whether calibrate saw the layer (all of its parts) take one input vector per sample."""
+    return all(isinstance(stats.layers.get(name), dict) and stats.layers[name].get("input_per_sample") is True
+               for name, _, _ in pieces)
+
+
+# A stats range that clips its weight this much (the clipped values' error alone leaves an SQNR below
+# this; E4M3 rounding leaves ~31 dB) costs the tensor more than FP8 itself: warned. An MSE observer's
+# clipping stays far above it (its total error is below round-to-nearest's at absmax).
+CLIP_WARN_DB = 25.0
+# A range this many times the weight's absmax puts its largest value at or below FP8 max / 64.
+WIDE_WARN_RATIO = 64.0
+
+
+def stats_fit_warnings(fits: dict) -> list[str]:
+    """Warnings for stats ranges that do not fit the weights they scaled (``fits``: tensor ->
+    ``metrics.ScaleFit`` measured while quantizing): ranges below the weights' absmax that clip
+    them hard, and ranges so far above it that the weights lose FP8's precision or round to 0."""
+    out = []
+    clipped = sorted((n for n, f in fits.items() if f.clip_sqnr < CLIP_WARN_DB), key=lambda n: fits[n].clip_sqnr)
+    if clipped:
+        worst = fits[clipped[0]]
+        out.append(f"--stats: {len(clipped)} tensor(s) clipped by the stats' weight ranges, worst {clipped[0]}: "
+                   f"{100 * worst.clipped_fraction:.3g}% of its values at the FP8 maximum, SQNR {worst.clip_sqnr:.1f} "
+                   f"dB from the clipping alone ({_examples(clipped)}): the stats do not match these weights "
+                   "(calibrated on another checkpoint, edited, or a clipping observer such as a percentile): "
+                   "recalibrate this checkpoint (--observer absmax or mse), or convert without --stats")
+    wide = sorted((n for n, f in fits.items() if f.fill is not None and f.fill * WIDE_WARN_RATIO <= 1),
+                  key=lambda n: fits[n].fill)
+    if wide:
+        worst = fits[wide[0]]
+        top = worst.fmt.max_finite
+        what = "every value rounds to 0" if worst.zeroed else \
+            f"its largest value maps to {top * worst.fill:.3g} of FP8's {top:g} and small ones lose precision"
+        times = 1 / worst.fill if worst.fill else float("inf")
+        out.append(f"--stats: {len(wide)} tensor(s) with weight ranges far above their weights, worst {wide[0]}: "
+                   f"its range is {times:.3g}x its absmax, {what} ({_examples(wide)}): the stats do not match these "
+                   "weights: recalibrate this checkpoint, or convert without --stats")
+    return out
 
 
 def _weight_range(pieces, own: dict, stats: Stats, g: Granularity) -> torch.Tensor | None:

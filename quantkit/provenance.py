@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shlex
 
@@ -169,10 +170,36 @@ def from_report(path: str, manifest: dict) -> dict:
         raise ValidationFailed(f"the report records a failed validation ({len(failures)} problem(s): "
                                + "; ".join(failures[:3]) + ")", path=path,
                                hint="fix the output and validate again; nothing was published")
+    below = _below_floor(doc, manifest)
+    if below:
+        raise ValidationFailed(f"the report passed, but {len(below)} FP8 tensor(s) fall below the sanity floor "
+                               "validate now applies: " + "; ".join(below[:3]), path=path,
+                               hint="validate again with this quantkit (or set your bar with --min-sqnr); "
+                                    "nothing was published")
     digest = hashlib.sha256(raw).hexdigest()
     against = os.path.basename(os.path.normpath(doc["against"])) if doc.get("against") else None
     return validation_record(doc, f"Validated with `quantkit validate` (report `{os.path.basename(path)}`, "
                                    f"SHA256 `{digest}`)", against)
+
+
+def _below_floor(doc: dict, manifest: dict) -> list[str]:
+    """The default sanity floor (``quantkit.validate.sqnr_floor``) applied to a report's FP8 tensors,
+    for a report that passed without it (written before quantkit had it, or edited), unless the
+    report's own bar (--min-sqnr) replaced it. Each tensor's floor comes from its PSNR - SQNR (its
+    peak-to-RMS ratio) and the manifest's FP8 dtype."""
+    if doc.get("min_sqnr") is not None:
+        return []
+    from .dtypes import E4M3FN, FP8_FORMATS
+    from .validate import floor_failure, sqnr_floor
+    fmt = FP8_FORMATS.get((manifest.get("conversion") or {}).get("fp8"), E4M3FN)
+    failures = []
+    for t in doc["tensors"]:
+        sqnr, psnr, cosine = t.get("sqnr"), t.get("psnr"), t.get("cosine")
+        if t["stored"] == "fp8" and sqnr is not None and psnr is not None:      # None: exact
+            floor = sqnr_floor(psnr - sqnr, fmt)
+            if sqnr < floor:
+                failures.append(floor_failure(t["name"], sqnr, math.nan if cosine is None else cosine, floor))
+    return failures
 
 
 def _well_formed(doc) -> bool:
@@ -200,7 +227,9 @@ def _well_formed(doc) -> bool:
 def validation_record(doc: dict, how: str, against: str | None) -> dict:
     s = doc.get("summary") or {}
     keep = ("name", "stored", "granularity", "sqnr", "psnr", "cosine", "max_abs_error", "exact")
+    floor = doc.get("sqnr_floor")
     return {"how": how, "against": against, "ok": bool(doc.get("ok")), "min_sqnr": doc.get("min_sqnr"),
+            "sqnr_floor": floor if isinstance(floor, dict) and floor.get("rule") == "default" else None,
             "summary": {k: s.get(k) for k in ("tensors", "quantized", "sqnr_db", "psnr_db", "cosine")},
             "model_output": doc.get("model_output"),
             "tensors": [{k: t.get(k) for k in keep} for t in doc.get("tensors") or []

@@ -33,8 +33,10 @@ from .sources import open_source
 from .destinations import check_destination, check_not_source_files, check_report_path, output_paths, source_reads
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
 from .manifest import file_entry, manifest_path, read_manifest, source_files, source_name, write_manifest
+from .metrics import ScaleFit
 from .calibration.stats import Stats, mismatch as stats_mismatch
-from .plan import ConvertOptions, Plan, PlannedTensor, check_stats, load_stats, make_plan, options_with_stats
+from .plan import (ConvertOptions, Plan, PlannedTensor, check_stats, load_stats, make_plan, options_with_stats,
+                   stats_fit_warnings)
 from .policy import Action
 from .progress import NULL, Progress
 from .reader import SafetensorsFile, chunk_rows
@@ -154,6 +156,9 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
                     raise
                 folder.commit()
         manifest = manifest_path(dst)
+    for w in stats_fit_warnings(run.fits):       # measured while writing: the output is there, validate fails it
+        progress.warn(w)
+        plan.warnings.append(w)
     progress.close()
     summary = plan.summary()
     return ConvertResult(
@@ -196,6 +201,7 @@ class _Run:
         self.files: dict[str, dict] = {}
         self.source_digests: dict[str, str] = {}
         self.jobs, self.workers_peak_rss = 1, 0
+        self.fits: dict[str, ScaleFit] = {}       # how the stats' scales fit their weights (ScaleFit)
         # Called with the source's digests once hashed, before anything is published (stats' SHA256).
         self.check_source = lambda digests: None
 
@@ -211,7 +217,7 @@ class _Run:
                 self.check_source(self.source_digests)
                 manifest(dst)
             digest = _write(self.source, self.plan, self.plan.outputs, scales, dst, self.metadata, overwrite,
-                            self.progress, before_publish=publish)
+                            self.progress, before_publish=publish, fits=self.fits)
         return digest, self.files, self.source_digests
 
     def folder(self, folder: str, groups: list[list], jobs: int) -> tuple[str, dict, dict]:
@@ -225,7 +231,8 @@ class _Run:
                 scales = _calibrate(self.source, self.plan, self.progress)
                 self.progress.stage("quantize", self.plan.bytes_in)
                 digests = {name: _write(self.source, self.plan, group, scales, os.path.join(folder, name),
-                                        self.metadata, False, self.progress) for name, group in zip(names, groups)}
+                                        self.metadata, False, self.progress, fits=self.fits)
+                           for name, group in zip(names, groups)}
                 source_hash.result()
                 self.source_digests = source_hash.digests
         self.check_source(self.source_digests)
@@ -252,9 +259,9 @@ class _Run:
             if kind == "hash":
                 return sha256_file(key)
             group = groups[key]
-            scales = _calibrate(self.source, self.plan, NULL, group)
+            scales, fits = _calibrate(self.source, self.plan, NULL, group), {}
             return _write(self.source, self.plan, group, scales, os.path.join(folder, names[key]), self.metadata,
-                          False, NULL)
+                          False, NULL, fits=fits), fits
 
         by_name = {t.name: t for t in self.plan.tensors}
         size = {("hash", f): os.path.getsize(f) for f in self.source.files}
@@ -272,7 +279,9 @@ class _Run:
         self.jobs = jobs
         out = dict(zip(pieces, results))
         self.source_digests = {f: out[("hash", f)] for f in self.source.files}
-        return {name: out[("shard", i)] for i, name in enumerate(names)}
+        for i in range(len(names)):
+            self.fits.update(out[("shard", i)][1])
+        return {name: out[("shard", i)][0] for i, name in enumerate(names)}
 
 
 def _load_stats(stats) -> tuple[Stats | None, str | None]:
@@ -395,13 +404,14 @@ def _stored(scale: torch.Tensor, dtype, path: str, name: str) -> torch.Tensor:
 
 
 def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: dict, overwrite: bool, progress,
-           before_publish=None) -> str:
+           before_publish=None, fits: dict | None = None) -> str:
     """Stream the output tensors ``emits`` (all of ``plan.outputs``, or one shard's) into the
     safetensors file ``path``; returns its SHA256.
 
     Tensors without an entry in ``scales`` get theirs while they are quantized (added to ``scales``).
     ``before_publish(sha256, bytes)`` runs
-    before the rename (see ``SafetensorsWriter``).
+    before the rename (see ``SafetensorsWriter``). ``fits`` (given): a ``ScaleFit`` of each tensor
+    whose scale came from a stats file, measured while it is quantized.
     """
     by_name = {t.name: t for t in plan.tensors}
     stored_as = _scale_dtypes(plan)
@@ -414,8 +424,11 @@ def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: d
                 writer.write(_scale_bytes(scales[emit.source], emit.spec.dtype))
             else:
                 t = by_name[emit.source]
+                fit = ScaleFit(plan.options.fp8) if fits is not None and t.name in plan.weight_ranges else None
                 scale = _write_tensor(source, t, scales.get(t.name), plan.options, writer, buffers,
-                                      stored_as.get(t.name), finite_check=t.name in plan.weight_ranges)
+                                      stored_as.get(t.name), finite_check=t.name in plan.weight_ranges, fit=fit)
+                if fit is not None:
+                    fits[t.name] = fit
                 if scale is not None:
                     scales[t.name] = scale
                 progress.advance(t.info.nbytes)
@@ -463,13 +476,14 @@ def _chunk_elems(info, options: ConvertOptions) -> int:
 
 
 def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: ConvertOptions, writer,
-                  buffers: _Buffers, scale_dtype=None, finite_check: bool = False):
+                  buffers: _Buffers, scale_dtype=None, finite_check: bool = False, fit: ScaleFit | None = None):
     """Write one tensor's output bytes. A quantized tensor without ``scale`` gets its scale chunk
     by chunk (rounded to ``scale_dtype``), which is returned; otherwise returns None.
-    ``finite_check``: refuse NaN/Inf in a weight whose scale did not come from its absmax."""
+    ``finite_check``: refuse NaN/Inf in a weight whose scale did not come from its absmax; ``fit``:
+    measure how that scale fits the weight."""
     info = t.info
     if t.action is Action.QUANTIZE and t.prequantized is None:
-        return _write_quantized(source, info, scale, options, writer, buffers, scale_dtype, finite_check)
+        return _write_quantized(source, info, scale, options, writer, buffers, scale_dtype, finite_check, fit)
     if info.nbytes == 0:
         return None
     if t.action is Action.KEEP and t.prequantized is not None:     # an FP8 source tensor the user keeps
@@ -493,7 +507,7 @@ def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: Con
 
 
 def _write_quantized(source: SafetensorsFile, info, scale, options: ConvertOptions, writer, buffers: _Buffers,
-                     scale_dtype, finite_check: bool = False):
+                     scale_dtype, finite_check: bool = False, fit: ScaleFit | None = None):
     g, fmt = options.granularity, options.fp8
 
     def scale_of(amax: torch.Tensor) -> torch.Tensor:
@@ -512,6 +526,8 @@ def _write_quantized(source: SafetensorsFile, info, scale, options: ConvertOptio
             if finite_check and not options.allow_nonfinite and not bool(torch.isfinite(y).all()):
                 chunk_absmax(y, g, False, source.path, info.name)       # raises NonFiniteError, counting them
             chunk_scale = fp8math.scale_rows(scale, g, r0, r1)
+            if fit is not None:       # before quantizing divides y in place
+                fit.update(y, chunk_scale, g)
         space = writer.reserve(y.numel())     # one byte a code: the codes go straight into the output's buffer
         out = buffers.out if space is None else torch.frombuffer(space, dtype=torch.uint8).view(fmt.torch_dtype)
         q = fp8math.quantize_widened(y, chunk_scale, g, fmt, out=out)

@@ -23,7 +23,7 @@ from .errors import FormatError, QuantkitError, UnsupportedInputError, Validatio
 from .formats import StoredTensor, detect_format
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
 from .manifest import manifest_path, read_manifest
-from .metrics import ErrorStats
+from .metrics import ErrorStats, peak_to_rms_db, rtn_sqnr_bound
 from .progress import NULL, Progress
 from .readback import CHUNK_BYTES, load_dequantized, open_output, stored_values, stored_view  # noqa: F401
 from .reader import SafetensorsFile, chunk_rows
@@ -43,11 +43,12 @@ class TensorReport:
     max_abs_error: float
     nonfinite: int = 0             # NaN/Inf in the source (allowed with --allow-nonfinite)
     broken: int = 0                # finite in the source, NaN/Inf in the output: always a failure
+    sqnr_floor: float | None = None   # FP8: the default sanity floor (sqnr_floor()), None for the others
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("psnr", "sqnr", "cosine", "max_abs_error"):
-            if not math.isfinite(d[k]):
+        for k in ("psnr", "sqnr", "cosine", "max_abs_error", "sqnr_floor"):
+            if d[k] is not None and not math.isfinite(d[k]):
                 d[k] = None    # JSON has no Infinity: null means exact (error 0)
         d["exact"] = self.max_abs_error == 0 and not self.broken
         return d
@@ -71,6 +72,15 @@ class ValidationReport:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    def floor(self) -> dict:
+        """The per-tensor SQNR bar this report applied: the user's --min-sqnr, or the default floor."""
+        if self.min_sqnr is not None:
+            return {"rule": "min-sqnr", "db": self.min_sqnr, "what": f"every tensor's SQNR >= {self.min_sqnr:g} dB"}
+        floors = [t.sqnr_floor for t in self.quantized() if t.sqnr_floor is not None]
+        return {"rule": "default", "db": min(floors) if floors else None, "margin_db": FLOOR_MARGIN_DB,
+                "what": f"every FP8 tensor's SQNR within {FLOOR_MARGIN_DB:g} dB of the least that round-to-nearest "
+                        f"with its scale groups' absmax gives its data (--min-sqnr DB sets another bar)"}
 
     def quantized(self) -> list[TensorReport]:
         return [t for t in self.tensors if t.stored == "fp8"]
@@ -96,7 +106,8 @@ class ValidationReport:
                 return [clean(x) for x in v]
             return v
         return clean({"ok": self.ok, "output": self.output, "against": self.against, "format": self.format,
-                      "min_sqnr": self.min_sqnr, "seconds": self.seconds, "hashes": self.hashes,
+                      "min_sqnr": self.min_sqnr, "sqnr_floor": self.floor(), "seconds": self.seconds,
+                      "hashes": self.hashes,
                       "failures": self.failures, "notes": self.notes, "summary": summary,
                       "model_output": self.model_output, "jobs": self.jobs,
                       "workers_peak_rss_bytes": self.workers_peak_rss_bytes,
@@ -331,10 +342,35 @@ def _quality_failures(report: ValidationReport, min_sqnr: float | None) -> None:
     for t in report.tensors:
         if t.broken:
             report.failures.append(f"{t.name}: {t.broken} finite source value(s) became NaN/Inf in the output")
-    if min_sqnr is not None:
+    if min_sqnr is not None:            # the user's bar replaces the default floor
         for t in report.tensors:
             if t.stored != "bytes" and t.sqnr < min_sqnr:
                 report.failures.append(f"{t.name}: SQNR {t.sqnr:.2f} dB is below --min-sqnr {min_sqnr:g}")
+        return
+    for t in report.quantized():
+        if t.sqnr_floor is not None and not t.broken and not t.sqnr >= t.sqnr_floor:
+            report.failures.append(floor_failure(t.name, t.sqnr, t.cosine, t.sqnr_floor))
+
+
+# The default floor sits this far below rtn_sqnr_bound: the bound already assumes every value at its
+# worst rounding (real weights land ~7 dB above it in E4M3), so a correct conversion never comes near;
+# a scale that clips the weights (stats of other weights, a percentile of a fraction) or zeroes them does.
+FLOOR_MARGIN_DB = 3.0
+
+
+def sqnr_floor(peak_to_rms: float, fmt: fp8math.FP8Format) -> float:
+    """The default sanity floor of an FP8 tensor (dB): ``FLOOR_MARGIN_DB`` below the least SQNR
+    round-to-nearest with its scale groups' absmax gives a tensor of that peak-to-RMS ratio (about
+    21 dB in E4M3, 15 in E5M2, on any real weight)."""
+    return rtn_sqnr_bound(peak_to_rms, fmt) - FLOOR_MARGIN_DB
+
+
+def floor_failure(name: str, sqnr: float, cosine: float, floor: float) -> str:
+    """The failure line of a tensor below its default floor: what is wrong and what to do."""
+    return (f"{name}: SQNR {sqnr:.2f} dB (cosine {cosine:.4f}) is below its sanity floor of {floor:.1f} dB "
+            f"(what FP8 round-to-nearest with its own absmax scale gives, less {FLOOR_MARGIN_DB:g} dB): its scale "
+            f"clips or zeroes the weights: recompute the stats (quantkit calibrate) or convert without --stats; "
+            f"--min-sqnr DB sets your own bar")
 
 
 def _recorded_source(output: str, manifest: dict | None) -> dict:
@@ -528,13 +564,15 @@ def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor,
         else:
             stats.update(_float32(x, work_x), _float32(y, work_y))
     if s.scale_key is not None:
-        return _report(si.source_key, "fp8", s.granularity.value, stats)
+        fmt = s.fp8 or fp8math.FP8_FORMATS.get(data.dtype.torch_name, fp8math.E4M3FN)
+        return _report(si.source_key, "fp8", s.granularity.value, stats,
+                       sqnr_floor(peak_to_rms_db(stats.n, stats.sum_x2, stats.peak), fmt) if stats.n else None)
     return _report(si.source_key, "float", None, stats)
 
 
-def _report(name, stored, granularity, stats: ErrorStats) -> TensorReport:
+def _report(name, stored, granularity, stats: ErrorStats, floor: float | None = None) -> TensorReport:
     return TensorReport(name, stored, granularity, stats.psnr, stats.sqnr, stats.cosine, stats.max_abs_error,
-                        stats.nonfinite, stats.broken)
+                        stats.nonfinite, stats.broken, floor)
 
 
 class _CallableModule(types.ModuleType):
