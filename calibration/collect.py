@@ -182,10 +182,11 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
             # FLUX's and SD3's modulation: 25 dB at the layer's input instead of 32 with scale 1, -2 dB at the
             # output), and an FP8 matmul of one row per image buys nothing. Their layers stay weight-only.
             notes.append(f"{len(per_sample)} per-sample projection(s) (one input vector per sample: modulation, "
-                         f"embedders) get no static input range; they run weight-only: "
+                         f"embedders) get no static input range; they run weight-only by design, nothing to do: "
                          f"{', '.join(per_sample[:3])}{' ...' if len(per_sample) > 3 else ''}")
         if acts is not None and acts.unobserved:
-            notes.append(f"{len(acts.unobserved)} quantized layer(s) never ran on the inputs, no input range: "
+            notes.append(f"{len(acts.unobserved)} quantized layer(s) never ran on the inputs, no input range "
+                         f"(they run weight-only; inputs that reach them, --inputs module:function, give them one): "
                          f"{', '.join(acts.unobserved[:3])}{' ...' if len(acts.unobserved) > 3 else ''}")
         result_stats = statsfile.Stats(
             source=_source_record(src, source, hashing.digests, sha), granularity=options.granularity,
