@@ -8,8 +8,8 @@ holding Hunyuan3D's ``latent_in``.
 from __future__ import annotations
 
 from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
-from .diffusion import _FLUX_BFL_RULES, _FLUX_MOD_FLAGS, _WHY_DIT_ATTN, _WHY_EMBED, _WHY_FINAL, _why_modulation
-from .video import WHY_BULK, WHY_GLOBAL_MODULATION, WHY_PEER_MOD, WHY_TEXT_INPUT
+from .diffusion import _FLUX_BFL_RULES, _FLUX_MOD_FLAGS, _WHY_EMBED, _WHY_FINAL, _why_modulation
+from .video import WHY_ATTN, WHY_BULK, WHY_GLOBAL_MODULATION, WHY_PEER_MOD, WHY_TEXT_INPUT
 
 # ----------------------------------------------------------------------------- Hunyuan3D 2.0
 
@@ -32,7 +32,7 @@ HUNYUAN3D = _preset(
     detection=("FLUX.1's blocks (double_blocks.N.img_attn.qkv [3h,h] with img_mod.lin [6h,h], or single_blocks.N."
                "linear1) beside latent_in [h,c] under one prefix (ComfyUI's own marker for Hunyuan3D 2.0, which "
                "the flux preset now refuses)"),
-    quantizes=(("img_attn/txt_attn qkv and proj", "under --recipe compact; " + _WHY_DIT_ATTN),
+    quantizes=(("img_attn/txt_attn qkv and proj", WHY_ATTN),
                ("img_mlp/txt_mlp, single blocks' linear1/linear2", WHY_BULK),
                ("per-block img_mod.lin, txt_mod.lin, modulation.lin", WHY_PEER_MOD + _why_modulation(
                    "the flux preset's choice, as no Hunyuan3D FP8 keep list was found", "about 27% of the block "
@@ -92,7 +92,7 @@ ACE_STEP = _preset(
                "one prefix. 1.5's lyric/timbre encoders are Qwen3-like stacks that the llm preset used to claim"),
     quantizes=(("attention: 1.0 attn/cross_attn to_q/k/v/out, add_*_proj, to_add_out and the lyric encoder's "
                 "linear_q/k/v/out/pos; 1.5 self_attn/cross_attn q/k/v/o_proj of the decoder and encoders",
-                "under --recipe compact; " + _WHY_DIT_ATTN),
+                WHY_ATTN),
                ("MLPs: 1.0 lyric encoder feed_forward w_1/w_2 (its DiT's feed-forward is convolutions, kept); "
                 "1.5 mlp gate/up/down_proj", WHY_BULK)),
     keeps=(("1.0 t_block; 1.5 time_embed.time_proj, time_embed_r", WHY_GLOBAL_MODULATION),

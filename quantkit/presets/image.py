@@ -8,8 +8,8 @@ apart (``comfy/model_detection.py``). diffusers-named sources of these families 
 from __future__ import annotations
 
 from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
-from .diffusion import _WHY_DIT_ATTN, _WHY_EMBED, _WHY_FINAL, _keep_flag, _why_modulation
-from .video import WHY_BULK, WHY_GLOBAL_MODULATION, WHY_PEER_MOD, WHY_TEXT_INPUT
+from .diffusion import _WHY_EMBED, _WHY_FINAL, _keep_flag, _why_modulation
+from .video import WHY_ATTN, WHY_BULK, WHY_GLOBAL_MODULATION, WHY_PEER_MOD, WHY_TEXT_INPUT
 
 _WHY_BFL_SINGLE = ("the single blocks' fused linear1 (q, k, v and the MLP input) and linear2 (attention output "
                    "and MLP output): mostly MLP, so quantized in both recipes, as in the flux preset")
@@ -44,7 +44,7 @@ FLUX2 = _preset(
     )),
     detection=("BFL/ComfyUI names: double_stream_modulation_img.lin [6h,h] with single_stream_modulation.lin [3h,h] "
                "and img_in [h,c] under one prefix (ComfyUI's own marker for FLUX.2)"),
-    quantizes=(("double blocks' img_attn/txt_attn qkv and proj", "under --recipe compact; " + _WHY_DIT_ATTN),
+    quantizes=(("double blocks' img_attn/txt_attn qkv and proj", WHY_ATTN),
                ("img_mlp/txt_mlp, single blocks' linear1/linear2", _WHY_BFL_SINGLE)),
     keeps=(("double_stream_modulation_img/txt.lin, single_stream_modulation.lin", WHY_GLOBAL_MODULATION +
             "; FLUX.2 has no per-block modulation: these three are shared by every block"),
@@ -52,7 +52,7 @@ FLUX2 = _preset(
            ("final_layer.linear, final_layer.adaLN_modulation", _WHY_FINAL),
            ("norms, biases", _WHY_NORMS)),
     reference=("Matches convert-to-quant's --flux2 (FLUX2_LAYER_KEYNAMES: stream_modulation, guidance_in, time_in, "
-               "final_layer, img_in, txt_in) and the Comfy-Org list in the issue's survey."),
+               "final_layer, img_in, txt_in) and the Comfy-Org list in the peer survey."),
     attention="double_blocks.N.img_attn.qkv/proj, txt_attn.qkv/proj; single blocks' linear1/linear2 join attention "
               "with the MLP and are quantized as MLP",
     variant=lambda infos, root: ("FLUX.2 [dev]" if infos[root + "img_in.weight"].shape[0] == 6144 else "FLUX.2"),
@@ -81,7 +81,7 @@ CHROMA = _preset(
     )),
     detection=("BFL/ComfyUI names: double_blocks.N.img_attn.qkv [3h,h] with distilled_guidance_layer.out_proj [h,d] "
                "under one prefix; Radiance when nerf_blocks.* are present"),
-    quantizes=(("double blocks' img_attn/txt_attn qkv and proj", "under --recipe compact; " + _WHY_DIT_ATTN),
+    quantizes=(("double blocks' img_attn/txt_attn qkv and proj", WHY_ATTN),
                ("img_mlp/txt_mlp, single blocks' linear1/linear2", _WHY_BFL_SINGLE)),
     keeps=(("distilled_guidance_layer.* (the approximator)", "produces every modulation vector of every block "
             "from the timestep and guidance: Chroma's replacement for FLUX's per-block modulation, so its error "
@@ -90,8 +90,8 @@ CHROMA = _preset(
            ("final_layer.* (Radiance: nerf_* pixel-space head)", _WHY_FINAL),
            ("norms, biases", _WHY_NORMS)),
     reference=("Matches convert-to-quant's Chroma keep list (distilled_guidance_layer, final_layer, img_in, txt_in). "
-               "The generic policy quantized the approximator; Chroma was then the worst family of the issue's "
-               "ComfyUI round trip (cosine 0.9956)."),
+               "The generic policy quantized the approximator; Chroma was then the worst family of a ComfyUI "
+               "round trip of tiny random models (cosine 0.9956)."),
     attention="double_blocks.N.img_attn.qkv/proj, txt_attn.qkv/proj",
     variant=lambda infos, root: ("Chroma Radiance" if any(k.startswith(root + "nerf_blocks.") for k in infos)
                                  else "Chroma"),
@@ -131,8 +131,7 @@ LUMINA2 = _preset(
                "one prefix (ComfyUI keys on cap_embedder.1 and noise_refiner's k_norm). Z-Image when the blocks' "
                "modulation is adaLN_modulation.0 (Z-Image's), Lumina 2 when it is adaLN_modulation.1 (ComfyUI "
                "tells them by width, 3840 against 2304)"),
-    quantizes=(("attention.qkv, attention.out of layers, noise_refiner, context_refiner", "under --recipe compact; "
-                + _WHY_DIT_ATTN.replace("RMS qk-norms", "RMS qk-norms (q_norm/k_norm)")),
+    quantizes=(("attention.qkv, attention.out of layers, noise_refiner, context_refiner", WHY_ATTN.replace("RMS qk-norms", "RMS qk-norms (q_norm/k_norm)")),
                ("feed_forward w1, w2, w3", WHY_BULK)),
     keeps=(("per-block adaLN_modulation", "convert-to-quant's ZIMAGE_LAYER_KEYNAMES keeps it; in Z-Image it reads a "
             "256-wide timestep vector, so it is small (~2% of the weights), and it scales and gates every token"),
@@ -174,20 +173,19 @@ HIDREAM = _preset(
     )),
     detection=("ComfyUI names: double_stream_blocks.N.block.attn1.to_q_t [h,h] with block.adaLN_modulation.1 "
                "[12h,h] under one prefix (ComfyUI keys on caption_projection.0.linear)"),
-    quantizes=(("attn1 to_q/k/v/out and the text stream's to_q_t/k_t/v_t/out_t", "under --recipe compact; "
-                + _WHY_DIT_ATTN),
+    quantizes=(("attn1 to_q/k/v/out and the text stream's to_q_t/k_t/v_t/out_t", WHY_ATTN),
                ("ff_i experts and shared_experts, ff_t (w1, w2, w3)", WHY_BULK),
                ("per-block adaLN_modulation.1", WHY_PEER_MOD + _why_modulation(
-                   "the issue's survey found no published HiDream keep list that spares it",
+                   "the peer survey found no published HiDream keep list that spares it",
                    "about 15% of the block weights", _HIDREAM_MOD_FLAG))),
     keeps=(("ff_i.gate (MoE routers)", "ComfyUI's MoEGate holds the router as a bare Parameter, not a Linear, so an "
-            "FP8 router is read without its scale and routes wrongly (the generic policy's HiDream file fell to "
-            "cosine 0.965); small, and its error changes which experts run"),
+            "FP8 router is read without its scale and routes wrongly (a HiDream file made with the generic "
+            "policy measured cosine 0.965 in ComfyUI); small, and its error changes which experts run"),
            ("caption_projection.* (the text encoders' input projections)", WHY_TEXT_INPUT),
            ("x_embedder, t_embedder, p_embedder", _WHY_EMBED),
            ("final_layer.linear, final_layer.adaLN_modulation", _WHY_FINAL),
            ("norms, biases", _WHY_NORMS)),
-    reference=("Follows the issue's list (routers, caption_projection, final_layer kept); per-block modulation is "
+    reference=("Follows the peer survey's list (routers, caption_projection, final_layer kept); per-block modulation is "
                "quantized as in the flux preset, add " + _HIDREAM_MOD_FLAG + " to keep it."),
     attention="double/single_stream_blocks.N.block.attn1.to_q/k/v/out (and to_q_t/k_t/v_t/out_t)",
     variant=lambda infos, root: "HiDream",
@@ -220,7 +218,7 @@ AURAFLOW = _preset(
     )),
     detection=("ComfyUI names: double_layers.N.attn.w1q [h,h] with modX.1 [6h,h] (ComfyUI's marker), or "
                "single_layers.N.attn.w1q with modCX.1 [6h,h], under one prefix"),
-    quantizes=(("attn w1q/k/v/o, w2q/k/v/o", "under --recipe compact; " + _WHY_DIT_ATTN),
+    quantizes=(("attn w1q/k/v/o, w2q/k/v/o", WHY_ATTN),
                ("mlpX/mlpC/mlp c_fc1, c_fc2, c_proj", WHY_BULK),
                ("per-block modX.1, modC.1, modCX.1", WHY_PEER_MOD + _why_modulation(
                    "AuraFlow's FP8 files follow the every-nn.Linear rule", "about a quarter of the block weights",
@@ -261,9 +259,7 @@ PIXART = _preset(
     )),
     detection=("ComfyUI names: blocks.N.cross_attn.q_linear [h,h] with attn.qkv [3h,h] and t_block.1 [6h,h] under "
                "one prefix (ComfyUI keys on t_block.1). PixArt-alpha when ar_embedder (micro-conditions) is present"),
-    quantizes=(("attn.qkv, attn.proj, cross_attn q_linear/kv_linear/proj", "under --recipe compact; "
-                + _WHY_DIT_ATTN.replace("pass through RMS qk-norms that absorb a scale error", "are plain "
-                                        "projections")),
+    quantizes=(("attn.qkv, attn.proj, cross_attn q_linear/kv_linear/proj", WHY_ATTN),
                ("mlp fc1, fc2", WHY_BULK)),
     keeps=(("t_block.1 (adaLN-single)", WHY_GLOBAL_MODULATION + "; every block adds its own scale_shift_table to it"),
            ("x_embedder (conv), t_embedder, y_embedder (caption projection), ar/csize embedders", _WHY_EMBED),
@@ -304,7 +300,7 @@ HUNYUAN_DIT = _preset(
     )),
     detection=("ComfyUI names: blocks.N.attn1.Wqkv [3h,h] with blocks.N.default_modulation.1 [h,c] and mlp_t5.0 "
                "under one prefix (ComfyUI keys on mlp_t5.0)"),
-    quantizes=(("attn1 Wqkv/out_proj, attn2 q_proj/kv_proj/out_proj", "under --recipe compact; " + _WHY_DIT_ATTN),
+    quantizes=(("attn1 Wqkv/out_proj, attn2 q_proj/kv_proj/out_proj", WHY_ATTN),
                ("mlp fc1, fc2, skip_linear (the long skips of the second half)", WHY_BULK)),
     keeps=(("blocks.N.default_modulation", "the only path of the timestep, pooled text and size/style conditions "
             "into each block; [h,h], about 3% of the weights"),
@@ -312,7 +308,7 @@ HUNYUAN_DIT = _preset(
            ("x_embedder (conv), t_embedder, extra_embedder, style_embedder", _WHY_EMBED),
            ("final_layer.linear, final_layer.adaLN_modulation", _WHY_FINAL),
            ("text_embedding_padding, norms, biases", _WHY_NORMS)),
-    reference=("No peer keep list for HunyuanDiT; keeps what the issue's survey lists as sensitive (mlp_t5, "
+    reference=("No peer keep list for HunyuanDiT; keeps what the peer survey lists as sensitive (mlp_t5, "
                "final_layer, default_modulation)."),
     attention="blocks.N.attn1.Wqkv/out_proj, attn2.q_proj/kv_proj/out_proj",
     variant=lambda infos, root: "HunyuanDiT",

@@ -9,15 +9,18 @@ is mirrored in each signature. diffusers-named sources of these families are not
 from __future__ import annotations
 
 from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
-from .diffusion import _WHY_DIT_ATTN, _WHY_EMBED, _WHY_FINAL, _keep_flag, _why_modulation
+from .diffusion import _WHY_EMBED, _WHY_FINAL, _keep_flag, _why_modulation
 
 # Shared reasons of the video and image families (docs/presets.md has the sources).
 WHY_GLOBAL_MODULATION = ("the global modulation: one projection of the timestep (and pooled text) whose output "
                          "shifts, scales and gates every block, so its error is coherent over the whole video or "
-                         "image; tiny (kept by convert-to-quant's presets and in Comfy-Org's files per the issue's "
+                         "image; tiny (kept by convert-to-quant's presets and in Comfy-Org's files per the peer "
                          "survey)")
 WHY_TEXT_INPUT = ("text/caption input projection or refiner: runs once on the encoder states that every "
                   "cross-attention reads; small, and its error reaches every block")
+WHY_ATTN = ("under --recipe compact only (the default, mixed, keeps them): about a third of the block weights, "
+            "plain projections whose outputs mostly pass through qk-norms; the published fp8_scaled files (every "
+            "nn.Linear in FP8) and convert-to-quant's presets quantize them")
 WHY_BULK = "the bulk of the weights: plain linears over normalised activations"
 WHY_PEER_MOD = ("per-block modulation like FLUX.1's (the flux preset quantizes it, as Comfy-Org's scaled-FP8 files "
                 "do); ")
@@ -75,7 +78,7 @@ WAN = _preset(
                "projection) -> 2.1 i2v (FLF2V with img_emb.emb_pos); patch_embedding with 36 input channels -> "
                "2.2 14B i2v; 16 -> t2v"),
     quantizes=(("self_attn and cross_attn q, k, v, o (and i2v's k_img, v_img), in the VACE blocks too",
-                "under --recipe compact; " + _WHY_DIT_ATTN.replace("RMS qk-norms", "RMS qk-norms (norm_q/norm_k)")),
+                WHY_ATTN.replace("RMS qk-norms", "RMS qk-norms (norm_q/norm_k)")),
                ("ffn.0, ffn.2 of every block", WHY_BULK)),
     keeps=(("time_projection.1", WHY_GLOBAL_MODULATION + " (convert-to-quant's WAN_LAYER_KEYNAMES)"),
            ("head.head", _WHY_FINAL + " (WAN_LAYER_KEYNAMES, modelopt and kuantala's proj_out)"),
@@ -85,8 +88,8 @@ WAN = _preset(
             "ControlNet's output projections (zero-initialised, unnormalised residuals); small"),
            ("blocks.N.modulation, head.modulation", "bare parameters (not layer weights): never quantized"),
            ("norms (norm_q/norm_k, norm3), biases", _WHY_NORMS)),
-    reference=("convert-to-quant's --wan (WAN_LAYER_KEYNAMES) and the Comfy-Org fp8_scaled Wan files (per the "
-               "issue's survey; their headers were not inspected here) keep the embedders, time_projection and "
+    reference=("convert-to-quant's --wan (WAN_LAYER_KEYNAMES) and the Comfy-Org fp8_scaled Wan files (per the peer "
+               "survey; their headers were not inspected here) keep the embedders, time_projection and "
                "head.head and quantize the block linears; this preset does the same. kuantala also keeps blocks "
                "0-2 and 37-39 whole: add --keep 're:blocks\\.(0|1|2|37|38|39)\\..*' to follow it. Under the "
                "default --recipe mixed the attention (about 60% of the block weights) stays BF16; --recipe "
@@ -134,7 +137,7 @@ HUNYUAN_VIDEO = _preset(
                "refiner txt_in.individual_token_refiner.blocks.0.norm1 under one prefix (ComfyUI's own marker). "
                "1.5 when cond_type_embedding, vision_in or byt5_in is present; i2v (SkyReels) when img_in takes "
                "more than 16 channels"),
-    quantizes=(("img_attn/txt_attn qkv and proj", "under --recipe compact; " + _WHY_DIT_ATTN),
+    quantizes=(("img_attn/txt_attn qkv and proj", WHY_ATTN),
                ("img_mlp/txt_mlp, single blocks' linear1/linear2", WHY_BULK),
                ("per-block modulation img_mod.lin, txt_mod.lin, modulation.lin",
                 WHY_PEER_MOD + _why_modulation("Comfy-Org's HunyuanVideo fp8_scaled files follow the every-nn.Linear "
@@ -186,7 +189,7 @@ LTXV = _preset(
                "[kh,h] under one prefix (ComfyUI keys on adaln_single's timestep embedder). LTX-2 (audio-video) "
                "when audio_adaln_single.linear is present"),
     quantizes=(("attn1/attn2 (and LTX-2's audio_attn1/2, audio_to_video_attn, video_to_audio_attn) to_q/k/v, "
-                "to_out.0", "under --recipe compact; " + _WHY_DIT_ATTN),
+                "to_out.0", WHY_ATTN),
                ("ff / audio_ff net.0.proj, net.2", WHY_BULK)),
     keeps=(("adaln_single.*, audio_adaln_single.*, av_ca_*_adaln_single.*", WHY_GLOBAL_MODULATION),
            ("patchify_proj, audio_patchify_proj", _WHY_EMBED),
@@ -251,7 +254,7 @@ COSMOS = _preset(
                "adaln_modulation_self_attn.1 [lora,h] and self_attn.q_proj [h,h] (ComfyUI's own markers); "
                "Anima (Predict2 with an LLM adapter) when llm_adapter.* is present"),
     quantizes=(("attention q/k/v/out (1.0: attn.to_q.0 ...; Predict2: self_attn/cross_attn q/k/v/output_proj)",
-                "under --recipe compact; " + _WHY_DIT_ATTN.replace("RMS qk-norms", "qk-norms")),
+                WHY_ATTN),
                ("MLP layer1, layer2", WHY_BULK)),
     keeps=(("per-block AdaLN-LoRA (adaLN_modulation.1/.2; Predict2's adaln_modulation_self_attn/cross_attn/mlp)",
             "modulation through a rank-256 bottleneck: about 3% of the block weights, and every token of its "
@@ -303,8 +306,7 @@ KANDINSKY5 = _preset(
     )),
     detection=("ComfyUI names: visual_transformer_blocks.N.cross_attention.to_query [h,h] with "
                "visual_modulation.out_layer [9h,t] under one prefix (ComfyUI keys on cross_attention.key_norm)"),
-    quantizes=(("self_attention/cross_attention to_query/key/value, out_layer", "under --recipe compact; "
-                + _WHY_DIT_ATTN.replace("RMS qk-norms", "query/key norms")),
+    quantizes=(("self_attention/cross_attention to_query/key/value, out_layer", WHY_ATTN),
                ("feed_forward in_layer, out_layer", WHY_BULK),
                ("per-block text_modulation / visual_modulation.out_layer",
                 WHY_PEER_MOD + _why_modulation("no published FP8 Kandinsky 5 file with a layer list was found",
@@ -343,7 +345,7 @@ MOCHI = _preset(
     )),
     detection=("ComfyUI names: blocks.N.attn.qkv_x [3h,h] with blocks.N.mod_x [4h,h] and t5_yproj under one prefix "
                "(ComfyUI keys on t5_yproj)"),
-    quantizes=(("attn.qkv_x, qkv_y, proj_x, proj_y", "under --recipe compact; " + _WHY_DIT_ATTN),
+    quantizes=(("attn.qkv_x, qkv_y, proj_x, proj_y", WHY_ATTN),
                ("mlp_x / mlp_y w1, w2", WHY_BULK),
                ("per-block mod_x, mod_y", WHY_PEER_MOD + _why_modulation(
                    "Comfy-Org's Mochi fp8_scaled file follows the every-nn.Linear rule", "a few % of the weights",
