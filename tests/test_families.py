@@ -114,12 +114,14 @@ FAMILIES = {
     "zimage": ("lumina2", "Z-Image", ["layers.1.adaLN_modulation.0", "noise_refiner.0.adaLN_modulation.0",
                                       "final_layer.linear", "cap_embedder.1"],
                ["layers.0.attention.qkv", "layers.0.feed_forward.w2"]),
-    "hidream": ("hidream", "HiDream", ["double_stream_blocks.0.block.ff_i.gate", "single_stream_blocks.1.block.ff_i.gate",
+    "hidream": ("hidream", "HiDream", ["double_stream_blocks.0.block.ff_i.gate",
+                                       "single_stream_blocks.1.block.ff_i.gate",
                                        "caption_projection.0.linear", "final_layer.linear",
                                        "final_layer.adaLN_modulation.1", "x_embedder.proj",
                                        "p_embedder.pooled_embedder.linear_1"],
                 ["double_stream_blocks.0.block.attn1.to_q_t", "single_stream_blocks.0.block.attn1.to_out",
-                 "double_stream_blocks.1.block.ff_i.experts.3.w2", "single_stream_blocks.0.block.ff_i.shared_experts.w1",
+                 "double_stream_blocks.1.block.ff_i.experts.3.w2",
+                 "single_stream_blocks.0.block.ff_i.shared_experts.w1",
                  "double_stream_blocks.0.block.ff_t.w3", "double_stream_blocks.0.block.adaLN_modulation.1"]),
     "auraflow": ("auraflow", "AuraFlow", ["init_x_linear", "cond_seq_linear", "final_linear", "modF.1",
                                           "t_embedder.mlp.0"],
@@ -182,7 +184,8 @@ def check_golden(name: str, got: list[str]) -> None:
     if UPDATE_GOLDEN:
         path.write_text(text)
         return
-    how = "if the preset changed on purpose, regenerate with QUANTKIT_UPDATE_GOLDEN=1 pytest tests/test_families.py -k golden"
+    how = ("if the preset changed on purpose, regenerate with "
+           "QUANTKIT_UPDATE_GOLDEN=1 pytest tests/test_families.py -k golden")
     assert path.exists(), f"missing golden file {path}; {how}"
     want = path.read_text().splitlines()
     added, removed = sorted(set(got) - set(want)), sorted(set(want) - set(got))

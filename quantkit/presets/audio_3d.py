@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
 from .diffusion import _FLUX_BFL_RULES, _FLUX_MOD_FLAGS, _WHY_EMBED, _WHY_FINAL, _why_modulation
-from .video import WHY_ATTN, WHY_BULK, WHY_GLOBAL_MODULATION, WHY_PEER_MOD, WHY_TEXT_INPUT
+from .video import WHY_ATTN, WHY_BULK, WHY_GLOBAL_MODULATION, WHY_PEER_MOD
 
 # ----------------------------------------------------------------------------- Hunyuan3D 2.0
 

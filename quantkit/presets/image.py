@@ -131,7 +131,7 @@ LUMINA2 = _preset(
                "one prefix (ComfyUI keys on cap_embedder.1 and noise_refiner's k_norm). Z-Image when the blocks' "
                "modulation is adaLN_modulation.0 (Z-Image's), Lumina 2 when it is adaLN_modulation.1 (ComfyUI "
                "tells them by width, 3840 against 2304)"),
-    quantizes=(("attention.qkv, attention.out of layers, noise_refiner, context_refiner", WHY_ATTN.replace("RMS qk-norms", "RMS qk-norms (q_norm/k_norm)")),
+    quantizes=(("attention.qkv, attention.out of layers, noise_refiner, context_refiner", WHY_ATTN),
                ("feed_forward w1, w2, w3", WHY_BULK)),
     keeps=(("per-block adaLN_modulation", "convert-to-quant's ZIMAGE_LAYER_KEYNAMES keeps it; in Z-Image it reads a "
             "256-wide timestep vector, so it is small (~2% of the weights), and it scales and gates every token"),
@@ -185,7 +185,8 @@ HIDREAM = _preset(
            ("x_embedder, t_embedder, p_embedder", _WHY_EMBED),
            ("final_layer.linear, final_layer.adaLN_modulation", _WHY_FINAL),
            ("norms, biases", _WHY_NORMS)),
-    reference=("Follows the peer survey's list (routers, caption_projection, final_layer kept); per-block modulation is "
+    reference=("Follows the peer survey's list (routers, caption_projection, final_layer kept); per-block "
+               "modulation is "
                "quantized as in the flux preset, add " + _HIDREAM_MOD_FLAG + " to keep it."),
     attention="double/single_stream_blocks.N.block.attn1.to_q/k/v/out (and to_q_t/k_t/v_t/out_t)",
     variant=lambda infos, root: "HiDream",

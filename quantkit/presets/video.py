@@ -26,10 +26,6 @@ WHY_PEER_MOD = ("per-block modulation like FLUX.1's (the flux preset quantizes i
                 "do); ")
 
 
-def _hidden(shape) -> int:
-    return shape[1] if len(shape) == 2 else 0
-
-
 # ----------------------------------------------------------------------------- Wan 2.1 / 2.2
 
 _WAN_RULES = (
@@ -78,7 +74,7 @@ WAN = _preset(
                "projection) -> 2.1 i2v (FLF2V with img_emb.emb_pos); patch_embedding with 36 input channels -> "
                "2.2 14B i2v; 16 -> t2v"),
     quantizes=(("self_attn and cross_attn q, k, v, o (and i2v's k_img, v_img), in the VACE blocks too",
-                WHY_ATTN.replace("RMS qk-norms", "RMS qk-norms (norm_q/norm_k)")),
+                WHY_ATTN),
                ("ffn.0, ffn.2 of every block", WHY_BULK)),
     keeps=(("time_projection.1", WHY_GLOBAL_MODULATION + " (convert-to-quant's WAN_LAYER_KEYNAMES)"),
            ("head.head", _WHY_FINAL + " (WAN_LAYER_KEYNAMES, modelopt and kuantala's proj_out)"),
@@ -119,7 +115,8 @@ def _hunyuan_video_block(qkv, mod, refiner):   # img_attn.qkv [3h, h], img_mod.l
 
 
 def _hunyuan_video_variant(infos: dict, root: str) -> str:
-    v15 = any(root + k in infos for k in ("cond_type_embedding.weight", "vision_in.proj.0.weight", "byt5_in.fc1.weight"))
+    v15 = any(root + k in infos
+              for k in ("cond_type_embedding.weight", "vision_in.proj.0.weight", "byt5_in.fc1.weight"))
     img_in = infos.get(root + "img_in.proj.weight")
     i2v = img_in is not None and len(img_in.shape) > 1 and img_in.shape[1] > 16
     return ("HunyuanVideo 1.5" if v15 else "HunyuanVideo 1.0") + (" i2v" if i2v and not v15 else "")
