@@ -347,3 +347,11 @@ def test_plan_names_the_family_and_convert_reads_back(case, work):
         assert fp8 and not fp8 & set(FAMILIES[case][2]) and set(FAMILIES[case][3]) <= fp8
         result = run("validate", out, "--against", src)
         assert result.exit_code == 0, result.output
+
+
+def test_a_wan_shard_of_blocks_only_is_still_wan():
+    infos = {k: i for k, i in family_infos("wan22_i2v").items() if k.startswith("blocks.1.")}
+    preset, note = resolve("auto", infos)
+    assert preset.name == "wan" and "a shard" in note
+    assert sorted(k for k, d in decisions(infos)[2].items() if d.action is Q) == sorted(
+        k for k in (GOLDEN_DIR / "preset_family_wan22_i2v.txt").read_text().split() if k.startswith("blocks.1."))

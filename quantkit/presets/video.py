@@ -48,7 +48,9 @@ def _wan_variant(infos: dict, root: str) -> str:
     patch, head = infos.get(root + "patch_embedding.weight"), infos.get(root + "head.head.weight")
     in_dim = patch.shape[1] if patch is not None and len(patch.shape) > 1 else 0
     out_dim = head.shape[0] // 4 if head is not None else 0
-    size = {1536: " 1.3B", 5120: " 14B"}.get(head.shape[1] if head is not None else 0, "")
+    if patch is None or head is None:
+        return "Wan (a shard: the variant shows in the file holding patch_embedding and head)"
+    size = {1536: " 1.3B", 5120: " 14B"}.get(head.shape[1], "")
     if root + "vace_patch_embedding.weight" in infos:
         return f"Wan 2.1/2.2{size} VACE"
     if out_dim == 48:
@@ -67,9 +69,14 @@ WAN = _preset(
     _Architecture((
         _Signature(r"blocks\.(?P<i>\d+)\.self_attn\.q\.weight", ("blocks.{i}.ffn.0.weight", "head.head.weight"),
                    _wan_block, _WAN_RULES),
+        # A shard holding only blocks: the block's own modulation parameter [1, 6, h] instead of the head.
+        _Signature(r"blocks\.(?P<i>\d+)\.self_attn\.q\.weight", ("blocks.{i}.ffn.0.weight", "blocks.{i}.modulation"),
+                   lambda q, ffn, mod: _mat(q, q[1], q[1]) and _mat(ffn, None, q[1]) and mod == (1, 6, q[1]),
+                   _WAN_RULES),
     )),
-    detection=("ComfyUI names: blocks.N.self_attn.q [h,h] with blocks.N.ffn.0 [f,h] and head.head [4*out,h] under "
-               "one prefix (ComfyUI itself keys on head.modulation). Variant from the keys and shapes: "
+    detection=("ComfyUI names: blocks.N.self_attn.q [h,h] with blocks.N.ffn.0 [f,h] and head.head [4*out,h] (or, in "
+               "a shard, blocks.N.modulation [1,6,h]) under one prefix (ComfyUI itself keys on head.modulation). "
+               "Variant from the keys and shapes: "
                "vace_patch_embedding -> VACE; head.head of 4*48 rows -> 2.2 5B TI2V; img_emb (CLIP image "
                "projection) -> 2.1 i2v (FLF2V with img_emb.emb_pos); patch_embedding with 36 input channels -> "
                "2.2 14B i2v; 16 -> t2v"),
