@@ -39,13 +39,15 @@ Classification, first match wins:
 8. ``LINEAR`` when the layer's own name says it is (mostly) a feed-forward projection
    (an ``mlp``/``ff``/``ffn`` token: FLUX.2's fused ``attn.to_qkv_mlp_proj``, like BFL's
    ``single_blocks.N.linear1`` which fuses qkv and the MLP input).
-9. ``ATTENTION``: the layer is a known attention projection (``to_q``, ``to_out``, ``q_proj``,
+9. ``LINEAR`` when the layer's own name says it is a modulation (``adaln_modulation_self_attn``,
+   Cosmos Predict2's AdaLN-LoRA for its attention: a modulation, whatever the ``attn`` token says).
+10. ``ATTENTION``: the layer is a known attention projection (``to_q``, ``to_out``, ``q_proj``,
    ``query`` ...), its own name has an ``attn``/``attention`` token (HunyuanVideo's
    ``img_attn_qkv``, ``img_attn_proj``), or it sits in an attention module (a segment ending in
    ``attn``/``attnN``/``attn_N``/``attention``: ``attn1``, ``self_attn``, ``img_attn``,
    ``SelfAttention``, BERT's ``attention.output.dense``) with no stack of blocks in between;
    diffusers' plural ``attentions`` container is not an attention module.
-10. everything else 2-D -> ``LINEAR`` (feed-forward, AdaLN modulation ``norm1.linear``,
+11. everything else 2-D -> ``LINEAR`` (feed-forward, AdaLN modulation ``norm1.linear``,
     ``img_mod.lin``, ``time_emb_proj``, UNet ``proj_in``/``proj_out``, ``proj_out``).
 
 Defaults: ``LINEAR`` -> quantize; ``CONV`` -> keep (quantize with ``quantize_conv=True``);
@@ -107,6 +109,8 @@ _INPUT = re.compile(r"^\w+_in$")
 _HEAD = frozenset({"lm_head", "classifier", "score", "pooler", "text_projection", "visual_projection"})
 # A layer whose own name marks a (fused) feed-forward projection: to_qkv_mlp_proj, mlp, ff_proj.
 _FEED_FORWARD = re.compile(r"(?i)(^|_)(mlp|ffn?)(_|\d|$)")
+# A layer whose own name marks an AdaLN modulation, even one named after what it modulates.
+_MODULATION = re.compile(r"(?i)(^|_)(adaln|modulation)(_|$)")
 _NORM = re.compile(r"(?i)(norm|^ln(_\w+)?$|^ln\d*$|layernorm|rms)")
 
 RECIPE_KEEPS_ATTENTION = "attention projection: recipe mixed keeps attention (--recipe compact quantizes it)"
@@ -177,7 +181,7 @@ def classify(name: str, shape: tuple[int, ...], dtype: DType) -> TensorKind:
         return TensorKind.HEAD
     if len(shape) >= 3:
         return TensorKind.CONV
-    if _FEED_FORWARD.search(own):
+    if _FEED_FORWARD.search(own) or _MODULATION.search(own):
         return TensorKind.LINEAR
     parents = segments[:max(i for i, s in enumerate(segments) if not s.isdigit())] if modules else []
     if own in _ATTENTION_PROJECTIONS or _ATTENTION_LAYER.search(own) or _within(parents, _ATTENTION_MODULE):

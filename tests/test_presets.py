@@ -233,7 +233,7 @@ BERT_MLM = {
 
 def test_registry_lists_every_preset_with_documentation():
     assert list(REGISTRY)[0] == "generic" and REGISTRY["generic"] is GENERIC
-    assert set(REGISTRY) == {"generic", *MODELS.values()}
+    assert set(REGISTRY) >= {"generic", *MODELS.values()}   # the other families: tests/test_families.py
     for name, p in REGISTRY.items():
         assert p.name == name and p.summary and p.detection
         assert p.keeps and all(what and why for what, why in p.keeps)

@@ -18,9 +18,12 @@ beside the model get their own presets' rules too (see ``ENCODERS``).
     >>> policy = Policy().with_preset(preset.name, preset.rules(source.tensors))   # doctest: +SKIP
 
 The presets live by family, each module registering its own on import: ``diffusion`` (flux,
-flux_controlnet, sd3, qwen_image, unet) and ``encoders`` (t5_encoder, clip_text, bert, llm). They
-are imported at the end of this module in that order, after ``generic``, and ``auto`` tries them in
-the order they registered.
+flux_controlnet, sd3, qwen_image, unet), ``video`` (wan, hunyuan_video, ltxv, cosmos, kandinsky5,
+mochi), ``image`` (flux2, chroma, lumina2, hidream, auraflow, pixart, hunyuan_dit), ``audio_3d``
+(hunyuan3d, ace_step) and ``encoders`` (t5_encoder, clip_text, bert, llm). They are imported at the
+end of this module in that order, after ``generic``, and ``auto`` tries them in the order they
+registered: the first five families keep winning on their own checkpoints, and ACE-Step 1.5 (whose
+encoders look like an LLM's) is tried before ``llm``.
 
 Full reasoning and sources for every keep: ``docs/presets.md``.
 """
@@ -31,6 +34,9 @@ from .base import BUNDLED, GENERIC, REGISTRY, Preset, register, resolve  # noqa:
 # Importing a module registers its presets: this order is the order of REGISTRY, which `auto` tries in turn.
 from .diffusion import (FLUX, FLUX_CONTROLNET, KEEP_MODULATION_BFL, KEEP_MODULATION_DIFFUSERS,  # noqa: E402
                         KEEP_MODULATION_MMDIT, QWEN_IMAGE, SD3, UNET)
+from .video import COSMOS, HUNYUAN_VIDEO, KANDINSKY5, LTXV, MOCHI, WAN  # noqa: E402
+from .image import AURAFLOW, CHROMA, FLUX2, HIDREAM, HUNYUAN_DIT, LUMINA2, PIXART  # noqa: E402
+from .audio_3d import ACE_STEP, HUNYUAN3D  # noqa: E402
 from .encoders import BERT, CLIP_TEXT, LLM, T5  # noqa: E402
 
 # Encoder presets whose rules also apply to their part of an all-in-one checkpoint.
@@ -38,4 +44,6 @@ ENCODERS: tuple[Preset, ...] = tuple(BUNDLED)
 
 __all__ = ["Preset", "REGISTRY", "register", "resolve", "GENERIC", "ENCODERS",
            "FLUX", "FLUX_CONTROLNET", "SD3", "QWEN_IMAGE", "UNET", "T5", "CLIP_TEXT", "BERT", "LLM",
-           "KEEP_MODULATION_BFL", "KEEP_MODULATION_DIFFUSERS", "KEEP_MODULATION_MMDIT"]
+           "KEEP_MODULATION_BFL", "KEEP_MODULATION_DIFFUSERS", "KEEP_MODULATION_MMDIT",
+           "WAN", "HUNYUAN_VIDEO", "LTXV", "COSMOS", "KANDINSKY5", "MOCHI",
+           "FLUX2", "CHROMA", "LUMINA2", "HIDREAM", "AURAFLOW", "PIXART", "HUNYUAN_DIT", "HUNYUAN3D", "ACE_STEP"]

@@ -38,6 +38,24 @@ class Preset:
     locate: Callable[[dict], tuple[str, ...]] = field(default=lambda infos: (), repr=False)
     # The attention projections it recognises (kept by --recipe mixed, FP8 with --recipe compact).
     attention: str = ""
+    # The variant the keys tell ("Wan 2.2 14B i2v", "LTX-2 (audio-video)"); '' where they tell none.
+    variant: Callable[[dict], str] = field(default=lambda infos: "", repr=False)
+
+
+def _router_rules(infos: dict) -> tuple[Rule, ...]:
+    """Keep every MoE router: a 2-D ``<moe>.gate.weight`` whose ``<moe>.experts.*`` exist.
+
+    A router is a small matrix whose error changes which experts run, and some loaders hold it as a
+    bare parameter, not a Linear (ComfyUI's HiDream ``MoEGate``), so an FP8 router breaks the model.
+    """
+    parents = set()
+    for key in infos:
+        segments = key.split(".")
+        parents.update(".".join(segments[:i]) for i, s in enumerate(segments) if s == "experts")
+    return tuple(Rule(Action.KEEP, "re:" + re.escape(key[:-len(".weight")]))
+                 for key, info in infos.items()
+                 if key.endswith(".gate.weight") and len(info.shape) == 2
+                 and key[:-len(".gate.weight")] in parents)
 
 
 GENERIC = Preset(
@@ -45,10 +63,13 @@ GENERIC = Preset(
     summary="the default policy alone: linears FP8; attention, norms, embeddings, heads, biases kept",
     keeps=(("attention projections", "the default policy is conservative for unknown architectures"),
            ("norms, biases, 1-D vectors", "tiny, and sensitive"),
-           ("embeddings, input projections, output heads", "small share of the size, large share of the error")),
+           ("embeddings, input projections, output heads", "small share of the size, large share of the error"),
+           ("MoE routers (<moe>.gate beside <moe>.experts.*)", "small; their error changes which experts run, "
+            "and ComfyUI loads some (HiDream's MoEGate) as a bare parameter that cannot hold an FP8 weight")),
     detection="fallback of 'auto' when no other preset recognises the checkpoint",
     attention="every projection the policy recognises as attention (to_q/k/v, q_proj, query ..., and layers "
               "inside an attn/attention module): kept by the default policy in both recipes",
+    rules=_router_rules,
 )
 
 REGISTRY: dict[str, Preset] = {}
@@ -161,13 +182,21 @@ _ARCHITECTURES: dict[str, _Architecture] = {}
 # Presets whose rules also apply to their part of an all-in-one checkpoint (text encoders), in
 # the order they registered.
 BUNDLED: list[Preset] = []
+# Presets whose model holds encoder-like stacks of its own (ACE-Step 1.5's Qwen3-like lyric encoder):
+# an encoder found under one of their roots is part of the model, not a bundled encoder.
+_OWNS_NESTED: set[str] = set()
 
 
 def _preset(name: str, summary: str, arch: _Architecture, *, detection: str, quantizes, keeps,
-            reference: str, attention: str = "", bundled: bool = False) -> Preset:
+            reference: str, attention: str = "", bundled: bool = False,
+            variant: Callable[[dict, str], str] | None = None, owns_nested: bool = False) -> Preset:
     """Register the preset of an architecture; ``bundled``: its rules also apply where it sits
-    beside another recognised model in one checkpoint (a text encoder in an all-in-one file)."""
+    beside another recognised model in one checkpoint (a text encoder in an all-in-one file);
+    ``variant(infos, root)`` names the variant found at the first root (or ''); ``owns_nested``: an
+    encoder found under one of its roots belongs to it (see ``_OWNS_NESTED``)."""
     _ARCHITECTURES[name] = arch
+    if owns_nested:
+        _OWNS_NESTED.add(name)
 
     def locate(infos):
         return tuple(root for root, _ in arch.find(infos))
@@ -176,10 +205,14 @@ def _preset(name: str, summary: str, arch: _Architecture, *, detection: str, qua
         own_roots = set(locate(infos))   # encoders are "bundled" only beside a recognised model
         return arch.rules(infos) + (_bundled_rules(name, infos, own_roots) if own_roots else ())
 
+    def named(infos):
+        roots = locate(infos) if variant else ()
+        return variant(infos, roots[0]) if roots else ""
+
     preset = register(Preset(name=name, summary=summary, keeps=tuple(keeps), reference=reference,
                              quantizes=tuple(quantizes),
                              detect=lambda infos: bool(locate(infos)), rules=rules, detection=detection,
-                             locate=locate, attention=attention))
+                             locate=locate, attention=attention, variant=named))
     if bundled:
         BUNDLED.append(preset)
     return preset
@@ -187,8 +220,9 @@ def _preset(name: str, summary: str, arch: _Architecture, *, detection: str, qua
 
 def _bundled(name: str, infos: dict, exclude_roots=()) -> list[tuple[Preset, str]]:
     """Encoders found in the checkpoint besides preset ``name``'s own roots: (preset, root)."""
-    return [(p, root) for p in BUNDLED if p.name != name
-            for root in p.locate(infos) if root not in exclude_roots]
+    def excluded(root):
+        return root in exclude_roots or (name in _OWNS_NESTED and any(root.startswith(r) for r in exclude_roots))
+    return [(p, root) for p in BUNDLED if p.name != name for root in p.locate(infos) if not excluded(root)]
 
 
 def _bundled_rules(name: str, infos: dict, own_roots: set[str]) -> tuple[Rule, ...]:
@@ -205,15 +239,21 @@ def resolve(name: str, infos: dict) -> tuple[Preset, str]:
     if name == "auto":
         for preset in REGISTRY.values():
             if preset is not GENERIC and preset.detect(infos):
-                return preset, f"preset {preset.name} (detected{_where(preset, infos)}: {preset.summary})"
+                return preset, (f"preset {preset.name} (detected{_variant(preset, infos)}{_where(preset, infos)}: "
+                                f"{preset.summary})")
         return GENERIC, "preset generic (no known architecture detected)"
     if name not in REGISTRY:
         raise PolicyError(f"unknown preset {name!r}", hint=f"known presets: auto, {', '.join(REGISTRY)}")
     preset = REGISTRY[name]
     if preset is GENERIC or preset.detect(infos):
-        return preset, f"preset {name} (chosen{_where(preset, infos)})"
+        return preset, f"preset {name} (chosen{_variant(preset, infos)}{_where(preset, infos)})"
     return preset, (f"preset {name} (chosen; its architecture was not recognised in this checkpoint, "
                     "so its rules may match nothing)")
+
+
+def _variant(preset: Preset, infos: dict) -> str:
+    name = preset.variant(infos)
+    return f" {name}" if name else ""
 
 
 def _where(preset: Preset, infos: dict) -> str:

@@ -114,15 +114,17 @@ FLUX = _preset(
                    ("transformer_blocks.{i}.norm1_context.linear.weight", "x_embedder.weight"),
                    _flux_diffusers_double, _FLUX_DIFFUSERS_RULES),
     ),
-        # ControlNets; HunyuanVideo, whose blocks are FLUX's (its x_embedder is a conv, its text embedder a
-        # token refiner). Chroma and FLUX.2 have no per-block modulation, so no signature matches them.
+        # ControlNets; Hunyuan3D 2.0 (latent_in); HunyuanVideo, whose blocks are FLUX's (its x_embedder is a
+        # conv, its text embedder a token refiner). Chroma and FLUX.2 have no per-block modulation, so no
+        # signature matches them.
         absent=(r"controlnet_.*", r"x_embedder\.proj\..*", r"context_embedder\.token_refiner\..*",
-                r"txt_in\.individual_token_refiner\..*")),
+                r"txt_in\.individual_token_refiner\..*", r"latent_in\..*")),
     detection=("BFL/ComfyUI names: double_blocks.N.img_attn.qkv [3h,h] with img_mod.lin [6h,h], or "
                "single_blocks.N.linear1 [3h+mlp,h] with modulation.lin [3h,h]; diffusers names: "
                "single_transformer_blocks.N.proj_mlp [mlp,h] with norm.linear [3h,h] and attn.to_q [h,h], or "
                "transformer_blocks.N.norm1.linear and norm1_context.linear [6h,h] with a matrix x_embedder. "
-               "Not when controlnet_* keys, HunyuanVideo's token refiner or a conv x_embedder.proj share the prefix"),
+               "Not when controlnet_* keys, HunyuanVideo's token refiner, Hunyuan3D's latent_in or a conv "
+               "x_embedder.proj share the prefix"),
     quantizes=(("attention: img_attn/txt_attn qkv and proj (to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out; "
                 "single blocks' to_q/k/v)", _WHY_DIT_ATTN),
                ("MLPs: img_mlp/txt_mlp (ff, ff_context), single blocks' linear1/linear2 (proj_mlp, proj_out)",
