@@ -365,10 +365,42 @@ def model_inputs(model, source, settings, dtype: torch.dtype = torch.float32, pr
                                          "--weights-only")
     passes = settings.steps * settings.seeds if model.architecture != "AutoencoderKL" else settings.seeds
     count = min(passes, settings.samples or passes)
+    _check_rows_fit(model.architecture, probe.config, count, folder, settings)
     encoders = tuple(encode_prompts(p, count, dtype) for p in settings.text_encoders)
     steps = settings.steps if model.architecture != "AutoencoderKL" else 1      # the VAE takes no timestep
     return diffusion_calibration_inputs(model.architecture, probe.config, steps=steps, seeds=settings.seeds,
                                         encoders=encoders, samples=settings.samples, path=folder)
+
+
+def _check_rows_fit(class_name: str, config, rows: int, path: str, settings) -> None:
+    """Refuse, before any work, more rows than the memory holds: every row's inputs (latents, text
+    embeddings) are made before the model runs, so --steps 1000 --seeds 1000 on a real model would
+    end in the kernel's out-of-memory killer, not in an error."""
+    from quantkit.diffusion_inputs import Shape, diffusion_inputs
+    from quantkit.workers import available_memory
+    available = available_memory()
+    if available is None:
+        return
+    one = diffusion_inputs(class_name, config, 0, path=path, shape=Shape(1, (schedule(1)[0],))).kwargs
+    row = _nbytes(one)
+    budget = available // 2           # the model's own blocks and the observers need the rest
+    if row * rows <= budget:
+        return
+    fit = max(1, budget // max(row, 1))
+    raise OptionsError(f"--steps {settings.steps} x --seeds {settings.seeds}: {rows} calibration rows of "
+                       f"{row / 1e6:.1f} MB need {row * rows / 1e9:.1f} GB; {available / 1e9:.1f} GB of memory is "
+                       f"available", hint=f"give fewer --steps / --seeds, or --samples {min(fit, rows - 1)} or fewer")
+
+
+def _nbytes(value) -> int:
+    """The bytes of the tensors in a (nested) keyword-input value."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def encode_prompts(path: str, count: int, dtype: torch.dtype = torch.float32) -> TextEncoder:

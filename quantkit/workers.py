@@ -47,7 +47,7 @@ def cap_jobs(requested: int, pieces: int | None = None) -> tuple[int, str | None
         >>> cap_jobs(100000, pieces=3)                # doctest: +SKIP
         (2, '--jobs 100000 capped at 2: the machine has 2 cores')
     """
-    cores, available = _cores(), _available_memory() or 0
+    cores, available = _cores(), available_memory() or 0
     limits = [(cores, f"the machine has {cores} core{'s' if cores != 1 else ''}"),
               (_jobs_in_memory(cores), f"the free memory ({available / 1e9:.1f} GB) holds no more "
                                        f"jobs at {JOB_BYTES / 1e9:.1f} GB each")]
@@ -65,11 +65,12 @@ def _cores() -> int:
 
 def _jobs_in_memory(cores: int) -> int:
     """Jobs that fit in the memory available now (at least 1); ``cores`` where it cannot be told."""
-    available = _available_memory()
+    available = available_memory()
     return cores if available is None else max(1, available // JOB_BYTES)
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
+    """The memory the kernel says is available now (MemAvailable), or None where it does not say."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -179,3 +179,20 @@ def test_a_max_shard_size_below_the_tensors_is_said(tmp_path):
     assert result.exit_code == 0 and "2 of the 2 shards are over --max-shard-size" in result.output, result.output
     quiet = run("convert", src, tmp_path / "out2", "--quantize", "*", "--max-shard-size", "1MB", "-q")
     assert quiet.exit_code == 0 and "over --max-shard-size" not in quiet.output
+
+
+# ----------------------------------------------------------------------------- calibrate: counts bounded
+
+def test_calibration_rows_beyond_the_memory_are_refused_before_any_work(tmp_path, monkeypatch):
+    """--steps x --seeds rows are all made before the model runs: a count the memory cannot hold is
+    refused with what fits, not left to the kernel's out-of-memory killer."""
+    from quantkit import workers
+    without_zero_layers(_diffusers("FluxTransformer2DModel", FLUX_CONFIG, 0)).save_pretrained(tmp_path / "t")
+    monkeypatch.setattr(workers, "available_memory", lambda: 64 << 20)      # 64 MB free
+    out = tmp_path / "s.stats"
+    result = run("calibrate", tmp_path / "t", "-o", out, "-q", "--steps", "100000", "--seeds", "100000")
+    line = one_error_line(result)
+    assert result.exit_code == 2 and "10000000000 calibration rows" in line and "--samples" in line, result.output
+    assert not out.exists()
+    ok = run("calibrate", tmp_path / "t", "-o", out, "-q", "--steps", "2", "--seeds", "1")
+    assert ok.exit_code == 0, ok.output

@@ -38,17 +38,17 @@ def cli(*args, **kw):
 
 def test_cap_jobs_bounds_by_cores_memory_and_pieces(monkeypatch):
     monkeypatch.setattr(workers, "_cores", lambda: 8)
-    monkeypatch.setattr(workers, "_available_memory", lambda: 64 << 30)
+    monkeypatch.setattr(workers, "available_memory", lambda: 64 << 30)
     assert workers.cap_jobs(4) == (4, None)
     assert workers.cap_jobs(8, pieces=20) == (8, None)
     assert workers.cap_jobs(100000) == (8, "--jobs 100000 capped at 8: the machine has 8 cores")
     assert workers.cap_jobs(6, pieces=3) == (3, "--jobs 6 capped at 3: the work has 3 pieces")
-    monkeypatch.setattr(workers, "_available_memory", lambda: 3 * workers.JOB_BYTES + 1)
+    monkeypatch.setattr(workers, "available_memory", lambda: 3 * workers.JOB_BYTES + 1)
     jobs, note = workers.cap_jobs(100000, pieces=50)
     assert jobs == 3 and note.startswith("--jobs 100000 capped at 3: the free memory")
-    monkeypatch.setattr(workers, "_available_memory", lambda: 0)       # nearly nothing free: still one job
+    monkeypatch.setattr(workers, "available_memory", lambda: 0)       # nearly nothing free: still one job
     assert workers.cap_jobs(5)[0] == 1
-    monkeypatch.setattr(workers, "_available_memory", lambda: None)    # no /proc/meminfo: the cores decide
+    monkeypatch.setattr(workers, "available_memory", lambda: None)    # no /proc/meminfo: the cores decide
     assert workers.cap_jobs(100000)[0] == 8
 
 
