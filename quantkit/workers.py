@@ -143,15 +143,31 @@ def _signals_held():
     them blocked, until it has its own handlers and dies with its parent (``_start_worker``), and
     the parent's handler runs once every worker is in the pool's table, where ``_kill`` finds it
     (a signal landing inside ``fork`` itself left a worker the table did not hold). Forking at
-    most one worker per core takes milliseconds: the signal waits no longer than that."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    most one worker per core takes milliseconds: the signal waits no longer than that.
+
+    Blocking the signals in this thread is not enough: the kernel hands a signal sent to the
+    process to any thread that does not block it (torch's OpenMP threads), and Python then runs
+    the handler in this thread at its next bytecode, possibly inside an at-fork hook (logging's
+    ``_releaseLock``), where the exception it raises is printed and dropped. So the handlers only
+    record the signal here, and it is raised again once the forks are done."""
+    caught: list[int] = []
+    previous = {}
+    try:
+        for s in _HELD:
+            previous[s] = signal.signal(s, lambda signum, frame: caught.append(signum))
+    except ValueError:              # not the main thread: handlers cannot be set, the mask still holds
+        previous = {}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD) if hasattr(signal, "pthread_sigmask") else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for s, handler in previous.items():
+            if handler is not None:     # None: a handler set outside Python, which cannot be put back
+                signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def _start_worker(parent: int) -> None:

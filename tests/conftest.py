@@ -30,6 +30,8 @@ def minilm_fp8(tmp_path_factory):
 SLOW_MODULES = {
     "test_benchmarks_smoke",     # runs the benchmark scripts
     "test_calibrate",            # calibrates real MiniLM and tiny diffusers models
+    "test_diffusers_families",   # diffusers models of every family built, converted and converted back
+    "test_family_encoders",      # text encoders built and run by transformers
     "test_cli_minilm",           # the real MiniLM through every command
     "test_disk_full",            # a conversion starved of disk space, in a subprocess
     "test_jobs",                 # worker processes
@@ -38,13 +40,18 @@ SLOW_MODULES = {
     "test_model_output",         # models run end to end
     "test_newcomer_edges",       # new-user edges across commands on the real MiniLM
     "test_publish",              # releases of real conversions, validated
+    "test_reconvert_scales",     # calibrated models converted between every pair of formats, run
     "test_report",               # charts of validation reports
     "test_runtime",              # the streamed runtime on real models
+    "test_runtime_budget",       # the runtime under memory budgets
+    "test_runtime_edges",        # loaded models moved between dtypes, run
     "test_sensitivity",          # a forward per layer
     "test_signals",              # SIGINT / SIGTERM of running conversions
+    "test_signals_phases",       # SIGINT / SIGTERM / SIGKILL at every phase of validate, calibrate, publish
     "test_testing_kit",          # the property-testing kit against many quantizers
     "test_user_edges",           # the exit-code table over real conversions
     "test_w8a8",                 # activation simulation on real models
+    "test_workers_bounded",      # --jobs 100000 with its worker processes counted
 }
 SLOW_TESTS = {
     "test_mse_clip_is_never_worse_than_absmax_and_never_above_it",   # a search per drawn weight
