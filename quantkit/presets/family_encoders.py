@@ -110,7 +110,7 @@ def _qkv_bias(infos, root):
 _QWEN_VISUAL = ("visual.blocks.", "model.visual.blocks.", "visual.merger.", "model.visual.merger.")
 _PIXTRAL = ("model.multi_modal_projector.patch_merger.", "multi_modal_projector.patch_merger.")
 _LLAVA = ("model.multi_modal_projector.linear_1.", "multi_modal_projector.linear_1.")
-_GEMMA_VISION = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "vision_model.")
+_GEMMA_VISION = ("model.vision_tower.", "vision_tower.", "vision_model.")
 
 
 def _decoder(accept) -> _Narrowed:
