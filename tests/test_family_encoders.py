@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quantkit.policy import Action, Policy
@@ -193,6 +194,12 @@ def test_comfy_convert_validates_and_keeps_hidden_states(folders, name, tmp_path
     assert run("convert", src, out, "--format", "comfy", "-q").exit_code == 0
     result = run("validate", out, "--against", src)
     assert result.exit_code == 0, result.output
+    legacy = tmp_path / "legacy.safetensors"      # the scaled_fp8 marker ComfyUI's encoder loaders read
+    assert run("convert", src, legacy, "--format", "comfy-legacy", "-q").exit_code == 0
+    assert run("validate", legacy, "--against", src).exit_code == 0
+    with safe_open(str(legacy), "pt") as f:
+        assert "scaled_fp8" in f.keys() and set(f.keys()) - {"scaled_fp8"} >= set(load_file(str(out)).keys()) - {
+            k for k in load_file(str(out)) if k.endswith(("comfy_quant", "weight_scale"))}
     state = load_dequantized(str(out), torch.float32)
     # ComfyUI's names: the decoder under model., no lm_head, Mistral's and LLaVA's towers dropped.
     if name != "umt5":
