@@ -119,8 +119,6 @@ def test_keeps_embeddings_heads_norms_and_vision_towers(folders, name):
         assert not any(s in k for s in ("embed", "lm_head", "norm", "visual", "vision", "projector", "shared",
                                         "relative_attention_bias", "DenseReluDense.wo")), k
         assert k.endswith(".weight")
-    assert all(("q_proj" in k or ".q." in k) for k in got if k in quantized and "attn" in k.lower()
-               and ("q_proj" in k or ".q." in k))
     assert any("q_proj" in k or ".q." in k for k in quantized)
 
 
@@ -167,7 +165,6 @@ def test_variants_of_the_published_encoders_under_comfyui_names():
     gemma = _decoder(3840, 48, 262208, q_out=4096, kv=2048, qk_norm=True, gemma=True) | {
         "vision_model.embeddings.patch_embedding.weight": (1152, 3, 14, 14),
         "multi_modal_projector.mm_input_projection_weight": (1152, 3840)}
-    umt5 = {f"encoder.block.{i}.layer.{j}": None for i in range(24) for j in (0,)}
     umt5 = {"shared.weight": (256384, 4096)}
     for i in range(24):
         umt5[f"encoder.block.{i}.layer.0.SelfAttention.q.weight"] = (4096, 4096)

@@ -155,6 +155,8 @@ def _umt5(infos, root):
 
 def _umt5_variant(infos, root):
     q = infos.get(root + "encoder.block.0.layer.0.SelfAttention.q.weight")
+    if q is None:               # a shard without the first block
+        return "UMT5 encoder"
     n = 1 + max(int(m[1]) for k in infos if (m := re.match(re.escape(root) + r"encoder\.block\.(\d+)\.", k)))
     size = {(4096, 24): "XXL", (2048, 24): "XL", (1024, 24): "Large", (768, 12): "Base"}.get((q.shape[1], n))
     return f"UMT5-{size} encoder" if size else f"UMT5 encoder (d_model {q.shape[1]}, {n} blocks)"
