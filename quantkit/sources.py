@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from .checkpoint import open_checkpoint
+from .comfy_encoder_names import comfyui_encoder_view
 from .comfy_names import COMFYUI, comfyui_view
 from .errors import OptionsError
 from .reader import TensorSource
@@ -30,7 +31,7 @@ def open_source(path: str | os.PathLike, *, component: str | None = None, ema: b
     if names is None:
         return checkpoint
     try:
-        return comfyui_view(checkpoint)
+        return comfyui_encoder_view(checkpoint) or comfyui_view(checkpoint)
     except BaseException:
         checkpoint.close()
         raise

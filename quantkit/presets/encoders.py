@@ -6,16 +6,10 @@ their rules to the encoders bundled in an all-in-one checkpoint.
 from __future__ import annotations
 
 from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
+from .family_encoders import _LLM_RULES, _T5_RULES  # shared with their family twins, registered before these
 
 
 # ----------------------------------------------------------------------------- text encoders
-
-_T5_RULES = (
-    (Q, r"re:(encoder|decoder)\.block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)\.weight"),
-    (Q, r"re:(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1)\.weight"),
-    (K, r"re:(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.wo"),
-    (K, "shared"), (K, "encoder.embed_tokens"), (K, "decoder.embed_tokens"), (K, "lm_head"),
-)
 
 T5 = _preset(
     "t5_encoder", "T5 / UMT5 / T5-XXL (FLUX, SD3, Wan text encoder): attention and wi in FP8, wo kept",
@@ -121,16 +115,6 @@ BERT = _preset(
                "llm-compressor recipe (every Linear in the layers, heads ignored)."),
     bundled=True,
     attention='attention.self.query/key/value, attention.output.dense',
-)
-
-_LLM_RULES = (
-    (Q, r"re:layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj|qkv_proj)\.weight"),
-    (Q, r"re:layers\.\d+\.mlp\.(.+\.)?(gate_proj|up_proj|down_proj|gate_up_proj)\.weight"),
-    (Q, r"re:layers\.\d+\.block_sparse_moe\.experts\.\d+\.(w1|w2|w3)\.weight"),
-    (K, r"re:layers\.\d+\.(mlp|block_sparse_moe)\.(gate|router|shared_expert_gate)"),
-    (K, "embed_tokens"), (K, "../lm_head"),
-    (K, "*visual.*"), (K, "*vision_tower.*"), (K, "*vision_model.*"), (K, "*multi_modal_projector.*"),
-    (K, "*mm_projector.*"),
 )
 
 LLM = _preset(
