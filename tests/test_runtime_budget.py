@@ -173,6 +173,17 @@ def test_device_cpu_and_moves(files):
         model.to("meta")
 
 
+def test_the_transfer_to_a_device():
+    """The CPU is the host: nothing moves; another device gets a copy; CUDA's side stream only on CUDA."""
+    from quantkit.runtime.streaming import Transfer
+    t = {"w": torch.ones(3)}
+    moved, event = Transfer(torch.device("cpu")).move(t)
+    assert moved["w"] is t["w"] and event is None and Transfer(torch.device("cpu")).stream is None
+    moved, event = Transfer(torch.device("meta")).move(t)
+    assert moved["w"].is_meta and event is None
+    assert Transfer(torch.device("meta")).arrive(moved, None) is moved
+
+
 def test_two_models_in_one_pool_under_a_budget_that_holds_one(files):
     alone = {k: forward("flux", qr.load(_empty("flux"), files[k])) for k in ("flux", "flux-b")}
     p = _plan(files, "flux")      # room for one model's blocks beside both models' fixed bytes and the reserve
@@ -199,6 +210,9 @@ def test_two_models_in_one_pool_under_a_budget_that_holds_one(files):
     assert pool.peak_bytes + p.work <= pool.max_memory           # dequantization's work reserved beside it
     assert pool.peak_bytes > pool.max_memory - p.work - sum(sorted(p.units.values())[-2:])   # and it was used
     assert pool.summary()["models"] == 2
+    pool.remove(a)                                              # its blocks and fixed bytes leave the pool
+    assert all(owner == id(b) for owner, _ in pool.kept) and pool.held_bytes == tensor_bytes(b)
+    assert torch.equal(forward("flux", b), alone["flux-b"]) and pool.summary()["models"] == 1
 
 
 def test_a_pool_refuses_a_model_it_cannot_run(files):

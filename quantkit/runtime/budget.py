@@ -107,7 +107,7 @@ class Plan:
 def plan(units: dict[str, int], fixed: int, work: int, budget: int, prefetch: bool = True) -> Plan:
     """The resident set under ``budget``; ``OptionsError`` naming the smallest budget if none fits.
 
-    >>> plan({"a": 10, "b": 10, "c": 10}, fixed=1, work=2, budget=26).resident
+    >>> plan({"a": 10, "b": 10, "c": 10, "d": 10}, fixed=1, work=2, budget=33).resident   # 1 + 10 + 2 x 10 + 2
     ('a',)
     """
     depth = 2 if prefetch else 1
@@ -151,6 +151,7 @@ class UnitCache:
         self.in_flight = 0
         self.peak = 0
         self.evicted: list = []        # keys in the order they were evicted (what tests and users read)
+        self.models: dict = {}         # owner -> (fixed, reserve)
 
     @property
     def capacity(self) -> int:
@@ -160,7 +161,7 @@ class UnitCache:
     def held(self) -> int:
         return self.fixed + self.cached + self.in_flight
 
-    def add_model(self, fixed: int, reserve: int, label: str) -> None:
+    def add_model(self, owner, fixed: int, reserve: int, label: str) -> None:
         """Take a model's fixed bytes and reserve; refused where the budget cannot run it."""
         need = self.fixed + fixed + max(self.reserve, reserve)
         if need > self.budget:
@@ -169,6 +170,7 @@ class UnitCache:
                                hint=f"give the pool max_memory={need} or more")
         self.fixed += fixed
         self.reserve = max(self.reserve, reserve)
+        self.models[owner] = (fixed, reserve)
         self._note()
 
     def touch(self, key) -> bool:
@@ -203,8 +205,11 @@ class UnitCache:
         self.peak = max(self.peak, self.held)
 
     def drop_owner(self, owner) -> None:
-        """Forget every unit of ``owner`` (a model closed or freed)."""
+        """Forget ``owner`` (a model closed or freed): its kept units, its fixed bytes and reserve."""
         for key in [k for k in self.entries if k[0] == owner]:
             n, drop = self.entries.pop(key)
             drop()
             self.cached -= n
+        fixed, _ = self.models.pop(owner, (0, 0))
+        self.fixed -= fixed
+        self.reserve = max((r for _, r in self.models.values()), default=0)

@@ -147,7 +147,7 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     """
     mode = _mode(mode)
     budget = _budget(mode, max_memory, pool)
-    device = torch.device(device if device is not None else pool.device if pool is not None else "cpu")
+    device = _device(device if device is not None else pool.device if pool is not None else "cpu")
     if getattr(module, "quantkit_runtime", None) is not None:
         raise ValueError("this module was already loaded by quantkit.runtime.load; build a fresh one")
     if matmul not in MATMULS:
@@ -172,6 +172,14 @@ class _Placing:
     device: torch.device
     budget: int | None = None
     pool: object = None
+
+
+def _device(device) -> torch.device:
+    """``device`` as a torch device; "cuda" made "cuda:N" (the current one), as tensors there report it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _budget(mode: Mode, max_memory, pool) -> int | None:
@@ -251,7 +259,8 @@ class _Moved:
             device = moved_device(fn, torch.empty(0, device=self.info.device))
             if device != self.info.device:
                 raise ValueError(f"a model loaded with mode={self.info.mode.value!r} runs on the device it was "
-                                 f"loaded for ({self.info.device}), not on {device}: load it with device={str(device)!r}")
+                                 f"loaded for ({self.info.device}), not on {device}: load it with device={str(device)!r}, "
+                                 "or with mode='resident' to move it")
             fn = _meta_kept(fn)
         type(module)._apply(module, fn, recurse)
         if dtype is not None:
@@ -287,7 +296,7 @@ def _planned(module, streamed: dict[str, list[Placement]], placements, holding: 
         return {u: ps for u, ps in streamed.items() if u not in info.plan.resident}
     depth = 2 if prefetch else 1
     info.pool_budget = placing.pool.cache.budget
-    placing.pool.cache.add_model(fixed, sum(sorted(units.values(), reverse=True)[:depth]) + work,
+    placing.pool.cache.add_model(id(module), fixed, sum(sorted(units.values(), reverse=True)[:depth]) + work,
                                  type(module).__name__)
     return streamed
 

@@ -31,7 +31,7 @@ class Pool:
 
     def __init__(self, max_memory: int | str, device: str | torch.device = "cpu"):
         self.cache = UnitCache(budget_bytes(max_memory))
-        self.device = torch.device(device)
+        self.device = torch.device(device)      # "cuda" becomes "cuda:N" in load
         self.models: list = []
 
     @property
@@ -66,6 +66,12 @@ class Pool:
         model = load(module, path, "pooled", compute_dtype, pool=self, **options)
         self.models.append(model)
         return model
+
+    def remove(self, model: torch.nn.Module) -> None:
+        """Take ``model`` out of the pool: its kept blocks and fixed bytes freed, its hooks removed and
+        its file closed (``quantkit_runtime.close()``: it can no longer run)."""
+        self.models = [m for m in self.models if m is not model]
+        model.quantkit_runtime.close()
 
     def summary(self) -> dict:
         return {"max_memory": self.max_memory, "held_bytes": self.held_bytes, "peak_bytes": self.peak_bytes,
