@@ -83,7 +83,9 @@ class RuntimeInfo:
         return "everything resident (mode='resident')"
 
     def summary(self) -> dict:
-        return {"path": self.path, "mode": self.mode.value, "device": str(self.device), "residency": self.residency, "format": self.format, "renamed": self.renamed,
+        return {"path": self.path, "mode": self.mode.value, "device": str(self.device),
+                "max_memory": self.plan.budget if self.plan else self.pool_budget, "residency": self.residency,
+                "format": self.format, "renamed": self.renamed,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "file_bytes": self.file_bytes,
                 "quantized": self.quantized, "kept": self.kept, "kept_as_stored": self.kept_as_stored,
                 "units": len(self.units), "activations": self.activations.value, "inputs": dict(self.inputs),
@@ -162,6 +164,8 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
                      _Placing(device, budget, pool))
     except BaseException:
         layout.close()
+        if pool is not None:
+            pool.cache.drop_owner(id(module))     # the pool gives back what it counted for the model
         raise
 
 
@@ -259,8 +263,8 @@ class _Moved:
             device = moved_device(fn, torch.empty(0, device=self.info.device))
             if device != self.info.device:
                 raise ValueError(f"a model loaded with mode={self.info.mode.value!r} runs on the device it was "
-                                 f"loaded for ({self.info.device}), not on {device}: load it with device={str(device)!r}, "
-                                 "or with mode='resident' to move it")
+                                 f"loaded for ({self.info.device}), not on {device}: load it with "
+                                 f"device={str(device)!r}, or with mode='resident' to move it")
             fn = _meta_kept(fn)
         type(module)._apply(module, fn, recurse)
         if dtype is not None:
