@@ -9,8 +9,9 @@ the tensors outside the blocks and dequantization's work) to everything. Per row
 the process (torch and diffusers imports included: the ``baseline`` column is the RSS before
 loading), seconds per forward (the mean of ``--forwards`` after one warm-up forward), the bytes
 the runtime reads from the file per forward (its own count of the streamed blocks' tensors; the
-file sits in the page cache, so these are reads from memory, not disk) and the runtime's own
-count of what it held at most (``held``). Not run in CI.
+file sits in the page cache, so these are reads from memory, not disk; two warm-up forwards first,
+so the prefetch knows which block starts a call) and the runtime's own count of what it held at most
+plus dequantization's reserved work (``held``). Not run in CI.
 
     python benchmarks/runtime_budget.py --out-dir /tmp/qkrb --blocks 1,2
     python benchmarks/runtime_budget.py --out-dir /tmp/qkrb --blocks 19,38 --steps 6   # full size: ~36 GB of disk
@@ -81,6 +82,7 @@ def child(args) -> int:
     inputs = _inputs(config, args.tokens, args.text_tokens, dtype)
     with torch.no_grad():
         first = model(**inputs)[0]
+        model(**inputs)        # a second warm-up: the prefetch has seen one call end and the next begin
         read["bytes"], times = 0, []
         for _ in range(args.forwards):
             t0 = time.perf_counter()

@@ -5,8 +5,9 @@ weights, tensors directly on a module that holds the block lists), the resident 
 units in flight (the one running and, with prefetch, the next one read meanwhile: the two largest
 streamed units), and dequantization's work (the largest FP8 weight made in the compute dtype, plus
 one chunk of float32 and int16 work: ``weights.dequantized``). ``plan`` keeps units resident in
-the order they run (registration order), each one that fits beside what the rest need in flight,
-so the choice is deterministic and the sum never exceeds the budget. A budget that holds
+the model's order (the order its modules are registered: ``stream_units``), each one that fits
+beside what the rest need in flight, so the choice is deterministic and the sum never exceeds the
+budget. A budget that holds
 everything is resident mode; one that cannot hold the largest unit in flight is refused before
 anything is read, naming the unit and the smallest budget that works.
 
@@ -70,7 +71,7 @@ class Plan:
     budget: int
     fixed: int                       # bytes outside every unit, always held
     work: int                        # dequantization's temporaries, reserved
-    units: dict[str, int]            # unit -> bytes held while it is in memory, in run order
+    units: dict[str, int]            # unit -> bytes held while it is in memory, in the model's order
     resident: tuple[str, ...]
     depth: int                       # streamed units in flight at once (2 with prefetch)
 
@@ -99,7 +100,7 @@ class Plan:
                     "dequantization's work included): the budget holds everything")
         kept = ranges(list(self.resident)) if self.resident else "none"
         return (f"resident: {kept} ({size(self.resident_bytes)} of {size(self.budget)}); "
-                f"streamed: {ranges(list(self.streamed))}; why: in the order they run, each unit stays while it "
+                f"streamed: {ranges(list(self.streamed))}; why: in the model's order, each unit stays while it "
                 f"fits beside the {self.depth} largest streamed units in flight ({size(self.window)}) and "
                 f"dequantization's work ({size(self.work)})")
 

@@ -123,7 +123,7 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     runs and drops them after (``quantkit.runtime.streaming``), ``prefetch`` reading the next block
     meanwhile; "budget" keeps as many blocks resident as ``max_memory`` (bytes, or a size such as
     "8GB") holds and streams the rest (``quantkit.runtime.budget``: which blocks stay is decided in
-    the order they run and stated in ``module.quantkit_runtime.residency``; a budget that holds
+    the model's order and stated in ``module.quantkit_runtime.residency``; a budget that holds
     everything is resident mode, one below the largest block in flight is refused with the
     smallest budget that works); "pooled" is what ``Pool.load`` passes (``pool``: that pool).
     ``module.quantkit_runtime`` (``RuntimeInfo``) says what was loaded and which kernel ran.
