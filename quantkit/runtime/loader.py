@@ -12,9 +12,10 @@ import torch
 
 from ..errors import ModelMismatchError
 from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
-from .streaming import Streamer, stream_units
-from .weights import (KERNELS, MATMULS, Activations, InputQuant, KernelLog, check_compute_dtype, converted_dtype,
-                      held_buffer, make_cast, make_quantized, moved_device)
+from .budget import Plan, budget_bytes, plan, size
+from .streaming import Streamer, Transfer, stream_units
+from .weights import (CHUNK_ELEMENTS, KERNELS, MATMULS, Activations, InputQuant, KernelLog, check_compute_dtype,
+                      converted_dtype, held_buffer, make_cast, make_quantized, moved_device)
 
 EXAMPLES = 3
 
@@ -22,6 +23,8 @@ EXAMPLES = 3
 class Mode(enum.Enum):
     RESIDENT = "resident"   # every tensor in memory (FP8 codes as stored)
     STREAMED = "streamed"   # each unit's tensors read from disk when it runs, dropped after
+    BUDGET = "budget"       # the units that fit max_memory resident, the rest streamed (budget.plan)
+    POOLED = "pooled"       # loaded into a Pool: units kept after they run while the pool has room (LRU)
 
 
 @dataclass
@@ -34,7 +37,10 @@ class RuntimeInfo:
     ``activations``: the ``load`` option, and ``inputs``: how many FP8 Linear layers quantize their
     input by each scheme ("static", "unit", "dynamic"; "none": weight-only);
     ``stored_names``: module tensor -> the checkpoint's name of the tensor it was read from whole
-    (parts of joined tensors left out), to name what hooks on the module observe."""
+    (parts of joined tensors left out), to name what hooks on the module observe;
+    ``device``: where the module runs (held tensors live there; streamed units are read into host
+    memory and copied there block by block); ``plan``: budget mode's choice (``budget.Plan``), and
+    ``residency``: which units stay in memory and why, in one line."""
 
     path: str
     mode: Mode
@@ -53,6 +59,9 @@ class RuntimeInfo:
     inputs: dict[str, int] = field(default_factory=dict)
     log: KernelLog = field(default_factory=KernelLog, repr=False)
     stored_names: dict[str, str] = field(default_factory=dict, repr=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    plan: Plan | None = None
+    pool_budget: int | None = None
     _streamer: Streamer | None = field(default=None, repr=False)
     _layout: Layout | None = field(default=None, repr=False)
 
@@ -61,8 +70,22 @@ class RuntimeInfo:
         """Kernel path -> weights it produced so far (``weights.KERNELS`` describes each)."""
         return dict(self.log.counts)
 
+    @property
+    def residency(self) -> str:
+        """Which units stay in memory and why."""
+        if self.plan is not None:
+            return self.plan.describe()
+        if self.mode is Mode.POOLED:
+            return (f"{len(self.units)} units kept after they run while the pool's {size(self.pool_budget)} has "
+                    "room, the least recently used (of any model in the pool) evicted first")
+        if self.mode is Mode.STREAMED:
+            return f"{len(self.units)} units streamed, one at a time (the next read meanwhile with prefetch)"
+        return "everything resident (mode='resident')"
+
     def summary(self) -> dict:
-        return {"path": self.path, "mode": self.mode.value, "format": self.format, "renamed": self.renamed,
+        return {"path": self.path, "mode": self.mode.value, "device": str(self.device),
+                "max_memory": self.plan.budget if self.plan else self.pool_budget, "residency": self.residency,
+                "format": self.format, "renamed": self.renamed,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "file_bytes": self.file_bytes,
                 "quantized": self.quantized, "kept": self.kept, "kept_as_stored": self.kept_as_stored,
                 "units": len(self.units), "activations": self.activations.value, "inputs": dict(self.inputs),
@@ -81,7 +104,8 @@ class RuntimeInfo:
 
 def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: str | Mode = "resident",
          compute_dtype: torch.dtype | None = None, *, prefetch: bool = True,
-         matmul: str = "dequantize", activations: str | Activations = "none") -> torch.nn.Module:
+         matmul: str = "dequantize", activations: str | Activations = "none", max_memory: int | str | None = None,
+         device: str | torch.device | None = None, pool=None) -> torch.nn.Module:
     """Load the checkpoint at ``path`` into ``module`` and return it, FP8 weights kept as FP8.
 
     ``path``: any quantkit output (native, comfy, comfy-legacy, compressed-tensors; a file, a
@@ -97,7 +121,15 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     at rest stays the file's size), other kept tensors (biases, norms) cast once.
     ``mode``: "resident" keeps everything in memory; "streamed" reads each block's tensors when it
     runs and drops them after (``quantkit.runtime.streaming``), ``prefetch`` reading the next block
-    meanwhile. ``module.quantkit_runtime`` (``RuntimeInfo``) says what was loaded and which kernel ran.
+    meanwhile; "budget" keeps as many blocks resident as ``max_memory`` (bytes, or a size such as
+    "8GB") holds and streams the rest (``quantkit.runtime.budget``: which blocks stay is decided in
+    the model's order and stated in ``module.quantkit_runtime.residency``; a budget that holds
+    everything is resident mode, one below the largest block in flight is refused with the
+    smallest budget that works); "pooled" is what ``Pool.load`` passes (``pool``: that pool).
+    ``module.quantkit_runtime`` (``RuntimeInfo``) says what was loaded and which kernel ran.
+    ``device``: where the module runs (default the CPU). Held tensors are placed there; streamed
+    blocks are read into host memory and copied there as they run (on CUDA on a side stream,
+    overlapping the previous block's compute); FP8 weights are dequantized there.
     ``matmul``: "dequantize" (default: W = q * scale in the compute dtype, then the layer's own op;
     bit-identical to dequantize-then-run) or "fp8" (``nn.Linear`` layers with E4M3 weights multiply
     the stored codes with ``torch._scaled_mm``, inputs quantized with the layer's activation scale).
@@ -116,6 +148,8 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     >>> load(model, "flux1-dev-fp8.safetensors", mode="streamed", compute_dtype=torch.bfloat16)  # doctest: +SKIP
     """
     mode = _mode(mode)
+    budget = _budget(mode, max_memory, pool)
+    device = _device(device if device is not None else pool.device if pool is not None else "cpu")
     if getattr(module, "quantkit_runtime", None) is not None:
         raise ValueError("this module was already loaded by quantkit.runtime.load; build a fresh one")
     if matmul not in MATMULS:
@@ -126,14 +160,45 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     tensors = _tensors(module)
     layout = open_layout(path, {n: (tuple(t.shape), t.dtype) for n, (t, _) in tensors.items()}, type(module).__name__)
     try:
-        return _load(module, layout.source.path, mode, dtype, prefetch, tensors, layout, matmul, activations)
+        return _load(module, layout.source.path, mode, dtype, prefetch, tensors, layout, matmul, activations,
+                     _Placing(device, budget, pool))
     except BaseException:
         layout.close()
+        if pool is not None:
+            pool.cache.drop_owner(id(module))     # the pool gives back what it counted for the model
         raise
 
 
+@dataclass(frozen=True)
+class _Placing:
+    """Where the loaded tensors go: the device, budget mode's max_memory, the pool."""
+
+    device: torch.device
+    budget: int | None = None
+    pool: object = None
+
+
+def _device(device) -> torch.device:
+    """``device`` as a torch device; "cuda" made "cuda:N" (the current one), as tensors there report it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _budget(mode: Mode, max_memory, pool) -> int | None:
+    if (mode is Mode.POOLED) != (pool is not None):
+        raise ValueError("mode='pooled' is what Pool.load passes: load into a quantkit.runtime.Pool" if pool is None
+                         else f"a pool loads with mode='pooled', not {mode.value!r}")
+    if mode is Mode.BUDGET and max_memory is None:
+        raise ValueError("mode='budget' needs max_memory (bytes, or a size such as 8GB)")
+    if mode is not Mode.BUDGET and max_memory is not None:
+        raise ValueError(f"max_memory applies to mode='budget', not {mode.value!r}")
+    return budget_bytes(max_memory) if max_memory is not None else None
+
+
 def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: str,
-          activations: Activations) -> torch.nn.Module:
+          activations: Activations, placing: _Placing) -> torch.nn.Module:
     placements = layout.placements
     aliases = _aliases(tensors)
     _check_complete(module, tensors, aliases, placements, layout.source.path)
@@ -141,13 +206,15 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
     info = RuntimeInfo(path, mode, layout.format, layout.renamed, dtype, layout.file_bytes,
                        sum(p.quantized for p in placements.values()),
                        sum(not p.quantized for p in placements.values()), len(holding.stored))
-    scales = {t: read_scale(layout.source, p) for t, p in placements.items() if p.quantized}
+    device = info.device = placing.device
+    scales = {t: read_scale(layout.source, p).to(device) for t, p in placements.items() if p.quantized}
     inputs = _inputs(module, layout, activations, matmul)
     info.activations = activations
     info.inputs = dict(Counter(q.scheme if q else "dynamic per tensor" if m == "fp8" else "none"
                                for q, m in inputs.values()))
     assign = _assigner(module, tensors, aliases, holding, scales, info.log, matmul, inputs)
-    streamed = _streamed(module, placements, aliases) if mode is Mode.STREAMED else {}
+    streamed = _streamed(module, placements, aliases) if mode is not Mode.RESIDENT else {}
+    streamed = _planned(module, streamed, placements, holding, scales, tensors, mode, prefetch, placing, info)
     in_units = {p.target for ps in streamed.values() for p in ps}
 
     def read(p: Placement):
@@ -155,15 +222,19 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
 
     for target, p in placements.items():
         if target not in in_units:
-            assign(target, read(p))
+            assign(target, read(p).to(device))
     info.stored_names = {t: p.pieces[0].key for t, p in placements.items() if _whole(p, layout.source)}
     if streamed:
         info.units = list(streamed)
-        info._streamer = Streamer(module, streamed, read, assign, holding.nbytes, prefetch, info)
+        cache = placing.pool.cache if placing.pool is not None else None
+        info._streamer = Streamer(module, streamed, read, assign, holding.nbytes, prefetch, info, Transfer(device),
+                                  cache, id(module))
         info._layout = layout
         weakref.finalize(module, info.close)
     else:
         layout.close()
+    if device.type != "cpu":           # the module's own buffers (position ids, RoPE tables) follow
+        type(module)._apply(module, _meta_kept(lambda t: t.to(device)))
     info.resident_bytes = tensor_bytes(module)
     info.peak_bytes = info.resident_bytes
     module.quantkit_runtime = info
@@ -188,11 +259,12 @@ class _Moved:
     def __call__(self, fn, recurse: bool = True):
         module = self.module()
         dtype = converted_dtype(fn)          # refused before anything moves
-        if self.info.mode is Mode.STREAMED:
-            device = moved_device(fn, torch.empty(0))
-            if device.type != "cpu":
-                raise ValueError(f"a model loaded with mode='streamed' runs on the CPU (each block is read into "
-                                 f"CPU memory when it runs), not on {device}: load it with mode='resident' to move it")
+        if self.info.mode is not Mode.RESIDENT:
+            device = moved_device(fn, torch.empty(0, device=self.info.device))
+            if device != self.info.device:
+                raise ValueError(f"a model loaded with mode={self.info.mode.value!r} runs on the device it was "
+                                 f"loaded for ({self.info.device}), not on {device}: load it with "
+                                 f"device={str(device)!r}, or with mode='resident' to move it")
             fn = _meta_kept(fn)
         type(module)._apply(module, fn, recurse)
         if dtype is not None:
@@ -208,6 +280,42 @@ def _meta_kept(fn):
         dtype = fn(torch.empty(0, dtype=t.dtype)).dtype
         return t if dtype == t.dtype else t.to(dtype)
     return apply
+
+
+def _planned(module, streamed: dict[str, list[Placement]], placements, holding: "_Holding", scales, tensors,
+             mode: Mode, prefetch: bool, placing: _Placing, info: RuntimeInfo) -> dict[str, list[Placement]]:
+    """The units to stream: budget mode keeps ``plan``'s resident ones out; a pool takes the model's
+    fixed bytes and reserve (or refuses it). Decided before anything is read."""
+    if mode not in (Mode.BUDGET, Mode.POOLED):
+        return streamed
+    units = {u: sum(holding.nbytes(p) for p in ps) for u, ps in streamed.items()}
+    in_units = {p.target for ps in streamed.values() for p in ps}
+    fixed = (sum(holding.nbytes(p) for t, p in placements.items() if t not in in_units)
+             + sum(s.numel() * s.element_size() for s in scales.values())
+             + sum(t.numel() * t.element_size() for n, (t, _) in tensors.items()
+                   if n not in placements and not t.is_meta))
+    work = _work(placements, holding)
+    if mode is Mode.BUDGET:
+        info.plan = plan(units, fixed, work, placing.budget, prefetch)
+        return {u: ps for u, ps in streamed.items() if u not in info.plan.resident}
+    depth = 2 if prefetch else 1
+    info.pool_budget = placing.pool.cache.budget
+    placing.pool.cache.add_model(id(module), fixed, sum(sorted(units.values(), reverse=True)[:depth]) + work,
+                                 type(module).__name__)
+    return streamed
+
+
+def _work(placements, holding: "_Holding") -> int:
+    """Bytes dequantization (or a stored weight's cast) makes at once, at most: the largest such
+    weight in the compute dtype, plus one chunk of float32 and int16 work (``weights.dequantized``)."""
+    made = [p for t, p in placements.items() if p.quantized or t in holding.stored]
+    if not made:
+        return 0
+    numel = max(p.nbytes // p.dtype.itemsize for p in made)
+    if not any(p.quantized for p in made):
+        return numel * holding.dtype.itemsize
+    chunk = min(numel, CHUNK_ELEMENTS)
+    return numel * holding.dtype.itemsize + chunk * 4 + max(chunk, 1 << 16) * 2   # + fp8.decode's int16 scratch
 
 
 def _whole(p: Placement, source: TensorSource) -> bool:

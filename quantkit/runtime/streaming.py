@@ -71,16 +71,57 @@ def _holds_module_list(m: torch.nn.Module) -> bool:
     return any(isinstance(c, torch.nn.ModuleList) for c in m.modules())
 
 
+class Transfer:
+    """How a unit's tensors, read into host memory, reach the device the model runs on.
+
+    On the CPU they are already there. On CUDA the copy runs on a side stream (on the reading
+    thread, so the next unit's copy overlaps this unit's compute); an event recorded after it is
+    waited for by the compute stream before the unit runs, and each tensor is marked as used by
+    the compute stream (``record_stream``) so the allocator does not hand its memory to the next
+    copy while a kernel still reads it. Any other device gets a plain ``.to(device)``."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def move(self, values: dict) -> tuple[dict, object]:
+        """(the tensors on the device, the event that says the copy is done or None)."""
+        if self.device.type == "cpu":
+            return values, None
+        if self.stream is None:
+            return {k: v.to(self.device) for k, v in values.items()}, None
+        with torch.cuda.stream(self.stream):
+            moved = {k: v.to(self.device, non_blocking=True) for k, v in values.items()}
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        event.synchronize()        # this (reading) thread only: the host copies may be freed after
+        return moved, event
+
+    def arrive(self, values: dict, event) -> dict:
+        """``values`` ready for the compute stream."""
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for v in values.values():
+                v.record_stream(compute)
+        return values
+
+
 class Streamer:
-    """Reads each unit's tensors before it runs and drops them after (the hooks of streamed mode)."""
+    """Reads each unit's tensors before it runs and drops them after (the hooks of streamed mode).
+
+    With a ``cache`` (a ``Pool``'s ``UnitCache``) a unit that ran is kept while the pool has room,
+    under the key (``owner``, unit), and dropped when the cache evicts it."""
 
     def __init__(self, module: torch.nn.Module, units: dict[str, list[Placement]], read, assign, held_bytes,
-                 prefetch: bool, info):
+                 prefetch: bool, info, transfer: Transfer | None = None, cache=None, owner=None):
         self.units = units                 # unit name -> its placements (targets relative to the root)
         self.order = list(units)
         self.read_one = read               # read(placement) -> the tensor to hold, from disk
         self.assign = assign               # assign(target, value): put a value (or a meta placeholder) in place
         self.info = info                   # RuntimeInfo: materialised / peak bytes are counted there
+        self.transfer = transfer or Transfer(torch.device("cpu"))
+        self.cache, self.owner = cache, owner
         self.bytes = {u: sum(held_bytes(p) for p in ps) for u, ps in units.items()}
         self.next_of: dict[str, str] = {}
         self.last: str | None = None
@@ -93,16 +134,18 @@ class Streamer:
             self.handles.append(sub.register_forward_hook(self._post(name), always_call=True))
             self.release(name)
 
-    def read(self, unit: str) -> dict:
-        """The unit's tensors, read from disk and made ready to hold (``read_one``)."""
-        return {p.target: self.read_one(p) for p in self.units[unit]}
+    def read(self, unit: str) -> tuple[dict, object]:
+        """The unit's tensors, read from disk, made ready to hold (``read_one``) and moved to the device."""
+        return self.transfer.move({p.target: self.read_one(p) for p in self.units[unit]})
 
     def _pre(self, unit: str):
         def hook(module, args):
-            values = self._take(unit)
-            for target, value in values.items():
-                self.assign(target, value)
-            self._count(unit, +1)
+            kept = self.cache is not None and self.cache.touch((self.owner, unit))
+            if not kept:
+                values = self.transfer.arrive(*self._take(unit))
+                for target, value in values.items():
+                    self.assign(target, value)
+                self._count(unit, +1)
             if self.last is not None and self.last != unit:
                 self.next_of[self.last] = unit
             self.last = unit
@@ -111,6 +154,10 @@ class Streamer:
 
     def _post(self, unit: str):
         def hook(module, args, output):
+            if self.cache is not None and self.cache.admit((self.owner, unit), self.bytes[unit],
+                                                           lambda: self._evicted(unit)):
+                self.info.materialised_bytes -= self.bytes[unit]
+                return
             self.release(unit)
             self._count(unit, -1)
             return_freed_memory()
@@ -120,7 +167,14 @@ class Streamer:
         for p in self.units[unit]:
             self.assign(p.target, None)
 
-    def _take(self, unit: str) -> dict:
+    def _evicted(self, unit: str) -> None:
+        """The pool dropped a kept unit: its tensors become meta placeholders again."""
+        try:
+            self.release(unit)
+        except ReferenceError:       # the model itself was freed: nothing left to drop
+            pass
+
+    def _take(self, unit: str) -> tuple[dict, object]:
         if self.pending is not None:
             name, future = self.pending
             self.pending = None
@@ -133,6 +187,8 @@ class Streamer:
 
     def _prefetch(self, unit: str | None) -> None:
         if self.pool is None or unit is None:
+            return
+        if self.cache is not None and (self.owner, unit) in self.cache.entries:
             return
         self.pending = (unit, self.pool.submit(self.read, unit))
         self._count(unit, +1)
@@ -150,6 +206,8 @@ class Streamer:
         info = self.info
         info.materialised_bytes += sign * self.bytes[unit]
         info.peak_bytes = max(info.peak_bytes, info.materialised_bytes + info.resident_bytes)
+        if self.cache is not None:
+            self.cache.count(sign * self.bytes[unit])
 
     def close(self) -> None:
         for h in self.handles:
@@ -160,6 +218,8 @@ class Streamer:
             self.pending = None
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        if self.cache is not None:
+            self.cache.drop_owner(self.owner)
 
 
 def _malloc_trim():

@@ -91,20 +91,39 @@ class KernelLog:
     counts: Counter = field(default_factory=Counter)
 
 
+CHUNK_ELEMENTS = 1 << 22    # elements dequantized at once: 16 MB of float32 work, 8 MB of int16 scratch
+
+
 def dequantized(codes: torch.Tensor, scale: torch.Tensor, granularity: Granularity, dtype: torch.dtype,
-                log: KernelLog | None = None) -> torch.Tensor:
-    """W = codes * scale in ``dtype``, the product formed in float32 (as ``quantkit.fp8.dequantize``)."""
-    if codes.device.type == "cpu":
-        path = "cpu"
-        w = fp8math.dequantize(codes, scale, granularity, dtype)
-    else:
-        path = "device"
-        q = fp8math.as_2d(codes).float()
-        rows, cols = q.shape
-        w = (q * fp8math.expand_scale(scale.float(), rows, cols, granularity)).to(dtype).reshape(codes.shape)
+                log: KernelLog | None = None, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """W = codes * scale in ``dtype``, the product formed in float32 (as ``quantkit.fp8.dequantize``),
+    written into ``dtype`` directly, ``chunk`` elements (whole rows; whole 128-row tiles for block
+    scales) at a time: the temporaries are one chunk's float32 and int16 work, not a float32 copy
+    of the whole weight, so what dequantization adds to memory is the weight in ``dtype`` and
+    ~24 MB. Each row's products are the same as the whole weight's at once (bit for bit)."""
+    q = fp8math.as_2d(codes)
+    rows, cols = q.shape
+    step = fp8math.block_rows(granularity)
+    per = max(step, (chunk // max(cols, 1)) // step * step)
+    on_cpu = codes.device.type == "cpu"
+    w = torch.empty((rows, cols), dtype=dtype, device=codes.device)
+    work = None if dtype == torch.float32 else torch.empty(min(rows, per) * cols, dtype=torch.float32,
+                                                          device=codes.device)
+    scale = scale.float()
+    for r0 in range(0, rows, per):
+        r1 = min(rows, r0 + per)
+        part, part_scale = q[r0:r1], fp8math.scale_rows(scale, granularity, r0, r1)
+        target = w[r0:r1]
+        if on_cpu:
+            buf = target.view(-1) if work is None else work
+            chunk_w = fp8math.dequantize(part, part_scale, granularity, torch.float32, out=buf)
+        else:
+            chunk_w = part.float() * fp8math.expand_scale(part_scale, r1 - r0, cols, granularity)
+        if chunk_w.data_ptr() != target.data_ptr():
+            target.copy_(chunk_w)
     if log is not None:
-        log.counts[path] += 1
-    return w
+        log.counts["cpu" if on_cpu else "device"] += 1
+    return w.reshape(codes.shape)
 
 
 def input_scales(x: torch.Tensor, quant: InputQuant) -> torch.Tensor:
