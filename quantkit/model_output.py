@@ -109,7 +109,7 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
 
 def _rows(model: Model, output: str, dtype, activations: str, y_ref, peaks: dict) -> list[dict]:
     """The rows ``activations`` asks for, weight-only first, each compared with ``y_ref``."""
-    client = model.transformers and _client_format(output) == "compressed-tensors"
+    client = model.transformers and _loaded_by_transformers(output)
     # transformers runs a compressed-tensors folder with its own fake quantization of the inputs where the
     # folder's scheme has input activations (compressed-tensors' forward_quantize, on CPU too): that run is
     # the "file" row then, and the weight-only one comes from the runtime.
@@ -166,15 +166,16 @@ def _ct_input_activations(output: str) -> bool:
                                             for g in groups.values())
 
 
-def _client_format(output: str) -> str | None:
-    """The format ``output`` was written in (its metadata), None when it cannot be told."""
+def _loaded_by_transformers(output: str) -> bool:
+    """Whether transformers loads ``output`` itself (its format, told by its metadata, says so);
+    False when the format cannot be told."""
     from .formats import detect_format
     from .readback import open_output
     try:
         with open_output(output) as f:
-            return detect_format(f).name
+            return detect_format(f).loaded_by_transformers
     except QuantkitError:
-        return None
+        return False
 
 
 def _run_in_transformers(model: Model, output: str, dtype):

@@ -43,8 +43,9 @@ STAGES = [
     ("sensitivity", ["quantkit.sensitivity"]),
     ("validate", ["quantkit.validate"]),
     ("reports", ["quantkit.report"]),
-    ("publish", ["quantkit.release", "quantkit.model_card", "quantkit.provenance", "quantkit.verify",
-                 "quantkit.publish"]),
+    ("publish", ["quantkit.publish.release", "quantkit.publish.card", "quantkit.publish.output",
+                 "quantkit.publish.source", "quantkit.publish.verify", "quantkit.publish.provenance",
+                 "quantkit.publish.build", "quantkit.publish"]),
     ("command line and public API", ["quantkit.cli", "quantkit"]),
 ]
 FLOOR = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}

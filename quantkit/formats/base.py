@@ -168,6 +168,38 @@ class OutputFormat:
         """Whether ``file`` looks written in this format."""
         return False
 
+    # ------------------------------------------------------------------ what a release's card says
+    # (quantkit.publish.card renders these; a format without them gets the generic text)
+
+    # The model hub tags of a release in this format (besides "fp8", the FP8 dtype, "quantized", "quantkit").
+    card_tags: ClassVar[tuple[str, ...]] = ()
+    # Whether transformers loads this format's output itself (``from_pretrained``): validation at the
+    # model's output then runs the client rather than the runtime.
+    loaded_by_transformers: ClassVar[bool] = False
+
+    def card_library(self, source_card: dict) -> str | None:
+        """The card's ``library_name`` (the library that loads the release), given the source's card
+        front matter; None to leave it out."""
+        return None
+
+    def card_pipeline_tag(self, source_card: dict) -> str | None:
+        """The card's ``pipeline_tag`` (the hub's task), for a release the hub's task runs on."""
+        return None
+
+    def how_to_load(self, target: str, prov: dict) -> str:
+        """The card's "How to load" text for this format (before the runtime's snippet): ``target`` is
+        the weights file (or "." for several), ``prov`` the release's provenance record."""
+        version = prov["versions"]["converted_with"]["quantkit"]
+        return (f"quantkit reads its own layout back (FP8 weights dequantized as `W = q * scale`, kept tensors as "
+                f"stored), for any PyTorch model with these keys:\n\n```python\n"
+                f"from quantkit import load_dequantized   # pip install quantkit=={version}\n"
+                f"model.load_state_dict(load_dequantized(\"{target}\"))\n```\n")
+
+    def runtime_snippet(self, target: str) -> tuple[str, str, str]:
+        """(imports, the expression that builds the model, the path given to ``qr.load``) of the card's
+        quantkit runtime example."""
+        return "", "...   # the original model's class, built from its config", target
+
 
 REGISTRY: dict[str, type[OutputFormat]] = {}
 

@@ -151,6 +151,7 @@ class ComfyUIFile(OutputFormat):
     shardable = False          # ComfyUI loads one file
     source_names = "comfyui"   # diffusers FLUX.1 / SD3 / UNets under the original names (quantkit.comfy_names)
     granularities = frozenset({Granularity.TENSOR})
+    card_tags = ("comfyui",)
 
     def check_plan(self, plan: Plan) -> None:
         refuse_renamed(self.name, plan)
@@ -199,6 +200,17 @@ class ComfyFormat(ComfyUIFile):
     @classmethod
     def recognizes(cls, file) -> bool:
         return HEADER_KEY in file.metadata or any(k.endswith(MARKER) for k in file.tensors)
+
+    def how_to_load(self, target: str, prov: dict) -> str:
+        body = (f"Copy `{target}` into `ComfyUI/models/diffusion_models/` (a text encoder: `models/text_encoders/`) "
+                "and load it with the Load Diffusion Model (or Load CLIP) node. ComfyUI reads each quantized layer's "
+                "`comfy_quant` marker and `weight_scale` (mixed-precision loading); layers without a marker load in "
+                "high precision.")
+        if prov["calibration"]["activations"]:
+            body += (" Layers with a calibrated `input_scale` (activations: static scales from the statistics "
+                     "file, see Recipe) have no `full_precision_matrix_mult` flag: on a GPU with FP8 compute "
+                     "ComfyUI multiplies them in FP8 with that scale; elsewhere it dequantizes the weight.")
+        return body
 
     def stored(self, file) -> dict[str, StoredTensor]:
         configs = read_configs(file)

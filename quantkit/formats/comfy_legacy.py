@@ -125,6 +125,11 @@ class ComfyLegacyFormat(ComfyUIFile):
     def recognizes(cls, file) -> bool:
         return any(is_marker(k) or k.endswith(SCALE_WEIGHT) for k in file.tensors)
 
+    def how_to_load(self, target: str, prov: dict) -> str:
+        return (f"Copy `{target}` into `ComfyUI/models/diffusion_models/` (a text encoder: `models/text_encoders/`). "
+                "Current ComfyUI converts the `scaled_fp8` layout at load; Forge and stable-diffusion.cpp read it as "
+                "well (they create every linear layer in FP8).")
+
     def stored(self, file) -> dict[str, StoredTensor]:
         markers = {k[: -len(MARKER)]: info for k, info in file.tensors.items() if is_marker(k)}
         layer_keys = set(k for k in file.tensors if is_marker(k))

@@ -269,6 +269,8 @@ class CompressedTensorsFormat(OutputFormat):
                "+ config.json quantization_config (compressed-tensors, weight-only FP8)")
     folder = True
     weights_name = "model.safetensors"
+    card_tags = ("compressed-tensors",)
+    loaded_by_transformers = True
 
     def check(self, options) -> None:
         super().check(options)
@@ -374,6 +376,31 @@ class CompressedTensorsFormat(OutputFormat):
         if _config_says_compressed_tensors(file.path):
             return True
         return any(tuple(s.shape) == (1,) for s, _ in pairs)
+
+    def card_library(self, source_card: dict) -> str | None:
+        return source_card.get("library_name") or "transformers"
+
+    def card_pipeline_tag(self, source_card: dict) -> str | None:
+        return source_card.get("pipeline_tag")        # a model folder the hub's task runs on
+
+    def how_to_load(self, target: str, prov: dict) -> str:
+        scheme = ("W8A8 FP8 with static calibrated input scales" if prov["calibration"]["activations"]
+                  else "weight-only FP8")
+        body = ("transformers (with the `compressed-tensors` package) and vLLM read `config.json`'s "
+                f"`quantization_config` ({scheme}):\n\n```python\nfrom transformers import AutoModel\n"
+                "model = AutoModel.from_pretrained(\"PATH_OR_REPO\")   # FP8 at rest, decompressed at the first "
+                "forward\n```\n")
+        if any(f["name"] == "modules.json" for f in prov["files"]):
+            body += ("\nsentence-transformers calls the model's forward directly: dequantize at load instead.\n\n"
+                     "```python\nfrom sentence_transformers import SentenceTransformer\n"
+                     "from transformers import CompressedTensorsConfig\nmodel = SentenceTransformer(\"PATH_OR_REPO\", "
+                     "model_kwargs={\"quantization_config\": CompressedTensorsConfig(dequantize=True)})\n```\n")
+        return body
+
+    def runtime_snippet(self, target: str) -> tuple[str, str, str]:
+        return ("import transformers\n",
+                'transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained("PATH_OR_REPO"))',
+                "PATH_OR_REPO")
 
     def stored(self, file) -> dict[str, StoredTensor]:
         # <L>.input_scale is read back as the weight's input_scale_key (base.stored_with_scales).

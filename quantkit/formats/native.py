@@ -43,6 +43,9 @@ class NativeFormat(OutputFormat):
     recognized_last = True     # any '<L>.weight_scale' key: other formats' files have them too
     summary = "quantkit v1: <L>.weight FP8 + <L>.weight_scale float32 (tensor, channel or block scales)"
 
+    def card_library(self, source_card: dict) -> str | None:
+        return "quantkit"
+
     def layout(self, plan) -> list[Emit]:
         emits = []
         for t in plan.tensors:

@@ -21,11 +21,11 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from .destinations import check_report_path
-from .errors import QuantkitError, UnsupportedInputError
-from .hashing import BackgroundHash
-from .model_card import listed_hashes
-from .progress import NULL, Progress
+from ..destinations import check_report_path
+from ..errors import QuantkitError, UnsupportedInputError
+from ..hashing import BackgroundHash
+from .card import listed_hashes
+from ..progress import NULL, Progress
 from .release import (CARD_NAME, MAX_PROVENANCE_BYTES, MAX_SUMS_BYTES, PROVENANCE_NAME, PROVENANCE_SCHEMA,
                       SUMS_NAME, is_weight_file, parse_sums, read_bounded, source_files, source_mismatches)
 
@@ -229,7 +229,7 @@ def _card(folder: str, sums: dict[str, str], report: VerifyReport) -> None:
 def _weights(folder: str, prov: dict, report: VerifyReport) -> None:
     """Each weight file parses, declares the provenance's format and source; together they hold the
     provenance's tensors, stored as it says."""
-    from .reader import SafetensorsFile
+    from ..reader import SafetensorsFile
     fmt_name = prov["format"]
     source_sha = prov["source"]["sha256"]
     readable = True
@@ -259,7 +259,7 @@ def _weights(folder: str, prov: dict, report: VerifyReport) -> None:
 
 
 def _tensors(folder: str, prov: dict, report: VerifyReport) -> None:
-    from .formats import get_format
+    from ..formats import get_format
     files = [f for f in prov["files"] if f["role"] in ("weights", "index")]
     index = [f["name"] for f in files if f["role"] == "index"]
     label = index[0] if index else (files[0]["name"] if files else PROVENANCE_NAME)
@@ -291,8 +291,8 @@ def _describe(stored: tuple) -> str:
 
 
 def _open_weights(folder: str, files: list[dict]):
-    from .checkpoint import open_checkpoint
-    from .reader import SafetensorsFile
+    from ..checkpoint import open_checkpoint
+    from ..reader import SafetensorsFile
     index = [f["name"] for f in files if f["role"] == "index"]
     if index:
         return open_checkpoint(os.path.join(folder, *index[0].split("/")), ema=None)
