@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAGES = [
     ("core", ["quantkit._version", "quantkit.errors", "quantkit.dtypes", "quantkit.progress", "quantkit.hashing",
-              "quantkit.workers"]),
+              "quantkit.workers", "quantkit.quiet", "quantkit.jsonfiles"]),
     ("math", ["quantkit.fp8", "quantkit.metrics"]),
     ("testing kit (independent of the math it checks)", ["quantkit.testing", "quantkit.testing.reference",
                                                           "quantkit.testing.conventions", "quantkit.testing.rules",
@@ -37,7 +37,8 @@ STAGES = [
     ("runtime", ["quantkit.runtime.placements", "quantkit.runtime.weights", "quantkit.runtime.streaming",
                  "quantkit.runtime.loader", "quantkit.runtime"]),
     ("read-back", ["quantkit.readback"]),
-    ("model output", ["quantkit.diffusion_inputs", "quantkit.model_output"]),
+    ("models: built and run from their config", ["quantkit.diffusion_inputs", "quantkit.models"]),
+    ("model output", ["quantkit.model_output"]),
     ("calibrate activations", ["quantkit.calibration.inputs", "quantkit.calibration.activations",
                                "quantkit.calibration.collect"]),
     ("sensitivity", ["quantkit.sensitivity"]),

@@ -7,6 +7,7 @@ A format module subclasses ``OutputFormat`` and decorates it with ``@register``;
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,7 +15,9 @@ from ..dtypes import E4M3FN, FP8Format, Granularity, Kind, fp8_of
 from ..errors import FormatError, PolicyError, UnsupportedInputError
 from ..options import ConvertOptions
 from ..planned import Emit, Plan, PlannedTensor, Role, StoredTensor  # noqa: F401  (a format's vocabulary)
+from ..policy import Action
 from ..reader import TensorSource
+from ..writer import OutputTensor
 
 
 def layer_name(key: str) -> str:
@@ -44,6 +47,19 @@ def quantkit_metadata(fmt: "OutputFormat", plan: Plan, provenance: dict[str, str
            if summary.get("stats") is not None else {}),
         **provenance,
     }
+
+
+def tensor_layout(plan: Plan, extras: Callable[[PlannedTensor], list[Emit]], leading: list[Emit] = ()) -> list[Emit]:
+    """The layout loop every format shares: ``leading`` (a marker the file starts with), then every
+    planned tensor under its own key in file order (its values in the output dtype), each quantized
+    one followed by what the format's convention adds to it, ``extras(t)`` (its scale, markers, an
+    activation scale)."""
+    emits = list(leading)
+    for t in plan.tensors:
+        emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
+        if t.action is Action.QUANTIZE:
+            emits.extend(extras(t))
+    return emits
 
 
 INPUT_SCALE = ".input_scale"

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from .. import dtypes
 from ..errors import FormatError, PolicyError
 from ..fp8 import FP8_FORMATS, Granularity
-from ..policy import Action
 from ..writer import OutputTensor
 from .base import (INPUT_SCALE, Emit, OutputFormat, Plan, Role, ScaledStoredTensor, StoredTensor, carried_input_scale,
-                   fp8_of, layer_name, quantkit_metadata, register)
+                   fp8_of, layer_name, quantkit_metadata, register, tensor_layout)
 
 MARKER = ".comfy_quant"
 WEIGHT_SCALE = ".weight_scale"
@@ -175,20 +174,19 @@ class ComfyFormat(ComfyUIFile):
 
     def layout(self, plan: Plan) -> list[Emit]:
         configs = self.layer_configs(plan)
-        emits = []
-        for t in plan.tensors:
-            emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
-            if t.action is not Action.QUANTIZE:
-                continue
+
+        def extras(t) -> list[Emit]:
+            """``<L>.weight_scale``, ``<L>.input_scale`` with an activation scale, the ``<L>.comfy_quant`` marker."""
             layer = layer_name(t.name)
-            emits.append(Emit(OutputTensor(layer + WEIGHT_SCALE, dtypes.F32, ()), Role.SCALE, t.name))
+            emits = [Emit(OutputTensor(layer + WEIGHT_SCALE, dtypes.F32, ()), Role.SCALE, t.name)]
             input_scale, _ = carried(t)
             if input_scale is not None:
                 emits.append(Emit(OutputTensor(layer + INPUT_SCALE, dtypes.F32, ()), Role.CONSTANT, t.name,
                                   f32_bytes(input_scale)))
             marker = encode_config(configs[layer])
             emits.append(Emit(OutputTensor(layer + MARKER, dtypes.U8, (len(marker),)), Role.CONSTANT, t.name, marker))
-        return emits
+            return emits
+        return tensor_layout(plan, extras)
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
         meta = quantkit_metadata(self, plan, provenance)

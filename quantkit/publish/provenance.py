@@ -6,14 +6,15 @@ manifest: the tensor table (how each tensor is stored, and the recorded policy's
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shlex
 
 from ..errors import UnsupportedInputError, ValidationFailed
+from ..jsonfiles import JSONFileError, read_json
 from ..manifest import manifest_path, runtime_versions
-from .release import PROVENANCE_SCHEMA, file_role, read_bounded
+from ..progress import Progress
+from .release import PROVENANCE_SCHEMA, file_role
 
 MAX_REPORT_BYTES = 1 << 30
 
@@ -144,12 +145,11 @@ def recorded_policy(conversion: dict):
 
 def from_report(path: str, manifest: dict) -> dict:
     try:
-        raw = read_bounded(path, MAX_REPORT_BYTES)
-        doc = json.loads(raw.decode("utf-8"))
+        doc = read_json(path, MAX_REPORT_BYTES)
     except OSError as exc:
         raise UnsupportedInputError(f"cannot read the report: {exc.strerror}", path=path,
                                     hint="pass the file quantkit validate --json wrote") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except JSONFileError as exc:
         raise UnsupportedInputError(f"the report is not JSON ({exc})", path=path,
                                     hint="pass the file quantkit validate --json wrote") from None
     if not _well_formed(doc):

@@ -4,12 +4,12 @@ the original model can be read (a Hugging Face cache path, a card, a config).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from ..errors import UnsupportedInputError
 from ..hashing import BackgroundHash
+from ..jsonfiles import JSONFileError, read_json
 from .card import read_front_matter
 from .release import CARD_NAME, LICENSE_FILE, source_files, source_mismatches
 
@@ -104,9 +104,8 @@ class Source:
             return named, f"the base_model of the source's model card ({os.path.basename(card_path)})", False
         for folder in self.folders + ([out] if os.path.isdir(out) else []):
             try:
-                with open(os.path.join(folder, "config.json"), "rb") as f:
-                    config = json.loads(f.read(1 << 20))
-            except (OSError, ValueError):
+                config = read_json(os.path.join(folder, "config.json"), 1 << 20)
+            except (OSError, JSONFileError):
                 continue
             named = config.get("_name_or_path") if isinstance(config, dict) else None
             if isinstance(named, str) and _HUB_ID.fullmatch(named) and not os.path.exists(named):

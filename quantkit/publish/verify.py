@@ -16,7 +16,6 @@ Never raises for a broken release: every problem is a ``Problem`` naming the fil
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from ..destinations import check_report_path
 from ..errors import QuantkitError, UnsupportedInputError
 from ..hashing import BackgroundHash
+from ..jsonfiles import JSONFileError, read_json
 from .card import listed_hashes
 from ..progress import NULL, Progress
 from .release import (CARD_NAME, MAX_PROVENANCE_BYTES, MAX_SUMS_BYTES, PROVENANCE_NAME, PROVENANCE_SCHEMA,
@@ -163,12 +163,12 @@ def _read_provenance(folder: str, sums: dict[str, str], report: VerifyReport) ->
     if PROVENANCE_NAME not in sums and os.path.exists(os.path.join(folder, PROVENANCE_NAME)):
         report.problem(PROVENANCE_NAME, f"not listed in {SUMS_NAME}")
     try:
-        doc = json.loads(read_bounded(os.path.join(folder, PROVENANCE_NAME), MAX_PROVENANCE_BYTES).decode("utf-8"))
+        doc = read_json(os.path.join(folder, PROVENANCE_NAME), MAX_PROVENANCE_BYTES)
     except FileNotFoundError:
         if PROVENANCE_NAME not in sums:      # listed and missing is already reported
             report.problem(PROVENANCE_NAME, "missing: the weights cannot be checked against their provenance")
         return None
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except (OSError, JSONFileError) as exc:
         report.problem(PROVENANCE_NAME, f"unreadable ({exc})")
         return None
     if not _well_formed(doc):
@@ -249,8 +249,8 @@ def _weights(folder: str, prov: dict, report: VerifyReport) -> None:
         if meta.get("quantkit.format") != fmt_name:
             report.problem(f["name"], f"declares format {meta.get('quantkit.format')!r}, {PROVENANCE_NAME} says "
                                       f"{fmt_name!r}")
-        # Outputs before issue 14 record the source's SHA256 in the header too (now the manifest alone
-        # does, so the output's hash need not wait for the source's): where present it must agree.
+        # Outputs of earlier quantkit builds record the source's SHA256 in the header too (now the manifest
+        # alone does, so the output's hash need not wait for the source's): where present it must agree.
         if source_sha and "quantkit.source_sha256" in meta and meta["quantkit.source_sha256"] != source_sha:
             report.problem(f["name"], f"records source sha256 {str(meta.get('quantkit.source_sha256'))[:16]}..., "
                                       f"{PROVENANCE_NAME} says {source_sha[:16]}...")
