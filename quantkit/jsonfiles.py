@@ -52,12 +52,18 @@ def read_json(path: str, limit: int = MAX_SIDE_FILE_BYTES, *,
     """The JSON document in the file ``path``, refused (``JSONFileError``) past ``limit`` bytes
     (before reading it), when not UTF-8 JSON, or with a key given twice in one object.
     ``parse_constant``: as ``json.loads`` (called for NaN and Infinity)."""
+    return parse_json(read_side_file(path, limit), path, parse_constant=parse_constant)
+
+
+def read_side_file(path: str, limit: int = MAX_SIDE_FILE_BYTES) -> bytes:
+    """The bytes of the file ``path``, refused (``JSONFileError``) past ``limit`` bytes before they
+    are read: for a caller that hashes what it parses (``parse_json``)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         data = f.read(limit + 1) if size <= limit else b""
     if size > limit or len(data) > limit:      # a file that grew while it was read is refused too
         raise JSONFileError(path, ValueError(f"larger than {limit} bytes"), size=max(size, len(data)))
-    return parse_json(data, path, parse_constant=parse_constant)
+    return data
 
 
 def parse_json(data: bytes | str, path: str | None = None, *,

@@ -82,8 +82,25 @@ def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
             progress: Progress = NULL, reports: dict[str, str] | None = None) -> PublishResult:
     """Write the release folder ``dst`` for the quantkit output ``out`` (see the module docstring).
 
-    ``reports`` (option -> path): files the caller writes afterwards, checked before any work (never
-    a file publish reads, never inside ``dst``; an existing one is replaced with ``options.overwrite``)."""
+    Args:
+        out: an output ``quantkit convert`` wrote, with its manifest beside it (only read).
+        dst: the release folder; nothing appears under it until the release is complete and verified.
+        options: the source to check against, a validation report, the card's fields (``PublishOptions``).
+        progress: receives stages, bytes done and warnings.
+        reports: option -> path of files the caller writes afterwards, checked before any work
+            (never a file publish reads, never inside ``dst``; an existing one is replaced with
+            ``options.overwrite``).
+
+    Returns:
+        A ``PublishResult``: the release's files with their SHA256, SHA256SUMS' own SHA256, the
+        validation summary, warnings and notes.
+
+    Raises:
+        ValidationFailed: the output does not match its manifest, or validation failed.
+        QuantkitError: another subclass for bad input (not the source, a destination refused...).
+
+    >>> publish("minilm-fp8.safetensors", "release", PublishOptions(against="all-MiniLM-L6-v2"))  # doctest: +SKIP
+    """
     t0 = time.perf_counter()
     out, dst = os.fspath(out), os.fspath(dst)
     result = PublishResult(dst, [], "", None)

@@ -126,7 +126,7 @@ def yaml_string(text: str) -> str:
 # ----------------------------------------------------------------------------- body
 
 def render(prov: dict) -> str:
-    """README.md of the release described by ``prov`` (a provenance record, see ``quantkit.publish``)."""
+    """README.md of the release described by ``prov`` (a provenance record, see ``quantkit.publish.provenance.record``)."""
     parts = [yaml_front_matter(front_matter(prov)), _overview(prov), _files(prov), _plan(prov), _recipe(prov),
              _validation(prov), _loading(prov), _reproduce(prov), _source(prov), _license(prov)]
     return "\n".join(p.rstrip("\n") + "\n" for p in parts)

@@ -11,7 +11,7 @@ import os
 import shlex
 
 from ..errors import UnsupportedInputError, ValidationFailed
-from ..jsonfiles import JSONFileError, read_json
+from ..jsonfiles import JSONFileError, parse_json, read_side_file
 from ..manifest import manifest_path, runtime_versions
 from ..progress import Progress
 from .release import PROVENANCE_SCHEMA, file_role
@@ -145,7 +145,8 @@ def recorded_policy(conversion: dict):
 
 def from_report(path: str, manifest: dict) -> dict:
     try:
-        doc = read_json(path, MAX_REPORT_BYTES)
+        raw = read_side_file(path, MAX_REPORT_BYTES)     # its SHA256 is recorded too
+        doc = parse_json(raw, path)
     except OSError as exc:
         raise UnsupportedInputError(f"cannot read the report: {exc.strerror}", path=path,
                                     hint="pass the file quantkit validate --json wrote") from None
@@ -240,8 +241,9 @@ def validation_record(doc: dict, how: str, against: str | None) -> dict:
 
 # ----------------------------------------------------------------------------- publish's record
 
-def validation(out: str, manifest: dict, options: "PublishOptions", progress: Progress) -> dict | None:
-    """The validation summary the card shows: from ``options.report``, or run now against the source."""
+def validation(out: str, manifest: dict, options, progress: Progress) -> dict | None:
+    """The validation summary the card shows: from ``options.report``, or run now against the source
+    (``options``: the ``PublishOptions``)."""
     if options.report is not None:
         return from_report(options.report, manifest)
     if options.against is None:
@@ -257,9 +259,11 @@ def validation(out: str, manifest: dict, options: "PublishOptions", progress: Pr
                               os.path.basename(os.path.abspath(options.against)))
 
 
-def record(out: str, dst: str, manifest: dict, options: "PublishOptions", source: "Source",
-            validation: dict | None, folder: str, digests: dict[str, str]) -> dict:
-    """The release's record: everything the card says, as data (``PROVENANCE_SCHEMA``)."""
+def record(out: str, dst: str, manifest: dict, options, source, validation: dict | None, folder: str,
+           digests: dict[str, str]) -> dict:
+    """The release's record: everything the card says, as data (``PROVENANCE_SCHEMA``). ``options``:
+    the ``PublishOptions``; ``source``: the ``publish.source.Source``; ``digests``: name -> SHA256 of
+    every file placed in ``folder``."""
     from ..dtypes import FP8_FORMATS
     conversion = dict(manifest["conversion"])
     fp8 = FP8_FORMATS.get(conversion.get("fp8"))

@@ -3,7 +3,7 @@ names, which files are weights, and ``SHA256SUMS`` in ``sha256sum``'s own format
 
     DIR/<weights>          the output's weight files (and index), as ``quantkit convert`` wrote them
     DIR/<config files>     a folder format's other files (config.json, tokenizer, ...), a license
-    DIR/README.md          the model card (``quantkit.model_card``)
+    DIR/README.md          the model card (``quantkit.publish.card``)
     DIR/provenance.json    source files and hashes, options, versions, validation (``PROVENANCE_SCHEMA``)
     DIR/SHA256SUMS         one ``<sha256>  <name>`` line per file above: ``sha256sum -c SHA256SUMS``
 

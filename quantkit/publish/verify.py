@@ -70,9 +70,26 @@ def verify(folder: str, against: str | None = None, *, hashed: dict[str, str] | 
            overwrite_reports: bool = False) -> VerifyReport:
     """Check the release ``folder``; with ``against`` (the source checkpoint) its hashes too.
 
-    ``hashed``: SHA256 already known for some files (publish hashed them while writing them), not
-    read again. ``reports`` (option -> path): files the caller writes afterwards, checked first
-    (never inside the folder or the source; ``overwrite_reports`` to replace one)."""
+    Args:
+        folder: a release folder ``quantkit publish`` wrote (or a download of one).
+        against: the source checkpoint: its files' SHA256 are checked against the provenance's.
+        hashed: SHA256 already known for some files (publish hashed them while writing them), not
+            read again.
+        progress: receives stages and bytes done.
+        reports: option -> path of files the caller writes afterwards, checked first (never inside
+            the folder or the source).
+        overwrite_reports: replace an existing report file.
+
+    Returns:
+        A ``VerifyReport``: ``ok``, and every problem found (file and what is wrong); a release that
+        fails a check is a report with problems, not an exception.
+
+    Raises:
+        UnsupportedInputError: ``folder`` is not a release folder, or a report path is refused.
+
+    >>> verify("release", against="all-MiniLM-L6-v2").ok          # doctest: +SKIP
+    True
+    """
     t0 = time.perf_counter()
     if not os.path.isdir(folder):
         raise UnsupportedInputError("not a folder", path=folder, hint="pass the release folder quantkit publish wrote")
