@@ -163,7 +163,6 @@ def publish(out: str, dst: str, options: PublishOptions = PublishOptions(), *,
     return result
 
 
-
 def _check_destination(out: str, dst: str, options: PublishOptions) -> None:
     real_dst = os.path.realpath(dst)
 

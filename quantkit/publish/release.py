@@ -50,8 +50,6 @@ def file_role(name: str) -> str:
     return "config"
 
 
-
-
 def safe_name(name: str) -> bool:
     """A relative '/'-separated path that stays inside the folder."""
     parts = name.split("/")
