@@ -110,7 +110,8 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
             naming both SHA256s; this turns both refusals into warnings.
 
     Returns:
-        A ``ConvertResult``: the plan, the output's files and SHA256, counts, warnings and timings.
+        A ``ConvertResult``: where the output and its manifest are, what was asked, counts per action,
+        sizes, seconds, the source's and the output's SHA256, warnings.
 
     Raises:
         QuantkitError: a subclass naming the file, the tensor and the fix (bad input, a refused
