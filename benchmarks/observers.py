@@ -78,7 +78,7 @@ def diffusers_metric(src_folder: str):
 
     import quantkit.runtime as qr
     from quantkit.metrics import ErrorStats
-    from quantkit.model_output import build_model
+    from quantkit.models import build_model
     from quantkit.sources import open_source
     with open_source(src_folder, component=None, ema=False, names=None) as source:
         model = build_model(source)

@@ -1,7 +1,7 @@
 """Activation statistics: the input of every quantized layer, observed while the source model runs.
 
 The model is built from the ``config.json`` beside the weights without memory
-(``quantkit.model_output.build_model``) and loaded by ``quantkit.runtime`` in streamed mode (one
+(``quantkit.models.build_model``) and loaded by ``quantkit.runtime`` in streamed mode (one
 block's weights in memory at a time, read from disk when it runs), so a model larger than the
 machine's memory calibrates too. A forward pre-hook on each module whose weight the plan quantizes
 feeds that module's input to an observer (per tensor, static: ``AbsMax`` running max,
@@ -109,10 +109,10 @@ class ActivationStats:
 def observe(model, source, batches: list[dict], quantized: set[str], make_observer: Callable[[], Observer], *,
             dtype: torch.dtype = torch.float32, progress: Progress = NULL,
             masks: list[torch.Tensor | None] | None = None) -> ActivationStats:
-    """Run ``model`` (``model_output.build_model``'s ``Model``) loaded streamed from ``source`` (an opened
+    """Run ``model`` (``models.build_model``'s ``Model``) loaded streamed from ``source`` (an opened
     checkpoint under its own names) on ``batches``, observing the input of every layer whose weight is
     in ``quantized`` (of a [batch, tokens, ...] input, only the tokens ``masks[i]`` marks); then drop it."""
-    from quantkit.model_output import streamed
+    from quantkit.models import streamed
     with streamed(model, source, source.path, dtype) as module:
         info = module.quantkit_runtime
         layers = {target.rpartition(".")[0]: key for target, key in info.stored_names.items()

@@ -263,7 +263,7 @@ def _feed(source, settings: CalibrationSettings, progress) -> tuple[tuple | None
     """(the model and its calibration inputs, or None: weights only), and notes: built before any long
     work, so a missing tokenizer or a broken hook is refused at once."""
     from quantkit.calibration.inputs import model_inputs
-    from quantkit.model_output import build_model
+    from quantkit.models import build_model
     folder = os.path.dirname(os.path.abspath(source.files[0]))
     if settings.weights_only:
         return None, ["weights only (--weights-only): no input ranges"]

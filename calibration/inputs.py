@@ -72,18 +72,16 @@ def sentences() -> list[str]:
 def load_tokenizer(folder: str, what: str):
     """The tokenizer saved in ``folder`` (transformers ``AutoTokenizer``, offline), or a one-line refusal."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UnsupportedInputError(f"{what} needs the tokenizer saved beside its config.json, and none loads "
-                                    f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})", path=folder,
-                                    hint="save the tokenizer into the folder (tokenizer.save_pretrained), or pass "
-                                         "--inputs module:function") from None
-    finally:
-        hf_logging.set_verbosity(level)
+
+    from quantkit.quiet import quiet_transformers
+    with quiet_transformers():
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UnsupportedInputError(f"{what} needs the tokenizer saved beside its config.json, and none loads "
+                                        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})",
+                                        path=folder, hint="save the tokenizer into the folder "
+                                        "(tokenizer.save_pretrained), or pass --inputs module:function") from None
 
 
 def text_inputs(folder: str, model: torch.nn.Module, samples: int | None = None,
@@ -345,7 +343,7 @@ def _hook(spec: str):
 # ----------------------------------------------------------------------------- choosing and encoding
 
 def model_inputs(model, source, settings, dtype: torch.dtype = torch.float32, progress=None) -> CalibrationInputs:
-    """The calibration inputs for ``model`` (``model_output.build_model``'s ``Model`` of ``source``) as
+    """The calibration inputs for ``model`` (``models.build_model``'s ``Model`` of ``source``) as
     ``settings`` (``collect.CalibrationSettings``) ask: the user's hook, the sentence set (transformers
     models) or seeded latents over steps x seeds conditioned by the text encoders given (diffusers)."""
     folder = os.path.dirname(os.path.abspath(source.files[0]))
@@ -408,7 +406,7 @@ def encode_prompts(path: str, count: int, dtype: torch.dtype = torch.float32) ->
     folder ``path`` (config.json, weights, and its tokenizer beside them or in the pipeline's matching
     ``tokenizer*`` folder), loaded streamed by the runtime, each padded to ``PROMPT_TOKENS`` tokens as
     pipelines pad: its sequence (last hidden states) and pooled output (CLIP's; None for T5)."""
-    from quantkit.model_output import build_model, streamed
+    from quantkit.models import build_model, streamed
     from quantkit.sources import open_source
     if not os.path.isdir(path):
         raise OptionsError(f"--text-encoder {path}: not a folder",

@@ -43,6 +43,7 @@ import torch
 from quantkit import dtypes
 from quantkit.dtypes import E4M3FN, FP8_FORMATS, FP8Format, Granularity
 from quantkit.errors import UnsupportedInputError
+from quantkit.jsonfiles import JSONFileError, parse_json
 from quantkit.fp8 import scale_from_absmax, scale_shape, static_activation_scale
 
 VERSION = 1
@@ -171,8 +172,8 @@ def _document(raw: str, path: str) -> dict:
     def refuse(what: str):
         return UnsupportedInputError(f"its quantkit.stats metadata {what}", path=path, hint="re-run quantkit calibrate")
     try:
-        doc = json.loads(raw, parse_constant=lambda name: _bad_constant(name))
-    except (ValueError, RecursionError) as exc:
+        doc = parse_json(raw, path, parse_constant=_bad_constant)
+    except JSONFileError as exc:
         raise refuse(f"is not JSON ({exc})") from None
     if not _all_finite(doc):                   # 1e400 parses as inf
         raise refuse("holds a number out of range (Infinity)")

@@ -18,11 +18,11 @@ the pipeline sees each tensor once, under its base name. Names are otherwise kep
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 
 from .errors import QuantkitError, UnsupportedInputError
+from .jsonfiles import JSONFileError, read_json
 from .reader import MAX_HEADER_BYTES, SafetensorsFile, TensorInfo, TensorSource
 from .shards import INDEX_SUFFIX, is_index_name, open_shards
 from .torch_pickle import PICKLE_EXTENSIONS, PickleFile
@@ -257,11 +257,8 @@ def _weights_in_folder(folder: str, notes: list[str]) -> tuple[str, str]:
 
 def _read_json(path: str) -> object:
     try:
-        if os.path.getsize(path) > MAX_JSON_BYTES:
-            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+        return read_json(path, MAX_JSON_BYTES)
+    except (OSError, JSONFileError) as exc:
         raise UnsupportedInputError(f"unreadable JSON ({exc})", path=path,
                                     hint="re-download the checkpoint's JSON files") from None
 
@@ -270,12 +267,10 @@ def read_config(path: str) -> dict:
     """A model's config.json (transformers or diffusers) as a JSON object; unreadable, too large or
     not an object is bad input, named."""
     try:
-        if os.path.getsize(path) > MAX_JSON_BYTES:
-            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
-        with open(path, "rb") as f:
-            config = json.loads(f.read().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UnsupportedInputError(f"config.json is unreadable ({type(exc).__name__}: {exc})", path=path,
+        config = read_json(path, MAX_JSON_BYTES)
+    except (OSError, JSONFileError) as exc:
+        cause = exc.cause if isinstance(exc, JSONFileError) else exc
+        raise UnsupportedInputError(f"config.json is unreadable ({type(cause).__name__}: {exc})", path=path,
                                     hint="fix or replace the model's config.json") from None
     if not isinstance(config, dict):
         raise UnsupportedInputError("config.json is not a JSON object", path=path,

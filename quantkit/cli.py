@@ -842,7 +842,7 @@ def verify(folder, against, json_path, overwrite):
     are unusable.
     """
     from .errors import QuantkitError
-    from .verify import verify as run
+    from .publish import verify as run
     try:
         report = run(folder, against, reports=_reports(json_path), overwrite_reports=overwrite)
     except QuantkitError as exc:

@@ -11,6 +11,7 @@ import time
 
 from ._version import __version__
 from .errors import ValidationFailed
+from .jsonfiles import read_json
 from .writer import write_atomic
 
 SUFFIX = ".quantkit.json"
@@ -57,8 +58,7 @@ def runtime_versions() -> dict[str, str | None]:
 def read_manifest(output: str) -> dict:
     path = manifest_path(output)
     try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read().decode("utf-8"))
+        doc = read_json(path)
     except FileNotFoundError:
         raise ValidationFailed("no manifest: the output's hash cannot be verified", path=path,
                                hint="validate outputs written by quantkit convert, or pass --no-hash-check") from None

@@ -37,16 +37,13 @@ its output. The compressed-tensors client path is the exception: transformers ho
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 from .errors import QuantkitError, UnsupportedInputError, ValidationFailed
+from .jsonfiles import JSONFileError, read_json
 from .metrics import ErrorStats
+from .models import Model, build_model, config_folder, read_model_config, run_model
+from .quiet import quiet_transformers
 
-TOKENS = 32
-BATCH = 2
 ACTIVATIONS = ("none", "file", "all")      # which rows compare_model_output runs (see the module docstring)
 RUNTIME = "quantkit.runtime (streamed, W = q * scale)"
 # Row name -> (runtime activations option, what the row is).
@@ -54,18 +51,6 @@ ROWS = {"weight-only": ("none", "weight-only: FP8 weights, inputs as they come")
         "file": ("file", "W8A8 as the file implies (static input_scale where present)"),
         "unit": ("unit", "W8A8 with input scale 1.0 (ComfyUI without input_scale)"),
         "dynamic": ("dynamic", "W8A8 with a dynamic scale per token")}
-
-
-@dataclass(frozen=True)
-class Model:
-    """An architecture ready to be built (without memory) and run on its inputs."""
-    make: Callable              # () -> a fresh module, parameters on the meta device (runtime.empty_weights)
-    module_class: type
-    architecture: str
-    transformers: bool          # a transformers model (its client can load a compressed-tensors folder)
-    inputs: dict
-    words: str                  # the inputs, described
-    output: Callable            # the model's return value -> the tensor compared
 
 
 def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: str = "fp32",
@@ -94,7 +79,7 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
     original = source.original if isinstance(source, RenamedView) else source
     model = build_model(original, seed)
     peaks = {}
-    y_ref, peaks["source"], _ = _run(model, original, source.path, dtype)
+    y_ref, peaks["source"], _ = run_model(model, original, source.path, dtype)
     try:
         rows = _rows(model, output, dtype, activations, y_ref, peaks)
     except QuantkitError as exc:     # the source ran: the output is what is broken
@@ -109,7 +94,7 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
 
 def _rows(model: Model, output: str, dtype, activations: str, y_ref, peaks: dict) -> list[dict]:
     """The rows ``activations`` asks for, weight-only first, each compared with ``y_ref``."""
-    client = model.transformers and _client_format(output) == "compressed-tensors"
+    client = model.transformers and _loaded_by_transformers(output)
     # transformers runs a compressed-tensors folder with its own fake quantization of the inputs where the
     # folder's scheme has input activations (compressed-tensors' forward_quantize, on CPU too): that run is
     # the "file" row then, and the weight-only one comes from the runtime.
@@ -122,7 +107,7 @@ def _rows(model: Model, output: str, dtype, activations: str, y_ref, peaks: dict
         if name == client_row:
             y, loaded_by, inputs = _run_in_transformers(model, output, dtype), "transformers (compressed-tensors)", None
         else:
-            y, peak, inputs = _run(model, output, output, dtype, option, skip_weight_only=name != "weight-only")
+            y, peak, inputs = run_model(model, output, output, dtype, option, skip_weight_only=name != "weight-only")
             if name == "weight-only":
                 peaks["output"] = peak
             loaded_by = f"{RUNTIME}; inputs: {_schemes(inputs)}" if option != "none" else RUNTIME
@@ -154,27 +139,26 @@ def _metrics(y_ref, y) -> dict:
 
 def _ct_input_activations(output: str) -> bool:
     """Whether a compressed-tensors folder's scheme quantizes input activations (W8A8)."""
-    import json
     folder = output if os.path.isdir(output) else os.path.dirname(os.path.abspath(output))
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
+        config = read_json(os.path.join(folder, "config.json")).get("quantization_config") or {}
+    except (OSError, JSONFileError, AttributeError):
         return False
     groups = config.get("config_groups") if isinstance(config, dict) else None
     return isinstance(groups, dict) and any(isinstance(g, dict) and g.get("input_activations")
                                             for g in groups.values())
 
 
-def _client_format(output: str) -> str | None:
-    """The format ``output`` was written in (its metadata), None when it cannot be told."""
+def _loaded_by_transformers(output: str) -> bool:
+    """Whether transformers loads ``output`` itself (its format, told by its metadata, says so);
+    False when the format cannot be told."""
     from .formats import detect_format
     from .readback import open_output
     try:
         with open_output(output) as f:
-            return detect_format(f).name
+            return detect_format(f).loaded_by_transformers
     except QuantkitError:
-        return None
+        return False
 
 
 def _run_in_transformers(model: Model, output: str, dtype):
@@ -183,7 +167,7 @@ def _run_in_transformers(model: Model, output: str, dtype):
     float32 like the reference, so a tensor the client misreads (FP8 codes taken as weights)
     shows at the output."""
     import torch
-    with _quiet_clients():
+    with quiet_transformers(no_bars=True):    # compressed-tensors draws its own tqdm bars
         try:
             module = model.module_class.from_pretrained(output, dtype=dtype, local_files_only=True).eval()
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
@@ -198,198 +182,13 @@ def _run_in_transformers(model: Model, output: str, dtype):
     return model.output(out).detach().clone()
 
 
-@contextmanager
-def _quiet_clients():
-    """transformers' and compressed-tensors' info logs and progress bars off while they load a
-    model for quantkit (not the user's business; their errors still raise)."""
-    from transformers.utils import logging as hf_logging
-    level, bars = hf_logging.get_verbosity(), os.environ.get("TQDM_DISABLE")
-    hf_logging.set_verbosity_error()
-    os.environ["TQDM_DISABLE"] = "1"        # compressed-tensors draws its own tqdm bars
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = bars
-
-
 def check_model_output(source) -> None:
     """Refuse, before any other work, a source whose outputs cannot be compared: no config.json,
     or a diffusers class without inputs."""
-    folder = _config_folder(source)
-    raw = _read_config(folder)
+    folder = config_folder(source)
+    raw = read_model_config(folder)
     if "_class_name" in raw:
         from .diffusion_inputs import check_supported
         check_supported(raw["_class_name"], folder)
 
 
-def _config_folder(source) -> str:
-    folder = os.path.dirname(os.path.abspath(source.files[0]))
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise UnsupportedInputError("--model-output needs the model's config.json beside the source's weights",
-                                    path=folder, hint="validate a model folder (config.json + weights)")
-    return folder
-
-
-def build_model(source, seed: int = 0, *, with_inputs: bool = True) -> Model:
-    """The architecture named by the config beside ``source``'s weights (a diffusers
-    ``_class_name`` or transformers ``architectures``), as a factory of modules without memory
-    (``make()``), with its seeded inputs (``inputs``) and the tensor it outputs (``output``).
-    ``with_inputs=False``: without inputs (``inputs`` empty), for callers that bring their own
-    (calibration), so a diffusers class without an input builder builds too."""
-    folder = _config_folder(source)
-    raw = _read_config(folder)
-    if "_class_name" in raw:
-        return _diffusers_model(folder, raw, seed, with_inputs)
-    return _transformers_model(folder, seed)
-
-
-def _read_config(folder: str) -> dict:
-    from .checkpoint import read_config
-    return read_config(os.path.join(folder, "config.json"))
-
-
-def _transformers_model(folder: str, seed: int) -> Model:
-    import transformers
-
-    from .runtime import empty_weights
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-        if cls is None:
-            arch = f"AutoModel({config.model_type})"
-
-        def make():
-            with empty_weights():
-                return (cls(config) if cls is not None else transformers.AutoModel.from_config(config)).eval()
-        probe = make()
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UnsupportedInputError(f"transformers cannot build a model from config.json "
-                                    f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=folder,
-                                    hint="fix the config.json beside the weights, or validate per tensor "
-                                         "(without --model-output)") from None
-    return Model(make, type(probe), arch, True, _token_inputs(probe, seed),
-                  f"{BATCH}x{TOKENS} random token ids (seed {seed})", _first_tensor)
-
-
-def _diffusers_model(folder: str, raw: dict, seed: int, with_inputs: bool = True) -> Model:
-    """The diffusers class named by ``_class_name``, built from the config with its parameters on
-    the meta device (the runtime fills them) and its buffers real: some models compute tensors at
-    construction that are not parameters (Qwen-Image's RoPE tables)."""
-    from .diffusion_inputs import check_supported, diffusion_inputs
-    from .runtime import empty_weights
-    name = raw["_class_name"]
-    if with_inputs:
-        check_supported(name, folder)
-    import diffusers
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise UnsupportedInputError(f"diffusers {diffusers.__version__} has no {name}", path=folder,
-                                    hint="upgrade diffusers")
-
-    def make():
-        with warnings.catch_warnings(), empty_weights():
-            warnings.simplefilter("ignore", FutureWarning)   # diffusers' own deprecations (FluxControlNetModel)
-            return cls.from_config(raw).eval()
-    try:
-        probe = make()
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedInputError(f"diffusers cannot build {name} from this config ({exc})", path=folder,
-                                    hint="validate it per tensor (without --model-output)") from exc
-    if not with_inputs:
-        return Model(make, cls, name, False, {}, "", _every_tensor)
-    inputs = diffusion_inputs(name, probe.config, seed, path=folder)
-    return Model(make, cls, name, False, {**inputs.kwargs, "return_dict": False}, f"{inputs.words} (seed {seed})",
-                  _every_tensor)
-
-
-def _token_inputs(model, seed: int) -> dict:
-    import inspect
-
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-    if vocab <= 0:
-        raise UnsupportedInputError(f"--model-output feeds token ids; {type(model).__name__} has no vocab_size",
-                                    hint="validate it per tensor (without --model-output)")
-    ids = torch.randint(0, vocab, (BATCH, TOKENS), generator=gen)
-    params = inspect.signature(model.forward).parameters
-    inputs = {"input_ids": ids}
-    if "attention_mask" in params:
-        inputs["attention_mask"] = torch.ones_like(ids)
-    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-        inputs["decoder_input_ids"] = ids[:, : TOKENS // 2]
-    return inputs
-
-
-def _run(model: Model, weights, path: str, dtype, activations: str = "none", skip_weight_only: bool = False):
-    """``model`` built afresh, loaded from ``weights`` (an opened checkpoint or an output's path) by
-    the runtime in streamed mode with its ``activations`` option, run on its inputs, and dropped:
-    (its output, the peak bytes of weights it held, the FP8 Linear layers by input scheme). With
-    ``skip_weight_only``, a load that quantizes no input is not run (output None)."""
-    import torch
-    with streamed(model, weights, path, dtype, activations) as module:
-        info = module.quantkit_runtime
-        schemes = dict(info.inputs)
-        if skip_weight_only and not set(schemes) - {"none"}:
-            return None, info.peak_bytes, schemes
-        inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-                  for k, v in model.inputs.items()}          # the same seeded values, in the compute dtype
-        with torch.no_grad():
-            try:
-                out = module(**inputs)
-            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                raise UnsupportedInputError(f"{model.architecture} does not run on the inputs made from its config "
-                                            f"({type(exc).__name__}: {str(exc).strip()[:200]})", path=path,
-                                            hint="validate it per tensor (without --model-output)") from exc
-        return model.output(out).detach().float().clone(), info.peak_bytes, schemes
-
-
-def _first_tensor(out):
-    """A transformers model's output: the logits or last hidden states."""
-    import torch
-    return out[0] if isinstance(out, (tuple, list)) else next(v for v in out.values() if torch.is_tensor(v))
-
-
-def _every_tensor(out):
-    """A diffusers model's output (return_dict=False): its one tensor, or every tensor it returns
-    (a ControlNet's residuals, nested tuples) flattened into one."""
-    import torch
-    if torch.is_tensor(out):
-        return out
-    tensors = [_every_tensor(item) for item in out]
-    return tensors[0] if len(tensors) == 1 else torch.cat([t.flatten() for t in tensors])
-
-
-@contextmanager
-def streamed(model: Model, weights, path: str, dtype, activations: str = "none"):
-    """``model`` built afresh and loaded from ``weights`` (an opened checkpoint or a path) by the runtime
-    in streamed mode (``activations``: the runtime's option), for the ``with`` block (validation runs
-    it, calibration hooks and runs it); closed and dropped after.
-
-    >>> with streamed(build_model(source), source, source.path, torch.float32) as module:   # doctest: +SKIP
-    ...     module(**inputs)
-    """
-    import gc
-
-    from .errors import ModelMismatchError
-    from .runtime import load
-    module = model.make()
-    try:
-        try:
-            load(module, weights, mode="streamed", compute_dtype=dtype, activations=activations)
-        except ModelMismatchError as exc:
-            raise UnsupportedInputError(f"the weights do not fit the config's architecture ({exc.message})",
-                                        path=path, hint="the config.json beside the weights must describe "
-                                                        "this model") from None
-        yield module
-    finally:
-        info = getattr(module, "quantkit_runtime", None)
-        if info is not None:
-            info.close()
-        del module
-        gc.collect()

@@ -38,8 +38,23 @@ def plan_tensor(info: TensorInfo, options: ConvertOptions, policy: Policy, path:
 
 def make_plan(source: SafetensorsFile, options: ConvertOptions, stats: Stats | None = None) -> Plan:
     """Plan the conversion of one safetensors file under ``options`` (reads the header only).
-    ``stats`` (checked with ``check_stats``, options from ``options_with_stats``): weight ranges and
-    activation ranges of the quantized tensors, under the plan's names (``apply_stats``)."""
+
+    Args:
+        source: the opened checkpoint (``open_source``), under the names the format writes.
+        options: the conversion's options; the format refuses those it cannot express here.
+        stats: weight ranges and activation ranges of the quantized tensors, under the plan's names
+            (``apply_stats``), checked with ``check_stats`` and with options from ``options_with_stats``.
+
+    Returns:
+        The ``Plan``: every tensor's action (quantize, keep, pass) and reason, and the output's
+        tensors in file order as the format lays them out.
+
+    Raises:
+        PolicyError: an option or rule the format or the source cannot honour, named.
+
+    >>> with open_source("model.safetensors") as src:             # doctest: +SKIP
+    ...     plan = make_plan(src, ConvertOptions())
+    """
     from .formats import get_format
     from .presets import resolve
     fmt = get_format(options.format)

@@ -88,18 +88,34 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
             stats: Stats | str | None = None, force_stats: bool = False) -> ConvertResult:
     """Convert the checkpoint ``src`` (any layout ``open_source`` reads) into ``dst``.
 
-    ``dst`` is a file, or a folder for folder formats (compressed-tensors) and sharded outputs
-    (``options.max_shard_bytes``). Nothing appears under ``dst`` until the output is complete,
-    hashed and its manifest written. ``reports`` (option -> path, e.g. ``{"--json": "r.json"}``):
-    files the caller writes afterwards, checked with the output's rules before any work.
-    ``jobs``: processes converting the shards of a sharded output side by side (None: as many as
-    the cores and memory allow); the output is the same, byte for byte, whatever the number.
-    ``stats`` (a ``Stats`` or the path of a stats file ``quantkit calibrate`` wrote): weight scales
-    from its ranges and static activation scales where the format has a place for them. Stats of
-    another checkpoint are refused before any work (header fingerprint) and before the output is
-    published (the source's SHA256, hashed while converting), naming both SHA256s; ``force_stats``
-    turns both refusals into warnings. Granularity and FP8 dtype are the stats' where ``options``
-    leaves them unset (``ConvertOptions.from_strings(granularity=None, fp8=None)``); set ones must agree.
+    Nothing appears under ``dst`` until the output is complete, hashed and its manifest written.
+
+    Args:
+        src: a safetensors file, a sharded checkpoint's index or folder, a model folder, or a pickle.
+        dst: the output: a file, or a folder for folder formats (compressed-tensors) and sharded
+            outputs (``options.max_shard_bytes``).
+        options: format, FP8 dtype, granularity, keep dtype, preset and rules (``ConvertOptions``).
+        overwrite: replace an existing ``dst``.
+        progress: receives stages, bytes done and warnings (``quantkit.progress.NULL``: none).
+        reports: option -> path (``{"--json": "r.json"}``) of files the caller writes afterwards,
+            checked with the output's rules before any work.
+        jobs: processes converting the shards of a sharded output side by side (None: as many as
+            the cores and memory allow); the output is the same, byte for byte, whatever the number.
+        stats: a ``Stats`` or the path of a stats file ``quantkit calibrate`` wrote: weight scales
+            from its ranges and static activation scales where the format has a place for them.
+            Granularity and FP8 dtype are the stats' where ``options`` leaves them unset
+            (``ConvertOptions.from_strings(granularity=None, fp8=None)``); set ones must agree.
+        force_stats: stats of another checkpoint are refused before any work (header fingerprint)
+            and before the output is published (the source's SHA256, hashed while converting),
+            naming both SHA256s; this turns both refusals into warnings.
+
+    Returns:
+        A ``ConvertResult``: where the output and its manifest are, what was asked, counts per action,
+        sizes, seconds, the source's and the output's SHA256, warnings.
+
+    Raises:
+        QuantkitError: a subclass naming the file, the tensor and the fix (bad input, a refused
+            plan, a full disk...); nothing is left under ``dst``.
 
     >>> convert("model.safetensors", "model-fp8.safetensors", stats="model.stats.safetensors")  # doctest: +SKIP
 

@@ -66,7 +66,7 @@ def sensitivity(src: str, options: ConvertOptions = ConvertOptions(), *, target_
     import torch
 
     from .formats import get_format
-    from .model_output import build_model
+    from .models import build_model
     from .plan import make_plan
     from .sources import open_source
     # Planned as convert plans it, under the names the format writes (a diffusers FLUX / SD3 / UNet

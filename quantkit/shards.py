@@ -9,12 +9,12 @@ tensor is in its shard and no tensor is in two shards.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 from .errors import HeaderError, UnsupportedInputError
-from .reader import SafetensorsFile, TensorInfo, _reject_duplicates
+from .jsonfiles import JSONFileError, read_json
+from .reader import SafetensorsFile, TensorInfo
 
 MAX_INDEX_BYTES = 100_000_000
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -49,21 +49,15 @@ class Shards:
 def read_index(index_path: str) -> dict[str, str]:
     """The validated ``weight_map`` of an index file (tensor name -> shard file name)."""
     try:
-        size = os.path.getsize(index_path)
-        if size > MAX_INDEX_BYTES:
-            raise HeaderError(f"index is {size} bytes, past the {MAX_INDEX_BYTES}-byte cap", path=index_path,
-                              hint=_HINT)
-        with open(index_path, "rb") as f:
-            raw = f.read(MAX_INDEX_BYTES + 1)
+        doc = read_json(index_path, MAX_INDEX_BYTES)
     except OSError as exc:
         raise UnsupportedInputError(f"cannot read the index: {exc.strerror}", path=index_path,
                                     hint="check the path and its permissions") from None
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except HeaderError as exc:
-        raise HeaderError(exc.message, path=index_path, hint=_HINT) from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise HeaderError(f"index is not UTF-8 JSON ({exc})", path=index_path, hint=_HINT) from None
+    except JSONFileError as exc:
+        what = (f"index is {exc.size} bytes, past the {MAX_INDEX_BYTES}-byte cap" if exc.size is not None else
+                f"duplicate key '{exc.duplicate}' in the header" if exc.duplicate is not None else
+                f"index is not UTF-8 JSON ({exc})")
+        raise HeaderError(what, path=index_path, hint=_HINT) from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

@@ -18,9 +18,22 @@ NAMINGS = (COMFYUI,)
 
 def open_source(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False,
                 names: str | None = None) -> TensorSource:
-    """The checkpoint at ``path`` (``open_checkpoint``'s layouts, ``component`` and ``ema``), under
-    ``names``: None for its own, ``"comfyui"`` for the names ComfyUI loads (a diffusers FLUX.1 / SD3
-    transformer or UNet renamed; any other checkpoint as it is).
+    """The checkpoint at ``path``, under the names a format writes.
+
+    Args:
+        path: a safetensors file, a sharded checkpoint's index or folder, a model folder (or a
+            diffusers pipeline with ``component``), or a PyTorch pickle (``open_checkpoint``).
+        component: the pipeline folder to read (``transformer``, ``unet``...).
+        ema: read the EMA weights of a checkpoint that holds both (None: decide from the file).
+        names: None for the checkpoint's own names, ``"comfyui"`` for the names ComfyUI loads (a
+            diffusers FLUX.1 / SD3 transformer or UNet renamed; any other checkpoint as it is).
+
+    Returns:
+        A ``TensorSource`` (a context manager): its tensors' headers, read on demand.
+
+    Raises:
+        OptionsError: an unknown ``names``.
+        QuantkitError: a subclass for a file that is missing, unreadable or hostile, naming it.
 
     >>> with open_source("model.safetensors") as src:       # doctest: +SKIP
     ...     print(len(src.tensors))

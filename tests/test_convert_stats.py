@@ -278,7 +278,7 @@ def test_header_manifest_and_publish_record_the_stats(src, tmp_path):
     assert "path" not in recorded and str(tmp_path) not in json.dumps(recorded)
     assert read_manifest(str(dst))["conversion"]["stats"] == recorded
 
-    from quantkit.provenance import calibration_record, convert_command
+    from quantkit.publish.provenance import calibration_record, convert_command
     conversion = read_manifest(str(dst))["conversion"]
     cal = calibration_record(conversion)
     assert cal["stats_file"]["name"] == "s.safetensors" and cal["stats_file"]["sha256"] == recorded["sha256"]

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAGES = [
     ("core", ["quantkit._version", "quantkit.errors", "quantkit.dtypes", "quantkit.progress", "quantkit.hashing",
-              "quantkit.workers"]),
+              "quantkit.workers", "quantkit.quiet", "quantkit.jsonfiles"]),
     ("math", ["quantkit.fp8", "quantkit.metrics"]),
     ("testing kit (independent of the math it checks)", ["quantkit.testing", "quantkit.testing.reference",
                                                           "quantkit.testing.conventions", "quantkit.testing.rules",
@@ -39,14 +39,16 @@ STAGES = [
     ("runtime", ["quantkit.runtime.placements", "quantkit.runtime.weights", "quantkit.runtime.budget",
                  "quantkit.runtime.streaming", "quantkit.runtime.loader", "quantkit.runtime.pool", "quantkit.runtime"]),
     ("read-back", ["quantkit.readback"]),
-    ("model output", ["quantkit.diffusion_inputs", "quantkit.model_output"]),
+    ("models: built and run from their config", ["quantkit.diffusion_inputs", "quantkit.models"]),
+    ("model output", ["quantkit.model_output"]),
     ("calibrate activations", ["quantkit.calibration.inputs", "quantkit.calibration.activations",
                                "quantkit.calibration.collect"]),
     ("sensitivity", ["quantkit.sensitivity"]),
     ("validate", ["quantkit.validate"]),
     ("reports", ["quantkit.report"]),
-    ("publish", ["quantkit.release", "quantkit.model_card", "quantkit.provenance", "quantkit.verify",
-                 "quantkit.publish"]),
+    ("publish", ["quantkit.publish.release", "quantkit.publish.card", "quantkit.publish.output",
+                 "quantkit.publish.source", "quantkit.publish.verify", "quantkit.publish.provenance",
+                 "quantkit.publish.build", "quantkit.publish"]),
     ("command line and public API", ["quantkit.cli", "quantkit"]),
 ]
 FLOOR = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from quantkit.cli import main
-from quantkit.release import parse_sums
+from quantkit.publish.release import parse_sums
 from quantkit import load_dequantized
 from quantkit.writer import TEMP_MARK
 from runs import run
@@ -414,7 +414,7 @@ def test_verify_names_a_wrong_source(outputs, small, tmp_path):
 
 
 def test_digests_known_to_the_caller_are_compared_too(minilm):
-    from quantkit.verify import verify
+    from quantkit.publish import verify
     report = verify(str(minilm[1]), hashed={"README.md": "0" * 64})
     assert [str(p) for p in report.problems] == [
         f"README.md: sha256 mismatch: SHA256SUMS says {sha(minilm[1] / 'README.md')[:16]}..., the file is "
@@ -425,7 +425,7 @@ def test_digests_known_to_the_caller_are_compared_too(minilm):
 def test_any_text_in_the_front_matter_reads_back_with_a_yaml_parser(value, items):
     """Source cards are the user's text: quotes, colons, '#', line breaks, non-printable and astral
     characters, lone surrogates all come back unchanged, and the front matter is valid UTF-8."""
-    from quantkit.model_card import yaml_front_matter
+    from quantkit.publish.card import yaml_front_matter
     text = yaml_front_matter({"license_name": value, "tags": items})
     assert text.encode("utf-8").decode("utf-8") == text
     assert yaml.safe_load(text.split("---\n")[1]) == {"license_name": value, "tags": items or None}
@@ -552,7 +552,7 @@ def test_a_validate_report_is_carried_and_must_be_of_this_output(outputs, small,
 
 
 def test_the_library_reports_through_progress_and_never_prints(outputs, tmp_path, monkeypatch, capsys):
-    from quantkit import publish as pub
+    from quantkit.publish import build as pub
     from quantkit.progress import Progress
 
     class Collect(Progress):
@@ -661,7 +661,7 @@ def test_the_cards_command_reproduces_byte_identical_weights_in_another_environm
 # ----------------------------------------------------------------------------- atomic
 
 def test_a_failure_while_writing_leaves_nothing_under_the_name(outputs, tmp_path, monkeypatch):
-    from quantkit import model_card
+    from quantkit.publish import card as model_card
     from quantkit import publish as pub
 
     def broken(prov):

@@ -122,7 +122,7 @@ def _input_absmax(model, inputs: list[dict]) -> dict[str, float]:
 
 def _calibration_inputs(folder, seeds=(1, 2, 3)) -> list[dict]:
     """The inputs validate feeds (quantkit.model_output), on other seeds than its own (0)."""
-    from quantkit.model_output import build_model
+    from quantkit.models import build_model
     from quantkit.sources import open_source
     with open_source(str(folder)) as src:
         return [build_model(src, seed).inputs for seed in seeds]
@@ -255,7 +255,7 @@ def test_scaled_mm_with_the_stored_scales_is_the_simulation(flux_regimes, activa
     """CPU torch._scaled_mm fed the stored codes and the activation scales gives the simulated output
     (the same products in float32; only the order of the sums differs): the check a GPU would run."""
     src, calibrated, model, _, _ = flux_regimes["large"]
-    from quantkit.model_output import build_model
+    from quantkit.models import build_model
     from quantkit.sources import open_source
     with open_source(str(src)) as s:
         inputs = build_model(s, 0).inputs
@@ -417,7 +417,7 @@ def test_gpu_scaled_mm_with_the_stored_scales_is_the_cpu_simulation(flux_regimes
     """The check a GPU runs: CUDA torch._scaled_mm on the stored codes and the file's input scales
     (bf16 out, as its row-wise path requires) against the CPU simulation in float32."""
     src, calibrated, model, _, _ = flux_regimes["large"]
-    from quantkit.model_output import build_model
+    from quantkit.models import build_model
     from quantkit.sources import open_source
     with open_source(str(src)) as s:
         inputs = build_model(s, 0).inputs

@@ -7,6 +7,7 @@ A format module subclasses ``OutputFormat`` and decorates it with ``@register``;
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,7 +15,9 @@ from ..dtypes import E4M3FN, FP8Format, Granularity, Kind, fp8_of
 from ..errors import FormatError, PolicyError, UnsupportedInputError
 from ..options import ConvertOptions
 from ..planned import Emit, Plan, PlannedTensor, Role, StoredTensor  # noqa: F401  (a format's vocabulary)
+from ..policy import Action
 from ..reader import TensorSource
+from ..writer import OutputTensor
 
 
 def layer_name(key: str) -> str:
@@ -44,6 +47,19 @@ def quantkit_metadata(fmt: "OutputFormat", plan: Plan, provenance: dict[str, str
            if summary.get("stats") is not None else {}),
         **provenance,
     }
+
+
+def tensor_layout(plan: Plan, extras: Callable[[PlannedTensor], list[Emit]], leading: list[Emit] = ()) -> list[Emit]:
+    """The layout loop every format shares: ``leading`` (a marker the file starts with), then every
+    planned tensor under its own key in file order (its values in the output dtype), each quantized
+    one followed by what the format's convention adds to it, ``extras(t)`` (its scale, markers, an
+    activation scale)."""
+    emits = list(leading)
+    for t in plan.tensors:
+        emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
+        if t.action is Action.QUANTIZE:
+            emits.extend(extras(t))
+    return emits
 
 
 INPUT_SCALE = ".input_scale"
@@ -167,6 +183,38 @@ class OutputFormat:
     def recognizes(cls, file: TensorSource) -> bool:
         """Whether ``file`` looks written in this format."""
         return False
+
+    # ------------------------------------------------------------------ what a release's card says
+    # (quantkit.publish.card renders these; a format without them gets the generic text)
+
+    # The model hub tags of a release in this format (besides "fp8", the FP8 dtype, "quantized", "quantkit").
+    card_tags: ClassVar[tuple[str, ...]] = ()
+    # Whether transformers loads this format's output itself (``from_pretrained``): validation at the
+    # model's output then runs the client rather than the runtime.
+    loaded_by_transformers: ClassVar[bool] = False
+
+    def card_library(self, source_card: dict) -> str | None:
+        """The card's ``library_name`` (the library that loads the release), given the source's card
+        front matter; None to leave it out."""
+        return None
+
+    def card_pipeline_tag(self, source_card: dict) -> str | None:
+        """The card's ``pipeline_tag`` (the hub's task), for a release the hub's task runs on."""
+        return None
+
+    def how_to_load(self, target: str, prov: dict) -> str:
+        """The card's "How to load" text for this format (before the runtime's snippet): ``target`` is
+        the weights file (or "." for several), ``prov`` the release's provenance record."""
+        version = prov["versions"]["converted_with"]["quantkit"]
+        return (f"quantkit reads its own layout back (FP8 weights dequantized as `W = q * scale`, kept tensors as "
+                f"stored), for any PyTorch model with these keys:\n\n```python\n"
+                f"from quantkit import load_dequantized   # pip install quantkit=={version}\n"
+                f"model.load_state_dict(load_dequantized(\"{target}\"))\n```\n")
+
+    def runtime_snippet(self, target: str) -> tuple[str, str, str]:
+        """(imports, the expression that builds the model, the path given to ``qr.load``) of the card's
+        quantkit runtime example."""
+        return "", "...   # the original model's class, built from its config", target
 
 
 REGISTRY: dict[str, type[OutputFormat]] = {}

@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from .. import dtypes
 from ..errors import FormatError, PolicyError
 from ..fp8 import FP8_FORMATS, Granularity
-from ..policy import Action
 from ..writer import OutputTensor
 from .base import (INPUT_SCALE, Emit, OutputFormat, Plan, Role, ScaledStoredTensor, StoredTensor, carried_input_scale,
-                   fp8_of, layer_name, quantkit_metadata, register)
+                   fp8_of, layer_name, quantkit_metadata, register, tensor_layout)
 
 MARKER = ".comfy_quant"
 WEIGHT_SCALE = ".weight_scale"
@@ -151,6 +150,7 @@ class ComfyUIFile(OutputFormat):
     shardable = False          # ComfyUI loads one file
     source_names = "comfyui"   # diffusers FLUX.1 / SD3 / UNets under the original names (quantkit.comfy_names)
     granularities = frozenset({Granularity.TENSOR})
+    card_tags = ("comfyui",)
 
     def check_plan(self, plan: Plan) -> None:
         refuse_renamed(self.name, plan)
@@ -174,20 +174,19 @@ class ComfyFormat(ComfyUIFile):
 
     def layout(self, plan: Plan) -> list[Emit]:
         configs = self.layer_configs(plan)
-        emits = []
-        for t in plan.tensors:
-            emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
-            if t.action is not Action.QUANTIZE:
-                continue
+
+        def extras(t) -> list[Emit]:
+            """``<L>.weight_scale``, ``<L>.input_scale`` with an activation scale, the ``<L>.comfy_quant`` marker."""
             layer = layer_name(t.name)
-            emits.append(Emit(OutputTensor(layer + WEIGHT_SCALE, dtypes.F32, ()), Role.SCALE, t.name))
+            emits = [Emit(OutputTensor(layer + WEIGHT_SCALE, dtypes.F32, ()), Role.SCALE, t.name)]
             input_scale, _ = carried(t)
             if input_scale is not None:
                 emits.append(Emit(OutputTensor(layer + INPUT_SCALE, dtypes.F32, ()), Role.CONSTANT, t.name,
                                   f32_bytes(input_scale)))
             marker = encode_config(configs[layer])
             emits.append(Emit(OutputTensor(layer + MARKER, dtypes.U8, (len(marker),)), Role.CONSTANT, t.name, marker))
-        return emits
+            return emits
+        return tensor_layout(plan, extras)
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
         meta = quantkit_metadata(self, plan, provenance)
@@ -199,6 +198,17 @@ class ComfyFormat(ComfyUIFile):
     @classmethod
     def recognizes(cls, file) -> bool:
         return HEADER_KEY in file.metadata or any(k.endswith(MARKER) for k in file.tensors)
+
+    def how_to_load(self, target: str, prov: dict) -> str:
+        body = (f"Copy `{target}` into `ComfyUI/models/diffusion_models/` (a text encoder: `models/text_encoders/`) "
+                "and load it with the Load Diffusion Model (or Load CLIP) node. ComfyUI reads each quantized layer's "
+                "`comfy_quant` marker and `weight_scale` (mixed-precision loading); layers without a marker load in "
+                "high precision.")
+        if prov["calibration"]["activations"]:
+            body += (" Layers with a calibrated `input_scale` (activations: static scales from the statistics "
+                     "file, see Recipe) have no `full_precision_matrix_mult` flag: on a GPU with FP8 compute "
+                     "ComfyUI multiplies them in FP8 with that scale; elsewhere it dequantizes the weight.")
+        return body
 
     def stored(self, file) -> dict[str, StoredTensor]:
         configs = read_configs(file)

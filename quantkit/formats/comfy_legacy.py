@@ -27,7 +27,7 @@ from ..errors import FormatError, PolicyError
 from ..fp8 import E4M3FN, Granularity
 from ..policy import Action, TensorKind
 from ..writer import OutputTensor
-from .base import Emit, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register
+from .base import Emit, Plan, Role, StoredTensor, fp8_of, layer_name, quantkit_metadata, register, tensor_layout
 from .comfy import (ComfyStoredTensor, ComfyUIFile, carried, f32_bytes, input_scale,
                     quantized_layer, scale_key)
 
@@ -81,18 +81,18 @@ class ComfyLegacyFormat(ComfyUIFile):
     def layout(self, plan: Plan) -> list[Emit]:
         fp8 = dtypes.BY_CODE[plan.options.fp8.safetensors_dtype]
         prefixes = sorted({marker_prefix(t.name) for t in plan.quantized()})
-        emits = [Emit(OutputTensor(p + MARKER, fp8, (0,)), Role.CONSTANT) for p in prefixes]
-        for t in plan.tensors:
-            emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
-            if t.action is not Action.QUANTIZE:
-                continue
+        markers = [Emit(OutputTensor(p + MARKER, fp8, (0,)), Role.CONSTANT) for p in prefixes]
+
+        def extras(t) -> list[Emit]:
+            """``<L>.scale_weight``, and ``<L>.scale_input`` with an activation scale."""
             layer = quantized_layer(t, self.name)
-            emits.append(Emit(OutputTensor(layer + SCALE_WEIGHT, dtypes.F32, ()), Role.SCALE, t.name))
+            emits = [Emit(OutputTensor(layer + SCALE_WEIGHT, dtypes.F32, ()), Role.SCALE, t.name)]
             scale_in, _ = carried(t)
             if scale_in is not None:
                 emits.append(Emit(OutputTensor(layer + SCALE_INPUT, dtypes.F32, ()), Role.CONSTANT, t.name,
                                   f32_bytes(scale_in)))
-        return emits
+            return emits
+        return tensor_layout(plan, extras, markers)
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
         return quantkit_metadata(self, plan, provenance)
@@ -124,6 +124,11 @@ class ComfyLegacyFormat(ComfyUIFile):
     @classmethod
     def recognizes(cls, file) -> bool:
         return any(is_marker(k) or k.endswith(SCALE_WEIGHT) for k in file.tensors)
+
+    def how_to_load(self, target: str, prov: dict) -> str:
+        return (f"Copy `{target}` into `ComfyUI/models/diffusion_models/` (a text encoder: `models/text_encoders/`). "
+                "Current ComfyUI converts the `scaled_fp8` layout at load; Forge and stable-diffusion.cpp read it as "
+                "well (they create every linear layer in FP8).")
 
     def stored(self, file) -> dict[str, StoredTensor]:
         markers = {k[: -len(MARKER)]: info for k, info in file.tensors.items() if is_marker(k)}

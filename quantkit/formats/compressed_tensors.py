@@ -86,10 +86,12 @@ from ..options import KeepDtype
 from ..errors import FormatError, PolicyError, UnsupportedInputError
 from ..fp8 import BLOCK_SIZE, E4M3FN, Granularity, scale_shape
 from ..policy import Action, TensorKind
-from ..shards import is_index_name
+from ..jsonfiles import JSONFileError, read_json
+from ..shards import MAX_INDEX_BYTES, is_index_name
+from ..quiet import quiet_transformers
 from ..writer import TEMP_MARK, OutputTensor
 from .base import (Emit, OutputFormat, Plan, Role, StoredTensor, carried_input_scale, fp8_of, input_scale_key,
-                   layer_name, quantkit_metadata, register, stored_with_scales)
+                   layer_name, quantkit_metadata, register, stored_with_scales, tensor_layout)
 
 SCALE_SUFFIX = "_scale"
 CONFIG_NAME = "config.json"
@@ -226,9 +228,8 @@ def _refuse_shard(folder: str, name: str) -> None:
         if not entry.endswith(".safetensors.index.json"):
             continue
         try:
-            with open(os.path.join(folder, entry), "rb") as f:
-                files = set(json.loads(f.read().decode("utf-8")).get("weight_map", {}).values())
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            files = set(read_json(os.path.join(folder, entry), MAX_INDEX_BYTES).get("weight_map", {}).values())
+        except (OSError, JSONFileError, AttributeError):
             continue
         if name in files and len(files) > 1:
             raise UnsupportedInputError(
@@ -269,6 +270,8 @@ class CompressedTensorsFormat(OutputFormat):
                "+ config.json quantization_config (compressed-tensors, weight-only FP8)")
     folder = True
     weights_name = "model.safetensors"
+    card_tags = ("compressed-tensors",)
+    loaded_by_transformers = True
 
     def check(self, options) -> None:
         super().check(options)
@@ -306,18 +309,18 @@ class CompressedTensorsFormat(OutputFormat):
     def layout(self, plan: Plan) -> list[Emit]:
         scale_dtype = model_dtype(plan)
         g = plan.options.granularity
-        emits = []
-        for t in plan.tensors:
-            emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
-            if t.action is Action.QUANTIZE:
-                shape = (1,) if g is Granularity.TENSOR else scale_shape(t.info.shape, g)
-                dtype = dtypes.F32 if t.prequantized is not None else scale_dtype
-                emits.append(Emit(OutputTensor(t.name + SCALE_SUFFIX, dtype, shape), Role.SCALE, t.name))
-                input_scale = carried_input_scale(t, E4M3FN)
-                if input_scale is not None:
-                    emits.append(Emit(OutputTensor(input_scale_key(t.name), scale_dtype, (1,)), Role.CONSTANT, t.name,
-                                      input_scale_bytes(input_scale, scale_dtype)))
-        return emits
+
+        def extras(t) -> list[Emit]:
+            """``<L>.weight_scale`` (in D; float32 for an FP8 source's), ``<L>.input_scale`` with an activation scale."""
+            shape = (1,) if g is Granularity.TENSOR else scale_shape(t.info.shape, g)
+            dtype = dtypes.F32 if t.prequantized is not None else scale_dtype
+            emits = [Emit(OutputTensor(t.name + SCALE_SUFFIX, dtype, shape), Role.SCALE, t.name)]
+            input_scale = carried_input_scale(t, E4M3FN)
+            if input_scale is not None:
+                emits.append(Emit(OutputTensor(input_scale_key(t.name), scale_dtype, (1,)), Role.CONSTANT, t.name,
+                                  input_scale_bytes(input_scale, scale_dtype)))
+            return emits
+        return tensor_layout(plan, extras)
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:
         return {"format": "pt", **quantkit_metadata(self, plan, provenance,
@@ -375,6 +378,31 @@ class CompressedTensorsFormat(OutputFormat):
             return True
         return any(tuple(s.shape) == (1,) for s, _ in pairs)
 
+    def card_library(self, source_card: dict) -> str | None:
+        return source_card.get("library_name") or "transformers"
+
+    def card_pipeline_tag(self, source_card: dict) -> str | None:
+        return source_card.get("pipeline_tag")        # a model folder the hub's task runs on
+
+    def how_to_load(self, target: str, prov: dict) -> str:
+        scheme = ("W8A8 FP8 with static calibrated input scales" if prov["calibration"]["activations"]
+                  else "weight-only FP8")
+        body = ("transformers (with the `compressed-tensors` package) and vLLM read `config.json`'s "
+                f"`quantization_config` ({scheme}):\n\n```python\nfrom transformers import AutoModel\n"
+                "model = AutoModel.from_pretrained(\"PATH_OR_REPO\")   # FP8 at rest, decompressed at the first "
+                "forward\n```\n")
+        if any(f["name"] == "modules.json" for f in prov["files"]):
+            body += ("\nsentence-transformers calls the model's forward directly: dequantize at load instead.\n\n"
+                     "```python\nfrom sentence_transformers import SentenceTransformer\n"
+                     "from transformers import CompressedTensorsConfig\nmodel = SentenceTransformer(\"PATH_OR_REPO\", "
+                     "model_kwargs={\"quantization_config\": CompressedTensorsConfig(dequantize=True)})\n```\n")
+        return body
+
+    def runtime_snippet(self, target: str) -> tuple[str, str, str]:
+        return ("import transformers\n",
+                'transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained("PATH_OR_REPO"))',
+                "PATH_OR_REPO")
+
     def stored(self, file) -> dict[str, StoredTensor]:
         # <L>.input_scale is read back as the weight's input_scale_key (base.stored_with_scales).
         def auxiliary(key: str) -> bool:      # input scales, zero points of an FP8 weight: not source tensors
@@ -400,7 +428,7 @@ def module_classes(source) -> dict[str, str] | None:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
-        with torch.device("meta"), _quiet_transformers():
+        with torch.device("meta"), quiet_transformers():
             model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
     except Exception:       # noqa: BLE001 -- any failure of a third-party build means: classes unknown
         return None
@@ -415,23 +443,6 @@ def _class_of(module: str, classes: dict[str, str]) -> str | None:
     return classes.get(module)
 
 
-def _quiet_transformers():
-    """transformers' logger at error level while the meta model is built (its warnings are not the user's business)."""
-    import contextlib
-
-    from transformers.utils import logging as hf_logging
-
-    @contextlib.contextmanager
-    def quiet():
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(level)
-    return quiet()
-
-
 def _is_fp8(file, key: str) -> bool:
     info = file.tensors.get(key)
     return info is not None and fp8_of(info.dtype.code) is not None
@@ -439,8 +450,7 @@ def _is_fp8(file, key: str) -> bool:
 
 def _config_says_compressed_tensors(path: str) -> bool:
     try:
-        with open(os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME), "rb") as f:
-            config = json.loads(f.read(4 << 20).decode("utf-8"))
+        config = read_json(os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME), 4 << 20)
         return config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    except (OSError, JSONFileError, AttributeError):
         return False

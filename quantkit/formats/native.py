@@ -20,10 +20,9 @@ import struct
 from .. import dtypes
 from ..errors import FormatError
 from ..fp8 import Granularity
-from ..policy import Action
 from ..writer import OutputTensor
 from .base import (Emit, OutputFormat, Role, StoredTensor, carried_input_scale, input_scale_key, quantkit_metadata,
-                   register, stored_with_scales)
+                   register, stored_with_scales, tensor_layout)
 
 SCALE_SUFFIX = "_scale"
 
@@ -43,16 +42,20 @@ class NativeFormat(OutputFormat):
     recognized_last = True     # any '<L>.weight_scale' key: other formats' files have them too
     summary = "quantkit v1: <L>.weight FP8 + <L>.weight_scale float32 (tensor, channel or block scales)"
 
+    def card_library(self, source_card: dict) -> str | None:
+        return "quantkit"
+
     def layout(self, plan) -> list[Emit]:
-        emits = []
-        for t in plan.tensors:
-            emits.append(Emit(OutputTensor(t.name, t.out_dtype, t.info.shape), Role.DATA, t.name))
-            if t.action is Action.QUANTIZE:
-                emits.append(Emit(OutputTensor(t.name + SCALE_SUFFIX, dtypes.F32, t.scale_shape), Role.SCALE, t.name))
-                input_scale = carried_input_scale(t)
-                if input_scale is not None and t.name.endswith(".weight"):
-                    emits.append(Emit(OutputTensor(input_scale_key(t.name), dtypes.F32, ()), Role.CONSTANT, t.name,
-                                      struct.pack("<f", input_scale)))
+        return tensor_layout(plan, self._extras)
+
+    @staticmethod
+    def _extras(t) -> list[Emit]:
+        """``<L>.weight_scale`` float32, and ``<L>.input_scale`` with a static activation scale."""
+        emits = [Emit(OutputTensor(t.name + SCALE_SUFFIX, dtypes.F32, t.scale_shape), Role.SCALE, t.name)]
+        input_scale = carried_input_scale(t)
+        if input_scale is not None and t.name.endswith(".weight"):
+            emits.append(Emit(OutputTensor(input_scale_key(t.name), dtypes.F32, ()), Role.CONSTANT, t.name,
+                              struct.pack("<f", input_scale)))
         return emits
 
     def metadata(self, plan, provenance: dict[str, str]) -> dict[str, str]:

@@ -44,7 +44,7 @@ class RuntimeInfo:
 
     path: str
     mode: Mode
-    format: str                       # "native", "comfy", "comfy-legacy", "compressed-tensors" or "plain"
+    format: str                       # the name of the format that wrote it (quantkit.formats), or "plain"
     renamed: str | None               # "BFL" / "SAI" / "LDM": stored under ComfyUI's names, mapped back
     compute_dtype: torch.dtype
     file_bytes: int

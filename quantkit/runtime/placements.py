@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ..checkpoint import open_checkpoint
 from ..comfy_names import flux_to_bfl, is_diffusers_flux, is_diffusers_sd3, is_diffusers_unet, sd3_to_sai, unet_to_ldm
 from ..dtypes import DType, Kind, from_torch
-from ..errors import FormatError, ModelMismatchError, QuantkitError, UnsupportedInputError
+from ..errors import FormatError, ModelMismatchError, UnsupportedInputError
 from ..formats import StoredTensor, detect_format
 from ..fp8 import E4M3FN, FP8Format, Granularity
 from ..reader import TensorInfo, TensorSource
@@ -135,13 +135,7 @@ def _stored(source) -> tuple[str, dict[str, StoredTensor]]:
     if not any(i.dtype.kind is Kind.FP8 for i in source.tensors.values()):
         return "plain", {k: StoredTensor(k, k) for k in source.tensors}
     fmt = detect_format(source)
-    try:
-        return fmt.name, fmt.stored(source)
-    except QuantkitError:
-        raise
-    except ValueError as exc:      # a format's read-back of a broken file (FormatError after issue 15)
-        raise UnsupportedInputError(f"not a readable {fmt.name} file ({exc})", path=source.path,
-                                    hint="re-run quantkit convert") from None
+    return fmt.name, fmt.stored(source)      # a broken file raises the format's FormatError
 
 
 def _renaming(stored: dict[str, StoredTensor], targets) -> tuple[dict[str, list], str | None]:

@@ -3,7 +3,7 @@ names, which files are weights, and ``SHA256SUMS`` in ``sha256sum``'s own format
 
     DIR/<weights>          the output's weight files (and index), as ``quantkit convert`` wrote them
     DIR/<config files>     a folder format's other files (config.json, tokenizer, ...), a license
-    DIR/README.md          the model card (``quantkit.model_card``)
+    DIR/README.md          the model card (``quantkit.publish.card``)
     DIR/provenance.json    source files and hashes, options, versions, validation (``PROVENANCE_SCHEMA``)
     DIR/SHA256SUMS         one ``<sha256>  <name>`` line per file above: ``sha256sum -c SHA256SUMS``
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import re
 
-from .formats.compressed_tensors import WEIGHT_SUFFIXES
+from ..formats.compressed_tensors import WEIGHT_SUFFIXES
+from ..shards import is_index_name
 
 CARD_NAME = "README.md"
 PROVENANCE_NAME = "provenance.json"
@@ -27,6 +28,7 @@ PROVENANCE_SCHEMA = "quantkit.provenance/1"
 MAX_SUMS_BYTES = 16 << 20        # a listing of a few thousand files is ~100 KB
 MAX_PROVENANCE_BYTES = 64 << 20  # a per-tensor table of a large model is a few MB
 
+LICENSE_FILE = re.compile(r"(?i)(licen[cs]e|copying|notice)([._-][\w.-]*)?")
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
 
@@ -34,6 +36,18 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
 def is_weight_file(name: str) -> bool:
     """A file that holds (or indexes) tensors: what a release may not carry unlisted."""
     return name.lower().endswith(WEIGHT_SUFFIXES)
+
+
+def file_role(name: str) -> str:
+    """What a file of a release is: "weights", "index", "license" or "config"."""
+    base = name.rsplit("/", 1)[-1]
+    if is_index_name(base):
+        return "index"
+    if base.endswith(".safetensors"):
+        return "weights"
+    if LICENSE_FILE.fullmatch(base):
+        return "license"
+    return "config"
 
 
 def safe_name(name: str) -> bool:
@@ -87,7 +101,7 @@ def read_bounded(path: str, limit: int) -> bytes:
 def source_files(against: str, record: dict) -> list[str]:
     """The weight files of the source checkpoint ``against``, opened as the conversion did (the
     component, EMA choice and names a manifest or provenance ``record`` holds)."""
-    from .sources import open_source
+    from ..sources import open_source
     with open_source(against, component=record.get("component"), ema=bool(record.get("ema")),
                      names=record.get("names")) as src:
         return list(src.files)

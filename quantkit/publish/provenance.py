@@ -6,13 +6,15 @@ manifest: the tensor table (how each tensor is stored, and the recorded policy's
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shlex
 
-from .errors import UnsupportedInputError, ValidationFailed
-from .release import read_bounded
+from ..errors import UnsupportedInputError, ValidationFailed
+from ..jsonfiles import JSONFileError, parse_json, read_side_file
+from ..manifest import manifest_path, runtime_versions
+from ..progress import Progress
+from .release import PROVENANCE_SCHEMA, file_role
 
 MAX_REPORT_BYTES = 1 << 30
 
@@ -73,8 +75,8 @@ def tensor_table(out: str, conversion: dict) -> list[dict]:
     """Every source tensor of the output: how it is stored, and why: the plan's decision as the
     manifest records it, checked against what the output holds (a manifest written before quantkit
     recorded decisions: the recorded policy's decision, re-derived)."""
-    from .formats import get_format
-    from .readback import open_output
+    from ..formats import get_format
+    from ..readback import open_output
     recorded = {d[0]: tuple(d[1:]) for d in conversion.get("decisions") or []}
     rows = []
     with open_output(out) as f:
@@ -110,7 +112,7 @@ def _recorded(recorded: dict, out: str):
 
 
 def _rederived(conversion: dict):
-    from . import dtypes
+    from .. import dtypes
     policy = recorded_policy(conversion)
     carried = any("already quantized" in n for n in conversion.get("notes") or [])
 
@@ -129,7 +131,7 @@ def _rederived(conversion: dict):
 def recorded_policy(conversion: dict):
     """The policy a conversion applied, rebuilt from the manifest: the preset's rules (labelled as
     the preset's), then the user's."""
-    from .policy import Action, Policy, Rule
+    from ..policy import Action, Policy, Rule
     desc = conversion["policy"]
     rules = [tuple(r) for r in desc["rules"]]
     user = [tuple(r) for r in (conversion.get("options") or {}).get("rules") or []]
@@ -143,12 +145,12 @@ def recorded_policy(conversion: dict):
 
 def from_report(path: str, manifest: dict) -> dict:
     try:
-        raw = read_bounded(path, MAX_REPORT_BYTES)
-        doc = json.loads(raw.decode("utf-8"))
+        raw = read_side_file(path, MAX_REPORT_BYTES)     # its SHA256 is recorded too
+        doc = parse_json(raw, path)
     except OSError as exc:
         raise UnsupportedInputError(f"cannot read the report: {exc.strerror}", path=path,
                                     hint="pass the file quantkit validate --json wrote") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except JSONFileError as exc:
         raise UnsupportedInputError(f"the report is not JSON ({exc})", path=path,
                                     hint="pass the file quantkit validate --json wrote") from None
     if not _well_formed(doc):
@@ -189,8 +191,8 @@ def _below_floor(doc: dict, manifest: dict) -> list[str]:
     peak-to-RMS ratio) and the manifest's FP8 dtype."""
     if doc.get("min_sqnr") is not None:
         return []
-    from .dtypes import E4M3FN, FP8_FORMATS
-    from .validate import floor_failure, sqnr_floor
+    from ..dtypes import E4M3FN, FP8_FORMATS
+    from ..validate import floor_failure, sqnr_floor
     fmt = FP8_FORMATS.get((manifest.get("conversion") or {}).get("fp8"), E4M3FN)
     failures = []
     for t in doc["tensors"]:
@@ -235,3 +237,72 @@ def validation_record(doc: dict, how: str, against: str | None) -> dict:
             "tensors": [{k: t.get(k) for k in keep} for t in doc.get("tensors") or []
                         if isinstance(t, dict) and t.get("stored") != "bytes"],
             "notes": [str(n) for n in doc.get("notes") or []]}
+
+
+# ----------------------------------------------------------------------------- publish's record
+
+def validation(out: str, manifest: dict, options, progress: Progress) -> dict | None:
+    """The validation summary the card shows: from ``options.report``, or run now against the source
+    (``options``: the ``PublishOptions``)."""
+    if options.report is not None:
+        return from_report(options.report, manifest)
+    if options.against is None:
+        return None
+    from ..validate import validate
+    report = validate(out, options.against, check_hash=False, model_output=options.model_output, progress=progress)
+    if not report.ok:
+        raise ValidationFailed(f"validation failed, {len(report.failures)} problem(s): "
+                               + "; ".join(report.failures[:3]), path=out,
+                               hint="quantkit validate lists every problem; nothing was published")
+    return validation_record(report.to_dict(), "Validated by `quantkit publish` (per tensor"
+                              + (", and at the model's output)" if options.model_output else ")"),
+                              os.path.basename(os.path.abspath(options.against)))
+
+
+def record(out: str, dst: str, manifest: dict, options, source, validation: dict | None, folder: str,
+           digests: dict[str, str]) -> dict:
+    """The release's record: everything the card says, as data (``PROVENANCE_SCHEMA``). ``options``:
+    the ``PublishOptions``; ``source``: the ``publish.source.Source``; ``digests``: name -> SHA256 of
+    every file placed in ``folder``."""
+    from ..dtypes import FP8_FORMATS
+    conversion = dict(manifest["conversion"])
+    fp8 = FP8_FORMATS.get(conversion.get("fp8"))
+    conversion["scale_rule"] = (f"scale = absmax / {fp8.max_finite:g} (the {fp8.name} maximum), per "
+                                f"{conversion['granularity']}" if fp8 else "recorded in the weights")
+    card, card_path = source.card(out)
+    lic_id = options.license or card.get("license")
+    lic_from = "--license" if options.license else ("the source's model card" if card.get("license") else
+                                                     "the source's license file")
+    files = [{"name": n, "sha256": digests[n], "bytes": os.path.getsize(os.path.join(folder, *n.split("/"))),
+              "role": file_role(n)} for n in sorted(digests)]
+    found = None if options.base_model else source.base_model(out)
+    base = list(options.base_model) or ([found[0]] if found and found[2] else [])
+    with open(manifest_path(out), "rb") as f:
+        manifest_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "schema": PROVENANCE_SCHEMA,
+        "name": options.name or os.path.basename(os.path.abspath(dst)),
+        "base_model": base,
+        "base_model_from": ("--base-model" if options.base_model else found[1]) if base else None,
+        "base_model_candidate": {"id": found[0], "from": found[1]} if found and not found[2] else None,
+        "license": {"id": lic_id, "name": card.get("license_name"), "link": card.get("license_link"),
+                    "from": lic_from, "files": [f["name"] for f in files if f["role"] == "license"]},
+        "source_card": {k: card[k] for k in ("library_name", "pipeline_tag", "language") if k in card} or None,
+        "format": conversion["format"],
+        "files": files,
+        "output": {"name": os.path.basename(os.path.abspath(out)), "created": manifest.get("created"),
+                   "manifest": {"name": os.path.basename(manifest_path(out)), "sha256": manifest_sha},
+                   "bytes": sum(f["bytes"] for f in files if f["role"] == "weights")},
+        "source": {**source.record, "checked": source.against is not None,
+                   "card": os.path.basename(card_path) if card_path else None},
+        "conversion": conversion,
+        "calibration": calibration_record(conversion),
+        "command": {"convert": convert_command(conversion, source.record.get("name") or "SOURCE",
+                                               os.path.basename(os.path.abspath(out))),
+                    "publish": options.command},
+        "versions": {"converted_with": manifest.get("versions") or {"quantkit": manifest.get("quantkit_version")},
+                     "published_with": runtime_versions()},
+        "validation": validation,
+        "tensors": tensor_table(out, conversion),
+        "warnings": [],
+    }

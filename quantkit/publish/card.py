@@ -14,13 +14,12 @@ import json
 import re
 from collections import Counter
 
+from ..formats import REGISTRY, OutputFormat
 from .release import PROVENANCE_NAME, SUMS_NAME
 
 FILES_HEADING = "## Files"
 EXAMPLES = 3
 _FILE_ROW = re.compile(r"\|\s*`([^`]+)`\s*\|[^|]*\|\s*`([^`]*)`\s*\|\s*")
-_TAGS = {"native": [], "comfy": ["comfyui"], "comfy-legacy": ["comfyui"],
-         "compressed-tensors": ["compressed-tensors"]}
 
 
 # ----------------------------------------------------------------------------- reading cards
@@ -72,14 +71,14 @@ def listed_hashes(card: str) -> dict[str, str]:
 
 def front_matter(prov: dict) -> dict:
     """The hub metadata: base model and relation, library, license, task, tags (in this order)."""
-    fmt = prov["format"]
+    fmt = _format(prov)
     lic = prov.get("license") or {}
     source_card = prov.get("source_card") or {}
     fields: dict = {}
     if prov["base_model"]:
         fields["base_model"] = prov["base_model"][0] if len(prov["base_model"]) == 1 else list(prov["base_model"])
         fields["base_model_relation"] = "quantized"
-    library = {"native": "quantkit", "compressed-tensors": source_card.get("library_name") or "transformers"}.get(fmt)
+    library = fmt.card_library(source_card)
     if library:
         fields["library_name"] = library
     if lic.get("id"):
@@ -87,9 +86,10 @@ def front_matter(prov: dict) -> dict:
         for key in ("name", "link"):
             if lic.get(key):
                 fields[f"license_{key}"] = lic[key]
-    if source_card.get("pipeline_tag") and fmt == "compressed-tensors":    # a model folder the hub's task runs on
-        fields["pipeline_tag"] = source_card["pipeline_tag"]
-    fields["tags"] = list(dict.fromkeys([*_TAGS.get(fmt, []), "fp8", prov["conversion"]["fp8"], "quantized",
+    task = fmt.card_pipeline_tag(source_card)
+    if task:
+        fields["pipeline_tag"] = task
+    fields["tags"] = list(dict.fromkeys([*fmt.card_tags, "fp8", prov["conversion"]["fp8"], "quantized",
                                          "quantkit"]))
     return fields
 
@@ -126,7 +126,7 @@ def yaml_string(text: str) -> str:
 # ----------------------------------------------------------------------------- body
 
 def render(prov: dict) -> str:
-    """README.md of the release described by ``prov`` (a provenance record, see ``quantkit.publish``)."""
+    """README.md of the release described by ``prov`` (a provenance record, see ``quantkit.publish.provenance.record``)."""
     parts = [yaml_front_matter(front_matter(prov)), _overview(prov), _files(prov), _plan(prov), _recipe(prov),
              _validation(prov), _loading(prov), _reproduce(prov), _source(prov), _license(prov)]
     return "\n".join(p.rstrip("\n") + "\n" for p in parts)
@@ -261,51 +261,25 @@ def _validation(prov: dict) -> str:
     return " ".join(out[:2]) + "\n" + "\n".join(out[2:]) + "\n"
 
 
+def _format(prov: dict) -> OutputFormat:
+    """The format object the record names (its card hooks); the generic text for a name no format has."""
+    return REGISTRY.get(prov["format"], OutputFormat)()
+
+
 def _loading(prov: dict) -> str:
-    fmt = prov["format"]
+    fmt = _format(prov)
     weights = [f["name"] for f in prov["files"] if f["role"] in ("weights", "index")]
     target = weights[0] if len(weights) == 1 else "."
     version = prov["versions"]["converted_with"]["quantkit"]
-    if fmt == "comfy":
-        body = (f"Copy `{target}` into `ComfyUI/models/diffusion_models/` (a text encoder: `models/text_encoders/`) "
-                "and load it with the Load Diffusion Model (or Load CLIP) node. ComfyUI reads each quantized layer's "
-                "`comfy_quant` marker and `weight_scale` (mixed-precision loading); layers without a marker load in "
-                "high precision.")
-        if prov["calibration"]["activations"]:
-            body += (" Layers with a calibrated `input_scale` (activations: static scales from the statistics "
-                     "file, see Recipe) have no `full_precision_matrix_mult` flag: on a GPU with FP8 compute "
-                     "ComfyUI multiplies them in FP8 with that scale; elsewhere it dequantizes the weight.")
-    elif fmt == "comfy-legacy":
-        body = (f"Copy `{target}` into `ComfyUI/models/diffusion_models/` (a text encoder: `models/text_encoders/`). "
-                "Current ComfyUI converts the `scaled_fp8` layout at load; Forge and stable-diffusion.cpp read it as "
-                "well (they create every linear layer in FP8).")
-    elif fmt == "compressed-tensors":
-        scheme = ("W8A8 FP8 with static calibrated input scales" if prov["calibration"]["activations"]
-                  else "weight-only FP8")
-        body = ("transformers (with the `compressed-tensors` package) and vLLM read `config.json`'s "
-                f"`quantization_config` ({scheme}):\n\n```python\nfrom transformers import AutoModel\n"
-                "model = AutoModel.from_pretrained(\"PATH_OR_REPO\")   # FP8 at rest, decompressed at the first "
-                "forward\n```\n")
-        if any(f["name"] == "modules.json" for f in prov["files"]):
-            body += ("\nsentence-transformers calls the model's forward directly: dequantize at load instead.\n\n"
-                     "```python\nfrom sentence_transformers import SentenceTransformer\n"
-                     "from transformers import CompressedTensorsConfig\nmodel = SentenceTransformer(\"PATH_OR_REPO\", "
-                     "model_kwargs={\"quantization_config\": CompressedTensorsConfig(dequantize=True)})\n```\n")
-    else:
-        body = (f"quantkit reads its own layout back (FP8 weights dequantized as `W = q * scale`, kept tensors as "
-                f"stored), for any PyTorch model with these keys:\n\n```python\n"
-                f"from quantkit import load_dequantized   # pip install quantkit=={version}\n"
-                f"model.load_state_dict(load_dequantized(\"{target}\"))\n```\n")
-    model = ('transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained("PATH_OR_REPO"))'
-             if fmt == "compressed-tensors" else "...   # the original model's class, built from its config")
+    imports, model, path = fmt.runtime_snippet(target)
     runtime = ("\nWith the quantkit runtime (any format: FP8 weights stay FP8 in memory and are dequantized as each "
                "layer runs; `mode=\"streamed\"` holds two blocks at a time):\n\n```python\n"
-               + ("import transformers\n" if fmt == "compressed-tensors" else "")
+               + imports
                + f"import quantkit.runtime as qr   # pip install quantkit=={version}\n\n"
                f"with qr.empty_weights():\n    model = {model}\n"
-               f"qr.load(model, \"{target if fmt != 'compressed-tensors' else 'PATH_OR_REPO'}\").eval()   "
+               f"qr.load(model, \"{path}\").eval()   "
                "# from_config builds it in training mode (dropout on)\n```\n")
-    return "## How to load\n\n" + body + runtime + "\n"
+    return "## How to load\n\n" + fmt.how_to_load(target, prov) + runtime + "\n"
 
 
 def _reproduce(prov: dict) -> str:

@@ -16,16 +16,16 @@ Never raises for a broken release: every problem is a ``Problem`` naming the fil
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from .destinations import check_report_path
-from .errors import QuantkitError, UnsupportedInputError
-from .hashing import BackgroundHash
-from .model_card import listed_hashes
-from .progress import NULL, Progress
+from ..destinations import check_report_path
+from ..errors import QuantkitError, UnsupportedInputError
+from ..hashing import BackgroundHash
+from ..jsonfiles import JSONFileError, read_json
+from .card import listed_hashes
+from ..progress import NULL, Progress
 from .release import (CARD_NAME, MAX_PROVENANCE_BYTES, MAX_SUMS_BYTES, PROVENANCE_NAME, PROVENANCE_SCHEMA,
                       SUMS_NAME, is_weight_file, parse_sums, read_bounded, source_files, source_mismatches)
 
@@ -70,9 +70,26 @@ def verify(folder: str, against: str | None = None, *, hashed: dict[str, str] | 
            overwrite_reports: bool = False) -> VerifyReport:
     """Check the release ``folder``; with ``against`` (the source checkpoint) its hashes too.
 
-    ``hashed``: SHA256 already known for some files (publish hashed them while writing them), not
-    read again. ``reports`` (option -> path): files the caller writes afterwards, checked first
-    (never inside the folder or the source; ``overwrite_reports`` to replace one)."""
+    Args:
+        folder: a release folder ``quantkit publish`` wrote (or a download of one).
+        against: the source checkpoint: its files' SHA256 are checked against the provenance's.
+        hashed: SHA256 already known for some files (publish hashed them while writing them), not
+            read again.
+        progress: receives stages and bytes done.
+        reports: option -> path of files the caller writes afterwards, checked first (never inside
+            the folder or the source).
+        overwrite_reports: replace an existing report file.
+
+    Returns:
+        A ``VerifyReport``: ``ok``, and every problem found (file and what is wrong); a release that
+        fails a check is a report with problems, not an exception.
+
+    Raises:
+        UnsupportedInputError: ``folder`` is not a release folder, or a report path is refused.
+
+    >>> verify("release", against="all-MiniLM-L6-v2").ok          # doctest: +SKIP
+    True
+    """
     t0 = time.perf_counter()
     if not os.path.isdir(folder):
         raise UnsupportedInputError("not a folder", path=folder, hint="pass the release folder quantkit publish wrote")
@@ -163,12 +180,12 @@ def _read_provenance(folder: str, sums: dict[str, str], report: VerifyReport) ->
     if PROVENANCE_NAME not in sums and os.path.exists(os.path.join(folder, PROVENANCE_NAME)):
         report.problem(PROVENANCE_NAME, f"not listed in {SUMS_NAME}")
     try:
-        doc = json.loads(read_bounded(os.path.join(folder, PROVENANCE_NAME), MAX_PROVENANCE_BYTES).decode("utf-8"))
+        doc = read_json(os.path.join(folder, PROVENANCE_NAME), MAX_PROVENANCE_BYTES)
     except FileNotFoundError:
         if PROVENANCE_NAME not in sums:      # listed and missing is already reported
             report.problem(PROVENANCE_NAME, "missing: the weights cannot be checked against their provenance")
         return None
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except (OSError, JSONFileError) as exc:
         report.problem(PROVENANCE_NAME, f"unreadable ({exc})")
         return None
     if not _well_formed(doc):
@@ -229,7 +246,7 @@ def _card(folder: str, sums: dict[str, str], report: VerifyReport) -> None:
 def _weights(folder: str, prov: dict, report: VerifyReport) -> None:
     """Each weight file parses, declares the provenance's format and source; together they hold the
     provenance's tensors, stored as it says."""
-    from .reader import SafetensorsFile
+    from ..reader import SafetensorsFile
     fmt_name = prov["format"]
     source_sha = prov["source"]["sha256"]
     readable = True
@@ -249,8 +266,8 @@ def _weights(folder: str, prov: dict, report: VerifyReport) -> None:
         if meta.get("quantkit.format") != fmt_name:
             report.problem(f["name"], f"declares format {meta.get('quantkit.format')!r}, {PROVENANCE_NAME} says "
                                       f"{fmt_name!r}")
-        # Outputs before issue 14 record the source's SHA256 in the header too (now the manifest alone
-        # does, so the output's hash need not wait for the source's): where present it must agree.
+        # Outputs of earlier quantkit builds record the source's SHA256 in the header too (now the manifest
+        # alone does, so the output's hash need not wait for the source's): where present it must agree.
         if source_sha and "quantkit.source_sha256" in meta and meta["quantkit.source_sha256"] != source_sha:
             report.problem(f["name"], f"records source sha256 {str(meta.get('quantkit.source_sha256'))[:16]}..., "
                                       f"{PROVENANCE_NAME} says {source_sha[:16]}...")
@@ -259,7 +276,7 @@ def _weights(folder: str, prov: dict, report: VerifyReport) -> None:
 
 
 def _tensors(folder: str, prov: dict, report: VerifyReport) -> None:
-    from .formats import get_format
+    from ..formats import get_format
     files = [f for f in prov["files"] if f["role"] in ("weights", "index")]
     index = [f["name"] for f in files if f["role"] == "index"]
     label = index[0] if index else (files[0]["name"] if files else PROVENANCE_NAME)
@@ -291,8 +308,8 @@ def _describe(stored: tuple) -> str:
 
 
 def _open_weights(folder: str, files: list[dict]):
-    from .checkpoint import open_checkpoint
-    from .reader import SafetensorsFile
+    from ..checkpoint import open_checkpoint
+    from ..reader import SafetensorsFile
     index = [f["name"] for f in files if f["role"] == "index"]
     if index:
         return open_checkpoint(os.path.join(folder, *index[0].split("/")), ema=None)
