@@ -415,7 +415,7 @@ def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_c
       quantkit validate model-fp8.safetensors --against model.safetensors --min-sqnr 30 --json report.json
     """
     from .errors import QuantkitError
-    from .validate import validate as run
+    from .validation import validate as run
     bars = _Bars(quiet)
     try:
         model_output = model_output or min_w8a8_sqnr is not None

@@ -416,7 +416,7 @@ def _validation(out: str, manifest: dict, options: PublishOptions, progress: Pro
         return from_report(options.report, manifest)
     if options.against is None:
         return None
-    from .validate import validate
+    from .validation import validate
     report = validate(out, options.against, check_hash=False, model_output=options.model_output, progress=progress)
     if not report.ok:
         raise ValidationFailed(f"validation failed, {len(report.failures)} problem(s): "

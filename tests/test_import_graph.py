@@ -41,7 +41,7 @@ STAGES = [
     ("calibrate activations", ["quantkit.calibration.inputs", "quantkit.calibration.activations",
                                "quantkit.calibration.collect"]),
     ("sensitivity", ["quantkit.sensitivity"]),
-    ("validate", ["quantkit.validate"]),
+    ("validate", ["quantkit.validation"]),
     ("reports", ["quantkit.report"]),
     ("publish", ["quantkit.release", "quantkit.model_card", "quantkit.provenance", "quantkit.verify",
                  "quantkit.publish"]),
@@ -146,10 +146,10 @@ def test_no_circle(graph):
 def test_the_seams_issue_15_named(graph):
     assert "quantkit.comfy_names" not in graph["quantkit.checkpoint"]
     assert not [m for m, t in graph.items() if m.startswith("quantkit.formats") and "quantkit.plan" in t]
-    assert "quantkit.validate" not in graph["quantkit.model_output"]
+    assert "quantkit.validation" not in graph["quantkit.model_output"]
 
 
 def test_the_parser_sees_function_level_imports(graph):
     """A check that cannot fail proves nothing: the parser finds validate's deferred import."""
-    assert "quantkit.model_output" in graph["quantkit.validate"]
+    assert "quantkit.model_output" in graph["quantkit.validation"]
     assert "quantkit.formats.native" in graph["quantkit.formats"]       # the auto-import
