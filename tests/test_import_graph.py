@@ -45,7 +45,11 @@ STAGES = [
     ("reports", ["quantkit.report"]),
     ("publish", ["quantkit.release", "quantkit.model_card", "quantkit.provenance", "quantkit.verify",
                  "quantkit.publish"]),
-    ("command line and public API", ["quantkit.cli", "quantkit"]),
+    ("command line: how a command ends, its options, what it prints", ["quantkit.cli.group", "quantkit.cli.options",
+                                                                       "quantkit.cli.render"]),
+    ("command line: the commands by stage", ["quantkit.cli.convert", "quantkit.cli.check", "quantkit.cli.calibrate",
+                                             "quantkit.cli.release"]),
+    ("command line and public API", ["quantkit.cli", "quantkit.cli.__main__", "quantkit"]),
 ]
 FLOOR = {module: i for i, (_, modules) in enumerate(STAGES) for module in modules}
 

@@ -1,0 +1,4 @@
+"""``python -m quantkit.cli``: the ``quantkit`` command."""
+from . import run
+
+run()
