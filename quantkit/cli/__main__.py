@@ -1,4 +1,5 @@
 """``python -m quantkit.cli``: the ``quantkit`` command."""
 from . import run
 
-run()
+if __name__ == "__main__":
+    run()
