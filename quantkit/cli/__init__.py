@@ -28,7 +28,7 @@ def run() -> None:
     The command's work is done (files written, fsynced and renamed, reports flushed) when ``main``
     returns, so the process ends at once with its status, without the interpreter's teardown:
     that tears torch's operator libraries down one by one, ~0.5 s of every command that imported
-    torch (``python -c "import quantkit.quantize, quantkit.validate"``: 1.68-1.88 s, 1.15-1.30 s
+    torch (``python -c "import quantkit.quantize, quantkit.validation"``: 1.68-1.88 s, 1.15-1.30 s
     ending with ``os._exit``)."""
     import signal
     signal.signal(signal.SIGTERM, _terminate)
