@@ -128,8 +128,9 @@ def observe(model, source, batches: list[dict], quantized: set[str], make_observ
                 progress.advance(per_pass)
         recorder.close()
         unobserved = sorted(quantized - set(recorder.inputs))
-        return ActivationStats(recorder.inputs, len(batches), model.architecture, info.peak_bytes,
-                               getattr(source, "file_size", 0), unobserved)
+        return ActivationStats(inputs=recorder.inputs, samples=len(batches), architecture=model.architecture,
+                               peak_bytes=info.peak_bytes, model_bytes=getattr(source, "file_size", 0),
+                               unobserved=unobserved)
 
 
 def _forward(module, batch: dict, architecture: str, path: str, i: int) -> None:

@@ -196,10 +196,12 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
             inputs=acts.words if acts else None, options=_options_record(options, settings), layers=figures)
         digest = statsfile.save(result_stats, out, overwrite=overwrite)
     progress.close()
-    return CalibrationResult(src, out, digest, sha, str(weight_spec), result_stats.activation_observer,
-                             options.granularity.value, len(weights), len(result_stats.activations),
-                             result_stats.samples, result_stats.inputs, time.perf_counter() - t0,
-                             acts.peak_bytes if acts else None, getattr(source, "file_size", 0), notes, figures)
+    return CalibrationResult(
+        source=src, stats_path=out, stats_sha256=digest, source_sha256=sha, weight_observer=str(weight_spec),
+        activation_observer=result_stats.activation_observer, granularity=options.granularity.value,
+        layers=len(weights), inputs_observed=len(result_stats.activations), samples=result_stats.samples,
+        inputs=result_stats.inputs, seconds=time.perf_counter() - t0, peak_bytes=acts.peak_bytes if acts else None,
+        model_bytes=getattr(source, "file_size", 0), notes=notes, figures=figures)
 
 
 def own_names(view, plan) -> set[str]:

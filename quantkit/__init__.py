@@ -10,8 +10,9 @@ The public API, imported on first use so that ``import quantkit`` stays cheap (n
 True
 
 ``convert`` streams a checkpoint into an FP8 output (``quantkit.quantize.convert``); ``validate``
-checks an output's hashes and fidelity (``quantkit.validate.validate``); ``open_checkpoint`` reads
-any checkpoint layout; ``open_source`` does so under the names a format writes; ``make_plan``
+checks an output's hashes and fidelity (``quantkit.validation.validate``, what it checks a
+``ValidateOptions``); ``open_checkpoint`` reads any checkpoint layout; ``open_source`` does so
+under the names a format writes; ``make_plan``
 decides every tensor's fate from the header; ``load_dequantized`` reads an output back as its
 source's values; ``runtime`` loads an FP8 checkpoint into a model (``quantkit.runtime.load``).
 """
@@ -20,7 +21,8 @@ from ._version import __version__
 # name -> (module, attribute); None: the module itself
 _API = {
     "convert": ("quantize", "convert"),
-    "validate": ("validate", None),       # the module, callable as its validate() (see validate.py)
+    "validate": ("validation", "validate"),
+    "ValidateOptions": ("options", "ValidateOptions"),
     "ConvertOptions": ("options", "ConvertOptions"),
     "make_plan": ("plan", "make_plan"),
     "open_checkpoint": ("checkpoint", "open_checkpoint"),

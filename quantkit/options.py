@@ -38,8 +38,75 @@ class Recipe(enum.Enum):
     COMPACT = "compact"
 
 
+class ComputeDtype(enum.Enum):
+    """The dtype a model computes in while quantkit runs it (validate --model-output, calibrate)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class ActivationRows(enum.Enum):
+    """Which rows of simulated FP8 activation quantization validate --model-output adds to the
+    weight-only one (``quantkit.model_output``): none; W8A8 as the file implies; all (also scale
+    1.0 and dynamic per token)."""
+
+    NONE = "none"
+    FILE = "file"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """What ``quantkit.validate`` checks beyond the hashes, as one frozen value.
+
+    ``min_sqnr``: fail any tensor below it (dB; default: the sanity floor). ``check_hash``: compare
+    the SHA256s with the manifest. ``component`` / ``ema``: the source's component and EMA choice
+    (None: as recorded in the manifest). ``model_output``: also run both models and compare their
+    outputs in ``compute_dtype``; ``min_output_sqnr`` fails the weight-only row below it;
+    ``activations`` adds simulated W8A8 rows; ``min_w8a8_sqnr`` fails the row "as the file implies"
+    below it (and implies ``activations`` FILE at least). Strings are accepted for the enums.
+
+    >>> ValidateOptions(activations="all", compute_dtype="bf16").activations
+    <ActivationRows.ALL: 'all'>
+    """
+
+    min_sqnr: float | None = None
+    check_hash: bool = True
+    component: str | None = None
+    ema: bool | None = None
+    model_output: bool = False
+    min_output_sqnr: float | None = None
+    compute_dtype: ComputeDtype = ComputeDtype.FP32
+    activations: ActivationRows = ActivationRows.FILE
+    min_w8a8_sqnr: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "compute_dtype", _member(ComputeDtype, self.compute_dtype, "compute_dtype"))
+        activations = _member(ActivationRows, self.activations, "activations")
+        if self.min_w8a8_sqnr is not None and activations is ActivationRows.NONE:
+            activations = ActivationRows.FILE        # a bar on the W8A8 row needs that row
+        object.__setattr__(self, "activations", activations)
+
+    @property
+    def runs_model(self) -> bool:
+        """Whether the models run (given a source): asked for, or implied by an output bar."""
+        return self.model_output or self.min_output_sqnr is not None or self.min_w8a8_sqnr is not None
+
+
+def _member(enum_type: type[enum.Enum], value, what: str):
+    """``value`` as a member of ``enum_type`` (a member or its string), or a ValueError naming the choices."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        raise ValueError(f"{what} {value!r}: use one of {', '.join(m.value for m in enum_type)}") from None
+
+
 @dataclass(frozen=True)
 class ConvertOptions:
+    """What ``convert`` (and plan, calibrate, sensitivity) does to each tensor: build it with
+    ``from_strings`` at the edge, or by keyword. ``from_source``: the fields the user left unset
+    (``"granularity"``, ``"fp8"``), which an already-FP8 source supplies."""
+
     granularity: Granularity = Granularity.TENSOR
     fp8: FP8Format = E4M3FN
     format: str = "native"
@@ -72,9 +139,11 @@ class ConvertOptions:
         recipe = Recipe(recipe)
         policy = Policy(tuple(Rule(Action(a), p) for a, p in rules), quantize_conv=quantize_conv)
         unset = frozenset(k for k, v in (("granularity", granularity), ("fp8", fp8)) if v is None)
-        return cls(Granularity(granularity or "tensor"), FP8_FORMATS[fp8 or "float8_e4m3fn"], format,
-                   KeepDtype(keep_dtype), policy, allow_nonfinite, preset, comfy_header_metadata, component, ema,
-                   parse_size(max_shard_size) if max_shard_size is not None else None, unset, recipe)
+        return cls(granularity=Granularity(granularity or "tensor"), fp8=FP8_FORMATS[fp8 or "float8_e4m3fn"],
+                   format=format, keep_dtype=KeepDtype(keep_dtype), policy=policy, allow_nonfinite=allow_nonfinite,
+                   preset=preset, comfy_header_metadata=comfy_header_metadata, component=component, ema=ema,
+                   max_shard_bytes=parse_size(max_shard_size) if max_shard_size is not None else None,
+                   from_source=unset, recipe=recipe)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

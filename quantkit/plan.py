@@ -403,3 +403,55 @@ def _weight_range(pieces, own: dict, stats: Stats, g: Granularity) -> torch.Tens
 
 def _examples(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+@dataclasses.dataclass
+class SourcePlan:
+    """What ``quantkit plan`` shows: the ``plan`` of a source under ``options`` (with the stats'
+    granularity and FP8 dtype where they apply), the output's size under each recipe (``sizes``,
+    None where one cannot be planned), the source rows each joined tensor is made of (``joined``,
+    {} for a checkpoint under its own names) and the warnings of the stats check."""
+
+    plan: Plan
+    options: ConvertOptions
+    sizes: dict[str, int | None]
+    joined: dict[str, list[str]]
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        return {**self.plan.to_dict(), "bytes_out_by_recipe": self.sizes,
+                **({"joined": self.joined} if self.joined else {})}
+
+
+def plan_source(src: str, options: ConvertOptions, *, stats: str | None = None, force_stats: bool = False,
+                reports: dict[str, str] | None = None, overwrite: bool = False) -> SourcePlan:
+    """Plan the conversion of the checkpoint ``src`` (any layout ``open_source`` reads, under the
+    names ``options.format`` writes) from its header alone.
+
+    Args:
+        src: the checkpoint (a file, an index, a folder, a pickle).
+        options: the conversion's options.
+        stats: a stats file from ``calibrate`` of this checkpoint (its ranges, and its granularity
+            and FP8 dtype where ``options`` leaves them unset).
+        force_stats: use stats of another checkpoint, with a warning instead of a refusal.
+        reports: (option -> path) report files the caller writes afterwards, checked first
+            (``overwrite`` to replace one).
+
+    Returns:
+        A ``SourcePlan``. Raises ``QuantkitError`` for an unusable source, stats or report path.
+    """
+    from .comfy_names import joined
+    from .destinations import check_report_path, source_reads
+    from .formats import get_format
+    from .sources import open_source
+    warnings: list[str] = []
+    loaded = load_stats(stats) if stats else None
+    with open_source(src, component=options.component, ema=options.ema,
+                     names=get_format(options.format).source_names) as source:
+        for option, path in (reports or {}).items():
+            check_report_path(path, option, reads=source_reads(source), overwrite=overwrite)
+        if loaded is not None:
+            check_stats(source, loaded, force=force_stats, warn=warnings.append)
+            options = options_with_stats(options, loaded)
+        plan = make_plan(source, options, loaded)
+        return SourcePlan(plan, options, recipe_sizes(source, options), joined(source), warnings)

@@ -22,7 +22,7 @@ from quantkit.checkpoint import open_checkpoint
 from quantkit.sources import open_source
 from quantkit.comfy_names import flux_to_bfl, is_diffusers_flux
 from quantkit.readback import load_dequantized
-from quantkit.validate import validate
+from quantkit.validation import validate
 from runs import run
 
 sfu = pytest.importorskip("diffusers.loaders.single_file_utils")

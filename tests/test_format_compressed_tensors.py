@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from quantkit.formats import detect_format
 from quantkit.reader import SafetensorsFile
 from quantkit.readback import load_dequantized
-from quantkit.validate import validate
+from quantkit.validation import validate
 from runs import run
 from runs import sha256 as sha
 

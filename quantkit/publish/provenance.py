@@ -185,14 +185,14 @@ def from_report(path: str, manifest: dict) -> dict:
 
 
 def _below_floor(doc: dict, manifest: dict) -> list[str]:
-    """The default sanity floor (``quantkit.validate.sqnr_floor``) applied to a report's FP8 tensors,
+    """The default sanity floor (``quantkit.validation.sqnr_floor``) applied to a report's FP8 tensors,
     for a report that passed without it (written before quantkit had it, or edited), unless the
     report's own bar (--min-sqnr) replaced it. Each tensor's floor comes from its PSNR - SQNR (its
     peak-to-RMS ratio) and the manifest's FP8 dtype."""
     if doc.get("min_sqnr") is not None:
         return []
     from ..dtypes import E4M3FN, FP8_FORMATS
-    from ..validate import floor_failure, sqnr_floor
+    from ..validation import floor_failure, sqnr_floor
     fmt = FP8_FORMATS.get((manifest.get("conversion") or {}).get("fp8"), E4M3FN)
     failures = []
     for t in doc["tensors"]:
@@ -248,7 +248,7 @@ def validation(out: str, manifest: dict, options, progress: Progress) -> dict | 
         return from_report(options.report, manifest)
     if options.against is None:
         return None
-    from ..validate import validate
+    from ..validation import validate
     report = validate(out, options.against, check_hash=False, model_output=options.model_output, progress=progress)
     if not report.ok:
         raise ValidationFailed(f"validation failed, {len(report.failures)} problem(s): "

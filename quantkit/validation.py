@@ -11,9 +11,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 import time
-import types
 from dataclasses import asdict, dataclass, field
 
 from . import fp8 as fp8math
@@ -24,6 +22,7 @@ from .formats import StoredTensor, detect_format
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
 from .manifest import manifest_path, read_manifest
 from .metrics import ErrorStats, peak_to_rms_db, rtn_sqnr_bound
+from .options import ValidateOptions
 from .progress import NULL, Progress
 from .readback import CHUNK_BYTES, load_dequantized, open_output, stored_values, stored_view  # noqa: F401
 from .reader import SafetensorsFile, chunk_rows
@@ -114,49 +113,50 @@ class ValidationReport:
                       "tensors": [t.to_dict() for t in self.tensors]})
 
 
-def validate(output: str, against: str | None = None, *, min_sqnr: float | None = None,
-             check_hash: bool = True, component: str | None = None, ema: bool | None = None,
-             model_output: bool = False, min_output_sqnr: float | None = None, compute_dtype: str = "fp32",
-             activations: str = "file", min_w8a8_sqnr: float | None = None, progress: Progress = NULL, reports: dict[str, str] | None = None,
-             overwrite_reports: bool = False, jobs: int | None = 1) -> ValidationReport:
+def validate(output: str, against: str | None = None, options: ValidateOptions | None = None, *,
+             progress: Progress = NULL, reports: dict[str, str] | None = None, overwrite_reports: bool = False,
+             jobs: int | None = 1, **fields) -> ValidationReport:
     """Check ``output`` (a quantkit output: a file, a folder, a sharded folder) against its
     manifest and, with ``against``, its source (any layout ``open_source`` reads; the
-    component and EMA choice recorded in the manifest apply unless given). ``model_output``
-    also runs the source model and the quantized one on the same inputs and compares their
-    outputs (``quantkit.model_output``; transformers and diffusers models, each streamed through
-    ``quantkit.runtime`` in ``compute_dtype``, ``fp32`` or ``bf16``), failing below ``min_output_sqnr``
-    (the weight-only row: what every client computes). ``activations`` ("none", "file", "all") adds
-    rows that simulate FP8 activation quantization (``quantkit.model_output``); ``min_w8a8_sqnr``
-    fails the row "as the file implies" below it (and implies ``activations`` "file" at least).
+    component and EMA choice recorded in the manifest apply unless given).
 
-    ``reports`` (option -> path): files the caller writes afterwards, checked before any work
-    (never the output, its manifest or a file the source reads; ``overwrite_reports`` to replace one).
+    Args:
+        output: what ``convert`` wrote (its file, folder or sharded folder's index).
+        against: the source checkpoint; None checks the hashes only.
+        options: what to check (``ValidateOptions``: the SQNR bars, the model's outputs and
+            their simulated W8A8 rows, compute dtype). Its fields may be given as keywords instead
+            (``validate(out, src, min_sqnr=30)``), not both.
+        progress: progress callbacks.
+        reports: (option -> path) files the caller writes afterwards, checked before any work
+            (never the output, its manifest or a file the source reads; ``overwrite_reports`` to
+            replace one).
+        jobs: processes sharing the per-tensor work and the SHA256s (each file hashed by one of
+            them, the tensors compared in groups), for a balanced load on every core; None: as many
+            as the cores and memory allow where that pays (3 cores or more, files of
+            ``PARALLEL_MIN_BYTES`` or more), else 1 (this process, the hashes on threads beside the
+            comparison). The report is the same whatever the number.
 
-    ``jobs``: processes sharing the per-tensor work and the SHA256s (each file hashed by one of them,
-    the tensors compared in groups), for a balanced load on every core; None: as many as the cores
-    and memory allow where that pays (3 cores or more, files of ``PARALLEL_MIN_BYTES`` or more),
-    else 1 (this process, the hashes on threads beside the comparison). The report is the same
-    whatever the number.
+    Returns:
+        A ``ValidationReport``. Never raises for a bad output: every problem becomes a line in
+        ``report.failures``. Raises ``QuantkitError`` only for unusable arguments (a missing
+        output, a missing or malformed source), ``ValueError`` for options that mean nothing.
 
-    Never raises for a bad output: every problem becomes a line in ``report.failures``.
-    Raises ``QuantkitError`` only for unusable arguments (a missing output, a missing or malformed source).
+    >>> report = validate("model-fp8.safetensors", "model.safetensors", ValidateOptions(min_sqnr=30))  # doctest: +SKIP
     """
+    options = _options(options, fields)
     t0 = time.perf_counter()
     if not os.path.lexists(output):
         raise UnsupportedInputError("does not exist", path=output,
                                     hint="pass the file or folder quantkit convert wrote")
     given, output = output, _output_of(output)
     _check_is_safetensors(output)
-    report = ValidationReport(output, against, min_sqnr=min_sqnr)
+    report = ValidationReport(output, against, min_sqnr=options.min_sqnr)
     if given != output:
         report.notes.append(f"{given} is the index of the sharded output {output}: the folder is validated")
-    manifest = _manifest(output, check_hash, report)
-    src = _open_against(against, _recorded_source(output, manifest), component, ema) if against else None
-    if activations not in ("none", "file", "all"):
-        raise ValueError(f"activations {activations!r}: use one of none, file, all")
-    if min_w8a8_sqnr is not None and activations == "none":
-        activations = "file"
-    run_model = (model_output or min_output_sqnr is not None or min_w8a8_sqnr is not None) and src is not None
+    manifest = _manifest(output, options.check_hash, report)
+    src = _open_against(against, _recorded_source(output, manifest), options.component, options.ema) \
+        if against else None
+    run_model = options.runs_model and src is not None
     try:
         for option, path in (reports or {}).items():
             check_report_path(path, option, reads=[*output_paths(output), *(source_reads(src) if src else [])],
@@ -171,12 +171,12 @@ def validate(output: str, against: str | None = None, *, min_sqnr: float | None 
         _compare_output(output, src, report, progress,
                         [job for job in {id(h[3]): h[3] for h in hashes}.values()] if deferred else None)
         if run_model:
-            _compare_model_output(src, output, report, min_output_sqnr, compute_dtype, activations, min_w8a8_sqnr)
+            _compare_model_output(src, output, report, options)
     finally:
         if src is not None:
             src.close()
     _check_hashes(hashes, _chain(output, manifest, report), src, report)
-    _quality_failures(report, min_sqnr)
+    _quality_failures(report, options.min_sqnr)
     progress.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -294,11 +294,19 @@ def _compare_output(output: str, src, report: ValidationReport, progress: Progre
         _compare(out, src, report, progress, hash_jobs)
 
 
-def _compare_model_output(src, output: str, report: ValidationReport, min_output_sqnr: float | None,
-                          compute_dtype: str, activations: str = "file", min_w8a8_sqnr: float | None = None) -> None:
+def _options(options: ValidateOptions | None, fields: dict) -> ValidateOptions:
+    """The options ``validate`` was given: a ``ValidateOptions``, or its fields as keywords (one place maps them)."""
+    if options is not None and fields:
+        raise TypeError(f"validate() takes options or their fields as keywords, not both ({', '.join(fields)})")
+    return options if options is not None else ValidateOptions(**fields)
+
+
+def _compare_model_output(src, output: str, report: ValidationReport, options: ValidateOptions) -> None:
     from .model_output import compare_model_output
+    min_output_sqnr, min_w8a8_sqnr = options.min_output_sqnr, options.min_w8a8_sqnr
     try:
-        report.model_output = compare_model_output(src, output, compute_dtype=compute_dtype, activations=activations)
+        report.model_output = compare_model_output(src, output, compute_dtype=options.compute_dtype.value,
+                                                   activations=options.activations.value)
     except ValidationFailed as exc:  # the source ran; the output did not (a tensor missing...)
         report.failures.append(f"model output: {exc}")
         return
@@ -573,15 +581,3 @@ def _compare_tensor(out: SafetensorsFile, src: SafetensorsFile, s: StoredTensor,
 def _report(name, stored, granularity, stats: ErrorStats, floor: float | None = None) -> TensorReport:
     return TensorReport(name, stored, granularity, stats.psnr, stats.sqnr, stats.cosine, stats.max_abs_error,
                         stats.nonfinite, stats.broken, floor)
-
-
-class _CallableModule(types.ModuleType):
-    """``quantkit.validate`` is this module (Python binds a package's submodule to its name on
-    import), so the module itself calls ``validate()``: ``quantkit.validate(out, src)`` works
-    whether or not anything imported the module first."""
-
-    def __call__(self, *args, **kwargs) -> ValidationReport:
-        return validate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
