@@ -69,7 +69,7 @@ COMFYUI = "comfyui"
 Part = tuple[str, int, int]
 
 
-class _Table:
+class Table:
     """Builds new name -> parts over the source's row counts; ``done`` refuses a source key left unused."""
 
     def __init__(self, tensors: dict[str, TensorInfo], what: str):
@@ -156,7 +156,7 @@ def is_diffusers_flux(names) -> bool:
 
 def flux_to_bfl(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     """BFL name -> the row ranges of diffusers tensors it is made of, in BFL's file order."""
-    t = _Table(tensors, "FLUX.1")
+    t = Table(tensors, "FLUX.1")
     for new, parts in _FLUX_TOP.items():
         t.linear(new, parts)
     for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _FLUX_DOUBLE, _FLUX_DOUBLE_NORMS),
@@ -210,7 +210,7 @@ def is_diffusers_sd3(names) -> bool:
 def sd3_to_sai(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     """SAI (ComfyUI MMDiT) name -> the row ranges of diffusers tensors it is made of. The last block
     is context_pre_only: its context modulation is a scale/shift pair, stored swapped as the final layer's."""
-    t = _Table(tensors, "SD3")
+    t = Table(tensors, "SD3")
     t.key("pos_embed", "pos_embed.pos_embed")
     for new, parts in _SD3_TOP.items():
         t.linear(new, parts)
@@ -248,7 +248,7 @@ def unet_to_ldm(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     """LDM (ComfyUI) name -> the diffusers tensor it renames. Level i of L resnets fills LDM's
     input_blocks i*(L+1)+1 ... i*(L+1)+L (its downsampler the next one), and up level i (L+1
     resnets) output_blocks i*(L+1) ... i*(L+1)+L, its upsampler after the resnet (and attention)."""
-    t = _Table(tensors, "UNet")
+    t = Table(tensors, "UNet")
     names = list(t.rows)
 
     def subtree(old: str, new: str, renames: dict[str, str] | None = None) -> None:
@@ -281,8 +281,9 @@ def unet_to_ldm(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("LDM")
 
 
-# Diffusers models ComfyUI would rename on load, and what quantkit names them instead.
-_VIEWS = (("FLUX.1", "BFL", is_diffusers_flux, flux_to_bfl), ("SD3", "SAI", is_diffusers_sd3, sd3_to_sai),
+# Diffusers models ComfyUI would rename on load, and what quantkit names them instead: (family,
+# whose names, detect(names), build(tensors) -> table). ``sources`` adds the other families' views.
+VIEWS = (("FLUX.1", "BFL", is_diffusers_flux, flux_to_bfl), ("SD3", "SAI", is_diffusers_sd3, sd3_to_sai),
           ("UNet", "LDM", is_diffusers_unet, unet_to_ldm))
 
 
@@ -357,9 +358,10 @@ class RenamedView(TensorSource):
         return f"RenamedView({self.original!r}, as {self.renamed})"
 
 
-def comfyui_view(checkpoint):
-    """``checkpoint`` under ComfyUI's names when it is a diffusers FLUX.1 / SD3 transformer or UNet, else itself."""
-    found = next((v for v in _VIEWS if v[2](checkpoint.tensors)), None)
+def comfyui_view(checkpoint, views=VIEWS):
+    """``checkpoint`` under ComfyUI's names when one of ``views`` detects it (a diffusers FLUX.1 / SD3
+    transformer or UNet by default), else itself."""
+    found = next((v for v in views if v[2](checkpoint.tensors)), None)
     if found is None:
         return checkpoint
     what, names, _, build = found

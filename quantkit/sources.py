@@ -8,18 +8,21 @@ from __future__ import annotations
 import os
 
 from .checkpoint import open_checkpoint
+from . import comfy_names, comfy_names_video
 from .comfy_names import COMFYUI, comfyui_view
 from .errors import OptionsError
 from .reader import TensorSource
 
 NAMINGS = (COMFYUI,)
+# Every diffusers family written under ComfyUI's names, the first that detects a checkpoint wins.
+COMFYUI_VIEWS = (*comfy_names.VIEWS, *comfy_names_video.VIEWS)
 
 
 def open_source(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False,
                 names: str | None = None) -> TensorSource:
     """The checkpoint at ``path`` (``open_checkpoint``'s layouts, ``component`` and ``ema``), under
     ``names``: None for its own, ``"comfyui"`` for the names ComfyUI loads (a diffusers FLUX.1 / SD3
-    transformer or UNet renamed; any other checkpoint as it is).
+    transformer, UNet or a family of ``COMFYUI_VIEWS`` renamed; any other checkpoint as it is).
 
     >>> with open_source("model.safetensors") as src:       # doctest: +SKIP
     ...     print(len(src.tensors))
@@ -30,7 +33,7 @@ def open_source(path: str | os.PathLike, *, component: str | None = None, ema: b
     if names is None:
         return checkpoint
     try:
-        return comfyui_view(checkpoint)
+        return comfyui_view(checkpoint, COMFYUI_VIEWS)
     except BaseException:
         checkpoint.close()
         raise

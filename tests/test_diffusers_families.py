@@ -1,0 +1,151 @@
+"""Diffusers-named video and image transformers converted for ComfyUI are written under ComfyUI's
+key names (quantkit.comfy_names_video / comfy_names_image).
+
+Each family is built tiny with diffusers' own class, with the widths and block counts of the
+ComfyUI-named key sets in ``tests/family_keys.json`` (built with ComfyUI's own classes), so the
+renamed view must give exactly those keys and shapes. The authority on what each ComfyUI key holds
+is diffusers' own converter from the original names (``diffusers.loaders.single_file_utils``):
+a converted file, dequantized and run through it, must give back the diffusers model's keys, its
+kept tensors bit for bit and its FP8 ones within FP8 rounding.
+"""
+import json
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantkit.readback import load_dequantized
+from quantkit.sources import open_source
+from runs import run
+
+diffusers = pytest.importorskip("diffusers")
+sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+KEYS = json.loads((pathlib.Path(__file__).parent / "family_keys.json").read_text())
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _wan(**extra):
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16,
+                  out_channels=16, text_dim=64, freq_dim=256, ffn_dim=256, num_layers=2)
+    config.update(extra)
+    cls = diffusers.WanVACETransformer3DModel if "vace_layers" in config else diffusers.WanTransformer3DModel
+    return cls(**config)
+
+
+# case -> (the tiny diffusers model, diffusers' converter from ComfyUI's names, its family_keys.json case,
+# the preset plan names)
+FAMILIES = {
+    "wan21_t2v": (lambda: _wan(), sfu.convert_wan_transformer_to_diffusers, "wan21_t2v", "wan"),
+    "wan21_i2v": (lambda: _wan(in_channels=36, image_dim=64, added_kv_proj_dim=128),
+                  sfu.convert_wan_transformer_to_diffusers, "wan21_i2v", "wan"),
+    "wan22_5b": (lambda: _wan(in_channels=48, out_channels=48), sfu.convert_wan_transformer_to_diffusers,
+                 "wan22_5b", "wan"),
+    "wan_vace": (lambda: _wan(vace_layers=[0], vace_in_channels=96), sfu.convert_wan_transformer_to_diffusers,
+                 "wan_vace", "wan"),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """case -> a tiny diffusers model folder of it (seeded random weights, BF16); built once."""
+    made = {}
+
+    def folder(case):
+        if case not in made:
+            torch.manual_seed(sum(map(ord, case)))
+            model = FAMILIES[case][0]()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(torch.randn_like(p) * 0.05)
+            path = tmp_path_factory.mktemp(f"{case}-diffusers") / "transformer"
+            model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+            made[case] = path
+        return made[case]
+    return folder
+
+
+def source_state(folder) -> dict:
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.double(), got.double()
+    noise = float((ref - got).pow(2).sum())
+    return float("inf") if noise == 0 else 10 * float(torch.log10(ref.pow(2).sum() / noise))
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_the_view_has_comfyuis_keys_and_shapes(folders, case):
+    with open_source(folders(case), names="comfyui") as view:
+        got = {n: list(i.shape) for n, i in view.tensors.items()}
+    assert got == KEYS[FAMILIES[case][2]]
+
+
+@pytest.mark.parametrize("fmt", ["comfy", "comfy-legacy"])
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_converted_file_goes_back_through_diffusers_own_converter(folders, tmp_path, case, fmt):
+    """(a) ComfyUI's names, each FP8 weight beside its scale; (b) dequantized and renamed by diffusers:
+    the source's keys, kept tensors bit for bit, FP8 ones within FP8 rounding."""
+    folder = folders(case)
+    out = tmp_path / f"{case}.safetensors"
+    result = run("convert", folder, out, "--format", fmt)
+    assert result.exit_code == 0, result.output
+    assert "written as ComfyUI's" in result.output
+    stored = load_file(str(out))
+    scale = ".weight_scale" if fmt == "comfy" else ".scale_weight"
+    fp8 = [k for k, v in stored.items() if v.dtype in FP8 and k != "scaled_fp8"]      # the legacy marker
+    assert fp8, "nothing was quantized"
+    assert all(k.endswith(".weight") and k[: -len(".weight")] + scale in stored for k in fp8)
+    extra = {"scaled_fp8"} if fmt == "comfy-legacy" else set()
+    weights = {k for k in stored if not k.endswith((".weight_scale", ".scale_weight", ".comfy_quant", ".input_scale",
+                                                    ".scale_input"))} - extra
+    assert weights == set(KEYS[FAMILIES[case][2]])
+
+    source = source_state(folder)
+    back = FAMILIES[case][1]({k: v for k, v in load_dequantized(str(out), dtype=torch.bfloat16).items()})
+    assert set(back) == set(source)
+    renamed = {k: v for k, v in load_dequantized(str(out), dtype=torch.float32).items()}
+    back32 = FAMILIES[case][1](renamed)
+    quantized = {k for k, v in FAMILIES[case][1]({k: v for k, v in stored.items() if k in weights}).items()
+                 if v.dtype in FP8}
+    assert quantized
+    for k, t in source.items():
+        if k in quantized:
+            assert sqnr(t, back32[k]) >= 25, k
+        else:
+            assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_nothing_quantized_goes_back_bit_for_bit(folders, tmp_path, case):
+    folder = folders(case)
+    out = tmp_path / f"{case}-kept.safetensors"
+    result = run("convert", folder, out, "--format", "comfy", "--keep", "*")
+    assert result.exit_code == 0, result.output
+    stored = load_file(str(out))
+    assert set(stored) == set(KEYS[FAMILIES[case][2]])
+    back = FAMILIES[case][1](dict(stored))
+    source = source_state(folder)
+    assert set(back) == set(source)
+    for k, t in source.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_plan_names_the_family_through_the_view(folders, case):
+    result = run("plan", folders(case), "--format", "comfy")
+    assert result.exit_code == 0, result.output
+    assert f"preset {FAMILIES[case][3]}" in result.output, result.output[:2000]
+
+
+def test_a_wan_key_without_a_comfyui_name_is_refused_before_any_work(folders, tmp_path):
+    tensors = source_state(folders("wan21_t2v"))
+    tensors["blocks.0.attn1.lora_A.weight"] = torch.zeros(4, 128, dtype=torch.bfloat16)
+    src = tmp_path / "wan-extra.safetensors"
+    save_file(tensors, str(src))
+    result = run("convert", src, tmp_path / "out.safetensors", "--format", "comfy")
+    assert result.exit_code == 2, result.output
+    assert "blocks.0.attn1.lora_A.weight" in result.output and "Wan" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out.safetensors").exists()
