@@ -126,7 +126,7 @@ _FLUX_TOP = {
     "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
     "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
 }
-_FLUX_DOUBLE = {       # double_blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
+FLUX_DOUBLE = {       # double_blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
     "img_mod.lin": ["norm1.linear"], "txt_mod.lin": ["norm1_context.linear"],
     "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
     "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
@@ -139,7 +139,7 @@ _FLUX_DOUBLE_NORMS = {  # whole keys: RMSNorm scales
     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
 }
-_FLUX_SINGLE = {
+FLUX_SINGLE = {
     "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
     "modulation.lin": ["norm.linear"],
 }
@@ -159,8 +159,8 @@ def flux_to_bfl(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     t = Table(tensors, "FLUX.1")
     for new, parts in _FLUX_TOP.items():
         t.linear(new, parts)
-    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _FLUX_DOUBLE, _FLUX_DOUBLE_NORMS),
-                                     ("single_transformer_blocks", "single_blocks", _FLUX_SINGLE,
+    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", FLUX_DOUBLE, _FLUX_DOUBLE_NORMS),
+                                     ("single_transformer_blocks", "single_blocks", FLUX_SINGLE,
                                       _FLUX_SINGLE_NORMS)):
         for n in t.blocks(src + "."):
             old, new = f"{src}.{n}.", f"{dst}.{n}."

@@ -23,10 +23,27 @@ Wan 2.1 / 2.2 (t2v, i2v with its image embedding, the 5B TI2V, VACE; renames onl
     vace_blocks.N: the same, and proj_in, proj_out         vace_blocks.N...., before_proj, after_proj
     proj_out, scale_shift_table                            head.head, head.modulation
     patch_embedding, vace_patch_embedding                  (unchanged)
+
+HunyuanVideo 1.0 (FLUX.1's double and single blocks, as ``comfy_names`` joins them; N: one token
+refiner block)::
+
+    diffusers                                              HunyuanVideo / ComfyUI
+    x_embedder.proj                                        img_in.proj
+    time_text_embed.{timestep,text,guidance}_embedder.linear_{1,2}
+                                                           {time,vector,guidance}_in.{in,out}_layer
+    context_embedder.proj_in                               txt_in.input_embedder
+    context_embedder.time_text_embed.{timestep,text}_embedder.linear_{1,2}
+                                                           txt_in.{t,c}_embedder.{in,out}_layer
+    context_embedder.token_refiner.refiner_blocks.N.       txt_in.individual_token_refiner.blocks.N.
+      norm1, norm2, attn.to_q + to_k + to_v, attn.to_out.0,  norm1, norm2, self_attn.qkv, self_attn.proj,
+      ff.net.{0.proj,2}, norm_out.linear                     mlp.{0,2}, adaLN_modulation.1
+    transformer_blocks.N, single_transformer_blocks.N      double_blocks.N, single_blocks.N (as FLUX.1's;
+                                                           q/k norms: ...norm.{query,key}_norm.weight)
+    proj_out, norm_out.linear (halves swapped)             final_layer.linear, final_layer.adaLN_modulation.1
 """
 from __future__ import annotations
 
-from .comfy_names import Part, Table
+from .comfy_names import FLUX_DOUBLE, FLUX_SINGLE, Part, Table
 from .reader import TensorInfo
 
 # ----------------------------------------------------------------------------- Wan 2.1 / 2.2
@@ -86,4 +103,64 @@ def wan_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("Wan")
 
 
-VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy),)
+# ----------------------------------------------------------------------------- HunyuanVideo 1.0
+
+_HUNYUAN_TOP = {
+    "img_in.proj": ["x_embedder.proj"],
+    "time_in.in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+    "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
+    "vector_in.in_layer": ["time_text_embed.text_embedder.linear_1"],
+    "vector_in.out_layer": ["time_text_embed.text_embedder.linear_2"],
+    "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
+    "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
+    "txt_in.input_embedder": ["context_embedder.proj_in"],
+    "txt_in.t_embedder.in_layer": ["context_embedder.time_text_embed.timestep_embedder.linear_1"],
+    "txt_in.t_embedder.out_layer": ["context_embedder.time_text_embed.timestep_embedder.linear_2"],
+    "txt_in.c_embedder.in_layer": ["context_embedder.time_text_embed.text_embedder.linear_1"],
+    "txt_in.c_embedder.out_layer": ["context_embedder.time_text_embed.text_embedder.linear_2"],
+    "final_layer.linear": ["proj_out"],
+}
+_HUNYUAN_REFINER = {   # txt_in.individual_token_refiner.blocks.N.<key> <- ...refiner_blocks.N.<parts>
+    "norm1": ["norm1"], "norm2": ["norm2"], "self_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "self_attn.proj": ["attn.to_out.0"], "mlp.0": ["ff.net.0.proj"], "mlp.2": ["ff.net.2"],
+    "adaLN_modulation.1": ["norm_out.linear"],
+}
+_HUNYUAN_DOUBLE_NORMS = {
+    "img_attn.norm.query_norm.weight": "attn.norm_q.weight", "img_attn.norm.key_norm.weight": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.weight": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.weight": "attn.norm_added_k.weight",
+}
+_HUNYUAN_SINGLE_NORMS = {"norm.query_norm.weight": "attn.norm_q.weight", "norm.key_norm.weight": "attn.norm_k.weight"}
+
+
+def is_diffusers_hunyuan_video(names) -> bool:
+    """A diffusers HunyuanVideoTransformer3DModel state dict."""
+    names = set(names)
+    return ("context_embedder.token_refiner.refiner_blocks.0.attn.to_q.weight" in names
+            and "x_embedder.proj.weight" in names and "single_transformer_blocks.0.proj_mlp.weight" in names)
+
+
+def hunyuan_video_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """HunyuanVideo (ComfyUI) name -> the row ranges of diffusers tensors it is made of."""
+    t = Table(tensors, "HunyuanVideo")
+    for new, parts in _HUNYUAN_TOP.items():
+        t.linear(new, parts)
+    for n in t.blocks("context_embedder.token_refiner.refiner_blocks."):
+        old, new = f"context_embedder.token_refiner.refiner_blocks.{n}.", f"txt_in.individual_token_refiner.blocks.{n}."
+        for name, parts in _HUNYUAN_REFINER.items():
+            t.linear(new + name, [old + p for p in parts])
+    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", FLUX_DOUBLE, _HUNYUAN_DOUBLE_NORMS),
+                                     ("single_transformer_blocks", "single_blocks", FLUX_SINGLE,
+                                      _HUNYUAN_SINGLE_NORMS)):
+        for n in t.blocks(src + "."):
+            old, new = f"{src}.{n}.", f"{dst}.{n}."
+            for name, parts in linears.items():
+                t.linear(new + name, [old + p for p in parts])
+            for name, key in norms.items():
+                t.key(new + name, old + key)
+    t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+    return t.done("HunyuanVideo")
+
+
+VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy),
+         ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy))

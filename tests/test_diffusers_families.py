@@ -10,6 +10,8 @@ kept tensors bit for bit and its FP8 ones within FP8 rounding.
 """
 import json
 import pathlib
+import re
+from unittest import mock
 
 import pytest
 import torch
@@ -34,6 +36,43 @@ def _wan(**extra):
     return cls(**config)
 
 
+# ComfyUI's HunyuanVideo module names -> the original release's (Tencent's), which diffusers' converter
+# reads: the top-level ones, then those inside a block (after "blocks.N.").
+_TENCENT_TOP = {"time_in.in_layer": "time_in.mlp.0", "time_in.out_layer": "time_in.mlp.2",
+                "guidance_in.in_layer": "guidance_in.mlp.0", "guidance_in.out_layer": "guidance_in.mlp.2",
+                "txt_in.t_embedder.in_layer": "txt_in.t_embedder.mlp.0",
+                "txt_in.t_embedder.out_layer": "txt_in.t_embedder.mlp.2",
+                "txt_in.c_embedder.in_layer": "txt_in.c_embedder.linear_1",
+                "txt_in.c_embedder.out_layer": "txt_in.c_embedder.linear_2"}
+_TENCENT_BLOCK = {"self_attn.qkv": "self_attn_qkv", "self_attn.proj": "self_attn_proj", "mlp.0": "mlp.fc1",
+                  "mlp.2": "mlp.fc2", "modulation.lin": "modulation.linear", "norm.query_norm": "q_norm",
+                  "norm.key_norm": "k_norm",
+                  **{f"{s}_{a}": f"{s}_{b}" for s in ("img", "txt") for a, b in (
+                      ("mod.lin", "mod.linear"), ("attn.qkv", "attn_qkv"), ("attn.proj", "attn_proj"),
+                      ("attn.norm.query_norm", "attn_q_norm"), ("attn.norm.key_norm", "attn_k_norm"),
+                      ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2"))}}
+
+
+def hunyuan_video_from_comfy(state: dict) -> dict:
+    """diffusers' HunyuanVideo converter, on ComfyUI's names put back to Tencent's; it hard-codes the
+    13B width (3072) to split single_blocks.N.linear1, here the tiny width."""
+    def tencent(key):
+        module, _, suffix = key.rpartition(".")
+        block = re.match(r"(.*blocks\.\d+\.)(.*)", module)
+        if block:
+            module = block.group(1) + _TENCENT_BLOCK.get(block.group(2), block.group(2))
+        return _TENCENT_TOP.get(module, module) + "." + suffix
+    real_split = torch.split
+
+    def split(t, sizes, dim=0):
+        if tuple(sizes[:3]) == (3072, 3072, 3072):
+            h = state["img_in.proj.bias"].shape[0]
+            sizes = (h, h, h, t.shape[0] - 3 * h)
+        return real_split(t, sizes, dim)
+    with mock.patch.object(sfu.torch, "split", split):
+        return sfu.convert_hunyuan_video_transformer_to_diffusers({tencent(k): v for k, v in state.items()})
+
+
 # case -> (the tiny diffusers model, diffusers' converter from ComfyUI's names, its family_keys.json case,
 # the preset plan names)
 FAMILIES = {
@@ -44,6 +83,10 @@ FAMILIES = {
                  "wan22_5b", "wan"),
     "wan_vace": (lambda: _wan(vace_layers=[0], vace_in_channels=96), sfu.convert_wan_transformer_to_diffusers,
                  "wan_vace", "wan"),
+    "hunyuan_video": (lambda: diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=64, num_layers=2,
+        num_single_layers=2, num_refiner_layers=2, mlp_ratio=4.0, text_embed_dim=64, pooled_projection_dim=32,
+        rope_axes_dim=(16, 24, 24)), hunyuan_video_from_comfy, "hunyuan_video", "hunyuan_video"),
 }
 
 
