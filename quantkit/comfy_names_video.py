@@ -40,6 +40,12 @@ refiner block)::
     transformer_blocks.N, single_transformer_blocks.N      double_blocks.N, single_blocks.N (as FLUX.1's;
                                                            q/k norms: ...norm.{query,key}_norm.weight)
     proj_out, norm_out.linear (halves swapped)             final_layer.linear, final_layer.adaLN_modulation.1
+
+LTX-Video (renames only; every other key keeps its name)::
+
+    diffusers                                              LTX-Video / ComfyUI
+    proj_in, time_embed.*                                  patchify_proj, adaln_single.*
+    transformer_blocks.N.attn{1,2}.norm_{q,k}              transformer_blocks.N.attn{1,2}.{q,k}_norm
 """
 from __future__ import annotations
 
@@ -162,5 +168,45 @@ def hunyuan_video_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Par
     return t.done("HunyuanVideo")
 
 
+# ----------------------------------------------------------------------------- LTX-Video
+
+_LTX_TOP = {
+    "patchify_proj": ["proj_in"],
+    "adaln_single.emb.timestep_embedder.linear_1": ["time_embed.emb.timestep_embedder.linear_1"],
+    "adaln_single.emb.timestep_embedder.linear_2": ["time_embed.emb.timestep_embedder.linear_2"],
+    "adaln_single.linear": ["time_embed.linear"],
+    "caption_projection.linear_1": ["caption_projection.linear_1"],
+    "caption_projection.linear_2": ["caption_projection.linear_2"], "proj_out": ["proj_out"],
+}
+_LTX_BLOCK = {f"attn{i}.{p}": [f"attn{i}.{p}"] for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")}
+_LTX_BLOCK.update({"ff.net.0.proj": ["ff.net.0.proj"], "ff.net.2": ["ff.net.2"]})
+_LTX_BLOCK_KEYS = {"scale_shift_table": "scale_shift_table",
+                   **{f"attn{i}.{q}_norm.weight": f"attn{i}.norm_{q}.weight" for i in (1, 2) for q in "qk"}}
+
+
+def is_diffusers_ltx(names) -> bool:
+    """A diffusers LTXVideoTransformer3DModel state dict (not LTX-2's, which has an audio stream)."""
+    names = set(names)
+    return ("time_embed.emb.timestep_embedder.linear_1.weight" in names and "proj_in.weight" in names
+            and "transformer_blocks.0.attn1.norm_q.weight" in names and "caption_projection.linear_1.weight" in names
+            and not any(n.startswith("audio_") for n in names))
+
+
+def ltx_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """LTX-Video (ComfyUI) name -> the diffusers tensor it renames."""
+    t = Table(tensors, "LTX-Video")
+    for new, parts in _LTX_TOP.items():
+        t.linear(new, parts)
+    t.key("scale_shift_table", "scale_shift_table")
+    for n in t.blocks("transformer_blocks."):
+        old = f"transformer_blocks.{n}."
+        for name, parts in _LTX_BLOCK.items():
+            t.linear(old + name, [old + p for p in parts])
+        for name, key in _LTX_BLOCK_KEYS.items():
+            t.key(old + name, old + key)
+    return t.done("LTX-Video")
+
+
 VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy),
+         ("LTX-Video", "LTX-Video", is_diffusers_ltx, ltx_to_comfy),
          ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy))

@@ -87,6 +87,9 @@ FAMILIES = {
         in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=64, num_layers=2,
         num_single_layers=2, num_refiner_layers=2, mlp_ratio=4.0, text_embed_dim=64, pooled_projection_dim=32,
         rope_axes_dim=(16, 24, 24)), hunyuan_video_from_comfy, "hunyuan_video", "hunyuan_video"),
+    "ltxv": (lambda: diffusers.LTXVideoTransformer3DModel(
+        in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=64, cross_attention_dim=128,
+        num_layers=2, caption_channels=64), sfu.convert_ltx_transformer_checkpoint_to_diffusers, "ltxv", "ltxv"),
 }
 
 
