@@ -46,10 +46,15 @@ LTX-Video (renames only; every other key keeps its name)::
     diffusers                                              LTX-Video / ComfyUI
     proj_in, time_embed.*                                  patchify_proj, adaln_single.*
     transformer_blocks.N.attn{1,2}.norm_{q,k}              transformer_blocks.N.attn{1,2}.{q,k}_norm
+
+LTX-2 is refused: ComfyUI's LTX-2 model also holds the video and audio text-embedding connectors
+(``*_embeddings_connector.*``), which diffusers keeps in a component of their own (``connectors/``),
+so the transformer alone would load in ComfyUI with those layers missing.
 """
 from __future__ import annotations
 
 from .comfy_names import FLUX_DOUBLE, FLUX_SINGLE, Part, Table
+from .errors import UnsupportedInputError
 from .reader import TensorInfo
 
 # ----------------------------------------------------------------------------- Wan 2.1 / 2.2
@@ -207,6 +212,22 @@ def ltx_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("LTX-Video")
 
 
-VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy),
+# ----------------------------------------------------------------------------- LTX-2 (refused)
+
+def is_diffusers_ltx2(names) -> bool:
+    """A diffusers LTX2VideoTransformer3DModel state dict (the audio-video one)."""
+    names = set(names)
+    return "audio_proj_in.weight" in names and "transformer_blocks.0.audio_attn1.to_q.weight" in names
+
+
+def ltx2_refused(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    raise UnsupportedInputError(
+        "a diffusers LTX-2 transformer has no ComfyUI file of its own: ComfyUI's LTX-2 model also holds the text"
+        " embeddings connectors (video_/audio_embeddings_connector), which diffusers keeps apart in connectors/",
+        hint="for ComfyUI, convert the LTX-2 release's single-file checkpoint (such as ltx-2-19b-dev.safetensors);"
+             " for diffusers, write --format native")
+
+
+VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("LTX-2", "LTX-2", is_diffusers_ltx2, ltx2_refused),
          ("LTX-Video", "LTX-Video", is_diffusers_ltx, ltx_to_comfy),
          ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy))

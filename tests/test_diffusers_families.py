@@ -195,3 +195,24 @@ def test_a_wan_key_without_a_comfyui_name_is_refused_before_any_work(folders, tm
     assert result.exit_code == 2, result.output
     assert "blocks.0.attn1.lora_A.weight" in result.output and "Wan" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("fmt", ["comfy", "comfy-legacy"])
+def test_a_diffusers_ltx2_transformer_is_refused_before_any_work(tmp_path, fmt):
+    """ComfyUI's LTX-2 model holds the text embeddings connectors diffusers keeps apart: the
+    transformer alone cannot make a file ComfyUI runs. Refused with what to convert instead."""
+    torch.manual_seed(0)
+    model = diffusers.LTX2VideoTransformer3DModel(
+        in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=64, cross_attention_dim=128,
+        num_layers=1, caption_channels=64, audio_in_channels=16, audio_out_channels=16, audio_num_attention_heads=2,
+        audio_attention_head_dim=32, audio_cross_attention_dim=64)
+    folder = tmp_path / "transformer"
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    for command in (["convert", folder, tmp_path / "out.safetensors", "--format", fmt, "--keep", "*"],
+                    ["plan", folder, "--format", fmt]):
+        result = run(*command)
+        assert result.exit_code == 2, result.output
+        assert "LTX-2" in result.output and "connectors" in result.output and "ltx-2-19b" in result.output
+        assert "Traceback" not in result.output
+    assert not list(tmp_path.glob("out*"))
+    assert run("convert", folder, tmp_path / "native.safetensors").exit_code == 0      # diffusers names: fine
