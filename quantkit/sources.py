@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 
 from .checkpoint import open_checkpoint
-from . import comfy_names, comfy_names_video
+from . import comfy_names, comfy_names_image, comfy_names_video
 from .comfy_names import COMFYUI, comfyui_view
 from .errors import OptionsError
 from .reader import TensorSource
 
 NAMINGS = (COMFYUI,)
 # Every diffusers family written under ComfyUI's names, the first that detects a checkpoint wins.
-COMFYUI_VIEWS = (*comfy_names.VIEWS, *comfy_names_video.VIEWS)
+COMFYUI_VIEWS = (*comfy_names.VIEWS, *comfy_names_video.VIEWS, *comfy_names_image.VIEWS)
 
 
 def open_source(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False,

@@ -23,7 +23,7 @@ STAGES = [
                                                           "quantkit.testing.strategies"]),
     ("read and write", ["quantkit.reader", "quantkit.writer", "quantkit.manifest", "quantkit.torch_pickle",
                         "quantkit.shards", "quantkit.destinations"]),
-    ("sources", ["quantkit.checkpoint", "quantkit.comfy_names", "quantkit.comfy_names_video", "quantkit.sources"]),
+    ("sources", ["quantkit.checkpoint", "quantkit.comfy_names", "quantkit.comfy_names_video", "quantkit.comfy_names_image", "quantkit.sources"]),
     ("calibrate, policy and presets", ["quantkit.calibration", "quantkit.calibration.weights",
                                        "quantkit.calibration.observers", "quantkit.calibration.stats",
                                        "quantkit.policy",

@@ -1,0 +1,115 @@
+"""Diffusers image transformers under the key names ComfyUI loads (the original releases').
+
+As ``comfy_names_video`` does for the video families: for the comfy formats
+``sources.open_source(..., names="comfyui")`` renames these (``comfy_names.Table``; any source key
+the table does not name is refused). The reference for each table is diffusers' own converter from
+the original names, which runs the other way (``diffusers.loaders.single_file_utils.convert_
+lumina2_to_diffusers``, ``convert_z_image_transformer_checkpoint_to_diffusers``), and ComfyUI's
+``comfy/ldm/lumina/model.py``.
+
+Lumina 2 (B: noise_refiner.N, context_refiner.N, layers.N)::
+
+    diffusers                                              Lumina 2 / ComfyUI
+    time_caption_embed.timestep_embedder.linear_{1,2}      t_embedder.mlp.{0,2}
+    time_caption_embed.caption_embedder.{0,1}              cap_embedder.{0,1}
+    B.attn.to_q + to_k + to_v, B.attn.to_out.0             B.attention.qkv, B.attention.out
+    B.attn.norm_{q,k}                                      B.attention.{q,k}_norm
+    B.feed_forward.linear_{1,2,3}                          B.feed_forward.w{1,2,3}
+    B.norm1.norm (context_refiner: B.norm1), B.norm2       B.attention_norm1, B.attention_norm2
+    B.norm1.linear                                         B.adaLN_modulation.1
+    norm_out.linear_1, norm_out.linear_2                   final_layer.adaLN_modulation.1, final_layer.linear
+
+Z-Image (one patch size; every other key keeps its name)::
+
+    all_x_embedder.2-1, all_final_layer.2-1.*              x_embedder, final_layer.*
+    B.attention.to_q + to_k + to_v, B.attention.to_out.0   B.attention.qkv, B.attention.out
+    B.attention.norm_{q,k}                                 B.attention.{q,k}_norm
+"""
+from __future__ import annotations
+
+import re
+
+from .comfy_names import Part, Table
+from .reader import TensorInfo
+
+_REFINED = ("noise_refiner", "context_refiner", "layers")
+
+# ----------------------------------------------------------------------------- Lumina 2
+
+_LUMINA_TOP = {
+    "x_embedder": ["x_embedder"],
+    "t_embedder.mlp.0": ["time_caption_embed.timestep_embedder.linear_1"],
+    "t_embedder.mlp.2": ["time_caption_embed.timestep_embedder.linear_2"],
+    "cap_embedder.0": ["time_caption_embed.caption_embedder.0"],
+    "cap_embedder.1": ["time_caption_embed.caption_embedder.1"],
+    "final_layer.adaLN_modulation.1": ["norm_out.linear_1"], "final_layer.linear": ["norm_out.linear_2"],
+}
+_LUMINA_BLOCK = {      # <block>.N.<key> <- <block>.N.<parts>, for .weight and .bias
+    "attention.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"], "attention.out": ["attn.to_out.0"],
+    "attention.q_norm": ["attn.norm_q"], "attention.k_norm": ["attn.norm_k"],
+    "feed_forward.w1": ["feed_forward.linear_1"], "feed_forward.w2": ["feed_forward.linear_2"],
+    "feed_forward.w3": ["feed_forward.linear_3"],
+    "attention_norm2": ["norm2"], "ffn_norm1": ["ffn_norm1"], "ffn_norm2": ["ffn_norm2"],
+    "adaLN_modulation.1": ["norm1.linear"],
+}
+
+
+def is_diffusers_lumina2(names) -> bool:
+    """A diffusers Lumina2Transformer2DModel state dict."""
+    names = set(names)
+    return ("time_caption_embed.timestep_embedder.linear_1.weight" in names and "layers.0.attn.to_q.weight" in names
+            and "norm_out.linear_2.weight" in names)
+
+
+def lumina2_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Lumina 2 (ComfyUI) name -> the row ranges of diffusers tensors it is made of. The modulated
+    blocks' first norm is norm1.norm, the context refiner's (unmodulated) norm1."""
+    t = Table(tensors, "Lumina 2")
+    for new, parts in _LUMINA_TOP.items():
+        t.linear(new, parts)
+    for blocks in _REFINED:
+        for n in t.blocks(blocks + "."):
+            old = f"{blocks}.{n}."
+            for name, parts in _LUMINA_BLOCK.items():
+                t.linear(old + name, [old + p for p in parts])
+            t.linear(old + "attention_norm1", [old + "norm1.norm"])
+            t.linear(old + "attention_norm1", [old + "norm1"])
+    return t.done("Lumina 2")
+
+
+# ----------------------------------------------------------------------------- Z-Image
+
+_Z_IMAGE_ATTENTION = {"attention.qkv": ["attention.to_q", "attention.to_k", "attention.to_v"],
+                      "attention.out": ["attention.to_out.0"], "attention.q_norm": ["attention.norm_q"],
+                      "attention.k_norm": ["attention.norm_k"]}
+_Z_IMAGE_PATCH = re.compile(r"all_(x_embedder|final_layer)\.(\d+-\d+)\.")
+
+
+def is_diffusers_z_image(names) -> bool:
+    """A diffusers ZImageTransformer2DModel state dict."""
+    names = set(names)
+    return "layers.0.attention.to_q.weight" in names and any(n.startswith("all_x_embedder.") for n in names)
+
+
+def z_image_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Z-Image (ComfyUI) name -> the row ranges of diffusers tensors it is made of. ComfyUI's model
+    has one patch size: a second one's embedder and final layer are left unnamed (refused)."""
+    t = Table(tensors, "Z-Image")
+    patches = sorted({m.group(2) for n in t.rows if (m := _Z_IMAGE_PATCH.match(n))})
+    attention = {f"{b}.{n}.{p}" for b in _REFINED for n in t.blocks(b + ".")
+                 for parts in _Z_IMAGE_ATTENTION.values() for p in parts}
+    for name in t.rows:
+        if (m := _Z_IMAGE_PATCH.match(name)) and m.group(2) == patches[0]:
+            t.key(m.group(1) + "." + name[m.end():], name)
+        elif not m and name.rpartition(".")[0] not in attention:
+            t.key(name, name)
+    for blocks in _REFINED:
+        for n in t.blocks(blocks + "."):
+            old = f"{blocks}.{n}."
+            for name, parts in _Z_IMAGE_ATTENTION.items():
+                t.linear(old + name, [old + p for p in parts])
+    return t.done("Z-Image")
+
+
+VIEWS = (("Lumina 2", "Lumina 2", is_diffusers_lumina2, lumina2_to_comfy),
+         ("Z-Image", "Z-Image", is_diffusers_z_image, z_image_to_comfy))
