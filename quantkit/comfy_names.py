@@ -147,11 +147,11 @@ _FLUX_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_n
 
 
 def is_diffusers_flux(names) -> bool:
-    """A diffusers FluxTransformer2DModel state dict (not a ControlNet: ComfyUI loads those apart)."""
+    """A diffusers FluxTransformer2DModel state dict (not a ControlNet: ComfyUI loads those apart; not Chroma)."""
     names = set(names)
     return ("x_embedder.weight" in names and "transformer_blocks.0.attn.to_q.weight" in names
             and "single_transformer_blocks.0.proj_mlp.weight" in names
-            and not any(n.startswith("controlnet_") for n in names))
+            and not any(n.startswith(("controlnet_", "distilled_guidance_layer.")) for n in names))   # nor Chroma
 
 
 def flux_to_bfl(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:

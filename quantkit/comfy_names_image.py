@@ -24,12 +24,22 @@ Z-Image (one patch size; every other key keeps its name)::
     all_x_embedder.2-1, all_final_layer.2-1.*              x_embedder, final_layer.*
     B.attention.to_q + to_k + to_v, B.attention.to_out.0   B.attention.qkv, B.attention.out
     B.attention.norm_{q,k}                                 B.attention.{q,k}_norm
+
+Chroma (FLUX.1's blocks as ``comfy_names`` joins them, without per-block modulation: the
+approximator makes it; RMSNorm scales under ComfyUI's module names, ``.weight``)::
+
+    x_embedder, context_embedder                           img_in, txt_in
+    distilled_guidance_layer.layers.N.linear_{1,2}         distilled_guidance_layer.layers.N.{in,out}_layer
+    distilled_guidance_layer.{in_proj,out_proj,norms.N}    (unchanged)
+    transformer_blocks.N, single_transformer_blocks.N      double_blocks.N, single_blocks.N (q/k norms:
+                                                           ...norm.{query,key}_norm.weight)
+    proj_out                                               final_layer.linear
 """
 from __future__ import annotations
 
 import re
 
-from .comfy_names import Part, Table
+from .comfy_names import FLUX_DOUBLE, FLUX_SINGLE, Part, Table
 from .reader import TensorInfo
 
 _REFINED = ("noise_refiner", "context_refiner", "layers")
@@ -111,5 +121,47 @@ def z_image_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("Z-Image")
 
 
-VIEWS = (("Lumina 2", "Lumina 2", is_diffusers_lumina2, lumina2_to_comfy),
+# ----------------------------------------------------------------------------- Chroma
+
+_CHROMA_TOP = {"img_in": ["x_embedder"], "txt_in": ["context_embedder"], "final_layer.linear": ["proj_out"],
+               "distilled_guidance_layer.in_proj": ["distilled_guidance_layer.in_proj"],
+               "distilled_guidance_layer.out_proj": ["distilled_guidance_layer.out_proj"]}
+_CHROMA_DOUBLE = {k: v for k, v in FLUX_DOUBLE.items() if not k.endswith("_mod.lin")}
+_CHROMA_SINGLE = {k: v for k, v in FLUX_SINGLE.items() if k != "modulation.lin"}
+_CHROMA_DOUBLE_NORMS = {f"{s}_attn.norm.{n}_norm.weight": f"attn.norm_{a}{q}.weight"
+                        for s, a in (("img", ""), ("txt", "added_")) for n, q in (("query", "q"), ("key", "k"))}
+_CHROMA_SINGLE_NORMS = {"norm.query_norm.weight": "attn.norm_q.weight", "norm.key_norm.weight": "attn.norm_k.weight"}
+
+
+def is_diffusers_chroma(names) -> bool:
+    """A diffusers ChromaTransformer2DModel state dict."""
+    names = set(names)
+    return "distilled_guidance_layer.in_proj.weight" in names and "transformer_blocks.0.attn.to_q.weight" in names
+
+
+def chroma_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Chroma (ComfyUI) name -> the row ranges of diffusers tensors it is made of."""
+    t = Table(tensors, "Chroma")
+    for new, parts in _CHROMA_TOP.items():
+        t.linear(new, parts)
+    for n in t.blocks("distilled_guidance_layer.layers."):
+        old = f"distilled_guidance_layer.layers.{n}."
+        t.linear(old + "in_layer", [old + "linear_1"])
+        t.linear(old + "out_layer", [old + "linear_2"])
+    for n in t.blocks("distilled_guidance_layer.norms."):
+        t.key(f"distilled_guidance_layer.norms.{n}.weight", f"distilled_guidance_layer.norms.{n}.weight")
+    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _CHROMA_DOUBLE, _CHROMA_DOUBLE_NORMS),
+                                     ("single_transformer_blocks", "single_blocks", _CHROMA_SINGLE,
+                                      _CHROMA_SINGLE_NORMS)):
+        for n in t.blocks(src + "."):
+            old, new = f"{src}.{n}.", f"{dst}.{n}."
+            for name, parts in linears.items():
+                t.linear(new + name, [old + p for p in parts])
+            for name, key in norms.items():
+                t.key(new + name, old + key)
+    return t.done("Chroma")
+
+
+VIEWS = (("Chroma", "Chroma", is_diffusers_chroma, chroma_to_comfy),
+         ("Lumina 2", "Lumina 2", is_diffusers_lumina2, lumina2_to_comfy),
          ("Z-Image", "Z-Image", is_diffusers_z_image, z_image_to_comfy))

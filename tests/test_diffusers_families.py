@@ -86,6 +86,20 @@ def lumina2_from_comfy(state: dict) -> dict:
         return sfu.convert_lumina2_to_diffusers(dict(state))
 
 
+def chroma_from_comfy(state: dict) -> dict:
+    """diffusers' Chroma converter, on BFL's RMSNorm names (``.scale``; ComfyUI's modules name them
+    ``.weight``); it hard-codes the width (3072) to split single_blocks.N.linear1, here the tiny one."""
+    state = {re.sub(r"(_norm|norms\.\d+)\.weight$", r"\1.scale", k): v for k, v in state.items()}
+    real_split, h = torch.split, state["img_in.bias"].shape[0]
+
+    def split(t, sizes, dim=0):
+        if tuple(sizes) == (3072, 3072, 3072, 12288):
+            sizes = (h, h, h, t.shape[0] - 3 * h)
+        return real_split(t, sizes, dim)
+    with mock.patch.object(sfu.torch, "split", split):
+        return sfu.convert_chroma_transformer_checkpoint_to_diffusers(state)
+
+
 # case -> (the tiny diffusers model, diffusers' converter from ComfyUI's names, its family_keys.json case,
 # the preset plan names)
 FAMILIES = {
@@ -111,6 +125,10 @@ FAMILIES = {
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=128, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, cap_feat_dim=64, axes_dims=[16, 24, 24]),
         sfu.convert_z_image_transformer_checkpoint_to_diffusers, "zimage", "lumina2"),
+    "chroma": (lambda: diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=64, axes_dims_rope=(16, 24, 24), approximator_num_channels=64,
+        approximator_hidden_dim=256, approximator_layers=2), chroma_from_comfy, "chroma", "chroma"),
 }
 # diffusers sizes Z-Image's FFN and time MLP from its width; the ComfyUI-built key set used other sizes.
 SAME_KEYS_ONLY = {"zimage"}
