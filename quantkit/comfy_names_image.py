@@ -34,6 +34,21 @@ approximator makes it; RMSNorm scales under ComfyUI's module names, ``.weight``)
     transformer_blocks.N, single_transformer_blocks.N      double_blocks.N, single_blocks.N (q/k norms:
                                                            ...norm.{query,key}_norm.weight)
     proj_out                                               final_layer.linear
+
+FLUX.2 (fused single-block projections already, as BFL's; the modulation is global)::
+
+    x_embedder, context_embedder                           img_in, txt_in
+    time_guidance_embed.{timestep,guidance}_embedder.linear_{1,2}
+                                                           {time,guidance}_in.{in,out}_layer
+    double_stream_modulation_{img,txt}.linear, single_stream_modulation.linear
+                                                           (the same).lin
+    N.attn.to_q + to_k + to_v, N.attn.add_{q,k,v}_proj     double_blocks.N.{img,txt}_attn.qkv
+    N.attn.to_out.0, N.attn.to_add_out                     double_blocks.N.{img,txt}_attn.proj
+    N.attn.norm_{q,k}, N.attn.norm_added_{q,k}             double_blocks.N.{img,txt}_attn.norm.{query,key}_norm
+    N.ff.linear_{in,out}, N.ff_context.linear_{in,out}     double_blocks.N.{img,txt}_mlp.{0,2}
+    M.attn.to_qkv_mlp_proj, M.attn.to_out, M.attn.norm_{q,k}
+                                                           single_blocks.M.linear1, linear2, norm.{query,key}_norm
+    proj_out, norm_out.linear (halves swapped)             final_layer.linear, final_layer.adaLN_modulation.1
 """
 from __future__ import annotations
 
@@ -162,6 +177,52 @@ def chroma_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("Chroma")
 
 
-VIEWS = (("Chroma", "Chroma", is_diffusers_chroma, chroma_to_comfy),
+# ----------------------------------------------------------------------------- FLUX.2
+
+_FLUX2_TOP = {
+    "img_in": ["x_embedder"], "txt_in": ["context_embedder"], "final_layer.linear": ["proj_out"],
+    "time_in.in_layer": ["time_guidance_embed.timestep_embedder.linear_1"],
+    "time_in.out_layer": ["time_guidance_embed.timestep_embedder.linear_2"],
+    "guidance_in.in_layer": ["time_guidance_embed.guidance_embedder.linear_1"],
+    "guidance_in.out_layer": ["time_guidance_embed.guidance_embedder.linear_2"],
+    "double_stream_modulation_img.lin": ["double_stream_modulation_img.linear"],
+    "double_stream_modulation_txt.lin": ["double_stream_modulation_txt.linear"],
+    "single_stream_modulation.lin": ["single_stream_modulation.linear"],
+}
+_FLUX2_DOUBLE = {
+    "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "img_attn.proj": ["attn.to_out.0"], "txt_attn.proj": ["attn.to_add_out"],
+    "img_mlp.0": ["ff.linear_in"], "img_mlp.2": ["ff.linear_out"],
+    "txt_mlp.0": ["ff_context.linear_in"], "txt_mlp.2": ["ff_context.linear_out"],
+}
+_FLUX2_SINGLE = {"linear1": ["attn.to_qkv_mlp_proj"], "linear2": ["attn.to_out"]}
+
+
+def is_diffusers_flux2(names) -> bool:
+    """A diffusers Flux2Transformer2DModel state dict."""
+    names = set(names)
+    return "single_stream_modulation.linear.weight" in names and "x_embedder.weight" in names
+
+
+def flux2_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """FLUX.2 (ComfyUI) name -> the row ranges of diffusers tensors it is made of."""
+    t = Table(tensors, "FLUX.2")
+    for new, parts in _FLUX2_TOP.items():
+        t.linear(new, parts)
+    t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _FLUX2_DOUBLE, _CHROMA_DOUBLE_NORMS),
+                                     ("single_transformer_blocks", "single_blocks", _FLUX2_SINGLE,
+                                      _CHROMA_SINGLE_NORMS)):
+        for n in t.blocks(src + "."):
+            old, new = f"{src}.{n}.", f"{dst}.{n}."
+            for name, parts in linears.items():
+                t.linear(new + name, [old + p for p in parts])
+            for name, key in norms.items():
+                t.key(new + name, old + key)
+    return t.done("FLUX.2")
+
+
+VIEWS = (("FLUX.2", "FLUX.2", is_diffusers_flux2, flux2_to_comfy), ("Chroma", "Chroma", is_diffusers_chroma, chroma_to_comfy),
          ("Lumina 2", "Lumina 2", is_diffusers_lumina2, lumina2_to_comfy),
          ("Z-Image", "Z-Image", is_diffusers_z_image, z_image_to_comfy))

@@ -129,6 +129,10 @@ FAMILIES = {
         patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
         joint_attention_dim=64, axes_dims_rope=(16, 24, 24), approximator_num_channels=64,
         approximator_hidden_dim=256, approximator_layers=2), chroma_from_comfy, "chroma", "chroma"),
+    "flux2": (lambda: diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=64, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(16, 16, 16, 16)),
+        sfu.convert_flux2_transformer_checkpoint_to_diffusers, "flux2", "flux2"),
 }
 # diffusers sizes Z-Image's FFN and time MLP from its width; the ComfyUI-built key set used other sizes.
 SAME_KEYS_ONLY = {"zimage"}
