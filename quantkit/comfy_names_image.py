@@ -49,6 +49,21 @@ FLUX.2 (fused single-block projections already, as BFL's; the modulation is glob
     M.attn.to_qkv_mlp_proj, M.attn.to_out, M.attn.norm_{q,k}
                                                            single_blocks.M.linear1, linear2, norm.{query,key}_norm
     proj_out, norm_out.linear (halves swapped)             final_layer.linear, final_layer.adaLN_modulation.1
+
+AuraFlow (renames only but the final modulation; ComfyUI renames a diffusers AuraFlow on load
+through a map that drops FP8 scales, so it is written under the original names)::
+
+    pos_embed.pos_embed, pos_embed.proj, register_tokens   positional_encoding, init_x_linear, register_tokens
+    time_step_proj.linear_{1,2}, context_embedder          t_embedder.mlp.{0,2}, cond_seq_linear
+    joint_transformer_blocks.N.attn.to_{q,k,v}, to_out.0   double_layers.N.attn.w2{q,k,v,o}
+    joint_transformer_blocks.N.attn.add_{q,k,v}_proj, to_add_out
+                                                           double_layers.N.attn.w1{q,k,v,o}
+    joint_transformer_blocks.N.ff{,_context}.{linear_1,linear_2,out_projection}
+                                                           double_layers.N.mlp{X,C}.{c_fc1,c_fc2,c_proj}
+    joint_transformer_blocks.N.norm1{,_context}.linear     double_layers.N.mod{X,C}.1
+    single_transformer_blocks.N.attn.to_{q,k,v}, to_out.0, ff.*, norm1.linear
+                                                           single_layers.N.attn.w1{q,k,v,o}, mlp.*, modCX.1
+    proj_out, norm_out.linear (halves swapped)             final_linear, modF.1
 """
 from __future__ import annotations
 
@@ -223,6 +238,47 @@ def flux2_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("FLUX.2")
 
 
-VIEWS = (("FLUX.2", "FLUX.2", is_diffusers_flux2, flux2_to_comfy), ("Chroma", "Chroma", is_diffusers_chroma, chroma_to_comfy),
+# ----------------------------------------------------------------------------- AuraFlow
+
+_AURA_TOP = {"init_x_linear": ["pos_embed.proj"], "cond_seq_linear": ["context_embedder"],
+             "t_embedder.mlp.0": ["time_step_proj.linear_1"], "t_embedder.mlp.2": ["time_step_proj.linear_2"],
+             "final_linear": ["proj_out"]}
+_AURA_MLP = {"c_fc1": "linear_1", "c_fc2": "linear_2", "c_proj": "out_projection"}
+_AURA_DOUBLE = {
+    **{f"attn.w2{a}": [f"attn.{b}"] for a, b in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+    **{f"attn.w1{a}": [f"attn.{b}"] for a, b in zip("qkvo", ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))},
+    **{f"mlpX.{a}": [f"ff.{b}"] for a, b in _AURA_MLP.items()},
+    **{f"mlpC.{a}": [f"ff_context.{b}"] for a, b in _AURA_MLP.items()},
+    "modX.1": ["norm1.linear"], "modC.1": ["norm1_context.linear"],
+}
+_AURA_SINGLE = {
+    **{f"attn.w1{a}": [f"attn.{b}"] for a, b in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+    **{f"mlp.{a}": [f"ff.{b}"] for a, b in _AURA_MLP.items()}, "modCX.1": ["norm1.linear"],
+}
+
+
+def is_diffusers_auraflow(names) -> bool:
+    """A diffusers AuraFlowTransformer2DModel state dict."""
+    names = set(names)
+    return "joint_transformer_blocks.0.attn.add_k_proj.weight" in names and "time_step_proj.linear_1.weight" in names
+
+
+def auraflow_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """AuraFlow (ComfyUI) name -> the row ranges of diffusers tensors it is made of."""
+    t = Table(tensors, "AuraFlow")
+    t.key("positional_encoding", "pos_embed.pos_embed")
+    t.key("register_tokens", "register_tokens")
+    for new, parts in _AURA_TOP.items():
+        t.linear(new, parts)
+    t.linear("modF.1", ["norm_out.linear"], swapped=True)
+    for src, dst, linears in (("joint_transformer_blocks", "double_layers", _AURA_DOUBLE),
+                              ("single_transformer_blocks", "single_layers", _AURA_SINGLE)):
+        for n in t.blocks(src + "."):
+            for name, parts in linears.items():
+                t.linear(f"{dst}.{n}.{name}", [f"{src}.{n}.{p}" for p in parts])
+    return t.done("AuraFlow")
+
+
+VIEWS = (("AuraFlow", "AuraFlow", is_diffusers_auraflow, auraflow_to_comfy), ("FLUX.2", "FLUX.2", is_diffusers_flux2, flux2_to_comfy), ("Chroma", "Chroma", is_diffusers_chroma, chroma_to_comfy),
          ("Lumina 2", "Lumina 2", is_diffusers_lumina2, lumina2_to_comfy),
          ("Z-Image", "Z-Image", is_diffusers_z_image, z_image_to_comfy))

@@ -133,6 +133,11 @@ FAMILIES = {
         patch_size=1, in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
         joint_attention_dim=64, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(16, 16, 16, 16)),
         sfu.convert_flux2_transformer_checkpoint_to_diffusers, "flux2", "flux2"),
+    "auraflow": (lambda: diffusers.AuraFlowTransformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=1,
+        attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128,
+        out_channels=4, pos_embed_max_size=64), sfu.convert_auraflow_transformer_checkpoint_to_diffusers,
+        "auraflow", "auraflow"),
 }
 # diffusers sizes Z-Image's FFN and time MLP from its width; the ComfyUI-built key set used other sizes.
 SAME_KEYS_ONLY = {"zimage"}
