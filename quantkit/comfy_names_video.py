@@ -50,6 +50,9 @@ LTX-Video (renames only; every other key keeps its name)::
 LTX-2 is refused: ComfyUI's LTX-2 model also holds the video and audio text-embedding connectors
 (``*_embeddings_connector.*``), which diffusers keeps in a component of their own (``connectors/``),
 so the transformer alone would load in ComfyUI with those layers missing.
+
+Refused as well, until they have a table: diffusers HunyuanVideo 1.5, Cosmos, Mochi and HunyuanDiT
+transformers (ComfyUI cannot load them under diffusers' names; the original releases convert).
 """
 from __future__ import annotations
 
@@ -228,6 +231,35 @@ def ltx2_refused(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
              " for diffusers, write --format native")
 
 
+# ----------------------------------------------------------------------------- refused, no table yet
+
+def _has(*keys):
+    """detect(names): every one of ``keys`` is present."""
+    return lambda names: set(keys) <= set(names)
+
+
+def _refused(family: str, release: str):
+    """build(tensors) that refuses a diffusers ``family`` transformer, naming what to convert instead."""
+    def build(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+        raise UnsupportedInputError(f"a diffusers {family} transformer cannot be written under ComfyUI's names"
+                                    " (quantkit has no table for it, and ComfyUI does not load diffusers' names)",
+                                    hint=f"for ComfyUI, convert {release}; for diffusers, write --format native")
+    return build
+
+
+REFUSED = (
+    ("HunyuanVideo 1.5", "-", _has("image_embedder.norm_in.weight", "x_embedder.proj.weight",
+                                   "transformer_blocks.0.norm1_context.linear.weight"),
+     _refused("HunyuanVideo 1.5", "the HunyuanVideo 1.5 release under its own names (Comfy-Org's or Tencent's"
+                                  " single-file transformer)")),
+    ("Cosmos", "-", _has("time_embed.t_embedder.linear_1.weight", "patch_embed.proj.weight"),
+     _refused("Cosmos", "NVIDIA's Cosmos release under its original names (net.blocks...)")),
+    ("Mochi", "-", _has("time_embed.pooler.to_kv.weight", "pos_frequencies"),
+     _refused("Mochi", "Genmo's single-file Mochi 1 transformer (mochi_preview_dit.safetensors)")),
+    ("HunyuanDiT", "-", _has("time_extra_emb.pooler.k_proj.weight", "text_embedding_padding"),
+     _refused("HunyuanDiT", "Tencent's HunyuanDiT release under its original names")),
+)
+
 VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("LTX-2", "LTX-2", is_diffusers_ltx2, ltx2_refused),
          ("LTX-Video", "LTX-Video", is_diffusers_ltx, ltx_to_comfy),
-         ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy))
+         ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy), *REFUSED)

@@ -278,3 +278,45 @@ def test_a_diffusers_ltx2_transformer_is_refused_before_any_work(tmp_path, fmt):
         assert "Traceback" not in result.output
     assert not list(tmp_path.glob("out*"))
     assert run("convert", folder, tmp_path / "native.safetensors").exit_code == 0      # diffusers names: fine
+
+
+def _key_names_only(cls, path, **config):
+    """A file with every key of ``cls(**config)`` (built on the meta device: only the names are real)."""
+    with torch.device("meta"):
+        names = list(cls(**config).state_dict())
+    save_file({k: torch.zeros(2, 2, dtype=torch.bfloat16) for k in names}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("family, cls, config", [
+    ("HunyuanVideo 1.5", "HunyuanVideo15Transformer3DModel", {}),
+    ("Cosmos", "CosmosTransformer3DModel", {}),
+    ("Mochi", "MochiTransformer3DModel", {}),
+    ("HunyuanDiT", "HunyuanDiT2DModel", dict(num_attention_heads=16, attention_head_dim=88, in_channels=4,
+                                             patch_size=2, sample_size=128, hidden_size=1408, num_layers=2)),
+])
+def test_diffusers_families_without_a_table_are_refused_before_any_work(tmp_path, family, cls, config):
+    """ComfyUI loads none of these under diffusers' names: a comfy file of them would not load.
+    Refused (exit 2, one line naming the family and what to convert), even with nothing quantized."""
+    src = _key_names_only(getattr(diffusers, cls), tmp_path / "src.safetensors", **config)
+    for fmt in ("comfy", "comfy-legacy"):
+        result = run("convert", src, tmp_path / "out.safetensors", "--format", fmt, "--keep", "*")
+        assert result.exit_code == 2, result.output
+        assert f"a diffusers {family} transformer" in result.output and "--format native" in result.output
+        assert "Traceback" not in result.output and not list(tmp_path.glob("out*"))
+
+
+def test_a_diffusers_pixart_transformer_is_refused_when_anything_is_fp8(tmp_path):
+    """ComfyUI renames a diffusers PixArt on load (comfy.utils.pixart_to_diffusers) through a map that
+    carries .weight/.bias only: FP8 scales would be dropped. Nothing FP8: nothing lost."""
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=128, caption_channels=64, sample_size=16, use_additional_conditions=False)
+    folder = tmp_path / "transformer"
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    result = run("convert", folder, tmp_path / "out.safetensors", "--format", "comfy")
+    assert result.exit_code == 2, result.output
+    assert "a diffusers PixArt transformer" in result.output and "drops the FP8 scales" in result.output
+    assert not (tmp_path / "out.safetensors").exists()
+    assert run("convert", folder, tmp_path / "kept.safetensors", "--format", "comfy", "--keep", "*").exit_code == 0
