@@ -51,7 +51,21 @@ LTX-2 is refused: ComfyUI's LTX-2 model also holds the video and audio text-embe
 (``*_embeddings_connector.*``), which diffusers keeps in a component of their own (``connectors/``),
 so the transformer alone would load in ComfyUI with those layers missing.
 
-Refused as well, until they have a table: diffusers HunyuanVideo 1.5, Cosmos, Mochi and HunyuanDiT
+Mochi (N: transformer_blocks; the last one is context_pre_only: no context output or MLP)::
+
+    diffusers                                              Genmo / ComfyUI
+    patch_embed.proj, time_embed.timestep_embedder.linear_{1,2}
+                                                           x_embedder.proj, t_embedder.mlp.{0,2}
+    time_embed.pooler.{to_kv,to_q,to_out}, time_embed.caption_proj
+                                                           t5_y_embedder.{to_kv,to_q,to_out}, t5_yproj
+    N.norm1.linear, N.norm1_context.linear (last: linear_1)  blocks.N.mod_x, blocks.N.mod_y
+    N.attn1.to_q + to_k + to_v, add_{q,k,v}_proj           blocks.N.attn.qkv_x, qkv_y
+    N.attn1.norm_{q,k}, norm_added_{q,k}                   blocks.N.attn.{q,k}_norm_x, {q,k}_norm_y
+    N.attn1.to_out.0, to_add_out                           blocks.N.attn.proj_x, proj_y
+    N.ff{,_context}.net.0.proj (halves swapped), .net.2    blocks.N.mlp_{x,y}.w1, w2
+    proj_out, norm_out.linear (halves swapped)             final_layer.linear, final_layer.mod
+
+Refused as well, until they have a table: diffusers HunyuanVideo 1.5, Cosmos and HunyuanDiT
 transformers (ComfyUI cannot load them under diffusers' names; the original releases convert).
 """
 from __future__ import annotations
@@ -231,6 +245,51 @@ def ltx2_refused(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
              " for diffusers, write --format native")
 
 
+# ----------------------------------------------------------------------------- Mochi
+
+_MOCHI_TOP = {
+    "x_embedder.proj": ["patch_embed.proj"],
+    "t_embedder.mlp.0": ["time_embed.timestep_embedder.linear_1"],
+    "t_embedder.mlp.2": ["time_embed.timestep_embedder.linear_2"],
+    "t5_y_embedder.to_kv": ["time_embed.pooler.to_kv"], "t5_y_embedder.to_q": ["time_embed.pooler.to_q"],
+    "t5_y_embedder.to_out": ["time_embed.pooler.to_out"], "t5_yproj": ["time_embed.caption_proj"],
+    "final_layer.linear": ["proj_out"],
+}
+_MOCHI_BLOCK = {       # blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
+    "mod_x": ["norm1.linear"], "mod_y": ["norm1_context.linear"],
+    "attn.qkv_x": ["attn1.to_q", "attn1.to_k", "attn1.to_v"],
+    "attn.qkv_y": ["attn1.add_q_proj", "attn1.add_k_proj", "attn1.add_v_proj"],
+    "attn.proj_x": ["attn1.to_out.0"], "attn.proj_y": ["attn1.to_add_out"],
+    "attn.q_norm_x": ["attn1.norm_q"], "attn.k_norm_x": ["attn1.norm_k"],
+    "attn.q_norm_y": ["attn1.norm_added_q"], "attn.k_norm_y": ["attn1.norm_added_k"],
+    "mlp_x.w2": ["ff.net.2"], "mlp_y.w2": ["ff_context.net.2"],
+}
+
+
+def is_diffusers_mochi(names) -> bool:
+    """A diffusers MochiTransformer3DModel state dict."""
+    names = set(names)
+    return "time_embed.pooler.to_kv.weight" in names and "pos_frequencies" in names
+
+
+def mochi_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Mochi (ComfyUI) name -> the row ranges of diffusers tensors it is made of. The SwiGLU input
+    projections hold (gate, value) in Genmo's order and (value, gate) in diffusers': halves swapped."""
+    t = Table(tensors, "Mochi")
+    t.key("pos_frequencies", "pos_frequencies")
+    for new, parts in _MOCHI_TOP.items():
+        t.linear(new, parts)
+    t.linear("final_layer.mod", ["norm_out.linear"], swapped=True)
+    for n in t.blocks("transformer_blocks."):
+        old, new = f"transformer_blocks.{n}.", f"blocks.{n}."
+        for name, parts in _MOCHI_BLOCK.items():
+            t.linear(new + name, [old + p for p in parts])
+        t.linear(new + "mod_y", [old + "norm1_context.linear_1"])        # the last, context_pre_only block
+        t.linear(new + "mlp_x.w1", [old + "ff.net.0.proj"], swapped=True)
+        t.linear(new + "mlp_y.w1", [old + "ff_context.net.0.proj"], swapped=True)
+    return t.done("Mochi")
+
+
 # ----------------------------------------------------------------------------- refused, no table yet
 
 def _has(*keys):
@@ -254,12 +313,10 @@ REFUSED = (
                                   " single-file transformer)")),
     ("Cosmos", "-", _has("time_embed.t_embedder.linear_1.weight", "patch_embed.proj.weight"),
      _refused("Cosmos", "NVIDIA's Cosmos release under its original names (net.blocks...)")),
-    ("Mochi", "-", _has("time_embed.pooler.to_kv.weight", "pos_frequencies"),
-     _refused("Mochi", "Genmo's single-file Mochi 1 transformer (mochi_preview_dit.safetensors)")),
     ("HunyuanDiT", "-", _has("time_extra_emb.pooler.k_proj.weight", "text_embedding_padding"),
      _refused("HunyuanDiT", "Tencent's HunyuanDiT release under its original names")),
 )
 
-VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("LTX-2", "LTX-2", is_diffusers_ltx2, ltx2_refused),
+VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("Mochi", "Genmo", is_diffusers_mochi, mochi_to_comfy), ("LTX-2", "LTX-2", is_diffusers_ltx2, ltx2_refused),
          ("LTX-Video", "LTX-Video", is_diffusers_ltx, ltx_to_comfy),
          ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy), *REFUSED)
