@@ -312,7 +312,9 @@ REFUSED = (
      _refused("HunyuanVideo 1.5", "the HunyuanVideo 1.5 release under its own names (Comfy-Org's or Tencent's"
                                   " single-file transformer)")),
     ("Cosmos", "-", _has("time_embed.t_embedder.linear_1.weight", "patch_embed.proj.weight"),
-     _refused("Cosmos", "NVIDIA's Cosmos release under its original names (net.blocks...)")),
+     _refused("Cosmos", "NVIDIA's Cosmos release under its original names (net.blocks...): diffusers' Cosmos 1.0 and"
+                        " Predict2 transformers share one layout, and which of ComfyUI's two models the weights are"
+                        " for cannot be told from them")),
     ("HunyuanDiT", "-", _has("time_extra_emb.pooler.k_proj.weight", "text_embedding_padding"),
      _refused("HunyuanDiT", "Tencent's HunyuanDiT release under its original names")),
 )
