@@ -64,6 +64,18 @@ through a map that drops FP8 scales, so it is written under the original names):
     single_transformer_blocks.N.attn.to_{q,k,v}, to_out.0, ff.*, norm1.linear
                                                            single_layers.N.attn.w1{q,k,v,o}, mlp.*, modCX.1
     proj_out, norm_out.linear (halves swapped)             final_linear, modF.1
+
+PixArt-alpha / Sigma (ComfyUI renames a diffusers PixArt on load, dropping FP8 scales; the map is
+ComfyUI's own ``comfy.utils.pixart_to_diffusers`` inverted; diffusers has no single-file converter)::
+
+    pos_embed.proj, caption_projection.linear_{1,2}        x_embedder.proj, y_embedder.y_proj.fc{1,2}
+    adaln_single.emb.timestep_embedder.linear_{1,2}        t_embedder.mlp.{0,2}
+    adaln_single.emb.{resolution,aspect_ratio}_embedder.linear_{1,2}
+                                                           {csize,ar}_embedder.mlp.{0,2}
+    adaln_single.linear, proj_out, scale_shift_table       t_block.1, final_layer.linear, final_layer.scale_shift_table
+    N.attn1.to_q + to_k + to_v, N.attn1.to_out.0           blocks.N.attn.qkv, blocks.N.attn.proj
+    N.attn2.to_q, N.attn2.to_k + to_v, N.attn2.to_out.0    blocks.N.cross_attn.{q_linear,kv_linear,proj}
+    N.ff.net.{0.proj,2}, N.scale_shift_table               blocks.N.mlp.fc{1,2}, blocks.N.scale_shift_table
 """
 from __future__ import annotations
 
@@ -279,6 +291,44 @@ def auraflow_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("AuraFlow")
 
 
-VIEWS = (("AuraFlow", "AuraFlow", is_diffusers_auraflow, auraflow_to_comfy), ("FLUX.2", "FLUX.2", is_diffusers_flux2, flux2_to_comfy), ("Chroma", "Chroma", is_diffusers_chroma, chroma_to_comfy),
+# ----------------------------------------------------------------------------- PixArt
+
+_PIXART_TOP = {
+    "x_embedder.proj": ["pos_embed.proj"], "t_block.1": ["adaln_single.linear"], "final_layer.linear": ["proj_out"],
+    "y_embedder.y_proj.fc1": ["caption_projection.linear_1"], "y_embedder.y_proj.fc2": ["caption_projection.linear_2"],
+    **{f"{a}.mlp.{i}": [f"adaln_single.emb.{b}.linear_{j}"] for a, b in (
+        ("t_embedder", "timestep_embedder"), ("csize_embedder", "resolution_embedder"),
+        ("ar_embedder", "aspect_ratio_embedder")) for i, j in ((0, 1), (2, 2))},
+}
+_PIXART_BLOCK = {
+    "attn.qkv": ["attn1.to_q", "attn1.to_k", "attn1.to_v"], "attn.proj": ["attn1.to_out.0"],
+    "cross_attn.q_linear": ["attn2.to_q"], "cross_attn.kv_linear": ["attn2.to_k", "attn2.to_v"],
+    "cross_attn.proj": ["attn2.to_out.0"], "mlp.fc1": ["ff.net.0.proj"], "mlp.fc2": ["ff.net.2"],
+}
+
+
+def is_diffusers_pixart(names) -> bool:
+    """A diffusers PixArtTransformer2DModel state dict."""
+    names = set(names)
+    return ("adaln_single.emb.timestep_embedder.linear_1.weight" in names and "pos_embed.proj.weight" in names
+            and "transformer_blocks.0.attn2.to_q.weight" in names)
+
+
+def pixart_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """PixArt (ComfyUI) name -> the row ranges of diffusers tensors it is made of."""
+    t = Table(tensors, "PixArt")
+    t.key("final_layer.scale_shift_table", "scale_shift_table")
+    t.key("y_embedder.y_embedding", "caption_projection.y_embedding")
+    for new, parts in _PIXART_TOP.items():
+        t.linear(new, parts)
+    for n in t.blocks("transformer_blocks."):
+        old, new = f"transformer_blocks.{n}.", f"blocks.{n}."
+        t.key(new + "scale_shift_table", old + "scale_shift_table")
+        for name, parts in _PIXART_BLOCK.items():
+            t.linear(new + name, [old + p for p in parts])
+    return t.done("PixArt")
+
+
+VIEWS = (("PixArt", "PixArt", is_diffusers_pixart, pixart_to_comfy), ("AuraFlow", "AuraFlow", is_diffusers_auraflow, auraflow_to_comfy), ("FLUX.2", "FLUX.2", is_diffusers_flux2, flux2_to_comfy), ("Chroma", "Chroma", is_diffusers_chroma, chroma_to_comfy),
          ("Lumina 2", "Lumina 2", is_diffusers_lumina2, lumina2_to_comfy),
          ("Z-Image", "Z-Image", is_diffusers_z_image, z_image_to_comfy))

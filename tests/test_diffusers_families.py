@@ -100,6 +100,46 @@ def chroma_from_comfy(state: dict) -> dict:
         return sfu.convert_chroma_transformer_checkpoint_to_diffusers(state)
 
 
+# ComfyUI's own PixArt map (comfy/utils.py PIXART_MAP_BASIC / PIXART_MAP_BLOCK / pixart_to_diffusers at
+# silveroxides/ComfyUI 4f874c5), diffusers name -> ComfyUI name, or (name, first row, rows) for a slice:
+# diffusers has no single-file PixArt converter, so ComfyUI's load-time map is the reference.
+_PIXART_BASIC = {"adaln_single.emb.resolution_embedder.linear_{}": "csize_embedder.mlp.{}",
+                 "adaln_single.emb.aspect_ratio_embedder.linear_{}": "ar_embedder.mlp.{}",
+                 "adaln_single.emb.timestep_embedder.linear_{}": "t_embedder.mlp.{}",
+                 "caption_projection.linear_{}": "y_embedder.y_proj.fc{}"}
+
+
+def pixart_from_comfy(state: dict) -> dict:
+    h = state["t_embedder.mlp.0.bias"].shape[0]
+    key_map = {"pos_embed.proj.weight": "x_embedder.proj.weight", "pos_embed.proj.bias": "x_embedder.proj.bias",
+               "adaln_single.linear.weight": "t_block.1.weight", "adaln_single.linear.bias": "t_block.1.bias",
+               "proj_out.weight": "final_layer.linear.weight", "proj_out.bias": "final_layer.linear.bias",
+               "scale_shift_table": "final_layer.scale_shift_table"}
+    for d, c in _PIXART_BASIC.items():
+        for end in ("weight", "bias"):
+            key_map[d.format(1) + "." + end] = c.format(1 if c.endswith("fc{}") else 0) + "." + end
+            key_map[d.format(2) + "." + end] = c.format(2) + "." + end
+    for i in sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")}):
+        d, c = f"transformer_blocks.{i}.", f"blocks.{i}."
+        key_map[d + "scale_shift_table"] = c + "scale_shift_table"
+        for end in ("weight", "bias"):
+            for j, p in enumerate("qkv"):
+                key_map[f"{d}attn1.to_{p}.{end}"] = (f"{c}attn.qkv.{end}", j * h, h)
+            key_map[f"{d}attn2.to_q.{end}"] = f"{c}cross_attn.q_linear.{end}"
+            key_map[f"{d}attn2.to_k.{end}"] = (f"{c}cross_attn.kv_linear.{end}", 0, h)
+            key_map[f"{d}attn2.to_v.{end}"] = (f"{c}cross_attn.kv_linear.{end}", h, h)
+            for a, b in (("attn1.to_out.0", "attn.proj"), ("attn2.to_out.0", "cross_attn.proj"),
+                         ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2")):
+                key_map[f"{d}{a}.{end}"] = f"{c}{b}.{end}"
+    out = {}
+    for d, c in key_map.items():
+        if isinstance(c, tuple):
+            out[d] = state[c[0]].narrow(0, c[1], c[2])
+        elif c in state:
+            out[d] = state[c]
+    return out
+
+
 # case -> (the tiny diffusers model, diffusers' converter from ComfyUI's names, its family_keys.json case,
 # the preset plan names)
 FAMILIES = {
@@ -149,10 +189,17 @@ FAMILIES = {
         patch_size=2, num_attention_heads=2, attention_head_dim=32, num_layers=48, pooled_projection_dim=32,
         in_channels=12, text_embed_dim=32, time_embed_dim=256, max_sequence_length=16),
         sfu.convert_mochi_transformer_checkpoint_to_diffusers, "mochi", "mochi"),
+    "pixart_sigma": (lambda: diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=128, caption_channels=64, sample_size=16, use_additional_conditions=False),
+        pixart_from_comfy, "pixart_sigma", "pixart"),
 }
 NOT_RENAMED = {"hidream"}
 # diffusers sizes Z-Image's FFN and time MLP from its width; the ComfyUI-built key set used other sizes.
 SAME_KEYS_ONLY = {"zimage"}
+# diffusers' PixArt has no y_embedding (the null caption ComfyUI's model holds; ComfyUI's own load of a
+# diffusers PixArt leaves it missing too).
+MISSING = {"pixart_sigma": {"y_embedder.y_embedding"}}
 # family_keys.json holds 2 Mochi blocks, the last context_pre_only: the tiny model's 48 map onto them.
 BLOCKS_AS = {"mochi": lambda k: re.sub(r"^blocks\.(\d+)\.", lambda m: "blocks.1." if m.group(1) == "47" else "blocks.0.", k)}
 
@@ -191,6 +238,7 @@ def test_the_view_has_comfyuis_keys_and_shapes(folders, case):
     with open_source(folders(case), names="comfyui") as view:
         got = {n: list(i.shape) for n, i in view.tensors.items()}
     want = KEYS[FAMILIES[case][2]]
+    want = {k: v for k, v in want.items() if k not in MISSING.get(case, ())}
     if case in BLOCKS_AS:
         assert {BLOCKS_AS[case](k) for k in got} == set(want)
     elif case in SAME_KEYS_ONLY:
@@ -217,7 +265,7 @@ def test_converted_file_goes_back_through_diffusers_own_converter(folders, tmp_p
     extra = {"scaled_fp8"} if fmt == "comfy-legacy" else set()
     weights = {k for k in stored if not k.endswith((".weight_scale", ".scale_weight", ".comfy_quant", ".input_scale",
                                                     ".scale_input"))} - extra
-    assert {BLOCKS_AS.get(case, str)(k) for k in weights} == set(KEYS[FAMILIES[case][2]])
+    assert {BLOCKS_AS.get(case, str)(k) for k in weights} == set(KEYS[FAMILIES[case][2]]) - MISSING.get(case, set())
 
     source = source_state(folder)
     back = FAMILIES[case][1]({k: v for k, v in load_dequantized(str(out), dtype=torch.bfloat16).items()})
@@ -242,7 +290,7 @@ def test_nothing_quantized_goes_back_bit_for_bit(folders, tmp_path, case):
     result = run("convert", folder, out, "--format", "comfy", "--keep", "*")
     assert result.exit_code == 0, result.output
     stored = load_file(str(out))
-    assert {BLOCKS_AS.get(case, str)(k) for k in stored} == set(KEYS[FAMILIES[case][2]])
+    assert {BLOCKS_AS.get(case, str)(k) for k in stored} == set(KEYS[FAMILIES[case][2]]) - MISSING.get(case, set())
     back = FAMILIES[case][1](dict(stored))
     source = source_state(folder)
     assert set(back) == set(source)
@@ -312,44 +360,3 @@ def test_diffusers_families_without_a_table_are_refused_before_any_work(tmp_path
         assert result.exit_code == 2, result.output
         assert f"a diffusers {family} transformer" in result.output and "--format native" in result.output
         assert "Traceback" not in result.output and not list(tmp_path.glob("out*"))
-
-
-def test_a_diffusers_pixart_transformer_is_refused_when_anything_is_fp8(tmp_path):
-    """ComfyUI renames a diffusers PixArt on load (comfy.utils.pixart_to_diffusers) through a map that
-    carries .weight/.bias only: FP8 scales would be dropped. Nothing FP8: nothing lost."""
-    torch.manual_seed(0)
-    model = diffusers.PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=128, caption_channels=64, sample_size=16, use_additional_conditions=False)
-    folder = tmp_path / "transformer"
-    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
-    result = run("convert", folder, tmp_path / "out.safetensors", "--format", "comfy")
-    assert result.exit_code == 2, result.output
-    assert "a diffusers PixArt transformer" in result.output and "drops the FP8 scales" in result.output
-    assert not (tmp_path / "out.safetensors").exists()
-    assert run("convert", folder, tmp_path / "kept.safetensors", "--format", "comfy", "--keep", "*").exit_code == 0
-
-
-@pytest.mark.parametrize("case", ["wan21_t2v", "wan21_i2v"])
-def test_wan_comfy_file_runs_the_model_within_fp8_error(folders, tmp_path, case):
-    """convert -> read-back -> diffusers' converter -> the diffusers model's forward, against the
-    BF16 source's (float32 compute, the same inputs): cosine >= 0.99."""
-    folder = folders(case)
-    out = tmp_path / f"{case}.safetensors"
-    assert run("convert", folder, out, "--format", "comfy", "--recipe", "compact").exit_code == 0
-    back = FAMILIES[case][1](load_dequantized(str(out), dtype=torch.float32))
-    source = source_state(folder)
-    outputs = []
-    for state in ({k: v.float() for k, v in source.items()}, back):
-        model = FAMILIES[case][0]().float().eval()
-        model.load_state_dict(state, strict=True)
-        g = torch.Generator().manual_seed(0)
-        channels = model.config.in_channels
-        inputs = dict(hidden_states=torch.randn(1, channels, 1, 8, 8, generator=g),
-                      timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 8, 64, generator=g))
-        if model.config.image_dim:
-            inputs["encoder_hidden_states_image"] = torch.randn(1, 4, model.config.image_dim, generator=g)
-        with torch.no_grad():
-            outputs.append(model(**inputs, return_dict=False)[0].flatten().double())
-    cos = float(torch.nn.functional.cosine_similarity(outputs[0], outputs[1], dim=0))
-    assert 0.99 <= cos < 1.0, cos          # FP8 changed something, and not much

@@ -104,7 +104,6 @@ RENAMED_ON_LOAD = (
     ("a diffusers FLUX transformer", ("x_embedder.weight", "transformer_blocks.0.attn.to_q.weight")),
     ("a diffusers SD3 transformer", ("pos_embed.proj.weight", "transformer_blocks.0.attn.add_q_proj.weight")),
     ("a diffusers AuraFlow transformer", ("joint_transformer_blocks.0.attn.add_k_proj.weight",)),
-    ("a diffusers PixArt transformer", ("adaln_single.emb.timestep_embedder.linear_1.bias", "pos_embed.proj.bias")),
     ("a diffusers SD ControlNet", ("controlnet_cond_embedding.conv_in.weight",)),
     ("a diffusers UNet", ("conv_in.weight", "time_embedding.linear_1.weight")),
     ("a diffusers VAE", ("decoder.up_blocks.0.resnets.0.norm1.weight",)),
