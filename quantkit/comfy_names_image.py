@@ -19,7 +19,7 @@ Lumina 2 (B: noise_refiner.N, context_refiner.N, layers.N)::
     B.norm1.linear                                         B.adaLN_modulation.1
     norm_out.linear_1, norm_out.linear_2                   final_layer.adaLN_modulation.1, final_layer.linear
 
-Z-Image (one patch size; every other key keeps its name)::
+Z-Image (patch size 2-1, as ComfyUI's ``z_image_to_diffusers``; every other key keeps its name)::
 
     all_x_embedder.2-1, all_final_layer.2-1.*              x_embedder, final_layer.*
     B.attention.to_q + to_k + to_v, B.attention.to_out.0   B.attention.qkv, B.attention.out
@@ -145,13 +145,13 @@ def is_diffusers_z_image(names) -> bool:
 
 def z_image_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     """Z-Image (ComfyUI) name -> the row ranges of diffusers tensors it is made of. ComfyUI's model
-    has one patch size: a second one's embedder and final layer are left unnamed (refused)."""
+    has one patch size, 2 (frames 1), as its own map says: another's embedder and final layer are
+    left unnamed (refused)."""
     t = Table(tensors, "Z-Image")
-    patches = sorted({m.group(2) for n in t.rows if (m := _Z_IMAGE_PATCH.match(n))})
     attention = {f"{b}.{n}.{p}" for b in _REFINED for n in t.blocks(b + ".")
                  for parts in _Z_IMAGE_ATTENTION.values() for p in parts}
     for name in t.rows:
-        if (m := _Z_IMAGE_PATCH.match(name)) and m.group(2) == patches[0]:
+        if (m := _Z_IMAGE_PATCH.match(name)) and m.group(2) == "2-1":
             t.key(m.group(1) + "." + name[m.end():], name)
         elif not m and name.rpartition(".")[0] not in attention:
             t.key(name, name)

@@ -360,3 +360,16 @@ def test_diffusers_families_without_a_table_are_refused_before_any_work(tmp_path
         assert result.exit_code == 2, result.output
         assert f"a diffusers {family} transformer" in result.output and "--format native" in result.output
         assert "Traceback" not in result.output and not list(tmp_path.glob("out*"))
+
+
+def test_a_z_image_patch_size_comfyui_has_no_model_for_is_refused_by_name(tmp_path):
+    """ComfyUI's Z-Image has the 2-1 patch embedder only (its own map names all_x_embedder.2-1)."""
+    torch.manual_seed(0)
+    model = diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2, 1), all_f_patch_size=(1, 1), in_channels=16, dim=128, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=64, axes_dims=[16, 24, 24])
+    folder = tmp_path / "transformer"
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    result = run("convert", folder, tmp_path / "out.safetensors", "--format", "comfy")
+    assert result.exit_code == 2, result.output
+    assert ".1-1." in result.output and "Z-Image" in result.output and "Traceback" not in result.output
