@@ -373,3 +373,17 @@ def test_a_z_image_patch_size_comfyui_has_no_model_for_is_refused_by_name(tmp_pa
     result = run("convert", folder, tmp_path / "out.safetensors", "--format", "comfy")
     assert result.exit_code == 2, result.output
     assert ".1-1." in result.output and "Z-Image" in result.output and "Traceback" not in result.output
+
+
+def test_wan_flf2v_position_embedding_is_comfyuis_img_emb_emb_pos(tmp_path):
+    """Wan 2.1 FLF2V's image-embedding positions (diffusers' image_embedder.pos_embed) are ComfyUI's
+    img_emb.emb_pos (comfy/ldm/wan/model.py MLPProj; diffusers' converter does not map this key)."""
+    torch.manual_seed(0)
+    model = _wan(in_channels=36, image_dim=64, added_kv_proj_dim=128, pos_embed_seq_len=514)
+    folder = tmp_path / "transformer"
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    out = tmp_path / "flf2v.safetensors"
+    assert run("convert", folder, out, "--format", "comfy", "--keep", "*").exit_code == 0
+    stored, source = load_file(str(out)), source_state(folder)
+    assert set(stored) == set(KEYS["wan21_i2v"]) | {"img_emb.emb_pos"}
+    assert torch.equal(stored["img_emb.emb_pos"], source["condition_embedder.image_embedder.pos_embed"])
