@@ -5,7 +5,10 @@ renames the keys itself (``model_detection.convert_diffusers_mmdit``, ``utils.un
 through maps that carry ``.weight`` / ``.bias`` only: FP8 scales and markers would be dropped
 (``formats/comfy.py`` refuses such files). So for the comfy formats ``sources.open_source(...,
 names="comfyui")`` presents a diffusers FLUX.1 or SD3 transformer or SD1.x/SD2.x/SDXL UNet under
-the original names, and the file written is one ComfyUI loads natively.
+the original names, and the file written is one ComfyUI loads natively. This module holds the
+shared machinery (``Table``, ``RenamedView``) and those three tables; ``comfy_names_video`` and
+``comfy_names_image`` hold the other families' (Wan, HunyuanVideo, LTX-Video, Mochi; Lumina 2,
+Z-Image, Chroma, FLUX.2, AuraFlow, PixArt), and ``sources.COMFYUI_VIEWS`` tries them all.
 
 FLUX.1 (N: transformer_blocks, M: single_transformer_blocks)::
 
@@ -69,7 +72,7 @@ COMFYUI = "comfyui"
 Part = tuple[str, int, int]
 
 
-class _Table:
+class Table:
     """Builds new name -> parts over the source's row counts; ``done`` refuses a source key left unused."""
 
     def __init__(self, tensors: dict[str, TensorInfo], what: str):
@@ -126,7 +129,7 @@ _FLUX_TOP = {
     "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
     "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
 }
-_FLUX_DOUBLE = {       # double_blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
+FLUX_DOUBLE = {       # double_blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
     "img_mod.lin": ["norm1.linear"], "txt_mod.lin": ["norm1_context.linear"],
     "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
     "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
@@ -139,7 +142,7 @@ _FLUX_DOUBLE_NORMS = {  # whole keys: RMSNorm scales
     "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
     "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
 }
-_FLUX_SINGLE = {
+FLUX_SINGLE = {
     "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "linear2": ["proj_out"],
     "modulation.lin": ["norm.linear"],
 }
@@ -147,20 +150,20 @@ _FLUX_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_n
 
 
 def is_diffusers_flux(names) -> bool:
-    """A diffusers FluxTransformer2DModel state dict (not a ControlNet: ComfyUI loads those apart)."""
+    """A diffusers FluxTransformer2DModel state dict (not a ControlNet: ComfyUI loads those apart; not Chroma)."""
     names = set(names)
     return ("x_embedder.weight" in names and "transformer_blocks.0.attn.to_q.weight" in names
             and "single_transformer_blocks.0.proj_mlp.weight" in names
-            and not any(n.startswith("controlnet_") for n in names))
+            and not any(n.startswith(("controlnet_", "distilled_guidance_layer.")) for n in names))   # nor Chroma
 
 
 def flux_to_bfl(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     """BFL name -> the row ranges of diffusers tensors it is made of, in BFL's file order."""
-    t = _Table(tensors, "FLUX.1")
+    t = Table(tensors, "FLUX.1")
     for new, parts in _FLUX_TOP.items():
         t.linear(new, parts)
-    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _FLUX_DOUBLE, _FLUX_DOUBLE_NORMS),
-                                     ("single_transformer_blocks", "single_blocks", _FLUX_SINGLE,
+    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", FLUX_DOUBLE, _FLUX_DOUBLE_NORMS),
+                                     ("single_transformer_blocks", "single_blocks", FLUX_SINGLE,
                                       _FLUX_SINGLE_NORMS)):
         for n in t.blocks(src + "."):
             old, new = f"{src}.{n}.", f"{dst}.{n}."
@@ -210,7 +213,7 @@ def is_diffusers_sd3(names) -> bool:
 def sd3_to_sai(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     """SAI (ComfyUI MMDiT) name -> the row ranges of diffusers tensors it is made of. The last block
     is context_pre_only: its context modulation is a scale/shift pair, stored swapped as the final layer's."""
-    t = _Table(tensors, "SD3")
+    t = Table(tensors, "SD3")
     t.key("pos_embed", "pos_embed.pos_embed")
     for new, parts in _SD3_TOP.items():
         t.linear(new, parts)
@@ -248,7 +251,7 @@ def unet_to_ldm(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     """LDM (ComfyUI) name -> the diffusers tensor it renames. Level i of L resnets fills LDM's
     input_blocks i*(L+1)+1 ... i*(L+1)+L (its downsampler the next one), and up level i (L+1
     resnets) output_blocks i*(L+1) ... i*(L+1)+L, its upsampler after the resnet (and attention)."""
-    t = _Table(tensors, "UNet")
+    t = Table(tensors, "UNet")
     names = list(t.rows)
 
     def subtree(old: str, new: str, renames: dict[str, str] | None = None) -> None:
@@ -281,8 +284,9 @@ def unet_to_ldm(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("LDM")
 
 
-# Diffusers models ComfyUI would rename on load, and what quantkit names them instead.
-_VIEWS = (("FLUX.1", "BFL", is_diffusers_flux, flux_to_bfl), ("SD3", "SAI", is_diffusers_sd3, sd3_to_sai),
+# Diffusers models ComfyUI would rename on load, and what quantkit names them instead: (family,
+# whose names, detect(names), build(tensors) -> table). ``sources`` adds the other families' views.
+VIEWS = (("FLUX.1", "BFL", is_diffusers_flux, flux_to_bfl), ("SD3", "SAI", is_diffusers_sd3, sd3_to_sai),
           ("UNet", "LDM", is_diffusers_unet, unet_to_ldm))
 
 
@@ -357,9 +361,10 @@ class RenamedView(TensorSource):
         return f"RenamedView({self.original!r}, as {self.renamed})"
 
 
-def comfyui_view(checkpoint):
-    """``checkpoint`` under ComfyUI's names when it is a diffusers FLUX.1 / SD3 transformer or UNet, else itself."""
-    found = next((v for v in _VIEWS if v[2](checkpoint.tensors)), None)
+def comfyui_view(checkpoint, views=VIEWS):
+    """``checkpoint`` under ComfyUI's names when one of ``views`` detects it (a diffusers FLUX.1 / SD3
+    transformer or UNet by default), else itself."""
+    found = next((v for v in views if v[2](checkpoint.tensors)), None)
     if found is None:
         return checkpoint
     what, names, _, build = found

@@ -8,12 +8,15 @@ from __future__ import annotations
 import os
 
 from .checkpoint import open_checkpoint
+from . import comfy_names, comfy_names_image, comfy_names_video
 from .comfy_encoder_names import comfyui_encoder_view
 from .comfy_names import COMFYUI, comfyui_view
 from .errors import OptionsError
 from .reader import TensorSource
 
 NAMINGS = (COMFYUI,)
+# Every diffusers family written under ComfyUI's names, the first that detects a checkpoint wins.
+COMFYUI_VIEWS = (*comfy_names.VIEWS, *comfy_names_video.VIEWS, *comfy_names_image.VIEWS)
 
 
 def open_source(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False,
@@ -26,7 +29,8 @@ def open_source(path: str | os.PathLike, *, component: str | None = None, ema: b
         component: the pipeline folder to read (``transformer``, ``unet``...).
         ema: read the EMA weights of a checkpoint that holds both (None: decide from the file).
         names: None for the checkpoint's own names, ``"comfyui"`` for the names ComfyUI loads (a
-            diffusers FLUX.1 / SD3 transformer or UNet renamed; any other checkpoint as it is).
+            diffusers FLUX.1 / SD3 transformer, UNet or a family of ``COMFYUI_VIEWS`` renamed, a
+            transformers text encoder under ComfyUI's text-encoder names; any other checkpoint as it is).
 
     Returns:
         A ``TensorSource`` (a context manager): its tensors' headers, read on demand.
@@ -44,7 +48,7 @@ def open_source(path: str | os.PathLike, *, component: str | None = None, ema: b
     if names is None:
         return checkpoint
     try:
-        return comfyui_encoder_view(checkpoint) or comfyui_view(checkpoint)
+        return comfyui_encoder_view(checkpoint) or comfyui_view(checkpoint, COMFYUI_VIEWS)
     except BaseException:
         checkpoint.close()
         raise

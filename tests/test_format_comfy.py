@@ -360,13 +360,12 @@ def test_only_2d_weights_become_fp8(work, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["comfy", "comfy-legacy"])
-@pytest.mark.parametrize("model, what", [("flux2", "a diffusers FLUX transformer"),
-                                         ("flux_controlnet", "a diffusers FLUX ControlNet")])
+@pytest.mark.parametrize("model, what", [("flux_controlnet", "a diffusers FLUX ControlNet")])
 def test_diffusers_names_that_comfyui_renames_are_refused(work, fmt, model, what):
     """ComfyUI renames these on load through maps that carry .weight/.bias only: the scales and
     markers would be dropped and the FP8 codes loaded as weights. Refused before anything is written.
     (Diffusers FLUX.1 and SD3 transformers and UNets are written under BFL's / SAI's / LDM's names
-    instead: test_comfy_names.py.)"""
+    instead: test_comfy_names.py; FLUX.2, Chroma, Wan and the other families: test_diffusers_families.py.)"""
     src, out = work / f"{model}.safetensors", work / f"{model}-{fmt}.safetensors"
     tiny_models.save_state_dict(tiny_models.build(model), src)
     for command in (["plan", src, "--format", fmt], ["convert", src, out, "--format", fmt]):
