@@ -3,6 +3,8 @@ option, called with the command's own help text where it differs; choices built 
 library's enums."""
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..dtypes import FP8_FORMATS, Granularity
@@ -88,8 +90,24 @@ class _RuleOrderCommand(click.Command):
 JSON = "--json"       # the option that writes a command's result as JSON, also named in refusals of its path
 
 
+STDOUT = "-"              # --json -: the JSON alone on standard output
+JSON_STREAM = "quantkit.json_stream"
+
+
 def json_option(help: str):
-    return click.option(JSON, "json_path", type=click.Path(dir_okay=False), help=help)
+    return click.option(JSON, "json_path", type=click.Path(dir_okay=False, allow_dash=True), callback=_json_to_stdout,
+                        help=help + " '-' writes it to standard output (what the command prints for people then "
+                                    "goes to standard error).")
+
+
+def _json_to_stdout(ctx, param, value):
+    """With ``--json -`` the command's own lines go to standard error, so a pipe
+    (``quantkit plan SRC --json - | jq``) reads the JSON document and nothing else."""
+    if value == STDOUT and JSON_STREAM not in ctx.meta:
+        ctx.meta[JSON_STREAM] = real = sys.stdout
+        sys.stdout = sys.stderr
+        ctx.call_on_close(lambda: setattr(sys, "stdout", real))
+    return value
 
 
 def overwrite_option(help: str):
@@ -186,7 +204,7 @@ def stats_options(f):
 
 def reports(json_path: str | None) -> dict[str, str]:
     """The report files a command writes at its end, by option (checked before any work)."""
-    return {JSON: json_path} if json_path else {}
+    return {JSON: json_path} if json_path and json_path != STDOUT else {}
 
 
 def check_report_dir(path: str, reads: list, overwrite: bool) -> None:
