@@ -229,3 +229,34 @@ def test_a_usage_error_of_a_subcommand_names_its_whole_path():
     from quantkit.cli import main
     result = CliRunner().invoke(main, ["stats", "show", "x.stats", "--top", "-1"], prog_name="quantkit")
     assert result.exit_code == 2 and "(see 'quantkit stats show --help')" in result.output, result.output
+
+
+# ----------------------------------------------------------------------------- --max-memory
+
+def test_validate_model_output_within_a_memory_budget(minilm_ct, tmp_path):
+    """--max-memory runs both models in the runtime's budget mode: the same figures as streamed; a budget
+    below one block is bad input (exit 2, with the smallest that works), never a failed validation; and
+    without --model-output it has nothing to size."""
+    import json
+    streamed = run("validate", minilm_ct, "--against", MINILM, "--model-output", "-q", "--json", tmp_path / "a.json")
+    budget = run("validate", minilm_ct, "--against", MINILM, "--model-output", "-q", "--max-memory", "1GB",
+                 "--json", tmp_path / "b.json")
+    assert streamed.exit_code == 0 and budget.exit_code == 0, budget.output
+    a, b = (json.loads((tmp_path / n).read_text())["model_output"] for n in ("a.json", "b.json"))
+    assert a["sqnr"] == b["sqnr"] and a["cosine"] == b["cosine"]
+    small = run("validate", minilm_ct, "--against", MINILM, "--model-output", "-q", "--max-memory", "1MB")
+    assert small.exit_code == 2 and "smallest budget that works" in one_error_line(small)
+    alone = run("validate", minilm_ct, "--against", MINILM, "--max-memory", "1GB")
+    assert alone.exit_code == 2 and "--model-output" in one_error_line(alone)
+    nonsense = run("validate", minilm_ct, "--against", MINILM, "--model-output", "--max-memory", "lots")
+    assert nonsense.exit_code == 2 and "not a size" in one_error_line(nonsense)
+
+
+def test_calibrate_within_a_memory_budget_observes_the_same_ranges(tmp_path):
+    from quantkit.calibration import stats as statsfile
+    for name, extra in (("a", []), ("b", ["--max-memory", "1GB"])):
+        result = run("calibrate", MINILM, "-o", tmp_path / f"{name}.stats", "-q", "--samples", "8", *extra)
+        assert result.exit_code == 0, result.output
+    a, b = (statsfile.load(str(tmp_path / f"{n}.stats")) for n in "ab")
+    assert a.activations.keys() == b.activations.keys()
+    assert all(torch.equal(a.activations[k], b.activations[k]) for k in a.activations)

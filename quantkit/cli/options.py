@@ -134,6 +134,26 @@ def compute_dtype_option(help: str):
                         show_default=True, help=help)
 
 
+class _Size(click.ParamType):
+    """A size in bytes: 8GB, 500MB, 2GiB (decimal units as Hugging Face uses them)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from ..errors import OptionsError
+        from ..options import parse_size
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except OptionsError:
+            self.fail(f"{value!r} is not a size (e.g. 8GB, 500MB, 2GiB)", param, ctx)
+
+
+def max_memory_option(help: str):
+    return click.option("--max-memory", type=_Size(), metavar="SIZE", help=help)
+
+
 def activations_option(help: str):
     return click.option("--activations", type=click.Choice(ACTIVATION_ROWS), default=ActivationRows.FILE.value,
                         show_default=True, help=help)
