@@ -108,12 +108,13 @@ class ActivationStats:
 
 def observe(model, source, batches: list[dict], quantized: set[str], make_observer: Callable[[], Observer], *,
             dtype: torch.dtype = torch.float32, progress: Progress = NULL,
-            masks: list[torch.Tensor | None] | None = None) -> ActivationStats:
+            masks: list[torch.Tensor | None] | None = None, max_memory: int | None = None) -> ActivationStats:
     """Run ``model`` (``models.build_model``'s ``Model``) loaded streamed from ``source`` (an opened
     checkpoint under its own names) on ``batches``, observing the input of every layer whose weight is
-    in ``quantized`` (of a [batch, tokens, ...] input, only the tokens ``masks[i]`` marks); then drop it."""
+    in ``quantized`` (of a [batch, tokens, ...] input, only the tokens ``masks[i]`` marks); then drop it.
+    ``max_memory`` (bytes): loaded in the runtime's budget mode instead of streamed."""
     from quantkit.models import streamed
-    with streamed(model, source, source.path, dtype) as module:
+    with streamed(model, source, source.path, dtype, max_memory=max_memory) as module:
         info = module.quantkit_runtime
         layers = {target.rpartition(".")[0]: key for target, key in info.stored_names.items()
                   if key in quantized and target.rpartition(".")[2] == "weight"}

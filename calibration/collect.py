@@ -101,6 +101,7 @@ class CalibrationSettings:
     samples: int | None = None                    # at most this many samples (sentences, diffusion rows, hook batches)
     weights_only: bool = False
     compute_dtype: str = "fp32"
+    max_memory: int | None = None                 # bytes: the model runs in budget mode (default streamed)
 
     def __post_init__(self):
         ObserverSpec.parse(self.weight_observer, WEIGHT_OBSERVERS, "--observer")
@@ -285,7 +286,8 @@ def _activations(feed, source, quantized: set[str], spec: ObserverSpec, settings
     from quantkit.calibration.activations import observe
     model, inputs = feed
     acts = observe(model, source, inputs.batches, quantized, lambda: spec.make(Granularity.TENSOR),
-                   dtype=COMPUTE_DTYPES[settings.compute_dtype], progress=progress, masks=inputs.masks)
+                   dtype=COMPUTE_DTYPES[settings.compute_dtype], progress=progress, masks=inputs.masks,
+                   max_memory=settings.max_memory)
     for name, layer in acts.inputs.items():
         if not math.isfinite(float(_range(layer))):
             raise NonFiniteError("the input of this layer held NaN/Inf on the calibration inputs", path=source.path,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import QuantkitError, UnsupportedInputError, ValidationFailed
+from .errors import OptionsError, QuantkitError, UnsupportedInputError, ValidationFailed
 from .jsonfiles import JSONFileError, read_json
 from .metrics import ErrorStats
 from .models import Model, build_model, config_folder, read_model_config, run_model
@@ -54,7 +54,7 @@ ROWS = {"weight-only": ("none", "weight-only: FP8 weights, inputs as they come")
 
 
 def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: str = "fp32",
-                         activations: str = "file") -> dict:
+                         activations: str = "file", max_memory: int | None = None) -> dict:
     """Outputs of ``source`` (an opened checkpoint) and of the quantized ``output`` on the same
     seeded inputs: {"architecture", "inputs", "loaded_by", "sqnr", "psnr", "cosine", "max_abs_error",
     "rel_l2", ..., "rows"}; the top-level metrics are the weight-only row's.
@@ -67,7 +67,8 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
 
     ``activations`` ("none", "file" default, "all"): which rows of FP8 activation quantization are
     simulated besides weight-only (module docstring); ``rows`` lists each with its metrics and
-    ``loaded_by``."""
+    ``loaded_by``. ``max_memory`` (bytes): each model runs in the runtime's budget mode instead, as
+    many blocks resident as it holds."""
     import torch
 
     from .comfy_names import RenamedView
@@ -79,9 +80,11 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
     original = source.original if isinstance(source, RenamedView) else source
     model = build_model(original, seed)
     peaks = {}
-    y_ref, peaks["source"], _ = run_model(model, original, source.path, dtype)
+    y_ref, peaks["source"], _ = run_model(model, original, source.path, dtype, max_memory=max_memory)
     try:
-        rows = _rows(model, output, dtype, activations, y_ref, peaks)
+        rows = _rows(model, output, dtype, activations, y_ref, peaks, max_memory)
+    except OptionsError:             # a --max-memory the output's blocks do not fit: the user's to change
+        raise
     except QuantkitError as exc:     # the source ran: the output is what is broken
         raise ValidationFailed(f"the output does not run: {exc.message}", path=output, tensor=exc.tensor,
                                hint=exc.hint or "re-run quantkit convert") from None
@@ -92,7 +95,8 @@ def compare_model_output(source, output: str, *, seed: int = 0, compute_dtype: s
             "activations": activations, "rows": rows}
 
 
-def _rows(model: Model, output: str, dtype, activations: str, y_ref, peaks: dict) -> list[dict]:
+def _rows(model: Model, output: str, dtype, activations: str, y_ref, peaks: dict,
+          max_memory: int | None = None) -> list[dict]:
     """The rows ``activations`` asks for, weight-only first, each compared with ``y_ref``."""
     client = model.transformers and _loaded_by_transformers(output)
     # transformers runs a compressed-tensors folder with its own fake quantization of the inputs where the
@@ -107,7 +111,8 @@ def _rows(model: Model, output: str, dtype, activations: str, y_ref, peaks: dict
         if name == client_row:
             y, loaded_by, inputs = _run_in_transformers(model, output, dtype), "transformers (compressed-tensors)", None
         else:
-            y, peak, inputs = run_model(model, output, output, dtype, option, skip_weight_only=name != "weight-only")
+            y, peak, inputs = run_model(model, output, output, dtype, option, skip_weight_only=name != "weight-only",
+                                        max_memory=max_memory)
             if name == "weight-only":
                 peaks["output"] = peak
             loaded_by = f"{RUNTIME}; inputs: {_schemes(inputs)}" if option != "none" else RUNTIME

@@ -136,13 +136,14 @@ def _token_inputs(model, seed: int) -> dict:
     return inputs
 
 
-def run_model(model: Model, weights, path: str, dtype, activations: str = "none", skip_weight_only: bool = False):
+def run_model(model: Model, weights, path: str, dtype, activations: str = "none", skip_weight_only: bool = False,
+              max_memory: int | None = None):
     """``model`` built afresh, loaded from ``weights`` (an opened checkpoint or an output's path) by
-    the runtime in streamed mode with its ``activations`` option, run on its inputs, and dropped:
-    (its output, the peak bytes of weights it held, the FP8 Linear layers by input scheme). With
-    ``skip_weight_only``, a load that quantizes no input is not run (output None)."""
+    the runtime in streamed mode (``max_memory``: budget mode) with its ``activations`` option, run on
+    its inputs, and dropped: (its output, the peak bytes of weights it held, the FP8 Linear layers by
+    input scheme). With ``skip_weight_only``, a load that quantizes no input is not run (output None)."""
     import torch
-    with streamed(model, weights, path, dtype, activations) as module:
+    with streamed(model, weights, path, dtype, activations, max_memory) as module:
         info = module.quantkit_runtime
         schemes = dict(info.inputs)
         if skip_weight_only and not set(schemes) - {"none"}:
@@ -176,10 +177,11 @@ def _every_tensor(out):
 
 
 @contextmanager
-def streamed(model: Model, weights, path: str, dtype, activations: str = "none"):
+def streamed(model: Model, weights, path: str, dtype, activations: str = "none", max_memory: int | None = None):
     """``model`` built afresh and loaded from ``weights`` (an opened checkpoint or a path) by the runtime
-    in streamed mode (``activations``: the runtime's option), for the ``with`` block (validation runs
-    it, calibration hooks and runs it); closed and dropped after.
+    in streamed mode (``activations``: the runtime's option), or with ``max_memory`` in budget mode (as
+    many blocks resident as it holds, the rest streamed), for the ``with`` block (validation runs it,
+    calibration hooks and runs it); closed and dropped after.
 
     >>> with streamed(build_model(source), source, source.path, torch.float32) as module:   # doctest: +SKIP
     ...     module(**inputs)
@@ -191,7 +193,8 @@ def streamed(model: Model, weights, path: str, dtype, activations: str = "none")
     module = model.make()
     try:
         try:
-            load(module, weights, mode="streamed", compute_dtype=dtype, activations=activations)
+            load(module, weights, mode="budget" if max_memory else "streamed", compute_dtype=dtype,
+                 activations=activations, max_memory=max_memory)
         except ModelMismatchError as exc:
             raise UnsupportedInputError(f"the weights do not fit the config's architecture ({exc.message})",
                                         path=path, hint="the config.json beside the weights must describe "

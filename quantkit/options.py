@@ -64,7 +64,9 @@ class ValidateOptions:
     (None: as recorded in the manifest). ``model_output``: also run both models and compare their
     outputs in ``compute_dtype``; ``min_output_sqnr`` fails the weight-only row below it;
     ``activations`` adds simulated W8A8 rows; ``min_w8a8_sqnr`` fails the row "as the file implies"
-    below it (and implies ``activations`` FILE at least). Strings are accepted for the enums.
+    below it (and implies ``activations`` FILE at least). ``max_memory`` (bytes, or a size such as
+    "8GB"): the models run in the runtime's budget mode, as many blocks resident as it holds
+    (default: streamed, one block at a time). Strings are accepted for the enums.
 
     >>> ValidateOptions(activations="all", compute_dtype="bf16").activations
     <ActivationRows.ALL: 'all'>
@@ -79,8 +81,11 @@ class ValidateOptions:
     compute_dtype: ComputeDtype = ComputeDtype.FP32
     activations: ActivationRows = ActivationRows.FILE
     min_w8a8_sqnr: float | None = None
+    max_memory: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.max_memory, str):
+            object.__setattr__(self, "max_memory", parse_size(self.max_memory))
         object.__setattr__(self, "compute_dtype", _member(ComputeDtype, self.compute_dtype, "compute_dtype"))
         activations = _member(ActivationRows, self.activations, "activations")
         if self.min_w8a8_sqnr is not None and activations is ActivationRows.NONE:

@@ -306,7 +306,8 @@ def _compare_model_output(src, output: str, report: ValidationReport, options: V
     min_output_sqnr, min_w8a8_sqnr = options.min_output_sqnr, options.min_w8a8_sqnr
     try:
         report.model_output = compare_model_output(src, output, compute_dtype=options.compute_dtype.value,
-                                                   activations=options.activations.value)
+                                                   activations=options.activations.value,
+                                                   max_memory=options.max_memory)
     except ValidationFailed as exc:  # the source ran; the output did not (a tensor missing...)
         report.failures.append(f"model output: {exc}")
         return

@@ -47,3 +47,21 @@ def llama_like_source(folder):
 
 def convert_cmd(source, out, extra) -> list[str]:
     return [sys.executable, "-m", "quantkit.cli", "convert", str(source), str(out), "-q", *extra]
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux: /proc), or [] when it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, dead but not reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -229,3 +229,12 @@ def test_comfy_convert_validates_and_keeps_hidden_states(folders, name, tmp_path
     a, b = hidden(src).flatten(), hidden(quant_dir).flatten()
     cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
     assert 0.99 <= cos < 0.999999, cos       # close, and not the unquantized weights by mistake
+
+
+def test_a_bare_decoder_written_under_comfyui_names_runs_in_its_own_model(folders, tmp_path):
+    """A transformers Qwen3Model (layers.*) is written as ComfyUI's model.*: the runtime maps the names back
+    onto the model it was converted from, so --model-output runs it (the prefix is undone, nothing else)."""
+    out = tmp_path / "qwen3.safetensors"
+    assert run("convert", folders["qwen3"], out, "--format", "comfy", "-q").exit_code == 0
+    result = run("validate", out, "--against", folders["qwen3"], "--model-output", "-q")
+    assert result.exit_code == 0 and "PASS" in result.output, result.output

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantkit.manifest import read_manifest
-from runs import partials, sha256
+from runs import alive, children, partials, sha256
 
 SHARDS = 4
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -94,22 +94,6 @@ def test_a_failing_worker_is_one_line_and_leaves_nothing(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model.layers.7.mlp.up_proj.weight" in lines[0]
     assert "Traceback" not in r.stderr
     assert not out.exists() and partials(tmp_path) == []
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc")

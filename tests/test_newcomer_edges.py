@@ -196,3 +196,67 @@ def test_calibration_rows_beyond_the_memory_are_refused_before_any_work(tmp_path
     assert not out.exists()
     ok = run("calibrate", tmp_path / "t", "-o", out, "-q", "--steps", "2", "--seeds", "1")
     assert ok.exit_code == 0, ok.output
+
+
+# ----------------------------------------------------------------------------- --json - and usage errors
+
+@pytest.mark.parametrize("command", [["plan"], ["convert", "{out}"], ["validate-self"]])
+def test_json_dash_writes_the_document_alone_to_stdout(tmp_path, command):
+    """`--json -` is standard output, as in every Unix tool: the JSON document alone there (a pipe into
+    jq reads it), what the command prints for people on standard error, and no file named '-'."""
+    import json
+    import subprocess
+    import sys
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.randn(64, 64, dtype=torch.bfloat16)}, str(src))
+    out = tmp_path / "out.safetensors"
+    if command == ["validate-self"]:
+        assert run("convert", src, out, "--quantize", "w", "-q").exit_code == 0
+        args = ["validate", str(out), "--against", str(src)]
+    else:
+        args = [command[0], str(src), *[a.format(out=out) for a in command[1:]], "--quantize", "w"]
+    done = subprocess.run([sys.executable, "-m", "quantkit.cli", *args, "--json", "-"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert isinstance(doc, dict) and doc
+    assert done.stderr.strip() and not (tmp_path / "-").exists()
+
+
+def test_a_usage_error_of_a_subcommand_names_its_whole_path():
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+    result = CliRunner().invoke(main, ["stats", "show", "x.stats", "--top", "-1"], prog_name="quantkit")
+    assert result.exit_code == 2 and "(see 'quantkit stats show --help')" in result.output, result.output
+
+
+# ----------------------------------------------------------------------------- --max-memory
+
+def test_validate_model_output_within_a_memory_budget(minilm_ct, tmp_path):
+    """--max-memory runs both models in the runtime's budget mode: the same figures as streamed; a budget
+    below one block is bad input (exit 2, with the smallest that works), never a failed validation; and
+    without --model-output it has nothing to size."""
+    import json
+    streamed = run("validate", minilm_ct, "--against", MINILM, "--model-output", "-q", "--json", tmp_path / "a.json")
+    budget = run("validate", minilm_ct, "--against", MINILM, "--model-output", "-q", "--max-memory", "1GB",
+                 "--json", tmp_path / "b.json")
+    assert streamed.exit_code == 0 and budget.exit_code == 0, budget.output
+    a, b = (json.loads((tmp_path / n).read_text())["model_output"] for n in ("a.json", "b.json"))
+    assert a["sqnr"] == b["sqnr"] and a["cosine"] == b["cosine"]
+    small = run("validate", minilm_ct, "--against", MINILM, "--model-output", "-q", "--max-memory", "1MB")
+    assert small.exit_code == 2 and "smallest budget that works" in one_error_line(small)
+    alone = run("validate", minilm_ct, "--against", MINILM, "--max-memory", "1GB")
+    assert alone.exit_code == 2 and "--model-output" in one_error_line(alone)
+    nonsense = run("validate", minilm_ct, "--against", MINILM, "--model-output", "--max-memory", "lots")
+    assert nonsense.exit_code == 2 and "not a size" in one_error_line(nonsense)
+
+
+def test_calibrate_within_a_memory_budget_observes_the_same_ranges(tmp_path):
+    from quantkit.calibration import stats as statsfile
+    for name, extra in (("a", []), ("b", ["--max-memory", "1GB"])):
+        result = run("calibrate", MINILM, "-o", tmp_path / f"{name}.stats", "-q", "--samples", "8", *extra)
+        assert result.exit_code == 0, result.output
+    a, b = (statsfile.load(str(tmp_path / f"{n}.stats")) for n in "ab")
+    assert a.activations.keys() == b.activations.keys()
+    assert all(torch.equal(a.activations[k], b.activations[k]) for k in a.activations)

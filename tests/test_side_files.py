@@ -89,23 +89,30 @@ def test_no_side_file_is_parsed_outside_the_reader():
 
 # ----------------------------------------------------------------------------- quiet_transformers
 
-def test_quiet_transformers_restores_the_level_and_the_bars(monkeypatch):
+def test_quiet_transformers_restores_the_level_and_the_bars():
+    """Inside, transformers logs errors only and no tqdm bar draws, even one its caller asked for with
+    disable=False (as compressed-tensors does); after, even after an error, both are as they were."""
     pytest.importorskip("transformers")
+    import io
+
+    import tqdm
     from transformers.utils import logging as hf_logging
 
     from quantkit.quiet import quiet_transformers
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    before = hf_logging.get_verbosity()
+
+    def drawn(**kwargs) -> str:
+        out = io.StringIO()
+        for _ in tqdm.tqdm(range(3), file=out, desc="bar", **kwargs):
+            pass
+        return out.getvalue()
+    before, init = hf_logging.get_verbosity(), tqdm.tqdm.__dict__["__init__"]
     with quiet_transformers():
-        assert hf_logging.get_verbosity() == hf_logging.ERROR and "TQDM_DISABLE" not in os.environ
+        assert hf_logging.get_verbosity() == hf_logging.ERROR and "bar" in drawn()
     with pytest.raises(KeyError), quiet_transformers(no_bars=True):
-        assert os.environ["TQDM_DISABLE"] == "1"
+        assert drawn() == "" and drawn(disable=False) == "" and not hf_logging.is_progress_bar_enabled()
         raise KeyError("an error inside still restores")
-    assert hf_logging.get_verbosity() == before and "TQDM_DISABLE" not in os.environ
-    monkeypatch.setenv("TQDM_DISABLE", "0")
-    with quiet_transformers(no_bars=True):
-        pass
-    assert os.environ["TQDM_DISABLE"] == "0"
+    assert hf_logging.get_verbosity() == before and tqdm.tqdm.__dict__["__init__"] is init and "bar" in drawn()
+    assert hf_logging.is_progress_bar_enabled()
 
 
 # ----------------------------------------------------------------------------- formats own their card text

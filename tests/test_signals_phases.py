@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runs import partials, sha256
+from runs import alive, children, partials, sha256
 
 DEADLINE = 5.0
 
@@ -35,22 +35,6 @@ def model(tmp_path_factory):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return src, out
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def terminate(cmd, when, tmp_path, sig=signal.SIGTERM, group=False) -> tuple[int, str, float, list[int]]:

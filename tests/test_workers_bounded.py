@@ -22,7 +22,7 @@ from quantkit import workers
 from quantkit.dtypes import BF16
 from quantkit.errors import OutputError
 from quantkit.writer import OutputTensor, SafetensorsWriter, TempFolder
-from runs import partials
+from runs import children, partials
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 LINUX = sys.platform.startswith("linux")
@@ -59,14 +59,6 @@ def _source(folder, tensors=12, rows=512):
     save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(rows, 1024, generator=g).to(torch.bfloat16)
                for i in range(tensors)}, str(folder / "src.safetensors"))
     return folder / "src.safetensors"
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def run_counting_workers(cmd) -> tuple[int, str, str, int]:

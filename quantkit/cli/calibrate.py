@@ -8,7 +8,8 @@ import click
 from . import render
 from .group import main, progress_bars
 from .options import (PATTERN_HELP, _RuleOrderCommand, check_report_dir, compute_dtype_option, convert_options,
-                      json_option, overwrite_option, policy_options, quiet_option, report_option, reports)
+                      json_option, max_memory_option, overwrite_option, policy_options, quiet_option, report_option,
+                      reports)
 
 
 @main.command(cls=_RuleOrderCommand, epilog=PATTERN_HELP)
@@ -40,12 +41,15 @@ from .options import (PATTERN_HELP, _RuleOrderCommand, check_report_dir, compute
                    "hook's items (one pass each). Streamed mode reads the model once per pass.")
 @click.option("--weights-only", is_flag=True, help="Weight statistics only; do not run the model.")
 @compute_dtype_option("The dtype the model computes in while its inputs are observed.")
+@max_memory_option("Keep as many blocks of the model in memory as SIZE holds (e.g. 8GB) and stream the rest from "
+                   "the file while its inputs are observed (default: one block at a time: each pass reads the "
+                   "whole checkpoint).")
 @json_option("Also write the summary as JSON to PATH.")
 @overwrite_option("Replace STATS (and the --json file) if they exist.")
 @quiet_option()
 @click.pass_context
 def calibrate(ctx, src, out, weight_observer, activation_observer, inputs, text_encoders, steps, seeds, samples,
-              weights_only, compute_dtype, json_path, overwrite, quiet, **policy):
+              weights_only, compute_dtype, max_memory, json_path, overwrite, quiet, **policy):
     """Measure SRC's weights and layer inputs into the stats file STATS, for 'convert --stats'.
 
     Same policy options as 'convert': the tensors observed are those it would quantize. Each weight
@@ -67,7 +71,8 @@ def calibrate(ctx, src, out, weight_observer, activation_observer, inputs, text_
     options = convert_options(ctx, **policy)
     settings = CalibrationSettings(weight_observer=weight_observer, activation_observer=activation_observer,
                                    inputs=inputs, text_encoders=tuple(text_encoders), steps=steps, seeds=seeds,
-                                   samples=samples, weights_only=weights_only, compute_dtype=compute_dtype)
+                                   samples=samples, weights_only=weights_only, compute_dtype=compute_dtype,
+                                   max_memory=max_memory)
     click.echo(f"quantkit calibrate: {src} -> {out}")
     result = measure(src, out, options, settings, overwrite=overwrite, progress=progress, reports=reports(json_path))
     render.calibration(result, out, _peak_rss())

@@ -10,7 +10,7 @@ from . import render
 from .group import main, progress_bars
 from .options import (DECIBELS, GRANULARITIES, PATTERN_HELP, _RuleOrderCommand, _Tolerance, activations_option,
                       check_report_dir, compute_dtype_option, convert_options, jobs_option, json_option,
-                      overwrite_option, policy_options, quiet_option, report_option, reports)
+                      max_memory_option, overwrite_option, policy_options, quiet_option, report_option, reports)
 
 
 @main.command()
@@ -38,6 +38,9 @@ from .options import (DECIBELS, GRANULARITIES, PATTERN_HELP, _RuleOrderCommand, 
                    "timesteps and text embeddings) and compare their outputs. Each model runs streamed, one block "
                    "in memory at a time, so models larger than the machine's memory validate too.")
 @compute_dtype_option("With --model-output: the dtype both models compute in (bf16 halves what a block holds).")
+@max_memory_option("With --model-output: keep as many blocks of each model in memory as SIZE holds (e.g. 8GB) and "
+                   "stream the rest from the file (default: one block at a time; a SIZE below one block is refused "
+                   "with the smallest that works).")
 @click.option("--min-output-sqnr", type=DECIBELS, metavar="DB",
               help="With --model-output: fail if the weight-only output's SQNR (what every client computes) is "
                    "below DB decibels (implies --model-output).")
@@ -57,7 +60,7 @@ from .options import (DECIBELS, GRANULARITIES, PATTERN_HELP, _RuleOrderCommand, 
              "process, the SHA256s on threads beside the comparison: as fast on 2 cores, half the memory). "
              "A larger N than the cores and the free memory allow is capped there, with a note.")
 def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_check, show, component, ema,
-             model_output, compute_dtype, min_output_sqnr, activations, min_w8a8_sqnr, quiet, jobs):
+             model_output, compute_dtype, max_memory, min_output_sqnr, activations, min_w8a8_sqnr, quiet, jobs):
     """Prove OUT is intact and faithful to its source.
 
     Recomputes the SHA256 of OUT (and of the source) and compares them with the manifest
@@ -79,6 +82,9 @@ def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_c
     model_output = model_output or min_w8a8_sqnr is not None
     if (model_output or min_output_sqnr is not None) and not against:
         raise QuantkitError("--model-output compares with the source model", hint="pass --against SRC")
+    if max_memory is not None and not (model_output or min_output_sqnr is not None):
+        raise QuantkitError("--max-memory sizes the models --model-output runs", hint="add --model-output, or leave "
+                                                                                     "--max-memory out")
     if min_sqnr is not None and not against:
         raise QuantkitError("--min-sqnr measures the output against its source", hint="pass --against SRC")
     if report_dir:
@@ -86,6 +92,7 @@ def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_c
     click.echo(f"quantkit validate: {out}" + (f" against {against}" if against else ""))
     options = ValidateOptions(min_sqnr=min_sqnr, check_hash=not no_hash_check, component=component, ema=ema,
                               model_output=model_output, min_output_sqnr=min_output_sqnr, compute_dtype=compute_dtype,
+                              max_memory=max_memory,
                               activations=activations, min_w8a8_sqnr=min_w8a8_sqnr)
     report = run(out, against, options, progress=progress, reports=reports(json_path), overwrite_reports=overwrite,
                  jobs=jobs)

@@ -39,8 +39,8 @@ class _Group(click.Group):
                 bars.close()
             _fail(exc)
         except click.UsageError as exc:      # one line, like every other refusal (click prints three)
-            where = f"{ctx.command_path} {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx is not ctx \
-                else ctx.command_path
+            # the failing command's own path: "quantkit stats show", not the group's name and its own
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
             raise click.exceptions.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:

@@ -3,6 +3,8 @@ option, called with the command's own help text where it differs; choices built 
 library's enums."""
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..dtypes import FP8_FORMATS, Granularity
@@ -88,8 +90,24 @@ class _RuleOrderCommand(click.Command):
 JSON = "--json"       # the option that writes a command's result as JSON, also named in refusals of its path
 
 
+STDOUT = "-"              # --json -: the JSON alone on standard output
+JSON_STREAM = "quantkit.json_stream"
+
+
 def json_option(help: str):
-    return click.option(JSON, "json_path", type=click.Path(dir_okay=False), help=help)
+    return click.option(JSON, "json_path", type=click.Path(dir_okay=False, allow_dash=True), callback=_json_to_stdout,
+                        help=help + " '-' writes it to standard output (what the command prints for people then "
+                                    "goes to standard error).")
+
+
+def _json_to_stdout(ctx, param, value):
+    """With ``--json -`` the command's own lines go to standard error, so a pipe
+    (``quantkit plan SRC --json - | jq``) reads the JSON document and nothing else."""
+    if value == STDOUT and JSON_STREAM not in ctx.meta:
+        ctx.meta[JSON_STREAM] = real = sys.stdout
+        sys.stdout = sys.stderr
+        ctx.call_on_close(lambda: setattr(sys, "stdout", real))
+    return value
 
 
 def overwrite_option(help: str):
@@ -114,6 +132,26 @@ def jobs_option(help: str):
 def compute_dtype_option(help: str):
     return click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default=ComputeDtype.FP32.value,
                         show_default=True, help=help)
+
+
+class _Size(click.ParamType):
+    """A size in bytes: 8GB, 500MB, 2GiB (decimal units as Hugging Face uses them)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from ..errors import OptionsError
+        from ..options import parse_size
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except OptionsError:
+            self.fail(f"{value!r} is not a size (e.g. 8GB, 500MB, 2GiB)", param, ctx)
+
+
+def max_memory_option(help: str):
+    return click.option("--max-memory", type=_Size(), metavar="SIZE", help=help)
 
 
 def activations_option(help: str):
@@ -186,7 +224,7 @@ def stats_options(f):
 
 def reports(json_path: str | None) -> dict[str, str]:
     """The report files a command writes at its end, by option (checked before any work)."""
-    return {JSON: json_path} if json_path else {}
+    return {JSON: json_path} if json_path and json_path != STDOUT else {}
 
 
 def check_report_dir(path: str, reads: list, overwrite: bool) -> None:

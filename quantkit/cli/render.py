@@ -51,7 +51,14 @@ def shell(text: str) -> str:
 
 def write_json(path: str, doc: dict) -> None:
     from ..writer import write_atomic
-    write_atomic(path, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode())
+    from .options import JSON_STREAM, STDOUT
+    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    if path == STDOUT:
+        stream = click.get_current_context().meta[JSON_STREAM]
+        stream.write(text)
+        stream.flush()
+        return
+    write_atomic(path, text.encode())
 
 
 def charts(kind: str, report, path: str) -> None:

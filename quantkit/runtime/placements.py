@@ -36,6 +36,7 @@ from ..reader import TensorInfo, TensorSource
 _RENAMED = (("FLUX.1", "BFL", is_diffusers_flux, flux_to_bfl), ("SD3", "SAI", is_diffusers_sd3, sd3_to_sai),
             ("UNet", "LDM", is_diffusers_unet, unet_to_ldm))
 EXAMPLES = 3
+_DECODER = "model."
 
 
 class Implied(enum.Enum):
@@ -153,6 +154,12 @@ def _renaming(stored: dict[str, StoredTensor], targets) -> tuple[dict[str, list]
         hits = {k: parts for k, parts in table.items() if k in stored}
         if len(hits) > len(best):
             best, label = hits, names
+    # ComfyUI's text-encoder files hold a bare decoder (transformers' Qwen3Model: layers.*) as model.*
+    # (quantkit.comfy_encoder_names): the module's own names under one more prefix.
+    prefixed = {k: [(k[len(_DECODER):], 0, _rows(targets[k[len(_DECODER):]][0]))] for k in stored
+                if k.startswith(_DECODER) and k[len(_DECODER):] in targets}
+    if len(prefixed) > len(best):
+        best, label = prefixed, "ComfyUI text encoder"
     return best, label
 
 
