@@ -66,6 +66,11 @@ SLOW_TESTS = {
     "test_minilm_w8a8_static_loads_in_transformers_within_cosine_099",
     "test_transformers_default_load_equals_quantkit_dequantization",
     "test_sentence_transformers_loads_the_folder",
+    "test_transformers_dequantize_at_load_equals_quantkit_dequantization",
+    "test_default_recipe_keeps_attention_and_norms_and_stays_close",
+    "test_plan_names_the_family_and_convert_reads_back",          # convert + validate of every family
+    "test_convert_for_comfyui_then_back_through_diffusers_runs_the_model",
+    "test_python_m_quantkit_cli_runs_the_command",                 # a subprocess
 }
 
 
