@@ -102,6 +102,16 @@ class Table:
                                                     hint=f"this is not a {self.what} transformer")
                     self.out[new + suffix] = [(old, r // 2, r), (old, 0, r // 2)]
 
+    def stack(self, src: str, dst: str, linears: dict[str, list[str]], keys: dict[str, str] | None = None) -> None:
+        """Every block ``src.N.`` as ``dst.N.``: each of ``linears`` (new name under the block -> the parts
+        it is made of under the old block) and each of ``keys`` (new name -> the whole tensor renamed)."""
+        for n in self.blocks(src + "."):
+            old, new = f"{src}.{n}.", f"{dst}.{n}."
+            for name, parts in linears.items():
+                self.linear(new + name, [old + p for p in parts])
+            for name, key in (keys or {}).items():
+                self.key(new + name, old + key)
+
     def key(self, new: str, old: str) -> None:
         """A whole tensor renamed, when present."""
         if old in self.rows:
@@ -162,15 +172,8 @@ def flux_to_bfl(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     t = Table(tensors, "FLUX.1")
     for new, parts in _FLUX_TOP.items():
         t.linear(new, parts)
-    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", FLUX_DOUBLE, _FLUX_DOUBLE_NORMS),
-                                     ("single_transformer_blocks", "single_blocks", FLUX_SINGLE,
-                                      _FLUX_SINGLE_NORMS)):
-        for n in t.blocks(src + "."):
-            old, new = f"{src}.{n}.", f"{dst}.{n}."
-            for name, parts in linears.items():
-                t.linear(new + name, [old + p for p in parts])
-            for name, key in norms.items():
-                t.key(new + name, old + key)
+    t.stack("transformer_blocks", "double_blocks", FLUX_DOUBLE, _FLUX_DOUBLE_NORMS)
+    t.stack("single_transformer_blocks", "single_blocks", FLUX_SINGLE, _FLUX_SINGLE_NORMS)
     t.linear("final_layer.linear", ["proj_out"])
     t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
     return t.done("BFL")

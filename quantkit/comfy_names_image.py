@@ -156,10 +156,7 @@ def z_image_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
         elif not m and name.rpartition(".")[0] not in attention:
             t.key(name, name)
     for blocks in _REFINED:
-        for n in t.blocks(blocks + "."):
-            old = f"{blocks}.{n}."
-            for name, parts in _Z_IMAGE_ATTENTION.items():
-                t.linear(old + name, [old + p for p in parts])
+        t.stack(blocks, blocks, _Z_IMAGE_ATTENTION)
     return t.done("Z-Image")
 
 
@@ -192,15 +189,8 @@ def chroma_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
         t.linear(old + "out_layer", [old + "linear_2"])
     for n in t.blocks("distilled_guidance_layer.norms."):
         t.key(f"distilled_guidance_layer.norms.{n}.weight", f"distilled_guidance_layer.norms.{n}.weight")
-    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _CHROMA_DOUBLE, _CHROMA_DOUBLE_NORMS),
-                                     ("single_transformer_blocks", "single_blocks", _CHROMA_SINGLE,
-                                      _CHROMA_SINGLE_NORMS)):
-        for n in t.blocks(src + "."):
-            old, new = f"{src}.{n}.", f"{dst}.{n}."
-            for name, parts in linears.items():
-                t.linear(new + name, [old + p for p in parts])
-            for name, key in norms.items():
-                t.key(new + name, old + key)
+    t.stack("transformer_blocks", "double_blocks", _CHROMA_DOUBLE, _CHROMA_DOUBLE_NORMS)
+    t.stack("single_transformer_blocks", "single_blocks", _CHROMA_SINGLE, _CHROMA_SINGLE_NORMS)
     return t.done("Chroma")
 
 
@@ -238,15 +228,8 @@ def flux2_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     for new, parts in _FLUX2_TOP.items():
         t.linear(new, parts)
     t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
-    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", _FLUX2_DOUBLE, _CHROMA_DOUBLE_NORMS),
-                                     ("single_transformer_blocks", "single_blocks", _FLUX2_SINGLE,
-                                      _CHROMA_SINGLE_NORMS)):
-        for n in t.blocks(src + "."):
-            old, new = f"{src}.{n}.", f"{dst}.{n}."
-            for name, parts in linears.items():
-                t.linear(new + name, [old + p for p in parts])
-            for name, key in norms.items():
-                t.key(new + name, old + key)
+    t.stack("transformer_blocks", "double_blocks", _FLUX2_DOUBLE, _CHROMA_DOUBLE_NORMS)
+    t.stack("single_transformer_blocks", "single_blocks", _FLUX2_SINGLE, _CHROMA_SINGLE_NORMS)
     return t.done("FLUX.2")
 
 
@@ -283,11 +266,8 @@ def auraflow_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     for new, parts in _AURA_TOP.items():
         t.linear(new, parts)
     t.linear("modF.1", ["norm_out.linear"], swapped=True)
-    for src, dst, linears in (("joint_transformer_blocks", "double_layers", _AURA_DOUBLE),
-                              ("single_transformer_blocks", "single_layers", _AURA_SINGLE)):
-        for n in t.blocks(src + "."):
-            for name, parts in linears.items():
-                t.linear(f"{dst}.{n}.{name}", [f"{src}.{n}.{p}" for p in parts])
+    t.stack("joint_transformer_blocks", "double_layers", _AURA_DOUBLE)
+    t.stack("single_transformer_blocks", "single_layers", _AURA_SINGLE)
     return t.done("AuraFlow")
 
 

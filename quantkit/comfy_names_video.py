@@ -122,12 +122,7 @@ def wan_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     for new, old in _WAN_TOP_KEYS.items():
         t.key(new, old)
     for blocks in ("blocks", "vace_blocks"):
-        for n in t.blocks(blocks + "."):
-            old = new = f"{blocks}.{n}."
-            for name, parts in _WAN_BLOCK.items():
-                t.linear(new + name, [old + p for p in parts])
-            for name, key in _WAN_BLOCK_KEYS.items():
-                t.key(new + name, old + key)
+        t.stack(blocks, blocks, _WAN_BLOCK, _WAN_BLOCK_KEYS)
     return t.done("Wan")
 
 
@@ -173,19 +168,9 @@ def hunyuan_video_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Par
     t = Table(tensors, "HunyuanVideo")
     for new, parts in _HUNYUAN_TOP.items():
         t.linear(new, parts)
-    for n in t.blocks("context_embedder.token_refiner.refiner_blocks."):
-        old, new = f"context_embedder.token_refiner.refiner_blocks.{n}.", f"txt_in.individual_token_refiner.blocks.{n}."
-        for name, parts in _HUNYUAN_REFINER.items():
-            t.linear(new + name, [old + p for p in parts])
-    for src, dst, linears, norms in (("transformer_blocks", "double_blocks", FLUX_DOUBLE, _HUNYUAN_DOUBLE_NORMS),
-                                     ("single_transformer_blocks", "single_blocks", FLUX_SINGLE,
-                                      _HUNYUAN_SINGLE_NORMS)):
-        for n in t.blocks(src + "."):
-            old, new = f"{src}.{n}.", f"{dst}.{n}."
-            for name, parts in linears.items():
-                t.linear(new + name, [old + p for p in parts])
-            for name, key in norms.items():
-                t.key(new + name, old + key)
+    t.stack("context_embedder.token_refiner.refiner_blocks", "txt_in.individual_token_refiner.blocks", _HUNYUAN_REFINER)
+    t.stack("transformer_blocks", "double_blocks", FLUX_DOUBLE, _HUNYUAN_DOUBLE_NORMS)
+    t.stack("single_transformer_blocks", "single_blocks", FLUX_SINGLE, _HUNYUAN_SINGLE_NORMS)
     t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
     return t.done("HunyuanVideo")
 
@@ -220,12 +205,7 @@ def ltx_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     for new, parts in _LTX_TOP.items():
         t.linear(new, parts)
     t.key("scale_shift_table", "scale_shift_table")
-    for n in t.blocks("transformer_blocks."):
-        old = f"transformer_blocks.{n}."
-        for name, parts in _LTX_BLOCK.items():
-            t.linear(old + name, [old + p for p in parts])
-        for name, key in _LTX_BLOCK_KEYS.items():
-            t.key(old + name, old + key)
+    t.stack("transformer_blocks", "transformer_blocks", _LTX_BLOCK, _LTX_BLOCK_KEYS)
     return t.done("LTX-Video")
 
 
