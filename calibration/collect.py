@@ -110,6 +110,9 @@ class CalibrationSettings:
             raise OptionsError(f"--compute-dtype {self.compute_dtype!r}", hint=f"choose {', '.join(COMPUTE_DTYPES)}")
         if self.steps < 1 or self.seeds < 1 or (self.samples is not None and self.samples < 1):
             raise OptionsError("--steps, --seeds and --samples must be at least 1")
+        if self.weights_only and self.max_memory is not None:
+            raise OptionsError("--max-memory sizes the model run to observe activations; --weights-only runs none",
+                               hint="leave one of them out")
 
 
 @dataclass

@@ -175,9 +175,11 @@ def oversized_note(shards: list[list], max_bytes: int) -> str | None:
     if not over:
         return None
     big = max(over, key=lambda sh: sum(e.spec.nbytes for e in sh))
-    return (f"{len(over)} of the {len(shards)} shards are over --max-shard-size ({max_bytes} bytes): a tensor is "
-            f"never split, so each larger one is a shard of its own (largest: {big[0].spec.key}, "
-            f"{sum(e.spec.nbytes for e in big)} bytes); give a size such as 5GB for fewer files")
+    largest = sum(e.spec.nbytes for e in big)
+    return (f"{len(over)} of the {len(shards)} shards {'is' if len(over) == 1 else 'are'} over --max-shard-size "
+            f"({max_bytes} bytes): a tensor is never split, so a larger one is a shard of its own (largest: "
+            f"{big[0].spec.key}, {largest} bytes); give --max-shard-size {largest} or more to keep every shard "
+            "within it")
 
 
 def index_document(shards: dict[str, list], metadata: dict[str, str] | None = None) -> dict:

@@ -260,3 +260,18 @@ def test_calibrate_within_a_memory_budget_observes_the_same_ranges(tmp_path):
     a, b = (statsfile.load(str(tmp_path / f"{n}.stats")) for n in "ab")
     assert a.activations.keys() == b.activations.keys()
     assert all(torch.equal(a.activations[k], b.activations[k]) for k in a.activations)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["plan", "{src}", "--json", ""], "empty path"),
+    (["validate", "{out}", "--report", "-"], "no folder name"),
+    (["calibrate", "{src}", "-o", "{tmp}/s.stats", "--weights-only", "--max-memory", "8GB"], "--weights-only"),
+])
+def test_options_that_would_be_ignored_or_surprise_are_refused(tmp_path, args, words):
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.randn(64, 64, dtype=torch.bfloat16)}, str(src))
+    out = tmp_path / "out.safetensors"
+    assert run("convert", src, out, "--quantize", "w", "-q").exit_code == 0
+    result = run(*[a.format(src=src, out=out, tmp=tmp_path) for a in args])
+    assert result.exit_code == 2 and words in one_error_line(result), result.output
+    assert not (tmp_path / "-").exists() and not (tmp_path / "s.stats").exists()

@@ -225,7 +225,7 @@ def test_the_card_of_a_correct_output_names_the_floor(src, tmp_path):
     assert r.exit_code == 0, r.output
     card = (tmp_path / "release" / "README.md").read_text()
     assert (": passed (sanity floor: every FP8 tensor's SQNR within 3 dB of the least that round-to-nearest "
-            "with its own absmax scale gives).") in card
+            "with its own absmax scale gives its data).") in card
 
 
 # ----------------------------------------------------------------------------- convert's warnings

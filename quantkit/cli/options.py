@@ -103,6 +103,8 @@ def json_option(help: str):
 def _json_to_stdout(ctx, param, value):
     """With ``--json -`` the command's own lines go to standard error, so a pipe
     (``quantkit plan SRC --json - | jq``) reads the JSON document and nothing else."""
+    if value == "":
+        raise click.BadParameter("an empty path: give a file name, or '-' for standard output", ctx, param)
     if value == STDOUT and JSON_STREAM not in ctx.meta:
         ctx.meta[JSON_STREAM] = real = sys.stdout
         sys.stdout = sys.stderr
@@ -121,8 +123,16 @@ def quiet_option():
 def report_option(help: str, *, folder: bool = True):
     """--report: the folder a command writes its charts to, or (``folder`` False) a report file it reads."""
     if folder:
-        return click.option("--report", "report_dir", type=click.Path(file_okay=False), metavar="DIR", help=help)
+        return click.option("--report", "report_dir", type=click.Path(file_okay=False), metavar="DIR", help=help,
+                            callback=_a_folder_name)
     return click.option("--report", "report_path", type=click.Path(dir_okay=False), help=help)
+
+
+def _a_folder_name(ctx, param, value):
+    # '-' is standard output for --json; a folder of that name would only surprise
+    if value is not None and value.strip() in ("", STDOUT):
+        raise click.BadParameter(f"{value!r} is no folder name (charts are files: give a folder)", ctx, param)
+    return value
 
 
 def jobs_option(help: str):

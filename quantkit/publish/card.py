@@ -232,7 +232,7 @@ def _validation(prov: dict) -> str:
     floor = v.get("sqnr_floor")
     if not bar and s.get("quantized") and isinstance(floor, dict) and isinstance(floor.get("margin_db"), (int, float)):
         bar = (f" (sanity floor: every FP8 tensor's SQNR within {floor['margin_db']:g} dB of the least that "
-               "round-to-nearest with its own absmax scale gives)")
+               "round-to-nearest with its own absmax scale gives its data)")
     against = f"against `{v['against']}`" if v.get("against") else "without the source (integrity only)"
     out = [f"## Validation\n\n{v['how']}, {against}: {'passed' if v['ok'] else 'FAILED'}{bar}."]
     if s.get("sqnr_db"):

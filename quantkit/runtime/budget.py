@@ -115,19 +115,20 @@ def plan(units: dict[str, int], fixed: int, work: int, budget: int, prefetch: bo
     everything = Plan(budget, fixed, work, units, tuple(units), depth)
     if everything.peak <= budget or not units:
         if everything.peak > budget:
-            raise OptionsError(f"max_memory {size(budget)} is below the {size(everything.peak)} this model holds "
-                               "outside its blocks", hint=f"give max_memory={everything.peak} or more")
+            raise OptionsError(f"a memory budget of {size(budget)} is below the {size(everything.peak)} this model "
+                               "holds outside its blocks",
+                               hint=f"give a budget of {everything.peak} bytes or more (max_memory=, --max-memory)")
         return everything
     largest = sorted(units.values(), reverse=True)[:depth]
     smallest = fixed + work + sum(largest)
     if budget < smallest:
         name = max(units, key=units.get)
-        raise OptionsError(f"max_memory {size(budget)} cannot hold the largest block in flight: {name} is "
+        raise OptionsError(f"a memory budget of {size(budget)} cannot hold the largest block in flight: {name} is "
                            f"{size(units[name])}; the smallest budget that works is {size(smallest)} "
                            f"({smallest} bytes: {depth} such block{'s' if depth > 1 else ''}, "
                            f"{size(fixed)} outside the blocks, {size(work)} of dequantization work)",
-                           hint=f"give max_memory={smallest} or more, or prefetch=False for one block in flight"
-                           if depth > 1 else f"give max_memory={smallest} or more")
+                           hint=f"give a budget of {smallest} bytes or more (max_memory=, --max-memory)"
+                           + ("; from Python, prefetch=False keeps one block in flight" if depth > 1 else ""))
     room, used, resident = budget - fixed - work, 0, []
     for u, n in units.items():
         rest = sorted((units[v] for v in units if v != u and v not in resident), reverse=True)
