@@ -84,15 +84,19 @@ class ValidationReport:
     def quantized(self) -> list[TensorReport]:
         return [t for t in self.tensors if t.stored == "fp8"]
 
+    def lowest(self, count: int) -> list[tuple[str, float]]:
+        """(name, SQNR) of the ``count`` compared tensors with the lowest SQNR, lowest first."""
+        return [(t.name, t.sqnr) for t in sorted((t for t in self.tensors if t.stored != "bytes"),
+                                                 key=lambda t: t.sqnr)[:count]]
+
     def summary(self) -> dict:
         q = self.quantized()
         def stat(attr):
             vals = [getattr(t, attr) for t in q]
             return {"min": min(vals), "median": statistics.median(vals)} if vals else None
-        worst = sorted((t for t in self.tensors if t.stored != "bytes"), key=lambda t: t.sqnr)[:5]
         return {"tensors": len(self.tensors), "quantized": len(q), "sqnr_db": stat("sqnr"),
                 "psnr_db": stat("psnr"), "cosine": stat("cosine"),
-                "worst": [(t.name, t.sqnr) for t in worst]}
+                "worst": self.lowest(5)}
 
     def to_dict(self) -> dict:
         summary = self.summary()

@@ -275,3 +275,9 @@ def test_options_that_would_be_ignored_or_surprise_are_refused(tmp_path, args, w
     result = run(*[a.format(src=src, out=out, tmp=tmp_path) for a in args])
     assert result.exit_code == 2 and words in one_error_line(result), result.output
     assert not (tmp_path / "-").exists() and not (tmp_path / "s.stats").exists()
+
+
+def test_validate_show_lists_as_many_tensors_as_asked(minilm_ct):
+    rows = lambda result: [x for x in result.output.splitlines() if x.endswith(".weight") and " dB  " in x]  # noqa: E731
+    assert len(rows(run("validate", minilm_ct, "--against", MINILM, "--show", "8"))) == 8
+    assert len(rows(run("validate", minilm_ct, "--against", MINILM))) == 5

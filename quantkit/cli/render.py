@@ -168,7 +168,7 @@ def validation(report, show: int) -> None:
             click.echo(f"  bar: --min-sqnr {bar['db']:g} dB for every tensor")
         elif bar["db"] is not None:
             click.echo(f"  sanity floor: {bar['what']} (lowest {bar['db']:.1f} dB)")
-        worst = s["worst"][:show]
+        worst = report.lowest(show)            # --show N: as many as asked (the JSON summary keeps 5)
         if worst:
             click.echo("  lowest SQNR:")
             for name, v in worst:
