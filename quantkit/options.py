@@ -147,7 +147,8 @@ class ConvertOptions:
         return cls(granularity=Granularity(granularity or "tensor"), fp8=FP8_FORMATS[fp8 or "float8_e4m3fn"],
                    format=format, keep_dtype=KeepDtype(keep_dtype), policy=policy, allow_nonfinite=allow_nonfinite,
                    preset=preset, comfy_header_metadata=comfy_header_metadata, component=component, ema=ema,
-                   max_shard_bytes=parse_size(max_shard_size) if max_shard_size is not None else None,
+                   max_shard_bytes=parse_size(max_shard_size, "--max-shard-size") if max_shard_size is not None
+                   else None,
                    from_source=unset, recipe=recipe)
 
 
@@ -155,13 +156,15 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """A size in bytes, in decimal units as Hugging Face uses them (binary ones with ``i``).
+def parse_size(text: str, option: str | None = None) -> int:
+    """A size in bytes, in decimal units as Hugging Face uses them (binary ones with ``i``);
+    ``option``, the option it was given to, is named in the error.
 
     >>> parse_size("5GB"), parse_size("500MiB")
     (5000000000, 524288000)
     """
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or m.group(2) not in _UNITS or float(m.group(1)) * _UNITS[m.group(2)] < 1:
-        raise OptionsError(f"bad size {text!r}", hint="give a size such as 5GB, 500MB or 2GiB")
+        raise OptionsError(f"{option + ': ' if option else ''}bad size {text!r}",
+                           hint="give a size such as 5GB, 500MB or 2GiB")
     return int(float(m.group(1)) * _UNITS[m.group(2)])

@@ -281,3 +281,11 @@ def test_validate_show_lists_as_many_tensors_as_asked(minilm_ct):
     rows = lambda result: [x for x in result.output.splitlines() if x.endswith(".weight") and " dB  " in x]  # noqa: E731
     assert len(rows(run("validate", minilm_ct, "--against", MINILM, "--show", "8"))) == 8
     assert len(rows(run("validate", minilm_ct, "--against", MINILM))) == 5
+
+
+@pytest.mark.parametrize("size", ["nan", "lots", "0"])
+def test_a_bad_max_shard_size_names_the_option(tmp_path, size):
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.randn(64, 64, dtype=torch.bfloat16)}, str(src))
+    result = run("convert", src, tmp_path / "out", "--max-shard-size", size)
+    assert result.exit_code == 2 and "--max-shard-size: bad size" in one_error_line(result)
