@@ -136,3 +136,19 @@ def test_plan_source_is_what_quantkit_plan_shows(tmp_path):
     r = CliRunner().invoke(main, ["plan", str(src), "--json", str(tmp_path / "plan.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "plan.json").read_text()) == json.loads(json.dumps(planned.to_dict()))
+
+
+@pytest.mark.parametrize("args, usage", [([], "Usage: quantkit [OPTIONS] COMMAND"),
+                                         (["stats"], "Usage: quantkit stats [OPTIONS] COMMAND")])
+def test_a_group_asked_for_nothing_shows_its_whole_help_and_succeeds(args, usage):
+    # it printed "error: Usage: ..." with exit 2, as if the user had typed something wrong
+    result = CliRunner().invoke(main, args, prog_name="quantkit")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(usage) and "Commands:" in result.output
+    assert "error" not in result.output
+
+
+def test_a_wrong_subcommand_is_still_a_one_line_usage_error():
+    result = CliRunner().invoke(main, ["stats", "bogus"], prog_name="quantkit")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: No such command 'bogus'. (see 'quantkit stats --help')"]

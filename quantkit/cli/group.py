@@ -30,6 +30,16 @@ class _Group(click.Group):
     "Aborted!" and exits 1, which quantkit uses for a failed validation). The exception unwinds
     through the writer first, which removes its temporary files: nothing half-written remains."""
 
+    group_class = type        # subgroups ("quantkit stats") are _Groups too
+
+    def parse_args(self, ctx, args):
+        # a group asked for nothing shows its help and succeeds (click exits 2 and quantkit's one-line
+        # usage error would print that help as "error: Usage: ..."); a wrong subcommand stays exit 2
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
