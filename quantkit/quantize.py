@@ -190,9 +190,14 @@ def _jobs(jobs: int | None, groups: list[list], source) -> tuple[int, str | None
     """The processes writing ``groups`` (and hashing the source's files): ``jobs`` as asked,
     bounded by those pieces of work (a sharded output's), the cores and the free memory, with a
     line saying so when that caps it; None: the default for this machine."""
-    pieces = len(groups) + len(source.files) if len(groups) > 1 else None
+    if len(groups) <= 1:        # one file: one process writes it, whatever was asked
+        note = None if jobs is None or jobs <= 1 else (
+            f"--jobs {jobs} has nothing to share out: the output is one file, written by one process "
+            "(--max-shard-size cuts it into shards that --jobs writes side by side)")
+        return 1, note
+    pieces = len(groups) + len(source.files)
     if jobs is None:
-        return min(default_jobs(), pieces or 1), None
+        return min(default_jobs(), pieces), None
     return cap_jobs(jobs, pieces)
 
 

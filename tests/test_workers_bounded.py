@@ -115,6 +115,20 @@ def test_jobs_100000_run_like_the_machines_count(tmp_path):
         assert any(n.startswith("--jobs 100000 capped") for n in report["notes"])
 
 
+def test_jobs_on_a_single_file_output_says_it_has_nothing_to_share(tmp_path):
+    # it said "--jobs 8 capped at 2: the machine has 2 cores", as if two processes were writing it
+    src = _source(tmp_path, tensors=2, rows=64)
+    r = cli("convert", src, tmp_path / "one.safetensors", "--jobs", 8, "--json", tmp_path / "c.json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert summary["jobs"] == 1 and not any("capped" in n for n in summary["notes"])
+    assert [n for n in summary["notes"] if n.startswith("--jobs 8")] == [
+        "--jobs 8 has nothing to share out: the output is one file, written by one process "
+        "(--max-shard-size cuts it into shards that --jobs writes side by side)"]
+    assert cli("convert", src, tmp_path / "two.safetensors", "--jobs", 1, "--json", tmp_path / "d.json").returncode == 0
+    assert not any(n.startswith("--jobs") for n in json.loads((tmp_path / "d.json").read_text())["notes"])
+
+
 # ----------------------------------------------------------------------------- two runs, one path
 
 SPECS = [OutputTensor("a", BF16, (4, 4))]
