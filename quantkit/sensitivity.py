@@ -334,7 +334,12 @@ def _loaded(model, source):
     module = model.make()
     state = {name: source.read_tensor(info).float() if info.dtype.torch.is_floating_point else
              source.read_tensor(info).clone() for name, info in source.tensors.items()}
-    result = module.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:         # shapes the config does not give its parameters
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise UnsupportedInputError(f"the weights do not fit the config's architecture ({first})", path=source.path,
+                                    hint="the config.json beside the weights must describe this model") from None
     buffers = {name for name, _ in module.named_buffers()}
     unexpected = [k for k in result.unexpected_keys if k not in buffers]
     if unexpected:

@@ -46,6 +46,7 @@ SLOW_MODULES = {
     "test_runtime_budget",       # the runtime under memory budgets
     "test_runtime_edges",        # loaded models moved between dtypes, run
     "test_sensitivity",          # a forward per layer
+    "test_target_sqnr",          # convert --target-sqnr on the real MiniLM: a ranking per command
     "test_signals",              # SIGINT / SIGTERM of running conversions
     "test_signals_phases",       # SIGINT / SIGTERM / SIGKILL at every phase of validate, calibrate, publish
     "test_testing_kit",          # the property-testing kit against many quantizers
