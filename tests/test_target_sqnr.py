@@ -129,6 +129,9 @@ def test_refused_combinations(tmp_path):
     result = run("convert", MODEL_DIR, out, "--target-sqnr", TARGET, "--stats", tmp_path / "x.stats.safetensors")
     assert result.exit_code == 2 and "--stats" in result.output
     assert not out.exists()
+    out.write_bytes(b"x")          # an existing output without --overwrite: refused before the ranking's work
+    result = run("convert", MODEL_DIR, out, "--target-sqnr", TARGET)
+    assert result.exit_code == 2 and "--overwrite" in result.output and "keep:" not in result.output
 
 
 # ----------------------------------------------------------------------------- per-channel convert's bytes

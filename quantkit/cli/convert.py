@@ -21,8 +21,9 @@ def target_options(f):
                              "a target out of reach is refused with the best figure).")(f)
 
 
-def _keep_for_target(src, options, target_sqnr, most_sensitive, stats_path, progress):
-    """The options with the layers a target keeps, and the record of why (None, None: no target)."""
+def _keep_for_target(src, options, target_sqnr, most_sensitive, stats_path, progress, dst=None, overwrite=False):
+    """The options with the layers a target keeps, and the record of why (None, None: no target);
+    ``dst`` (convert's) is checked before the ranking's work."""
     if target_sqnr is None and most_sensitive is None:
         return options, None
     from ..errors import QuantkitError
@@ -30,6 +31,10 @@ def _keep_for_target(src, options, target_sqnr, most_sensitive, stats_path, prog
     if stats_path:
         raise QuantkitError("--target-sqnr / --keep-most-sensitive rank the layers with absmax scales",
                             hint="leave --stats out, or keep layers by hand with --keep")
+    if dst is not None:
+        from ..destinations import check_destination
+        from ..formats import get_format
+        check_destination(src, dst, overwrite, get_format(options.format).folder or options.max_shard_bytes is not None)
     choice = choose_keep(src, options, target_sqnr=target_sqnr, most_sensitive=most_sensitive, progress=progress)
     click.echo(f"keep: {choice.reason}, measured on {choice.inputs}")
     for k in choice.kept:
@@ -87,7 +92,8 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
     progress = progress_bars(quiet)
     options = convert_options(ctx, **policy)
     click.echo(f"quantkit convert: {src} -> {dst}")
-    options, keep_choice = _keep_for_target(src, options, target_sqnr, most_sensitive, stats_path, progress)
+    options, keep_choice = _keep_for_target(src, options, target_sqnr, most_sensitive, stats_path, progress, dst,
+                                            overwrite)
     result = run(src, dst, options, overwrite=overwrite, progress=progress, reports=reports(json_path),
                  jobs=jobs, stats=stats_path, force_stats=force_stats, keep_choice=keep_choice)
     render.conversion(result, options.keep_dtype.value)
