@@ -84,8 +84,8 @@ def heldout_fidelity(source, output: str, *, compute_dtype: str = "fp32", activa
     """Per-input fidelity of ``output`` (a quantized file or folder) to ``source`` (an opened
     checkpoint with its config.json) on the held-out inputs: {"inputs", "activations", "cosine",
     "sqnr" (each ``summarize``d over every input), "runs" (the same over ``runs`` disjoint seeded
-    subsets of the inputs: the figures of a set a third as large), "spread" (figure -> [lowest, highest] over the runs), "worst" (the 5 inputs
-    of least cosine)}."""
+    subsets of the inputs: the figures of a set a third as large), "spread" (figure -> [lowest,
+    highest] over the runs), "worst" (the 5 inputs of least cosine)}."""
     import torch
 
     from .comfy_names import RenamedView
@@ -126,29 +126,11 @@ def _finite(doc):
 
 def _text_inputs(source, model: Model):
     """The held-out sentences, tokenized by the tokenizer beside the model, ``ROWS_PER_PASS`` a pass."""
-    import inspect
-
-    from .calibration.inputs import MAX_TOKENS, load_tokenizer
-    folder = config_folder(source)
-    tok = load_tokenizer(folder, "the held-out evaluation runs real sentences")
-    probe = model.make()
-    params = inspect.signature(probe.forward).parameters
-    limit = min(MAX_TOKENS, int(getattr(probe.config, "max_position_embeddings", 0) or MAX_TOKENS))
-    if tok.pad_token is None:                   # Llama-style tokenizers: any id pads, the mask hides it
-        tok.pad_token = tok.eos_token or tok.unk_token
-    tok.padding_side = "right"
+    from .calibration.inputs import text_inputs
     texts = heldout_sentences()
-    per_pass = ROWS_PER_PASS if "attention_mask" in params and tok.pad_token is not None else 1
-    passes = []
-    for i in range(0, len(texts), per_pass):
-        enc = tok(texts[i:i + per_pass], return_tensors="pt", truncation=True, max_length=limit, padding=per_pass > 1)
-        kw = {k: v for k, v in enc.items() if k in params}
-        if getattr(probe.config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
-            kw["decoder_input_ids"] = kw["input_ids"]
-        passes.append((kw, enc["attention_mask"].bool() if "attention_mask" in enc else None))
-    words = f"{len(texts)} held-out sentences (quantkit's heldout.txt, none in the calibration set), " \
-            f"tokenizer {type(tok).__name__}"
-    return texts, passes, words
+    made = text_inputs(config_folder(source), model.make(), per_pass=ROWS_PER_PASS, texts=texts,
+                       named="quantkit's held-out set (heldout.txt, none in the calibration set)")
+    return texts, list(zip(made.batches, made.masks)), made.words
 
 
 def _diffusion_inputs(source, model: Model):

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quantkit.calibration.inputs import sentences
-from quantkit.heldout import DIFFUSION_INPUTS, HELDOUT_SEED, _per_input, heldout_sentences, percentile, spread, summarize
+from quantkit.heldout import (DIFFUSION_INPUTS, HELDOUT_SEED, _per_input, heldout_sentences, percentile, spread,
+                              summarize)
 
 from runs import run
 
