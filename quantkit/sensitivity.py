@@ -3,9 +3,12 @@
 Every layer the plan would quantize is quantized alone (FP8 as ``convert`` writes it: the same
 scales, W = q * scale) in the source model, the model runs on the same seeded inputs as
 ``validate --model-output``, and its output is compared with the unquantized model's. Layers are
-ranked by that output SQNR, worst first. With a target, the plan is quantized whole and the worst
-layers are kept one by one, re-measured each time, until the output reaches the target: a short
-``--keep`` list that meets it (greedy, so short, not proven shortest).
+ranked by that output SQNR, worst first. With a target, the file as convert writes it is measured
+(the plan's FP8 layers quantized, every other float tensor rounded to its keep dtype, as
+``validate --model-output`` sees the file) with the first 0, 1, 2 ... ranked layers kept, until the
+output reaches the target: the fewest layers of the ranking that reach it (one fewer, in its order,
+does not; a shorter list in another order may exist). ``choose_keep`` turns that into convert
+options with the reasons (``convert --target-sqnr`` / ``--keep-most-sensitive``).
 
 The model is held whole in float32 (one copy; each layer is restored after its run), so this is
 for models that fit in memory: a larger one is refused before any work with how much it needs.
