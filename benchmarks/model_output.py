@@ -16,6 +16,7 @@ one model after the other.
     python benchmarks/model_output.py --out-dir /tmp/qkmo                      # full size: ~36 GB of disk
     python benchmarks/model_output.py --out-dir /tmp/qkmo --blocks 2,4         # the same shapes, 6 blocks
     python benchmarks/model_output.py --out-dir /tmp/qkmo --blocks 2,4 --calibrate   # + calibrate, convert --stats, W8A8 rows
+    python benchmarks/model_output.py --out-dir /tmp/qkmo --blocks 1,2 --heldout     # + validate --heldout (24 seeded inputs)
 """
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate-only", action="store_true", help="with --calibrate: stop after calibrate")
     ap.add_argument("--steps", type=int, default=4, help="--calibrate: timesteps per seed")
     ap.add_argument("--seeds", type=int, default=2, help="--calibrate: seeds")
+    ap.add_argument("--heldout", action="store_true",
+                    help="validate --heldout: per-input cosine / SQNR (mean, p5, p1, min, spread) on 24 seeded "
+                         "inputs calibration never uses")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     double, single = (int(x) for x in args.blocks.split(","))
@@ -94,7 +98,8 @@ def main(argv=None) -> int:
              ("validate --model-output", qk + ["validate", out, "--against", src, "--model-output",
                                                "--compute-dtype", args.compute_dtype, "--min-output-sqnr", "20",
                                                "-q", "--overwrite", "--json", os.path.join(args.out_dir, "validate.json")]
-              + (["--activations", "all"] if args.calibrate else []))]
+              + (["--activations", "all"] if args.calibrate else [])
+              + (["--heldout"] if args.heldout else []))]
     if args.calibrate and args.calibrate_only:
         steps = steps[:1]
     for name, cmd in steps:
@@ -113,6 +118,12 @@ def main(argv=None) -> int:
     print(f"source {results['source_bytes'] / GB:.2f} GB -> output {(results['output_bytes'] or 0) / GB:.2f} GB; "
           f"model output SQNR {mo.get('sqnr')}, cosine {mo.get('cosine')}, weights peak {mo.get('weights_peak_bytes')}",
           file=sys.stderr)
+    if mo.get("heldout"):
+        h = mo["heldout"]
+        print(f"held-out ({h['inputs']}): cosine mean {h['cosine']['mean']:.6f}, p5 {h['cosine']['p5']:.6f}, "
+              f"min {h['cosine']['min']:.6f}; SQNR mean {h['sqnr']['mean']:.2f}, p5 {h['sqnr']['p5']:.2f}, "
+              f"min {h['sqnr']['min']:.2f} dB (spread over {h['spread_over']}: min cosine "
+              f"{h['spread']['cosine']['min'][0]:.6f}-{h['spread']['cosine']['min'][1]:.6f})", file=sys.stderr)
     if args.calibrate:
         results["calibrate_report"] = harness.read_json(os.path.join(args.out_dir, "calibrate.json"))
         for row in (mo.get("rows") or []):

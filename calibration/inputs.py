@@ -85,12 +85,16 @@ def load_tokenizer(folder: str, what: str):
 
 
 def text_inputs(folder: str, model: torch.nn.Module, samples: int | None = None,
-                per_pass: int = SENTENCES_PER_PASS) -> CalibrationInputs:
-    """The sentence set (the first ``samples``), tokenized by ``folder``'s tokenizer, ``per_pass``
-    sentences per pass, as keyword inputs of ``model`` (a transformers model; an encoder-decoder
-    reads the same ids on both sides), with the mask of their real tokens."""
-    tok = load_tokenizer(folder, "calibrating a transformers model on the built-in sentences")
-    texts = sentences()[:samples] if samples else sentences()
+                per_pass: int = SENTENCES_PER_PASS, texts: list[str] | None = None,
+                named: str = "quantkit's calibration set") -> CalibrationInputs:
+    """The sentence set (the first ``samples``; ``texts``, ``named`` so, instead of the built-in one),
+    tokenized by ``folder``'s tokenizer, ``per_pass`` sentences per pass, as keyword inputs of
+    ``model`` (a transformers model; an encoder-decoder reads the same ids on both sides), with the
+    mask of their real tokens."""
+    tok = load_tokenizer(folder, "calibrating a transformers model on the built-in sentences" if texts is None
+                         else f"running a transformers model on {named}")
+    texts = texts if texts is not None else sentences()
+    texts = texts[:samples] if samples else texts
     params = inspect.signature(model.forward).parameters
     limit = min(MAX_TOKENS, int(getattr(model.config, "max_position_embeddings", 0) or MAX_TOKENS))
     if tok.pad_token is None:                   # Llama-style tokenizers: any id pads, the mask hides it
@@ -107,7 +111,7 @@ def text_inputs(folder: str, model: torch.nn.Module, samples: int | None = None,
             kw["decoder_input_ids"] = kw["input_ids"]
         batches.append(kw)
         masks.append(enc["attention_mask"].bool() if "attention_mask" in enc else None)
-    return CalibrationInputs(batches, f"{len(texts)} sentences of quantkit's calibration set, {per_pass} per pass "
+    return CalibrationInputs(batches, f"{len(texts)} sentences of {named}, {per_pass} per pass "
                                       f"(padding not observed; tokenizer {type(tok).__name__}, at most {limit} "
                                       "tokens)", masks, len(texts))
 

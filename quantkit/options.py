@@ -64,7 +64,8 @@ class ValidateOptions:
     (None: as recorded in the manifest). ``model_output``: also run both models and compare their
     outputs in ``compute_dtype``; ``min_output_sqnr`` fails the weight-only row below it;
     ``activations`` adds simulated W8A8 rows; ``min_w8a8_sqnr`` fails the row "as the file implies"
-    below it (and implies ``activations`` FILE at least). ``max_memory`` (bytes, or a size such as
+    below it (and implies ``activations`` FILE at least). ``heldout``: also run both models on the
+    held-out set and report per-input figures (``quantkit.heldout``). ``max_memory`` (bytes, or a size such as
     "8GB"): the models run in the runtime's budget mode, as many blocks resident as it holds
     (default: streamed, one block at a time). Strings are accepted for the enums.
 
@@ -82,6 +83,7 @@ class ValidateOptions:
     activations: ActivationRows = ActivationRows.FILE
     min_w8a8_sqnr: float | None = None
     max_memory: int | None = None
+    heldout: bool = False          # also the per-input figures on the held-out set (quantkit.heldout)
 
     def __post_init__(self):
         if isinstance(self.max_memory, str):
@@ -95,7 +97,8 @@ class ValidateOptions:
     @property
     def runs_model(self) -> bool:
         """Whether the models run (given a source): asked for, or implied by an output bar."""
-        return self.model_output or self.min_output_sqnr is not None or self.min_w8a8_sqnr is not None
+        return (self.model_output or self.min_output_sqnr is not None or self.min_w8a8_sqnr is not None
+                or self.heldout)
 
 
 def _member(enum_type: type[enum.Enum], value, what: str):

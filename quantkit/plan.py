@@ -424,7 +424,8 @@ class SourcePlan:
 
 
 def plan_source(src: str, options: ConvertOptions, *, stats: str | None = None, force_stats: bool = False,
-                reports: dict[str, str] | None = None, overwrite: bool = False) -> SourcePlan:
+                reports: dict[str, str] | None = None, overwrite: bool = False,
+                keep_choice: dict | None = None) -> SourcePlan:
     """Plan the conversion of the checkpoint ``src`` (any layout ``open_source`` reads, under the
     names ``options.format`` writes) from its header alone.
 
@@ -436,6 +437,7 @@ def plan_source(src: str, options: ConvertOptions, *, stats: str | None = None, 
         force_stats: use stats of another checkpoint, with a warning instead of a refusal.
         reports: (option -> path) report files the caller writes afterwards, checked first
             (``overwrite`` to replace one).
+        keep_choice: the record of the layers ``options`` keeps for a target (``sensitivity.choose_keep``).
 
     Returns:
         A ``SourcePlan``. Raises ``QuantkitError`` for an unusable source, stats or report path.
@@ -454,4 +456,5 @@ def plan_source(src: str, options: ConvertOptions, *, stats: str | None = None, 
             check_stats(source, loaded, force=force_stats, warn=warnings.append)
             options = options_with_stats(options, loaded)
         plan = make_plan(source, options, loaded)
+        plan.keep_choice = keep_choice
         return SourcePlan(plan, options, recipe_sizes(source, options), joined(source), warnings)

@@ -83,6 +83,8 @@ class Plan:
     # ranges of quantized tensors under the plan's names (scale-shaped float32; W scale = range / FP8 max).
     stats: dict | None = None
     weight_ranges: dict = field(default_factory=dict)
+    # The layers kept for a size-for-quality target (``sensitivity.KeepChoice.to_dict``): the manifest's record.
+    keep_choice: dict | None = None
 
     def count(self, action: Action) -> int:
         return sum(1 for t in self.tensors if t.action is action)
@@ -114,6 +116,7 @@ class Plan:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "warnings": self.warnings,
+            **({"keep_choice": self.keep_choice} if self.keep_choice is not None else {}),
             "tensors": [{"name": t.name, "shape": list(t.info.shape), "dtype": t.info.dtype.code,
                          "action": t.action.value, "kind": t.decision.kind.value, "reason": t.decision.reason,
                          "out_dtype": t.out_dtype.code,

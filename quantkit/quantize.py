@@ -74,6 +74,7 @@ class ConvertResult:
     stats: dict | None = None            # the stats file used (plan.stats), if any
     jobs: int = 1                        # processes that wrote the output
     workers_peak_rss_bytes: int = 0      # the sum of the worker processes' peaks (jobs > 1)
+    keep_choice: dict | None = None      # the layers kept for a target (sensitivity.choose_keep), if any
 
     @property
     def gb_per_s(self) -> float:
@@ -85,7 +86,8 @@ class ConvertResult:
 
 def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, overwrite: bool = False,
             progress: Progress = NULL, reports: dict[str, str] | None = None, jobs: int | None = None,
-            stats: Stats | str | None = None, force_stats: bool = False) -> ConvertResult:
+            stats: Stats | str | None = None, force_stats: bool = False,
+            keep_choice: dict | None = None) -> ConvertResult:
     """Convert the checkpoint ``src`` (any layout ``open_source`` reads) into ``dst``.
 
     Nothing appears under ``dst`` until the output is complete, hashed and its manifest written.
@@ -108,6 +110,8 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         force_stats: stats of another checkpoint are refused before any work (header fingerprint)
             and before the output is published (the source's SHA256, hashed while converting),
             naming both SHA256s; this turns both refusals into warnings.
+        keep_choice: the record of the layers ``options`` keeps for a target
+            (``sensitivity.choose_keep(...).to_dict()``), written to the manifest.
 
     Returns:
         A ``ConvertResult``: where the output and its manifest are, what was asked, counts per action,
@@ -139,6 +143,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         if stats is not None:
             options = options_with_stats(options, stats)
         plan = make_plan(source, options, stats)
+        plan.keep_choice = keep_choice
         if plan.stats is not None:
             plan.stats["sha256"] = stats_sha
         options = plan.options            # an FP8 source may have supplied granularity and FP8 dtype
@@ -183,7 +188,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
         source_sha256=combined_digest(source_digests), output_sha256=output_sha, warnings=plan.warnings,
         notes=[*plan.notes, *([jobs_note] if jobs_note else [])], stats=plan.stats, jobs=run.jobs,
-        workers_peak_rss_bytes=run.workers_peak_rss)
+        workers_peak_rss_bytes=run.workers_peak_rss, keep_choice=keep_choice)
 
 
 def _jobs(jobs: int | None, groups: list[list], source) -> tuple[int, str | None]:
@@ -461,7 +466,8 @@ def plan_summary(plan: Plan) -> dict:
     as given (what ``quantkit publish`` rebuilds the exact convert command from) and every tensor's
     decision (``[name, action, kind, reason]``: the card's table is the plan, not a re-derivation)."""
     return {**plan.summary(), "quantkit_version": __version__, "options": options_record(plan.options),
-            "decisions": [[t.name, t.action.value, t.decision.kind.value, t.decision.reason] for t in plan.tensors]}
+            "decisions": [[t.name, t.action.value, t.decision.kind.value, t.decision.reason] for t in plan.tensors],
+            **({"keep_choice": plan.keep_choice} if plan.keep_choice is not None else {})}
 
 
 def options_record(o: ConvertOptions) -> dict:

@@ -3,23 +3,30 @@
 Every layer the plan would quantize is quantized alone (FP8 as ``convert`` writes it: the same
 scales, W = q * scale) in the source model, the model runs on the same seeded inputs as
 ``validate --model-output``, and its output is compared with the unquantized model's. Layers are
-ranked by that output SQNR, worst first. With a target, the plan is quantized whole and the worst
-layers are kept one by one, re-measured each time, until the output reaches the target: a short
-``--keep`` list that meets it (greedy, so short, not proven shortest).
+ranked by that output SQNR, worst first. With a target, the file as convert writes it is measured
+(the plan's FP8 layers quantized, every other float tensor rounded to its keep dtype, as
+``validate --model-output`` sees the file) with the first 0, 1, 2 ... ranked layers kept, until the
+output reaches the target: the fewest layers of the ranking that reach it (one fewer, in its order,
+does not; a shorter list in another order may exist). ``choose_keep`` turns that into convert
+options with the reasons (``convert --target-sqnr`` / ``--keep-most-sensitive``).
 
 The model is held whole in float32 (one copy; each layer is restored after its run), so this is
 for models that fit in memory: a larger one is refused before any work with how much it needs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from .comfy_names import RenamedView
-from .errors import UnsupportedInputError
+from .errors import OptionsError, UnsupportedInputError
 from .metrics import ErrorStats
 from .options import ConvertOptions
+from .policy import Action, Rule
 from .progress import NULL, Progress
 
 # Room left for the interpreter, torch and activations beside the float32 model.
@@ -63,49 +70,224 @@ def sensitivity(src: str, options: ConvertOptions = ConvertOptions(), *, target_
     >>> report = sensitivity("all-MiniLM-L6-v2", target_sqnr=30)     # doctest: +SKIP
     >>> report.layers[0].name, report.keep                            # doctest: +SKIP
     """
+    with _bench(src, options, seed) as bench:
+        report = bench.rank(src, target_sqnr, progress)
+        if target_sqnr is not None:
+            steps = bench.walk(report.layers, lambda sqnr, kept: sqnr >= target_sqnr)
+            report.keep = [step.name for step in steps[1:]]
+            report.keep_sqnr = steps[-1].sqnr
+            report.target_met = report.keep_sqnr >= target_sqnr
+    progress.close()
+    return report
+
+
+@dataclass
+class KeptLayer:
+    """One layer a target keeps: its place in the ranking and what keeping it bought."""
+
+    name: str
+    kind: str
+    rank: int                 # 1: the most sensitive
+    alone_sqnr: float         # output SQNR with it alone in FP8 (the ranking's figure)
+    gain: float               # output SQNR gained by keeping it, the layers ranked above it kept already (dB)
+    sqnr: float               # output SQNR of the whole file once it is kept (dB)
+
+
+@dataclass
+class KeepChoice:
+    """The layers kept for a size-for-quality target (``choose_keep``), and why.
+
+    ``sqnr`` is the output SQNR of the file as it will be written (FP8 layers quantized as convert
+    does, every other float tensor rounded to the keep dtype) on ``validate --model-output``'s seeded
+    inputs; ``quantized_sqnr`` the same with nothing kept; ``options``: the convert options with one
+    ``--keep`` rule per kept layer."""
+
+    target_sqnr: float | None
+    most_sensitive: int | None
+    inputs: str
+    ranked: int                       # layers ranked
+    quantized_sqnr: float             # the whole plan, nothing kept
+    sqnr: float                       # with the kept layers
+    kept: list[KeptLayer] = field(default_factory=list)
+    options: ConvertOptions | None = None
+
+    @property
+    def reason(self) -> str:
+        if self.target_sqnr is not None:
+            return f"the {len(self.kept)} most sensitive of {self.ranked} layers: the fewest that reach " \
+                   f"{self.target_sqnr:g} dB ({self.quantized_sqnr:.2f} -> {self.sqnr:.2f} dB)"
+        return f"--keep-most-sensitive {self.most_sensitive}: the {len(self.kept)} most sensitive of {self.ranked} " \
+               f"layers ({self.quantized_sqnr:.2f} -> {self.sqnr:.2f} dB)"
+
+    def to_dict(self) -> dict:
+        """The record a manifest and ``--json`` keep: the target, the measured figures, each kept layer."""
+        def clean(v):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+        return {"target_sqnr": self.target_sqnr, "keep_most_sensitive": self.most_sensitive,
+                "measured_on": self.inputs, "ranked_layers": self.ranked,
+                "quantized_sqnr": clean(self.quantized_sqnr), "sqnr": clean(self.sqnr), "reason": self.reason,
+                "kept": [{k: clean(v) for k, v in asdict(layer).items()} for layer in self.kept]}
+
+
+def choose_keep(src: str, options: ConvertOptions = ConvertOptions(), *, target_sqnr: float | None = None,
+                most_sensitive: int | None = None, seed: int = 0, progress: Progress = NULL) -> KeepChoice:
+    """The fewest most-sensitive layers to keep for the file ``options`` would write from ``src`` to
+    reach ``target_sqnr`` dB of output SQNR (or exactly the ``most_sensitive`` top-ranked ones), with
+    convert options that keep them.
+
+    The layers are ranked as ``sensitivity`` ranks them; then the file as convert will write it is
+    measured with the first 0, 1, 2 ... of them kept, and the first count that reaches the target is
+    the answer: one layer fewer (in the ranking's order) does not reach it. Raises ``OptionsError``
+    when even every ranked layer kept stays below the target (naming the best figure), and
+    ``UnsupportedInputError`` where the model cannot be built or loaded (no config.json, weights that
+    do not fit it, an FP8 source).
+
+    >>> choice = choose_keep("all-MiniLM-L6-v2", target_sqnr=30)                   # doctest: +SKIP
+    >>> convert("all-MiniLM-L6-v2", "out.safetensors", choice.options, keep_choice=choice.to_dict())  # doctest: +SKIP
+    """
+    if (target_sqnr is None) == (most_sensitive is None):
+        raise OptionsError("give a target SQNR or a number of layers to keep, not both",
+                           hint="--target-sqnr DB or --keep-most-sensitive N")
+    if most_sensitive is not None and most_sensitive < 0:
+        raise OptionsError(f"--keep-most-sensitive {most_sensitive}: a count of layers", hint="give N >= 0")
+    with _bench(src, options, seed) as bench:
+        report = bench.rank(src, target_sqnr, progress)
+        if most_sensitive is not None and most_sensitive > len(report.layers):
+            raise OptionsError(f"--keep-most-sensitive {most_sensitive}: the plan quantizes only "
+                               f"{len(report.layers)} layers", path=bench.path,
+                               hint=f"give N <= {len(report.layers)}")
+        done = (lambda sqnr, kept: sqnr >= target_sqnr) if target_sqnr is not None else \
+            (lambda sqnr, kept: kept >= most_sensitive)
+        steps = bench.walk(report.layers, done)
+    progress.close()
+    if target_sqnr is not None and not steps[-1].sqnr >= target_sqnr:
+        raise OptionsError(f"--target-sqnr {target_sqnr:g} dB is out of reach: with all {len(report.layers)} "
+                           f"ranked layers kept in {options.keep_dtype.value} the output measures "
+                           f"{steps[-1].sqnr:.2f} dB (nothing kept: {steps[0].sqnr:.2f} dB)", path=src,
+                           hint=f"ask for {math.floor(steps[-1].sqnr * 100) / 100:.2f} dB or less, or keep "
+                                f"tensors in fp32 (--keep-dtype fp32)")
+    costs = {c.name: c for c in report.layers}
+    kept = [KeptLayer(step.name, costs[step.name].kind, i, costs[step.name].sqnr, step.sqnr - before.sqnr, step.sqnr)
+            for i, (before, step) in enumerate(zip(steps, steps[1:]), 1)]
+    choice = KeepChoice(target_sqnr, most_sensitive, report.inputs, len(report.layers), steps[0].sqnr,
+                        steps[-1].sqnr, kept)
+    choice.options = with_kept(options, choice)
+    return choice
+
+
+def with_kept(options: ConvertOptions, choice: KeepChoice) -> ConvertOptions:
+    """``options`` with one keep rule per kept layer, after the user's (it wins), each labelled
+    with why it is kept (the plan's reason for that tensor)."""
+    what = f"--target-sqnr {choice.target_sqnr:g} dB" if choice.target_sqnr is not None \
+        else f"--keep-most-sensitive {choice.most_sensitive}"
+    rules = tuple(Rule(Action.KEEP, _exact(k.name), f"{what}: #{k.rank} most sensitive (alone {k.alone_sqnr:.2f} dB), "
+                                                     f"keeping it {k.gain:+.2f} dB")
+                  for k in choice.kept)
+    policy = dataclasses.replace(options.policy, rules=options.policy.rules + rules)
+    return dataclasses.replace(options, policy=policy)
+
+
+def _exact(name: str) -> str:
+    """A pattern that matches the tensor ``name`` and nothing else (a glob when it has no glob characters)."""
+    return name if not set(name) & set("*?[]") else "re:" + re.escape(name)
+
+
+@dataclass
+class _Step:
+    name: str | None          # the layer kept at this step (None: nothing kept yet)
+    sqnr: float               # the whole file's output SQNR with it and those before it kept
+
+
+class _Bench:
+    """The source model in float32 with what it takes to measure any keep list: every candidate's
+    FP8 version, every other float tensor rounded to the dtype convert writes it in, the reference output."""
+
+    def __init__(self, source, options: ConvertOptions, seed: int):
+        import torch
+
+        from .models import build_model
+        from .plan import make_plan
+        checkpoint = source.original if isinstance(source, RenamedView) else source
+        _check_memory(checkpoint)
+        self.path, self.options = source.path, options
+        self.plan = plan = make_plan(source, options)
+        if plan.source_format is not None:      # its weights are FP8 codes already: nothing to rank
+            raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
+                                        hint="rank the layers of the BF16/FP16/FP32 checkpoint it was made from")
+        self.candidates = [t for t in plan.quantized() if t.prequantized is None]
+        self.model = build_model(checkpoint, seed)
+        self.module = _loaded(self.model, checkpoint)
+        params = self.params = dict(self.module.named_parameters(remove_duplicate=False))
+        rows = {t.name: _rows_of(source, t) for t in plan.tensors}
+        missing = [name for t in self.candidates for name, _, _ in rows[t.name] if name not in params]
+        if missing:
+            raise UnsupportedInputError(f"{len(missing)} planned weights are not parameters of "
+                                        f"{self.model.architecture} ({', '.join(missing[:3])})", path=source.path,
+                                        hint="the config.json beside the weights must describe this model")
+        self.reference = _output(self.module, self.model)
+        self.fake = {t.name: _fake_quantized_parts(params, rows[t.name], options) for t in self.candidates}
+        # As written: a kept float tensor is stored in its keep dtype (BF16 by default), which the
+        # output measured by validate --model-output sees too; a kept candidate likewise.
+        keep_dtype = {name: options.keep_dtype.resolve(t.info.dtype).torch for t in self.candidates
+                      for name, _, _ in rows[t.name]}
+        keep_dtype.update({name: t.out_dtype.torch for t in plan.tensors
+                           if t.action is Action.KEEP and t.out_dtype.torch.is_floating_point
+                           for name, _, _ in rows[t.name] if name in params})
+        self.written = {name: params[name].data.to(dtype).float() for name, dtype in keep_dtype.items()
+                        if dtype != torch.float32}
+        self.kept_as = {t.name: {name: self.written.get(name, params[name].data) for name, _, _ in rows[t.name]}
+                        for t in self.candidates}
+
+    def sqnr(self, values: dict) -> float:
+        with _swapped(self.params, values):
+            return ErrorStats().update(self.reference, _output(self.module, self.model)).sqnr
+
+    def rank(self, src: str, target_sqnr: float | None, progress: Progress) -> SensitivityReport:
+        """Each candidate alone in FP8 (the rest as in the source), worst first; and all of them."""
+        report = SensitivityReport(os.path.basename(os.path.normpath(src)), self.model.architecture,
+                                   self.model.words, self.options.recipe.value, target_sqnr=target_sqnr)
+        progress.stage("sensitivity", len(self.candidates))
+        for t in self.candidates:
+            stats = ErrorStats()
+            with _swapped(self.params, self.fake[t.name]):
+                stats.update(self.reference, _output(self.module, self.model))
+            report.layers.append(LayerCost(t.name, t.decision.kind.value, stats.sqnr, stats.cosine))
+            progress.advance(1)
+        report.layers.sort(key=lambda c: c.sqnr)
+        report.all_sqnr = self.sqnr(_merged(self.fake))
+        return report
+
+    def walk(self, ranking: list[LayerCost], done) -> list["_Step"]:
+        """The whole file as written with the first 0, 1, 2 ... ranked layers kept, until
+        ``done(sqnr, kept)`` or every layer is kept: a step per count measured."""
+        kept: list[str] = []
+        steps = [_Step(None, self.sqnr(self._as_written(kept)))]
+        for layer in ranking:
+            if done(steps[-1].sqnr, len(kept)):
+                break
+            kept.append(layer.name)
+            steps.append(_Step(layer.name, self.sqnr(self._as_written(kept))))
+        return steps
+
+    def _as_written(self, kept: list[str]) -> dict:
+        """Parameter values of the file convert writes with ``kept`` candidates kept."""
+        values = dict(self.written)
+        for name in self.fake:
+            values.update(self.kept_as[name] if name in kept else self.fake[name])
+        return values
+
+
+@contextmanager
+def _bench(src: str, options: ConvertOptions, seed: int):
     import torch
 
     from .formats import get_format
-    from .models import build_model
-    from .plan import make_plan
     from .sources import open_source
     # Planned as convert plans it, under the names the format writes (a diffusers FLUX / SD3 / UNet
     # under ComfyUI's for the comfy formats, q/k/v joined under one scale); run under the model's own.
     names = get_format(options.format).source_names
     with open_source(src, component=options.component, ema=options.ema, names=names) as source, torch.no_grad():
-        checkpoint = source.original if isinstance(source, RenamedView) else source
-        _check_memory(checkpoint)
-        plan = make_plan(source, options)
-        if plan.source_format is not None:      # its weights are FP8 codes already: nothing to rank
-            raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
-                                        hint="rank the layers of the BF16/FP16/FP32 checkpoint it was made from")
-        candidates = [t for t in plan.quantized() if t.prequantized is None]
-        model = build_model(checkpoint, seed)
-        module = _loaded(model, checkpoint)
-        params = dict(module.named_parameters(remove_duplicate=False))
-        rows = {t.name: _rows_of(source, t) for t in candidates}
-        missing = [name for t in candidates for name, _, _ in rows[t.name] if name not in params]
-        if missing:
-            raise UnsupportedInputError(f"{len(missing)} planned weights are not parameters of {model.architecture} "
-                                        f"({', '.join(missing[:3])})", path=source.path,
-                                        hint="the config.json beside the weights must describe this model")
-        report = SensitivityReport(os.path.basename(os.path.normpath(src)), model.architecture, model.words,
-                                   options.recipe.value, target_sqnr=target_sqnr)
-        reference = _output(module, model)
-        fake = {t.name: _fake_quantized_parts(params, rows[t.name], options) for t in candidates}
-        progress.stage("sensitivity", len(candidates))
-        for t in candidates:
-            with _swapped(params, fake[t.name]):
-                stats = ErrorStats().update(reference, _output(module, model))
-            report.layers.append(LayerCost(t.name, t.decision.kind.value, stats.sqnr, stats.cosine))
-            progress.advance(1)
-        report.layers.sort(key=lambda c: c.sqnr)
-        with _swapped(params, _merged(fake)):
-            report.all_sqnr = ErrorStats().update(reference, _output(module, model)).sqnr
-        if target_sqnr is not None:
-            _propose_keep(report, module, model, params, fake, reference, target_sqnr)
-    progress.close()
-    return report
+        yield _Bench(source, options, seed)
 
 
 def _rows_of(source, t) -> list[tuple[str, int, int]]:
@@ -155,7 +337,12 @@ def _loaded(model, source):
     module = model.make()
     state = {name: source.read_tensor(info).float() if info.dtype.torch.is_floating_point else
              source.read_tensor(info).clone() for name, info in source.tensors.items()}
-    result = module.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:         # shapes the config does not give its parameters
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise UnsupportedInputError(f"the weights do not fit the config's architecture ({first})", path=source.path,
+                                    hint="the config.json beside the weights must describe this model") from None
     buffers = {name for name, _ in module.named_buffers()}
     unexpected = [k for k in result.unexpected_keys if k not in buffers]
     if unexpected:
@@ -198,18 +385,3 @@ class _swapped:
     def __exit__(self, *exc):
         for name, value in self.saved.items():
             self.params[name].data = value
-
-
-def _propose_keep(report: SensitivityReport, module, model, params: dict, fake: dict, reference,
-                  target: float) -> None:
-    """Keep the worst layers one by one (re-measuring the whole plan each time) until the output
-    reaches ``target``."""
-    keep: list[str] = []
-    sqnr = report.all_sqnr
-    for layer in report.layers:
-        if sqnr >= target:
-            break
-        keep.append(layer.name)
-        with _swapped(params, _merged(fake, keep)):
-            sqnr = ErrorStats().update(reference, _output(module, model)).sqnr
-    report.keep, report.keep_sqnr, report.target_met = keep, sqnr, sqnr >= target

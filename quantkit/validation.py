@@ -318,6 +318,10 @@ def _compare_model_output(src, output: str, report: ValidationReport, options: V
     sqnr = report.model_output["sqnr"]
     if min_output_sqnr is not None and not sqnr >= min_output_sqnr:
         report.failures.append(f"model output: SQNR {sqnr:.2f} dB is below --min-output-sqnr {min_output_sqnr:g}")
+    if options.heldout:
+        from .heldout import heldout_fidelity
+        report.model_output["heldout"] = heldout_fidelity(src, output, compute_dtype=options.compute_dtype.value,
+                                                          max_memory=options.max_memory)
     file_row = next((r for r in report.model_output["rows"] if r["row"] == "file"), None)
     if min_w8a8_sqnr is not None and file_row is not None and not file_row["sqnr"] >= min_w8a8_sqnr:
         report.failures.append(f"model output, W8A8 as the file implies: SQNR {file_row['sqnr']:.2f} dB is below "

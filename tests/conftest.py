@@ -46,6 +46,7 @@ SLOW_MODULES = {
     "test_runtime_budget",       # the runtime under memory budgets
     "test_runtime_edges",        # loaded models moved between dtypes, run
     "test_sensitivity",          # a forward per layer
+    "test_target_sqnr",          # convert --target-sqnr on the real MiniLM: a ranking per command
     "test_signals",              # SIGINT / SIGTERM of running conversions
     "test_signals_phases",       # SIGINT / SIGTERM / SIGKILL at every phase of validate, calibrate, publish
     "test_testing_kit",          # the property-testing kit against many quantizers
@@ -71,6 +72,9 @@ SLOW_TESTS = {
     "test_plan_names_the_family_and_convert_reads_back",          # convert + validate of every family
     "test_convert_for_comfyui_then_back_through_diffusers_runs_the_model",
     "test_python_m_quantkit_cli_runs_the_command",                 # a subprocess
+    "test_validate_heldout_reports_mean_low_percentiles_min_and_spread",   # MiniLM on the held-out set
+    "test_heldout_diffusion_inputs_are_seeds_calibration_never_uses",      # a tiny FLUX through diffusers
+    "test_short_inputs_are_three_or_four_tokens",                          # transformers' tokenizer
 }
 
 

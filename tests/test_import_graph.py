@@ -44,6 +44,7 @@ STAGES = [
     ("model output", ["quantkit.model_output"]),
     ("calibrate activations", ["quantkit.calibration.inputs", "quantkit.calibration.activations",
                                "quantkit.calibration.collect"]),
+    ("held-out evaluation", ["quantkit.heldout"]),
     ("sensitivity", ["quantkit.sensitivity"]),
     ("validate", ["quantkit.validation"]),
     ("reports", ["quantkit.report"]),

@@ -5,8 +5,42 @@ import click
 
 from . import render
 from .group import main, progress_bars
-from .options import (PATTERN_HELP, _RuleOrderCommand, convert_options, jobs_option, json_option, overwrite_option,
-                      policy_options, quiet_option, reports, stats_options)
+from .options import (DECIBELS, PATTERN_HELP, _RuleOrderCommand, convert_options, jobs_option, json_option,
+                      overwrite_option, policy_options, quiet_option, reports, stats_options)
+
+
+def target_options(f):
+    """convert / plan: --target-sqnr and --keep-most-sensitive (``sensitivity.choose_keep``)."""
+    f = click.option("--keep-most-sensitive", "most_sensitive", type=click.IntRange(min=0), metavar="N",
+                     help="Rank the layers as 'quantkit sensitivity' does and keep the N most sensitive in high "
+                          "precision (needs the model's config.json beside the weights).")(f)
+    return click.option("--target-sqnr", type=DECIBELS, metavar="DB",
+                        help="Rank the layers as 'quantkit sensitivity' does and keep the fewest most sensitive ones "
+                             "for the output of the file written to reach DB decibels of SQNR on the seeded inputs "
+                             "of 'validate --model-output' (needs the model's config.json beside the weights; "
+                             "a target out of reach is refused with the best figure).")(f)
+
+
+def _keep_for_target(src, options, target_sqnr, most_sensitive, stats_path, progress, dst=None, overwrite=False):
+    """The options with the layers a target keeps, and the record of why (None, None: no target);
+    ``dst`` (convert's) is checked before the ranking's work."""
+    if target_sqnr is None and most_sensitive is None:
+        return options, None
+    from ..errors import QuantkitError
+    from ..sensitivity import choose_keep
+    if stats_path:
+        raise QuantkitError("--target-sqnr / --keep-most-sensitive rank the layers with absmax scales",
+                            hint="leave --stats out, or keep layers by hand with --keep")
+    if dst is not None:
+        from ..destinations import check_destination
+        from ..formats import get_format
+        check_destination(src, dst, overwrite, get_format(options.format).folder or options.max_shard_bytes is not None)
+    choice = choose_keep(src, options, target_sqnr=target_sqnr, most_sensitive=most_sensitive, progress=progress)
+    click.echo(f"keep: {choice.reason}, measured on {choice.inputs}")
+    for k in choice.kept:
+        click.echo(f"  #{k.rank} {render.printable(k.name)}: alone in FP8 {k.alone_sqnr:.2f} dB; "
+                   f"keeping it {k.gain:+.2f} dB -> {k.sqnr:.2f} dB")
+    return choice.options, choice.to_dict()
 
 
 @main.command(cls=_RuleOrderCommand, epilog=PATTERN_HELP)
@@ -21,8 +55,10 @@ from .options import (PATTERN_HELP, _RuleOrderCommand, convert_options, jobs_opt
              "the free memory (0.5 GB a job) allow; 1 with 2 cores or fewer (one process keeps two busy). "
              "A larger N is capped there (and at the pieces of work), with a note.")
 @stats_options
+@target_options
 @click.pass_context
-def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_stats, **policy):
+def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_stats, target_sqnr, most_sensitive,
+            **policy):
     """Quantize the checkpoint SRC into DST.
 
     SRC is a .safetensors file, a sharded checkpoint (its *.safetensors.index.json or its
@@ -43,16 +79,23 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
     (DST without '.safetensors' + '.quantkit.json'), which 'quantkit validate' checks.
 
     \b
+    --target-sqnr DB keeps the fewest most sensitive layers (ranked as 'quantkit sensitivity'
+    ranks them) for the written file's output to reach DB; the manifest records them and why.
+
+    \b
     Examples:
       quantkit convert flux1-dev.safetensors flux1-dev-fp8.safetensors --granularity channel
       quantkit convert ./FLUX.1-dev flux1-dev-fp8.safetensors --component transformer --format comfy
+      quantkit convert ./all-MiniLM-L6-v2 minilm-fp8.safetensors --target-sqnr 30
     """
     from ..quantize import convert as run
     progress = progress_bars(quiet)
     options = convert_options(ctx, **policy)
     click.echo(f"quantkit convert: {src} -> {dst}")
+    options, keep_choice = _keep_for_target(src, options, target_sqnr, most_sensitive, stats_path, progress, dst,
+                                            overwrite)
     result = run(src, dst, options, overwrite=overwrite, progress=progress, reports=reports(json_path),
-                 jobs=jobs, stats=stats_path, force_stats=force_stats)
+                 jobs=jobs, stats=stats_path, force_stats=force_stats, keep_choice=keep_choice)
     render.conversion(result, options.keep_dtype.value)
     if json_path:
         render.write_json(json_path, result.to_dict())
@@ -65,19 +108,23 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
 @overwrite_option("Replace the --json file if it exists.")
 @click.option("--only", type=click.Choice(["quantize", "keep", "pass"]), help="List only tensors with this action.")
 @stats_options
+@target_options
 @click.pass_context
-def plan(ctx, src, json_path, overwrite, only, stats_path, force_stats, **policy):
+def plan(ctx, src, json_path, overwrite, only, stats_path, force_stats, target_sqnr, most_sensitive, **policy):
     """Show what 'convert' would do to every tensor of SRC, without writing anything.
 
-    Same options as 'convert'. Reads only the header: instant even for a 24 GB checkpoint.
+    Same options as 'convert'. Reads only the header: instant even for a 24 GB checkpoint
+    (with --target-sqnr or --keep-most-sensitive, the model is ranked first, as convert ranks it).
 
     \b
     Example:
       quantkit plan model.safetensors --keep '*.attn.*' --only quantize
     """
     from ..plan import plan_source
-    planned = plan_source(src, convert_options(ctx, **policy), stats=stats_path, force_stats=force_stats,
-                          reports=reports(json_path), overwrite=overwrite)
+    options, keep_choice = _keep_for_target(src, convert_options(ctx, **policy), target_sqnr, most_sensitive,
+                                            stats_path, progress_bars(True))
+    planned = plan_source(src, options, stats=stats_path, force_stats=force_stats, reports=reports(json_path),
+                          overwrite=overwrite, keep_choice=keep_choice)
     render.source_plan(planned, only)
     if json_path:
         render.write_json(json_path, planned.to_dict())

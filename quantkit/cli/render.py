@@ -178,6 +178,8 @@ def validation(report, show: int) -> None:
         click.echo(f"  model output ({m['architecture']}, {m['inputs']}; output loaded by {m['loaded_by']}): "
                    f"SQNR {m['sqnr']:.2f} dB, cosine {m['cosine']:.6f}, relative L2 error {m['rel_l2']:.4f}")
         _output_rows(m.get("rows") or [])
+        if m.get("heldout"):
+            _heldout(m["heldout"])
     jobs = f", {report.jobs} processes, peak RSS {report.workers_peak_rss_bytes / 1e9:.2f} GB together" \
         if report.jobs > 1 else ""
     if report.ok:
@@ -188,6 +190,22 @@ def validation(report, show: int) -> None:
             click.echo(f"    {f}")
         if len(report.failures) > 20:
             click.echo(f"    ... and {len(report.failures) - 20} more (see --json)")
+
+
+def _heldout(h: dict) -> None:
+    """validate --heldout: per-input cosine and SQNR over the held-out set, with their spread."""
+    click.echo(f"  held-out ({h['inputs']}), per input, weight-only; [spread over {h['spread_over']}]:")
+    for key, fmt in (("cosine", "{:.6f}"), ("sqnr", "{:.2f}")):
+        s, sp = h[key], h["spread"][key]
+        figures = ", ".join(f"{k} {num_or(fmt, s[k])} [{num_or(fmt, sp[k][0])}-{num_or(fmt, sp[k][1])}]"
+                            for k in ("mean", "p5", "p1", "min"))
+        click.echo(f"    {'cosine' if key == 'cosine' else 'SQNR dB':<8} {figures}")
+    click.echo("    worst: " + "; ".join(f"{printable(w['input'])[:40]!r} {num_or('{:.6f}', w['cosine'])}"
+                                         for w in h["worst"][:3]))
+
+
+def num_or(fmt: str, v) -> str:
+    return "inf" if v is None else fmt.format(v)
 
 
 def _output_rows(rows: list[dict]) -> None:
