@@ -270,6 +270,43 @@ def mochi_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("Mochi")
 
 
+# ----------------------------------------------------------------------------- Cosmos Predict2
+
+_COSMOS2_TOP = {
+    "x_embedder.proj.1": ["patch_embed.proj"], "final_layer.linear": ["proj_out"],
+    "t_embedder.1.linear_1": ["time_embed.t_embedder.linear_1"],
+    "t_embedder.1.linear_2": ["time_embed.t_embedder.linear_2"],
+    "final_layer.adaln_modulation.1": ["norm_out.linear_1"], "final_layer.adaln_modulation.2": ["norm_out.linear_2"],
+}
+_COSMOS2_BLOCK = {     # blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
+    **{f"{a}.{x}_proj": [f"{b}.to_{x}"] for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2")) for x in "qkv"},
+    **{f"{a}.output_proj": [f"{b}.to_out.0"] for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2"))},
+    **{f"{a}.{x}_norm": [f"{b}.norm_{x}"] for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2")) for x in "qk"},
+    "mlp.layer1": ["ff.net.0.proj"], "mlp.layer2": ["ff.net.2"],
+    **{f"adaln_modulation_{a}.{i}": [f"norm{n}.linear_{i}"]
+       for n, a in ((1, "self_attn"), (2, "cross_attn"), (3, "mlp")) for i in (1, 2)},
+}
+
+
+def is_diffusers_cosmos_predict2(names) -> bool:
+    """A diffusers CosmosTransformer3DModel of Cosmos Predict2 (Cosmos 1.0 has the learnable
+    position embedding, ComfyUI's extra_pos_embedder, that Predict2 does without)."""
+    names = set(names)
+    return ("time_embed.t_embedder.linear_1.weight" in names and "patch_embed.proj.weight" in names
+            and "transformer_blocks.0.norm1.linear_1.weight" in names
+            and not any(n.startswith("learnable_pos_embed.") for n in names))
+
+
+def cosmos_predict2_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Cosmos Predict2 (ComfyUI, NVIDIA's names without ``net.``) name -> the diffusers tensor it renames."""
+    t = Table(tensors, "Cosmos Predict2")
+    for new, parts in _COSMOS2_TOP.items():
+        t.linear(new, parts)
+    t.key("t_embedding_norm.weight", "time_embed.norm.weight")
+    t.stack("transformer_blocks", "blocks", _COSMOS2_BLOCK)
+    return t.done("Cosmos Predict2")
+
+
 # ----------------------------------------------------------------------------- refused, no table yet
 
 def _has(*keys):
@@ -292,13 +329,12 @@ REFUSED = (
      _refused("HunyuanVideo 1.5", "the HunyuanVideo 1.5 release under its own names (Comfy-Org's or Tencent's"
                                   " single-file transformer)")),
     ("Cosmos", "-", _has("time_embed.t_embedder.linear_1.weight", "patch_embed.proj.weight"),
-     _refused("Cosmos", "NVIDIA's Cosmos release under its original names (net.blocks...): diffusers' Cosmos 1.0 and"
-                        " Predict2 transformers share one layout, and which of ComfyUI's two models the weights are"
-                        " for cannot be told from them")),
+     _refused("Cosmos 1.0", "NVIDIA's Cosmos 1.0 release under its original names (net.blocks.block0...)")),
     ("HunyuanDiT", "-", _has("time_extra_emb.pooler.k_proj.weight", "text_embedding_padding"),
      _refused("HunyuanDiT", "Tencent's HunyuanDiT release under its original names")),
 )
 
 VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("Mochi", "Genmo", is_diffusers_mochi, mochi_to_comfy), ("LTX-2", "LTX-2", is_diffusers_ltx2, ltx2_refused),
          ("LTX-Video", "LTX-Video", is_diffusers_ltx, ltx_to_comfy),
-         ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy), *REFUSED)
+         ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy),
+         ("Cosmos Predict2", "Cosmos", is_diffusers_cosmos_predict2, cosmos_predict2_to_comfy), *REFUSED)

@@ -189,6 +189,11 @@ FAMILIES = {
         patch_size=2, num_attention_heads=2, attention_head_dim=32, num_layers=48, pooled_projection_dim=32,
         in_channels=12, text_embed_dim=32, time_embed_dim=256, max_sequence_length=16),
         sfu.convert_mochi_transformer_checkpoint_to_diffusers, "mochi", "mochi"),
+    # Predict2's names are NVIDIA's; diffusers' Cosmos converter reads them without the "net." prefix.
+    "cosmos_predict2": (lambda: diffusers.CosmosTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=64, num_layers=2, text_embed_dim=64,
+        adaln_lora_dim=32, extra_pos_embed_type=None), sfu.convert_cosmos_transformer_checkpoint_to_diffusers,
+        "cosmos_predict2", "cosmos"),
     "pixart_sigma": (lambda: diffusers.PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=2,
         cross_attention_dim=128, caption_channels=64, sample_size=16, use_additional_conditions=False),
@@ -347,7 +352,7 @@ def _key_names_only(cls, path, **config):
 
 @pytest.mark.parametrize("family, cls, config", [
     ("HunyuanVideo 1.5", "HunyuanVideo15Transformer3DModel", {}),
-    ("Cosmos", "CosmosTransformer3DModel", {}),
+    ("Cosmos 1.0", "CosmosTransformer3DModel", {}),       # its learnable position embedding tells it from Predict2
     ("HunyuanDiT", "HunyuanDiT2DModel", dict(num_attention_heads=16, attention_head_dim=88, in_channels=4,
                                              patch_size=2, sample_size=128, hidden_size=1408, num_layers=2)),
 ])

@@ -1,0 +1,136 @@
+"""Diffusers-named transformers and ComfyUI's names: ``plan`` names the family on diffusers' own names
+(not only with ``--format comfy``), with the same decisions as under ComfyUI's names; Cosmos
+Predict2 is written under NVIDIA's names (``comfy_names_video.cosmos_predict2_to_comfy``), checked
+against diffusers' own converter; Cosmos 1.0 is refused before any work, naming what to convert.
+
+ComfyUI itself is not on PyPI: the load and forward checks through ComfyUI's loader are by hand
+(DEVELOPERS.md); these tests hold the mapping to diffusers' converter and ComfyUI's key names.
+"""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quantkit.comfy_names import RenamedView
+from quantkit.options import ConvertOptions
+from quantkit.plan import plan_source
+from quantkit.policy import Action
+from quantkit.sources import open_source
+from runs import run
+
+diffusers = pytest.importorskip("diffusers")
+sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _cosmos(**extra):
+    config = dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=64, num_layers=2,
+                  text_embed_dim=64, adaln_lora_dim=32, extra_pos_embed_type=None)
+    config.update(extra)
+    return diffusers.CosmosTransformer3DModel(**config)
+
+
+# family -> (tiny diffusers model, the preset plan names, words of the variant it names)
+FAMILIES = {
+    "wan": (lambda: diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
+        text_dim=64, freq_dim=256, ffn_dim=256, num_layers=2), "wan", "t2v"),
+    "cosmos_predict2": (_cosmos, "cosmos", "Predict2"),
+    "ltxv": (lambda: diffusers.LTXVideoTransformer3DModel(
+        in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=64, cross_attention_dim=128,
+        num_layers=2, caption_channels=64), "ltxv", ""),
+    "flux2": (lambda: diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=64, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(16, 16, 16, 16)),
+        "flux2", ""),
+}
+
+
+def _save(model, folder):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    made = {}
+
+    def folder(case):
+        if case not in made:
+            made[case] = _save(FAMILIES[case][0](), tmp_path_factory.mktemp(case) / "transformer")
+        return made[case]
+    return folder
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_plan_names_the_family_on_diffusers_names(folders, case):
+    """Before: 'preset generic (no known architecture detected)' unless --format comfy."""
+    result = run("plan", folders(case))
+    assert result.exit_code == 0, result.output
+    head = result.output[:1500]
+    assert f"preset {FAMILIES[case][1]} (detected" in head and "preset generic" not in head, head
+    assert FAMILIES[case][2] in head.splitlines()[1]
+
+
+@pytest.mark.parametrize("recipe", ["mixed", "compact"])
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_the_diffusers_names_get_the_decisions_of_their_comfyui_names(folders, case, recipe):
+    """Each diffusers tensor is planned as the ComfyUI tensor it becomes (q, k, v of one joined qkv alike)."""
+    native = plan_source(str(folders(case)), ConvertOptions.from_strings(recipe=recipe)).plan
+    comfy = plan_source(str(folders(case)), ConvertOptions.from_strings(recipe=recipe, format="comfy")).plan
+    assert native.policy.name == comfy.policy.name == FAMILIES[case][1]
+    by_name = {t.name: t.decision.action for t in native.tensors}
+    with open_source(folders(case), names="comfyui") as view:
+        assert isinstance(view, RenamedView)
+        parts = view.parts
+    for t in comfy.tensors:
+        for source, _, _ in parts[t.name]:
+            assert by_name[source] is t.decision.action, (t.name, source)
+    assert native.count(Action.QUANTIZE) == comfy.count(Action.QUANTIZE) + sum(
+        len(parts[t.name]) - 1 for t in comfy.tensors if t.decision.action is Action.QUANTIZE) > 0
+
+
+def test_an_explicit_preset_and_the_comfy_formats_are_unchanged(folders):
+    """Only 'auto' reaching 'generic' looks through ComfyUI's names; --preset generic stays generic."""
+    result = run("plan", folders("wan"), "--preset", "generic")
+    assert result.exit_code == 0 and "preset generic (chosen" in result.output, result.output[:500]
+
+
+@pytest.mark.parametrize("fmt", ["comfy", "comfy-legacy"])
+def test_cosmos_predict2_is_written_under_nvidias_names(folders, tmp_path, fmt):
+    """Renames only (diffusers' converter is a rename table): every FP8 weight beside its scale, and the
+    file, dequantized and put through diffusers' Cosmos converter, gives back every diffusers key."""
+    out = tmp_path / "cosmos.safetensors"
+    result = run("convert", folders("cosmos_predict2"), out, "--format", fmt)
+    assert result.exit_code == 0, result.output
+    assert "diffusers Cosmos Predict2 names written as ComfyUI's" in result.output
+    stored = load_file(str(out))
+    scale = ".weight_scale" if fmt == "comfy" else ".scale_weight"
+    fp8 = [k for k, v in stored.items() if v.dtype in FP8 and k != "scaled_fp8"]
+    assert fp8 and all(k[:-len(".weight")] + scale in stored for k in fp8)
+    assert "x_embedder.proj.1.weight" in stored and "blocks.1.adaln_modulation_mlp.2.weight" in stored
+    assert "t_embedder.1.linear_1.weight" in stored and "final_layer.adaln_modulation.2.weight" in stored
+    assert not any(k.startswith(("transformer_blocks.", "patch_embed.", "time_embed.")) for k in stored)
+    weights = {k: v for k, v in stored.items() if not k.endswith((scale, ".comfy_quant")) and k != "scaled_fp8"}
+    back = sfu.convert_cosmos_transformer_checkpoint_to_diffusers(dict(weights))
+    source = load_file(str(folders("cosmos_predict2") / "diffusion_pytorch_model.safetensors"))
+    assert set(back) == set(source)
+    for k, t in source.items():
+        if back[k].dtype not in FP8:
+            assert torch.equal(back[k], t), k
+
+
+def test_cosmos_1_is_refused_with_what_to_convert(tmp_path):
+    """Cosmos 1.0 (diffusers: the learnable position embedding) has ComfyUI's other Cosmos model,
+    whose block layout quantkit has no table for: refused, exit 2, before any file is written."""
+    folder = _save(_cosmos(extra_pos_embed_type="learnable", max_size=(8, 16, 16)), tmp_path / "transformer")
+    for fmt in ("comfy", "comfy-legacy"):
+        result = run("convert", folder, tmp_path / "out.safetensors", "--format", fmt)
+        assert result.exit_code == 2, result.output
+        assert "a diffusers Cosmos 1.0 transformer" in result.output and "net.blocks.block0" in result.output
+        assert "Traceback" not in result.output and not list(tmp_path.glob("out*"))
+    assert run("plan", folder).exit_code == 0            # diffusers names: planned as they are
