@@ -41,6 +41,16 @@ refiner block)::
                                                            q/k norms: ...norm.{query,key}_norm.weight)
     proj_out, norm_out.linear (halves swapped)             final_layer.linear, final_layer.adaLN_modulation.1
 
+HunyuanVideo 1.5 (1.0's table, double blocks only; no pooled text, guidance or single blocks)::
+
+    diffusers                                              HunyuanVideo / ComfyUI
+    time_embed.timestep_embedder.linear_{1,2}              time_in.{in,out}_layer
+    context_embedder.*, transformer_blocks.N, proj_out, norm_out.linear
+                                                           as 1.0's (txt_in.*, double_blocks.N, final_layer.*)
+    context_embedder_2.norm, linear_{1,2,3}  (ByT5)        byt5_in.layernorm, fc{1,2,3}
+    image_embedder.norm_in, linear_1, linear_2, norm_out   vision_in.proj.{0,1,3,4}
+    cond_type_embed                                        cond_type_embedding
+
 LTX-Video (renames only; every other key keeps its name)::
 
     diffusers                                              LTX-Video / ComfyUI
@@ -65,7 +75,19 @@ Mochi (N: transformer_blocks; the last one is context_pre_only: no context outpu
     N.ff{,_context}.net.0.proj (halves swapped), .net.2    blocks.N.mlp_{x,y}.w1, w2
     proj_out, norm_out.linear (halves swapped)             final_layer.linear, final_layer.mod
 
-Refused as well, until they have a table: diffusers HunyuanVideo 1.5, Cosmos and HunyuanDiT
+Cosmos Predict2 (renames only, diffusers' ``convert_cosmos_transformer_checkpoint_to_diffusers``
+inverted; NVIDIA's names without ``net.``)::
+
+    diffusers                                              NVIDIA / ComfyUI
+    patch_embed.proj, proj_out                             x_embedder.proj.1, final_layer.linear
+    time_embed.t_embedder.linear_{1,2}, time_embed.norm    t_embedder.1.linear_{1,2}, t_embedding_norm
+    norm_out.linear_{1,2}                                  final_layer.adaln_modulation.{1,2}
+    N.attn{1,2}.to_{q,k,v}, to_out.0, norm_{q,k}           blocks.N.{self,cross}_attn.{q,k,v}_proj, output_proj, {q,k}_norm
+    N.ff.net.{0.proj,2}                                    blocks.N.mlp.layer{1,2}
+    N.norm{1,2,3}.linear_{1,2}                             blocks.N.adaln_modulation_{self_attn,cross_attn,mlp}.{1,2}
+
+Refused as well, until they have a table: diffusers Cosmos 1.0 (told from Predict2 by its learnable
+position embedding; ComfyUI's Cosmos 1.0 model nests its blocks otherwise) and HunyuanDiT
 transformers (ComfyUI cannot load them under diffusers' names; the original releases convert).
 """
 from __future__ import annotations
@@ -173,6 +195,39 @@ def hunyuan_video_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Par
     t.stack("single_transformer_blocks", "single_blocks", FLUX_SINGLE, _HUNYUAN_SINGLE_NORMS)
     t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
     return t.done("HunyuanVideo")
+
+
+# ----------------------------------------------------------------------------- HunyuanVideo 1.5
+
+_HUNYUAN15_TOP = {
+    **{k: v for k, v in _HUNYUAN_TOP.items() if not k.startswith(("time_in.", "vector_in.", "guidance_in."))},
+    "time_in.in_layer": ["time_embed.timestep_embedder.linear_1"],
+    "time_in.out_layer": ["time_embed.timestep_embedder.linear_2"],
+    "byt5_in.layernorm": ["context_embedder_2.norm"], "byt5_in.fc1": ["context_embedder_2.linear_1"],
+    "byt5_in.fc2": ["context_embedder_2.linear_2"], "byt5_in.fc3": ["context_embedder_2.linear_3"],
+    "vision_in.proj.0": ["image_embedder.norm_in"], "vision_in.proj.1": ["image_embedder.linear_1"],
+    "vision_in.proj.3": ["image_embedder.linear_2"], "vision_in.proj.4": ["image_embedder.norm_out"],
+}
+
+
+def is_diffusers_hunyuan_video15(names) -> bool:
+    """A diffusers HunyuanVideo15Transformer3DModel state dict (double blocks only, a ByT5 and an image embedder)."""
+    names = set(names)
+    return ("context_embedder_2.linear_1.weight" in names and "x_embedder.proj.weight" in names
+            and "transformer_blocks.0.norm1_context.linear.weight" in names and "cond_type_embed.weight" in names)
+
+
+def hunyuan_video15_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """HunyuanVideo 1.5 (ComfyUI) name -> the row ranges of diffusers tensors it is made of: 1.0's
+    table without single blocks, pooled text or guidance, with the ByT5 and image embedders."""
+    t = Table(tensors, "HunyuanVideo 1.5")
+    for new, parts in _HUNYUAN15_TOP.items():
+        t.linear(new, parts)
+    t.key("cond_type_embedding.weight", "cond_type_embed.weight")
+    t.stack("context_embedder.token_refiner.refiner_blocks", "txt_in.individual_token_refiner.blocks", _HUNYUAN_REFINER)
+    t.stack("transformer_blocks", "double_blocks", FLUX_DOUBLE, _HUNYUAN_DOUBLE_NORMS)
+    t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+    return t.done("HunyuanVideo 1.5")
 
 
 # ----------------------------------------------------------------------------- LTX-Video
@@ -324,10 +379,6 @@ def _refused(family: str, release: str):
 
 
 REFUSED = (
-    ("HunyuanVideo 1.5", "-", _has("image_embedder.norm_in.weight", "x_embedder.proj.weight",
-                                   "transformer_blocks.0.norm1_context.linear.weight"),
-     _refused("HunyuanVideo 1.5", "the HunyuanVideo 1.5 release under its own names (Comfy-Org's or Tencent's"
-                                  " single-file transformer)")),
     ("Cosmos", "-", _has("time_embed.t_embedder.linear_1.weight", "patch_embed.proj.weight"),
      _refused("Cosmos 1.0", "NVIDIA's Cosmos 1.0 release under its original names (net.blocks.block0...)")),
     ("HunyuanDiT", "-", _has("time_extra_emb.pooler.k_proj.weight", "text_embedding_padding"),
@@ -337,4 +388,5 @@ REFUSED = (
 VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("Mochi", "Genmo", is_diffusers_mochi, mochi_to_comfy), ("LTX-2", "LTX-2", is_diffusers_ltx2, ltx2_refused),
          ("LTX-Video", "LTX-Video", is_diffusers_ltx, ltx_to_comfy),
          ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy),
+         ("HunyuanVideo 1.5", "HunyuanVideo", is_diffusers_hunyuan_video15, hunyuan_video15_to_comfy),
          ("Cosmos Predict2", "Cosmos", is_diffusers_cosmos_predict2, cosmos_predict2_to_comfy), *REFUSED)

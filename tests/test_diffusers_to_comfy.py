@@ -134,3 +134,33 @@ def test_cosmos_1_is_refused_with_what_to_convert(tmp_path):
         assert "a diffusers Cosmos 1.0 transformer" in result.output and "net.blocks.block0" in result.output
         assert "Traceback" not in result.output and not list(tmp_path.glob("out*"))
     assert run("plan", folder).exit_code == 0            # diffusers names: planned as they are
+
+
+def test_hunyuan_video15_has_comfyuis_keys(tmp_path):
+    """HunyuanVideo 1.5 under ComfyUI's names: the keys of ComfyUI's own model (tests/family_keys.json,
+    built with ComfyUI's class); shapes too but the ByT5 mapper's, whose width diffusers fixes at 2048.
+    diffusers has no single-file converter for 1.5: the forward through ComfyUI is checked by hand."""
+    import json
+    import pathlib
+    want = json.loads((pathlib.Path(__file__).parent / "family_keys.json").read_text())["hunyuan_video15"]
+    model = diffusers.HunyuanVideo15Transformer3DModel(
+        in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=64, num_layers=2,
+        num_refiner_layers=2, patch_size=2, text_embed_dim=64, text_embed_2_dim=64, image_embed_dim=64,
+        rope_axes_dim=(16, 24, 24))
+    folder = _save(model, tmp_path / "transformer")
+    with open_source(folder, names="comfyui") as view:
+        got = {n: list(i.shape) for n, i in view.tensors.items()}
+        assert "written as ComfyUI's (HunyuanVideo)" in view.notes[-1]
+    assert set(got) == set(want)
+    assert {n: s for n, s in got.items() if not n.startswith("byt5_in.")} == \
+           {n: s for n, s in want.items() if not n.startswith("byt5_in.")}
+    stored = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    out = tmp_path / "hv15.safetensors"
+    assert run("convert", folder, out, "--format", "comfy", "--keep", "*").exit_code == 0
+    written = load_file(str(out))
+    half = stored["norm_out.linear.weight"].shape[0] // 2
+    assert torch.equal(written["final_layer.adaLN_modulation.1.weight"],
+                       torch.cat([stored["norm_out.linear.weight"][half:], stored["norm_out.linear.weight"][:half]]))
+    assert torch.equal(written["double_blocks.1.img_attn.qkv.weight"], torch.cat(
+        [stored[f"transformer_blocks.1.attn.to_{x}.weight"] for x in "qkv"]))
+    assert torch.equal(written["byt5_in.fc3.weight"], stored["context_embedder_2.linear_3.weight"])
