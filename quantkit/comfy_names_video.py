@@ -362,6 +362,41 @@ def cosmos_predict2_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[P
     return t.done("Cosmos Predict2")
 
 
+# ----------------------------------------------------------------------------- Cosmos 1.0
+
+_COSMOS1_BLOCK = {     # blocks.blockN.<key> <- transformer_blocks.N.<parts>: sub-blocks 0 (self-attention),
+    # 1 (cross-attention), 2 (MLP) as block_config "FA-CA-MLP" nests them, each with its adaLN modulation
+    **{f"blocks.{i}.block.attn.to_{x}.0": [f"attn{i + 1}.to_{x}"] for i in (0, 1) for x in "qkv"},
+    **{f"blocks.{i}.block.attn.to_{x}.1": [f"attn{i + 1}.norm_{x}"] for i in (0, 1) for x in "qk"},
+    **{f"blocks.{i}.block.attn.to_out.0": [f"attn{i + 1}.to_out.0"] for i in (0, 1)},
+    "blocks.2.block.layer1": ["ff.net.0.proj"], "blocks.2.block.layer2": ["ff.net.2"],
+    **{f"blocks.{n - 1}.adaLN_modulation.{i}": [f"norm{n}.linear_{i}"] for n in (1, 2, 3) for i in (1, 2)},
+}
+
+
+def is_diffusers_cosmos1(names) -> bool:
+    """A diffusers CosmosTransformer3DModel of Cosmos 1.0 (its learnable position embedding, ComfyUI's
+    extra_pos_embedder, is what tells it from Predict2)."""
+    names = set(names)
+    return ("time_embed.t_embedder.linear_1.weight" in names and "patch_embed.proj.weight" in names
+            and "transformer_blocks.0.norm1.linear_1.weight" in names
+            and any(n.startswith("learnable_pos_embed.") for n in names))
+
+
+def cosmos1_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Cosmos 1.0 (ComfyUI's GeneralDIT, NVIDIA's names without ``net.``) name -> the diffusers tensor it renames."""
+    t = Table(tensors, "Cosmos 1.0")
+    for new, parts in _COSMOS2_TOP.items():            # 1.0 spells the final modulation adaLN_modulation
+        t.linear(new.replace("adaln_modulation", "adaLN_modulation"), parts)
+    t.key("affline_norm.weight", "time_embed.norm.weight")
+    for axis in "thw":
+        t.key(f"extra_pos_embedder.pos_emb_{axis}", f"learnable_pos_embed.pos_emb_{axis}")
+    for n in t.blocks("transformer_blocks."):
+        for name, parts in _COSMOS1_BLOCK.items():
+            t.linear(f"blocks.block{n}.{name}", [f"transformer_blocks.{n}.{p}" for p in parts])
+    return t.done("Cosmos 1.0")
+
+
 # ----------------------------------------------------------------------------- refused, no table yet
 
 def _has(*keys):
@@ -379,8 +414,6 @@ def _refused(family: str, release: str):
 
 
 REFUSED = (
-    ("Cosmos", "-", _has("time_embed.t_embedder.linear_1.weight", "patch_embed.proj.weight"),
-     _refused("Cosmos 1.0", "NVIDIA's Cosmos 1.0 release under its original names (net.blocks.block0...)")),
     ("HunyuanDiT", "-", _has("time_extra_emb.pooler.k_proj.weight", "text_embedding_padding"),
      _refused("HunyuanDiT", "Tencent's HunyuanDiT release under its original names")),
 )
@@ -389,4 +422,5 @@ VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("Mochi", "Genmo", is_d
          ("LTX-Video", "LTX-Video", is_diffusers_ltx, ltx_to_comfy),
          ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy),
          ("HunyuanVideo 1.5", "HunyuanVideo", is_diffusers_hunyuan_video15, hunyuan_video15_to_comfy),
-         ("Cosmos Predict2", "Cosmos", is_diffusers_cosmos_predict2, cosmos_predict2_to_comfy), *REFUSED)
+         ("Cosmos Predict2", "Cosmos", is_diffusers_cosmos_predict2, cosmos_predict2_to_comfy),
+         ("Cosmos 1.0", "Cosmos", is_diffusers_cosmos1, cosmos1_to_comfy), *REFUSED)

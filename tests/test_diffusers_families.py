@@ -351,7 +351,6 @@ def _key_names_only(cls, path, **config):
 
 
 @pytest.mark.parametrize("family, cls, config", [
-    ("Cosmos 1.0", "CosmosTransformer3DModel", {}),       # its learnable position embedding tells it from Predict2
     ("HunyuanDiT", "HunyuanDiT2DModel", dict(num_attention_heads=16, attention_head_dim=88, in_channels=4,
                                              patch_size=2, sample_size=128, hidden_size=1408, num_layers=2)),
 ])

@@ -124,16 +124,44 @@ def test_cosmos_predict2_is_written_under_nvidias_names(folders, tmp_path, fmt):
             assert torch.equal(back[k], t), k
 
 
-def test_cosmos_1_is_refused_with_what_to_convert(tmp_path):
-    """Cosmos 1.0 (diffusers: the learnable position embedding) has ComfyUI's other Cosmos model,
-    whose block layout quantkit has no table for: refused, exit 2, before any file is written."""
-    folder = _save(_cosmos(extra_pos_embed_type="learnable", max_size=(8, 16, 16)), tmp_path / "transformer")
-    for fmt in ("comfy", "comfy-legacy"):
-        result = run("convert", folder, tmp_path / "out.safetensors", "--format", fmt)
-        assert result.exit_code == 2, result.output
-        assert "a diffusers Cosmos 1.0 transformer" in result.output and "net.blocks.block0" in result.output
-        assert "Traceback" not in result.output and not list(tmp_path.glob("out*"))
-    assert run("plan", folder).exit_code == 0            # diffusers names: planned as they are
+class _Unpopped(dict):
+    """diffusers' Cosmos converter pops every key out of the checkpoint before it looks for the 1.0 marker
+    (net.blocks.block1...), so it always applies the Predict2 table: a checkpoint that keeps its keys lets
+    it see the marker."""
+
+    def pop(self, key, *default):
+        return self[key] if key in self else (default[0] if default else self[key])
+
+
+@pytest.mark.parametrize("fmt", ["comfy", "comfy-legacy"])
+def test_cosmos_1_is_written_under_nvidias_nested_names(tmp_path, fmt):
+    """Cosmos 1.0 (diffusers: the learnable position embedding) is ComfyUI's other Cosmos model, its
+    blocks nested blocks.blockN.blocks.{0,1,2} (self-attention, cross-attention, MLP): the keys of
+    ComfyUI's own model (tests/family_keys.json) plus the position embedding, and back through diffusers'
+    converter (which reads NVIDIA's names under ``net.``) the diffusers model, kept tensors bit for bit."""
+    import json
+    import pathlib
+    want = json.loads((pathlib.Path(__file__).parent / "family_keys.json").read_text())["cosmos1"]
+    folder = _save(_cosmos(extra_pos_embed_type="learnable", max_size=(8, 16, 16), rope_scale=(2.0, 1.0, 1.0)),
+                   tmp_path / "transformer")
+    out = tmp_path / "cosmos1.safetensors"
+    result = run("convert", folder, out, "--format", fmt)
+    assert result.exit_code == 0, result.output
+    assert "diffusers Cosmos 1.0 names written as ComfyUI's" in result.output
+    stored = load_file(str(out))
+    scale = ".weight_scale" if fmt == "comfy" else ".scale_weight"
+    fp8 = [k for k, v in stored.items() if v.dtype in FP8 and k != "scaled_fp8"]
+    assert fp8 and all(k[:-len(".weight")] + scale in stored for k in fp8)
+    weights = {k: v for k, v in stored.items() if not k.endswith((scale, ".comfy_quant")) and k != "scaled_fp8"}
+    assert {k: list(v.shape) for k, v in weights.items() if not k.startswith("extra_pos_embedder.")} == want
+    assert {k for k in weights if k.startswith("extra_pos_embedder.")} == {f"extra_pos_embedder.pos_emb_{a}" for a in "thw"}
+    back = sfu.convert_cosmos_transformer_checkpoint_to_diffusers(_Unpopped({"net." + k: v for k, v in weights.items()}))
+    source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert set(back) == set(source)
+    for k, t in source.items():
+        if back[k].dtype not in FP8:
+            assert torch.equal(back[k], t), k
+    assert "preset cosmos (detected" in run("plan", folder).output
 
 
 def test_hunyuan_video15_has_comfyuis_keys(tmp_path):
