@@ -192,3 +192,32 @@ def test_hunyuan_video15_has_comfyuis_keys(tmp_path):
     assert torch.equal(written["double_blocks.1.img_attn.qkv.weight"], torch.cat(
         [stored[f"transformer_blocks.1.attn.to_{x}.weight"] for x in "qkv"]))
     assert torch.equal(written["byt5_in.fc3.weight"], stored["context_embedder_2.linear_3.weight"])
+
+
+def test_hunyuan_dit_has_comfyuis_keys_and_tencents_order(tmp_path):
+    """HunyuanDiT under Tencent's names, ComfyUI's model's keys and shapes (tests/family_keys.json);
+    q, k, v joined in Wqkv, k and v in the cross-attention's kv_proj (ComfyUI reshapes them (3|2, heads,
+    head_dim)), norm2 and norm3 trading places (Tencent's norm3 precedes the cross-attention), the final
+    modulation's scale and shift halves swapped. No converter on PyPI: the forward is checked by hand."""
+    import json
+    import pathlib
+    want = json.loads((pathlib.Path(__file__).parent / "family_keys.json").read_text())["hunyuan_dit"]
+    model = diffusers.HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=64, in_channels=4, patch_size=2, sample_size=32, hidden_size=128,
+        num_layers=2, cross_attention_dim=64, cross_attention_dim_t5=64, pooled_projection_dim=64, text_len=8,
+        text_len_t5=8, use_style_cond_and_image_meta_size=False)
+    folder = _save(model, tmp_path / "transformer")
+    with open_source(folder, names="comfyui") as view:
+        assert {n: list(i.shape) for n, i in view.tensors.items()} == want
+    out = tmp_path / "hydit.safetensors"
+    assert run("convert", folder, out, "--format", "comfy", "--keep", "*").exit_code == 0
+    got, src = load_file(str(out)), load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(got["blocks.1.attn1.Wqkv.weight"], torch.cat([src[f"blocks.1.attn1.to_{x}.weight"] for x in "qkv"]))
+    assert torch.equal(got["blocks.1.attn2.kv_proj.bias"], torch.cat([src[f"blocks.1.attn2.to_{x}.bias"] for x in "kv"]))
+    assert torch.equal(got["blocks.0.norm3.weight"], src["blocks.0.norm2.weight"])
+    assert torch.equal(got["blocks.0.norm2.weight"], src["blocks.0.norm3.weight"])
+    half = src["norm_out.linear.weight"].shape[0] // 2
+    assert torch.equal(got["final_layer.adaLN_modulation.1.weight"],
+                       torch.cat([src["norm_out.linear.weight"][half:], src["norm_out.linear.weight"][:half]]))
+    result = run("convert", folder, tmp_path / "fp8.safetensors", "--format", "comfy-legacy")
+    assert result.exit_code == 0 and "diffusers HunyuanDiT names written as ComfyUI's" in result.output
