@@ -66,8 +66,12 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions, stats: Stats | N
     fmt.check_source(source)
     preset, why = resolve(options.preset, source.tensors)
     rules = preset.rules(source.tensors)
-    if preset.name == "generic" and options.preset == "auto":
-        preset, why, rules = _preset_through_comfyui_names(source) or (preset, why, rules)
+    if options.preset == "auto":
+        # A diffusers-named model: the family its ComfyUI names tell wins where the diffusers names told
+        # none or another (a diffusers PixArt's adaln_single.* also reads as LTX-Video's).
+        found = _preset_through_comfyui_names(source)
+        if found is not None and found[0].name != preset.name:
+            preset, why, rules = found
     recipe = dataclasses.replace(options.policy, keep_attention=options.recipe is Recipe.MIXED)
     policy = recipe.with_preset(preset.name, rules)
     plan = Plan(os.path.basename(os.path.normpath(source.path)), options, [],

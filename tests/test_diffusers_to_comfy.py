@@ -39,6 +39,14 @@ FAMILIES = {
     "ltxv": (lambda: diffusers.LTXVideoTransformer3DModel(
         in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=64, cross_attention_dim=128,
         num_layers=2, caption_channels=64), "ltxv", ""),
+    # adaln_single.* and transformer_blocks.N.attn1.* also read as LTX-Video's diffusers names
+    "pixart": (lambda: diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=128, caption_channels=64, sample_size=16, use_additional_conditions=False), "pixart", ""),
+    "hunyuan_video15": (lambda: diffusers.HunyuanVideo15Transformer3DModel(
+        in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=64, num_layers=2,
+        num_refiner_layers=2, text_embed_dim=64, text_embed_2_dim=64, image_embed_dim=64, rope_axes_dim=(16, 24, 24)),
+        "hunyuan_video", "1.5"),
     "flux2": (lambda: diffusers.Flux2Transformer2DModel(
         patch_size=1, in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
         joint_attention_dim=64, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(16, 16, 16, 16)),
