@@ -96,19 +96,6 @@ only, the converter's 1.0 table inverted; ComfyUI's GeneralDIT nests each block'
                                                            to_{q,k}.1, to_out.0
     N.ff.net.{0.proj,2}                                    blocks.blockN.blocks.2.block.layer{1,2}
     N.norm{1,2,3}.linear_{1,2}                             blocks.blockN.blocks.{0,1,2}.adaLN_modulation.{1,2}
-
-HunyuanDiT 1.x (diffusers' own conversion script inverted; Tencent's norm3 is the cross-attention's)::
-
-    diffusers                                              Tencent / ComfyUI
-    pos_embed.proj, text_embedder.linear_{1,2}, proj_out   x_embedder.proj, mlp_t5.{0,2}, final_layer.linear
-    time_extra_emb.timestep_embedder.linear_{1,2}          t_embedder.mlp.{0,2}
-    time_extra_emb.{pooler.*, extra_embedder.linear_{1,2}, style_embedder}
-                                                           pooler.*, extra_embedder.{0,2}, style_embedder
-    N.norm1.norm, N.norm1.linear, N.norm2, N.norm3         blocks.N.norm1, default_modulation.1, norm3, norm2
-    N.attn1.to_q + to_k + to_v, to_out.0, norm_{q,k}       blocks.N.attn1.Wqkv, out_proj, {q,k}_norm
-    N.attn2.to_q, to_k + to_v, to_out.0, norm_{q,k}        blocks.N.attn2.q_proj, kv_proj, out_proj, {q,k}_norm
-    N.ff.net.{0.proj,2}, N.skip_{norm,linear}              blocks.N.mlp.fc{1,2}, skip_{norm,linear}
-    norm_out.linear (halves swapped)                       final_layer.adaLN_modulation.1
 """
 from __future__ import annotations
 
@@ -417,49 +404,9 @@ def cosmos1_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("Cosmos 1.0")
 
 
-# ----------------------------------------------------------------------------- HunyuanDiT
-
-_HYDIT_TOP = {
-    "x_embedder.proj": ["pos_embed.proj"], "mlp_t5.0": ["text_embedder.linear_1"], "mlp_t5.2": ["text_embedder.linear_2"],
-    "t_embedder.mlp.0": ["time_extra_emb.timestep_embedder.linear_1"],
-    "t_embedder.mlp.2": ["time_extra_emb.timestep_embedder.linear_2"],
-    "extra_embedder.0": ["time_extra_emb.extra_embedder.linear_1"],
-    "extra_embedder.2": ["time_extra_emb.extra_embedder.linear_2"],
-    **{f"pooler.{p}": [f"time_extra_emb.pooler.{p}"] for p in ("k_proj", "q_proj", "v_proj", "c_proj")},
-    "final_layer.linear": ["proj_out"],
-}
-_HYDIT_BLOCK = {       # blocks.N.<key> <- blocks.N.<parts>; Tencent's norm3 precedes the cross-attention, norm2 the MLP
-    "norm1": ["norm1.norm"], "default_modulation.1": ["norm1.linear"], "norm3": ["norm2"], "norm2": ["norm3"],
-    "attn1.Wqkv": ["attn1.to_q", "attn1.to_k", "attn1.to_v"], "attn1.out_proj": ["attn1.to_out.0"],
-    "attn2.q_proj": ["attn2.to_q"], "attn2.kv_proj": ["attn2.to_k", "attn2.to_v"], "attn2.out_proj": ["attn2.to_out.0"],
-    **{f"attn{i}.{x}_norm": [f"attn{i}.norm_{x}"] for i in (1, 2) for x in "qk"},
-    "mlp.fc1": ["ff.net.0.proj"], "mlp.fc2": ["ff.net.2"], "skip_norm": ["skip_norm"], "skip_linear": ["skip_linear"],
-}
-
-
-def is_diffusers_hunyuan_dit(names) -> bool:
-    """A diffusers HunyuanDiT2DModel state dict."""
-    names = set(names)
-    return "time_extra_emb.pooler.k_proj.weight" in names and "text_embedding_padding" in names
-
-
-def hunyuan_dit_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
-    """HunyuanDiT (ComfyUI, Tencent's names) name -> the row ranges of diffusers tensors it is made of."""
-    t = Table(tensors, "HunyuanDiT")
-    t.key("text_embedding_padding", "text_embedding_padding")
-    t.key("pooler.positional_embedding", "time_extra_emb.pooler.positional_embedding")
-    t.key("style_embedder.weight", "time_extra_emb.style_embedder.weight")
-    for new, parts in _HYDIT_TOP.items():
-        t.linear(new, parts)
-    t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
-    t.stack("blocks", "blocks", _HYDIT_BLOCK)
-    return t.done("HunyuanDiT")
-
-
 VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("Mochi", "Genmo", is_diffusers_mochi, mochi_to_comfy), ("LTX-2", "LTX-2", is_diffusers_ltx2, ltx2_refused),
          ("LTX-Video", "LTX-Video", is_diffusers_ltx, ltx_to_comfy),
          ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy),
          ("HunyuanVideo 1.5", "HunyuanVideo", is_diffusers_hunyuan_video15, hunyuan_video15_to_comfy),
          ("Cosmos Predict2", "Cosmos", is_diffusers_cosmos_predict2, cosmos_predict2_to_comfy),
-         ("Cosmos 1.0", "Cosmos", is_diffusers_cosmos1, cosmos1_to_comfy),
-         ("HunyuanDiT", "HunyuanDiT", is_diffusers_hunyuan_dit, hunyuan_dit_to_comfy))
+         ("Cosmos 1.0", "Cosmos", is_diffusers_cosmos1, cosmos1_to_comfy))
