@@ -59,7 +59,9 @@ LTX-Video (renames only; every other key keeps its name)::
 
 LTX-2 is refused: ComfyUI's LTX-2 model also holds the video and audio text-embedding connectors
 (``*_embeddings_connector.*``), which diffusers keeps in a component of their own (``connectors/``),
-so the transformer alone would load in ComfyUI with those layers missing.
+so the transformer alone would load in ComfyUI with those layers missing. Its release names
+(``ltx2_names``: proj_in -> patchify_proj, time_embed -> adaln_single, av_cross_attn_* ->
+av_ca_*_adaln_single, norm_{q,k} -> {q,k}_norm ...) serve ``plan`` only (``NAMES_ONLY``).
 
 Mochi (N: transformer_blocks; the last one is context_pre_only: no context output or MLP)::
 
@@ -98,6 +100,8 @@ only, the converter's 1.0 table inverted; ComfyUI's GeneralDIT nests each block'
     N.norm{1,2,3}.linear_{1,2}                             blocks.blockN.blocks.{0,1,2}.adaLN_modulation.{1,2}
 """
 from __future__ import annotations
+
+import re
 
 from .comfy_names import FLUX_DOUBLE, FLUX_SINGLE, Part, Table
 from .errors import UnsupportedInputError
@@ -279,6 +283,29 @@ def is_diffusers_ltx2(names) -> bool:
     return "audio_proj_in.weight" in names and "transformer_blocks.0.audio_attn1.to_q.weight" in names
 
 
+# diffusers name piece -> the LTX-2 release's (diffusers' convert_ltx2_transformer_to_diffusers inverted)
+_LTX2_RENAMES = (("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+                 ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+                 ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+                 ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+                 ("video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
+                 ("audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
+                 ("proj_in", "patchify_proj"), ("norm_q", "q_norm"), ("norm_k", "k_norm"))
+
+
+def ltx2_names(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """LTX-2 (the release's, ComfyUI's) name -> the diffusers tensor it renames; the text connectors
+    ComfyUI's model also holds are not among them. For ``plan`` to know the family; a file written
+    from it would lack the connectors (``ltx2_refused``)."""
+    t = Table(tensors, "LTX-2")
+    for name in t.rows:
+        new = re.sub(r"^(audio_)?time_embed\.", r"\1adaln_single.", name)
+        for old, release in _LTX2_RENAMES:
+            new = new.replace(old, release)
+        t.key(new, name)
+    return t.done("LTX-2")
+
+
 def ltx2_refused(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     raise UnsupportedInputError(
         "a diffusers LTX-2 transformer has no ComfyUI file of its own: ComfyUI's LTX-2 model also holds the text"
@@ -410,3 +437,6 @@ VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("Mochi", "Genmo", is_d
          ("HunyuanVideo 1.5", "HunyuanVideo", is_diffusers_hunyuan_video15, hunyuan_video15_to_comfy),
          ("Cosmos Predict2", "Cosmos", is_diffusers_cosmos_predict2, cosmos_predict2_to_comfy),
          ("Cosmos 1.0", "Cosmos", is_diffusers_cosmos1, cosmos1_to_comfy))
+
+# Tables that name a family for ``plan`` where no file can be written under them (by family).
+NAMES_ONLY = {"LTX-2": ltx2_names}

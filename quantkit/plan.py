@@ -439,11 +439,11 @@ def _preset_through_comfyui_names(source):
     from .errors import QuantkitError
     from .policy import Rule
     from .presets import resolve
-    from .sources import COMFYUI_VIEWS, comfyui_view
+    from .sources import COMFYUI_NAMINGS, comfyui_view
     if isinstance(source, RenamedView):
         return None
     try:
-        view = comfyui_view(source, COMFYUI_VIEWS)
+        view = comfyui_view(source, COMFYUI_NAMINGS)
     except QuantkitError:
         return None
     preset, why = resolve("auto", view.tensors) if isinstance(view, RenamedView) else (None, "")

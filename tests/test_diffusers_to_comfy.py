@@ -229,3 +229,27 @@ def test_hunyuan_dit_has_comfyuis_keys_and_tencents_order(tmp_path):
                        torch.cat([src["norm_out.linear.weight"][half:], src["norm_out.linear.weight"][:half]]))
     result = run("convert", folder, tmp_path / "fp8.safetensors", "--format", "comfy-legacy")
     assert result.exit_code == 0 and "diffusers HunyuanDiT names written as ComfyUI's" in result.output
+
+
+def test_ltx2_plan_names_the_family_though_no_comfy_file_is_written(tmp_path):
+    """A diffusers LTX-2 transformer lacks the text connectors ComfyUI's LTX-2 model holds, so no comfy
+    file is written of it (exit 2, naming the release to convert); plan names it all the same, through
+    its release names (diffusers' LTX-2 converter inverted: it gives the diffusers model back)."""
+    from quantkit.checkpoint import open_checkpoint
+    from quantkit.comfy_names_video import ltx2_names
+    model = diffusers.LTX2VideoTransformer3DModel(
+        in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=64, cross_attention_dim=128,
+        num_layers=1, caption_channels=64, audio_in_channels=16, audio_out_channels=16, audio_num_attention_heads=2,
+        audio_attention_head_dim=32, audio_cross_attention_dim=64)
+    folder = _save(model, tmp_path / "transformer")
+    result = run("plan", folder)
+    assert result.exit_code == 0 and "preset ltxv (detected LTX-2 (audio-video)" in result.output, result.output[:600]
+    source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    with open_checkpoint(folder) as checkpoint:
+        table = ltx2_names(checkpoint.tensors)
+    release = {new: source[parts[0][0]] for new, parts in table.items()}
+    assert "audio_patchify_proj.weight" in release and "av_ca_a2v_gate_adaln_single.linear.weight" in release
+    back = sfu.convert_ltx2_transformer_to_diffusers(dict(release))
+    assert set(back) == set(source) and all(torch.equal(back[k], source[k]) for k in source)
+    refused = run("convert", folder, tmp_path / "out.safetensors", "--format", "comfy")
+    assert refused.exit_code == 2 and "connectors" in refused.output and not (tmp_path / "out.safetensors").exists()
