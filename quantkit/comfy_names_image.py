@@ -89,6 +89,9 @@ HunyuanDiT 1.x (diffusers' own conversion script inverted; Tencent's norm3 is th
     N.attn2.to_q, to_k + to_v, to_out.0, norm_{q,k}        blocks.N.attn2.q_proj, kv_proj, out_proj, {q,k}_norm
     N.ff.net.{0.proj,2}, N.skip_{norm,linear}              blocks.N.mlp.fc{1,2}, skip_{norm,linear}
     norm_out.linear (halves swapped)                       final_layer.adaLN_modulation.1
+
+Stable Cascade (stages C and B; renames only): ``N.attention.to_{q,k,v}``, ``to_out.0`` are ComfyUI's
+``N.attention.attn.to_{q,k,v}``, ``attn.out_proj``; every other key keeps its name.
 """
 from __future__ import annotations
 
@@ -361,7 +364,32 @@ def hunyuan_dit_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]
     return t.done("HunyuanDiT")
 
 
+# ----------------------------------------------------------------------------- Stable Cascade
+
+_CASCADE_ATTENTION = re.compile(r"(.*\.attention\.)(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")
+
+
+def is_diffusers_stable_cascade(names) -> bool:
+    """A diffusers StableCascadeUNet state dict (stage C or B): its attentions split into to_q/k/v."""
+    names = set(names)
+    return (("clip_txt_mapper.weight" in names or "clip_mapper.weight" in names) and "embedding.1.weight" in names
+            and any(n.endswith(".attention.to_q.weight") for n in names))
+
+
+def stable_cascade_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Stable Cascade (ComfyUI) name -> the diffusers tensor it renames: every name is Stability's but
+    the attentions', which ComfyUI holds as attention.attn.to_q/k/v and out_proj (it splits the
+    release's in_proj itself on load; diffusers' converter splits it the same way)."""
+    t = Table(tensors, "Stable Cascade")
+    for name in t.rows:
+        m = _CASCADE_ATTENTION.match(name)
+        t.key(f"{m.group(1)}attn.{'out_proj' if m.group(2) == 'to_out.0' else m.group(2)}.{m.group(3)}" if m else name,
+              name)
+    return t.done("Stable Cascade")
+
+
 VIEWS = (("PixArt", "PixArt", is_diffusers_pixart, pixart_to_comfy), ("AuraFlow", "AuraFlow", is_diffusers_auraflow, auraflow_to_comfy), ("FLUX.2", "FLUX.2", is_diffusers_flux2, flux2_to_comfy), ("Chroma", "Chroma", is_diffusers_chroma, chroma_to_comfy),
          ("Lumina 2", "Lumina 2", is_diffusers_lumina2, lumina2_to_comfy),
          ("Z-Image", "Z-Image", is_diffusers_z_image, z_image_to_comfy),
-         ("HunyuanDiT", "HunyuanDiT", is_diffusers_hunyuan_dit, hunyuan_dit_to_comfy))
+         ("HunyuanDiT", "HunyuanDiT", is_diffusers_hunyuan_dit, hunyuan_dit_to_comfy),
+         ("Stable Cascade", "Stability", is_diffusers_stable_cascade, stable_cascade_to_comfy))

@@ -253,3 +253,34 @@ def test_ltx2_plan_names_the_family_though_no_comfy_file_is_written(tmp_path):
     assert set(back) == set(source) and all(torch.equal(back[k], source[k]) for k in source)
     refused = run("convert", folder, tmp_path / "out.safetensors", "--format", "comfy")
     assert refused.exit_code == 2 and "connectors" in refused.output and not (tmp_path / "out.safetensors").exists()
+
+
+def test_stable_cascade_attentions_are_comfyuis(tmp_path):
+    """Stable Cascade keeps Stability's names but the attentions': ComfyUI holds attention.attn.to_q/k/v
+    and attn.out_proj (it splits the release's in_proj on load). Joined back into in_proj, the written
+    file goes through diffusers' Stable Cascade converter to the diffusers model, bit for bit."""
+    model = diffusers.StableCascadeUNet(
+        in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1, conditioning_dim=64,
+        block_out_channels=(64, 64), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
+        up_num_layers_per_block=(1, 1), down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1),
+        block_types_per_layer=(("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),) * 2,
+        clip_text_in_channels=32, clip_text_pooled_in_channels=32, clip_image_in_channels=32, clip_seq=4,
+        kernel_size=3, dropout=(0.0, 0.0), self_attn=True, timestep_conditioning_type=("sca", "crp"),
+        switch_level=(False,))
+    folder = _save(model, tmp_path / "transformer")
+    out = tmp_path / "cascade.safetensors"
+    result = run("convert", folder, out, "--format", "comfy", "--keep", "*")
+    assert result.exit_code == 0 and "diffusers Stable Cascade names written as ComfyUI's" in result.output
+    written = load_file(str(out))
+    assert "down_blocks.0.2.attention.attn.out_proj.weight" in written
+    release = {}
+    for k, v in written.items():
+        head, sep, tail = k.partition(".attn.to_")
+        if not sep:
+            release[k] = v
+        elif tail.startswith("q."):
+            kind = tail[2:]
+            release[f"{head}.attn.in_proj_{kind}"] = torch.cat([written[f"{head}.attn.to_{x}.{kind}"] for x in "qkv"])
+    back = sfu.convert_stable_cascade_unet_single_file_to_diffusers(release)
+    source = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert set(back) == set(source) and all(torch.equal(back[k], source[k]) for k in source)
