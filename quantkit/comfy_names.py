@@ -7,8 +7,9 @@ through maps that carry ``.weight`` / ``.bias`` only: FP8 scales and markers wou
 names="comfyui")`` presents a diffusers FLUX.1 or SD3 transformer or SD1.x/SD2.x/SDXL UNet under
 the original names, and the file written is one ComfyUI loads natively. This module holds the
 shared machinery (``Table``, ``RenamedView``) and those three tables; ``comfy_names_video`` and
-``comfy_names_image`` hold the other families' (Wan, HunyuanVideo, LTX-Video, Mochi; Lumina 2,
-Z-Image, Chroma, FLUX.2, AuraFlow, PixArt), and ``sources.COMFYUI_VIEWS`` tries them all.
+``comfy_names_image`` hold the other families' (Wan, HunyuanVideo 1.0 / 1.5, LTX-Video, Mochi,
+Cosmos 1.0 / Predict2; Lumina 2, Z-Image, Chroma, FLUX.2, AuraFlow, PixArt, HunyuanDiT), and
+``sources.COMFYUI_VIEWS`` tries them all.
 
 FLUX.1 (N: transformer_blocks, M: single_transformer_blocks)::
 

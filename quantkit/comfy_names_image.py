@@ -76,6 +76,22 @@ ComfyUI's own ``comfy.utils.pixart_to_diffusers`` inverted; diffusers has no sin
     N.attn1.to_q + to_k + to_v, N.attn1.to_out.0           blocks.N.attn.qkv, blocks.N.attn.proj
     N.attn2.to_q, N.attn2.to_k + to_v, N.attn2.to_out.0    blocks.N.cross_attn.{q_linear,kv_linear,proj}
     N.ff.net.{0.proj,2}, N.scale_shift_table               blocks.N.mlp.fc{1,2}, blocks.N.scale_shift_table
+
+HunyuanDiT 1.x (diffusers' own conversion script inverted; Tencent's norm3 is the cross-attention's)::
+
+    diffusers                                              Tencent / ComfyUI
+    pos_embed.proj, text_embedder.linear_{1,2}, proj_out   x_embedder.proj, mlp_t5.{0,2}, final_layer.linear
+    time_extra_emb.timestep_embedder.linear_{1,2}          t_embedder.mlp.{0,2}
+    time_extra_emb.{pooler.*, extra_embedder.linear_{1,2}, style_embedder}
+                                                           pooler.*, extra_embedder.{0,2}, style_embedder
+    N.norm1.norm, N.norm1.linear, N.norm2, N.norm3         blocks.N.norm1, default_modulation.1, norm3, norm2
+    N.attn1.to_q + to_k + to_v, to_out.0, norm_{q,k}       blocks.N.attn1.Wqkv, out_proj, {q,k}_norm
+    N.attn2.to_q, to_k + to_v, to_out.0, norm_{q,k}        blocks.N.attn2.q_proj, kv_proj, out_proj, {q,k}_norm
+    N.ff.net.{0.proj,2}, N.skip_{norm,linear}              blocks.N.mlp.fc{1,2}, skip_{norm,linear}
+    norm_out.linear (halves swapped)                       final_layer.adaLN_modulation.1
+
+Stable Cascade (stages C and B; renames only): ``N.attention.to_{q,k,v}``, ``to_out.0`` are ComfyUI's
+``N.attention.attn.to_{q,k,v}``, ``attn.out_proj``; every other key keeps its name.
 """
 from __future__ import annotations
 
@@ -309,6 +325,71 @@ def pixart_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("PixArt")
 
 
+# ----------------------------------------------------------------------------- HunyuanDiT
+
+_HYDIT_TOP = {
+    "x_embedder.proj": ["pos_embed.proj"], "mlp_t5.0": ["text_embedder.linear_1"], "mlp_t5.2": ["text_embedder.linear_2"],
+    "t_embedder.mlp.0": ["time_extra_emb.timestep_embedder.linear_1"],
+    "t_embedder.mlp.2": ["time_extra_emb.timestep_embedder.linear_2"],
+    "extra_embedder.0": ["time_extra_emb.extra_embedder.linear_1"],
+    "extra_embedder.2": ["time_extra_emb.extra_embedder.linear_2"],
+    **{f"pooler.{p}": [f"time_extra_emb.pooler.{p}"] for p in ("k_proj", "q_proj", "v_proj", "c_proj")},
+    "final_layer.linear": ["proj_out"],
+}
+_HYDIT_BLOCK = {       # blocks.N.<key> <- blocks.N.<parts>; Tencent's norm3 precedes the cross-attention, norm2 the MLP
+    "norm1": ["norm1.norm"], "default_modulation.1": ["norm1.linear"], "norm3": ["norm2"], "norm2": ["norm3"],
+    "attn1.Wqkv": ["attn1.to_q", "attn1.to_k", "attn1.to_v"], "attn1.out_proj": ["attn1.to_out.0"],
+    "attn2.q_proj": ["attn2.to_q"], "attn2.kv_proj": ["attn2.to_k", "attn2.to_v"], "attn2.out_proj": ["attn2.to_out.0"],
+    **{f"attn{i}.{x}_norm": [f"attn{i}.norm_{x}"] for i in (1, 2) for x in "qk"},
+    "mlp.fc1": ["ff.net.0.proj"], "mlp.fc2": ["ff.net.2"], "skip_norm": ["skip_norm"], "skip_linear": ["skip_linear"],
+}
+
+
+def is_diffusers_hunyuan_dit(names) -> bool:
+    """A diffusers HunyuanDiT2DModel state dict."""
+    names = set(names)
+    return "time_extra_emb.pooler.k_proj.weight" in names and "text_embedding_padding" in names
+
+
+def hunyuan_dit_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """HunyuanDiT (ComfyUI, Tencent's names) name -> the row ranges of diffusers tensors it is made of."""
+    t = Table(tensors, "HunyuanDiT")
+    t.key("text_embedding_padding", "text_embedding_padding")
+    t.key("pooler.positional_embedding", "time_extra_emb.pooler.positional_embedding")
+    t.key("style_embedder.weight", "time_extra_emb.style_embedder.weight")
+    for new, parts in _HYDIT_TOP.items():
+        t.linear(new, parts)
+    t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+    t.stack("blocks", "blocks", _HYDIT_BLOCK)
+    return t.done("HunyuanDiT")
+
+
+# ----------------------------------------------------------------------------- Stable Cascade
+
+_CASCADE_ATTENTION = re.compile(r"(.*\.attention\.)(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")
+
+
+def is_diffusers_stable_cascade(names) -> bool:
+    """A diffusers StableCascadeUNet state dict (stage C or B): its attentions split into to_q/k/v."""
+    names = set(names)
+    return (("clip_txt_mapper.weight" in names or "clip_mapper.weight" in names) and "embedding.1.weight" in names
+            and any(n.endswith(".attention.to_q.weight") for n in names))
+
+
+def stable_cascade_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Stable Cascade (ComfyUI) name -> the diffusers tensor it renames: every name is Stability's but
+    the attentions', which ComfyUI holds as attention.attn.to_q/k/v and out_proj (it splits the
+    release's in_proj itself on load; diffusers' converter splits it the same way)."""
+    t = Table(tensors, "Stable Cascade")
+    for name in t.rows:
+        m = _CASCADE_ATTENTION.match(name)
+        t.key(f"{m.group(1)}attn.{'out_proj' if m.group(2) == 'to_out.0' else m.group(2)}.{m.group(3)}" if m else name,
+              name)
+    return t.done("Stable Cascade")
+
+
 VIEWS = (("PixArt", "PixArt", is_diffusers_pixart, pixart_to_comfy), ("AuraFlow", "AuraFlow", is_diffusers_auraflow, auraflow_to_comfy), ("FLUX.2", "FLUX.2", is_diffusers_flux2, flux2_to_comfy), ("Chroma", "Chroma", is_diffusers_chroma, chroma_to_comfy),
          ("Lumina 2", "Lumina 2", is_diffusers_lumina2, lumina2_to_comfy),
-         ("Z-Image", "Z-Image", is_diffusers_z_image, z_image_to_comfy))
+         ("Z-Image", "Z-Image", is_diffusers_z_image, z_image_to_comfy),
+         ("HunyuanDiT", "HunyuanDiT", is_diffusers_hunyuan_dit, hunyuan_dit_to_comfy),
+         ("Stable Cascade", "Stability", is_diffusers_stable_cascade, stable_cascade_to_comfy))

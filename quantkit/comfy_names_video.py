@@ -41,6 +41,16 @@ refiner block)::
                                                            q/k norms: ...norm.{query,key}_norm.weight)
     proj_out, norm_out.linear (halves swapped)             final_layer.linear, final_layer.adaLN_modulation.1
 
+HunyuanVideo 1.5 (1.0's table, double blocks only; no pooled text, guidance or single blocks)::
+
+    diffusers                                              HunyuanVideo / ComfyUI
+    time_embed.timestep_embedder.linear_{1,2}              time_in.{in,out}_layer
+    context_embedder.*, transformer_blocks.N, proj_out, norm_out.linear
+                                                           as 1.0's (txt_in.*, double_blocks.N, final_layer.*)
+    context_embedder_2.norm, linear_{1,2,3}  (ByT5)        byt5_in.layernorm, fc{1,2,3}
+    image_embedder.norm_in, linear_1, linear_2, norm_out   vision_in.proj.{0,1,3,4}
+    cond_type_embed                                        cond_type_embedding
+
 LTX-Video (renames only; every other key keeps its name)::
 
     diffusers                                              LTX-Video / ComfyUI
@@ -49,7 +59,9 @@ LTX-Video (renames only; every other key keeps its name)::
 
 LTX-2 is refused: ComfyUI's LTX-2 model also holds the video and audio text-embedding connectors
 (``*_embeddings_connector.*``), which diffusers keeps in a component of their own (``connectors/``),
-so the transformer alone would load in ComfyUI with those layers missing.
+so the transformer alone would load in ComfyUI with those layers missing. Its release names
+(``ltx2_names``: proj_in -> patchify_proj, time_embed -> adaln_single, av_cross_attn_* ->
+av_ca_*_adaln_single, norm_{q,k} -> {q,k}_norm ...) serve ``plan`` only (``NAMES_ONLY``).
 
 Mochi (N: transformer_blocks; the last one is context_pre_only: no context output or MLP)::
 
@@ -65,10 +77,31 @@ Mochi (N: transformer_blocks; the last one is context_pre_only: no context outpu
     N.ff{,_context}.net.0.proj (halves swapped), .net.2    blocks.N.mlp_{x,y}.w1, w2
     proj_out, norm_out.linear (halves swapped)             final_layer.linear, final_layer.mod
 
-Refused as well, until they have a table: diffusers HunyuanVideo 1.5, Cosmos and HunyuanDiT
-transformers (ComfyUI cannot load them under diffusers' names; the original releases convert).
+Cosmos Predict2 (renames only, diffusers' ``convert_cosmos_transformer_checkpoint_to_diffusers``
+inverted; NVIDIA's names without ``net.``)::
+
+    diffusers                                              NVIDIA / ComfyUI
+    patch_embed.proj, proj_out                             x_embedder.proj.1, final_layer.linear
+    time_embed.t_embedder.linear_{1,2}, time_embed.norm    t_embedder.1.linear_{1,2}, t_embedding_norm
+    norm_out.linear_{1,2}                                  final_layer.adaln_modulation.{1,2}
+    N.attn{1,2}.to_{q,k,v}, to_out.0, norm_{q,k}           blocks.N.{self,cross}_attn.{q,k,v}_proj, output_proj, {q,k}_norm
+    N.ff.net.{0.proj,2}                                    blocks.N.mlp.layer{1,2}
+    N.norm{1,2,3}.linear_{1,2}                             blocks.N.adaln_modulation_{self_attn,cross_attn,mlp}.{1,2}
+
+Cosmos 1.0 (the same diffusers class, told from Predict2 by its learnable position embedding; renames
+only, the converter's 1.0 table inverted; ComfyUI's GeneralDIT nests each block's three sub-blocks)::
+
+    diffusers                                              NVIDIA / ComfyUI
+    (top level as Predict2's, but)                         final_layer.adaLN_modulation.{1,2}, affline_norm
+    learnable_pos_embed.pos_emb_{t,h,w}                    extra_pos_embedder.pos_emb_{t,h,w}
+    N.attn{1,2}.to_{q,k,v}, norm_{q,k}, to_out.0           blocks.blockN.blocks.{0,1}.block.attn.to_{q,k,v}.0,
+                                                           to_{q,k}.1, to_out.0
+    N.ff.net.{0.proj,2}                                    blocks.blockN.blocks.2.block.layer{1,2}
+    N.norm{1,2,3}.linear_{1,2}                             blocks.blockN.blocks.{0,1,2}.adaLN_modulation.{1,2}
 """
 from __future__ import annotations
+
+import re
 
 from .comfy_names import FLUX_DOUBLE, FLUX_SINGLE, Part, Table
 from .errors import UnsupportedInputError
@@ -175,6 +208,39 @@ def hunyuan_video_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Par
     return t.done("HunyuanVideo")
 
 
+# ----------------------------------------------------------------------------- HunyuanVideo 1.5
+
+_HUNYUAN15_TOP = {
+    **{k: v for k, v in _HUNYUAN_TOP.items() if not k.startswith(("time_in.", "vector_in.", "guidance_in."))},
+    "time_in.in_layer": ["time_embed.timestep_embedder.linear_1"],
+    "time_in.out_layer": ["time_embed.timestep_embedder.linear_2"],
+    "byt5_in.layernorm": ["context_embedder_2.norm"], "byt5_in.fc1": ["context_embedder_2.linear_1"],
+    "byt5_in.fc2": ["context_embedder_2.linear_2"], "byt5_in.fc3": ["context_embedder_2.linear_3"],
+    "vision_in.proj.0": ["image_embedder.norm_in"], "vision_in.proj.1": ["image_embedder.linear_1"],
+    "vision_in.proj.3": ["image_embedder.linear_2"], "vision_in.proj.4": ["image_embedder.norm_out"],
+}
+
+
+def is_diffusers_hunyuan_video15(names) -> bool:
+    """A diffusers HunyuanVideo15Transformer3DModel state dict (double blocks only, a ByT5 and an image embedder)."""
+    names = set(names)
+    return ("context_embedder_2.linear_1.weight" in names and "x_embedder.proj.weight" in names
+            and "transformer_blocks.0.norm1_context.linear.weight" in names and "cond_type_embed.weight" in names)
+
+
+def hunyuan_video15_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """HunyuanVideo 1.5 (ComfyUI) name -> the row ranges of diffusers tensors it is made of: 1.0's
+    table without single blocks, pooled text or guidance, with the ByT5 and image embedders."""
+    t = Table(tensors, "HunyuanVideo 1.5")
+    for new, parts in _HUNYUAN15_TOP.items():
+        t.linear(new, parts)
+    t.key("cond_type_embedding.weight", "cond_type_embed.weight")
+    t.stack("context_embedder.token_refiner.refiner_blocks", "txt_in.individual_token_refiner.blocks", _HUNYUAN_REFINER)
+    t.stack("transformer_blocks", "double_blocks", FLUX_DOUBLE, _HUNYUAN_DOUBLE_NORMS)
+    t.linear("final_layer.adaLN_modulation.1", ["norm_out.linear"], swapped=True)
+    return t.done("HunyuanVideo 1.5")
+
+
 # ----------------------------------------------------------------------------- LTX-Video
 
 _LTX_TOP = {
@@ -215,6 +281,29 @@ def is_diffusers_ltx2(names) -> bool:
     """A diffusers LTX2VideoTransformer3DModel state dict (the audio-video one)."""
     names = set(names)
     return "audio_proj_in.weight" in names and "transformer_blocks.0.audio_attn1.to_q.weight" in names
+
+
+# diffusers name piece -> the LTX-2 release's (diffusers' convert_ltx2_transformer_to_diffusers inverted)
+_LTX2_RENAMES = (("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+                 ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+                 ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+                 ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+                 ("video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
+                 ("audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
+                 ("proj_in", "patchify_proj"), ("norm_q", "q_norm"), ("norm_k", "k_norm"))
+
+
+def ltx2_names(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """LTX-2 (the release's, ComfyUI's) name -> the diffusers tensor it renames; the text connectors
+    ComfyUI's model also holds are not among them. For ``plan`` to know the family; a file written
+    from it would lack the connectors (``ltx2_refused``)."""
+    t = Table(tensors, "LTX-2")
+    for name in t.rows:
+        new = re.sub(r"^(audio_)?time_embed\.", r"\1adaln_single.", name)
+        for old, release in _LTX2_RENAMES:
+            new = new.replace(old, release)
+        t.key(new, name)
+    return t.done("LTX-2")
 
 
 def ltx2_refused(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
@@ -270,35 +359,84 @@ def mochi_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
     return t.done("Mochi")
 
 
-# ----------------------------------------------------------------------------- refused, no table yet
+# ----------------------------------------------------------------------------- Cosmos Predict2
 
-def _has(*keys):
-    """detect(names): every one of ``keys`` is present."""
-    return lambda names: set(keys) <= set(names)
+_COSMOS2_TOP = {
+    "x_embedder.proj.1": ["patch_embed.proj"], "final_layer.linear": ["proj_out"],
+    "t_embedder.1.linear_1": ["time_embed.t_embedder.linear_1"],
+    "t_embedder.1.linear_2": ["time_embed.t_embedder.linear_2"],
+    "final_layer.adaln_modulation.1": ["norm_out.linear_1"], "final_layer.adaln_modulation.2": ["norm_out.linear_2"],
+}
+_COSMOS2_BLOCK = {     # blocks.N.<key> <- transformer_blocks.N.<parts>, for .weight and .bias
+    **{f"{a}.{x}_proj": [f"{b}.to_{x}"] for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2")) for x in "qkv"},
+    **{f"{a}.output_proj": [f"{b}.to_out.0"] for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2"))},
+    **{f"{a}.{x}_norm": [f"{b}.norm_{x}"] for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2")) for x in "qk"},
+    "mlp.layer1": ["ff.net.0.proj"], "mlp.layer2": ["ff.net.2"],
+    **{f"adaln_modulation_{a}.{i}": [f"norm{n}.linear_{i}"]
+       for n, a in ((1, "self_attn"), (2, "cross_attn"), (3, "mlp")) for i in (1, 2)},
+}
 
 
-def _refused(family: str, release: str):
-    """build(tensors) that refuses a diffusers ``family`` transformer, naming what to convert instead."""
-    def build(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
-        raise UnsupportedInputError(f"a diffusers {family} transformer cannot be written under ComfyUI's names"
-                                    " (quantkit has no table for it, and ComfyUI does not load diffusers' names)",
-                                    hint=f"for ComfyUI, convert {release}; for diffusers, write --format native")
-    return build
+def is_diffusers_cosmos_predict2(names) -> bool:
+    """A diffusers CosmosTransformer3DModel of Cosmos Predict2 (Cosmos 1.0 has the learnable
+    position embedding, ComfyUI's extra_pos_embedder, that Predict2 does without)."""
+    names = set(names)
+    return ("time_embed.t_embedder.linear_1.weight" in names and "patch_embed.proj.weight" in names
+            and "transformer_blocks.0.norm1.linear_1.weight" in names
+            and not any(n.startswith("learnable_pos_embed.") for n in names))
 
 
-REFUSED = (
-    ("HunyuanVideo 1.5", "-", _has("image_embedder.norm_in.weight", "x_embedder.proj.weight",
-                                   "transformer_blocks.0.norm1_context.linear.weight"),
-     _refused("HunyuanVideo 1.5", "the HunyuanVideo 1.5 release under its own names (Comfy-Org's or Tencent's"
-                                  " single-file transformer)")),
-    ("Cosmos", "-", _has("time_embed.t_embedder.linear_1.weight", "patch_embed.proj.weight"),
-     _refused("Cosmos", "NVIDIA's Cosmos release under its original names (net.blocks...): diffusers' Cosmos 1.0 and"
-                        " Predict2 transformers share one layout, and which of ComfyUI's two models the weights are"
-                        " for cannot be told from them")),
-    ("HunyuanDiT", "-", _has("time_extra_emb.pooler.k_proj.weight", "text_embedding_padding"),
-     _refused("HunyuanDiT", "Tencent's HunyuanDiT release under its original names")),
-)
+def cosmos_predict2_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Cosmos Predict2 (ComfyUI, NVIDIA's names without ``net.``) name -> the diffusers tensor it renames."""
+    t = Table(tensors, "Cosmos Predict2")
+    for new, parts in _COSMOS2_TOP.items():
+        t.linear(new, parts)
+    t.key("t_embedding_norm.weight", "time_embed.norm.weight")
+    t.stack("transformer_blocks", "blocks", _COSMOS2_BLOCK)
+    return t.done("Cosmos Predict2")
+
+
+# ----------------------------------------------------------------------------- Cosmos 1.0
+
+_COSMOS1_BLOCK = {     # blocks.blockN.<key> <- transformer_blocks.N.<parts>: sub-blocks 0 (self-attention),
+    # 1 (cross-attention), 2 (MLP) as block_config "FA-CA-MLP" nests them, each with its adaLN modulation
+    **{f"blocks.{i}.block.attn.to_{x}.0": [f"attn{i + 1}.to_{x}"] for i in (0, 1) for x in "qkv"},
+    **{f"blocks.{i}.block.attn.to_{x}.1": [f"attn{i + 1}.norm_{x}"] for i in (0, 1) for x in "qk"},
+    **{f"blocks.{i}.block.attn.to_out.0": [f"attn{i + 1}.to_out.0"] for i in (0, 1)},
+    "blocks.2.block.layer1": ["ff.net.0.proj"], "blocks.2.block.layer2": ["ff.net.2"],
+    **{f"blocks.{n - 1}.adaLN_modulation.{i}": [f"norm{n}.linear_{i}"] for n in (1, 2, 3) for i in (1, 2)},
+}
+
+
+def is_diffusers_cosmos1(names) -> bool:
+    """A diffusers CosmosTransformer3DModel of Cosmos 1.0 (its learnable position embedding, ComfyUI's
+    extra_pos_embedder, is what tells it from Predict2)."""
+    names = set(names)
+    return ("time_embed.t_embedder.linear_1.weight" in names and "patch_embed.proj.weight" in names
+            and "transformer_blocks.0.norm1.linear_1.weight" in names
+            and any(n.startswith("learnable_pos_embed.") for n in names))
+
+
+def cosmos1_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:
+    """Cosmos 1.0 (ComfyUI's GeneralDIT, NVIDIA's names without ``net.``) name -> the diffusers tensor it renames."""
+    t = Table(tensors, "Cosmos 1.0")
+    for new, parts in _COSMOS2_TOP.items():            # 1.0 spells the final modulation adaLN_modulation
+        t.linear(new.replace("adaln_modulation", "adaLN_modulation"), parts)
+    t.key("affline_norm.weight", "time_embed.norm.weight")
+    for axis in "thw":
+        t.key(f"extra_pos_embedder.pos_emb_{axis}", f"learnable_pos_embed.pos_emb_{axis}")
+    for n in t.blocks("transformer_blocks."):
+        for name, parts in _COSMOS1_BLOCK.items():
+            t.linear(f"blocks.block{n}.{name}", [f"transformer_blocks.{n}.{p}" for p in parts])
+    return t.done("Cosmos 1.0")
+
 
 VIEWS = (("Wan", "Wan", is_diffusers_wan, wan_to_comfy), ("Mochi", "Genmo", is_diffusers_mochi, mochi_to_comfy), ("LTX-2", "LTX-2", is_diffusers_ltx2, ltx2_refused),
          ("LTX-Video", "LTX-Video", is_diffusers_ltx, ltx_to_comfy),
-         ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy), *REFUSED)
+         ("HunyuanVideo", "HunyuanVideo", is_diffusers_hunyuan_video, hunyuan_video_to_comfy),
+         ("HunyuanVideo 1.5", "HunyuanVideo", is_diffusers_hunyuan_video15, hunyuan_video15_to_comfy),
+         ("Cosmos Predict2", "Cosmos", is_diffusers_cosmos_predict2, cosmos_predict2_to_comfy),
+         ("Cosmos 1.0", "Cosmos", is_diffusers_cosmos1, cosmos1_to_comfy))
+
+# Tables that name a family for ``plan`` where no file can be written under them (by family).
+NAMES_ONLY = {"LTX-2": ltx2_names}

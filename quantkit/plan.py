@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import torch
 
@@ -64,8 +65,15 @@ def make_plan(source: SafetensorsFile, options: ConvertOptions, stats: Stats | N
     fmt.check(options)
     fmt.check_source(source)
     preset, why = resolve(options.preset, source.tensors)
+    rules = preset.rules(source.tensors)
+    if options.preset == "auto":
+        # A diffusers-named model: the family its ComfyUI names tell wins where the diffusers names told
+        # none or another (a diffusers PixArt's adaln_single.* also reads as LTX-Video's).
+        found = _preset_through_comfyui_names(source)
+        if found is not None and found[0].name != preset.name:
+            preset, why, rules = found
     recipe = dataclasses.replace(options.policy, keep_attention=options.recipe is Recipe.MIXED)
-    policy = recipe.with_preset(preset.name, preset.rules(source.tensors))
+    policy = recipe.with_preset(preset.name, rules)
     plan = Plan(os.path.basename(os.path.normpath(source.path)), options, [],
                 notes=[*getattr(source, "notes", []), why], policy=policy, source_format=source_format)
     if stored is not None:
@@ -421,6 +429,42 @@ class SourcePlan:
     def to_dict(self) -> dict:
         return {**self.plan.to_dict(), "bytes_out_by_recipe": self.sizes,
                 **({"joined": self.joined} if self.joined else {})}
+
+
+def _preset_through_comfyui_names(source):
+    """A diffusers-named model the presets know under ComfyUI's names (a Wan, HunyuanVideo... transformer
+    written as it is): its preset, detected on the renamed view, with each rule matching the source
+    tensors the view's matching tensors are made of. None where no view or preset recognises it."""
+    from .comfy_names import RenamedView
+    from .errors import QuantkitError
+    from .policy import Rule
+    from .presets import resolve
+    from .sources import COMFYUI_NAMINGS, comfyui_view
+    if isinstance(source, RenamedView):
+        return None
+    try:
+        view = comfyui_view(source, COMFYUI_NAMINGS)
+    except QuantkitError:
+        return None
+    preset, why = resolve("auto", view.tensors) if isinstance(view, RenamedView) else (None, "")
+    if preset is None or preset.name == "generic":
+        return None
+    rules = []
+    for rule in preset.rules(view.tensors):
+        # A tensor that is no attention projection under ComfyUI's name (FLUX.2's single-block linear2,
+        # diffusers' attn.to_out) is not one for the recipe either: its rule holds in every recipe.
+        for attention in (True, False):
+            names = sorted({part[0] for name, parts in view.parts.items() if rule.matches(name)
+                            and (_is_attention(view.tensors[name]) is attention) for part in parts})
+            if names:
+                rules.append(Rule(rule.action, "re:" + "|".join(re.escape(n) for n in names), rule.origin,
+                                  rule.every_recipe or not attention))
+    return preset, why + " (on the diffusers names' ComfyUI counterparts)", tuple(rules)
+
+
+def _is_attention(info) -> bool:
+    from .policy import TensorKind, classify
+    return classify(info.name, info.shape, info.dtype) is TensorKind.ATTENTION
 
 
 def plan_source(src: str, options: ConvertOptions, *, stats: str | None = None, force_stats: bool = False,

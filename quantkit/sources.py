@@ -17,6 +17,9 @@ from .reader import TensorSource
 NAMINGS = (COMFYUI,)
 # Every diffusers family written under ComfyUI's names, the first that detects a checkpoint wins.
 COMFYUI_VIEWS = (*comfy_names.VIEWS, *comfy_names_video.VIEWS, *comfy_names_image.VIEWS)
+# The same, naming the families no file is written for (LTX-2): what ``plan`` detects a family through.
+COMFYUI_NAMINGS = tuple((what, names, detect, comfy_names_video.NAMES_ONLY.get(what, build))
+                        for what, names, detect, build in COMFYUI_VIEWS)
 
 
 def open_source(path: str | os.PathLike, *, component: str | None = None, ema: bool | None = False,
