@@ -12,7 +12,8 @@
   to the model's device (``device=``; on CUDA on a side stream).
 - ``budget``: budget mode (``mode="budget", max_memory="8GB"``): the blocks that fit stay resident,
   the rest stream; which and why in ``module.quantkit_runtime.residency``.
-- ``pool``: ``Pool(max_memory=...)``, several models in one budget, blocks kept while they fit (LRU).
+- ``pool``: ``Pool(max_memory=...)``, several models in one budget, blocks kept while they fit (other
+  models' least recently used evicted first: what stays is stable from call to call).
 - ``placements``: where each module tensor lies in the checkpoint (the one adapter to the read and
   format stages, ComfyUI names mapped back).
 

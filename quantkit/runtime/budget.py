@@ -12,10 +12,18 @@ everything is resident mode; one that cannot hold the largest unit in flight is 
 anything is read, naming the unit and the smallest budget that works.
 
 ``UnitCache`` is a ``Pool``'s memory: units of any of its models stay in memory after they run while
-they fit, the least recently used evicted first.
+they fit. ``Eviction.STABLE`` (the default) makes room for a unit from other models' units only, the
+least recently used first, and keeps the unit out where that is not enough: a model never evicts its
+own units, so the set of its units that stay is the same on every call (the first that fit, in the
+order they run) and two models used in turn share the room instead of each evicting the other's
+units every call. ``Eviction.LRU`` evicts the least recently used unit of any model, this one's
+included: two models that do not fit together used in turn (or one model larger than the pool, run
+again) then read every unit on every call, each evicting the unit the scan needs next
+(``benchmarks/runtime_pool.py`` measures both).
 """
 from __future__ import annotations
 
+import enum
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -138,14 +146,22 @@ def plan(units: dict[str, int], fixed: int, work: int, budget: int, prefetch: bo
     return Plan(budget, fixed, work, units, tuple(resident), depth)
 
 
+class Eviction(enum.Enum):
+    """Which kept unit a pool drops to make room for one that just ran."""
+
+    STABLE = "stable"    # other models' units, least recently used first; never the model's own
+    LRU = "lru"          # the least recently used unit of any model
+
+
 class UnitCache:
-    """A pool's units kept in memory after they ran, least recently used evicted first.
+    """A pool's units kept in memory after they ran, evicted by ``eviction`` (``Eviction``).
 
     ``capacity`` is what the pool's budget leaves for kept units; ``in_flight`` counts units read
     for a call and not kept; ``held`` is everything the pool's models hold (``fixed`` included)."""
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, eviction: Eviction = Eviction.STABLE):
         self.budget = budget
+        self.eviction = eviction
         self.fixed = 0                 # the pool's models' tensors outside their units
         self.reserve = 0               # streamed units in flight + dequantization's work, the largest model's
         self.entries: OrderedDict = OrderedDict()     # key -> (bytes, release); oldest first
@@ -187,10 +203,11 @@ class UnitCache:
         the least recently used until it fits; False (nothing evicted) where it can never fit."""
         if key in self.entries:
             return True
-        if nbytes > self.capacity:
+        victims = self._victims(key[0], self.cached + nbytes - self.capacity)
+        if victims is None:
             return False
-        while self.cached + nbytes > self.capacity:
-            old, (n, drop) = self.entries.popitem(last=False)
+        for old in victims:
+            n, drop = self.entries.pop(old)
             drop()
             self.cached -= n
             self.evicted.append(old)
@@ -198,6 +215,18 @@ class UnitCache:
         self.cached += nbytes
         self.in_flight -= nbytes
         return True
+
+    def _victims(self, owner, short: int) -> list | None:
+        """Kept units to drop for ``short`` more bytes, least recently used first (with
+        ``Eviction.STABLE`` only other owners'), or None where those are not enough."""
+        victims, freed = [], 0
+        for key, (n, _) in self.entries.items():
+            if freed >= short:
+                break
+            if self.eviction is Eviction.LRU or key[0] != owner:
+                victims.append(key)
+                freed += n
+        return victims if freed >= short else None
 
     def count(self, nbytes: int) -> None:
         self.in_flight += nbytes

@@ -62,6 +62,7 @@ class RuntimeInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     plan: Plan | None = None
     pool_budget: int | None = None
+    pool_eviction: str = ""
     _streamer: Streamer | None = field(default=None, repr=False)
     _layout: Layout | None = field(default=None, repr=False)
 
@@ -77,7 +78,7 @@ class RuntimeInfo:
             return self.plan.describe()
         if self.mode is Mode.POOLED:
             return (f"{len(self.units)} units kept after they run while the pool's {size(self.pool_budget)} has "
-                    "room, the least recently used (of any model in the pool) evicted first")
+                    f"room ({self.pool_eviction})")
         if self.mode is Mode.STREAMED:
             return f"{len(self.units)} units streamed, one at a time (the next read meanwhile with prefetch)"
         return "everything resident (mode='resident')"
@@ -300,6 +301,10 @@ def _planned(module, streamed: dict[str, list[Placement]], placements, holding: 
         return {u: ps for u, ps in streamed.items() if u not in info.plan.resident}
     depth = 2 if prefetch else 1
     info.pool_budget = placing.pool.cache.budget
+    info.pool_eviction = ("eviction 'stable': room made from other models' units, least recently used first; "
+                          "never from this model's own, so the set kept is the same from call to call"
+                          if placing.pool.cache.eviction.value == "stable" else
+                          "eviction 'lru': the least recently used unit of any model in the pool evicted first")
     placing.pool.cache.add_model(id(module), fixed, sum(sorted(units.values(), reverse=True)[:depth]) + work,
                                  type(module).__name__)
     return streamed
