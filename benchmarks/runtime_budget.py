@@ -161,7 +161,8 @@ def child(args) -> int:
               "forward_s": times, "read_bytes_per_forward": read["bytes"] / args.forwards,
               "io_rchar_per_forward": io["rchar"] / args.forwards,
               "io_disk_read_bytes_per_forward": io["read_bytes"] / args.forwards, "page_cache_dropped": args.drop_cache,
-              "held_peak_bytes": info.peak_bytes + (plan.work if plan else 0), "work_bytes": plan.work if plan else None,
+              "held_peak_bytes": info.peak_bytes + (plan.work if plan else 0),
+              "work_bytes": plan.work if plan else None,
               "resident_bytes": info.resident_bytes,
               "rss_after_load_bytes": after_load["VmRSS"], "rss_after_forwards_bytes": _status()["VmRSS"],
               "at_peak": peak, "vmhwm_bytes": _status()["VmHWM"],
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", default="1,2", help="double,single blocks (FLUX.1-dev: 19,38)")
     ap.add_argument("--compute-dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--steps", type=int, default=4, help="budgets between the smallest and everything, ends included")
-    ap.add_argument("--rows", help="instead of the sweep: e.g. resident,budget:4GB,budget:half (half the file); budget:smallest; "
+    ap.add_argument("--rows", help="instead of the sweep: e.g. resident,budget:4GB,budget:half (half the file); "
+                         "budget:smallest; "
                          "budget:halfread (half the file + the smallest: the streamed blocks are about half the file)")
     ap.add_argument("--forwards", type=int, default=2)
     ap.add_argument("--warmups", type=int, default=2, help="untimed forwards first (2: the prefetch has seen a call)")

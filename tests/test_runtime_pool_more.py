@@ -126,3 +126,83 @@ def test_two_models_in_turn_in_a_pool(files, monkeypatch, eviction):
 def test_a_pool_names_its_evictions():
     with pytest.raises(ValueError, match="eviction 'mru': use one of stable, lru"):
         qr.Pool(max_memory="1GB", eviction="mru")
+
+
+@pytest.fixture(scope="module")
+def flux_bf16(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sens") / "flux"
+    without_zero_layers(build("flux", 3)).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def test_sensitivity_runs_within_a_budget_to_the_resident_ranking(flux_bf16, monkeypatch):
+    import quantkit.sensitivity as s
+    from quantkit.errors import UnsupportedInputError
+    options = ConvertOptions(recipe=Recipe.COMPACT)
+    resident = s.sensitivity(str(flux_bf16), options, target_sqnr=60)
+    p = qr.load(_empty(), flux_bf16 / "diffusion_pytorch_model.safetensors", mode="budget", max_memory=10**12,
+                compute_dtype=torch.float32).quantkit_runtime.plan
+    smallest = p.fixed + p.work + sum(sorted(p.units.values(), reverse=True)[:2])
+    monkeypatch.setattr(s, "MEMORY_FRACTION", 1e-9)          # the model "exceeds" this machine's memory share
+    with pytest.raises(UnsupportedInputError, match="holds the model in float32") as refused:
+        s.sensitivity(str(flux_bf16), options)
+    assert "--max-memory" in refused.value.hint
+    reads = _reads(monkeypatch)
+    budgeted = s.sensitivity(str(flux_bf16), options, target_sqnr=60, max_memory=smallest)
+    assert {unit for _, unit in reads} >= {"transformer_blocks.0", "single_transformer_blocks.1"}   # it streamed
+    ranking = [(c.name, c.sqnr, c.cosine) for c in resident.layers]
+    assert [(c.name, c.sqnr, c.cosine) for c in budgeted.layers] == ranking        # the same values, bit for bit
+    assert len(resident.layers) > 8 and resident.layers[0].sqnr < resident.layers[-1].sqnr
+    assert (budgeted.all_sqnr, budgeted.keep, budgeted.keep_sqnr) == (resident.all_sqnr, resident.keep,
+                                                                     resident.keep_sqnr)
+
+
+def test_sensitivity_max_memory_on_the_command_line(flux_bf16, tmp_path, monkeypatch):
+    import json
+
+    from runs import run
+    import quantkit.sensitivity as s
+    monkeypatch.setattr(s, "MEMORY_FRACTION", 1e-9)
+    refused = run("sensitivity", flux_bf16, "-q")
+    assert refused.exit_code == 2 and "--max-memory" in refused.output
+    small = run("sensitivity", flux_bf16, "-q", "--max-memory", "1kB")
+    assert small.exit_code == 2 and "cannot hold the largest block in flight" in small.output
+    report = tmp_path / "s.json"
+    ok = run("sensitivity", flux_bf16, "-q", "--max-memory", "1GB", "--json", report)
+    assert ok.exit_code == 0, ok.output
+    assert len(json.loads(report.read_text())["layers"]) > 0
+
+
+def test_pinned_host_memory_is_skipped_on_the_cpu_with_the_reason(files):
+    model = qr.load(_empty(), files["a"], mode="streamed", host_memory="1GB")
+    info = model.quantkit_runtime
+    assert info.pinned.startswith("skipped: the model runs on the CPU") and info.pinned_bytes == 0
+    assert info._streamer.pinned == {} and info.summary()["pinned"] == info.pinned
+    assert qr.load(_empty(), files["a"], mode="streamed").quantkit_runtime.pinned.startswith("off")
+    assert qr.load(_empty(), files["a"], host_memory="1GB").quantkit_runtime.pinned.startswith("nothing streamed")
+    from quantkit.runtime.streaming import pin_skipped
+    if not torch.cuda.is_available():
+        assert "has no CUDA runtime" in pin_skipped(torch.device("cuda"))
+
+
+def test_the_pinned_path_reads_each_pinned_unit_once(files, monkeypatch):
+    """Where pinning runs (a CUDA device), simulated on the CPU: pinned units are read once, at load,
+    and every call copies them from host memory; the output is resident mode's."""
+    import quantkit.runtime.loader as loader
+    expected = forward("flux", qr.load(_empty(), files["a"]))
+    monkeypatch.setattr(loader, "pin_skipped", lambda device: None)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())   # CPU-only torch cannot pin
+    kept = qr.load(_empty(), files["a"], mode="streamed")       # held: its streamer closes with it
+    probe = kept.quantkit_runtime._streamer
+    first_two = probe.bytes[probe.order[0]] + probe.bytes[probe.order[1]]
+    read = []
+    original = loader.read_data
+    monkeypatch.setattr(loader, "read_data", lambda source, p: read.append(p.target) or original(source, p))
+    model = qr.load(_empty(), files["a"], mode="streamed", host_memory=first_two)
+    info = model.quantkit_runtime
+    assert list(info._streamer.pinned) == probe.order[:2] and info.pinned_bytes == first_two
+    assert info.pinned.startswith(f"2 of {len(probe.order)} streamed units in pinned host memory")
+    pinned = {t for u in probe.order[:2] for t in info._streamer.pinned[u]}
+    read.clear()
+    assert torch.equal(forward("flux", model), expected) and torch.equal(forward("flux", model), expected)
+    assert read and not pinned & set(read)                  # the pinned units never read from the file again

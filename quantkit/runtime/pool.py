@@ -6,8 +6,9 @@ pool without reading its blocks; a block is read from its file when it runs and 
 after it while the pool has room (``budget.UnitCache``): by default room is made from other models'
 blocks, least recently used first, and a model never evicts its own, so what stays is stable from
 call to call (``eviction="lru"``: the least recently used block of any model, which re-reads
-everything every call when two models that do not fit together run in turn). A model not used for a call holds nothing but its metadata, its FP8
-scales and the few tensors outside its blocks (tied weights, tensors directly on the model).
+everything every call when two models that do not fit together run in turn). A model not used for
+a call holds nothing but its metadata, its FP8 scales and the few tensors outside its blocks (tied
+weights, tensors directly on the model).
 
     >>> pool = Pool(max_memory="8GB")                                             # doctest: +SKIP
     >>> flux = pool.load(flux_module, "flux1-dev-fp8.safetensors")                # doctest: +SKIP
@@ -81,6 +82,7 @@ class Pool:
         model.quantkit_runtime.close()
 
     def summary(self) -> dict:
-        return {"max_memory": self.max_memory, "eviction": self.cache.eviction.value, "held_bytes": self.held_bytes, "peak_bytes": self.peak_bytes,
+        return {"max_memory": self.max_memory, "eviction": self.cache.eviction.value, "held_bytes": self.held_bytes,
+                "peak_bytes": self.peak_bytes,
                 "models": len(self.models), "kept_blocks": len(self.cache.entries),
                 "room_for_blocks": size(max(self.cache.capacity, 0))}
