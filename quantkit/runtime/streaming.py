@@ -201,7 +201,8 @@ class Streamer:
         try:
             self.release(unit)
         except ReferenceError:       # the model itself was freed: nothing left to drop
-            pass
+            return
+        return_freed_memory()        # as after a streamed unit: else the heap keeps evicted blocks' pages
 
     def _take(self, unit: str) -> tuple[dict, object]:
         if self.pending is not None:
