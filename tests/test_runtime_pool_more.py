@@ -48,6 +48,7 @@ def _calls(cache: UnitCache, order: list[tuple[str, int]], units: int) -> list[i
     reads = []
     for owner, calls in order:
         for _ in range(calls):
+            cache.begin(owner)
             n = 0
             for u in range(units):
                 key = (owner, u)
@@ -65,8 +66,8 @@ def test_lru_thrashes_where_stable_keeps_what_fits():
     lru, stable = UnitCache(15, Eviction.LRU), UnitCache(15, Eviction.STABLE)
     # two models of 10 units, room for 15: LRU re-reads all 10 every call
     assert _calls(lru, alternating, 10) == [10] * 6
-    # stable: after the first two calls each call re-reads 5 (20 units, 15 kept across the pair)
-    assert _calls(stable, alternating, 10) == [10, 10, 5, 5, 5, 5]
+    # stable: b's first call takes a's room (a was idle), then the 15 kept stay: 5 re-read per pair
+    assert _calls(stable, alternating, 10) == [10, 10, 5, 0, 5, 0]
     assert stable.cached <= stable.capacity and lru.cached <= lru.capacity
     # one model of 10 units in a pool with room for 8, run 3 times: LRU reads everything each time
     assert _calls(UnitCache(8, Eviction.LRU), [("a", 3)], 10) == [10, 10, 10]
@@ -79,6 +80,12 @@ def test_stable_takes_room_from_the_model_not_in_use():
     assert _calls(cache, [("b", 2)], 6) == [6, 0]          # a's least recently used units made the room
     assert [k for k in cache.evicted] == [("a", u) for u in range(6)]
     assert sum(1 for owner, _ in cache.entries if owner == "a") == 4
+    # b's first call takes idle a's room; then a, with b used since a's last call, cannot take b's
+    cache = UnitCache(10)
+    assert _calls(cache, [("a", 1), ("b", 1), ("a", 1), ("b", 1)], 10) == [10, 10, 10, 0]
+    assert all(owner == "b" for owner, _ in cache.entries)
+    # b left unused: a's second call in a row takes b's room
+    assert _calls(cache, [("a", 3)], 10) == [10, 10, 0] and all(owner == "a" for owner, _ in cache.entries)
 
 
 def _reads(monkeypatch):

@@ -15,7 +15,7 @@
   ``module.quantkit_runtime.pinned``.
 - ``budget``: budget mode (``mode="budget", max_memory="8GB"``): the blocks that fit stay resident,
   the rest stream; which and why in ``module.quantkit_runtime.residency``.
-- ``pool``: ``Pool(max_memory=...)``, several models in one budget, blocks kept while they fit (other
+- ``pool``: ``Pool(max_memory=...)``, several models in one budget, blocks kept while they fit (idle
   models' least recently used evicted first: what stays is stable from call to call).
 - ``placements``: where each module tensor lies in the checkpoint (the one adapter to the read and
   format stages, ComfyUI names mapped back).

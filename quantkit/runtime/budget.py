@@ -12,14 +12,16 @@ everything is resident mode; one that cannot hold the largest unit in flight is 
 anything is read, naming the unit and the smallest budget that works.
 
 ``UnitCache`` is a ``Pool``'s memory: units of any of its models stay in memory after they run while
-they fit. ``Eviction.STABLE`` (the default) makes room for a unit from other models' units only, the
-least recently used first, and keeps the unit out where that is not enough: a model never evicts its
-own units, so the set of its units that stay is the same on every call (the first that fit, in the
-order they run) and two models used in turn share the room instead of each evicting the other's
-units every call. ``Eviction.LRU`` evicts the least recently used unit of any model, this one's
-included: two models that do not fit together used in turn (or one model larger than the pool, run
-again) then read every unit on every call, each evicting the unit the scan needs next
-(``benchmarks/runtime_pool.py`` measures both).
+they fit. ``Eviction.STABLE`` (the default) makes room for a unit only from the units of models idle
+since this model's previous call began (or, on its first call, since it began), the least recently
+used first, and keeps the unit out where that is not enough: a model never evicts its own units, nor
+those of a model used in between, so with two models used in turn (a ControlNet and its
+transformer, every step) the set kept is the same on every call and each call re-reads only what
+does not fit, while a model left unused gives its room to the next one after one call.
+``Eviction.LRU`` evicts the least recently used unit of any model, this one's included: two models
+that do not fit together used in turn (or one model larger than the pool, run again) then read every
+unit on every call, each evicting the unit the scan needs next (``benchmarks/runtime_pool.py``
+measures both).
 """
 from __future__ import annotations
 
@@ -149,7 +151,7 @@ def plan(units: dict[str, int], fixed: int, work: int, budget: int, prefetch: bo
 class Eviction(enum.Enum):
     """Which kept unit a pool drops to make room for one that just ran."""
 
-    STABLE = "stable"    # other models' units, least recently used first; never the model's own
+    STABLE = "stable"    # idle models' units, least recently used first; never the model's own
     LRU = "lru"          # the least recently used unit of any model
 
 
@@ -170,6 +172,9 @@ class UnitCache:
         self.peak = 0
         self.evicted: list = []        # keys in the order they were evicted (what tests and users read)
         self.models: dict = {}         # owner -> (fixed, reserve)
+        self.clock = 0                 # one tick per call begun and per unit used
+        self.used: dict = {}           # owner -> the tick of its last unit used
+        self.calls: dict = {}          # owner -> (the tick its previous call began, the tick its call began)
 
     @property
     def capacity(self) -> int:
@@ -191,8 +196,16 @@ class UnitCache:
         self.models[owner] = (fixed, reserve)
         self._note()
 
+    def begin(self, owner) -> None:
+        """``owner`` (a model) begins a call."""
+        self.clock += 1
+        _, current = self.calls.get(owner, (None, self.clock))
+        self.calls[owner] = (current, self.clock)
+
     def touch(self, key) -> bool:
         """Whether ``key`` is kept (made the most recently used if so)."""
+        self.clock += 1
+        self.used[key[0]] = self.clock
         if key not in self.entries:
             return False
         self.entries.move_to_end(key)
@@ -218,12 +231,14 @@ class UnitCache:
 
     def _victims(self, owner, short: int) -> list | None:
         """Kept units to drop for ``short`` more bytes, least recently used first (with
-        ``Eviction.STABLE`` only other owners'), or None where those are not enough."""
+        ``Eviction.STABLE`` only those of owners idle since ``owner``'s previous call began), or None
+        where those are not enough."""
         victims, freed = [], 0
+        since = self.calls.get(owner, (self.clock, self.clock))[0]
         for key, (n, _) in self.entries.items():
             if freed >= short:
                 break
-            if self.eviction is Eviction.LRU or key[0] != owner:
+            if self.eviction is Eviction.LRU or (key[0] != owner and self.used.get(key[0], 0) < since):
                 victims.append(key)
                 freed += n
         return victims if freed >= short else None
@@ -242,5 +257,7 @@ class UnitCache:
             drop()
             self.cached -= n
         fixed, _ = self.models.pop(owner, (0, 0))
+        self.used.pop(owner, None)
+        self.calls.pop(owner, None)
         self.fixed -= fixed
         self.reserve = max((r for _, r in self.models.values()), default=0)

@@ -328,8 +328,9 @@ def _planned(module, streamed: dict[str, list[Placement]], placements, holding: 
         return {u: ps for u, ps in streamed.items() if u not in info.plan.resident}
     depth = 2 if prefetch else 1
     info.pool_budget = placing.pool.cache.budget
-    info.pool_eviction = ("eviction 'stable': room made from other models' units, least recently used first; "
-                          "never from this model's own, so the set kept is the same from call to call"
+    info.pool_eviction = ("eviction 'stable': room made from the units of models idle since this model's "
+                          "previous call began, least recently used first; never from this model's own, so the set "
+                          "kept is the same from call to call"
                           if placing.pool.cache.eviction.value == "stable" else
                           "eviction 'lru': the least recently used unit of any model in the pool evicted first")
     placing.pool.cache.add_model(id(module), fixed, sum(sorted(units.values(), reverse=True)[:depth]) + work,

@@ -3,11 +3,12 @@
 The ControlNet case (a FLUX transformer and a ControlNet Union beside it), or a transformer with
 its text encoder and VAE, on a machine that holds one of them: every model is loaded into the
 pool without reading its blocks; a block is read from its file when it runs and stays in memory
-after it while the pool has room (``budget.UnitCache``): by default room is made from other models'
-blocks, least recently used first, and a model never evicts its own, so what stays is stable from
-call to call (``eviction="lru"``: the least recently used block of any model, which re-reads
-everything every call when two models that do not fit together run in turn). A model not used for
-a call holds nothing but its metadata, its FP8 scales and the few tensors outside its blocks (tied
+after it while the pool has room (``budget.UnitCache``): by default room is made from the blocks of
+models idle since this one's previous call, least recently used first, and a model never evicts its
+own, so what stays is stable from call to call (``eviction="lru"``: the least recently used block
+of any model, which re-reads everything every call when two models that do not fit together run in
+turn). A model not used for a call holds nothing but its metadata, its FP8 scales and the few
+tensors outside its blocks (tied
 weights, tensors directly on the model).
 
     >>> pool = Pool(max_memory="8GB")                                             # doctest: +SKIP

@@ -142,6 +142,8 @@ class Streamer:
         self.pending: tuple[str, Future] | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="quantkit-prefetch") if prefetch else None
         self.handles = []
+        if cache is not None:            # the pool's eviction knows when each model's calls begin
+            self.handles.append(module.register_forward_pre_hook(lambda m, args: cache.begin(owner)))
         for name in self.order:
             sub = module.get_submodule(name)
             self.handles.append(sub.register_forward_pre_hook(self._pre(name)))
