@@ -8,8 +8,7 @@ models idle since this one's previous call, least recently used first, and a mod
 own, so what stays is stable from call to call (``eviction="lru"``: the least recently used block
 of any model, which re-reads everything every call when two models that do not fit together run in
 turn). A model not used for a call holds nothing but its metadata, its FP8 scales and the few
-tensors outside its blocks (tied
-weights, tensors directly on the model).
+tensors outside its blocks (tied weights, tensors directly on the model).
 
     >>> pool = Pool(max_memory="8GB")                                             # doctest: +SKIP
     >>> flux = pool.load(flux_module, "flux1-dev-fp8.safetensors")                # doctest: +SKIP
