@@ -174,6 +174,8 @@ def test_sensitivity_max_memory_on_the_command_line(flux_bf16, tmp_path, monkeyp
     assert refused.exit_code == 2 and "--max-memory" in refused.output
     small = run("sensitivity", flux_bf16, "-q", "--max-memory", "1kB")
     assert small.exit_code == 2 and "cannot hold the largest block in flight" in small.output
+    nonsense = run("sensitivity", flux_bf16, "--max-memory", "lots")       # parsed as validate and calibrate do
+    assert nonsense.exit_code == 2 and "not a size" in nonsense.output
     report = tmp_path / "s.json"
     ok = run("sensitivity", flux_bf16, "-q", "--max-memory", "1GB", "--json", report)
     assert ok.exit_code == 0, ok.output
