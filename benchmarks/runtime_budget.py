@@ -5,16 +5,21 @@ blocks (``--blocks double,single``) is written with random BF16 weights (model_o
 generator), converted with ``quantkit convert --format native`` (FP8 E4M3, per-tensor scales),
 then run in a fresh process per row: ``mode="resident"``, ``mode="streamed"``, and
 ``mode="budget"`` at budgets from the smallest that works (the two largest blocks in flight,
-the tensors outside the blocks and dequantization's work) to everything. Per row: peak RSS of
-the process (torch and diffusers imports included: the ``baseline`` column is the RSS before
-loading), seconds per forward (the mean of ``--forwards`` after one warm-up forward), the bytes
-the runtime reads from the file per forward (its own count of the streamed blocks' tensors; the
-file sits in the page cache, so these are reads from memory, not disk; two warm-up forwards first,
-so the prefetch knows which block starts a call) and the runtime's own count of what it held at most
-plus dequantization's reserved work (``held``). Not run in CI.
+the tensors outside the blocks and dequantization's work) to everything (``--rows`` names rows
+instead, e.g. ``resident,budget:4GB,budget:half``; ``--fp8``/``--config``: a file made before).
+Per row: peak RSS of the process and the baseline before loading (Python, torch, diffusers
+imported and the empty model built: diffusers imports its model classes lazily, ~0.18 GB), the RSS
+parts at the peak and what the runtime held then (a 2 ms sampler of /proc/self/status), seconds
+per forward (the mean of ``--forwards`` after ``--warmups`` untimed ones), the bytes the runtime
+reads from the file per forward (its own count of the streamed blocks' tensors) and what
+/proc/self/io saw: ``rchar`` (what the read calls returned) and ``read_bytes`` (what came from the
+disk: with ``--drop-cache`` the file is evicted from the page cache before each timed forward, so
+these are real disk reads; without it the file sits in the page cache), and the output, compared
+bit for bit with the first row's. Not run in CI.
 
     python benchmarks/runtime_budget.py --out-dir /tmp/qkrb --blocks 1,2
-    python benchmarks/runtime_budget.py --out-dir /tmp/qkrb --blocks 19,38 --steps 6   # full size: ~36 GB of disk
+    python benchmarks/runtime_budget.py --out-dir /tmp/qkfull --fp8 flux-fp8.safetensors --config config.json \
+        --rows resident,budget:4GB,budget:half --warmups 0 --forwards 1 --drop-cache --tokens 16 --text-tokens 8
 """
 from __future__ import annotations
 
