@@ -10,8 +10,13 @@ output reaches the target: the fewest layers of the ranking that reach it (one f
 does not; a shorter list in another order may exist). ``choose_keep`` turns that into convert
 options with the reasons (``convert --target-sqnr`` / ``--keep-most-sensitive``).
 
-The model is held whole in float32 (one copy; each layer is restored after its run), so this is
-for models that fit in memory: a larger one is refused before any work with how much it needs.
+The model is held whole in float32 (one copy; each layer is restored after its run), so without
+``max_memory`` this is for models that fit in memory: a larger one is refused before any work with
+how much it needs. With ``max_memory`` the model runs in ``quantkit.runtime``'s budget mode instead
+(the blocks that fit stay in memory as stored, the rest are read from the file as they run, computed
+in float32) and each quantized layer is made from its weight as its block runs, one at a time
+(``_Streamed``): the same values, so the same ranking, within the budget. Its keep proposal for a
+target is greedy over the FP8 layers alone (kept tensors are not rounded to the keep dtype there).
 """
 from __future__ import annotations
 
@@ -63,13 +68,18 @@ class SensitivityReport:
 
 
 def sensitivity(src: str, options: ConvertOptions = ConvertOptions(), *, target_sqnr: float | None = None,
-                seed: int = 0, progress: Progress = NULL) -> SensitivityReport:
+                seed: int = 0, max_memory: int | None = None, progress: Progress = NULL) -> SensitivityReport:
     """Rank the layers ``options`` would quantize in ``src`` by the output fidelity each costs alone;
-    with ``target_sqnr``, propose the layers to keep so that the whole plan reaches it.
+    with ``target_sqnr``, propose the layers to keep so that the whole plan reaches it. ``max_memory``
+    (bytes): run the model within it (the runtime's budget mode) rather than whole in float32.
 
     >>> report = sensitivity("all-MiniLM-L6-v2", target_sqnr=30)     # doctest: +SKIP
     >>> report.layers[0].name, report.keep                            # doctest: +SKIP
     """
+    if max_memory is not None:
+        report = _streamed_sensitivity(src, options, target_sqnr, seed, max_memory, progress)
+        progress.close()
+        return report
     with _bench(src, options, seed) as bench:
         report = bench.rank(src, target_sqnr, progress)
         if target_sqnr is not None:
@@ -328,8 +338,8 @@ def _check_memory(source) -> None:
     if need > MEMORY_FRACTION * have:
         raise UnsupportedInputError(f"sensitivity holds the model in float32: about {need / 1e9:.1f} GB, "
                                     f"more than {MEMORY_FRACTION:.0%} of this machine's {have / 1e9:.1f} GB",
-                                    path=source.path, hint="run it on a machine with more memory, or measure "
-                                                           "the whole plan with validate --model-output (streamed)")
+                                    path=source.path, hint="run it within a memory budget (--max-memory SIZE, "
+                                                           "max_memory=: the model streamed block by block)")
 
 
 def _loaded(model, source):
@@ -385,3 +395,144 @@ class _swapped:
     def __exit__(self, *exc):
         for name, value in self.saved.items():
             self.params[name].data = value
+
+
+def _streamed_sensitivity(src: str, options: ConvertOptions, target_sqnr: float | None, seed: int,
+                          max_memory: int, progress: Progress) -> SensitivityReport:
+    """``sensitivity`` with the model in the runtime's budget mode (``_Streamed``)."""
+    import torch
+
+    from .formats import get_format
+    from .models import build_model
+    from .plan import make_plan
+    from .sources import open_source
+    # Planned as convert plans it, under the names the format writes (a diffusers FLUX / SD3 / UNet
+    # under ComfyUI's for the comfy formats, q/k/v joined under one scale); run under the model's own.
+    names = get_format(options.format).source_names
+    with open_source(src, component=options.component, ema=options.ema, names=names) as source, torch.no_grad():
+        checkpoint = source.original if isinstance(source, RenamedView) else source
+        plan = make_plan(source, options)
+        if plan.source_format is not None:      # its weights are FP8 codes already: nothing to rank
+            raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
+                                        hint="rank the layers of the BF16/FP16/FP32 checkpoint it was made from")
+        candidates = [t for t in plan.quantized() if t.prequantized is None]
+        model = build_model(checkpoint, seed)
+        rows = {t.name: _rows_of(source, t) for t in candidates}
+        with _Streamed(model, checkpoint, max_memory, rows, options) as runner:
+            missing = [name for t in candidates for name, _, _ in rows[t.name] if name not in runner.names]
+            if missing:
+                raise UnsupportedInputError(f"{len(missing)} planned weights are not parameters of "
+                                            f"{model.architecture} ({', '.join(missing[:3])})", path=source.path,
+                                            hint="the config.json beside the weights must describe this model")
+            report = SensitivityReport(os.path.basename(os.path.normpath(src)), model.architecture, model.words,
+                                       options.recipe.value, target_sqnr=target_sqnr)
+            reference = runner.output(())
+            progress.stage("sensitivity", len(candidates))
+            for t in candidates:
+                stats = ErrorStats().update(reference, runner.output((t.name,)))
+                report.layers.append(LayerCost(t.name, t.decision.kind.value, stats.sqnr, stats.cosine))
+                progress.advance(1)
+            report.layers.sort(key=lambda c: c.sqnr)
+            everything = [t.name for t in candidates]
+            report.all_sqnr = ErrorStats().update(reference, runner.output(everything)).sqnr
+            if target_sqnr is not None:
+                _propose_keep(report, runner, everything, reference, target_sqnr)
+    return report
+
+
+def _propose_keep(report: SensitivityReport, runner, everything: list[str], reference, target: float) -> None:
+    """Keep the worst layers one by one (re-measuring the whole plan each time) until the output
+    reaches ``target``."""
+    keep: list[str] = []
+    sqnr = report.all_sqnr
+    for layer in report.layers:
+        if sqnr >= target:
+            break
+        keep.append(layer.name)
+        sqnr = ErrorStats().update(reference, runner.output([n for n in everything if n not in keep])).sqnr
+    report.keep, report.keep_sqnr, report.target_met = keep, sqnr, sqnr >= target
+
+
+class _Streamed:
+    """The model in the runtime's budget mode under ``max_memory`` bytes, computed in float32.
+    ``output(names)`` runs it with hooks on each named candidate's module (the one holding all of its
+    parts: q/k/v joined under one scale share their attention module): as that module runs, its
+    weights (read with its block) are replaced by their quantized values, made then, and restored
+    after it, before the block's tensors are dropped. Only one candidate's values exist at a time."""
+
+    def __init__(self, model, checkpoint, max_memory: int, rows: dict, options: ConvertOptions):
+        import torch
+
+        from .models import streamed
+        self.model, self.rows, self.options = model, rows, options
+        self._context = streamed(model, checkpoint, checkpoint.path, torch.float32, max_memory=max_memory)
+
+    def __enter__(self):
+        self.module = self._context.__enter__()
+        self.names = ({n for n, _ in self.module.named_parameters(remove_duplicate=False)}
+                      | set(self.module.quantkit_runtime.stored_names))
+        return self
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+    def output(self, names):
+        import torch
+        handles = []
+        try:
+            for name in names:
+                handles += self._hook(self.rows[name])
+            inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                      for k, v in self.model.inputs.items()}
+            with torch.no_grad():
+                return self.model.output(self.module(**inputs)).detach().float().clone()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, parts: list[tuple[str, int, int]]) -> list:
+        owners = [name.rpartition(".")[0] for name, _, _ in parts]
+        common = os.path.commonprefix([o + "." for o in owners]).rpartition(".")[0]
+        host = self.module.get_submodule(common)
+        saved: dict = {}
+
+        def swap(module, args):
+            params = {name: _Value(self.module, name) for name, _, _ in parts}
+            fake = _fake_quantized_parts({n: v for n, v in params.items()}, parts, self.options)
+            for name, value in fake.items():
+                saved[name] = params[name].put(value)
+
+        def restore(module, args, output):
+            for name, old in saved.items():
+                _Value(self.module, name).put(old)
+            saved.clear()
+        # the runtime's pre-hook (which reads the block) runs before ``swap``; ``restore`` runs before
+        # the runtime's post-hook drops the block
+        return [host.register_forward_pre_hook(swap), host.register_forward_hook(restore, prepend=True,
+                                                                                always_call=True)]
+
+
+class _Value:
+    """A module tensor by name as the runtime holds it: ``.data`` its value in the compute dtype,
+    ``put(value)`` replaces what holds it (the stored buffer of a cast weight, else the parameter)
+    and returns what was there."""
+
+    def __init__(self, root, name: str):
+        from .runtime.weights import held_buffer
+        owner, _, self.attr = name.rpartition(".")
+        self.module = root.get_submodule(owner)
+        self.buffer = held_buffer(self.module, self.attr)
+
+    @property
+    def data(self):
+        return getattr(self.module, self.attr).data
+
+    def put(self, value):
+        import torch
+        if self.buffer is not None:
+            old, self.module._buffers[self.buffer] = self.module._buffers[self.buffer], value
+            return old
+        old = self.module._parameters[self.attr]
+        self.module._parameters[self.attr] = value if isinstance(value, torch.nn.Parameter) else \
+            torch.nn.Parameter(value, requires_grad=False)
+        return old

@@ -40,6 +40,7 @@ SLOW_MODULES = {
     "test_model_output",         # models run end to end
     "test_newcomer_edges",       # new-user edges across commands on the real MiniLM
     "test_publish",              # releases of real conversions, validated
+    "test_runtime_pool_more",    # sensitivity run within a budget on a tiny FLUX, pools of two models
     "test_reconvert_scales",     # calibrated models converted between every pair of formats, run
     "test_report",               # charts of validation reports
     "test_runtime",              # the streamed runtime on real models

@@ -190,7 +190,7 @@ def test_two_models_in_one_pool_under_a_budget_that_holds_one(files):
     alone = {k: forward("flux", qr.load(_empty("flux"), files[k])) for k in ("flux", "flux-b")}
     p = _plan(files, "flux")      # room for one model's blocks beside both models' fixed bytes and the reserve
     one = 2 * p.fixed + p.work + sum(sorted(p.units.values(), reverse=True)[:2]) + sum(p.units.values())
-    pool = qr.Pool(max_memory=one)
+    pool = qr.Pool(max_memory=one, eviction="lru")     # the LRU order this test reads (stable: test_runtime_pool_more)
     a = pool.load(_empty("flux"), files["flux"])
     b = pool.load(_empty("flux"), files["flux-b"])
     assert pool.held_bytes == pool.cache.fixed                 # loaded: nothing but what lies outside blocks

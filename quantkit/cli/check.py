@@ -117,12 +117,14 @@ def validate(out, against, min_sqnr, json_path, report_dir, overwrite, no_hash_c
 @click.option("--target-sqnr", type=DECIBELS, metavar="DB",
               help="Propose the layers to keep so that the model's output reaches DB decibels.")
 @click.option("--show", type=click.IntRange(min=0), default=10, show_default=True, help="How many layers to list.")
+@max_memory_option("Run the model within SIZE (e.g. 8GB): as many of its blocks in memory as SIZE holds, the "
+                   "rest read from SRC as they run (without it the model is held whole in float32).")
 @json_option("Write the ranking as JSON to PATH.")
 @report_option("Also write DIR/report.md with a PNG chart of the ranking and report.json (needs matplotlib).")
 @overwrite_option("Replace the --json file or --report folder if it exists.")
 @quiet_option()
 @click.pass_context
-def sensitivity(ctx, src, target_sqnr, show, json_path, report_dir, overwrite, quiet, **policy):
+def sensitivity(ctx, src, target_sqnr, show, max_memory, json_path, report_dir, overwrite, quiet, **policy):
     """Rank the layers of SRC by how much quantizing each alone costs the model's output.
 
     Same options as 'convert' (the layers ranked are those it would quantize: pass --recipe compact
@@ -130,7 +132,7 @@ def sensitivity(ctx, src, target_sqnr, show, json_path, report_dir, overwrite, q
     model (built from the config.json beside SRC) runs on the seeded inputs of 'validate
     --model-output', and its output is compared with the original's. --target-sqnr proposes the
     layers to keep (worst first, re-measured each time) for the whole plan to reach DB. The model
-    is held in float32: for models that fit in memory.
+    is held in float32 (for models that fit in memory), or run within --max-memory.
 
     \b
     Example:
@@ -145,7 +147,7 @@ def sensitivity(ctx, src, target_sqnr, show, json_path, report_dir, overwrite, q
     if report_dir:
         check_report_dir(report_dir, [src], overwrite)
     click.echo(f"quantkit sensitivity: {src}")
-    report = rank(src, options, target_sqnr=target_sqnr, progress=progress)
+    report = rank(src, options, target_sqnr=target_sqnr, max_memory=max_memory, progress=progress)
     render.sensitivity(report, show)
     if json_path:
         render.write_json(json_path, report.to_dict())

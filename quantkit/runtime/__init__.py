@@ -10,9 +10,13 @@
 - ``weights``: a quantized weight is its FP8 codes and scale (buffers), dequantized on each use.
 - ``streaming``: streamed mode, block by block from disk, the next block read meanwhile, and copied
   to the model's device (``device=``; on CUDA on a side stream).
+- ``load(..., host_memory="16GB")``: streamed blocks kept in pinned host memory while they fit, copied
+  to a CUDA device from there; skipped on the CPU and on a torch without CUDA, the reason stated in
+  ``module.quantkit_runtime.pinned``.
 - ``budget``: budget mode (``mode="budget", max_memory="8GB"``): the blocks that fit stay resident,
   the rest stream; which and why in ``module.quantkit_runtime.residency``.
-- ``pool``: ``Pool(max_memory=...)``, several models in one budget, blocks kept while they fit (LRU).
+- ``pool``: ``Pool(max_memory=...)``, several models in one budget, blocks kept while they fit (idle
+  models' least recently used evicted first: what stays is stable from call to call).
 - ``placements``: where each module tensor lies in the checkpoint (the one adapter to the read and
   format stages, ComfyUI names mapped back).
 

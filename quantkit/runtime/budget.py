@@ -12,10 +12,20 @@ everything is resident mode; one that cannot hold the largest unit in flight is 
 anything is read, naming the unit and the smallest budget that works.
 
 ``UnitCache`` is a ``Pool``'s memory: units of any of its models stay in memory after they run while
-they fit, the least recently used evicted first.
+they fit. ``Eviction.STABLE`` (the default) makes room for a unit only from the units of models idle
+since this model's previous call began (or, on its first call, since it began), the least recently
+used first, and keeps the unit out where that is not enough: a model never evicts its own units, nor
+those of a model used in between, so with two models used in turn (a ControlNet and its
+transformer, every step) the set kept is the same on every call and each call re-reads only what
+does not fit, while a model left unused gives its room to the next one after one call.
+``Eviction.LRU`` evicts the least recently used unit of any model, this one's included: two models
+that do not fit together used in turn (or one model larger than the pool, run again) then read every
+unit on every call, each evicting the unit the scan needs next (``benchmarks/runtime_pool.py``
+measures both).
 """
 from __future__ import annotations
 
+import enum
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -138,14 +148,22 @@ def plan(units: dict[str, int], fixed: int, work: int, budget: int, prefetch: bo
     return Plan(budget, fixed, work, units, tuple(resident), depth)
 
 
+class Eviction(enum.Enum):
+    """Which kept unit a pool drops to make room for one that just ran."""
+
+    STABLE = "stable"    # idle models' units, least recently used first; never the model's own
+    LRU = "lru"          # the least recently used unit of any model
+
+
 class UnitCache:
-    """A pool's units kept in memory after they ran, least recently used evicted first.
+    """A pool's units kept in memory after they ran, evicted by ``eviction`` (``Eviction``).
 
     ``capacity`` is what the pool's budget leaves for kept units; ``in_flight`` counts units read
     for a call and not kept; ``held`` is everything the pool's models hold (``fixed`` included)."""
 
-    def __init__(self, budget: int):
+    def __init__(self, budget: int, eviction: Eviction = Eviction.STABLE):
         self.budget = budget
+        self.eviction = eviction
         self.fixed = 0                 # the pool's models' tensors outside their units
         self.reserve = 0               # streamed units in flight + dequantization's work, the largest model's
         self.entries: OrderedDict = OrderedDict()     # key -> (bytes, release); oldest first
@@ -154,6 +172,9 @@ class UnitCache:
         self.peak = 0
         self.evicted: list = []        # keys in the order they were evicted (what tests and users read)
         self.models: dict = {}         # owner -> (fixed, reserve)
+        self.clock = 0                 # one tick per call begun and per unit used
+        self.used: dict = {}           # owner -> the tick of its last unit used
+        self.calls: dict = {}          # owner -> (the tick its previous call began, the tick its call began)
 
     @property
     def capacity(self) -> int:
@@ -175,8 +196,16 @@ class UnitCache:
         self.models[owner] = (fixed, reserve)
         self._note()
 
+    def begin(self, owner) -> None:
+        """``owner`` (a model) begins a call."""
+        self.clock += 1
+        _, current = self.calls.get(owner, (None, self.clock))
+        self.calls[owner] = (current, self.clock)
+
     def touch(self, key) -> bool:
         """Whether ``key`` is kept (made the most recently used if so)."""
+        self.clock += 1
+        self.used[key[0]] = self.clock
         if key not in self.entries:
             return False
         self.entries.move_to_end(key)
@@ -187,10 +216,11 @@ class UnitCache:
         the least recently used until it fits; False (nothing evicted) where it can never fit."""
         if key in self.entries:
             return True
-        if nbytes > self.capacity:
+        victims = self._victims(key[0], self.cached + nbytes - self.capacity)
+        if victims is None:
             return False
-        while self.cached + nbytes > self.capacity:
-            old, (n, drop) = self.entries.popitem(last=False)
+        for old in victims:
+            n, drop = self.entries.pop(old)
             drop()
             self.cached -= n
             self.evicted.append(old)
@@ -198,6 +228,20 @@ class UnitCache:
         self.cached += nbytes
         self.in_flight -= nbytes
         return True
+
+    def _victims(self, owner, short: int) -> list | None:
+        """Kept units to drop for ``short`` more bytes, least recently used first (with
+        ``Eviction.STABLE`` only those of owners idle since ``owner``'s previous call began), or None
+        where those are not enough."""
+        victims, freed = [], 0
+        since = self.calls.get(owner, (self.clock, self.clock))[0]
+        for key, (n, _) in self.entries.items():
+            if freed >= short:
+                break
+            if self.eviction is Eviction.LRU or (key[0] != owner and self.used.get(key[0], 0) < since):
+                victims.append(key)
+                freed += n
+        return victims if freed >= short else None
 
     def count(self, nbytes: int) -> None:
         self.in_flight += nbytes
@@ -213,5 +257,7 @@ class UnitCache:
             drop()
             self.cached -= n
         fixed, _ = self.models.pop(owner, (0, 0))
+        self.used.pop(owner, None)
+        self.calls.pop(owner, None)
         self.fixed -= fixed
         self.reserve = max((r for _, r in self.models.values()), default=0)

@@ -12,8 +12,8 @@ import torch
 
 from ..errors import ModelMismatchError
 from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
-from .budget import Plan, budget_bytes, plan, size
-from .streaming import Streamer, Transfer, stream_units
+from .budget import Plan, budget_bytes, plan, ranges, size
+from .streaming import Streamer, Transfer, pin_skipped, stream_units
 from .weights import (CHUNK_ELEMENTS, KERNELS, MATMULS, Activations, InputQuant, KernelLog, check_compute_dtype,
                       converted_dtype, held_buffer, make_cast, make_quantized, moved_device)
 
@@ -40,7 +40,8 @@ class RuntimeInfo:
     (parts of joined tensors left out), to name what hooks on the module observe;
     ``device``: where the module runs (held tensors live there; streamed units are read into host
     memory and copied there block by block); ``plan``: budget mode's choice (``budget.Plan``), and
-    ``residency``: which units stay in memory and why, in one line."""
+    ``residency``: which units stay in memory and why, in one line; ``pinned``: which streamed units
+    are kept in pinned host memory (``load(..., host_memory=)``), or why none are, in one line."""
 
     path: str
     mode: Mode
@@ -62,6 +63,9 @@ class RuntimeInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     plan: Plan | None = None
     pool_budget: int | None = None
+    pool_eviction: str = ""
+    pinned: str = "off: no host_memory given"
+    pinned_bytes: int = 0
     _streamer: Streamer | None = field(default=None, repr=False)
     _layout: Layout | None = field(default=None, repr=False)
 
@@ -77,7 +81,7 @@ class RuntimeInfo:
             return self.plan.describe()
         if self.mode is Mode.POOLED:
             return (f"{len(self.units)} units kept after they run while the pool's {size(self.pool_budget)} has "
-                    "room, the least recently used (of any model in the pool) evicted first")
+                    f"room ({self.pool_eviction})")
         if self.mode is Mode.STREAMED:
             return f"{len(self.units)} units streamed, one at a time (the next read meanwhile with prefetch)"
         return "everything resident (mode='resident')"
@@ -85,6 +89,7 @@ class RuntimeInfo:
     def summary(self) -> dict:
         return {"path": self.path, "mode": self.mode.value, "device": str(self.device),
                 "max_memory": self.plan.budget if self.plan else self.pool_budget, "residency": self.residency,
+                "pinned": self.pinned,
                 "format": self.format, "renamed": self.renamed,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch."), "file_bytes": self.file_bytes,
                 "quantized": self.quantized, "kept": self.kept, "kept_as_stored": self.kept_as_stored,
@@ -105,7 +110,7 @@ class RuntimeInfo:
 def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: str | Mode = "resident",
          compute_dtype: torch.dtype | None = None, *, prefetch: bool = True,
          matmul: str = "dequantize", activations: str | Activations = "none", max_memory: int | str | None = None,
-         device: str | torch.device | None = None, pool=None) -> torch.nn.Module:
+         device: str | torch.device | None = None, pool=None, host_memory: int | str | None = None) -> torch.nn.Module:
     """Load the checkpoint at ``path`` into ``module`` and return it, FP8 weights kept as FP8.
 
     ``path``: any quantkit output (native, comfy, comfy-legacy, compressed-tensors; a file, a
@@ -129,7 +134,11 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     ``module.quantkit_runtime`` (``RuntimeInfo``) says what was loaded and which kernel ran.
     ``device``: where the module runs (default the CPU). Held tensors are placed there; streamed
     blocks are read into host memory and copied there as they run (on CUDA on a side stream,
-    overlapping the previous block's compute); FP8 weights are dequantized there.
+    overlapping the previous block's compute); FP8 weights are dequantized there. ``host_memory``
+    (bytes or "16GB"): streamed blocks, in the model's order, read once into pinned (page-locked)
+    host memory while they fit in it and copied to the device from there instead of read from the
+    file; skipped, with the reason in ``module.quantkit_runtime.pinned``, where pinning cannot help
+    (a model on the CPU) or cannot run (a torch without CUDA).
     ``matmul``: "dequantize" (default: W = q * scale in the compute dtype, then the layer's own op;
     bit-identical to dequantize-then-run) or "fp8" (``nn.Linear`` layers with E4M3 weights multiply
     the stored codes with ``torch._scaled_mm``, inputs quantized with the layer's activation scale).
@@ -161,7 +170,7 @@ def load(module: torch.nn.Module, path: str | os.PathLike | TensorSource, mode: 
     layout = open_layout(path, {n: (tuple(t.shape), t.dtype) for n, (t, _) in tensors.items()}, type(module).__name__)
     try:
         return _load(module, layout.source.path, mode, dtype, prefetch, tensors, layout, matmul, activations,
-                     _Placing(device, budget, pool))
+                     _Placing(device, budget, pool, budget_bytes(host_memory) if host_memory is not None else None))
     except BaseException:
         layout.close()
         if pool is not None:
@@ -176,6 +185,7 @@ class _Placing:
     device: torch.device
     budget: int | None = None
     pool: object = None
+    host_memory: int | None = None
 
 
 def _device(device) -> torch.device:
@@ -231,8 +241,12 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
                                   cache, id(module))
         info._layout = layout
         weakref.finalize(module, info.close)
+        if placing.host_memory is not None:
+            _pin(info, placing)
     else:
         layout.close()
+        if placing.host_memory is not None:
+            info.pinned = "nothing streamed: every block is held where the model runs"
     if device.type != "cpu":           # the module's own buffers (position ids, RoPE tables) follow
         type(module)._apply(module, _meta_kept(lambda t: t.to(device)))
     info.resident_bytes = tensor_bytes(module)
@@ -240,6 +254,20 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
     module.quantkit_runtime = info
     module.__dict__["_apply"] = _Moved(module, info, holding)
     return module
+
+
+def _pin(info: RuntimeInfo, placing: _Placing) -> None:
+    """Streamed units into pinned host memory while ``host_memory`` holds them, or the reason not."""
+    reason = pin_skipped(placing.device)
+    if reason is not None:
+        info.pinned = f"skipped: {reason}"
+        return
+    streamer = info._streamer
+    units = streamer.pin(placing.host_memory)
+    info.pinned_bytes = sum(streamer.bytes[u] for u in units)
+    info.pinned = (f"{len(units)} of {len(streamer.order)} streamed units in pinned host memory "
+                   f"({size(info.pinned_bytes)} of {size(placing.host_memory)}): {ranges(units) or 'none fit'}; "
+                   f"copied to {placing.device} from there, not read from the file")
 
 
 class _Moved:
@@ -300,6 +328,11 @@ def _planned(module, streamed: dict[str, list[Placement]], placements, holding: 
         return {u: ps for u, ps in streamed.items() if u not in info.plan.resident}
     depth = 2 if prefetch else 1
     info.pool_budget = placing.pool.cache.budget
+    info.pool_eviction = ("eviction 'stable': room made from the units of models idle since this model's "
+                          "previous call began, least recently used first; never from this model's own, so the set "
+                          "kept is the same from call to call"
+                          if placing.pool.cache.eviction.value == "stable" else
+                          "eviction 'lru': the least recently used unit of any model in the pool evicted first")
     placing.pool.cache.add_model(id(module), fixed, sum(sorted(units.values(), reverse=True)[:depth]) + work,
                                  type(module).__name__)
     return streamed

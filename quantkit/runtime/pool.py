@@ -3,9 +3,12 @@
 The ControlNet case (a FLUX transformer and a ControlNet Union beside it), or a transformer with
 its text encoder and VAE, on a machine that holds one of them: every model is loaded into the
 pool without reading its blocks; a block is read from its file when it runs and stays in memory
-after it while the pool has room, the least recently used block of any model evicted first
-(``budget.UnitCache``). A model not used for a call holds nothing but its metadata, its FP8
-scales and the few tensors outside its blocks (tied weights, tensors directly on the model).
+after it while the pool has room (``budget.UnitCache``): by default room is made from the blocks of
+models idle since this one's previous call, least recently used first, and a model never evicts its
+own, so what stays is stable from call to call (``eviction="lru"``: the least recently used block
+of any model, which re-reads everything every call when two models that do not fit together run in
+turn). A model not used for a call holds nothing but its metadata, its FP8 scales and the few
+tensors outside its blocks (tied weights, tensors directly on the model).
 
     >>> pool = Pool(max_memory="8GB")                                             # doctest: +SKIP
     >>> flux = pool.load(flux_module, "flux1-dev-fp8.safetensors")                # doctest: +SKIP
@@ -22,15 +25,20 @@ import os
 
 import torch
 
-from .budget import UnitCache, budget_bytes, size
+from .budget import Eviction, UnitCache, budget_bytes, size
 from .loader import load
 
 
 class Pool:
-    """Models sharing ``max_memory`` bytes (or "8GB"), run on ``device``."""
+    """Models sharing ``max_memory`` bytes (or "8GB"), run on ``device``; ``eviction``: "stable"
+    (default) or "lru" (``budget.Eviction``)."""
 
-    def __init__(self, max_memory: int | str, device: str | torch.device = "cpu"):
-        self.cache = UnitCache(budget_bytes(max_memory))
+    def __init__(self, max_memory: int | str, device: str | torch.device = "cpu", eviction: str | Eviction = "stable"):
+        try:
+            eviction = Eviction(eviction)
+        except ValueError:
+            raise ValueError(f"eviction {eviction!r}: use one of {', '.join(e.value for e in Eviction)}") from None
+        self.cache = UnitCache(budget_bytes(max_memory), eviction)
         self.device = torch.device(device)      # "cuda" becomes "cuda:N" in load
         self.models: list = []
 
@@ -74,6 +82,7 @@ class Pool:
         model.quantkit_runtime.close()
 
     def summary(self) -> dict:
-        return {"max_memory": self.max_memory, "held_bytes": self.held_bytes, "peak_bytes": self.peak_bytes,
+        return {"max_memory": self.max_memory, "eviction": self.cache.eviction.value, "held_bytes": self.held_bytes,
+                "peak_bytes": self.peak_bytes,
                 "models": len(self.models), "kept_blocks": len(self.cache.entries),
                 "room_for_blocks": size(max(self.cache.capacity, 0))}

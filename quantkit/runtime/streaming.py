@@ -107,6 +107,19 @@ class Transfer:
         return values
 
 
+def pin_skipped(device: torch.device) -> str | None:
+    """Why streamed units are not kept in pinned host memory for a model on ``device``, or None where
+    they can be (a CUDA device: page-locked host memory makes the copy to it a true background DMA)."""
+    if device.type == "cpu":
+        return ("the model runs on the CPU: its streamed blocks are in host memory as they are read, and pinning "
+                "only speeds copies to a device")
+    if device.type != "cuda":
+        return f"pinned memory speeds copies to a CUDA device, not to {device.type}"
+    if not torch.cuda.is_available():
+        return f"this torch ({torch.__version__}) has no CUDA runtime to pin host memory with"
+    return None
+
+
 class Streamer:
     """Reads each unit's tensors before it runs and drops them after (the hooks of streamed mode).
 
@@ -123,11 +136,14 @@ class Streamer:
         self.transfer = transfer or Transfer(torch.device("cpu"))
         self.cache, self.owner = cache, owner
         self.bytes = {u: sum(held_bytes(p) for p in ps) for u, ps in units.items()}
+        self.pinned: dict[str, dict] = {}  # unit -> its tensors in pinned host memory (``pin``), read once
         self.next_of: dict[str, str] = {}
         self.last: str | None = None
         self.pending: tuple[str, Future] | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="quantkit-prefetch") if prefetch else None
         self.handles = []
+        if cache is not None:            # the pool's eviction knows when each model's calls begin
+            self.handles.append(module.register_forward_pre_hook(lambda m, args: cache.begin(owner)))
         for name in self.order:
             sub = module.get_submodule(name)
             self.handles.append(sub.register_forward_pre_hook(self._pre(name)))
@@ -135,8 +151,23 @@ class Streamer:
             self.release(name)
 
     def read(self, unit: str) -> tuple[dict, object]:
-        """The unit's tensors, read from disk, made ready to hold (``read_one``) and moved to the device."""
+        """The unit's tensors, read from disk (or taken from pinned host memory), made ready to hold
+        (``read_one``) and moved to the device."""
+        pinned = self.pinned.get(unit)
+        if pinned is not None:
+            return self.transfer.move(dict(pinned))
         return self.transfer.move({p.target: self.read_one(p) for p in self.units[unit]})
+
+    def pin(self, host_bytes: int) -> list[str]:
+        """Read streamed units, in the model's order, into pinned host memory while they fit in
+        ``host_bytes``; they are copied to the device from there, no longer read from the file."""
+        used = 0
+        for unit in self.order:
+            if used + self.bytes[unit] > host_bytes:
+                continue
+            self.pinned[unit] = {p.target: self.read_one(p).pin_memory() for p in self.units[unit]}
+            used += self.bytes[unit]
+        return [u for u in self.order if u in self.pinned]
 
     def _pre(self, unit: str):
         def hook(module, args):
@@ -172,7 +203,8 @@ class Streamer:
         try:
             self.release(unit)
         except ReferenceError:       # the model itself was freed: nothing left to drop
-            pass
+            return
+        return_freed_memory()        # as after a streamed unit: else the heap keeps evicted blocks' pages
 
     def _take(self, unit: str) -> tuple[dict, object]:
         if self.pending is not None:
