@@ -4,9 +4,10 @@ ComfyUI loads as quantized, with its scale where ComfyUI's loader reads it.
 
 ``tests/comfy_loader_families.json`` holds, per family, what ComfyUI (upstream commit 6db4fa2) built when its
 own loader (``comfy.sd.load_diffusion_model``) read a tiny random model of that family: the model_config class
-it detected, every key and shape of the state dict, and the layers it builds as ``nn.Linear``, the only
-layers whose FP8 weight its mixed-precision ops read with a scale (``comfy/ops.py`` ``mixed_precision_ops``:
-Linear and MoE experts; a Conv, an Embedding or a bare Parameter holding FP8 is used without its scale).
+it detected, every key and shape of the state dict, and the layers it builds as ``nn.Linear``. Its
+mixed-precision ops (``comfy/ops.py`` ``mixed_precision_ops``) read an FP8 weight with its scale in a Linear,
+an Embedding and the MoE experts; a Conv or a bare Parameter holding FP8 (HiDream's MoEGate router) is used
+without it. Every preset puts its FP8 weights in Linears only, which is what is checked here.
 The same models, converted with default options and loaded back by that ComfyUI on CPU, gave the figures
 in docs/presets.md ("Checked through ComfyUI's loader"); how to repeat that by hand is in docs/testing.md.
 No test here imports ComfyUI: what its loader does to a file is restated in test_format_comfy.py.
