@@ -1,4 +1,4 @@
-"""Every diffusion family ComfyUI runs, under ComfyUI's own names, as ComfyUI's loader builds it: detection names
+"""Every diffusion family ComfyUI runs (SDXL aside: ComfyUI tells it by full-size block counts), under ComfyUI's own names, as ComfyUI's loader builds it: detection names
 the family and variant, default conversion to ``comfy`` and ``comfy-legacy`` puts every FP8 weight in a layer
 ComfyUI loads as quantized, with its scale where ComfyUI's loader reads it.
 
@@ -47,6 +47,7 @@ FAMILIES = {
     "pixart_sigma": ("pixart", "PixArt-Sigma"), "hunyuan_dit": ("hunyuan_dit", "HunyuanDiT"),
     "hunyuan3d2": ("hunyuan3d", "Hunyuan3D 2.0"), "mochi": ("mochi", "Mochi 1"),
     "ace": ("ace_step", "ACE-Step 1.0"), "ace15": ("ace_step", "ACE-Step 1.5"),
+    "sd15": ("unet", ""), "sd35": ("sd3", ""), "qwen_image": ("qwen_image", ""),
 }
 # The model_config class ComfyUI's loader detected for each (Wan 2.2 14B shares 2.1's classes).
 COMFY_CLASSES = {
@@ -55,7 +56,8 @@ COMFY_CLASSES = {
     "ltx2": "LTXAV", "flux1": "Flux", "flux2": "Flux2", "chroma": "Chroma", "lumina2": "Lumina2", "zimage": "ZImage",
     "hidream": "HiDream", "cosmos1": "CosmosT2V", "cosmos_predict2": "CosmosT2IPredict2", "kandinsky5": "Kandinsky5",
     "auraflow": "AuraFlow", "pixart_sigma": "PixArtSigma", "hunyuan_dit": "HunyuanDiT", "hunyuan3d2": "Hunyuan3Dv2",
-    "mochi": "GenmoMochi", "ace": "ACEStep", "ace15": "ACEStep15",
+    "mochi": "GenmoMochi", "ace": "ACEStep", "ace15": "ACEStep15", "sd15": "SD15", "sd35": "SD3",
+    "qwen_image": "QwenImage",
 }
 # ACE-Step 1.0's lyric encoder is 1024 wide in ComfyUI's class whatever the config (85M parameters): its
 # conversion runs in the slow lane (tests/conftest.py SLOW_TESTS); its detection and decisions run here.
