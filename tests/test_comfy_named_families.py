@@ -48,6 +48,10 @@ FAMILIES = {
     "hunyuan3d2": ("hunyuan3d", "Hunyuan3D 2.0"), "mochi": ("mochi", "Mochi 1"),
     "ace": ("ace_step", "ACE-Step 1.0"), "ace15": ("ace_step", "ACE-Step 1.5"),
     "sd15": ("unet", ""), "sd35": ("sd3", ""), "qwen_image": ("qwen_image", ""),
+    "hunyuan_video_i2v": ("hunyuan_video", "HunyuanVideo 1.0 i2v"),
+    "hunyuan_skyreels": ("hunyuan_video", "HunyuanVideo 1.0 i2v (SkyReels)"),
+    "hunyuan_image21": ("hunyuan_video", "HunyuanImage 2.1"), "flux_schnell": ("flux", ""),
+    "cosmos1_i2v": ("cosmos", "Cosmos 1.0 i2v"), "cosmos2_i2v": ("cosmos", "Cosmos Predict2 i2v"),
 }
 # The model_config class ComfyUI's loader detected for each (Wan 2.2 14B shares 2.1's classes).
 COMFY_CLASSES = {
@@ -57,7 +61,9 @@ COMFY_CLASSES = {
     "hidream": "HiDream", "cosmos1": "CosmosT2V", "cosmos_predict2": "CosmosT2IPredict2", "kandinsky5": "Kandinsky5",
     "auraflow": "AuraFlow", "pixart_sigma": "PixArtSigma", "hunyuan_dit": "HunyuanDiT", "hunyuan3d2": "Hunyuan3Dv2",
     "mochi": "GenmoMochi", "ace": "ACEStep", "ace15": "ACEStep15", "sd15": "SD15", "sd35": "SD3",
-    "qwen_image": "QwenImage",
+    "qwen_image": "QwenImage", "hunyuan_video_i2v": "HunyuanVideoI2V", "hunyuan_skyreels": "HunyuanVideoSkyreelsI2V",
+    "hunyuan_image21": "HunyuanImage21", "flux_schnell": "FluxSchnell", "cosmos1_i2v": "CosmosI2V",
+    "cosmos2_i2v": "CosmosI2VPredict2",
 }
 # ACE-Step 1.0's lyric encoder is 1024 wide in ComfyUI's class whatever the config (85M parameters): its
 # conversion runs in the slow lane (tests/conftest.py SLOW_TESTS); its detection and decisions run here.
@@ -89,10 +95,22 @@ def test_the_table_covers_every_family_comfyui_built():
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 @pytest.mark.parametrize("case", sorted(FAMILIES))
 def test_detection_names_the_family_and_its_variant(case, prefix):
-    preset, note = resolve("auto", infos(case, prefix))
+    tensors = infos(case, prefix)
+    preset, note = resolve("auto", tensors)
     name, variant = FAMILIES[case]
     assert preset is not GENERIC and preset.name == name, note
+    assert preset.variant(tensors) == variant, note
     assert note.startswith(f"preset {name} (detected{' ' + variant if variant else ''}"), note
+
+
+def test_variants_comfyui_tells_apart_are_named_apart():
+    """HunyuanImage 2.1 was named 'HunyuanVideo 1.0 i2v', SkyReels and HunyuanVideo's i2v alike, Cosmos'
+    i2v models as their t2v ones."""
+    named = {case: resolve("auto", infos(case))[0].variant(infos(case)) for case in FAMILIES}
+    for group in (("hunyuan_video", "hunyuan_video_i2v", "hunyuan_skyreels", "hunyuan_image21", "hunyuan_video15"),
+                  ("cosmos1", "cosmos1_i2v", "cosmos_predict2", "cosmos2_i2v")):
+        assert len({named[c] for c in group}) == len(group), {c: named[c] for c in group}
+        assert len({COMFY_CLASSES[c] for c in group}) == len(group)
 
 
 @pytest.mark.parametrize("recipe", ["mixed", "compact"])
