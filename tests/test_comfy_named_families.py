@@ -52,6 +52,7 @@ FAMILIES = {
     "hunyuan_skyreels": ("hunyuan_video", "HunyuanVideo 1.0 i2v (SkyReels)"),
     "hunyuan_image21": ("hunyuan_video", "HunyuanImage 2.1"), "flux_schnell": ("flux", ""),
     "cosmos1_i2v": ("cosmos", "Cosmos 1.0 i2v"), "cosmos2_i2v": ("cosmos", "Cosmos Predict2 i2v"),
+    "chroma_radiance": ("chroma", "Chroma Radiance"),
 }
 # The model_config class ComfyUI's loader detected for each (Wan 2.2 14B shares 2.1's classes).
 COMFY_CLASSES = {
@@ -63,7 +64,7 @@ COMFY_CLASSES = {
     "mochi": "GenmoMochi", "ace": "ACEStep", "ace15": "ACEStep15", "sd15": "SD15", "sd35": "SD3",
     "qwen_image": "QwenImage", "hunyuan_video_i2v": "HunyuanVideoI2V", "hunyuan_skyreels": "HunyuanVideoSkyreelsI2V",
     "hunyuan_image21": "HunyuanImage21", "flux_schnell": "FluxSchnell", "cosmos1_i2v": "CosmosI2V",
-    "cosmos2_i2v": "CosmosI2VPredict2",
+    "cosmos2_i2v": "CosmosI2VPredict2", "chroma_radiance": "ChromaRadiance",
 }
 # ACE-Step 1.0's lyric encoder is 1024 wide in ComfyUI's class whatever the config (85M parameters): its
 # conversion runs in the slow lane (tests/conftest.py SLOW_TESTS); its detection and decisions run here.
