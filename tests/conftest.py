@@ -72,7 +72,7 @@ SLOW_TESTS = {
     "test_convert_for_comfyui_then_back_through_diffusers_runs_the_model",
     "test_python_m_quantkit_cli_runs_the_command",                 # a subprocess
     "test_default_conversion_loads_as_comfyui_reads_it",           # 24 ComfyUI-built families converted twice
-    "test_default_conversion_loads_as_comfyui_reads_it_ace_step_10",   # an 85M-parameter ACE-Step
+    "test_default_conversion_loads_as_comfyui_reads_it_full_size_parts",   # ACE-Step 1.0 and Anima, 85M/136M
 }
 
 

@@ -52,7 +52,7 @@ FAMILIES = {
     "hunyuan_skyreels": ("hunyuan_video", "HunyuanVideo 1.0 i2v (SkyReels)"),
     "hunyuan_image21": ("hunyuan_video", "HunyuanImage 2.1"), "flux_schnell": ("flux", ""),
     "cosmos1_i2v": ("cosmos", "Cosmos 1.0 i2v"), "cosmos2_i2v": ("cosmos", "Cosmos Predict2 i2v"),
-    "chroma_radiance": ("chroma", "Chroma Radiance"),
+    "chroma_radiance": ("chroma", "Chroma Radiance"), "anima": ("cosmos", "Cosmos Predict2 (Anima)"),
 }
 # The model_config class ComfyUI's loader detected for each (Wan 2.2 14B shares 2.1's classes).
 COMFY_CLASSES = {
@@ -64,11 +64,11 @@ COMFY_CLASSES = {
     "mochi": "GenmoMochi", "ace": "ACEStep", "ace15": "ACEStep15", "sd15": "SD15", "sd35": "SD3",
     "qwen_image": "QwenImage", "hunyuan_video_i2v": "HunyuanVideoI2V", "hunyuan_skyreels": "HunyuanVideoSkyreelsI2V",
     "hunyuan_image21": "HunyuanImage21", "flux_schnell": "FluxSchnell", "cosmos1_i2v": "CosmosI2V",
-    "cosmos2_i2v": "CosmosI2VPredict2", "chroma_radiance": "ChromaRadiance",
+    "cosmos2_i2v": "CosmosI2VPredict2", "chroma_radiance": "ChromaRadiance", "anima": "Anima",
 }
-# ACE-Step 1.0's lyric encoder is 1024 wide in ComfyUI's class whatever the config (85M parameters): its
-# conversion runs in the slow lane (tests/conftest.py SLOW_TESTS); its detection and decisions run here.
-BIG = {"ace"}
+# ACE-Step 1.0's lyric encoder (85M parameters) and Anima's LLM adapter (136M) are full size in ComfyUI's
+# classes whatever the config: their conversions run in a test of their own.
+BIG = {"ace", "anima"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,6 +193,6 @@ def test_default_conversion_loads_as_comfyui_reads_it(case, tmp_path):
     check_conversion(case, tmp_path)
 
 
-def test_default_conversion_loads_as_comfyui_reads_it_ace_step_10(tmp_path):
+def test_default_conversion_loads_as_comfyui_reads_it_full_size_parts(tmp_path):
     for case in sorted(BIG):
         check_conversion(case, tmp_path)
