@@ -196,3 +196,16 @@ def test_default_conversion_loads_as_comfyui_reads_it(case, tmp_path):
 def test_default_conversion_loads_as_comfyui_reads_it_full_size_parts(tmp_path):
     for case in sorted(BIG):
         check_conversion(case, tmp_path)
+
+
+def test_hunyuan_video_15_with_a_unit_patch_is_not_taken_for_the_image_refiner():
+    """HunyuanVideo 1.5's img_in is a [1, 1, 1] patch, as HunyuanImage 2.1's refiner's: ComfyUI tries 1.5 (its
+    vision input) before the refiner, and so does the variant."""
+    def with_patch(case, patch, drop=()):
+        tensors = {k: i for k, i in infos(case).items() if not k.startswith(drop)} if drop else infos(case)
+        w = tensors["img_in.proj.weight"]
+        tensors["img_in.proj.weight"] = TensorInfo(w.name, BF16, tuple(w.shape[:2]) + patch, 0, 0)
+        return resolve("auto", tensors)[0].variant(tensors)
+    assert with_patch("hunyuan_video15", (1, 1, 1)) == "HunyuanVideo 1.5"
+    assert with_patch("hunyuan_image21", (1, 1, 1)) == "HunyuanImage 2.1 refiner"
+    assert with_patch("hunyuan_video", (1, 2, 2)) == "HunyuanVideo 1.0"

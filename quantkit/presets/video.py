@@ -127,13 +127,16 @@ def _hunyuan_video_variant(infos: dict, root: str) -> str:
     super-resolution model), else 1.0, i2v by 33 input channels (SkyReels: 32)."""
     img_in = infos.get(root + "img_in.proj.weight")
     shape = tuple(img_in.shape) if img_in is not None else ()
+    channels = shape[1] if len(shape) > 1 else 0
     if len(shape) == 4:
         return "HunyuanImage 2.1"
+    # 1.5 has the refiner's [1, 1, 1] patch too: its vision input tells it first, as in ComfyUI's table.
+    if root + "cond_type_embedding.weight" in infos or root + "vision_in.proj.0.weight" in infos:
+        return "HunyuanVideo 1.5" + (" super-resolution" if channels == 98 else "")
     if shape[2:] == (1, 1, 1) and root + "vector_in.in_layer.weight" not in infos:
         return "HunyuanImage 2.1 refiner"
-    channels = shape[1] if len(shape) > 1 else 0
-    if any(root + k in infos for k in ("cond_type_embedding.weight", "vision_in.proj.0.weight", "byt5_in.fc1.weight")):
-        return "HunyuanVideo 1.5" + (" super-resolution" if channels == 98 else "")
+    if root + "byt5_in.fc1.weight" in infos:
+        return "HunyuanVideo 1.5"
     return "HunyuanVideo 1.0" + {33: " i2v", 32: " i2v (SkyReels)"}.get(channels, "")
 
 
