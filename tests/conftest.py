@@ -76,6 +76,8 @@ SLOW_TESTS = {
     "test_validate_heldout_reports_mean_low_percentiles_min_and_spread",   # MiniLM on the held-out set
     "test_heldout_diffusion_inputs_are_seeds_calibration_never_uses",      # a tiny FLUX through diffusers
     "test_short_inputs_are_three_or_four_tokens",                          # transformers' tokenizer
+    "test_default_conversion_loads_as_comfyui_reads_it",           # 24 ComfyUI-built families converted twice
+    "test_default_conversion_loads_as_comfyui_reads_it_full_size_parts",   # ACE-Step 1.0 and Anima, 85M/136M
 }
 
 

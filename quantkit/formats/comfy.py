@@ -24,10 +24,14 @@ layout, scale=input_scale)``; GPUs with FP8 compute only, elsewhere the weight i
 uses it. ComfyUI registers ``input_scale`` as a parameter as stored (F32 [] here).
 Unknown ``__metadata__`` keys (quantkit's provenance) are ignored by ComfyUI.
 
-The model must carry the key names ComfyUI loads natively. A diffusers FLUX.1 or SD3 transformer
-or SD1.x/SD2.x/SDXL UNet is read under BFL's / SAI's / LDM's names (``quantkit.comfy_names``); a
-diffusers-named ControlNet (FLUX, SD3, SD), FLUX.2, AuraFlow or VAE is refused when anything in
-it is quantized (``RENAMED_ON_LOAD``: ComfyUI renames those keys on load and the scales would be
+The model must carry the key names ComfyUI loads natively. A file already under ComfyUI's own names
+(FLUX.1 and FLUX.2 under BFL's, AuraFlow, Wan, HunyuanVideo, LTX, HiDream and every other family in
+docs/presets.md "Families under ComfyUI's names") is written under those names, and ComfyUI's own
+loader reads every FP8 layer of it with its scale (checked per family, docs/presets.md "Checked
+through ComfyUI's loader"). A diffusers FLUX.1 or SD3 transformer or SD1.x/SD2.x/SDXL UNet is read
+under BFL's / SAI's / LDM's names (``quantkit.comfy_names``). What ComfyUI would rename on load is
+refused when anything in it is quantized (``RENAMED_ON_LOAD``: a diffusers-named ControlNet (FLUX,
+SD3, SD), AuraFlow transformer or VAE; ComfyUI renames those keys on load and the scales would be
 lost).
 """
 from __future__ import annotations

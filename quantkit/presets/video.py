@@ -122,11 +122,22 @@ def _hunyuan_video_block(qkv, mod, refiner):   # img_attn.qkv [3h, h], img_mod.l
 
 
 def _hunyuan_video_variant(infos: dict, root: str) -> str:
-    v15 = any(root + k in infos
-              for k in ("cond_type_embedding.weight", "vision_in.proj.0.weight", "byt5_in.fc1.weight"))
+    """The variant as ComfyUI tells it: HunyuanImage 2.1 by its 2-D patch embedding (its refiner by a
+    [1, 1, 1] patch without vector_in), 1.5 by its vision/cond-type inputs (98 input channels: the
+    super-resolution model), else 1.0, i2v by 33 input channels (SkyReels: 32)."""
     img_in = infos.get(root + "img_in.proj.weight")
-    i2v = img_in is not None and len(img_in.shape) > 1 and img_in.shape[1] > 16
-    return ("HunyuanVideo 1.5" if v15 else "HunyuanVideo 1.0") + (" i2v" if i2v and not v15 else "")
+    shape = tuple(img_in.shape) if img_in is not None else ()
+    channels = shape[1] if len(shape) > 1 else 0
+    if len(shape) == 4:
+        return "HunyuanImage 2.1"
+    # 1.5 has the refiner's [1, 1, 1] patch too: its vision input tells it first, as in ComfyUI's table.
+    if root + "cond_type_embedding.weight" in infos or root + "vision_in.proj.0.weight" in infos:
+        return "HunyuanVideo 1.5" + (" super-resolution" if channels == 98 else "")
+    if shape[2:] == (1, 1, 1) and root + "vector_in.in_layer.weight" not in infos:
+        return "HunyuanImage 2.1 refiner"
+    if root + "byt5_in.fc1.weight" in infos:
+        return "HunyuanVideo 1.5"
+    return "HunyuanVideo 1.0" + {33: " i2v", 32: " i2v (SkyReels)"}.get(channels, "")
 
 
 HUNYUAN_VIDEO = _preset(
@@ -139,8 +150,9 @@ HUNYUAN_VIDEO = _preset(
     )),
     detection=("ComfyUI names: double_blocks.N.img_attn.qkv [3h,h] with img_mod.lin [6h,h] and the text token "
                "refiner txt_in.individual_token_refiner.blocks.0.norm1 under one prefix (ComfyUI's own marker). "
-               "1.5 when cond_type_embedding, vision_in or byt5_in is present; i2v (SkyReels) when img_in takes "
-               "more than 16 channels"),
+               "HunyuanImage 2.1 when img_in is a 2-D convolution (its refiner: a [1,1,1] patch without "
+               "vector_in); 1.5 when cond_type_embedding, vision_in or byt5_in is present (98 input channels: "
+               "super-resolution); i2v when img_in takes 33 channels (SkyReels: 32)"),
     quantizes=(("img_attn/txt_attn qkv and proj", WHY_ATTN),
                ("img_mlp/txt_mlp, single blocks' linear1/linear2", WHY_BULK),
                ("per-block modulation img_mod.lin, txt_mod.lin, modulation.lin",
@@ -237,10 +249,14 @@ def _cosmos2_block(mlp, lora, q):   # mlp.layer1 [f, h]; adaln_modulation_self_a
 
 
 def _cosmos_variant(infos: dict, root: str) -> str:
+    """1.0 or Predict2 (Anima with an LLM adapter); i2v as ComfyUI tells it: 17 latent channels in
+    x_embedder.proj.1, whose input is (channels + the padding mask) x a 2x2x1 patch."""
+    emb = infos.get(root + "x_embedder.proj.1.weight")
+    i2v = " i2v" if emb is not None and len(emb.shape) == 2 and emb.shape[1] // 4 - 1 == 17 else ""
     if any(k.startswith(root + "blocks.block") for k in infos):
-        return "Cosmos 1.0"
+        return "Cosmos 1.0" + i2v
     return "Cosmos Predict2 (Anima)" if root + "llm_adapter.blocks.0.cross_attn.q_proj.weight" in infos \
-        else "Cosmos Predict2"
+        else "Cosmos Predict2" + i2v
 
 
 COSMOS = _preset(
@@ -256,7 +272,8 @@ COSMOS = _preset(
     detection=("Cosmos 1.0: blocks.blockN.blocks.0.block.attn.to_q.0 [h,h] with blocks.blockN.blocks.0."
                "adaLN_modulation.1 [lora,h]; Predict2: blocks.N.mlp.layer1 [f,h] with "
                "adaln_modulation_self_attn.1 [lora,h] and self_attn.q_proj [h,h] (ComfyUI's own markers); "
-               "Anima (Predict2 with an LLM adapter) when llm_adapter.* is present"),
+               "Anima (Predict2 with an LLM adapter) when llm_adapter.* is present; i2v when x_embedder.proj.1 reads 17 "
+               "latent channels (ComfyUI's marker)"),
     quantizes=(("attention q/k/v/out (1.0: attn.to_q.0 ...; Predict2: self_attn/cross_attn q/k/v/output_proj)",
                 WHY_ATTN),
                ("MLP layer1, layer2", WHY_BULK)),
