@@ -1,6 +1,8 @@
 """Commands of the convert stage: convert, plan, presets, formats."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from . import render
@@ -21,8 +23,12 @@ from .options import (PATTERN_HELP, _RuleOrderCommand, convert_options, jobs_opt
              "the free memory (0.5 GB a job) allow; 1 with 2 cores or fewer (one process keeps two busy). "
              "A larger N is capped there (and at the pieces of work), with a note.")
 @stats_options
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+              help="How weights become FP8 codes: each to its nearest, or GPTQ (each column's rounding error "
+                   "moved onto the columns not yet rounded, by the layer's input Hessian; the same scales and "
+                   "codes any client loads). gptq needs --stats from 'quantkit calibrate --rounding gptq'.")
 @click.pass_context
-def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_stats, **policy):
+def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_stats, rounding, **policy):
     """Quantize the checkpoint SRC into DST.
 
     SRC is a .safetensors file, a sharded checkpoint (its *.safetensors.index.json or its
@@ -47,9 +53,10 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
       quantkit convert flux1-dev.safetensors flux1-dev-fp8.safetensors --granularity channel
       quantkit convert ./FLUX.1-dev flux1-dev-fp8.safetensors --component transformer --format comfy
     """
+    from ..options import Rounding
     from ..quantize import convert as run
     progress = progress_bars(quiet)
-    options = convert_options(ctx, **policy)
+    options = dataclasses.replace(convert_options(ctx, **policy), rounding=Rounding(rounding))
     click.echo(f"quantkit convert: {src} -> {dst}")
     result = run(src, dst, options, overwrite=overwrite, progress=progress, reports=reports(json_path),
                  jobs=jobs, stats=stats_path, force_stats=force_stats)
