@@ -163,6 +163,11 @@ def validation(report, show: int) -> None:
         if s["sqnr_db"]:
             click.echo(f"  FP8 tensors: SQNR min {s['sqnr_db']['min']:.2f} dB, median {s['sqnr_db']['median']:.2f} dB;"
                        f" PSNR min {s['psnr_db']['min']:.2f} dB; cosine min {s['cosine']['min']:.6f}")
+        if report.rounding:
+            r = report.rounding
+            click.echo(f"  rounding: gptq ({r.get('gptq_tensors')} tensor(s), damping {r.get('percdamp')}, act-order "
+                       f"{'on' if r.get('act_order') else 'off'}): weight SQNR is lower than nearest's by design, "
+                       "the layers' outputs are closer (--model-output measures them)")
         bar = report.floor()
         if bar["rule"] == "min-sqnr":
             click.echo(f"  bar: --min-sqnr {bar['db']:g} dB for every tensor")
