@@ -7,7 +7,7 @@ sentence per pass (``--inputs`` hook below: no padding); seed ``builtin`` uses `
 Per seed and granularity: ``calibrate --rounding gptq`` once, then ``convert`` (native) with
 ``--rounding nearest`` and ``--rounding gptq`` from the same stats (so the same scales), each
 output dequantized into a transformers ``BertModel`` and its mean-pooled, normalised embeddings
-compared with FP32's. Also checks that transformers loads a compressed-tensors GPTQ folder.
+compared with FP32's (one padded batch, pooled over the real tokens). Also checks that transformers loads a compressed-tensors GPTQ folder.
 
     python benchmarks/gptq_minilm.py --out-dir /tmp/qkgptq --seeds builtin,0,1,2 --json benchmarks/results-gptq-minilm.json
 """
@@ -37,9 +37,19 @@ def calibration_inputs():
     return [dict(tok(s, return_tensors="pt")) for s in picked]
 
 
+def pooled(model, tok, sentences: list[str]):
+    """Mean-pooled (over the real tokens of one padded batch), L2-normalised embeddings, as
+    sentence-transformers makes them."""
+    import torch
+    enc = tok(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=1)
+
+
 def embeddings(state: dict | None, model_dir: str, sentences: list[str]):
-    """Mean-pooled, L2-normalised embeddings (as sentence-transformers makes them) of FP32 weights
-    (``state`` None) or of a dequantized state dict."""
+    """``pooled`` embeddings of FP32 weights (``state`` None) or of a dequantized state dict."""
     import torch
     from transformers import AutoTokenizer, BertModel
     model = BertModel.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -48,14 +58,7 @@ def embeddings(state: dict | None, model_dir: str, sentences: list[str]):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [m for m in missing if not m.endswith("position_ids")]:
             raise SystemExit(f"state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    out = []
-    with torch.no_grad():
-        for s in sentences:                      # one at a time: no padding in the figure
-            enc = tok(s, return_tensors="pt")
-            h = model(**enc).last_hidden_state[0]
-            out.append(torch.nn.functional.normalize(h.mean(0), dim=0))
-    return torch.stack(out)
+    return pooled(model, AutoTokenizer.from_pretrained(model_dir), sentences)
 
 
 def measure(model_dir: str, out_dir: pathlib.Path, seed: str, granularity: str, reference, sentences) -> dict:
@@ -101,9 +104,7 @@ def compressed_tensors_loads(model_dir: str, out_dir: pathlib.Path, sentences, r
         options = dataclasses.replace(ConvertOptions.from_strings(format="compressed-tensors"), rounding=rounding)
         convert(model_dir, str(folder), options, stats=str(work / "m.stats.safetensors"), overwrite=True)
         model = BertModel.from_pretrained(str(folder), dtype=torch.float32).eval()
-        with torch.no_grad():
-            emb = torch.stack([torch.nn.functional.normalize(
-                model(**tok(s, return_tensors="pt")).last_hidden_state[0].mean(0), dim=0) for s in sentences])
+        emb = pooled(model, tok, sentences)
         doc[rounding.value] = float((emb * reference).sum(1).mean())
     return {"loaded": True, "mean_cosine": doc}
 
