@@ -215,3 +215,12 @@ def test_calibrate_gptq_refuses_an_existing_sidecar_without_overwrite(minilm_gpt
     out = refused("calibrate", MINILM, "-o", tmp_path / "s.stats.safetensors", "--rounding", "gptq")
     assert "destination exists" in out and "--overwrite" in out
     assert (tmp_path / "s.stats.hessians.safetensors").read_bytes() == b"x"
+
+
+def test_publish_rebuilds_the_gptq_command():
+    from quantkit.publish.provenance import convert_command
+    options = {"format": "native", "granularity": "tensor", "fp8": "float8_e4m3fn", "keep_dtype": "bf16",
+               "preset": "auto", "recipe": "mixed", "rules": [], "rounding": "gptq"}
+    command = convert_command({"options": options, "stats": {"file": "m.stats.safetensors"}}, "src", "out")
+    assert command.endswith("--stats m.stats.safetensors --rounding gptq")
+    assert "--rounding" not in convert_command({"options": {**options, "rounding": "nearest"}}, "src", "out")
