@@ -63,6 +63,8 @@ def test_calibrate_writes_and_names_the_sidecar(minilm_gptq):
     h = load_hessian(path, record["layers"]["encoder.layer.0.intermediate.dense.weight"])
     assert h.shape == (384, 384) and torch.allclose(h, h.T) and float(h.diagonal().min()) > 0
     assert record["tokens"][record["layers"]["encoder.layer.0.intermediate.dense.weight"]] > 500
+    shown = ok("stats", "show", minilm_gptq / "m.stats.safetensors")
+    assert "GPTQ Hessians: 12 layers (12 distinct inputs) in m.stats.hessians.safetensors" in shown
     plain = statsfile.load(str(minilm_gptq / "plain.stats.safetensors"))
     assert plain.hessians is None and plain.describe()["rounding"] == "nearest"
 

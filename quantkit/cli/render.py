@@ -246,6 +246,10 @@ def stats_file(path: str, s, rows: list[dict], top: int, sort: str) -> None:
                    f"{s.samples} samples: {s.inputs}")
     else:
         click.echo("  inputs: none (weights only)")
+    if s.hessians:
+        h = s.hessians
+        click.echo(f"  GPTQ Hessians: {len(h['layers'])} layers ({len(h['tokens'])} distinct inputs) in {h['file']}"
+                   f" ({(h.get('bytes') or 0) / 1e9:.3g} GB), for convert --rounding gptq")
     shown = rows[:top]
     if shown:
         click.echo(f"  {'input range':>12} {'outlier':>8} {'weight range':>12} {'outlier':>8}  layer "
