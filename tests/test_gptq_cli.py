@@ -171,6 +171,12 @@ def test_tiny_flux_model_output_above_nearest_on_unseen_seeds(tmp_path):
         with open_source(str(src)) as source:
             sqnr[rounding] = compare_model_output(source, str(out), seed=100, activations="none")["sqnr"]
     assert sqnr["gptq"] > sqnr["nearest"], sqnr
+    # ComfyUI's names join q, k and v into one qkv weight: its parts share one Hessian, so it is rounded by GPTQ
+    printed = ok("convert", src, tmp_path / "comfy.safetensors", "--format", "comfy", "--stats",
+                 tmp_path / "f.stats.safetensors", "--rounding", "gptq", "--recipe", "compact")
+    manifest = json.loads((tmp_path / "comfy.quantkit.json").read_text())["conversion"]["rounding"]
+    assert "different inputs" not in printed
+    assert not [n for n in manifest["nearest_tensors"] if "qkv" in n] and manifest["gptq_tensors"] > 0
 
 
 # ----------------------------------------------------------------------------- refusals: exit 2, what to do
