@@ -12,7 +12,11 @@
    the model runs streamed on the calibration inputs (``inputs``) with the activation observer
    (``absmax``, ``ema[:M]``, ``percentile[:Q]``) on every quantized layer's input
    (``activations``).
-5. ``stats.save`` writes the file (temporary name, renamed when complete).
+5. ``--rounding gptq``: the same passes also sum each quantized linear's input Hessian
+   (``activations.HessianRecorder``) into the sidecar beside the stats file (``hessians``),
+   each written as soon as it is complete; several passes hold a group of layers' Hessians at a
+   time (``HESSIAN_BUDGET``) and repeat per group.
+6. ``stats.save`` writes the file (temporary name, renamed when complete), naming the sidecar.
 """
 from __future__ import annotations
 
