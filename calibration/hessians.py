@@ -196,6 +196,11 @@ class GPTQRounder:
         self.rounded.append(name)
         return codes
 
+    def merge(self, rounded: list[str], nearest: dict[str, str]) -> None:
+        """Add what another process (a shard's worker) rounded how."""
+        self.rounded.extend(n for n in rounded if n not in self.rounded)
+        self.nearest.update(nearest)
+
     def describe(self) -> dict:
         """The manifest's record: the method, its settings, and what was rounded how."""
         return {"method": "gptq", "percdamp": self.percdamp, "block_size": GPTQ_BLOCK, "act_order": self.act_order,

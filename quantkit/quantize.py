@@ -307,8 +307,11 @@ class _Run:
                 return sha256_file(key)
             group = groups[key]
             scales, fits = _calibrate(self.source, self.plan, NULL, group), {}
-            return _write(self.source, self.plan, group, scales, os.path.join(folder, names[key]), self.metadata,
-                          False, NULL, fits=fits, rounder=self.rounder), fits
+            digest = _write(self.source, self.plan, group, scales, os.path.join(folder, names[key]), self.metadata,
+                            False, NULL, fits=fits, rounder=self.rounder)
+            # what this process rounded how (a forked worker's rounder is its own copy)
+            rounded = (self.rounder.rounded, self.rounder.nearest) if self.rounder is not None else None
+            return digest, fits, rounded
 
         by_name = {t.name: t for t in self.plan.tensors}
         size = {("hash", f): os.path.getsize(f) for f in self.source.files}
@@ -328,6 +331,8 @@ class _Run:
         self.source_digests = {f: out[("hash", f)] for f in self.source.files}
         for i in range(len(names)):
             self.fits.update(out[("shard", i)][1])
+            if self.rounder is not None:
+                self.rounder.merge(*out[("shard", i)][2])
         return {name: out[("shard", i)][0] for i, name in enumerate(names)}
 
 

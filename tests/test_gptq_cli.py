@@ -232,3 +232,22 @@ def test_publish_rebuilds_the_gptq_command():
     command = convert_command({"options": options, "stats": {"file": "m.stats.safetensors"}}, "src", "out")
     assert command.endswith("--stats m.stats.safetensors --rounding gptq")
     assert "--rounding" not in convert_command({"options": {**options, "rounding": "nearest"}}, "src", "out")
+
+
+def test_sharded_output_written_by_worker_processes_records_every_gptq_tensor(minilm_gptq, tmp_path):
+    """A forked worker rounds its shard's tensors with its own copy of the rounder: the manifest
+    still counts all of them, and the codes are those one process writes."""
+    stats = minilm_gptq / "m.stats.safetensors"
+    ok("convert", MINILM, tmp_path / "one.safetensors", "--stats", stats, "--rounding", "gptq", "-q")
+    out = ok("convert", MINILM, tmp_path / "sharded", "--stats", stats, "--rounding", "gptq", "--max-shard-size",
+             "8MB", "--jobs", "2")
+    assert "12 tensor(s) rounded by GPTQ" in out
+    record = json.loads((tmp_path / "sharded" / "quantkit.json").read_text())["conversion"]["rounding"]
+    assert record["gptq_tensors"] == 12 and record["nearest_tensors"] == {}
+    with SafetensorsFile(tmp_path / "one.safetensors") as one:
+        name = "encoder.layer.3.output.dense.weight"
+        for shard in (tmp_path / "sharded").glob("*.safetensors"):
+            with SafetensorsFile(shard) as f:
+                if name in f.tensors:
+                    assert torch.equal(f.read_tensor(f.tensors[name]).view(torch.uint8),
+                                       one.read_tensor(one.tensors[name]).view(torch.uint8))
