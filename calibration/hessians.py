@@ -34,6 +34,7 @@ import torch
 
 from quantkit import dtypes
 from quantkit.errors import OutputError, UnsupportedInputError
+from quantkit.jsonfiles import JSONFileError, parse_json
 from quantkit.gptq import ACT_ORDER, BLOCK_SIZE as GPTQ_BLOCK, PERCDAMP, features_of, pack_rows, unpack
 from quantkit.writer import check_no_other_writer, temp_path_for
 
@@ -216,8 +217,8 @@ def check_sidecar(path: str, record: dict) -> None:
         raise UnsupportedInputError("the Hessian sidecar the stats file names is missing", path=path, hint=hint)
     with SafetensorsFile(path) as f:
         try:
-            meta = json.loads(f.metadata.get(META_KEY, "null"))
-        except ValueError:
+            meta = parse_json(f.metadata.get(META_KEY, "null"), path)
+        except JSONFileError:
             meta = None
     if not isinstance(meta, dict) or meta.get("id") != record.get("id") or meta.get("version") != VERSION:
         raise UnsupportedInputError("not the Hessian sidecar of this stats file (its id differs)", path=path,
