@@ -95,18 +95,19 @@ def test_output_error_below_nearest_on_correlated_inputs(g, seed):
     assert errors[False] < 0.9 * base and errors[True] < 0.9 * base, (errors, base)
 
 
-def reference_gptq(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, g: Granularity, percdamp: float):
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, g: Granularity, percdamp: float,
+                   act_order: bool):
     """The paper's equations taken literally, in float64: quantize column j, spread its error over
     the remaining columns with the inverse Hessian of the remaining columns, then eliminate j from
-    that inverse (Gaussian elimination), instead of the Cholesky and the lazy batch updates.
-    Returns (codes, the value each code rounded)."""
-    w = w.double().clone()
+    that inverse (Gaussian elimination), instead of the Cholesky and the lazy batch updates; with
+    ``act_order``, on the columns sorted by decreasing diag H (each keeping its own scale).
+    Returns (codes, the value each code rounded), in the stored column order."""
     rows, cols = w.shape
-    h = h.double().clone()
+    full = fp8.expand_scale(s, rows, cols, g).double().expand(rows, cols)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols)
+    w, h, full = w.double()[:, order].clone(), h.double()[order][:, order].clone(), full[:, order]
     h += percdamp * float(h.diagonal().mean()) * torch.eye(cols, dtype=torch.float64)
     hinv = torch.linalg.inv(h)
-    full = fp8.expand_scale(s, rows, cols, g).double()
-    full = full.expand(rows, cols) if full.dim() else full.expand(rows, cols)
     codes = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     pre = torch.empty(rows, cols, dtype=torch.float64)
     for j in range(cols):
@@ -118,19 +119,21 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, s: torch.Tensor, g: Granula
         err = (w[:, j] - c.double() * sj) / hinv[j, j]
         w[:, j:] -= torch.outer(err, hinv[j, j:])
         hinv = hinv - torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
-    return codes, pre
+    back = torch.argsort(order)
+    return codes[:, back], pre[:, back]
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("g", GRANULARITIES)
 @pytest.mark.parametrize("shape,seed", [((8, 16), 0), ((24, 40), 1), ((130, 140), 2)])
-def test_one_layer_matches_the_reference(g, shape, seed):
+def test_one_layer_matches_the_reference(g, shape, seed, act_order):
     rows, cols = shape
     x = correlated_inputs(4 * cols, cols, seed)
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.1
     h = x.T @ x
     s = scale_of(w, g)
-    ours = gptq_quantize(w, h, s, g, block_size=16)          # several lazy batches even at 40 columns
-    ref, pre = reference_gptq(w, h, s, g, 0.01)
+    ours = gptq_quantize(w, h, s, g, block_size=16, act_order=act_order)   # several lazy batches at 40 columns
+    ref, pre = reference_gptq(w, h, s, g, 0.01, act_order)
     differ = bits(ours) != bits(ref)
     # float32 (ours) and float64 (the reference) may only part on a value the reference put on a
     # rounding midpoint, to float32's precision; none did on these seeds.
