@@ -61,7 +61,7 @@ class HessianWriter:
         check_no_other_writer(self.path)
         self.id = uuid.uuid4().hex
         # Room for every entry at its longest (name, F32, a shape and two offsets of 20 digits) and the metadata.
-        self.room = sum(len(json.dumps(PREFIX + n)) + 96 for n in names) + 256
+        self.room = sum(len(json.dumps(PREFIX + n)) + 128 for n in names) + 256     # an entry's rest: <= 108 bytes
         self.room += -self.room % 8
         self.temp = temp_path_for(self.path)
         self.entries: dict[str, dict] = {}
