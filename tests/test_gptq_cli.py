@@ -109,8 +109,19 @@ def test_convert_gptq_same_scales_same_size_recorded_and_validated(minilm_gptq, 
     assert manifest["conversion"]["rounding"]["method"] == "gptq"
     assert manifest["conversion"]["rounding"]["gptq_tensors"] == 12
     assert "rounding" not in json.loads((tmp_path / "n.quantkit.json").read_text())["conversion"]
-    report = ok("validate", tmp_path / "g.safetensors", "--against", MINILM)
+    report = ok("validate", tmp_path / "g.safetensors", "--against", MINILM, "--json", tmp_path / "g.json")
     assert "rounding: gptq (12 tensor(s)" in report and "PASS" in report
+    ok("validate", tmp_path / "n.safetensors", "--against", MINILM, "--json", tmp_path / "n.json")
+    g, n = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("g", "n"))
+    # weight SQNR drops by design (7.6 dB at worst measured): GPTQ's floor is 6 dB lower, and said so
+    assert g["rounding"]["method"] == "gptq" and n["rounding"] is None
+    assert g["sqnr_floor"]["margin_db"] == n["sqnr_floor"]["margin_db"] + 6
+    floors = {t["name"]: t["sqnr_floor"] for t in n["tensors"] if t["sqnr_floor"] is not None}
+    for t in g["tensors"]:
+        if t["name"] in floors:
+            assert t["sqnr_floor"] == pytest.approx(floors[t["name"]] - 6)
+    # the worst GPTQ tensor sits within a few dB of nearest's floor (2.9 dB measured): the margin is needed
+    assert min(t["sqnr"] - floors[t["name"]] for t in g["tensors"] if t["name"] in floors) < 6
 
 
 def embed(model, sentences):
