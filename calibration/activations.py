@@ -106,30 +106,126 @@ class ActivationStats:
     unobserved: list[str] = field(default_factory=list)   # quantized tensors whose layer never ran / has no module
 
 
+class HessianRecorder:
+    """GPTQ's statistic of each hooked layer's input: ``H = sum x x^T`` over its tokens (float32), for
+    ``layers`` (dotted module name -> tensor name). Layers that take the very same input tensor as
+    the layer hooked just before them (q, k, v of one attention) share that layer's Hessian
+    (``shared``: tensor -> the key it is stored under, learnt on the first pass and kept). On the
+    group's last pass (``final``), a Hessian is complete once its layer has run: it goes to ``sink``
+    (``add(key, H, tokens)``) and is dropped then, so only the layers running hold one.
+    A 2-D input (one vector per sample: modulation, embedders) gets none (``per_sample``)."""
+
+    def __init__(self, module: torch.nn.Module, layers: dict[str, str], sink, shared: dict[str, str]):
+        self.sink, self.shared = sink, shared
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.done: set[str] = set()
+        self.per_sample: set[str] = set()
+        self.mask: torch.Tensor | None = None
+        self.final = False
+        self._last = None                         # (input, its version, key) of the layer hooked last
+        self.handles = []
+        for name, tensor in layers.items():
+            sub = module.get_submodule(name)
+            self.handles.append(sub.register_forward_pre_hook(self._pre(tensor, sub), with_kwargs=True))
+            self.handles.append(sub.register_forward_hook(self._post(tensor)))
+
+    def _pre(self, tensor: str, sub):
+        from quantkit.gptq import hessian_update
+
+        def hook(module, args, kwargs):
+            x = args[0] if args else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
+            weight = getattr(sub, "weight", None)
+            if x is None or not x.is_floating_point() or weight is None or weight.dim() != 2 \
+                    or x.shape[-1] != weight.shape[1]:
+                return
+            if x.dim() == 2:
+                self.per_sample.add(tensor)
+                return
+            last = self._last
+            same = last is not None and last[0] is x and last[1] == x._version
+            key = self.shared.setdefault(tensor, last[2] if same else tensor)
+            self._last = (x, x._version, key)
+            if key != tensor or key in self.done:        # a sharer: its leader took this very input
+                return
+            if self.mask is not None and tuple(x.shape[:2]) == tuple(self.mask.shape):
+                x = x[self.mask]                          # [real tokens, features]: padding left out
+            if key not in self.sums:
+                self.sums[key] = torch.zeros(x.shape[-1], x.shape[-1])
+                self.tokens[key] = 0
+            self.tokens[key] += hessian_update(self.sums[key], x)
+        return hook
+
+    def _post(self, tensor: str):
+        def hook(module, args, output):
+            if self.final and tensor in self.sums:
+                self._flush(tensor)
+        return hook
+
+    def _flush(self, key: str) -> None:
+        self.sink.add(key, self.sums.pop(key), self.tokens.pop(key))
+        self.done.add(key)
+
+    def close(self) -> None:
+        """Remove the hooks; Hessians still held (a layer whose last pass did not reach it) go to the sink."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self._last = None
+        for key in sorted(self.sums):
+            self._flush(key)
+
+
+@dataclass
+class HessianPlan:
+    """What ``observe`` gathers for GPTQ: ``groups`` of tensors whose Hessians fit in memory together
+    (one group: every layer in the same passes as the input ranges; more: the passes repeated per
+    group), written to ``sink`` as they complete."""
+
+    sink: object
+    groups: list[set[str]]
+    shared: dict[str, str] = field(default_factory=dict)
+    per_sample: set[str] = field(default_factory=set)
+
+
 def observe(model, source, batches: list[dict], quantized: set[str], make_observer: Callable[[], Observer], *,
             dtype: torch.dtype = torch.float32, progress: Progress = NULL,
-            masks: list[torch.Tensor | None] | None = None, max_memory: int | None = None) -> ActivationStats:
+            masks: list[torch.Tensor | None] | None = None, max_memory: int | None = None,
+            hessians: HessianPlan | None = None) -> ActivationStats:
     """Run ``model`` (``models.build_model``'s ``Model``) loaded streamed from ``source`` (an opened
     checkpoint under its own names) on ``batches``, observing the input of every layer whose weight is
     in ``quantized`` (of a [batch, tokens, ...] input, only the tokens ``masks[i]`` marks); then drop it.
-    ``max_memory`` (bytes): loaded in the runtime's budget mode instead of streamed."""
+    ``max_memory`` (bytes): loaded in the runtime's budget mode instead of streamed. ``hessians``:
+    also gather GPTQ's input Hessians (``HessianRecorder``), a group of layers at a time."""
     from quantkit.models import streamed
     with streamed(model, source, source.path, dtype, max_memory=max_memory) as module:
         info = module.quantkit_runtime
         layers = {target.rpartition(".")[0]: key for target, key in info.stored_names.items()
                   if key in quantized and target.rpartition(".")[2] == "weight"}
         recorder = InputRecorder(module, layers, make_observer)
+        groups = [None] if hessians is None else hessians.groups
         # Each pass streams the whole checkpoint from disk: progress in bytes read.
         per_pass = getattr(source, "file_size", 0)
-        progress.stage("activate", per_pass * len(batches))
+        progress.stage("activate", per_pass * len(batches) * len(groups))
         with torch.no_grad():
-            for i, batch in enumerate(batches):
-                recorder.mask = masks[i] if masks else None
-                _forward(module, _cast(batch, dtype), model.architecture, source.path, i)
-                progress.advance(per_pass)
-        recorder.close()
-        unobserved = sorted(quantized - set(recorder.inputs))
-        return ActivationStats(inputs=recorder.inputs, samples=len(batches), architecture=model.architecture,
+            for g, group in enumerate(groups):
+                gather = None if group is None else HessianRecorder(
+                    module, {m: t for m, t in layers.items() if t in group}, hessians.sink, hessians.shared)
+                for i, batch in enumerate(batches):
+                    if recorder is not None:
+                        recorder.mask = masks[i] if masks else None
+                    if gather is not None:
+                        gather.mask, gather.final = (masks[i] if masks else None), i == len(batches) - 1
+                    _forward(module, _cast(batch, dtype), model.architecture, source.path, i)
+                    progress.advance(per_pass)
+                if gather is not None:
+                    gather.close()
+                    hessians.per_sample |= gather.per_sample
+                if g == 0:                    # input ranges come from the first group's passes
+                    recorder.close()
+                    inputs, recorder = recorder.inputs, None
+        unobserved = sorted(quantized - set(inputs))
+        return ActivationStats(inputs=inputs, samples=len(batches), architecture=model.architecture,
                                peak_bytes=info.peak_bytes, model_bytes=getattr(source, "file_size", 0),
                                unobserved=unobserved)
 

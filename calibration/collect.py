@@ -12,7 +12,11 @@
    the model runs streamed on the calibration inputs (``inputs``) with the activation observer
    (``absmax``, ``ema[:M]``, ``percentile[:Q]``) on every quantized layer's input
    (``activations``).
-5. ``stats.save`` writes the file (temporary name, renamed when complete).
+5. ``--rounding gptq``: the same passes also sum each quantized linear's input Hessian
+   (``activations.HessianRecorder``) into the sidecar beside the stats file (``hessians``),
+   each written as soon as it is complete; several passes hold a group of layers' Hessians at a
+   time (``HESSIAN_BUDGET``) and repeat per group.
+6. ``stats.save`` writes the file (temporary name, renamed when complete), naming the sidecar.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from quantkit.destinations import check_destination, check_not_source_files, che
 from quantkit.errors import NonFiniteError, OptionsError, UnsupportedInputError
 from quantkit.formats import get_format
 from quantkit.fp8 import FP8Format, Granularity, block_rows
+from quantkit.options import Rounding
 from quantkit.hashing import BackgroundHash, torch_threads
 from quantkit.manifest import source_files, source_name
 from quantkit.plan import ConvertOptions, make_plan
@@ -102,8 +107,10 @@ class CalibrationSettings:
     weights_only: bool = False
     compute_dtype: str = "fp32"
     max_memory: int | None = None                 # bytes: the model runs in budget mode (default streamed)
+    rounding: Rounding = Rounding.NEAREST         # GPTQ: also gather each quantized layer's input Hessian
 
     def __post_init__(self):
+        object.__setattr__(self, "rounding", Rounding(self.rounding))
         ObserverSpec.parse(self.weight_observer, WEIGHT_OBSERVERS, "--observer")
         ObserverSpec.parse(self.activation_observer, ACTIVATION_OBSERVERS, "--activation-observer")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -113,6 +120,9 @@ class CalibrationSettings:
         if self.weights_only and self.max_memory is not None:
             raise OptionsError("--max-memory sizes the model run to observe activations; --weights-only runs none",
                                hint="leave one of them out")
+        if self.weights_only and self.rounding is Rounding.GPTQ:
+            raise OptionsError("--rounding gptq needs the layers' inputs (their Hessians); --weights-only runs no model",
+                               hint="leave out --weights-only, or calibrate with --rounding nearest")
 
 
 @dataclass
@@ -176,9 +186,16 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
         with BackgroundHash(source.files) as hashing:
             feed, notes = _feed(source, settings, progress)
             figures: dict[str, dict] = {}
-            weights = _weights(source, quantized, weight_spec, options, figures, progress)
-            acts = None if feed is None else _activations(feed, source, {i.name for i in quantized}, act_spec,
-                                                          settings, figures, progress)
+            gather = _hessian_plan(source, quantized, feed, out, overwrite) \
+                if settings.rounding is Rounding.GPTQ else None
+            try:
+                weights = _weights(source, quantized, weight_spec, options, figures, progress)
+                acts = None if feed is None else _activations(feed, source, {i.name for i in quantized}, act_spec,
+                                                              settings, figures, progress, gather)
+                hessians = None if gather is None else _hessian_record(gather, notes)
+            finally:
+                if gather is not None:
+                    gather.sink.abort()       # a no-op once finished
             sha = hashing.result()
         per_sample = sorted(k for k, v in (acts.inputs if acts else {}).items() if v.per_sample)
         if per_sample:
@@ -197,7 +214,8 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
             fp8=options.fp8, weight_observer=str(weight_spec), weights=weights,
             activations={k: _range(v) for k, v in (acts.inputs if acts else {}).items() if not v.per_sample},
             activation_observer=str(act_spec) if acts else None, samples=acts.samples if acts else 0,
-            inputs=acts.words if acts else None, options=_options_record(options, settings), layers=figures)
+            inputs=acts.words if acts else None, options=_options_record(options, settings), layers=figures,
+            hessians=hessians)
         digest = statsfile.save(result_stats, out, overwrite=overwrite)
     progress.close()
     return CalibrationResult(
@@ -285,12 +303,12 @@ def _feed(source, settings: CalibrationSettings, progress) -> tuple[tuple | None
 
 
 def _activations(feed, source, quantized: set[str], spec: ObserverSpec, settings: CalibrationSettings, figures: dict,
-                 progress) -> _Observed:
+                 progress, hessians=None) -> _Observed:
     from quantkit.calibration.activations import observe
     model, inputs = feed
     acts = observe(model, source, inputs.batches, quantized, lambda: spec.make(Granularity.TENSOR),
                    dtype=COMPUTE_DTYPES[settings.compute_dtype], progress=progress, masks=inputs.masks,
-                   max_memory=settings.max_memory)
+                   max_memory=settings.max_memory, hessians=hessians)
     for name, layer in acts.inputs.items():
         if not math.isfinite(float(_range(layer))):
             raise NonFiniteError("the input of this layer held NaN/Inf on the calibration inputs", path=source.path,
@@ -300,6 +318,42 @@ def _activations(feed, source, quantized: set[str], spec: ObserverSpec, settings
                                              "input_range": float(_range(layer)),
                                              "input_per_sample": layer.per_sample})
     return _Observed(acts.inputs, inputs.samples, inputs.words, acts.peak_bytes, acts.unobserved)
+
+
+# Float32 Hessians held at once when the calibration takes several passes (each pass adds to every
+# layer's): past this, the layers are split in groups and the passes repeated per group. One pass (the
+# diffusers default, 8 rows) needs no groups: a Hessian is complete, written and dropped once its layer ran.
+HESSIAN_BUDGET = 1 << 30
+
+
+def _hessian_plan(source, quantized, feed, out: str, overwrite: bool):
+    """The sidecar writer and the groups of layers whose Hessians are gathered together."""
+    from quantkit.calibration.activations import HessianPlan
+    from quantkit.calibration.hessians import HessianWriter, sidecar_path
+    if feed is None:
+        raise OptionsError("--rounding gptq needs the layers' inputs, and this source has no config.json to build "
+                           "the model from", hint="calibrate the model folder, or use --rounding nearest")
+    linear = sorted((i for i in quantized if len(i.shape) == 2), key=lambda i: (getattr(i, "start", 0), i.name))
+    groups, size = [set()], 0
+    for info in linear:
+        need = 4 * info.shape[1] ** 2
+        if len(feed[1].batches) > 1 and groups[-1] and size + need > HESSIAN_BUDGET:
+            groups.append(set())
+            size = 0
+        groups[-1].add(info.name)
+        size += need
+    return HessianPlan(HessianWriter(sidecar_path(out), [i.name for i in linear], overwrite=overwrite), groups)
+
+
+def _hessian_record(gather, notes: list[str]) -> dict:
+    """Finish the sidecar; the stats file's record of it."""
+    record = gather.sink.finish()
+    record["layers"] = {t: k for t, k in sorted(gather.shared.items()) if k in record["tokens"]}
+    record["per_sample"] = sorted(gather.per_sample)
+    notes.append(f"GPTQ Hessians of {len(record['layers'])} layer(s) ({len(record['tokens'])} distinct inputs) in "
+                 f"{record['file']} ({record['bytes'] / 1e9:.3g} GB), gathered in {len(gather.groups)} group(s) "
+                 "of passes")
+    return record
 
 
 def _source_record(src: str, source, digests: dict[str, str], sha: str) -> dict:
@@ -313,7 +367,7 @@ def _options_record(o: ConvertOptions, s: CalibrationSettings) -> dict:
             "fp8": o.fp8.name, "rules": [[r.action.value, r.typed] for r in o.policy.rules],
             "quantize_conv": o.policy.quantize_conv, "component": o.component, "ema": o.ema,
             "inputs": s.inputs, "text_encoders": list(s.text_encoders), "steps": s.steps, "seeds": s.seeds,
-            "samples": s.samples, "compute_dtype": s.compute_dtype}
+            "samples": s.samples, "compute_dtype": s.compute_dtype, "rounding": s.rounding.value}
 
 
 SORTS = ("range", "outlier")

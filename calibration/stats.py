@@ -13,7 +13,10 @@ One safetensors file (written and read by quantkit's own checked writer and read
          "granularity", "fp8", "weight_observer", "activation_observer" (null: weights only),
          "samples" (calibration samples observed: sentences, diffusion rows, or a hook's batches),
          "inputs" (the calibration inputs, in words),
-         "options" (the policy options as given), "layers": {<tensor>: {figure: number}}}
+         "options" (the policy options as given), "layers": {<tensor>: {figure: number}},
+         "hessians" (only with --rounding gptq): {"file": the sidecar beside this file
+         (``calibration.hessians``), "id", "bytes", "layers": {<tensor>: <key>}, "tokens": {<key>: n},
+         "per_sample": [<tensor>, ...] (one input vector per sample: no Hessian, nearest)}}
 
 Tensor names are the source checkpoint's own (not ComfyUI's renaming: a converter writing other
 names maps them). ``layers`` holds per-layer figures for ``stats show`` (``weight_absmax``,
@@ -68,6 +71,8 @@ class Stats:
     inputs: str | None = None
     options: dict = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)
+    # GPTQ: the Hessian sidecar (calibration.hessians): file, id, bytes, layers {tensor: key}, tokens {key: n}
+    hessians: dict | None = None
     path: str | None = None                        # the file it was read from
 
     def __post_init__(self):
@@ -100,7 +105,9 @@ class Stats:
         return {"path": self.path, "source_sha256": self.source_sha256, "granularity": self.granularity.value,
                 "fp8": self.fp8.name, "weight_observer": self.weight_observer,
                 "activation_observer": self.activation_observer, "samples": self.samples, "inputs": self.inputs,
-                "weights": len(self.weights), "activations": len(self.activations)}
+                "weights": len(self.weights), "activations": len(self.activations),
+                "rounding": "gptq" if self.hessians else "nearest",
+                "hessians": {k: self.hessians.get(k) for k in ("file", "bytes")} if self.hessians else None}
 
 
 def fingerprint(tensors) -> str:
@@ -121,6 +128,8 @@ def save(stats: Stats, path: str, *, overwrite: bool = False) -> str:
            "fp8": stats.fp8.name, "weight_observer": stats.weight_observer,
            "activation_observer": stats.activation_observer, "samples": stats.samples, "inputs": stats.inputs,
            "options": stats.options, "layers": _finite(stats.layers)}
+    if stats.hessians is not None:
+        doc["hessians"] = stats.hessians
     meta = {META_KEY: json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)}
     with SafetensorsWriter(path, specs, meta, overwrite=overwrite) as writer:
         for _, t in arrays:
@@ -163,7 +172,7 @@ def load(path: str) -> Stats:
                  weight_observer=doc["weight_observer"], weights=weights, activations=activations,
                  activation_observer=doc.get("activation_observer"), samples=doc.get("samples") or 0,
                  inputs=doc.get("inputs"), options=doc.get("options") or {}, layers=doc.get("layers") or {},
-                 path=path)
+                 hessians=doc.get("hessians"), path=path)
 
 
 def _document(raw: str, path: str) -> dict:
@@ -207,7 +216,22 @@ def _document(raw: str, path: str) -> dict:
         for k, v in figures.items():
             if not (v is None or isinstance(v, (int, float))):
                 raise refuse(f"has layers[{name!r}][{k!r}] = {v!r}: a number")
+    if not _hessian_record(doc.get("hessians")):
+        raise refuse("has 'hessians' that is not {file, id, layers: {tensor: key}, tokens: {key: count}}")
     return doc
+
+
+def _hessian_record(record) -> bool:
+    """A ``hessians`` record as ``calibrate --rounding gptq`` writes it (or none)."""
+    if record is None:
+        return True
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("file", "id")):
+        return False
+    layers, tokens = record.get("layers"), record.get("tokens")
+    return (isinstance(layers, dict) and all(isinstance(k, str) for k in layers.values())
+            and isinstance(tokens, dict)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in tokens.values())
+            and set(layers.values()) <= set(tokens) and "/" not in record["file"] and "\\" not in record["file"])
 
 
 def _all_finite(value) -> bool:

@@ -38,6 +38,14 @@ class Recipe(enum.Enum):
     COMPACT = "compact"
 
 
+class Rounding(enum.Enum):
+    """How weights become FP8 codes: each to its nearest code, or GPTQ (``quantkit.gptq``: needs the
+    layers' input Hessians, gathered by ``calibrate --rounding gptq``)."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"
+
+
 class ComputeDtype(enum.Enum):
     """The dtype a model computes in while quantkit runs it (validate --model-output, calibrate)."""
 
@@ -129,6 +137,7 @@ class ConvertOptions:
     # Fields the user left unset ("granularity", "fp8"): an already-FP8 source supplies them.
     from_source: frozenset = frozenset()
     recipe: Recipe = Recipe.MIXED
+    rounding: Rounding = Rounding.NEAREST   # gptq: needs stats with Hessians (calibrate --rounding gptq)
 
     @classmethod
     def from_strings(cls, *, granularity: str | None = "tensor", fp8: str | None = "float8_e4m3fn",

@@ -27,7 +27,7 @@ from . import fp8 as fp8math
 from ._version import __version__
 from .calibration import collect_weight_stats
 from .calibration.weights import chunk_absmax, stack_absmax
-from .errors import NonFiniteError, QuantkitError, UnsupportedInputError
+from .errors import NonFiniteError, OptionsError, QuantkitError, UnsupportedInputError
 from .formats import Role, get_format
 from .sources import open_source
 from .destinations import check_destination, check_not_source_files, check_report_path, output_paths, source_reads
@@ -35,6 +35,8 @@ from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
 from .manifest import file_entry, manifest_path, read_manifest, source_files, source_name, write_manifest
 from .metrics import ScaleFit
 from .calibration.stats import Stats, mismatch as stats_mismatch
+from .calibration.hessians import GPTQRounder
+from .options import Rounding
 from .plan import (ConvertOptions, Plan, PlannedTensor, check_stats, load_stats, make_plan, options_with_stats,
                    stats_fit_warnings)
 from .policy import Action
@@ -162,6 +164,7 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
             progress.warn(too_small)
         jobs, jobs_note = _jobs(jobs, groups, source)
         run = _Run(source, plan, fmt, metadata, progress)
+        run.rounder = _rounder(options, stats, source)
         if same_header:         # (forced stats of another header were warned about already)
             run.check_source = lambda digests: _check_stats_source(stats, digests, src, force_stats, progress)
         if not as_folder:
@@ -187,8 +190,8 @@ def convert(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *, o
         granularity=summary["granularity"], fp8=summary["fp8"], counts=summary["counts"], bytes_in=plan.bytes_in,
         bytes_out=sum(f["bytes"] for f in files.values()), seconds=time.perf_counter() - t0,
         source_sha256=combined_digest(source_digests), output_sha256=output_sha, warnings=plan.warnings,
-        notes=[*plan.notes, *([jobs_note] if jobs_note else [])], stats=plan.stats, jobs=run.jobs,
-        workers_peak_rss_bytes=run.workers_peak_rss, keep_choice=keep_choice)
+        notes=[*plan.notes, *([jobs_note] if jobs_note else []), *_rounding_notes(run.rounder)],
+        stats=plan.stats, jobs=run.jobs, workers_peak_rss_bytes=run.workers_peak_rss, keep_choice=keep_choice)
 
 
 def _jobs(jobs: int | None, groups: list[list], source) -> tuple[int, str | None]:
@@ -213,8 +216,34 @@ def _shards(plan: Plan, options: ConvertOptions) -> list[list]:
 
 
 def _manifest(src: str, output: str, run: "_Run", options: ConvertOptions) -> str:
+    conversion = plan_summary(run.plan)
+    if run.rounder is not None:
+        conversion["rounding"] = run.rounder.describe()
     return write_manifest(output, files=run.files, source=_source_entry(src, run.source, run.source_digests, options),
-                          conversion=plan_summary(run.plan))
+                          conversion=conversion)
+
+
+def _rounder(options: ConvertOptions, stats: Stats | None, source) -> GPTQRounder | None:
+    """GPTQ's Hessians for ``--rounding gptq`` (refused before any work without them), or None."""
+    if options.rounding is not Rounding.GPTQ:
+        return None
+    if stats is None or not stats.hessians:
+        where = f"the stats file {stats.path} has none" if stats is not None else "no --stats was given"
+        raise OptionsError(f"--rounding gptq needs the layers' input Hessians; {where}",
+                           hint="run quantkit calibrate SRC -o STATS --rounding gptq (same policy options), then "
+                                "convert with --stats STATS --rounding gptq; or use --rounding nearest")
+    return GPTQRounder(stats, source)
+
+
+def _rounding_notes(rounder: GPTQRounder | None) -> list[str]:
+    if rounder is None:
+        return []
+    note = f"--rounding gptq: {len(rounder.rounded)} tensor(s) rounded by GPTQ"
+    if rounder.nearest:
+        reasons = sorted(set(rounder.nearest.values()))
+        note += (f", {len(rounder.nearest)} to nearest ({'; '.join(reasons[:3])}: "
+                 f"{', '.join(sorted(rounder.nearest)[:3])}{' ...' if len(rounder.nearest) > 3 else ''})")
+    return [note]
 
 
 class _Run:
@@ -228,6 +257,7 @@ class _Run:
         self.source_digests: dict[str, str] = {}
         self.jobs, self.workers_peak_rss = 1, 0
         self.fits: dict[str, ScaleFit] = {}       # how the stats' scales fit their weights (ScaleFit)
+        self.rounder: GPTQRounder | None = None   # --rounding gptq
         # Called with the source's digests once hashed, before anything is published (stats' SHA256).
         self.check_source = lambda digests: None
 
@@ -243,7 +273,7 @@ class _Run:
                 self.check_source(self.source_digests)
                 manifest(dst)
             digest = _write(self.source, self.plan, self.plan.outputs, scales, dst, self.metadata, overwrite,
-                            self.progress, before_publish=publish, fits=self.fits)
+                            self.progress, before_publish=publish, fits=self.fits, rounder=self.rounder)
         return digest, self.files, self.source_digests
 
     def folder(self, folder: str, groups: list[list], jobs: int) -> tuple[str, dict, dict]:
@@ -257,7 +287,7 @@ class _Run:
                 scales = _calibrate(self.source, self.plan, self.progress)
                 self.progress.stage("quantize", self.plan.bytes_in)
                 digests = {name: _write(self.source, self.plan, group, scales, os.path.join(folder, name),
-                                        self.metadata, False, self.progress, fits=self.fits)
+                                        self.metadata, False, self.progress, fits=self.fits, rounder=self.rounder)
                            for name, group in zip(names, groups)}
                 source_hash.result()
                 self.source_digests = source_hash.digests
@@ -286,8 +316,11 @@ class _Run:
                 return sha256_file(key)
             group = groups[key]
             scales, fits = _calibrate(self.source, self.plan, NULL, group), {}
-            return _write(self.source, self.plan, group, scales, os.path.join(folder, names[key]), self.metadata,
-                          False, NULL, fits=fits), fits
+            digest = _write(self.source, self.plan, group, scales, os.path.join(folder, names[key]), self.metadata,
+                            False, NULL, fits=fits, rounder=self.rounder)
+            # what this process rounded how (a forked worker's rounder is its own copy)
+            rounded = (self.rounder.rounded, self.rounder.nearest) if self.rounder is not None else None
+            return digest, fits, rounded
 
         by_name = {t.name: t for t in self.plan.tensors}
         size = {("hash", f): os.path.getsize(f) for f in self.source.files}
@@ -307,6 +340,8 @@ class _Run:
         self.source_digests = {f: out[("hash", f)] for f in self.source.files}
         for i in range(len(names)):
             self.fits.update(out[("shard", i)][1])
+            if self.rounder is not None:
+                self.rounder.merge(*out[("shard", i)][2])
         return {name: out[("shard", i)][0] for i, name in enumerate(names)}
 
 
@@ -430,14 +465,15 @@ def _stored(scale: torch.Tensor, dtype, path: str, name: str) -> torch.Tensor:
 
 
 def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: dict, overwrite: bool, progress,
-           before_publish=None, fits: dict | None = None) -> str:
+           before_publish=None, fits: dict | None = None, rounder: GPTQRounder | None = None) -> str:
     """Stream the output tensors ``emits`` (all of ``plan.outputs``, or one shard's) into the
     safetensors file ``path``; returns its SHA256.
 
     Tensors without an entry in ``scales`` get theirs while they are quantized (added to ``scales``).
     ``before_publish(sha256, bytes)`` runs
     before the rename (see ``SafetensorsWriter``). ``fits`` (given): a ``ScaleFit`` of each tensor
-    whose scale came from a stats file, measured while it is quantized.
+    whose scale came from a stats file, measured while it is quantized. ``rounder``: GPTQ codes
+    for the tensors it has a Hessian for (``--rounding gptq``).
     """
     by_name = {t.name: t for t in plan.tensors}
     stored_as = _scale_dtypes(plan)
@@ -452,7 +488,8 @@ def _write(source, plan: Plan, emits: list, scales: dict, path: str, metadata: d
                 t = by_name[emit.source]
                 fit = ScaleFit(plan.options.fp8) if fits is not None and t.name in plan.weight_ranges else None
                 scale = _write_tensor(source, t, scales.get(t.name), plan.options, writer, buffers,
-                                      stored_as.get(t.name), finite_check=t.name in plan.weight_ranges, fit=fit)
+                                      stored_as.get(t.name), finite_check=t.name in plan.weight_ranges, fit=fit,
+                                      rounder=rounder)
                 if fit is not None:
                     fits[t.name] = fit
                 if scale is not None:
@@ -479,7 +516,7 @@ def options_record(o: ConvertOptions) -> dict:
             "rules": [[r.action.value, r.pattern] for r in o.policy.rules],
             "quantize_conv": o.policy.quantize_conv, "allow_nonfinite": o.allow_nonfinite,
             "comfy_header_metadata": o.comfy_header_metadata, "component": o.component, "ema": o.ema,
-            "max_shard_bytes": o.max_shard_bytes}
+            "max_shard_bytes": o.max_shard_bytes, "rounding": o.rounding.value}
 
 
 def _scale_bytes(scale: torch.Tensor, dtype) -> bytes:
@@ -503,13 +540,20 @@ def _chunk_elems(info, options: ConvertOptions) -> int:
 
 
 def _write_tensor(source: SafetensorsFile, t: PlannedTensor, scale, options: ConvertOptions, writer,
-                  buffers: _Buffers, scale_dtype=None, finite_check: bool = False, fit: ScaleFit | None = None):
+                  buffers: _Buffers, scale_dtype=None, finite_check: bool = False, fit: ScaleFit | None = None,
+                  rounder: GPTQRounder | None = None):
     """Write one tensor's output bytes. A quantized tensor without ``scale`` gets its scale chunk
     by chunk (rounded to ``scale_dtype``), which is returned; otherwise returns None.
     ``finite_check``: refuse NaN/Inf in a weight whose scale did not come from its absmax; ``fit``:
     measure how that scale fits the weight."""
     info = t.info
     if t.action is Action.QUANTIZE and t.prequantized is None:
+        if rounder is not None and len(info.shape) != 2:
+            rounder.nearest[info.name] = "not a linear weight"
+        elif rounder is not None and (key := rounder.key(info.name)) is not None:
+            done, fresh = _write_gptq(source, info, scale, options, writer, scale_dtype, fit, rounder, key)
+            if done:
+                return fresh
         return _write_quantized(source, info, scale, options, writer, buffers, scale_dtype, finite_check, fit)
     if info.nbytes == 0:
         return None
@@ -565,6 +609,30 @@ def _write_quantized(source: SafetensorsFile, info, scale, options: ConvertOptio
     if scale is not None:
         return None
     return torch.cat(parts, dim=0) if parts else scale_of(stack_absmax([], info.shape, g))
+
+
+def _write_gptq(source: SafetensorsFile, info, scale, options: ConvertOptions, writer, scale_dtype,
+                fit: ScaleFit | None, rounder: GPTQRounder, key: str) -> tuple[bool, torch.Tensor | None]:
+    """GPTQ codes of one weight, read whole in float32 (GPTQ moves every column's error onto the
+    columns after it): (written, its fresh scale if it had none). Not written (False): the rounder
+    refused it (NaN/Inf, an unfactorable Hessian), and it goes the nearest way. The scale is fixed
+    first, as nearest would make it (absmax / max per group, or the stats' range)."""
+    g, fmt = options.granularity, options.fp8
+    # A copy per chunk: the reader reuses its buffer for the next one.
+    chunks = [x.to(torch.float32, copy=True) for _, _, x in source.iter_rows(info, CHUNK_BYTES, fp8math.block_rows(g))]
+    w = torch.cat(chunks).reshape(info.shape) if chunks else torch.zeros(info.shape)
+    del chunks
+    fresh = None
+    if scale is None:
+        fresh = fp8math.scale_from_absmax(fp8math.absmax(w, g), fmt)
+        fresh = fresh if scale_dtype is None else _stored(fresh, scale_dtype, source.path, info.name)
+    codes = rounder.round(info.name, key, w, scale if scale is not None else fresh, g, fmt)
+    if codes is None:
+        return False, None
+    if fit is not None:
+        fit.update(w, scale, g)
+    writer.write(codes.reshape(-1).view(torch.uint8).numpy())
+    return True, fresh
 
 
 def _copy_bytes(source, info, writer) -> None:

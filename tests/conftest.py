@@ -30,6 +30,8 @@ def minilm_fp8(tmp_path_factory):
 SLOW_MODULES = {
     "test_benchmarks_smoke",     # runs the benchmark scripts
     "test_calibrate",            # calibrates real MiniLM and tiny diffusers models
+    "test_gptq",                 # hypothesis properties of GPTQ, a reference run in float64
+    "test_gptq_cli",             # calibrate and convert --rounding gptq on MiniLM and a tiny FLUX
     "test_diffusers_families",   # diffusers models of every family built, converted and converted back
     "test_family_encoders",      # text encoders built and run by transformers
     "test_cli_minilm",           # the real MiniLM through every command

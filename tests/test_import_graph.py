@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [
     ("core", ["quantkit._version", "quantkit.errors", "quantkit.dtypes", "quantkit.progress", "quantkit.hashing",
               "quantkit.workers", "quantkit.quiet", "quantkit.jsonfiles"]),
-    ("math", ["quantkit.fp8", "quantkit.metrics"]),
+    ("math", ["quantkit.fp8", "quantkit.metrics", "quantkit.gptq"]),
     ("testing kit (independent of the math it checks)", ["quantkit.testing", "quantkit.testing.reference",
                                                           "quantkit.testing.conventions", "quantkit.testing.rules",
                                                           "quantkit.testing.battery", "quantkit.testing.check",
@@ -27,6 +27,7 @@ STAGES = [
                  "quantkit.comfy_encoder_names", "quantkit.sources"]),
     ("calibrate, policy and presets", ["quantkit.calibration", "quantkit.calibration.weights",
                                        "quantkit.calibration.observers", "quantkit.calibration.stats",
+                                       "quantkit.calibration.hessians",
                                        "quantkit.policy",
                                        "quantkit.presets", "quantkit.presets.base", "quantkit.presets.diffusion",
                                        "quantkit.presets.video", "quantkit.presets.image",

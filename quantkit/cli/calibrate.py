@@ -40,6 +40,9 @@ from .options import (PATTERN_HELP, _RuleOrderCommand, check_report_dir, compute
               help="At most N calibration samples: sentences (32 per pass), diffusion rows (16 per pass), or the "
                    "hook's items (one pass each). Streamed mode reads the model once per pass.")
 @click.option("--weights-only", is_flag=True, help="Weight statistics only; do not run the model.")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+              help="gptq: also gather each quantized linear's input Hessian (sum of x x^T) into a sidecar beside "
+                   "STATS (STATS without .safetensors + .hessians.safetensors), for 'convert --rounding gptq'.")
 @compute_dtype_option("The dtype the model computes in while its inputs are observed.")
 @max_memory_option("Keep as many blocks of the model in memory as SIZE holds (e.g. 8GB) and stream the rest from "
                    "the file while its inputs are observed (default: one block at a time: each pass reads the "
@@ -49,7 +52,7 @@ from .options import (PATTERN_HELP, _RuleOrderCommand, check_report_dir, compute
 @quiet_option()
 @click.pass_context
 def calibrate(ctx, src, out, weight_observer, activation_observer, inputs, text_encoders, steps, seeds, samples,
-              weights_only, compute_dtype, max_memory, json_path, overwrite, quiet, **policy):
+              weights_only, rounding, compute_dtype, max_memory, json_path, overwrite, quiet, **policy):
     """Measure SRC's weights and layer inputs into the stats file STATS, for 'convert --stats'.
 
     Same policy options as 'convert': the tensors observed are those it would quantize. Each weight
@@ -72,7 +75,7 @@ def calibrate(ctx, src, out, weight_observer, activation_observer, inputs, text_
     settings = CalibrationSettings(weight_observer=weight_observer, activation_observer=activation_observer,
                                    inputs=inputs, text_encoders=tuple(text_encoders), steps=steps, seeds=seeds,
                                    samples=samples, weights_only=weights_only, compute_dtype=compute_dtype,
-                                   max_memory=max_memory)
+                                   max_memory=max_memory, rounding=rounding)
     click.echo(f"quantkit calibrate: {src} -> {out}")
     result = measure(src, out, options, settings, overwrite=overwrite, progress=progress, reports=reports(json_path))
     render.calibration(result, out, _peak_rss())

@@ -1,6 +1,8 @@
 """Commands of the convert stage: convert, plan, presets, formats."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from . import render
@@ -56,9 +58,13 @@ def _keep_for_target(src, options, target_sqnr, most_sensitive, stats_path, prog
              "A larger N is capped there (and at the pieces of work), with a note.")
 @stats_options
 @target_options
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+              help="How weights become FP8 codes: each to its nearest, or GPTQ (each column's rounding error "
+                   "moved onto the columns not yet rounded, by the layer's input Hessian; the same scales and "
+                   "codes any client loads). gptq needs --stats from 'quantkit calibrate --rounding gptq'.")
 @click.pass_context
 def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_stats, target_sqnr, most_sensitive,
-            **policy):
+            rounding, **policy):
     """Quantize the checkpoint SRC into DST.
 
     SRC is a .safetensors file, a sharded checkpoint (its *.safetensors.index.json or its
@@ -88,9 +94,10 @@ def convert(ctx, src, dst, overwrite, json_path, quiet, jobs, stats_path, force_
       quantkit convert ./FLUX.1-dev flux1-dev-fp8.safetensors --component transformer --format comfy
       quantkit convert ./all-MiniLM-L6-v2 minilm-fp8.safetensors --target-sqnr 30
     """
+    from ..options import Rounding
     from ..quantize import convert as run
     progress = progress_bars(quiet)
-    options = convert_options(ctx, **policy)
+    options = dataclasses.replace(convert_options(ctx, **policy), rounding=Rounding(rounding))
     click.echo(f"quantkit convert: {src} -> {dst}")
     options, keep_choice = _keep_for_target(src, options, target_sqnr, most_sensitive, stats_path, progress, dst,
                                             overwrite)

@@ -163,6 +163,11 @@ def validation(report, show: int) -> None:
         if s["sqnr_db"]:
             click.echo(f"  FP8 tensors: SQNR min {s['sqnr_db']['min']:.2f} dB, median {s['sqnr_db']['median']:.2f} dB;"
                        f" PSNR min {s['psnr_db']['min']:.2f} dB; cosine min {s['cosine']['min']:.6f}")
+        if report.rounding:
+            r = report.rounding
+            click.echo(f"  rounding: gptq ({r.get('gptq_tensors')} tensor(s), damping {r.get('percdamp')}, act-order "
+                       f"{'on' if r.get('act_order') else 'off'}): weight SQNR is lower than nearest's by design, "
+                       "the layers' outputs are closer (--model-output measures them)")
         bar = report.floor()
         if bar["rule"] == "min-sqnr":
             click.echo(f"  bar: --min-sqnr {bar['db']:g} dB for every tensor")
@@ -259,6 +264,10 @@ def stats_file(path: str, s, rows: list[dict], top: int, sort: str) -> None:
                    f"{s.samples} samples: {s.inputs}")
     else:
         click.echo("  inputs: none (weights only)")
+    if s.hessians:
+        h = s.hessians
+        click.echo(f"  GPTQ Hessians: {len(h['layers'])} layers ({len(h['tokens'])} distinct inputs) in {h['file']}"
+                   f" ({(h.get('bytes') or 0) / 1e9:.3g} GB), for convert --rounding gptq")
     shown = rows[:top]
     if shown:
         click.echo(f"  {'input range':>12} {'outlier':>8} {'weight range':>12} {'outlier':>8}  layer "

@@ -42,6 +42,8 @@ def convert_command(conversion: dict, source_name: str, output_name: str) -> str
     stats = conversion.get("stats")
     if stats and stats.get("file"):
         args += ["--stats", stats["file"]]
+    if o.get("rounding") and o["rounding"] != "nearest":
+        args += ["--rounding", o["rounding"]]
     return shlex.join(args)
 
 
