@@ -259,13 +259,9 @@ def stats_file(path: str, s, rows: list[dict], top: int, sort: str) -> None:
     click.echo(f"stats {path}")
     click.echo(f"  source: {s.source.get('name', '?')}  sha256 {s.source_sha256}")
     click.echo(f"  weights: {len(s.weights)} ({s.weight_observer}, {s.granularity.value} scales, {s.fp8.name})")
-    if s.activation_observer:
-        click.echo(f"  inputs: {len(s.activations)} layers ({s.activation_observer}, static per tensor) over "
-                   f"{s.samples} samples: {s.inputs}")
-    else:
-        click.echo("  inputs: none (weights only)")
-    if s.hessians:
-        h = s.hessians
+    click.echo(f"  inputs: {len(s.activations)} layers ({s.activation_observer}, static per tensor) over "
+               f"{s.samples} samples: {s.inputs}" if s.activation_observer else "  inputs: none (weights only)")
+    if h := s.hessians:
         click.echo(f"  GPTQ Hessians: {len(h['layers'])} layers ({len(h['tokens'])} distinct inputs) in {h['file']}"
                    f" ({(h.get('bytes') or 0) / 1e9:.3g} GB), for convert --rounding gptq")
     shown = rows[:top]
