@@ -44,6 +44,18 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def counting_reads() -> dict:
+    """``{"bytes": n}``: the bytes the runtime's streamer reads from now on (``Streamer.read`` counted)."""
+    from quantkit.runtime.streaming import Streamer
+    read, original = {"bytes": 0}, Streamer.read
+
+    def counted(self, unit):
+        read["bytes"] += self.bytes[unit]
+        return original(self, unit)
+    Streamer.read = counted
+    return read
+
+
 def _status() -> dict:
     """This process's resident memory now and at most, in bytes: VmRSS = RssAnon + RssFile + RssShmem."""
     out = {}
@@ -120,17 +132,10 @@ def child(args) -> int:
     import torch
 
     import quantkit.runtime as qr
-    from quantkit.runtime.streaming import Streamer
     with open(args.config) as f:
         config = json.load(f)
     dtype = getattr(torch, DTYPES[args.compute_dtype])
-    read = {"bytes": 0}
-    original = Streamer.read
-
-    def counted(self, unit):
-        read["bytes"] += self.bytes[unit]
-        return original(self, unit)
-    Streamer.read = counted
+    read = counting_reads()
     torch.manual_seed(0)
     empty = _empty(config)         # diffusers' model classes import lazily: ~0.18 GB, before the baseline
     baseline = _status()

@@ -89,16 +89,9 @@ def child(args) -> int:
     import torch
 
     import quantkit.runtime as qr
-    from quantkit.runtime.streaming import Streamer
     with open(args.files) as f:
         made = json.load(f)
-    read = {"bytes": 0}
-    original = Streamer.read
-
-    def counted(self, unit):
-        read["bytes"] += self.bytes[unit]
-        return original(self, unit)
-    Streamer.read = counted
+    read = runtime_budget.counting_reads()
     empties = {k: _module(k, made[k][1]) for k in made}
     baseline = runtime_budget._status()
     pool = None
