@@ -1,0 +1,148 @@
+"""Presets for more DiT families ComfyUI runs, under its names: CogVideoX (1.0 / 1.5, t2v / i2v / inpaint),
+OmniGen2 and Hunyuan3D 2.1 (shape DiT with MoE blocks).
+
+``plan`` called all three ``generic`` before. Their per-block AdaLN projections (CogVideoX's ``norm1/norm2.linear``,
+OmniGen2's ``norm1.linear``) stay BF16 here: they read the timestep embedding alone, so FP8 saves memory but no
+compute, and their error shifts, scales and gates every token (the caveat the flux preset documents).
+"""
+from __future__ import annotations
+
+from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
+from .diffusion import _WHY_EMBED, _WHY_FINAL
+from .video import WHY_ATTN, WHY_BULK, WHY_TEXT_INPUT
+
+WHY_BLOCK_ADALN = ("per-block AdaLN projection of the timestep embedding: one small matmul per step (FP8 saves "
+                   "memory, no compute) whose output shifts, scales and gates every token, so its error is coherent "
+                   "over the whole frame; kept, as convert-to-quant keeps Z-Image's adaLN_modulation")
+WHY_ROUTER = ("MoE router: tiny, its error changes which experts run, and ComfyUI holds it as a bare parameter "
+              "(MoEGate.weight), not a Linear, so it cannot carry an FP8 scale")
+
+# ----------------------------------------------------------------------------- CogVideoX
+
+_COGVIDEOX_RULES = (
+    (Q, r"re:blocks\.\d+\.(q|k|v|attn_out)\.weight"),
+    (Q, r"re:blocks\.\d+\.(ff_proj|ff_out)\.weight"),
+    (K, r"re:blocks\.\d+\.(norm1|norm2)\.linear\..*"),
+    (K, "patch_embed.*"), (K, "time_embedding_linear_*"), (K, "ofs_embedding_linear_*"),
+    (K, "norm_out.*"), (K, "proj_out.*"),
+)
+
+
+def _cogvideox_block(q, mod, text_proj):   # q [h, h]; norm1.linear [6h, t]; patch_embed.text_proj [h, c]
+    h = q[1]
+    return _mat(q, h, h) and _mat(mod, 6 * h) and _mat(text_proj, h)
+
+
+def _cogvideox_variant(infos, root):
+    proj = infos.get(root + "patch_embed.proj.weight")
+    if proj is None:
+        return "CogVideoX"
+    version = "1.5" if len(proj.shape) == 2 else "1.0"
+    channels = proj.shape[1] // 8 if len(proj.shape) == 2 else proj.shape[1]
+    task = {32: "i2v", 48: "inpaint"}.get(channels, "t2v")
+    return f"CogVideoX {version} {task}"
+
+
+COGVIDEOX = _preset(
+    "cogvideox", "CogVideoX video transformer (ComfyUI names): attention and MLP in FP8, AdaLN and embedders kept",
+    _Architecture((
+        _Signature(r"blocks\.(?P<i>\d+)\.q\.weight", ("blocks.{i}.norm1.linear.weight", "patch_embed.text_proj.weight"),
+                   _cogvideox_block, _COGVIDEOX_RULES),
+    )),
+    detection=("ComfyUI names: blocks.N.q [h,h] with blocks.N.norm1.linear [6h,t] (ComfyUI's marker) and "
+               "patch_embed.text_proj [h,c] under one prefix; the variant from patch_embed.proj (conv = 1.0, "
+               "linear = 1.5) and its input channels (16 t2v, 32 i2v, 48 inpaint)"),
+    quantizes=(("blocks.N.q, k, v, attn_out", WHY_ATTN),
+               ("blocks.N.ff_proj, ff_out", WHY_BULK)),
+    keeps=(("blocks.N.norm1.linear, norm2.linear", WHY_BLOCK_ADALN),
+           ("patch_embed (proj and text_proj), time_embedding_linear_1/2, ofs_embedding_linear_1/2",
+            _WHY_EMBED + "; text_proj: " + WHY_TEXT_INPUT),
+           ("norm_out.linear, proj_out", _WHY_FINAL),
+           ("norms, biases", _WHY_NORMS)),
+    reference=("No peer keep list for CogVideoX; embedders and final layer kept as in every DiT preset, and the "
+               "per-block AdaLN (6h x time_embed_dim, about a fifth of the block weights) kept."),
+    attention="blocks.N.q/k/v/attn_out",
+    variant=_cogvideox_variant,
+)
+
+# ----------------------------------------------------------------------------- OmniGen2
+
+_OMNIGEN2_BLOCKS = r"re:(layers|noise_refiner|ref_image_refiner|context_refiner)\.\d+\."
+_OMNIGEN2_RULES = (
+    (Q, _OMNIGEN2_BLOCKS + r"attn\.(to_q|to_k|to_v|to_out\.0)\.weight"),
+    (Q, _OMNIGEN2_BLOCKS + r"feed_forward\.(linear_1|linear_2|linear_3)\.weight"),
+    (K, _OMNIGEN2_BLOCKS + r"norm1\.linear\..*"),
+    (K, "x_embedder.*"), (K, "ref_image_patch_embedder.*"), (K, "time_caption_embed.*"),
+    (K, "image_index_embedding"), (K, "norm_out.*"),
+)
+
+
+def _omnigen2_block(q, mod, caption, ref_embedder):   # attn.to_q [h, h]; norm1.linear [4h, min(h, 1024)]; caption_embedder.1 [h, c]
+    h = q[1]
+    return _mat(q, h, h) and _mat(mod, 4 * h, min(h, 1024)) and _mat(caption, h) and _mat(ref_embedder, h)
+
+
+OMNIGEN2 = _preset(
+    "omnigen2", "OmniGen2 image transformer (ComfyUI names, Lumina-like): attention and MLP in FP8, AdaLN, "
+                "embedders and the final layer kept",
+    _Architecture((
+        _Signature(r"layers\.(?P<i>\d+)\.attn\.to_q\.weight",
+                   ("layers.{i}.norm1.linear.weight", "time_caption_embed.caption_embedder.1.weight",
+                    "ref_image_patch_embedder.weight"), _omnigen2_block, _OMNIGEN2_RULES),
+    )),
+    detection=("ComfyUI names: layers.N.attn.to_q [h,h] with layers.N.norm1.linear [4h,min(h,1024)], "
+               "time_caption_embed.caption_embedder and ref_image_patch_embedder under one prefix (ComfyUI keys "
+               "on time_caption_embed.timestep_embedder; ref_image_patch_embedder tells it from Lumina 2)"),
+    quantizes=(("attn.to_q, to_k, to_v, to_out.0 of layers, noise/ref-image/context refiners", WHY_ATTN),
+               ("feed_forward.linear_1/2/3 (SwiGLU) of the same blocks", WHY_BULK)),
+    keeps=(("norm1.linear of every modulated block", WHY_BLOCK_ADALN),
+           ("x_embedder, ref_image_patch_embedder, time_caption_embed (timestep and caption embedders), "
+            "image_index_embedding", _WHY_EMBED),
+           ("norm_out.linear_1/linear_2", _WHY_FINAL),
+           ("norms, biases", _WHY_NORMS)),
+    reference=("No peer keep list for OmniGen2; follows the lumina2 preset's reading of the same Lumina-style "
+               "blocks (attention and SwiGLU quantized; embedders and final layer kept)."),
+    attention="layers/refiners N.attn.to_q/to_k/to_v/to_out.0",
+    variant=lambda infos, root: "OmniGen2",
+)
+
+# ----------------------------------------------------------------------------- Hunyuan3D 2.1
+
+_HUNYUAN3D21_RULES = (
+    (Q, r"re:blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|out_proj)\.weight"),
+    (Q, r"re:blocks\.\d+\.mlp\.(fc1|fc2)\.weight"),
+    (Q, r"re:blocks\.\d+\.moe\.(experts\.\d+|shared_experts)\.net\.(0\.proj|2)\.weight"),
+    (Q, r"re:blocks\.\d+\.skip_linear\.weight"),
+    (K, r"re:blocks\.\d+\.moe\.gate\..*"), (K, r"re:blocks\.\d+\.default_modulation\..*"),
+    (K, "x_embedder.*"), (K, "t_embedder.*"), (K, "final_layer.*"),
+)
+
+
+def _hunyuan3d21_block(k_norm, q, x_embedder):   # attn1.k_norm [d]; attn1.to_q [h, h]; x_embedder [h, c]
+    h = q[1]
+    return len(k_norm) == 1 and _mat(q, h, h) and _mat(x_embedder, h)
+
+
+HUNYUAN3D21 = _preset(
+    "hunyuan3d21", "Hunyuan3D 2.1 shape DiT (ComfyUI names, MoE blocks): attention, MLP and experts in FP8, "
+                   "routers and embedders kept",
+    _Architecture((
+        _Signature(r"blocks\.(?P<i>\d+)\.attn1\.k_norm\.weight",
+                   ("blocks.{i}.attn1.to_q.weight", "x_embedder.weight", "t_embedder.mlp.2.weight"),
+                   lambda k_norm, q, x_emb, t: _hunyuan3d21_block(k_norm, q, x_emb), _HUNYUAN3D21_RULES),
+    )),
+    detection=("ComfyUI names: blocks.N.attn1.k_norm with blocks.N.attn1.to_q [h,h], x_embedder [h,c] and "
+               "t_embedder.mlp.2 under one prefix (ComfyUI's marker: t_embedder.mlp.2 with blocks.0.attn1.k_norm)"),
+    quantizes=(("attn1/attn2 to_q, to_k, to_v, out_proj", WHY_ATTN),
+               ("mlp.fc1/fc2, moe experts and shared_experts net.0.proj/net.2", WHY_BULK),
+               ("skip_linear (the long skip's fusion of two streams)", WHY_BULK + "; the hunyuan_dit preset "
+                "quantizes the same layer")),
+    keeps=(("blocks.N.moe.gate", WHY_ROUTER),
+           ("x_embedder, t_embedder (and its cond_proj where present)", _WHY_EMBED),
+           ("final_layer.linear", _WHY_FINAL),
+           ("norms, biases", _WHY_NORMS)),
+    reference=("No peer keep list for Hunyuan3D 2.1; the hunyuan_dit preset's rules for the same block layout, "
+               "with the MoE routers kept as in the hidream preset."),
+    attention="blocks.N.attn1/attn2.to_q/to_k/to_v/out_proj",
+    variant=lambda infos, root: "Hunyuan3D 2.1",
+)
