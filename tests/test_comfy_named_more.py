@@ -1,5 +1,6 @@
 """More families ComfyUI runs that ``plan`` called ``generic`` (CogVideoX, OmniGen2, Hunyuan3D 2.1, Stable
-Cascade), under ComfyUI's own names, as ComfyUI's loader builds them: detection names the family and variant,
+Cascade), named without their variant (Stable Video Diffusion, as ``unet``) or taken for another (HiDream-O1, as
+``llm``), under ComfyUI's own names, as ComfyUI's loader builds them: detection names the family and variant,
 every weight the preset quantizes is a layer ComfyUI builds as ``nn.Linear``, and default conversion to
 ``comfy`` and ``comfy-legacy`` reads back with each FP8 weight's scale where ComfyUI's loader reads it.
 
@@ -35,7 +36,15 @@ FAMILIES = {
     "hunyuan3d21": ("hunyuan3d21", "Hunyuan3D 2.1", "Hunyuan3Dv2_1"),
     "cascade_c": ("stable_cascade", "Stable Cascade stage C", "Stable_Cascade_C"),
     "cascade_b": ("stable_cascade", "Stable Cascade stage B", "Stable_Cascade_B"),
+    "svd": ("unet", "Stable Video Diffusion", "SVD_img2vid"),
+    "hidream_o1": ("hidream_o1", "HiDream-O1", "HiDreamO1"),
 }
+# SVD is detected by its 320-wide first level (212M parameters at the smallest widths ComfyUI still calls SVD):
+# its conversion here reads back that level, the embedders and the head, the temporal layers included.
+# HiDream-O1's embed_tokens (Qwen3-VL's 151936-token vocabulary) is left out of its conversion the same way.
+PARTS = {"svd": ("input_blocks.0.", "input_blocks.1.", "time_embed.", "label_emb.", "out."),
+         "hidream_o1": ("language_model.layers.", "language_model.norm", "t_embedder1.", "x_embedder.",
+                        "final_layer2.", "visual.")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,12 +52,17 @@ def families() -> dict:
     return json.loads((ROOT / "comfy_loader_more.json").read_text())
 
 
-def infos(case: str, prefix: str = "") -> dict[str, TensorInfo]:
-    return {prefix + k: TensorInfo(prefix + k, BF16, tuple(s), 0, 0) for k, s in families()[case]["keys"].items()}
+def keys(case: str, whole: bool = True) -> dict[str, list[int]]:
+    every = families()[case]["keys"]
+    return every if whole or case not in PARTS else {k: s for k, s in every.items() if k.startswith(PARTS[case])}
 
 
-def quantized_stems(case: str, keep_attention: bool) -> set[str]:
-    tensors = infos(case)
+def infos(case: str, prefix: str = "", whole: bool = True) -> dict[str, TensorInfo]:
+    return {prefix + k: TensorInfo(prefix + k, BF16, tuple(s), 0, 0) for k, s in keys(case, whole).items()}
+
+
+def quantized_stems(case: str, keep_attention: bool, whole: bool = True) -> set[str]:
+    tensors = infos(case, whole=whole)
     preset, _ = resolve("auto", tensors)
     policy = Policy(keep_attention=keep_attention).with_preset(preset.name, preset.rules(tensors))
     return {k[:-len(".weight")] for k, i in tensors.items()
@@ -98,10 +112,32 @@ def test_what_each_preset_keeps():
                          "ref_image_patch_embedder", "time_caption_embed.caption_embedder.1", "norm_out.linear_2"),
             "hunyuan3d21": ("blocks.2.moe.gate", "x_embedder", "t_embedder.mlp.0", "final_layer.linear"),
             "cascade_c": ("down_blocks.0.1.mapper", "down_blocks.0.1.mapper_sca", "down_blocks.0.2.kv_mapper.1",
-                          "clip_txt_mapper", "clip_img_mapper")}
+                          "clip_txt_mapper", "clip_img_mapper"),
+            "hidream_o1": ("final_layer2.linear", "x_embedder.proj1", "x_embedder.proj2", "t_embedder1.mlp.0",
+                           "language_model.embed_tokens", "visual.blocks.0.attn.qkv", "visual.merger.linear_fc1"),
+            "svd": ("input_blocks.1.0.time_stack.emb_layers.1", "input_blocks.1.1.time_pos_embed.0",
+                    "input_blocks.1.0.emb_layers.1", "time_embed.0", "label_emb.0.0")}
     for case, stems in kept.items():
         assert all(s + ".weight" in families()[case]["keys"] for s in stems), case
         assert not set(stems) & quantized_stems(case, keep_attention=False), case
+
+
+def test_svd_temporal_transformers_are_quantized_like_the_spatial_ones():
+    """The generic rules quantized SVD's time_pos_embed and temporal time_stack.emb_layers and kept its
+    temporal attention in every recipe; the spatial transformers' rules now cover the time_stack ones."""
+    compact, mixed = quantized_stems("svd", keep_attention=False), quantized_stems("svd", keep_attention=True)
+    assert {"input_blocks.1.1.time_stack.0.attn1.to_q", "input_blocks.1.1.time_stack.0.attn2.to_k"} <= compact - mixed
+    assert {"input_blocks.1.1.time_stack.0.ff.net.2", "input_blocks.1.1.time_stack.0.ff_in.net.0.proj"} <= mixed
+
+
+def test_hidream_o1_is_no_longer_taken_for_an_llm():
+    """Its Qwen3-VL decoder looks like an LLM: the llm preset claimed it and quantized final_layer2, the layer
+    that writes the pixels."""
+    from quantkit.presets import REGISTRY
+    tensors = infos("hidream_o1")
+    assert REGISTRY["llm"].detect(tensors)
+    preset, note = resolve("auto", tensors)
+    assert preset.name == "hidream_o1" and "bundled encoders" not in note, note
 
 
 def test_omnigen2_keeps_its_own_names_under_format_comfy(tmp_path):
@@ -116,7 +152,7 @@ def test_omnigen2_keeps_its_own_names_under_format_comfy(tmp_path):
 def write_source(case: str, path: pathlib.Path) -> pathlib.Path:
     g = torch.Generator().manual_seed(sum(map(ord, case)))
     tensors = {}
-    for key, shape in families()[case]["keys"].items():
+    for key, shape in keys(case, whole=False).items():
         if len(shape) >= 2:
             t = torch.randn(*shape, generator=g) / max(1, torch.tensor(shape[1:]).prod().item()) ** 0.5
         elif key.endswith("weight") or "norm" in key:
@@ -138,7 +174,7 @@ def test_default_conversion_loads_as_comfyui_reads_it(case, tmp_path):
         result = run("convert", src, out, "--format", fmt, "-q")
         assert result.exit_code == 0, result.output
         written = manifest_quantized(out)
-        assert written == quantized_stems(case, keep_attention=True), fmt
+        assert written == quantized_stems(case, keep_attention=True, whole=False), fmt
         raw = load_file(str(out))
         if fmt == "comfy":
             assert all(raw[s + ".weight_scale"].dtype == torch.float32 and s + ".comfy_quant" in raw for s in written)

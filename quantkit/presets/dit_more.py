@@ -1,7 +1,8 @@
 """Presets for more DiT families ComfyUI runs, under its names: CogVideoX (1.0 / 1.5, t2v / i2v / inpaint),
-OmniGen2 and Hunyuan3D 2.1 (shape DiT with MoE blocks).
+OmniGen2, Hunyuan3D 2.1 (shape DiT with MoE blocks) and HiDream-O1 (a Qwen3-VL decoder
+that denoises pixel patches; the llm preset used to take it).
 
-``plan`` called all three ``generic`` before. Their per-block AdaLN projections (CogVideoX's ``norm1/norm2.linear``,
+``plan`` called the first three ``generic`` before. Their per-block AdaLN projections (CogVideoX's ``norm1/norm2.linear``,
 OmniGen2's ``norm1.linear``) stay BF16 here: they read the timestep embedding alone, so FP8 saves memory but no
 compute, and their error shifts, scales and gates every token (the caveat the flux preset documents).
 """
@@ -145,4 +146,45 @@ HUNYUAN3D21 = _preset(
                "with the MoE routers kept as in the hidream preset."),
     attention="blocks.N.attn1/attn2.to_q/to_k/to_v/out_proj",
     variant=lambda infos, root: "Hunyuan3D 2.1",
+)
+
+# ----------------------------------------------------------------------------- HiDream-O1
+
+_HIDREAM_O1_RULES = (
+    (Q, r"re:language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight"),
+    (Q, r"re:language_model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.weight"),
+    (K, "visual.*"), (K, "language_model.embed_tokens"), (K, "t_embedder1.*"), (K, "x_embedder.*"),
+    (K, "final_layer2.*"),
+)
+
+
+def _hidream_o1_block(q, t_embedder, proj1, final):   # q_proj [., h]; t_embedder1.mlp.0 [h, f]; final_layer2 [p, h]
+    h = q[1]
+    return _mat(q, None, h) and _mat(t_embedder, h) and _mat(proj1) and _mat(final, None, h)
+
+
+HIDREAM_O1 = _preset(
+    "hidream_o1", "HiDream-O1 pixel-space model (ComfyUI names, a Qwen3-VL decoder that denoises image patches): "
+                  "the decoder's attention and MLP in FP8; vision tower, patch/time embedders and final layer kept",
+    _Architecture((
+        _Signature(r"language_model\.layers\.(?P<i>\d+)\.self_attn\.q_proj\.weight",
+                   ("t_embedder1.mlp.0.weight", "x_embedder.proj1.weight", "final_layer2.linear.weight"),
+                   _hidream_o1_block, _HIDREAM_O1_RULES),
+    )),
+    detection=("ComfyUI names: language_model.layers.N.self_attn.q_proj beside t_embedder1.mlp.0 and "
+               "x_embedder.proj1 (ComfyUI's marker) and final_layer2.linear under one prefix. Its decoder looks like "
+               "an LLM, and the llm preset used to claim it (and quantize final_layer2, its pixel output)"),
+    quantizes=(("language_model.layers.N.self_attn q/k/v/o_proj", WHY_ATTN),
+               ("language_model.layers.N.mlp gate/up/down_proj", WHY_BULK)),
+    keeps=(("x_embedder.proj1/proj2 (the pixel-patch bottleneck), t_embedder1, language_model.embed_tokens",
+            _WHY_EMBED),
+           ("final_layer2.linear (hidden state to a 32x32 RGB patch)", _WHY_FINAL),
+           ("visual.* (the Qwen3-VL vision tower for reference images)", "as the qwen25_vl preset keeps its "
+            "tower: it runs once per reference image, and its error reaches every token that attends to it"),
+           ("norms, biases", _WHY_NORMS)),
+    reference=("No peer keep list for HiDream-O1; the llm preset's reading of its decoder, with the diffusion "
+               "inputs and output kept as in every DiT preset."),
+    attention="language_model.layers.N.self_attn.q_proj/k_proj/v_proj/o_proj",
+    variant=lambda infos, root: "HiDream-O1",
+    owns_nested=True,
 )
