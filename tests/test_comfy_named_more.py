@@ -1,6 +1,6 @@
 """More families ComfyUI runs that ``plan`` called ``generic`` (CogVideoX, OmniGen2, Hunyuan3D 2.1, Stable
 Cascade), named without their variant (Stable Video Diffusion, as ``unet``) or taken for another (HiDream-O1, as
-``llm``), under ComfyUI's own names, as ComfyUI's loader builds them: detection names the family and variant,
+``llm``; Mage-Flow, which runs Qwen-Image's blocks, as Qwen-Image), under ComfyUI's own names, as ComfyUI's loader builds them: detection names the family and variant,
 every weight the preset quantizes is a layer ComfyUI builds as ``nn.Linear``, and default conversion to
 ``comfy`` and ``comfy-legacy`` reads back with each FP8 weight's scale where ComfyUI's loader reads it.
 
@@ -38,6 +38,7 @@ FAMILIES = {
     "cascade_b": ("stable_cascade", "Stable Cascade stage B", "Stable_Cascade_B"),
     "svd": ("unet", "Stable Video Diffusion", "SVD_img2vid"),
     "hidream_o1": ("hidream_o1", "HiDream-O1", "HiDreamO1"),
+    "mage_flow": ("qwen_image", "Mage-Flow", "MageFlow"),
 }
 # SVD is detected by its 320-wide first level (212M parameters at the smallest widths ComfyUI still calls SVD):
 # its conversion here reads back that level, the embedders and the head, the temporal layers included.
@@ -138,6 +139,14 @@ def test_hidream_o1_is_no_longer_taken_for_an_llm():
     assert REGISTRY["llm"].detect(tensors)
     preset, note = resolve("auto", tensors)
     assert preset.name == "hidream_o1" and "bundled encoders" not in note, note
+
+
+def test_mage_flow_names_itself_and_qwen_image_stays_unnamed():
+    tensors = infos("mage_flow")
+    qwen = {k: TensorInfo(k, BF16, {"txt_norm.weight": (3584,), "proj_out.weight": (64, 128)}.get(k, i.shape), 0, 0)
+            for k, i in tensors.items()}
+    assert resolve("auto", tensors)[0].variant(tensors) == "Mage-Flow"
+    assert resolve("auto", qwen)[0].variant(qwen) == ""
 
 
 def test_omnigen2_keeps_its_own_names_under_format_comfy(tmp_path):

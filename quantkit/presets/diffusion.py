@@ -290,6 +290,15 @@ def _qwen_block(img_mod, txt_mod, add_q):   # img_mod.1 and txt_mod.1 [6h, h], a
     return _mat(img_mod, 6 * h, h) and _mat(txt_mod, 6 * h, h) and _mat(add_q, None, h)
 
 
+def _qwen_variant(infos, root):
+    """Mage-Flow runs Qwen-Image's blocks; ComfyUI tells it apart by a 2560-wide txt_norm and a 128-row proj_out
+    (Qwen-Image's are 3584 and 64). Qwen-Image itself stays unnamed, as before."""
+    txt_norm, proj_out = infos.get(root + "txt_norm.weight"), infos.get(root + "proj_out.weight")
+    if txt_norm is not None and proj_out is not None and txt_norm.shape[0] == 2560 and proj_out.shape[0] == 128:
+        return "Mage-Flow"
+    return ""
+
+
 QWEN_IMAGE = _preset(
     "qwen_image", "Qwen-Image transformer (diffusers/ComfyUI names): Comfy-Org comfy-quants' FP8 layer list",
     _Architecture((
@@ -298,7 +307,8 @@ QWEN_IMAGE = _preset(
                    _qwen_block, _QWEN_RULES),
     ), absent=(r"controlnet_.*",)),
     detection=("transformer_blocks.N.img_mod.1 and txt_mod.1 [6h,h] with attn.add_q_proj [.,h] under one "
-               "prefix (diffusers and ComfyUI use the same names); not with controlnet_* keys"),
+               "prefix (diffusers and ComfyUI use the same names); not with controlnet_* keys. Mage-Flow (Qwen-Image's "
+               "blocks; a 2560-wide txt_norm and 128-row proj_out, as ComfyUI tells it) is named Mage-Flow"),
     quantizes=(("attn.to_q/k/v, to_out.0, to_add_out, add_q/k/v_proj; img_mlp, txt_mlp; img_mod.1 and "
                 "txt_mod.1 of every block but the first's img_mod.1",
                 "exactly the include list of Comfy-Org's own FP8 exporter config, modulation included"),),
@@ -314,6 +324,7 @@ QWEN_IMAGE = _preset(
                "them. Like the flux and sd3 presets it quantizes the per-block modulation (about a third of the "
                "block weights), block 0's img_mod excepted, as the official config does."),
     attention='attn.to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out of every block',
+    variant=_qwen_variant,
 )
 
 
