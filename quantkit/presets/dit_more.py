@@ -68,13 +68,23 @@ COGVIDEOX = _preset(
 
 # ----------------------------------------------------------------------------- OmniGen2
 
-_OMNIGEN2_BLOCKS = r"re:(layers|noise_refiner|ref_image_refiner|context_refiner)\.\d+\."
+_OMNIGEN2_BLOCKS = r"re:(layers|single_stream_layers|noise_refiner|ref_image_refiner|context_refiner)\.\d+\."
 _OMNIGEN2_RULES = (
     (Q, _OMNIGEN2_BLOCKS + r"attn\.(to_q|to_k|to_v|to_out\.0)\.weight"),
     (Q, _OMNIGEN2_BLOCKS + r"feed_forward\.(linear_1|linear_2|linear_3)\.weight"),
     (K, _OMNIGEN2_BLOCKS + r"norm1\.linear\..*"),
     (K, "x_embedder.*"), (K, "ref_image_patch_embedder.*"), (K, "time_caption_embed.*"),
     (K, "image_index_embedding"), (K, "norm_out.*"),
+)
+# Boogu-Image: OmniGen2's blocks (its main stack named single_stream_layers) after a dual-stream stage whose
+# image and instruction streams have attention, SwiGLU and AdaLN projections of their own.
+_BOOGU_DOUBLE = r"re:double_stream_layers\.\d+\."
+_BOOGU_RULES = _OMNIGEN2_RULES + (
+    (Q, _BOOGU_DOUBLE + r"img_instruct_attn\.processor\.(img|instruct)_(to_q|to_k|to_v|out)\.weight"),
+    (Q, _BOOGU_DOUBLE + r"(img_instruct_attn|img_self_attn)\.to_out\.0\.weight"),
+    (Q, _BOOGU_DOUBLE + r"img_self_attn\.(to_q|to_k|to_v)\.weight"),
+    (Q, _BOOGU_DOUBLE + r"(img|instruct)_feed_forward\.(linear_1|linear_2|linear_3)\.weight"),
+    (K, _BOOGU_DOUBLE + r"(img|instruct)_norm\d\.linear\..*"),
 )
 
 
@@ -84,19 +94,27 @@ def _omnigen2_block(q, mod, caption, ref_embedder):   # attn.to_q [h, h]; norm1.
 
 
 OMNIGEN2 = _preset(
-    "omnigen2", "OmniGen2 image transformer (ComfyUI names, Lumina-like): attention and MLP in FP8, AdaLN, "
-                "embedders and the final layer kept",
+    "omnigen2", "OmniGen2 / Boogu-Image transformer (ComfyUI names, Lumina-like): attention and MLP in FP8, "
+                "AdaLN, embedders and the final layer kept",
     _Architecture((
         _Signature(r"layers\.(?P<i>\d+)\.attn\.to_q\.weight",
                    ("layers.{i}.norm1.linear.weight", "time_caption_embed.caption_embedder.1.weight",
                     "ref_image_patch_embedder.weight"), _omnigen2_block, _OMNIGEN2_RULES),
+        _Signature(r"single_stream_layers\.(?P<i>\d+)\.attn\.to_q\.weight",
+                   ("single_stream_layers.{i}.norm1.linear.weight", "time_caption_embed.caption_embedder.1.weight",
+                    "ref_image_patch_embedder.weight"), _omnigen2_block, _BOOGU_RULES),
     )),
     detection=("ComfyUI names: layers.N.attn.to_q [h,h] with layers.N.norm1.linear [4h,min(h,1024)], "
                "time_caption_embed.caption_embedder and ref_image_patch_embedder under one prefix (ComfyUI keys "
-               "on time_caption_embed.timestep_embedder; ref_image_patch_embedder tells it from Lumina 2)"),
-    quantizes=(("attn.to_q, to_k, to_v, to_out.0 of layers, noise/ref-image/context refiners", WHY_ATTN),
-               ("feed_forward.linear_1/2/3 (SwiGLU) of the same blocks", WHY_BULK)),
-    keeps=(("norm1.linear of every modulated block", WHY_BLOCK_ADALN),
+               "on time_caption_embed.timestep_embedder; ref_image_patch_embedder tells it from Lumina 2). "
+               "Boogu-Image: the same with single_stream_layers.N for layers.N (its dual-stream stage, "
+               "double_stream_layers.N.img_instruct_attn, is ComfyUI's marker)"),
+    quantizes=(("attn.to_q, to_k, to_v, to_out.0 of layers, noise/ref-image/context refiners; Boogu's "
+                "double_stream_layers img/instruct to_q/k/v/out, img_self_attn, to_out.0", WHY_ATTN),
+               ("feed_forward.linear_1/2/3 (SwiGLU) of the same blocks, Boogu's img/instruct_feed_forward",
+                WHY_BULK)),
+    keeps=(("norm1.linear of every modulated block, Boogu's img_norm1-3 / instruct_norm1-2.linear",
+            WHY_BLOCK_ADALN),
            ("x_embedder, ref_image_patch_embedder, time_caption_embed (timestep and caption embedders), "
             "image_index_embedding", _WHY_EMBED),
            ("norm_out.linear_1/linear_2", _WHY_FINAL),
@@ -104,7 +122,8 @@ OMNIGEN2 = _preset(
     reference=("No peer keep list for OmniGen2; follows the lumina2 preset's reading of the same Lumina-style "
                "blocks (attention and SwiGLU quantized; embedders and final layer kept)."),
     attention="layers/refiners N.attn.to_q/to_k/to_v/to_out.0",
-    variant=lambda infos, root: "OmniGen2",
+    variant=lambda infos, root: ("Boogu-Image" if root + "single_stream_layers.0.attn.to_q.weight" in infos
+                                 else "OmniGen2"),
 )
 
 # ----------------------------------------------------------------------------- Hunyuan3D 2.1
