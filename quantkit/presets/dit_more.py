@@ -1,5 +1,5 @@
 """Presets for more DiT families ComfyUI runs, under its names: CogVideoX (1.0 / 1.5, t2v / i2v / inpaint),
-OmniGen2, Hunyuan3D 2.1 (shape DiT with MoE blocks) and HiDream-O1 (a Qwen3-VL decoder
+OmniGen2 / Boogu-Image, Hunyuan3D 2.1 (shape DiT with MoE blocks), Krea 2 and HiDream-O1 (a Qwen3-VL decoder
 that denoises pixel patches; the llm preset used to take it).
 
 ``plan`` called the first three ``generic`` before. Their per-block AdaLN projections (CogVideoX's ``norm1/norm2.linear``,
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .base import _WHY_NORMS, K, Q, _Architecture, _mat, _preset, _Signature
 from .diffusion import _WHY_EMBED, _WHY_FINAL
-from .video import WHY_ATTN, WHY_BULK, WHY_TEXT_INPUT
+from .video import WHY_ATTN, WHY_BULK, WHY_GLOBAL_MODULATION, WHY_TEXT_INPUT
 
 WHY_BLOCK_ADALN = ("per-block AdaLN projection of the timestep embedding: one small matmul per step (FP8 saves "
                    "memory, no compute) whose output shifts, scales and gates every token, so its error is coherent "
@@ -206,4 +206,44 @@ HIDREAM_O1 = _preset(
     attention="language_model.layers.N.self_attn.q_proj/k_proj/v_proj/o_proj",
     variant=lambda infos, root: "HiDream-O1",
     owns_nested=True,
+)
+
+# ----------------------------------------------------------------------------- Krea 2
+
+_KREA2_RULES = (
+    (Q, r"re:blocks\.\d+\.attn\.(wq|wk|wv|wo|gate)\.weight"),
+    (Q, r"re:blocks\.\d+\.mlp\.(gate|up|down)\.weight"),
+    (K, r"re:blocks\.\d+\.mod\.lin"), (K, "tproj.*"), (K, "tmlp.*"), (K, "txtmlp.*"), (K, "txtfusion.*"),
+    (K, "first.*"), (K, "last.*"),
+)
+
+
+def _krea2_block(wq, projector, first):   # attn.wq [h, h]; txtfusion.projector [1, layers]; first [h, c*p*p]
+    h = wq[1]
+    return _mat(wq, h, h) and _mat(projector, 1) and _mat(first, h)
+
+
+KREA2 = _preset(
+    "krea2", "Krea 2 single-stream image transformer (ComfyUI names): attention and SwiGLU in FP8; global "
+             "modulation, text fusion, embedders and the last layer kept",
+    _Architecture((
+        _Signature(r"blocks\.(?P<i>\d+)\.attn\.wq\.weight", ("txtfusion.projector.weight", "first.weight"),
+                   _krea2_block, _KREA2_RULES),
+    )),
+    detection=("ComfyUI names: blocks.N.attn.wq [h,h] beside txtfusion.projector [1,layers] (ComfyUI's marker) "
+               "and first [h,c] under one prefix"),
+    quantizes=(("blocks.N.attn.wq, wk, wv, wo and its output gate", WHY_ATTN),
+               ("blocks.N.mlp.gate, up, down (SwiGLU)", WHY_BULK)),
+    keeps=(("tproj (the one projection of the timestep into every block's six modulation vectors; each block "
+            "adds only a bare mod.lin bias)", WHY_GLOBAL_MODULATION),
+           ("txtfusion.* (layer-wise and refiner blocks over the text encoder's hidden layers), txtmlp",
+            WHY_TEXT_INPUT + "; a few % of the weights, kept whole as the hunyuan_video preset keeps its token "
+            "refiner"),
+           ("first (patch input), tmlp (timestep embedder)", _WHY_EMBED),
+           ("last.linear, last.modulation", _WHY_FINAL),
+           ("norms (RMSNorm scale), bare modulation biases (mod.lin)", _WHY_NORMS)),
+    reference="No peer keep list for Krea 2; the DiT presets' reading (global modulation, text input, embedders "
+              "and last layer kept).",
+    attention="blocks.N.attn.wq/wk/wv/wo/gate",
+    variant=lambda infos, root: "Krea 2",
 )
