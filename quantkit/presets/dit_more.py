@@ -1,5 +1,5 @@
 """Presets for more DiT families ComfyUI runs, under its names: CogVideoX (1.0 / 1.5, t2v / i2v / inpaint),
-OmniGen2 / Boogu-Image, Hunyuan3D 2.1 (shape DiT with MoE blocks), Krea 2 and HiDream-O1 (a Qwen3-VL decoder
+OmniGen2 / Boogu-Image, Hunyuan3D 2.1 (shape DiT with MoE blocks), Krea 2, Ernie-Image and HiDream-O1 (a Qwen3-VL decoder
 that denoises pixel patches; the llm preset used to take it).
 
 ``plan`` called the first three ``generic`` before. Their per-block AdaLN projections (CogVideoX's ``norm1/norm2.linear``,
@@ -246,4 +246,41 @@ KREA2 = _preset(
               "and last layer kept).",
     attention="blocks.N.attn.wq/wk/wv/wo/gate",
     variant=lambda infos, root: "Krea 2",
+)
+
+# ----------------------------------------------------------------------------- Ernie-Image
+
+_ERNIE_RULES = (
+    (Q, r"re:layers\.\d+\.self_attention\.(to_q|to_k|to_v|to_out\.0)\.weight"),
+    (Q, r"re:layers\.\d+\.mlp\.(gate_proj|up_proj|linear_fc2)\.weight"),
+    (K, "adaLN_modulation.*"), (K, "x_embedder.*"), (K, "text_proj"), (K, "time_embedding.*"),
+    (K, "final_norm.*"), (K, "final_linear.*"),
+)
+
+
+def _ernie_block(q, fc2, ada, final):   # to_q [h, h]; linear_fc2 [h, f]; adaLN_modulation.1 [6h, h]; final [., h]
+    h = q[1]
+    return _mat(q, h, h) and _mat(fc2, h) and _mat(ada, 6 * h, h) and _mat(final, None, h)
+
+
+ERNIE_IMAGE = _preset(
+    "ernie_image", "Ernie-Image transformer (ComfyUI names, one AdaLN shared by every block): attention and SwiGLU "
+                   "in FP8; the shared modulation, embedders and final layer kept",
+    _Architecture((
+        _Signature(r"layers\.(?P<i>\d+)\.self_attention\.to_q\.weight",
+                   ("layers.{i}.mlp.linear_fc2.weight", "adaLN_modulation.1.weight", "final_linear.weight"),
+                   _ernie_block, _ERNIE_RULES),
+    )),
+    detection=("ComfyUI names: layers.N.self_attention.to_q [h,h] with layers.N.mlp.linear_fc2 [h,f] (ComfyUI's "
+               "marker), adaLN_modulation.1 [6h,h] and final_linear under one prefix"),
+    quantizes=(("layers.N.self_attention.to_q, to_k, to_v, to_out.0", WHY_ATTN),
+               ("layers.N.mlp.gate_proj, up_proj, linear_fc2 (SwiGLU)", WHY_BULK)),
+    keeps=(("adaLN_modulation (the one timestep projection every block shares)", WHY_GLOBAL_MODULATION),
+           ("x_embedder (conv patch input), text_proj, time_embedding", _WHY_EMBED),
+           ("final_norm.linear, final_linear", _WHY_FINAL),
+           ("norms, biases", _WHY_NORMS)),
+    reference="No peer keep list for Ernie-Image; the DiT presets' reading (shared AdaLN, embedders and final layer "
+              "kept).",
+    attention="layers.N.self_attention.to_q/to_k/to_v/to_out.0",
+    variant=lambda infos, root: "Ernie-Image",
 )
