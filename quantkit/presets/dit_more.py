@@ -1,5 +1,5 @@
 """Presets for more DiT families ComfyUI runs, under its names: CogVideoX (1.0 / 1.5, t2v / i2v / inpaint),
-OmniGen2 / Boogu-Image, Hunyuan3D 2.1 (shape DiT with MoE blocks), Krea 2, Ernie-Image and HiDream-O1 (a Qwen3-VL decoder
+OmniGen2 / Boogu-Image, Hunyuan3D 2.1 (MoE shape DiT), Krea 2, Ernie-Image, Lens and HiDream-O1 (a Qwen3-VL decoder
 that denoises pixel patches; the llm preset used to take it).
 
 ``plan`` called the first three ``generic`` before. Their per-block AdaLN projections (CogVideoX's ``norm1/norm2.linear``,
@@ -283,4 +283,42 @@ ERNIE_IMAGE = _preset(
               "kept).",
     attention="layers.N.self_attention.to_q/to_k/to_v/to_out.0",
     variant=lambda infos, root: "Ernie-Image",
+)
+
+# ----------------------------------------------------------------------------- Lens
+
+_LENS_RULES = (
+    (Q, r"re:transformer_blocks\.\d+\.attn\.(img_qkv|txt_qkv|to_out\.0|to_add_out)\.weight"),
+    (Q, r"re:transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.(w1|w2|w3)\.weight"),
+    (K, r"re:transformer_blocks\.\d+\.(img_mod|txt_mod)\..*"),
+    (K, "img_in.*"), (K, "txt_in.*"), (K, "time_text_embed.*"), (K, "norm_out.*"), (K, "proj_out.*"),
+)
+
+
+def _lens_block(qkv, mod, w1, txt_in):   # attn.img_qkv [3h, h]; img_mod.1 [6h, h]; img_mlp.w1 [f, h]; txt_in [h, .]
+    h = qkv[1]
+    return _mat(qkv, 3 * h, h) and _mat(mod, 6 * h, h) and _mat(w1, None, h) and _mat(txt_in, h)
+
+
+LENS = _preset(
+    "lens", "Lens dual-stream image transformer (ComfyUI names, Qwen-Image-like blocks with fused q/k/v): attention "
+            "and SwiGLU in FP8; per-block modulation, embedders and the final layer kept",
+    _Architecture((
+        _Signature(r"transformer_blocks\.(?P<i>\d+)\.attn\.img_qkv\.weight",
+                   ("transformer_blocks.{i}.img_mod.1.weight", "transformer_blocks.{i}.img_mlp.w1.weight",
+                    "txt_in.weight"), _lens_block, _LENS_RULES),
+    )),
+    detection=("ComfyUI names: transformer_blocks.N.attn.img_qkv [3h,h] with img_mod.1 [6h,h], img_mlp.w1 (ComfyUI's "
+               "marker, with attn.norm_added_q) and txt_in [h,.] under one prefix"),
+    quantizes=(("attn.img_qkv, txt_qkv, to_out.0, to_add_out", WHY_ATTN),
+               ("img_mlp / txt_mlp w1, w2, w3 (SwiGLU)", WHY_BULK)),
+    keeps=(("img_mod.1, txt_mod.1 of every block", WHY_BLOCK_ADALN),
+           ("img_in, txt_in (over the text encoder's selected layers), txt_norm, time_text_embed", _WHY_EMBED),
+           ("norm_out.linear, proj_out", _WHY_FINAL),
+           ("norms, biases", _WHY_NORMS)),
+    reference=("No peer keep list for Lens. Its blocks are Qwen-Image's with q/k/v fused; unlike the qwen_image "
+               "preset (which follows comfy-quants and quantizes img_mod/txt_mod past block 0) the AdaLN is kept, as "
+               "in this module's other presets."),
+    attention="transformer_blocks.N.attn.img_qkv/txt_qkv/to_out.0/to_add_out",
+    variant=lambda infos, root: "Lens",
 )
