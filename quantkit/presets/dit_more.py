@@ -1,10 +1,10 @@
-"""Presets for more DiT families ComfyUI runs, under its names: CogVideoX (1.0 / 1.5, t2v / i2v / inpaint),
-OmniGen2 / Boogu-Image, Hunyuan3D 2.1 (MoE shape DiT), Krea 2, Ernie-Image, Lens and HiDream-O1 (a Qwen3-VL decoder
-that denoises pixel patches; the llm preset used to take it).
+"""Presets for more DiT families ComfyUI runs, under its names: CogVideoX (1.0 / 1.5, t2v / i2v / inpaint), OmniGen2 /
+Boogu-Image, Hunyuan3D 2.1 (MoE shape DiT), Krea 2, Ernie-Image, Lens, Ideogram 4 and HiDream-O1 (a Qwen3-VL
+decoder that denoises pixel patches; the llm preset used to take it).
 
-``plan`` called the first three ``generic`` before. Their per-block AdaLN projections (CogVideoX's ``norm1/norm2.linear``,
-OmniGen2's ``norm1.linear``) stay BF16 here: they read the timestep embedding alone, so FP8 saves memory but no
-compute, and their error shifts, scales and gates every token (the caveat the flux preset documents).
+``plan`` called them ``generic`` (HiDream-O1: ``llm``). Their per-block AdaLN projections stay BF16 here:
+they read the timestep embedding alone, so FP8 saves memory but no compute, and their error shifts, scales
+and gates every token (the caveat the flux preset documents).
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ _BOOGU_RULES = _OMNIGEN2_RULES + (
 )
 
 
-def _omnigen2_block(q, mod, caption, ref_embedder):   # attn.to_q [h, h]; norm1.linear [4h, min(h, 1024)]; caption_embedder.1 [h, c]
+def _omnigen2_block(q, mod, caption, ref_embedder):
+    # attn.to_q [h, h]; norm1.linear [4h, min(h, 1024)]; caption_embedder.1 [h, c]; ref_image_patch_embedder [h, .]
     h = q[1]
     return _mat(q, h, h) and _mat(mod, 4 * h, min(h, 1024)) and _mat(caption, h) and _mat(ref_embedder, h)
 
@@ -321,4 +322,41 @@ LENS = _preset(
                "in this module's other presets."),
     attention="transformer_blocks.N.attn.img_qkv/txt_qkv/to_out.0/to_add_out",
     variant=lambda infos, root: "Lens",
+)
+
+# ----------------------------------------------------------------------------- Ideogram 4
+
+_IDEOGRAM4_RULES = (
+    (Q, r"re:layers\.\d+\.attention\.(qkv|o)\.weight"),
+    (Q, r"re:layers\.\d+\.feed_forward\.(w1|w2|w3)\.weight"),
+    (K, r"re:layers\.\d+\.adaln_modulation\..*"), (K, "adaln_proj.*"), (K, "input_proj.*"), (K, "llm_cond_proj.*"),
+    (K, "t_embedding.*"), (K, "embed_image_indicator"), (K, "final_layer.*"),
+)
+
+
+def _ideogram4_block(qkv, ada, indicator, input_proj):   # qkv [3h, h]; adaln_modulation [4h, a]; indicator [2, h]
+    h = qkv[1]
+    return _mat(qkv, 3 * h, h) and _mat(ada, 4 * h) and _mat(indicator, 2, h) and _mat(input_proj, h)
+
+
+IDEOGRAM4 = _preset(
+    "ideogram4", "Ideogram 4 single-stream image transformer (ComfyUI names): attention and SwiGLU in FP8; AdaLN, "
+                 "embedders and the final layer kept",
+    _Architecture((
+        _Signature(r"layers\.(?P<i>\d+)\.attention\.qkv\.weight",
+                   ("layers.{i}.adaln_modulation.weight", "embed_image_indicator.weight", "input_proj.weight"),
+                   _ideogram4_block, _IDEOGRAM4_RULES),
+    )),
+    detection=("ComfyUI names: layers.N.attention.qkv [3h,h] with layers.N.adaln_modulation [4h,a], "
+               "embed_image_indicator [2,h] (ComfyUI's marker) and input_proj [h,c] under one prefix"),
+    quantizes=(("layers.N.attention.qkv, o", WHY_ATTN),
+               ("layers.N.feed_forward.w1, w2, w3 (SwiGLU)", WHY_BULK)),
+    keeps=(("layers.N.adaln_modulation", WHY_BLOCK_ADALN),
+           ("adaln_proj (the timestep's projection every block's AdaLN reads)", WHY_GLOBAL_MODULATION),
+           ("input_proj, llm_cond_proj, t_embedding, embed_image_indicator", _WHY_EMBED),
+           ("final_layer.linear, final_layer.adaln_modulation", _WHY_FINAL),
+           ("norms, biases", _WHY_NORMS)),
+    reference="No peer keep list for Ideogram 4; the DiT presets' reading (AdaLN, embedders and final layer kept).",
+    attention="layers.N.attention.qkv/o",
+    variant=lambda infos, root: "Ideogram 4",
 )
