@@ -1,9 +1,9 @@
 """More families ComfyUI runs that ``plan`` called ``generic`` (CogVideoX, OmniGen2, Boogu-Image, Hunyuan3D 2.1,
-Stable Cascade, Krea 2, Ernie-Image, Lens, Ideogram 4), named without their variant (Stable Video Diffusion, as
-``unet``) or taken for another (HiDream-O1, as ``llm``; Mage-Flow, which runs Qwen-Image's blocks, as Qwen-Image),
-under ComfyUI's own names, as ComfyUI's loader builds them: detection names the family and variant, every weight
-the preset quantizes is a layer ComfyUI builds as ``nn.Linear``, and default conversion to ``comfy`` and ``comfy-
-legacy`` reads back with each FP8 weight's scale where ComfyUI's loader reads it.
+Stable Cascade, Krea 2, Ernie-Image, Lens, Ideogram 4, JoyImage), named without their variant (Stable Video
+Diffusion, as ``unet``) or taken for another (HiDream-O1, as ``llm``; Mage-Flow, which runs Qwen-Image's blocks, as
+Qwen-Image), under ComfyUI's own names, as ComfyUI's loader builds them: detection names the family and variant,
+every weight the preset quantizes is a layer ComfyUI builds as ``nn.Linear``, and default conversion to ``comfy``
+and ``comfy- legacy`` reads back with each FP8 weight's scale where ComfyUI's loader reads it.
 
 ``tests/comfy_loader_more.json`` holds what ComfyUI (upstream commit 6db4fa2) built from a tiny random model of
 each (the same export as ``comfy_loader_families.json``): the model_config class it detected, every key and
@@ -45,6 +45,7 @@ FAMILIES = {
     "ernie": ("ernie_image", "Ernie-Image", "ErnieImage"),
     "lens": ("lens", "Lens", "Lens"),
     "ideogram4": ("ideogram4", "Ideogram 4", "Ideogram4"),
+    "joyimage": ("joyimage", "JoyImage", "JoyImage"),
 }
 # SVD is detected by its 320-wide first level (212M parameters at the smallest widths ComfyUI still calls SVD):
 # its conversion here reads back that level, the embedders and the head, the temporal layers included.
@@ -132,6 +133,7 @@ def test_what_each_preset_keeps():
                      "time_text_embed.timestep_embedder.linear_1", "norm_out.linear", "proj_out"),
             "ideogram4": ("layers.0.adaln_modulation", "adaln_proj", "input_proj", "llm_cond_proj",
                           "t_embedding.mlp_in", "embed_image_indicator", "final_layer.linear"),
+            "joyimage": ("condition_embedder.time_proj", "condition_embedder.text_embedder.linear_1", "proj_out"),
             "svd": ("input_blocks.1.0.time_stack.emb_layers.1", "input_blocks.1.1.time_pos_embed.0",
                     "input_blocks.1.0.emb_layers.1", "time_embed.0", "label_emb.0.0")}
     for case, stems in kept.items():

@@ -1,6 +1,6 @@
-"""Presets for more DiT families ComfyUI runs, under its names: CogVideoX (1.0 / 1.5, t2v / i2v / inpaint), OmniGen2 /
-Boogu-Image, Hunyuan3D 2.1 (MoE shape DiT), Krea 2, Ernie-Image, Lens, Ideogram 4 and HiDream-O1 (a Qwen3-VL
-decoder that denoises pixel patches; the llm preset used to take it).
+"""Presets for more DiT families ComfyUI runs, under its names: CogVideoX (1.0 / 1.5, t2v / i2v / inpaint),
+OmniGen2 / Boogu-Image, Hunyuan3D 2.1 (MoE shape DiT), Krea 2, Ernie-Image, Lens, Ideogram 4, JoyImage and
+HiDream-O1 (a Qwen3-VL decoder that denoises pixel patches; the llm preset used to take it).
 
 ``plan`` called them ``generic`` (HiDream-O1: ``llm``). Their per-block AdaLN projections stay BF16 here:
 they read the timestep embedding alone, so FP8 saves memory but no compute, and their error shifts, scales
@@ -359,4 +359,41 @@ IDEOGRAM4 = _preset(
     reference="No peer keep list for Ideogram 4; the DiT presets' reading (AdaLN, embedders and final layer kept).",
     attention="layers.N.attention.qkv/o",
     variant=lambda infos, root: "Ideogram 4",
+)
+
+# ----------------------------------------------------------------------------- JoyImage
+
+_JOYIMAGE_RULES = (
+    (Q, r"re:double_blocks\.\d+\.attn\.(img|txt)_attn_(qkv|proj)\.weight"),
+    (Q, r"re:double_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)\.weight"),
+    (K, r"re:double_blocks\.\d+\.(img_mod|txt_mod)\..*"),
+    (K, "img_in.*"), (K, "condition_embedder.*"), (K, "norm_out.*"), (K, "proj_out.*"),
+)
+
+
+def _joyimage_block(qkv, table, time_proj):   # attn.img_attn_qkv [3h, h]; img_mod.modulate_table [1, 6, h]; [6h, h]
+    h = qkv[1]
+    return _mat(qkv, 3 * h, h) and table == (1, 6, h) and _mat(time_proj, 6 * h, h)
+
+
+JOYIMAGE = _preset(
+    "joyimage", "JoyImage dual-stream transformer (ComfyUI names): attention and MLP in FP8; the global timestep "
+                "projection, embedders and output kept",
+    _Architecture((
+        _Signature(r"double_blocks\.(?P<i>\d+)\.attn\.img_attn_qkv\.weight",
+                   ("double_blocks.{i}.img_mod.modulate_table", "condition_embedder.time_proj.weight"),
+                   _joyimage_block, _JOYIMAGE_RULES),
+    )),
+    detection=("ComfyUI names: double_blocks.N.attn.img_attn_qkv [3h,h] with double_blocks.N.img_mod.modulate_table "
+               "[1,6,h] and condition_embedder.time_proj [6h,h] under one prefix (ComfyUI also reads a 5-D img_in)"),
+    quantizes=(("double_blocks.N.attn img/txt_attn_qkv, img/txt_attn_proj", WHY_ATTN),
+               ("double_blocks.N.img_mlp / txt_mlp net.0.proj, net.2", WHY_BULK)),
+    keeps=(("condition_embedder.time_proj (the one timestep projection into every block's six modulation vectors; "
+            "each block adds only a bare modulate_table)", WHY_GLOBAL_MODULATION),
+           ("img_in (a Conv3d patch), condition_embedder time/text embedders", _WHY_EMBED),
+           ("proj_out", _WHY_FINAL),
+           ("norms, biases, modulate_table", _WHY_NORMS)),
+    reference="No peer keep list for JoyImage; the DiT presets' reading (global modulation, embedders and output kept).",
+    attention="double_blocks.N.attn.img_attn_qkv/img_attn_proj/txt_attn_qkv/txt_attn_proj",
+    variant=lambda infos, root: "JoyImage",
 )
