@@ -123,10 +123,11 @@ _LUMINA_BLOCK = {      # <block>.N.<key> <- <block>.N.<parts>, for .weight and .
 
 
 def is_diffusers_lumina2(names) -> bool:
-    """A diffusers Lumina2Transformer2DModel state dict."""
+    """A diffusers Lumina2Transformer2DModel state dict (not OmniGen2's, whose own names look alike and which
+    ComfyUI reads as they are: it has a ref_image_patch_embedder)."""
     names = set(names)
     return ("time_caption_embed.timestep_embedder.linear_1.weight" in names and "layers.0.attn.to_q.weight" in names
-            and "norm_out.linear_2.weight" in names)
+            and "norm_out.linear_2.weight" in names and "ref_image_patch_embedder.weight" not in names)
 
 
 def lumina2_to_comfy(tensors: dict[str, TensorInfo]) -> dict[str, list[Part]]:

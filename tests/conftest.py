@@ -33,6 +33,7 @@ SLOW_MODULES = {
     "test_gptq",                 # hypothesis properties of GPTQ, a reference run in float64
     "test_gptq_cli",             # calibrate and convert --rounding gptq on MiniLM and a tiny FLUX
     "test_diffusers_families",   # diffusers models of every family built, converted and converted back
+    "test_comfy_named_more",     # the more families ComfyUI runs, each converted to comfy and comfy-legacy
     "test_family_encoders",      # text encoders built and run by transformers
     "test_cli_minilm",           # the real MiniLM through every command
     "test_disk_full",            # a conversion starved of disk space, in a subprocess

@@ -38,6 +38,8 @@ UPDATE_GOLDEN = os.environ.get("QUANTKIT_UPDATE_GOLDEN") == "1"
 Q, K = Action.QUANTIZE, Action.KEEP
 
 NEW_PRESETS = {"wan", "hunyuan_video", "ltxv", "cosmos", "kandinsky5", "mochi", "flux2", "chroma", "lumina2",
+               "cogvideox", "omnigen2", "hunyuan3d21", "hidream_o1", "krea2", "ernie_image", "lens", "ideogram4", "joyimage",
+               "stable_cascade",
                "hidream", "auraflow", "pixart", "hunyuan_dit", "hunyuan3d", "ace_step"}
 EXISTING_PRESETS = {"generic", "flux", "flux_controlnet", "sd3", "qwen_image", "unet", "t5_encoder", "clip_text",
                     "bert", "llm"}

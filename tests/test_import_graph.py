@@ -31,7 +31,7 @@ STAGES = [
                                        "quantkit.policy",
                                        "quantkit.presets", "quantkit.presets.base", "quantkit.presets.diffusion",
                                        "quantkit.presets.video", "quantkit.presets.image",
-                                       "quantkit.presets.audio_3d", "quantkit.presets.family_encoders",
+                                       "quantkit.presets.audio_3d", "quantkit.presets.dit_more", "quantkit.presets.cascade", "quantkit.presets.family_encoders",
                                        "quantkit.presets.encoders"]),
     ("options and the plan as data", ["quantkit.options", "quantkit.planned"]),
     ("formats", ["quantkit.formats", "quantkit.formats.base", "quantkit.formats.native", "quantkit.formats.comfy",

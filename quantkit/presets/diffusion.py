@@ -290,6 +290,15 @@ def _qwen_block(img_mod, txt_mod, add_q):   # img_mod.1 and txt_mod.1 [6h, h], a
     return _mat(img_mod, 6 * h, h) and _mat(txt_mod, 6 * h, h) and _mat(add_q, None, h)
 
 
+def _qwen_variant(infos, root):
+    """Mage-Flow runs Qwen-Image's blocks; ComfyUI tells it apart by a 2560-wide txt_norm and a 128-row proj_out
+    (Qwen-Image's are 3584 and 64). Qwen-Image itself stays unnamed, as before."""
+    txt_norm, proj_out = infos.get(root + "txt_norm.weight"), infos.get(root + "proj_out.weight")
+    if txt_norm is not None and proj_out is not None and txt_norm.shape[0] == 2560 and proj_out.shape[0] == 128:
+        return "Mage-Flow"
+    return ""
+
+
 QWEN_IMAGE = _preset(
     "qwen_image", "Qwen-Image transformer (diffusers/ComfyUI names): Comfy-Org comfy-quants' FP8 layer list",
     _Architecture((
@@ -298,7 +307,8 @@ QWEN_IMAGE = _preset(
                    _qwen_block, _QWEN_RULES),
     ), absent=(r"controlnet_.*",)),
     detection=("transformer_blocks.N.img_mod.1 and txt_mod.1 [6h,h] with attn.add_q_proj [.,h] under one "
-               "prefix (diffusers and ComfyUI use the same names); not with controlnet_* keys"),
+               "prefix (diffusers and ComfyUI use the same names); not with controlnet_* keys. Mage-Flow (Qwen-Image's "
+               "blocks; a 2560-wide txt_norm and 128-row proj_out, as ComfyUI tells it) is named Mage-Flow"),
     quantizes=(("attn.to_q/k/v, to_out.0, to_add_out, add_q/k/v_proj; img_mlp, txt_mlp; img_mod.1 and "
                 "txt_mod.1 of every block but the first's img_mod.1",
                 "exactly the include list of Comfy-Org's own FP8 exporter config, modulation included"),),
@@ -314,6 +324,7 @@ QWEN_IMAGE = _preset(
                "them. Like the flux and sd3 presets it quantizes the per-block modulation (about a third of the "
                "block weights), block 0's img_mod excepted, as the official config does."),
     attention='attn.to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out of every block',
+    variant=_qwen_variant,
 )
 
 
@@ -335,8 +346,22 @@ def _unet_rules(stage: str, resnet_time: str) -> tuple[tuple[Action, str], ...]:
 _UNET_DIFFUSERS_RULES = _unet_rules(
     _UNET_STAGE, r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.resnets\.\d+\.time_emb_proj") + (
     (K, "time_embedding.*"), (K, "add_embedding.*"), (K, "class_embedding.*"))
+# Stable Video Diffusion's temporal layers (LDM names; SD1.x/SDXL have none): its time_stack transformers are
+# quantized like the spatial ones, its temporal resblocks' timestep projection and the frame-index embedding
+# (time_pos_embed) kept like time_emb_proj and time_embed.
+_SVD_RULES = (
+    (Q, "re:" + _LDM_STAGE + r"\.time_stack\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)\.weight"),
+    (Q, "re:" + _LDM_STAGE + r"\.time_stack\.\d+\.(ff|ff_in)\.net\.(0\.proj|2)\.weight"),
+    (K, "re:" + _LDM_STAGE + r"\.time_stack\.emb_layers\.\d+"),
+    (K, "re:" + _LDM_STAGE + r"\.time_pos_embed\.\d+"),
+)
 _UNET_LDM_RULES = _unet_rules(_LDM_STAGE, _LDM_STAGE + r"\.emb_layers\.\d+") + (
-    (K, "time_embed.*"), (K, "label_emb.*"))
+    (K, "time_embed.*"), (K, "label_emb.*")) + _SVD_RULES
+
+
+def _unet_variant(infos, root):
+    """Only Stable Video Diffusion is named (SD1.x / SD2.x / SDXL are told apart by block counts alone)."""
+    return "Stable Video Diffusion" if any(".time_stack." in k for k in infos if k.startswith(root)) else ""
 
 UNET = _preset(
     "unet", "SD1.x / SD2.x / SDXL UNet (diffusers or LDM names): attention and feed-forward of its transformers",
@@ -353,7 +378,9 @@ UNET = _preset(
                 "the generic policy keeps attention because it does not know the architecture; these are plain "
                 "projections over well-behaved activations, a third of the transformer weights, and ComfyUI's "
                 "legacy scaled-FP8 convention converts every nn.Linear"),
-               ("ff.net.0.proj (GEGLU), ff.net.2", "the bulk of the transformer weights")),
+               ("ff.net.0.proj (GEGLU), ff.net.2", "the bulk of the transformer weights"),
+               ("Stable Video Diffusion's temporal transformers: time_stack.N attn1/attn2, ff, ff_in",
+                "the same layers in the temporal direction, quantized like the spatial ones")),
     keeps=(("convolutions (conv_in/out, resnets, up/downsamplers, SD1.x's 1x1 proj_in/out)",
             "left to the default policy, which keeps them: ComfyUI's FP8 loaders only quantize nn.Linear; "
             "--quantize-conv still quantizes them (except SD1.x's 1x1 proj_in/out, which the rule below keeps)"),
@@ -363,9 +390,13 @@ UNET = _preset(
            ("resnets' time_emb_proj (LDM emb_layers)", "the resnets' timestep conditioning, modulation-like and "
             "about 1% of the weights; modelopt's diffusers recipe keeps it"),
            ("time_embedding, add_embedding (SDXL), class_embedding (LDM time_embed, label_emb)", _WHY_EMBED),
+           ("SVD: time_stack.emb_layers of the temporal resblocks, time_pos_embed (frame-index embedding)",
+            "the temporal twins of time_emb_proj and time_embed, kept for the same reasons"),
            ("norms (GroupNorm, LayerNorm), biases", _WHY_NORMS)),
     reference=("No official FP8 SD1.5/SDXL file with a checkable layer list was found; legacy scaled-FP8 files "
                "quantize every nn.Linear, including proj_in/out and time_emb_proj, which this preset keeps "
                "(about 2% of an SDXL UNet). Convolutions stay BF16 as in every ComfyUI-loadable file."),
-    attention='attn1 (self) and attn2 (cross) to_q/k/v, to_out.0 of every transformer block',
+    attention='attn1 (self) and attn2 (cross) to_q/k/v, to_out.0 of every transformer block (and of SVD\'s '
+              'time_stack)',
+    variant=_unet_variant,
 )
