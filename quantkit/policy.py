@@ -42,9 +42,9 @@ Classification, first match wins:
 9. ``LINEAR`` when the layer's own name says it is a modulation (``adaln_modulation_self_attn``,
    Cosmos Predict2's AdaLN-LoRA for its attention: a modulation, whatever the ``attn`` token says).
 10. ``ATTENTION``: the layer is a known attention projection (``to_q``, ``to_out``, ``q_proj``,
-   ``query`` ...), its own name has an ``attn``/``attention`` token (HunyuanVideo's
-   ``img_attn_qkv``, ``img_attn_proj``), or it sits in an attention module (a segment ending in
-   ``attn``/``attnN``/``attn_N``/``attention``: ``attn1``, ``self_attn``, ``img_attn``,
+   ``query``, a bare ``q``/``k``/``v`` as CogVideoX names them ...), its own name has an
+   ``attn``/``attention`` token (HunyuanVideo's ``img_attn_qkv``, ``img_attn_proj``), or it sits
+   in an attention module (a segment ending in ``attn``/``attnN``/``attn_N``/``attention``: ``attn1``, ``self_attn``, ``img_attn``,
    ``SelfAttention``, BERT's ``attention.output.dense``) with no stack of blocks in between;
    diffusers' plural ``attentions`` container is not an attention module.
 11. everything else 2-D -> ``LINEAR`` (feed-forward, AdaLN modulation ``norm1.linear``,
@@ -98,7 +98,7 @@ _ATTENTION_LAYER = re.compile(r"(?i)(^|_)(attn\d*|attention)(_|$)")
 # whose parent is the plural container).
 _ATTENTION_PROJECTIONS = frozenset({
     "to_q", "to_k", "to_v", "to_qkv", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value",
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value", "q", "k", "v",
 })
 # An embedder module (one segment): *embed* (x_embedder, time_text_embed, embed_tokens,
 # token_embedding, pos_embed ...), LDM's *_emb (label_emb; not emb_layers / time_emb_proj),

@@ -215,3 +215,13 @@ def test_default_conversion_loads_as_comfyui_reads_it(case, tmp_path):
         for stem in written:
             w, ref = weights[stem + ".weight"].dequantize().float(), source[stem + ".weight"].float()
             assert torch.nn.functional.cosine_similarity(w.flatten(), ref.flatten(), dim=0) > 0.999, (fmt, stem)
+
+
+def test_cogvideox_bare_q_k_v_are_attention_so_the_default_recipe_keeps_them():
+    # its blocks.N.q/k/v carry no attention token: the default recipe quantized them with the MLP while
+    # keeping attn_out, the one family whose attention "mixed" half quantized
+    from quantkit.dtypes import BF16
+    from quantkit.policy import TensorKind, classify
+    for name in ("blocks.0.q.weight", "blocks.0.k.weight", "blocks.0.v.weight", "blocks.0.attn_out.weight"):
+        assert classify(name, (64, 64), BF16) is TensorKind.ATTENTION, name
+    assert classify("blocks.0.ff_proj.weight", (64, 64), BF16) is TensorKind.LINEAR
