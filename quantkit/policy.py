@@ -45,7 +45,8 @@ Classification, first match wins:
    ``query``, a bare ``q``/``k``/``v`` as CogVideoX names them ...), its own name has an
    ``attn``/``attention`` token (HunyuanVideo's ``img_attn_qkv``, ``img_attn_proj``), or it sits
    in an attention module (a segment ending in ``attn``/``attnN``/``attn_N``/``attention``:
-   ``attn1``, ``self_attn``, ``img_attn``, ``SelfAttention``, BERT's ``attention.output.dense``) with no stack of blocks in between;
+   ``attn1``, ``self_attn``, ``img_attn``, ``SelfAttention``, BERT's ``attention.output.dense``)
+   with no stack of blocks in between;
    diffusers' plural ``attentions`` container is not an attention module.
 11. everything else 2-D -> ``LINEAR`` (feed-forward, AdaLN modulation ``norm1.linear``,
     ``img_mod.lin``, ``time_emb_proj``, UNet ``proj_in``/``proj_out``, ``proj_out``).
