@@ -65,3 +65,20 @@ def alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def write_random_source(keys: dict, path, seed_name: str):
+    """Random BF16 weights of ``keys`` (name -> shape) at a sane scale (1/sqrt(fan-in)), norms near
+    1, small biases, seeded by ``seed_name``; written to ``path``, which is returned."""
+    g = torch.Generator().manual_seed(sum(map(ord, seed_name)))
+    tensors = {}
+    for key, shape in keys.items():
+        if len(shape) >= 2:
+            t = torch.randn(*shape, generator=g) / max(1, torch.tensor(shape[1:]).prod().item()) ** 0.5
+        elif key.endswith("weight") or "norm" in key:
+            t = 1 + 0.1 * torch.randn(*shape, generator=g)
+        else:
+            t = 0.02 * torch.randn(*shape, generator=g)
+        tensors[key] = t.to(torch.bfloat16)
+    save_file(tensors, str(path))
+    return path

@@ -21,13 +21,13 @@ import pathlib
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from quantkit.dtypes import BF16
 from quantkit.policy import Action, Policy
 from quantkit.presets import GENERIC, resolve
 from quantkit.reader import TensorInfo
-from runs import run
+from runs import run, write_random_source
 from test_format_comfy import comfy_convert_old_quants, comfy_mixed_ops_load
 
 ROOT = pathlib.Path(__file__).parent
@@ -125,19 +125,7 @@ def test_every_quantized_weight_is_a_layer_comfyui_builds_as_linear(case, recipe
 
 
 def write_source(case: str, path: pathlib.Path) -> pathlib.Path:
-    """Random BF16 weights of a sane scale (1/sqrt(fan-in)), norms near 1, small biases."""
-    g = torch.Generator().manual_seed(sum(map(ord, case)))
-    tensors = {}
-    for key, shape in families()[case]["keys"].items():
-        if len(shape) >= 2:
-            t = torch.randn(*shape, generator=g) / max(1, torch.tensor(shape[1:]).prod().item()) ** 0.5
-        elif key.endswith("weight") or "norm" in key:
-            t = 1 + 0.1 * torch.randn(*shape, generator=g)
-        else:
-            t = 0.02 * torch.randn(*shape, generator=g)
-        tensors[key] = t.to(torch.bfloat16)
-    save_file(tensors, str(path))
-    return path
+    return write_random_source(families()[case]["keys"], path, case)
 
 
 def manifest_quantized(out: pathlib.Path) -> set[str]:

@@ -18,13 +18,13 @@ import pathlib
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from quantkit.dtypes import BF16
 from quantkit.policy import Action, Policy
 from quantkit.presets import GENERIC, resolve
 from quantkit.reader import TensorInfo
-from runs import run
+from runs import run, write_random_source
 from test_comfy_named_families import FP8, comfyui_view, manifest_quantized
 
 ROOT = pathlib.Path(__file__).parent
@@ -177,18 +177,7 @@ def test_omnigen2_keeps_its_own_names_under_format_comfy(tmp_path):
 
 
 def write_source(case: str, path: pathlib.Path) -> pathlib.Path:
-    g = torch.Generator().manual_seed(sum(map(ord, case)))
-    tensors = {}
-    for key, shape in keys(case, whole=False).items():
-        if len(shape) >= 2:
-            t = torch.randn(*shape, generator=g) / max(1, torch.tensor(shape[1:]).prod().item()) ** 0.5
-        elif key.endswith("weight") or "norm" in key:
-            t = 1 + 0.1 * torch.randn(*shape, generator=g)
-        else:
-            t = 0.02 * torch.randn(*shape, generator=g)
-        tensors[key] = t.to(torch.bfloat16)
-    save_file(tensors, str(path))
-    return path
+    return write_random_source(keys(case, whole=False), path, case)
 
 
 @pytest.mark.parametrize("case", sorted(FAMILIES))
