@@ -221,19 +221,12 @@ class _Bench:
         _check_memory(checkpoint)
         self.path, self.options = source.path, options
         self.plan = plan = make_plan(source, options)
-        if plan.source_format is not None:      # its weights are FP8 codes already: nothing to rank
-            raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
-                                        hint="rank the layers of the BF16/FP16/FP32 checkpoint it was made from")
-        self.candidates = [t for t in plan.quantized() if t.prequantized is None]
+        self.candidates = _candidates(plan, source)
         self.model = build_model(checkpoint, seed)
         self.module = _loaded(self.model, checkpoint)
         params = self.params = dict(self.module.named_parameters(remove_duplicate=False))
         rows = {t.name: _rows_of(source, t) for t in plan.tensors}
-        missing = [name for t in self.candidates for name, _, _ in rows[t.name] if name not in params]
-        if missing:
-            raise UnsupportedInputError(f"{len(missing)} planned weights are not parameters of "
-                                        f"{self.model.architecture} ({', '.join(missing[:3])})", path=source.path,
-                                        hint="the config.json beside the weights must describe this model")
+        _check_parameters(self.candidates, rows, params, self.model, source)
         self.reference = _output(self.module, self.model)
         self.fake = {t.name: _fake_quantized_parts(params, rows[t.name], options) for t in self.candidates}
         # As written: a kept float tensor is stored in its keep dtype (BF16 by default), which the
@@ -298,6 +291,23 @@ def _bench(src: str, options: ConvertOptions, seed: int):
     names = get_format(options.format).source_names
     with open_source(src, component=options.component, ema=options.ema, names=names) as source, torch.no_grad():
         yield _Bench(source, options, seed)
+
+
+def _candidates(plan, source) -> list:
+    """The tensors the plan quantizes that are not FP8 already; a source of FP8 codes is refused."""
+    if plan.source_format is not None:      # its weights are FP8 codes already: nothing to rank
+        raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
+                                    hint="rank the layers of the BF16/FP16/FP32 checkpoint it was made from")
+    return [t for t in plan.quantized() if t.prequantized is None]
+
+
+def _check_parameters(candidates, rows: dict, names, model, source) -> None:
+    """Refuse a plan whose weights the model built from config.json does not have (``names``)."""
+    missing = [name for t in candidates for name, _, _ in rows[t.name] if name not in names]
+    if missing:
+        raise UnsupportedInputError(f"{len(missing)} planned weights are not parameters of "
+                                    f"{model.architecture} ({', '.join(missing[:3])})", path=source.path,
+                                    hint="the config.json beside the weights must describe this model")
 
 
 def _rows_of(source, t) -> list[tuple[str, int, int]]:
@@ -411,19 +421,11 @@ def _streamed_sensitivity(src: str, options: ConvertOptions, target_sqnr: float 
     names = get_format(options.format).source_names
     with open_source(src, component=options.component, ema=options.ema, names=names) as source, torch.no_grad():
         checkpoint = source.original if isinstance(source, RenamedView) else source
-        plan = make_plan(source, options)
-        if plan.source_format is not None:      # its weights are FP8 codes already: nothing to rank
-            raise UnsupportedInputError(f"already quantized ({plan.source_format})", path=source.path,
-                                        hint="rank the layers of the BF16/FP16/FP32 checkpoint it was made from")
-        candidates = [t for t in plan.quantized() if t.prequantized is None]
+        candidates = _candidates(make_plan(source, options), source)
         model = build_model(checkpoint, seed)
         rows = {t.name: _rows_of(source, t) for t in candidates}
         with _Streamed(model, checkpoint, max_memory, rows, options) as runner:
-            missing = [name for t in candidates for name, _, _ in rows[t.name] if name not in runner.names]
-            if missing:
-                raise UnsupportedInputError(f"{len(missing)} planned weights are not parameters of "
-                                            f"{model.architecture} ({', '.join(missing[:3])})", path=source.path,
-                                            hint="the config.json beside the weights must describe this model")
+            _check_parameters(candidates, rows, runner.names, model, source)
             report = SensitivityReport(os.path.basename(os.path.normpath(src)), model.architecture, model.words,
                                        options.recipe.value, target_sqnr=target_sqnr)
             reference = runner.output(())
