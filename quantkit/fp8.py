@@ -170,6 +170,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity = 
 
     ``out`` (float32, at least q.numel() elements) is an optional preallocated buffer.
     """
+    if out is None and dtype in _NARROW and _dequantize_narrow(q, scale, granularity, w := torch.empty(q.shape, dtype=dtype)):
+        return w
     scale = scale.float()
     if granularity is Granularity.TENSOR and q.dtype in _FP8_DTYPES:
         # One scale: scale the 256-entry table rather than every element (the same products).
@@ -179,6 +181,64 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity = 
         tiles, per_tile = _broadcast(w, scale, granularity)
         tiles.mul_(per_tile)
     return w.to(dtype).reshape(q.shape)
+
+
+def dequantize_into(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity, out: torch.Tensor,
+                    work: torch.Tensor | None = None) -> torch.Tensor:
+    """``dequantize`` written into ``out`` (q's shape or element count, any float dtype): E4M3 codes
+    into bfloat16 or float16 with one scale per tensor or per row go straight there, with no float32
+    copy (``_dequantize_narrow``, about half the time); the rest through float32 (``work``: an
+    optional float32 buffer of at least q.numel() elements). The same values, bit for bit."""
+    w = out.view(as_2d(q).shape)
+    if out.dtype in _NARROW and _dequantize_narrow(q, scale, granularity, w):
+        return out
+    if out.dtype == torch.float32:
+        work = w.view(-1)
+    return out.copy_(dequantize(q, scale, granularity, torch.float32, out=work).view(out.shape))
+
+
+# E4M3's exponent-and-mantissa bits placed in a narrow float's: (left shift, mask keeping them and
+# the sign, the power of two the result is off by). bfloat16 shares float32's exponent: E4M3's 7
+# bits at 4..10 read as q * 2^-120 (E4M3's subnormals as bfloat16's). float16: bits 7..13, q / 2^8.
+_NARROW = {torch.bfloat16: (4, -0x7810, 2.0 ** 120), torch.float16: (7, -0x4001, 256.0)}
+
+
+def _dequantize_narrow(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity, w: torch.Tensor) -> bool:
+    """E4M3 ``q`` times its per-tensor or per-row ``scale`` written into ``w`` ([rows, cols],
+    bfloat16 or float16) with three integer passes and one multiply: the codes' bits moved into
+    place (sign-extended, shifted, masked), then times scale * 2^k, the product formed in float32 as
+    torch's CPU kernels form a narrow tensor times a float32 scalar or tensor, rounded once into
+    ``w``'s dtype. The products are q * scale exactly as float32 forms them (2^k is exact), so the
+    result is ``dequantize``'s bit for bit. False (w untouched) where this route does not apply:
+    other codes, 128x128 blocks, a scale whose 2^k multiple overflows float32, or bfloat16 while
+    denormal inputs read as zero (``torch.set_flush_denormal(True)``: E4M3's subnormals become
+    bfloat16 subnormals here)."""
+    if (q.dtype != E4M3FN.torch_dtype or granularity is Granularity.BLOCK or w.device.type != "cpu"
+            or q.numel() == 0):
+        return False
+    shift, mask, unit = _NARROW[w.dtype]
+    factor = scale.float().reshape(-1, 1) * unit
+    if not bool(torch.isfinite(factor).all()) or (w.dtype == torch.bfloat16 and _denormals_flushed()):
+        return False
+    codes = q.contiguous().view(torch.int8).view(w.shape)
+    bits = w.view(torch.int16)
+    bits.copy_(codes).bitwise_left_shift_(shift).bitwise_and_(mask)
+    if granularity is Granularity.TENSOR:
+        w.mul_(float(factor))            # a Python float: the kernel multiplies in float32
+    else:
+        w.mul_(factor)                   # float32 [rows, 1]: promoted, formed in float32, cast back
+    # NaN codes are 0x7F (the largest int8) and 0xFF (the largest uint8): two cheap reductions.
+    if int(codes.max()) == 0x7F or int(codes.view(torch.uint8).max()) == 0xFF:
+        w.masked_fill_(codes.view(torch.uint8).bitwise_and(0x7F) == 0x7F, float("nan"))
+    return True
+
+
+_DENORMAL = 2.0 ** -130
+
+
+def _denormals_flushed() -> bool:
+    """True while this thread reads float32 subnormals as zero (``torch.set_flush_denormal(True)``)."""
+    return float(torch.full((1,), _DENORMAL).mul_(2.0 ** 10)) != _DENORMAL * 2.0 ** 10
 
 
 _FP8_DTYPES = tuple(f.torch_dtype for f in FP8_FORMATS.values())

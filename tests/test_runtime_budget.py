@@ -241,7 +241,8 @@ def test_chunked_dequantization_is_the_whole_one_bit_for_bit(fmt, granularity, d
 
 
 def test_chunked_dequantization_bounds_its_float32_work(monkeypatch):
-    """With a chunk of 4 rows, fp8.dequantize never sees more than 4 rows: no whole float32 copy."""
+    """With a chunk of 4 rows, the float32 route (fp8.dequantize) never sees more than 4 rows: no
+    whole float32 copy; E4M3 into bfloat16 takes no float32 route at all."""
     seen = []
     original = fp8math.dequantize
 
@@ -249,6 +250,11 @@ def test_chunked_dequantization_bounds_its_float32_work(monkeypatch):
         seen.append(q.shape[0])
         return original(q, *args, **kwargs)
     monkeypatch.setattr(fp8math, "dequantize", spy)
-    q = fp8math.quantize(torch.randn(64, 16), torch.tensor(0.01))
-    dequantized(q, torch.tensor(0.01), Granularity.TENSOR, torch.bfloat16, chunk=64)
+    x = torch.randn(64, 16)
+    q = fp8math.quantize(x, torch.tensor(0.01))
+    narrow = dequantized(q, torch.tensor(0.01), Granularity.TENSOR, torch.bfloat16, chunk=64)
+    assert seen == []
+    assert torch.equal(narrow.view(torch.int16), (q.float() * 0.01).to(torch.bfloat16).view(torch.int16))
+    q5 = fp8math.quantize(x, torch.tensor(0.01), fmt=fp8math.E5M2)
+    dequantized(q5, torch.tensor(0.01), Granularity.TENSOR, torch.bfloat16, chunk=64)
     assert seen and max(seen) == 4

@@ -14,8 +14,9 @@ made where they are.
     >>> layer.weight_fp8.dtype, layer.weight.dtype              # doctest: +SKIP
     (torch.float8_e4m3fn, torch.float32)
 
-Kernel paths (``KERNELS``): on CPU the product is ``quantkit.fp8.dequantize`` itself (a 256-entry
-table lookup, the very function ``load_dequantized`` uses, hence bit-identical results); on any
+Kernel paths (``KERNELS``): on CPU the product is ``quantkit.fp8.dequantize``'s (E4M3 bits moved
+into the compute dtype's, or widened through float16: the very values ``load_dequantized`` makes,
+hence bit-identical results); on any
 other device ``q.float() * scale`` (the same products, exact in float32). With ``matmul="fp8"``
 an ``nn.Linear`` holding E4M3 codes multiplies them as they are with ``torch._scaled_mm`` (CPU, and
 CUDA on FP8-capable GPUs), its input quantized per call (``scaled_forward``): W8A8 numerics, not
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -42,7 +44,7 @@ from ..fp8 import Granularity
 CODES, SCALE = "_fp8", "_scale"      # buffer suffixes: weight -> weight_fp8, weight_scale
 STORED = "_stored"                   # a kept weight in its stored dtype: weight -> weight_stored
 KERNELS = {
-    "cpu": "dequantize per call (quantkit.fp8.dequantize, table lookup) + the layer's own op",
+    "cpu": "dequantize per call (quantkit.fp8.dequantize_into, E4M3 bits into the compute dtype's) + the layer's own op",
     "device": "dequantize per call (q.float() * scale on the codes' device) + the layer's own op",
     "scaled_mm": "FP8 matmul (torch._scaled_mm): stored E4M3 codes and scale as they are, activations "
                  "quantized per call to E4M3 with a dynamic per-tensor scale",
@@ -84,11 +86,45 @@ class Held:
     input: InputQuant | None = None   # an nn.Linear's input quantized to E4M3 first (None: as it comes)
 
 
+class Slot:
+    """The CPU buffer a model's weights are dequantized into, reused while nothing else holds it.
+
+    A fresh tensor the size of one of FLUX's linears costs more in page faults (the kernel zeroing
+    each new page, ~1 ns an element) than dequantizing into it (~0.4 ns): ``take`` hands out the
+    buffer again once every tensor made in it is gone (its storage referenced by the slot alone),
+    a fresh one otherwise, and keeps the largest. What it holds is the budget's ``work`` term, the
+    largest weight in the compute dtype, held between calls rather than made on each."""
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def __reduce__(self):                # a copied or pickled model gets an empty slot of its own
+        return Slot, ()
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            buf = self._buf
+            if buf is not None and buf.dtype == dtype and buf.numel() >= numel and _alone(buf):
+                return buf[:numel]
+            fresh = torch.empty(numel, dtype=dtype)
+            if buf is None or buf.dtype != dtype or numel > buf.numel():
+                self._buf = fresh
+            return fresh
+
+
+def _alone(buf: torch.Tensor) -> bool:
+    """No tensor but ``buf`` uses its storage (the count includes the storage object asked for here)."""
+    return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
+
+
 @dataclass
 class KernelLog:
-    """How many weights each kernel path produced (``RuntimeInfo.kernels``)."""
+    """How many weights each kernel path produced (``RuntimeInfo.kernels``), and the model's
+    ``Slot`` its CPU weights are made in."""
 
     counts: Counter = field(default_factory=Counter)
+    slot: Slot = field(default_factory=Slot, repr=False, compare=False)
 
 
 CHUNK_ELEMENTS = 1 << 22    # elements dequantized at once: 16 MB of float32 work, 8 MB of int16 scratch
@@ -97,30 +133,37 @@ CHUNK_ELEMENTS = 1 << 22    # elements dequantized at once: 16 MB of float32 wor
 def dequantized(codes: torch.Tensor, scale: torch.Tensor, granularity: Granularity, dtype: torch.dtype,
                 log: KernelLog | None = None, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """W = codes * scale in ``dtype``, the product formed in float32 (as ``quantkit.fp8.dequantize``),
-    written into ``dtype`` directly, ``chunk`` elements (whole rows; whole 128-row tiles for block
-    scales) at a time: the temporaries are one chunk's float32 and int16 work, not a float32 copy
-    of the whole weight, so what dequantization adds to memory is the weight in ``dtype`` and
-    ~24 MB. Each row's products are the same as the whole weight's at once (bit for bit)."""
+    written into ``dtype`` directly: E4M3 codes into bfloat16 or float16 (per tensor or per row) in
+    place with no other temporary (``fp8.dequantize_into``); the rest ``chunk`` elements (whole
+    rows; whole 128-row tiles for block scales) at a time, the temporaries one chunk's float32 and
+    int16 work, not a float32 copy of the whole weight. What dequantization adds to memory is the
+    weight in ``dtype`` and at most ~24 MB. Each row's products are the same as the whole weight's
+    at once (bit for bit). With ``log``, CPU weights are made in the model's ``Slot``."""
     q = fp8math.as_2d(codes)
     rows, cols = q.shape
     step = fp8math.block_rows(granularity)
     per = max(step, (chunk // max(cols, 1)) // step * step)
     on_cpu = codes.device.type == "cpu"
-    w = torch.empty((rows, cols), dtype=dtype, device=codes.device)
-    work = None if dtype == torch.float32 else torch.empty(min(rows, per) * cols, dtype=torch.float32,
-                                                          device=codes.device)
+    if on_cpu and log is not None:
+        w = log.slot.take(rows * cols, dtype).view(rows, cols)
+    else:
+        w = torch.empty((rows, cols), dtype=dtype, device=codes.device)
+    # E4M3 into bfloat16/float16 is written in place (fp8.dequantize_into), no float32 work: one chunk
+    narrow = on_cpu and dtype in (torch.bfloat16, torch.float16) and codes.dtype == torch.float8_e4m3fn \
+        and granularity is not Granularity.BLOCK
+    if narrow:
+        per = max(rows, 1)
+    work = None if dtype == torch.float32 or narrow else torch.empty(min(rows, per) * cols, dtype=torch.float32,
+                                                                    device=codes.device)
     scale = scale.float()
     for r0 in range(0, rows, per):
         r1 = min(rows, r0 + per)
         part, part_scale = q[r0:r1], fp8math.scale_rows(scale, granularity, r0, r1)
         target = w[r0:r1]
         if on_cpu:
-            buf = target.view(-1) if work is None else work
-            chunk_w = fp8math.dequantize(part, part_scale, granularity, torch.float32, out=buf)
+            fp8math.dequantize_into(part, part_scale, granularity, target, work=work)
         else:
-            chunk_w = part.float() * fp8math.expand_scale(part_scale, r1 - r0, cols, granularity)
-        if chunk_w.data_ptr() != target.data_ptr():
-            target.copy_(chunk_w)
+            target.copy_(part.float() * fp8math.expand_scale(part_scale, r1 - r0, cols, granularity))
     if log is not None:
         log.counts["cpu" if on_cpu else "device"] += 1
     return w.reshape(codes.shape)
