@@ -94,12 +94,12 @@ class Checkpoint(TensorSource):
         reader, inner = entry
         reader.read_into(inner, byte_offset, out)
 
-    def map_bytes(self, info: TensorInfo, byte_offset: int, nbytes: int):
+    def map_bytes(self, info: TensorInfo, byte_offset: int, nbytes: int, populate: bool = False):
         entry = self._map.get(info.name)
         if entry is None or entry[1].nbytes != info.nbytes:
             raise KeyError(f"{info.name}: not a tensor of {self.path}")
         reader, inner = entry
-        return reader.map_bytes(inner, byte_offset, nbytes)
+        return reader.map_bytes(inner, byte_offset, nbytes, populate)
 
     def source_of(self, name: str) -> str:
         """The file that holds tensor ``name`` (for messages)."""

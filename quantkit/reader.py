@@ -137,6 +137,21 @@ def _parse_entry(name: str, entry, path: str, hint: str) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
+MADV_POPULATE_READ = 22     # Linux 5.14+: fault a mapping's pages in now (Python's mmap does not name it)
+
+
+def _populate(m: mmap.mmap) -> None:
+    """Read ``m``'s pages and map them now; where the kernel cannot (before 5.14), ask for them to be
+    read ahead (MADV_WILLNEED) and leave the mapping to the first touch."""
+    try:
+        m.madvise(MADV_POPULATE_READ)
+    except (OSError, ValueError, AttributeError):
+        try:
+            m.madvise(mmap.MADV_WILLNEED)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
 def chunk_rows(info: TensorInfo, chunk_bytes: int, align: int = 1) -> int:
     """Rows of ``info`` per chunk of about ``chunk_bytes``: a multiple of ``align``, at least ``align``."""
     rows = info.shape[0] if info.shape else 1
@@ -188,10 +203,11 @@ class TensorSource:
             yield r0, r1, raw.view(info.dtype.torch).reshape((r1 - r0, *inner))
             raw = None      # the chunk's mapping goes with the caller's last reference to it
 
-    def map_bytes(self, info: TensorInfo, byte_offset: int, nbytes: int):
+    def map_bytes(self, info: TensorInfo, byte_offset: int, nbytes: int, populate: bool = False):
         """``nbytes`` of the tensor from ``byte_offset`` as a uint8 tensor over a private mapping of
         the file (no copy; writes to it stay in this process), or None where the source cannot map
-        (the caller then reads with ``read_into``)."""
+        (the caller then reads with ``read_into``). ``populate``: the pages are read and mapped now,
+        by the calling thread (a prefetching one), not on first touch by the thread computing."""
         return None
 
     def read_tensor(self, info: TensorInfo):
@@ -296,7 +312,7 @@ class SafetensorsFile(TensorSource):
                                   hint="the file changed or is truncated")
             done += n
 
-    def map_bytes(self, info: TensorInfo, byte_offset: int, nbytes: int):
+    def map_bytes(self, info: TensorInfo, byte_offset: int, nbytes: int, populate: bool = False):
         import torch
         pos = info.start + byte_offset
         if byte_offset < 0 or nbytes <= 0 or pos + nbytes > info.end:
@@ -315,6 +331,8 @@ class SafetensorsFile(TensorSource):
         except (OSError, ValueError):       # a filesystem that cannot map (some FUSE, special files): read
             self._mappable = False
             return None
+        if populate:
+            _populate(m)
         return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=pos - base)
 
     def fileno(self) -> int:

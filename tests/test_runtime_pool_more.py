@@ -206,7 +206,7 @@ def test_the_pinned_path_reads_each_pinned_unit_once(files, monkeypatch):
     first_two = probe.bytes[probe.order[0]] + probe.bytes[probe.order[1]]
     read = []
     original = loader.read_data
-    monkeypatch.setattr(loader, "read_data", lambda source, p: read.append(p.target) or original(source, p))
+    monkeypatch.setattr(loader, "read_data", lambda source, p, *a: read.append(p.target) or original(source, p, *a))
     model = qr.load(_empty(), files["a"], mode="streamed", host_memory=first_two)
     info = model.quantkit_runtime
     assert list(info._streamer.pinned) == probe.order[:2] and info.pinned_bytes == first_two

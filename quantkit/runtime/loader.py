@@ -227,8 +227,8 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
     streamed = _planned(module, streamed, placements, holding, scales, tensors, mode, prefetch, placing, info)
     in_units = {p.target for ps in streamed.values() for p in ps}
 
-    def read(p: Placement):
-        return holding.ready(p, read_data(layout.source, p))
+    def read(p: Placement, mapped: bool = False):
+        return holding.ready(p, read_data(layout.source, p, mapped))
 
     for target, p in placements.items():
         if target not in in_units:
@@ -237,8 +237,8 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
     if streamed:
         info.units = list(streamed)
         cache = placing.pool.cache if placing.pool is not None else None
-        info._streamer = Streamer(module, streamed, read, assign, holding.nbytes, prefetch, info, Transfer(device),
-                                  cache, id(module))
+        info._streamer = Streamer(module, streamed, lambda p: read(p, mapped=True), assign, holding.nbytes, prefetch,
+                                  info, Transfer(device), cache, id(module))
         info._layout = layout
         weakref.finalize(module, info.close)
         if placing.host_memory is not None:

@@ -208,9 +208,22 @@ def _place(source, stored, table, targets, module_name: str) -> dict[str, Placem
     return out
 
 
-def read_data(source: TensorSource, p: Placement):
-    """The stored values of ``p`` (FP8 codes or the kept tensor as stored), as one CPU tensor."""
+def read_data(source: TensorSource, p: Placement, mapped: bool = False):
+    """The stored values of ``p`` (FP8 codes or the kept tensor as stored), as one CPU tensor.
+
+    ``mapped``: where ``p`` is one stored tensor's contiguous rows and the source can map them, the
+    tensor is the file's pages themselves (``map_bytes``, populated by the calling thread; unmapped
+    when the last reference goes): no copy, and none of the page faults of fresh memory, which cost
+    a streamed forward more than reading the bytes does. Otherwise (rows joined from several
+    tensors, a source that cannot map) a copy, read with ``read_into``."""
     import torch
+    if mapped and len(p.pieces) == 1 and p.pieces[0].dst_start == 0:
+        piece = p.pieces[0]
+        info = source.tensors[piece.key]
+        row_bytes = p.nbytes // _rows(p.shape) if p.nbytes else 0
+        raw = source.map_bytes(info, piece.src_start * row_bytes, p.nbytes, populate=True) if p.nbytes else None
+        if raw is not None:
+            return raw.view(p.dtype.torch).reshape(p.shape)
     buf = torch.empty(p.nbytes, dtype=torch.uint8)
     row_bytes = p.nbytes // _rows(p.shape) if p.nbytes else 0
     view = buf.numpy()
