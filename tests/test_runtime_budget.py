@@ -64,13 +64,14 @@ def _watch(model):
     return seen
 
 
-def _plan(files, name):
-    return qr.load(_empty(name), files[name], mode="budget", max_memory=10**12).quantkit_runtime.plan
+def _plan(files, name, dtype=None):
+    return qr.load(_empty(name), files[name], mode="budget", max_memory=10**12,
+                   compute_dtype=dtype).quantkit_runtime.plan
 
 
-def _sizes(files, name):
-    """(the smallest budget that works, everything) for ``name``, from budget mode's own plan."""
-    p = _plan(files, name)
+def _sizes(files, name, dtype=None):
+    """(the smallest budget that works, everything) for ``name`` in ``dtype``, from budget mode's own plan."""
+    p = _plan(files, name, dtype)
     assert p.streamed == () and p.resident == tuple(p.units)
     top2 = sorted(p.units.values(), reverse=True)[:2]
     return p.fixed + p.work + sum(top2), p.peak
@@ -104,12 +105,23 @@ def test_budget_is_resident_bit_for_bit_and_within_the_budget(files, name):
 def test_budget_without_prefetch_and_in_bf16(files):
     y = forward("flux", qr.load(_empty("flux"), files["flux"], compute_dtype=torch.bfloat16),
                 _bf16_inputs())
-    smallest, everything = _sizes(files, "flux")
+    smallest, everything = _sizes(files, "flux", torch.bfloat16)
     model = qr.load(_empty("flux"), files["flux"], compute_dtype=torch.bfloat16, mode="budget", max_memory=smallest,
                     prefetch=False)
     assert model.quantkit_runtime.plan.depth == 1 and model.quantkit_runtime.plan.streamed
     assert torch.equal(forward("flux", model, _bf16_inputs()), y)
     assert model.quantkit_runtime.peak_bytes + model.quantkit_runtime.plan.work <= smallest
+
+
+def test_work_in_bf16_is_the_largest_weight_alone_in_float32_it_adds_a_chunk(files):
+    """E4M3 made into BF16 in place needs no float32 work: the plan reserves the largest weight in
+    BF16 and nothing else; in float32 it also reserves one chunk of float32 and int16 work."""
+    from safetensors import safe_open
+    with safe_open(str(files["flux"]), "pt") as f:
+        largest = max(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys()
+                      if f.get_slice(k).get_dtype() == "F8_E4M3")
+    assert _plan(files, "flux", torch.bfloat16).work == largest * 2
+    assert _plan(files, "flux").work > largest * 4
 
 
 def _bf16_inputs():

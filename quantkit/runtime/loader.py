@@ -14,7 +14,7 @@ from ..errors import ModelMismatchError
 from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
 from .budget import Plan, budget_bytes, plan, ranges, size
 from .streaming import Streamer, Transfer, pin_skipped, stream_units
-from .weights import (CHUNK_ELEMENTS, KERNELS, MATMULS, Activations, InputQuant, KernelLog, check_compute_dtype,
+from .weights import (CHUNK_ELEMENTS, KERNELS, MATMULS, Activations, InputQuant, KernelLog, check_compute_dtype, in_place,
                       converted_dtype, held_buffer, make_cast, make_quantized, moved_device)
 
 EXAMPLES = 3
@@ -322,7 +322,7 @@ def _planned(module, streamed: dict[str, list[Placement]], placements, holding: 
              + sum(s.numel() * s.element_size() for s in scales.values())
              + sum(t.numel() * t.element_size() for n, (t, _) in tensors.items()
                    if n not in placements and not t.is_meta))
-    work = _work(placements, holding)
+    work = _work(placements, holding, placing.device)
     if mode is Mode.BUDGET:
         info.plan = plan(units, fixed, work, placing.budget, prefetch)
         return {u: ps for u, ps in streamed.items() if u not in info.plan.resident}
@@ -338,16 +338,18 @@ def _planned(module, streamed: dict[str, list[Placement]], placements, holding: 
     return streamed
 
 
-def _work(placements, holding: "_Holding") -> int:
+def _work(placements, holding: "_Holding", device: torch.device) -> int:
     """Bytes dequantization (or a stored weight's cast) makes at once, at most: the largest such
-    weight in the compute dtype, plus one chunk of float32 and int16 work (``weights.dequantized``)."""
+    weight in the compute dtype, plus, where a weight goes through float32 (``weights.in_place``
+    says which do not), one chunk of float32 and int16 work (``weights.dequantized``)."""
     made = [p for t, p in placements.items() if p.quantized or t in holding.stored]
     if not made:
         return 0
     numel = max(p.nbytes // p.dtype.itemsize for p in made)
-    if not any(p.quantized for p in made):
+    widened = [p for p in made if p.quantized and not in_place(p.fp8.torch_dtype, p.granularity, holding.dtype, device)]
+    if not widened:
         return numel * holding.dtype.itemsize
-    chunk = min(numel, CHUNK_ELEMENTS)
+    chunk = min(max(p.nbytes // p.dtype.itemsize for p in widened), CHUNK_ELEMENTS)
     return numel * holding.dtype.itemsize + chunk * 4 + max(chunk, 1 << 16) * 2   # + fp8.decode's int16 scratch
 
 

@@ -130,6 +130,13 @@ class KernelLog:
 CHUNK_ELEMENTS = 1 << 22    # elements dequantized at once: 16 MB of float32 work, 8 MB of int16 scratch
 
 
+def in_place(codes_dtype: torch.dtype, granularity: Granularity, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``dequantized`` writes such a weight in place, with no float32 work: E4M3 codes into
+    bfloat16 or float16, per tensor or per row, on the CPU (``fp8.dequantize_into``)."""
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+            and codes_dtype == torch.float8_e4m3fn and granularity is not Granularity.BLOCK)
+
+
 def dequantized(codes: torch.Tensor, scale: torch.Tensor, granularity: Granularity, dtype: torch.dtype,
                 log: KernelLog | None = None, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """W = codes * scale in ``dtype``, the product formed in float32 (as ``quantkit.fp8.dequantize``),
@@ -148,10 +155,8 @@ def dequantized(codes: torch.Tensor, scale: torch.Tensor, granularity: Granulari
         w = log.slot.take(rows * cols, dtype).view(rows, cols)
     else:
         w = torch.empty((rows, cols), dtype=dtype, device=codes.device)
-    # E4M3 into bfloat16/float16 is written in place (fp8.dequantize_into), no float32 work: one chunk
-    narrow = on_cpu and dtype in (torch.bfloat16, torch.float16) and codes.dtype == torch.float8_e4m3fn \
-        and granularity is not Granularity.BLOCK
-    if narrow:
+    narrow = in_place(codes.dtype, granularity, dtype, codes.device)
+    if narrow:                      # no float32 work: one chunk
         per = max(rows, 1)
     work = None if dtype == torch.float32 or narrow else torch.empty(min(rows, per) * cols, dtype=torch.float32,
                                                                     device=codes.device)
