@@ -216,7 +216,13 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
             activation_observer=str(act_spec) if acts else None, samples=acts.samples if acts else 0,
             inputs=acts.words if acts else None, options=_options_record(options, settings), layers=figures,
             hessians=hessians)
-        digest = statsfile.save(result_stats, out, overwrite=overwrite)
+        try:
+            digest = statsfile.save(result_stats, out, overwrite=overwrite)
+        except BaseException:
+            if hessians is not None:      # a sidecar no stats file names: not left under its final name
+                from quantkit.calibration.hessians import sidecar_of
+                _remove(sidecar_of(out, hessians))
+            raise
     progress.close()
     return CalibrationResult(
         source=src, stats_path=out, stats_sha256=digest, source_sha256=sha, weight_observer=str(weight_spec),
@@ -224,6 +230,13 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
         layers=len(weights), inputs_observed=len(result_stats.activations), samples=result_stats.samples,
         inputs=result_stats.inputs, seconds=time.perf_counter() - t0, peak_bytes=acts.peak_bytes if acts else None,
         model_bytes=getattr(source, "file_size", 0), notes=notes, figures=figures)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def own_names(view, plan) -> set[str]:

@@ -236,6 +236,23 @@ def test_calibrate_gptq_refuses_an_existing_sidecar_without_overwrite(minilm_gpt
     assert (tmp_path / "s.stats.hessians.safetensors").read_bytes() == b"x"
 
 
+def test_a_stats_file_that_cannot_be_saved_leaves_no_sidecar(tmp_path, monkeypatch):
+    """The disk fills as the stats file is written, after the sidecar is complete: the command fails
+    with one line, and the sidecar (which no stats file would name) is removed with it."""
+    import errno
+
+    from quantkit import writer
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(writer._Sink, "write", full)         # the stats file's writes; the sidecar's are its own
+    out = tmp_path / "m.stats.safetensors"
+    result = run("calibrate", MINILM, "-o", out, "-q", "--rounding", "gptq")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "disk full" in result.output and "m.stats.safetensors" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_publish_rebuilds_the_gptq_command():
     from quantkit.publish.provenance import convert_command
     options = {"format": "native", "granularity": "tensor", "fp8": "float8_e4m3fn", "keep_dtype": "bf16",
