@@ -6,7 +6,9 @@ double,single), random BF16 weights (model_output.py's generator) and its FP8 co
 warm-up forward and ``--forwards`` timed ones in ``--compute-dtype`` on the same seeded inputs:
 
 - ``quantkit budget``: the FP8 file, ``mode="budget"`` at the smallest budget that works (``--budget``
-  to set one); blocks read from the file as they run.
+  to set one); blocks read from the file as they run, the next one read ahead (two in flight).
+- ``quantkit budget, no prefetch`` (``quantkit-budget-1``): the same with ``prefetch=False``: one block
+  in flight, so the smallest budget is one block smaller.
 - ``diffusers group offload (disk)``: the BF16 model, ``apply_group_offloading(onload_device="cpu",
   offload_type="block_level", num_blocks_per_group=1, offload_to_disk_path=...)``: each group's
   weights written to disk once and read back (as BF16) as it runs: the one CPU configuration of group
@@ -50,7 +52,8 @@ import model_output  # noqa: E402
 import run as harness  # noqa: E402
 import runtime_budget  # noqa: E402
 
-ROWS = ["quantkit-budget", "diffusers-group-disk", "diffusers-group-cpu", "accelerate-disk", "accelerate-cpu"]
+ROWS = ["quantkit-budget", "quantkit-budget-1", "diffusers-group-disk", "diffusers-group-cpu", "accelerate-disk",
+        "accelerate-cpu"]
 
 
 def _reset_peak() -> None:
@@ -62,14 +65,15 @@ def _build(args, config: dict, dtype):
     """The model as the row runs it."""
     import diffusers
     import torch
-    if args.row == "quantkit-budget":
+    if args.row.startswith("quantkit-budget"):
         import quantkit.runtime as qr
+        depth = 1 if args.row == "quantkit-budget-1" else 2       # blocks in flight: 1 without prefetching
         budget = int(args.budget) if args.budget else None
         if budget is None:
             plan = runtime_budget._plan(args.fp8, config, args.compute_dtype)
-            budget = plan.fixed + plan.work + sum(sorted(plan.units.values(), reverse=True)[:2])
+            budget = plan.fixed + plan.work + sum(sorted(plan.units.values(), reverse=True)[:depth])
         return qr.load(runtime_budget._empty(config), args.fp8, mode="budget", max_memory=budget,
-                       compute_dtype=dtype), {"max_memory": budget}
+                       compute_dtype=dtype, prefetch=depth == 2), {"max_memory": budget}
     model = diffusers.FluxTransformer2DModel.from_pretrained(args.src, torch_dtype=dtype).eval()
     folder = os.path.join(args.out_dir, f"offload-{args.row}")
     shutil.rmtree(folder, ignore_errors=True)
@@ -129,7 +133,7 @@ def _cgroup_peak(path: str) -> dict:
 
 def _weight_files(args) -> list[str]:
     """The files a row reads its weights from during the forwards."""
-    if args.row == "quantkit-budget":
+    if args.row.startswith("quantkit-budget"):
         return [args.fp8]
     folder = os.path.join(args.out_dir, f"offload-{args.row}")
     return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
@@ -254,7 +258,7 @@ def main(argv=None) -> int:
 def table(results: dict) -> str:
     lines = ["| row | weights read from | peak RSS during forwards | RSS before them | s / forward | "
              "read from disk / forward | process peak RSS (setup included) |", "|---|---|---:|---:|---:|---:|---:|"]
-    source = {"quantkit-budget": "FP8 file", "diffusers-group-disk": "BF16 offload folder (safetensors)",
+    source = {"quantkit-budget": "FP8 file", "quantkit-budget-1": "FP8 file (no prefetch)", "diffusers-group-disk": "BF16 offload folder (safetensors)",
               "diffusers-group-cpu": "memory (BF16)", "accelerate-disk": "BF16 offload folder (memmap)",
               "accelerate-cpu": "memory (BF16)"}
     for r in results["rows"]:

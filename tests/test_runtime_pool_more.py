@@ -130,6 +130,23 @@ def test_two_models_in_turn_in_a_pool(files, monkeypatch, eviction):
     assert eviction in a.quantkit_runtime.residency
 
 
+def test_the_models_of_a_pool_make_their_weights_in_one_shared_buffer(files):
+    """The pool reserves one model's dequantization work at a time: its models share one buffer
+    (a model not in use holds none of its own); a model loaded alone has its own."""
+    pool = qr.Pool(max_memory=10**12)
+    a = pool.load(_empty(), files["a"], compute_dtype=torch.bfloat16)
+    b = pool.load(_empty(), files["b"], compute_dtype=torch.bfloat16)
+    alone = qr.load(_empty(), files["a"], compute_dtype=torch.bfloat16)
+    slot = pool.slot
+    assert a.quantkit_runtime.log.slot is slot and b.quantkit_runtime.log.slot is slot
+    assert alone.quantkit_runtime.log.slot is not slot
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in __import__("tiny_models").example_inputs("flux").items()}
+    for model in (a, b, a):
+        forward("flux", model, inputs)
+    assert slot._buf is not None and alone.quantkit_runtime.log.slot._buf is None
+
+
 def test_a_pool_names_its_evictions():
     with pytest.raises(ValueError, match="eviction 'mru': use one of stable, lru"):
         qr.Pool(max_memory="1GB", eviction="mru")

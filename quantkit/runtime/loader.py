@@ -217,6 +217,8 @@ def _load(module, path, mode, dtype, prefetch, tensors, layout: Layout, matmul: 
                        sum(p.quantized for p in placements.values()),
                        sum(not p.quantized for p in placements.values()), len(holding.stored))
     device = info.device = placing.device
+    if placing.pool is not None:
+        info.log.slot = placing.pool.slot
     scales = {t: read_scale(layout.source, p).to(device) for t, p in placements.items() if p.quantized}
     inputs = _inputs(module, layout, activations, matmul)
     info.activations = activations

@@ -27,6 +27,7 @@ import torch
 
 from .budget import Eviction, UnitCache, budget_bytes, size
 from .loader import load
+from .weights import Slot
 
 
 class Pool:
@@ -41,6 +42,9 @@ class Pool:
         self.cache = UnitCache(budget_bytes(max_memory), eviction)
         self.device = torch.device(device)      # "cuda" becomes "cuda:N" in load
         self.models: list = []
+        # One buffer the models' weights are dequantized into, shared as the pool reserves one model's
+        # work at a time (UnitCache.reserve): a model not in use holds none of it.
+        self.slot = Slot()
 
     @property
     def max_memory(self) -> int:
