@@ -144,6 +144,8 @@ def _populate(m: mmap.mmap) -> None:
     """Read ``m``'s pages and map them now; where the kernel cannot (before 5.14), ask for them to be
     read ahead (MADV_WILLNEED) and leave the mapping to the first touch."""
     try:
+        if not sys.platform.startswith("linux"):      # the number means nothing (or something else) elsewhere
+            raise OSError("MADV_POPULATE_READ is Linux's")
         m.madvise(MADV_POPULATE_READ)
     except (OSError, ValueError, AttributeError):
         try:
