@@ -206,9 +206,9 @@ _NARROW = {torch.bfloat16: (4, -0x7810, 2.0 ** 120), torch.float16: (7, -0x4001,
 def _dequantize_narrow(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity, w: torch.Tensor) -> bool:
     """E4M3 ``q`` times its per-tensor or per-row ``scale`` written into ``w`` ([rows, cols],
     bfloat16 or float16) with three integer passes and one multiply: the codes' bits moved into
-    place (sign-extended, shifted, masked), then times scale * 2^k, the product formed in float32 as
-    torch's CPU kernels form a narrow tensor times a float32 scalar or tensor, rounded once into
-    ``w``'s dtype. The products are q * scale exactly as float32 forms them (2^k is exact), so the
+    place (sign-extended, shifted, masked), then times scale * 2^k, the product formed in float32 (as
+    torch's CPU kernel forms a narrow tensor times a float32 scalar; per row, in 2 MB of float32
+    work a group of rows at a time), rounded once into ``w``'s dtype. The products are q * scale exactly as float32 forms them (2^k is exact), so the
     result is ``dequantize``'s bit for bit. False (w untouched) where this route does not apply:
     other codes, 128x128 blocks, a scale whose 2^k multiple overflows float32, or bfloat16 while
     denormal inputs read as zero (``torch.set_flush_denormal(True)``: E4M3's subnormals become
@@ -226,11 +226,30 @@ def _dequantize_narrow(q: torch.Tensor, scale: torch.Tensor, granularity: Granul
     if granularity is Granularity.TENSOR:
         w.mul_(float(factor))            # a Python float: the kernel multiplies in float32
     else:
-        w.mul_(factor)                   # float32 [rows, 1]: promoted, formed in float32, cast back
+        # torch's narrow x float32-tensor product is not vectorized (~2.7 ns an element): a group of rows
+        # at a time, widened exactly into float32 work that stays in cache, multiplied, rounded back.
+        rows, cols = w.shape
+        per = max(1, ROWS_WORK // cols)
+        work = _scratch_f32(min(rows, per) * cols)
+        for r0 in range(0, rows, per):
+            r1 = min(rows, r0 + per)
+            part = work[:(r1 - r0) * cols].view(r1 - r0, cols)
+            w[r0:r1].copy_(part.copy_(w[r0:r1]).mul_(factor[r0:r1]))
     # NaN codes are 0x7F (the largest int8) and 0xFF (the largest uint8): two cheap reductions.
     if int(codes.max()) == 0x7F or int(codes.view(torch.uint8).max()) == 0xFF:
         w.masked_fill_(codes.view(torch.uint8).bitwise_and(0x7F) == 0x7F, float("nan"))
     return True
+
+
+ROWS_WORK = 1 << 19         # float32 elements of per-row work (2 MB): the fastest measured on a 12288x3072 weight
+
+
+def _scratch_f32(n: int) -> torch.Tensor:
+    """A float32 work buffer of ``n`` elements, reused by this thread's later calls."""
+    buf = getattr(_SCRATCH, "float32", None)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.float32 = torch.empty(n, dtype=torch.float32)
+    return buf[:n]
 
 
 _DENORMAL = 2.0 ** -130

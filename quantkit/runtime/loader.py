@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelMismatchError
+from ..fp8 import ROWS_WORK, Granularity
 from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
 from .budget import Plan, budget_bytes, plan, ranges, size
 from .streaming import Streamer, Transfer, pin_skipped, stream_units
@@ -349,8 +350,9 @@ def _work(placements, holding: "_Holding", device: torch.device) -> int:
         return 0
     numel = max(p.nbytes // p.dtype.itemsize for p in made)
     widened = [p for p in made if p.quantized and not in_place(p.fp8.torch_dtype, p.granularity, holding.dtype, device)]
-    if not widened:
-        return numel * holding.dtype.itemsize
+    if not widened:               # per-row scales: one group of rows' float32 work (ROWS_WORK)
+        rows = any(p.quantized and p.granularity is Granularity.CHANNEL for p in made)
+        return numel * holding.dtype.itemsize + (ROWS_WORK * 4 if rows else 0)
     chunk = min(max(p.nbytes // p.dtype.itemsize for p in widened), CHUNK_ELEMENTS)
     return numel * holding.dtype.itemsize + chunk * 4 + max(chunk, 1 << 16) * 2   # + fp8.decode's int16 scratch
 
