@@ -73,6 +73,17 @@ def test_any_codes_and_scales_are_the_reference_bit_for_bit(codes, scale, dtype,
     assert same(ours(codes, s, G.CHANNEL if per_row else G.TENSOR, dtype), reference(codes, s, dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", list(NARROW))
+def test_per_row_scales_over_several_groups_of_rows_are_the_reference(dtype):
+    """Per-row scales are applied a group of rows at a time (fp8.ROWS_WORK of float32 work): a weight
+    of 300 rows x 4096 spans three groups, the last one short."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, size=(300, 4096), dtype=np.uint8)
+    assert F.ROWS_WORK // 4096 < 300 < 3 * (F.ROWS_WORK // 4096)
+    s = (rng.random((300, 1)) * 0.01).astype(np.float32)
+    assert same(ours(codes, s, G.CHANNEL, dtype), reference(codes, s, dtype), dtype)
+
+
 def test_the_narrow_route_writes_in_place_and_declines_what_it_cannot_take():
     q = torch.from_numpy(ALL_CODES.copy()).view(torch.float8_e4m3fn)
     out = torch.empty(16, 16, dtype=torch.bfloat16)
