@@ -34,10 +34,11 @@ from quantkit.comfy_names import RenamedView
 from quantkit.destinations import check_destination, check_not_source_files, check_report_path, source_reads
 from quantkit.errors import NonFiniteError, OptionsError, UnsupportedInputError
 from quantkit.formats import get_format
-from quantkit.fp8 import FP8Format, Granularity, block_rows
+from quantkit.fp8 import FP8Format, Granularity, block_rows, dequantize, quantize, scale_from_absmax
 from quantkit.options import Rounding
 from quantkit.hashing import BackgroundHash, torch_threads
 from quantkit.manifest import source_files, source_name
+from quantkit.metrics import FLOOR_MARGIN_DB, peak_to_rms_db, rtn_sqnr_bound
 from quantkit.plan import ConvertOptions, make_plan
 from quantkit.progress import NULL, Progress
 from quantkit.runtime.streaming import return_freed_memory
@@ -189,7 +190,7 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
             gather = _hessian_plan(source, quantized, feed, out, overwrite) \
                 if settings.rounding is Rounding.GPTQ else None
             try:
-                weights = _weights(source, quantized, weight_spec, options, figures, progress)
+                weights = _weights(source, quantized, weight_spec, options, figures, progress, notes)
                 acts = None if feed is None else _activations(feed, source, {i.name for i in quantized}, act_spec,
                                                               settings, figures, progress, gather)
                 hessians = None if gather is None else _hessian_record(gather, notes)
@@ -252,12 +253,15 @@ def _range(layer) -> torch.Tensor:
     return layer.observer.statistic().float().reshape(())
 
 
-def _weights(source, infos, spec: ObserverSpec, options: ConvertOptions, figures: dict, progress) -> dict:
+def _weights(source, infos, spec: ObserverSpec, options: ConvertOptions, figures: dict, progress,
+             notes: list[str]) -> dict:
     """Weight statistic of each tensor in ``infos`` (file order), with its absmax and RMS. Absmax is
     streamed a chunk of rows at a time (memory: one chunk); mse and percentile need the whole tensor
-    at once (memory: one tensor in float32)."""
+    at once (memory: one tensor in float32), and a statistic below the absmax clips: the weight's SQNR
+    with it is measured, and those below validate's default floor are named in ``notes``."""
     progress.stage("weights", sum(i.nbytes for i in infos))
     out = {}
+    clipped = []             # (SQNR dB, floor dB, name): the converted weight would fail validate
     for info in sorted(infos, key=lambda i: (getattr(i, "start", 0), i.name)):
         whole = spec.kind != "absmax"
         parts, squares, values = [], 0.0, 0
@@ -275,16 +279,36 @@ def _weights(source, infos, spec: ObserverSpec, options: ConvertOptions, figures
         absmax = stack_absmax(parts, info.shape, options.granularity)
         if whole:
             observer = spec.make(options.granularity, options.fp8)
-            observer.update(torch.cat(kept).reshape(info.shape) if kept else torch.zeros(info.shape))
+            whole_x = torch.cat(kept).reshape(info.shape) if kept else torch.zeros(info.shape)
+            observer.update(whole_x)
             out[info.name] = observer.statistic().float()
-            del kept, observer
+            peak = float(absmax.amax()) if absmax.numel() else 0.0
+            sqnr = _weight_sqnr(whole_x, out[info.name], options)
+            floor = rtn_sqnr_bound(peak_to_rms_db(values, squares, peak), options.fp8) - FLOOR_MARGIN_DB
+            if sqnr < floor:
+                clipped.append((sqnr, floor, info.name))
+            del kept, observer, whole_x
             return_freed_memory()         # the search's temporaries, a few tensors' worth, back to the system
         else:
             out[info.name] = absmax
         figures[info.name] = {"weight_absmax": float(absmax.amax()) if absmax.numel() else 0.0,
                               "weight_rms": math.sqrt(squares / values) if values else 0.0}
         progress.advance(info.nbytes)
+    if clipped:
+        sqnr, floor, name = min(clipped)
+        notes.append(f"{len(clipped)} weight(s) clipped by the {spec} statistic below validate's default floor "
+                     f"(lowest: {name}, SQNR {sqnr:.1f} dB < {floor:.1f} dB): a convert --stats with this file fails "
+                     f"validate on them; for weights use --observer absmax (the default) or mse")
     return out
+
+
+def _weight_sqnr(x: torch.Tensor, statistic: torch.Tensor, options: ConvertOptions) -> float:
+    """SQNR (dB) of ``x`` quantized to nearest with the scale of ``statistic`` (its range) and back."""
+    g = options.granularity
+    scale = scale_from_absmax(statistic, options.fp8)
+    back = dequantize(quantize(x, scale, g, options.fp8), scale, g).reshape(x.shape)
+    signal, noise = float(x.double().square().sum()), float((back.double() - x.double()).square().sum())
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 @dataclass

@@ -189,6 +189,13 @@ def peak_to_rms_db(n: int, sum_x2: float, peak: float) -> float:
     return 10 * math.log10(peak ** 2 * n / sum_x2) if sum_x2 > 0 else math.inf
 
 
+# validate's default per-tensor floor sits this far below rtn_sqnr_bound: the bound already assumes every
+# value at its worst rounding (real weights land ~7 dB above it in E4M3), so a correct conversion never
+# comes near; a scale that clips the weights (stats of other weights, a percentile of a fraction) or
+# zeroes them does. calibrate warns of a clipped weight statistic against the same floor.
+FLOOR_MARGIN_DB = 3.0
+
+
 def rtn_sqnr_bound(peak_to_rms: float, fmt: FP8Format) -> float:
     """The least SQNR (dB) that round-to-nearest ``fmt`` with each scale group's absmax as its scale
     (scale = absmax / max) can give a tensor whose peak-to-RMS ratio is ``peak_to_rms`` dB: what

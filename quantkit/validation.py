@@ -21,7 +21,7 @@ from .errors import FormatError, QuantkitError, UnsupportedInputError, Validatio
 from .formats import StoredTensor, detect_format
 from .hashing import BackgroundHash, combined_digest, sha256_file, torch_threads
 from .manifest import manifest_path, read_manifest
-from .metrics import ErrorStats, peak_to_rms_db, rtn_sqnr_bound
+from .metrics import FLOOR_MARGIN_DB, ErrorStats, peak_to_rms_db, rtn_sqnr_bound
 from .options import ValidateOptions
 from .progress import NULL, Progress
 from .readback import CHUNK_BYTES, load_dequantized, open_output, stored_values, stored_view  # noqa: F401
@@ -377,10 +377,6 @@ def _quality_failures(report: ValidationReport, min_sqnr: float | None) -> None:
             report.failures.append(floor_failure(t.name, t.sqnr, t.cosine, t.sqnr_floor))
 
 
-# The default floor sits this far below rtn_sqnr_bound: the bound already assumes every value at its
-# worst rounding (real weights land ~7 dB above it in E4M3), so a correct conversion never comes near;
-# a scale that clips the weights (stats of other weights, a percentile of a fraction) or zeroes them does.
-FLOOR_MARGIN_DB = 3.0
 # GPTQ moves weights off their nearest codes on purpose (each column's error is cancelled on the
 # layer's output by the columns after it), so per-tensor weight SQNR drops while the output improves:
 # measured 7.6 dB below round-to-nearest's at worst (MiniLM, 8 calibrations: 24.0 vs 31.6 dB), which

@@ -276,6 +276,24 @@ def test_a_percentile_given_as_a_fraction_is_refused(src, tmp_path, option):
     assert run("calibrate", src, "-o", tmp_path / "s", "--observer", "percentile:99.9", "-q").exit_code == 0
 
 
+def test_calibrate_names_the_weights_its_clipping_statistic_puts_below_validates_floor(src, tmp_path):
+    """A weight statistic under the absmax clips: calibrate measures each weight's SQNR with it and
+    names, in one note, those below validate's default floor; the file converted with those stats
+    fails validate on exactly as many. absmax (the default) and mse never clip below it."""
+    r = run("calibrate", src, "-o", tmp_path / "p.stats", *RULES, "--observer", "percentile:99")
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if "clipped by the percentile" in x)
+    count = int(line.split("note: ")[1].split(" weight(s)")[0])
+    assert count >= 1 and "below validate's default floor" in line and "use --observer absmax" in line
+    out = tmp_path / "p.safetensors"
+    assert run("convert", src, out, *RULES, "--stats", tmp_path / "p.stats", "-q").exit_code == 0
+    v = run("validate", out, "--against", src)
+    assert v.exit_code == 1 and f"FAIL: {count} problem(s)" in v.output, v.output
+    for observer in ("absmax", "mse"):
+        r = run("calibrate", src, "-o", tmp_path / f"{observer}.stats", *RULES, "--observer", observer)
+        assert r.exit_code == 0 and "clipped by the" not in r.output, r.output
+
+
 # ----------------------------------------------------------------------------- layers without an input range
 
 def test_per_sample_layers_are_a_note_and_unreached_ones_a_warning(src, tmp_path):
