@@ -258,8 +258,8 @@ def main(argv=None) -> int:
 def table(results: dict) -> str:
     lines = ["| row | weights read from | peak RSS during forwards | RSS before them | s / forward | "
              "read from disk / forward | process peak RSS (setup included) |", "|---|---|---:|---:|---:|---:|---:|"]
-    source = {"quantkit-budget": "FP8 file", "quantkit-budget-1": "FP8 file (no prefetch)", "diffusers-group-disk": "BF16 offload folder (safetensors)",
-              "diffusers-group-cpu": "memory (BF16)", "accelerate-disk": "BF16 offload folder (memmap)",
+    source = {"quantkit-budget": "FP8 file", "quantkit-budget-1": "FP8 file (no prefetch)",
+              "diffusers-group-disk": "BF16 offload folder (safetensors)", "diffusers-group-cpu": "memory (BF16)", "accelerate-disk": "BF16 offload folder (memmap)",
               "accelerate-cpu": "memory (BF16)"}
     for r in results["rows"]:
         if "failed_rc" in r:

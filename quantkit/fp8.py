@@ -170,8 +170,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity = 
 
     ``out`` (float32, at least q.numel() elements) is an optional preallocated buffer.
     """
-    if out is None and dtype in _NARROW and _dequantize_narrow(q, scale, granularity, w := torch.empty(q.shape, dtype=dtype)):
-        return w
+    if out is None and dtype in _NARROW:
+        w = torch.empty(q.shape, dtype=dtype)
+        if _dequantize_narrow(q, scale, granularity, w.view(as_2d(q).shape)):
+            return w
     scale = scale.float()
     if granularity is Granularity.TENSOR and q.dtype in _FP8_DTYPES:
         # One scale: scale the 256-entry table rather than every element (the same products).
@@ -208,8 +210,8 @@ def _dequantize_narrow(q: torch.Tensor, scale: torch.Tensor, granularity: Granul
     bfloat16 or float16) with three integer passes and one multiply: the codes' bits moved into
     place (sign-extended, shifted, masked), then times scale * 2^k, the product formed in float32 (as
     torch's CPU kernel forms a narrow tensor times a float32 scalar; per row, in 2 MB of float32
-    work a group of rows at a time), rounded once into ``w``'s dtype. The products are q * scale exactly as float32 forms them (2^k is exact), so the
-    result is ``dequantize``'s bit for bit. False (w untouched) where this route does not apply:
+    work a group of rows at a time), rounded once into ``w``'s dtype. The products are q * scale
+    exactly as float32 forms them (2^k is exact), so the result is ``dequantize``'s bit for bit. False (w untouched) where this route does not apply:
     other codes, 128x128 blocks, a scale whose 2^k multiple overflows float32, or bfloat16 while
     denormal inputs read as zero (``torch.set_flush_denormal(True)``: E4M3's subnormals become
     bfloat16 subnormals here)."""

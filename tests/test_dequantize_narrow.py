@@ -150,7 +150,8 @@ def test_a_copied_model_gets_a_slot_of_its_own():
     import copy
     import pickle
     log = W.KernelLog()
-    W.dequantized(F.quantize(torch.randn(8, 8), torch.tensor(0.01)), torch.tensor(0.01), G.TENSOR, torch.bfloat16, log)
+    q = F.quantize(torch.randn(8, 8), torch.tensor(0.01))
+    W.dequantized(q, torch.tensor(0.01), G.TENSOR, torch.bfloat16, log)
     for other in (copy.deepcopy(log), pickle.loads(pickle.dumps(log))):
         assert other.slot is not log.slot and other.slot._buf is None and other.counts == log.counts
 

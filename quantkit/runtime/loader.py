@@ -15,8 +15,8 @@ from ..fp8 import ROWS_WORK, Granularity
 from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
 from .budget import Plan, budget_bytes, plan, ranges, size
 from .streaming import Streamer, Transfer, pin_skipped, stream_units
-from .weights import (CHUNK_ELEMENTS, KERNELS, MATMULS, Activations, InputQuant, KernelLog, check_compute_dtype, in_place,
-                      converted_dtype, held_buffer, make_cast, make_quantized, moved_device)
+from .weights import (CHUNK_ELEMENTS, KERNELS, MATMULS, Activations, InputQuant, KernelLog, check_compute_dtype,
+                      converted_dtype, held_buffer, in_place, make_cast, make_quantized, moved_device)
 
 EXAMPLES = 3
 

@@ -44,7 +44,8 @@ from ..fp8 import Granularity
 CODES, SCALE = "_fp8", "_scale"      # buffer suffixes: weight -> weight_fp8, weight_scale
 STORED = "_stored"                   # a kept weight in its stored dtype: weight -> weight_stored
 KERNELS = {
-    "cpu": "dequantize per call (quantkit.fp8.dequantize_into, E4M3 bits into the compute dtype's) + the layer's own op",
+    "cpu": "dequantize per call (quantkit.fp8.dequantize_into: E4M3 bits into the compute dtype's) "
+           "+ the layer's own op",
     "device": "dequantize per call (q.float() * scale on the codes' device) + the layer's own op",
     "scaled_mm": "FP8 matmul (torch._scaled_mm): stored E4M3 codes and scale as they are, activations "
                  "quantized per call to E4M3 with a dynamic per-tensor scale",
