@@ -84,6 +84,18 @@ def test_per_row_scales_over_several_groups_of_rows_are_the_reference(dtype):
     assert same(ours(codes, s, G.CHANNEL, dtype), reference(codes, s, dtype), dtype)
 
 
+@pytest.mark.parametrize("granularity", [G.TENSOR, G.CHANNEL])
+def test_a_convolution_kernel_keeps_its_shape(granularity):
+    """A 4-D kernel is viewed as [out, in*kh*kw] (per-row scales per output channel) and comes back 4-D."""
+    codes = np.random.default_rng(1).integers(0, 256, size=(8, 3, 3, 3), dtype=np.uint8)
+    s = np.float32(0.02) if granularity is G.TENSOR else np.linspace(0.01, 0.05, 8, dtype=np.float32).reshape(8, 1)
+    q = torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn)
+    got = F.dequantize(q, torch.from_numpy(np.array(s)), granularity, torch.bfloat16)
+    assert got.shape == (8, 3, 3, 3)
+    expected = reference(codes.reshape(8, 27), np.array(s), torch.bfloat16).reshape(8, 3, 3, 3)
+    assert same(got.view(torch.int16).numpy().view(np.uint16), expected, torch.bfloat16)
+
+
 def test_the_narrow_route_writes_in_place_and_declines_what_it_cannot_take():
     q = torch.from_numpy(ALL_CODES.copy()).view(torch.float8_e4m3fn)
     out = torch.empty(16, 16, dtype=torch.bfloat16)
