@@ -127,7 +127,8 @@ def plan(units: dict[str, int], fixed: int, work: int, budget: int, prefetch: bo
         if everything.peak > budget:
             raise OptionsError(f"a memory budget of {size(budget)} is below the {size(everything.peak)} this model "
                                "holds outside its blocks",
-                               hint=f"give a budget of {everything.peak} bytes or more (max_memory=, --max-memory)")
+                               hint=f"give a budget of {everything.peak} bytes or more: --max-memory, or "
+                                    "max_memory= from Python")
         return everything
     largest = sorted(units.values(), reverse=True)[:depth]
     smallest = fixed + work + sum(largest)
@@ -137,8 +138,8 @@ def plan(units: dict[str, int], fixed: int, work: int, budget: int, prefetch: bo
                            f"{size(units[name])}; the smallest budget that works is {size(smallest)} "
                            f"({smallest} bytes: {depth} such block{'s' if depth > 1 else ''}, "
                            f"{size(fixed)} outside the blocks, {size(work)} of dequantization work)",
-                           hint=f"give a budget of {smallest} bytes or more (max_memory=, --max-memory)"
-                           + ("; from Python, prefetch=False keeps one block in flight" if depth > 1 else ""))
+                           hint=f"give a budget of {smallest} bytes or more: --max-memory, or max_memory= from Python"
+                           + (", where prefetch=False keeps one block in flight" if depth > 1 else ""))
     room, used, resident = budget - fixed - work, 0, []
     for u, n in units.items():
         rest = sorted((units[v] for v in units if v != u and v not in resident), reverse=True)
