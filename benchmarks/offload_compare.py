@@ -236,6 +236,8 @@ def main(argv=None) -> int:
         finally:
             if cgroup:
                 os.rmdir(cgroup)
+            if not args.keep:      # a full-size BF16 offload folder is 24 GB: one row's at a time on the disk
+                shutil.rmtree(os.path.join(args.out_dir, f"offload-{row}"), ignore_errors=True)
         if m["rc"] != 0:
             print(f"{row}: exit {m['rc']}\n{m['log_tail']}", file=sys.stderr)
             results["rows"].append({"row": row, "failed_rc": m["rc"], "log_tail": m["log_tail"]})
