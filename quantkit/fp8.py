@@ -172,7 +172,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity = 
     """
     if out is None and dtype in _NARROW:
         w = torch.empty(q.shape, dtype=dtype)
-        if _dequantize_narrow(q, scale, granularity, w.view(as_2d(q).shape)):
+        if dequantize_narrow(q, scale, granularity, w.view(as_2d(q).shape)):
             return w
     scale = scale.float()
     if granularity is Granularity.TENSOR and q.dtype in _FP8_DTYPES:
@@ -189,14 +189,17 @@ def dequantize_into(q: torch.Tensor, scale: torch.Tensor, granularity: Granulari
                     work: torch.Tensor | None = None) -> torch.Tensor:
     """``dequantize`` written into ``out`` (q's shape or element count, any float dtype): E4M3 codes
     into bfloat16 or float16 with one scale per tensor or per row go straight there, with no float32
-    copy (``_dequantize_narrow``, about half the time); the rest through float32 (``work``: an
+    copy (``dequantize_narrow``, about half the time); the rest through float32 (``work``: an
     optional float32 buffer of at least q.numel() elements). The same values, bit for bit."""
     w = out.view(as_2d(q).shape)
-    if out.dtype in _NARROW and _dequantize_narrow(q, scale, granularity, w):
+    if dequantize_narrow(q, scale, granularity, w):
         return out
     if out.dtype == torch.float32:
         work = w.view(-1)
-    return out.copy_(dequantize(q, scale, granularity, torch.float32, out=work).view(out.shape))
+    result = dequantize(q, scale, granularity, torch.float32, out=work)
+    if result.data_ptr() != out.data_ptr():          # float32 was written where it belongs already
+        out.copy_(result.view(out.shape))
+    return out
 
 
 # E4M3's exponent-and-mantissa bits placed in a narrow float's: (left shift, mask keeping them and
@@ -205,18 +208,18 @@ def dequantize_into(q: torch.Tensor, scale: torch.Tensor, granularity: Granulari
 _NARROW = {torch.bfloat16: (4, -0x7810, 2.0 ** 120), torch.float16: (7, -0x4001, 256.0)}
 
 
-def _dequantize_narrow(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity, w: torch.Tensor) -> bool:
+def dequantize_narrow(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity, w: torch.Tensor) -> bool:
     """E4M3 ``q`` times its per-tensor or per-row ``scale`` written into ``w`` ([rows, cols],
     bfloat16 or float16) with three integer passes and one multiply: the codes' bits moved into
     place (sign-extended, shifted, masked), then times scale * 2^k, the product formed in float32 (as
     torch's CPU kernel forms a narrow tensor times a float32 scalar; per row, in 2 MB of float32
     work a group of rows at a time), rounded once into ``w``'s dtype. The products are q * scale
-    exactly as float32 forms them (2^k is exact), so the result is ``dequantize``'s bit for bit. False (w untouched) where this route does not apply:
-    other codes, 128x128 blocks, a scale whose 2^k multiple overflows float32, or bfloat16 while
-    denormal inputs read as zero (``torch.set_flush_denormal(True)``: E4M3's subnormals become
-    bfloat16 subnormals here)."""
-    if (q.dtype != E4M3FN.torch_dtype or granularity is Granularity.BLOCK or w.device.type != "cpu"
-            or q.numel() == 0):
+    exactly as float32 forms them (2^k is exact), so the result is ``dequantize``'s bit for bit.
+    False (w untouched) where this route does not apply: other codes or dtypes, 128x128 blocks, a
+    scale whose 2^k multiple overflows float32, or bfloat16 while denormal inputs read as zero
+    (``torch.set_flush_denormal(True)``: E4M3's subnormals become bfloat16 subnormals here)."""
+    if (q.dtype != E4M3FN.torch_dtype or w.dtype not in _NARROW or granularity is Granularity.BLOCK
+            or w.device.type != "cpu" or q.numel() == 0):
         return False
     shift, mask, unit = _NARROW[w.dtype]
     factor = scale.float().reshape(-1, 1) * unit

@@ -66,8 +66,8 @@ def test_every_code_per_channel_is_the_reference_bit_for_bit(dtype):
 def test_any_codes_and_scales_are_the_reference_bit_for_bit(codes, scale, dtype, per_row, data):
     if per_row:
         rows = codes.shape[0]
-        s = np.array(data.draw(st.lists(st.floats(2.0 ** -140, 1e4, width=32, allow_subnormal=True), min_size=rows, max_size=rows)),
-                     dtype=np.float32).reshape(rows, 1)
+        floats = st.floats(2.0 ** -140, 1e4, width=32, allow_subnormal=True)
+        s = np.array(data.draw(st.lists(floats, min_size=rows, max_size=rows)), dtype=np.float32).reshape(rows, 1)
     else:
         s = np.array(scale, dtype=np.float32)
     assert same(ours(codes, s, G.CHANNEL if per_row else G.TENSOR, dtype), reference(codes, s, dtype), dtype)
@@ -99,13 +99,13 @@ def test_a_convolution_kernel_keeps_its_shape(granularity):
 def test_the_narrow_route_writes_in_place_and_declines_what_it_cannot_take():
     q = torch.from_numpy(ALL_CODES.copy()).view(torch.float8_e4m3fn)
     out = torch.empty(16, 16, dtype=torch.bfloat16)
-    assert F._dequantize_narrow(q, torch.tensor(0.01), G.TENSOR, out)
+    assert F.dequantize_narrow(q, torch.tensor(0.01), G.TENSOR, out)
     assert same(out.view(torch.int16).numpy().view(np.uint16), reference(ALL_CODES, np.float32(0.01), torch.bfloat16),
                 torch.bfloat16)
     untouched = out.clone()
-    assert not F._dequantize_narrow(q, torch.ones(1, 1), G.BLOCK, out)                  # 128x128 tiles
-    assert not F._dequantize_narrow(q.view(torch.uint8).view(torch.float8_e5m2), torch.tensor(1.0), G.TENSOR, out)
-    assert not F._dequantize_narrow(q, torch.tensor(1e30), G.TENSOR, out)              # 1e30 * 2^120 overflows
+    assert not F.dequantize_narrow(q, torch.ones(1, 1), G.BLOCK, out)                  # 128x128 tiles
+    assert not F.dequantize_narrow(q.view(torch.uint8).view(torch.float8_e5m2), torch.tensor(1.0), G.TENSOR, out)
+    assert not F.dequantize_narrow(q, torch.tensor(1e30), G.TENSOR, out)              # 1e30 * 2^120 overflows
     assert torch.equal(out.view(torch.int16), untouched.view(torch.int16))
 
 
@@ -120,7 +120,7 @@ def test_flushed_denormals_take_the_float32_route_and_keep_the_subnormal_codes()
         if not F._denormals_flushed():
             pytest.skip("this CPU cannot flush denormals")
         out = torch.empty(16, 16, dtype=torch.bfloat16)
-        assert not F._dequantize_narrow(q, torch.tensor(s), G.TENSOR, out)
+        assert not F.dequantize_narrow(q, torch.tensor(s), G.TENSOR, out)
         got = F.dequantize(q, torch.tensor(s), G.TENSOR, torch.bfloat16)
     finally:
         torch.set_flush_denormal(False)

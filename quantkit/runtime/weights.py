@@ -156,11 +156,12 @@ def dequantized(codes: torch.Tensor, scale: torch.Tensor, granularity: Granulari
         w = log.slot.take(rows * cols, dtype).view(rows, cols)
     else:
         w = torch.empty((rows, cols), dtype=dtype, device=codes.device)
-    narrow = in_place(codes.dtype, granularity, dtype, codes.device)
-    if narrow:                      # no float32 work: one chunk
-        per = max(rows, 1)
-    work = None if dtype == torch.float32 or narrow else torch.empty(min(rows, per) * cols, dtype=torch.float32,
-                                                                    device=codes.device)
+    if on_cpu and fp8math.dequantize_narrow(q, scale, granularity, w):       # whole, in place, no float32 work
+        if log is not None:
+            log.counts["cpu"] += 1
+        return w.reshape(codes.shape)
+    work = None if dtype == torch.float32 else torch.empty(min(rows, per) * cols, dtype=torch.float32,
+                                                          device=codes.device)
     scale = scale.float()
     for r0 in range(0, rows, per):
         r1 = min(rows, r0 + per)
