@@ -38,7 +38,7 @@ from quantkit.fp8 import FP8Format, Granularity, block_rows, dequantize, quantiz
 from quantkit.options import Rounding
 from quantkit.hashing import BackgroundHash, torch_threads
 from quantkit.manifest import source_files, source_name
-from quantkit.metrics import FLOOR_MARGIN_DB, peak_to_rms_db, rtn_sqnr_bound
+from quantkit.metrics import FLOOR_MARGIN_DB, peak_to_rms_db, rtn_sqnr_bound, sqnr
 from quantkit.plan import ConvertOptions, make_plan
 from quantkit.progress import NULL, Progress
 from quantkit.runtime.streaming import return_freed_memory
@@ -220,9 +220,8 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
         try:
             digest = statsfile.save(result_stats, out, overwrite=overwrite)
         except BaseException:
-            if hessians is not None:      # a sidecar no stats file names: not left under its final name
-                from quantkit.calibration.hessians import sidecar_of
-                _remove(sidecar_of(out, hessians))
+            if gather is not None:        # a sidecar no stats file names: not left under its final name
+                gather.sink.remove()
             raise
     progress.close()
     return CalibrationResult(
@@ -231,13 +230,6 @@ def calibrate(src: str, out: str, options: ConvertOptions = ConvertOptions(),
         layers=len(weights), inputs_observed=len(result_stats.activations), samples=result_stats.samples,
         inputs=result_stats.inputs, seconds=time.perf_counter() - t0, peak_bytes=acts.peak_bytes if acts else None,
         model_bytes=getattr(source, "file_size", 0), notes=notes, figures=figures)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def own_names(view, plan) -> set[str]:
@@ -306,9 +298,7 @@ def _weight_sqnr(x: torch.Tensor, statistic: torch.Tensor, options: ConvertOptio
     """SQNR (dB) of ``x`` quantized to nearest with the scale of ``statistic`` (its range) and back."""
     g = options.granularity
     scale = scale_from_absmax(statistic, options.fp8)
-    back = dequantize(quantize(x, scale, g, options.fp8), scale, g).reshape(x.shape)
-    signal, noise = float(x.double().square().sum()), float((back.double() - x.double()).square().sum())
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    return sqnr(x, dequantize(quantize(x, scale, g, options.fp8), scale, g).reshape(x.shape))
 
 
 @dataclass

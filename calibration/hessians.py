@@ -125,6 +125,14 @@ class HessianWriter:
             pass
 
 
+    def remove(self) -> None:
+        """The finished sidecar removed: the stats file that was to name it could not be written."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
 def sidecar_of(stats_path: str | None, record: dict) -> str:
     """The sidecar file a stats file's Hessian record names (beside the stats file)."""
     folder = os.path.dirname(os.path.abspath(stats_path)) if stats_path else os.getcwd()

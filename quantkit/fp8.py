@@ -208,6 +208,13 @@ def dequantize_into(q: torch.Tensor, scale: torch.Tensor, granularity: Granulari
 _NARROW = {torch.bfloat16: (4, -0x7810, 2.0 ** 120), torch.float16: (7, -0x4001, 256.0)}
 
 
+def narrow_route(codes: torch.dtype, granularity: Granularity, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``dequantize_narrow`` takes such a weight (before looking at its scale): E4M3 codes
+    into bfloat16 or float16, per tensor or per row, on the CPU."""
+    return (codes == E4M3FN.torch_dtype and dtype in _NARROW and granularity is not Granularity.BLOCK
+            and device.type == "cpu")
+
+
 def dequantize_narrow(q: torch.Tensor, scale: torch.Tensor, granularity: Granularity, w: torch.Tensor) -> bool:
     """E4M3 ``q`` times its per-tensor or per-row ``scale`` written into ``w`` ([rows, cols],
     bfloat16 or float16) with three integer passes and one multiply: the codes' bits moved into
@@ -218,8 +225,7 @@ def dequantize_narrow(q: torch.Tensor, scale: torch.Tensor, granularity: Granula
     False (w untouched) where this route does not apply: other codes or dtypes, 128x128 blocks, a
     scale whose 2^k multiple overflows float32, or bfloat16 while denormal inputs read as zero
     (``torch.set_flush_denormal(True)``: E4M3's subnormals become bfloat16 subnormals here)."""
-    if (q.dtype != E4M3FN.torch_dtype or w.dtype not in _NARROW or granularity is Granularity.BLOCK
-            or w.device.type != "cpu" or q.numel() == 0):
+    if not narrow_route(q.dtype, granularity, w.dtype, w.device) or q.numel() == 0:
         return False
     shift, mask, unit = _NARROW[w.dtype]
     factor = scale.float().reshape(-1, 1) * unit

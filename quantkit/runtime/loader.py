@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ModelMismatchError
-from ..fp8 import ROWS_WORK, Granularity
+from ..fp8 import ROWS_WORK, Granularity, narrow_route
 from .placements import Implied, Layout, Placement, TensorSource, open_layout, read_data, read_input_scale, read_scale
 from .budget import Plan, budget_bytes, plan, ranges, size
 from .streaming import Streamer, Transfer, pin_skipped, stream_units
 from .weights import (CHUNK_ELEMENTS, KERNELS, MATMULS, Activations, InputQuant, KernelLog, check_compute_dtype,
-                      converted_dtype, held_buffer, in_place, make_cast, make_quantized, moved_device)
+                      converted_dtype, held_buffer, make_cast, make_quantized, moved_device)
 
 EXAMPLES = 3
 
@@ -343,13 +343,14 @@ def _planned(module, streamed: dict[str, list[Placement]], placements, holding: 
 
 def _work(placements, holding: "_Holding", device: torch.device) -> int:
     """Bytes dequantization (or a stored weight's cast) makes at once, at most: the largest such
-    weight in the compute dtype, plus, where a weight goes through float32 (``weights.in_place``
+    weight in the compute dtype, plus, where a weight goes through float32 (``fp8.narrow_route``
     says which do not), one chunk of float32 and int16 work (``weights.dequantized``)."""
     made = [p for t, p in placements.items() if p.quantized or t in holding.stored]
     if not made:
         return 0
     numel = max(p.nbytes // p.dtype.itemsize for p in made)
-    widened = [p for p in made if p.quantized and not in_place(p.fp8.torch_dtype, p.granularity, holding.dtype, device)]
+    widened = [p for p in made
+               if p.quantized and not narrow_route(p.fp8.torch_dtype, p.granularity, holding.dtype, device)]
     if not widened:               # per-row scales: one group of rows' float32 work (ROWS_WORK)
         rows = any(p.quantized and p.granularity is Granularity.CHANNEL for p in made)
         return numel * holding.dtype.itemsize + (ROWS_WORK * 4 if rows else 0)

@@ -217,15 +217,13 @@ def read_data(source: TensorSource, p: Placement, mapped: bool = False):
     a streamed forward more than reading the bytes does. Otherwise (rows joined from several
     tensors, a source that cannot map) a copy, read with ``read_into``."""
     import torch
-    if mapped and len(p.pieces) == 1 and p.pieces[0].dst_start == 0:
+    row_bytes = p.nbytes // _rows(p.shape) if p.nbytes else 0
+    if mapped and p.nbytes and len(p.pieces) == 1 and p.pieces[0].dst_start == 0:
         piece = p.pieces[0]
-        info = source.tensors[piece.key]
-        row_bytes = p.nbytes // _rows(p.shape) if p.nbytes else 0
-        raw = source.map_bytes(info, piece.src_start * row_bytes, p.nbytes, populate=True) if p.nbytes else None
+        raw = source.map_bytes(source.tensors[piece.key], piece.src_start * row_bytes, p.nbytes, populate=True)
         if raw is not None:
             return raw.view(p.dtype.torch).reshape(p.shape)
     buf = torch.empty(p.nbytes, dtype=torch.uint8)
-    row_bytes = p.nbytes // _rows(p.shape) if p.nbytes else 0
     view = buf.numpy()
     for piece in p.pieces:
         info = source.tensors[piece.key]

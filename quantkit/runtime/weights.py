@@ -131,13 +131,6 @@ class KernelLog:
 CHUNK_ELEMENTS = 1 << 22    # elements dequantized at once: 16 MB of float32 work, 8 MB of int16 scratch
 
 
-def in_place(codes_dtype: torch.dtype, granularity: Granularity, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether ``dequantized`` writes such a weight in place, with no float32 work: E4M3 codes into
-    bfloat16 or float16, per tensor or per row, on the CPU (``fp8.dequantize_into``)."""
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-            and codes_dtype == torch.float8_e4m3fn and granularity is not Granularity.BLOCK)
-
-
 def dequantized(codes: torch.Tensor, scale: torch.Tensor, granularity: Granularity, dtype: torch.dtype,
                 log: KernelLog | None = None, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """W = codes * scale in ``dtype``, the product formed in float32 (as ``quantkit.fp8.dequantize``),
